@@ -29,7 +29,9 @@ int lp_err_prefix(struct lp_err *err, const char *fmt, ...)
 	vsnprintf(prefix, sizeof(prefix), fmt, ap);
 	va_end(ap);
 	memcpy(old, err->msg, sizeof(old));
-	snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old);
+	/* truncation keeps the start, which names the context */
+	if (snprintf(err->msg, sizeof(err->msg), "%.200s: %.300s", prefix, old) < 0)
+		err->msg[0] = '\0';
 	return err->code;
 }
 

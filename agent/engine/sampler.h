@@ -69,7 +69,7 @@ struct lp_stop_matcher {
 int lp_stop_matcher_init(struct lp_stop_matcher *m, const char *const *stops, size_t n,
 			 struct lp_err *err);
 void lp_stop_matcher_release(struct lp_stop_matcher *m);
-/* Adds piece; writes to *emit/*emit_len the text that may now be sent (a
+/* Adds piece; writes to *emit and *emit_len the text that may now be sent (a
  * pointer into the matcher's memory, valid until the next call). Returns
  * true when a stop string matched; no more text should be fed then. */
 bool lp_stop_matcher_feed(struct lp_stop_matcher *m, const char *piece, size_t len,

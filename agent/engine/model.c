@@ -1,0 +1,847 @@
+/* Model loading from GGUF files and HF directories; see model.h.
+ *
+ * The loader validates the hyper-parameters, then checks every weight's
+ * presence, type and shape against them before any of it reaches the
+ * backend, so a bad file fails with its name and the reason. */
+#include "agent/engine/model.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "agent/engine/gguf.h"
+#include "agent/engine/safetensors.h"
+#include "agent/engine/tokenizer.h"
+#include "common/buf.h"
+
+#define CONFIG_MAX_BYTES (1u << 20)
+#define TOKENIZER_MAX_BYTES (64u << 20)
+#define MAX_LAYERS 1024
+#define MAX_DIM (1 << 16)
+#define MAX_VOCAB (1 << 22)
+
+/* Everything the model owns besides its tensors' descriptions. */
+struct lp_model_res {
+	struct lp_gguf *gguf;
+	struct lp_safetensors *st;
+	struct lp_buffer *bufs; /* one per weight, freed on the model's backend */
+	size_t n_bufs, cap_bufs;
+	void **host; /* converted copies the buffers may alias */
+	size_t n_host, cap_host;
+};
+
+/* A weight as found in the file, before it goes to the backend. */
+struct raw_weight {
+	const char *name; /* for messages */
+	const void *data;
+	enum lp_dtype type;
+	int64_t rows, cols;
+};
+
+static int res_push_buf(struct lp_model_res *r, struct lp_buffer b, struct lp_err *err)
+{
+	if (r->n_bufs == r->cap_bufs) {
+		size_t cap = r->cap_bufs ? r->cap_bufs * 2 : 64;
+		struct lp_buffer *p = realloc(r->bufs, cap * sizeof(*p));
+		if (!p)
+			return lp_errf(err, -ENOMEM, "out of memory");
+		r->bufs = p;
+		r->cap_bufs = cap;
+	}
+	r->bufs[r->n_bufs++] = b;
+	return 0;
+}
+
+/* Takes ownership of p (freed with the model, or now on failure). */
+static int res_push_host(struct lp_model_res *r, void *p, struct lp_err *err)
+{
+	if (r->n_host == r->cap_host) {
+		size_t cap = r->cap_host ? r->cap_host * 2 : 64;
+		void **q = realloc(r->host, cap * sizeof(*q));
+		if (!q) {
+			free(p);
+			return lp_errf(err, -ENOMEM, "out of memory");
+		}
+		r->host = q;
+		r->cap_host = cap;
+	}
+	r->host[r->n_host++] = p;
+	return 0;
+}
+
+/* Hands bytes to the backend as tensor t of the given shape and type. */
+static int place_tensor(struct lp_model *m, const void *data, enum lp_dtype type,
+			int64_t rows, int64_t cols, struct lp_tensor *t, struct lp_err *err)
+{
+	struct lp_buffer b;
+	size_t bytes = (size_t)rows * lp_dtype_row_bytes(type, cols);
+	int rc;
+
+	rc = lp_backend_import(m->be, data, bytes, &b, err);
+	if (rc)
+		return rc;
+	rc = res_push_buf(m->res, b, err);
+	if (rc) {
+		lp_backend_free(m->be, &b);
+		return rc;
+	}
+	t->data = b.data;
+	t->type = type;
+	t->rows = rows;
+	t->cols = cols;
+	m->weight_bytes += bytes;
+	return 0;
+}
+
+static int check_shape(const struct raw_weight *w, int64_t rows, int64_t cols,
+		       struct lp_err *err)
+{
+	if (w->rows != rows || w->cols != cols)
+		return lp_errf(err, -EINVAL, "tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]",
+			       w->name, (long long)w->rows, (long long)w->cols, (long long)rows,
+			       (long long)cols);
+	return 0;
+}
+
+/* A matrix weight, used as stored. */
+static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t rows,
+		       int64_t cols, struct lp_tensor *t, struct lp_err *err)
+{
+	int rc = check_shape(w, rows, cols, err);
+
+	if (rc)
+		return rc;
+	if (w->type == LP_DTYPE_I32)
+		return lp_errf(err, -EINVAL, "tensor '%s' has integer type", w->name);
+	if (!lp_dtype_row_bytes(w->type, cols))
+		return lp_errf(err, -EINVAL, "tensor '%s': %lld columns is not a multiple of the %s block",
+			       w->name, (long long)cols, lp_dtype_name(w->type));
+	return place_tensor(m, w->data, w->type, rows, cols, t, err);
+}
+
+/* A vector (norm weight or bias), converted to f32. */
+static int load_vector(struct lp_model *m, const struct raw_weight *w, int64_t n,
+		       struct lp_tensor *t, struct lp_err *err)
+{
+	float *f;
+	int rc = check_shape(w, 1, n, err);
+
+	if (rc)
+		return rc;
+	if (w->type == LP_DTYPE_F32)
+		return place_tensor(m, w->data, LP_DTYPE_F32, 1, n, t, err);
+	if (!lp_dtype_row_bytes(w->type, n) || w->type == LP_DTYPE_I32)
+		return lp_errf(err, -EINVAL, "tensor '%s' has unusable type %s", w->name,
+			       lp_dtype_name(w->type));
+	f = malloc((size_t)n * sizeof(float));
+	if (!f)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	lp_dequantize_row(w->type, w->data, f, n);
+	rc = res_push_host(m->res, f, err);
+	if (rc)
+		return rc;
+	return place_tensor(m, f, LP_DTYPE_F32, 1, n, t, err);
+}
+
+/* Q or K in llama.cpp's GGUF layout: row 2i + j of each head holds HF row
+ * j * head_dim / 2 + i. Copies the matrix back into HF order. */
+static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n_heads,
+			   int64_t cols, struct lp_tensor *t, struct lp_err *err)
+{
+	int hd = m->cfg.head_dim, half = hd / 2;
+	int64_t rows = (int64_t)n_heads * hd;
+	size_t row_bytes;
+	unsigned char *dst;
+	int rc = check_shape(w, rows, cols, err);
+
+	if (rc)
+		return rc;
+	row_bytes = lp_dtype_row_bytes(w->type, cols);
+	if (!row_bytes || w->type == LP_DTYPE_I32)
+		return lp_errf(err, -EINVAL, "tensor '%s' has unusable type %s", w->name,
+			       lp_dtype_name(w->type));
+	dst = malloc((size_t)rows * row_bytes);
+	if (!dst)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	for (int h = 0; h < n_heads; h++)
+		for (int i = 0; i < half; i++)
+			for (int j = 0; j < 2; j++) {
+				size_t from = (size_t)h * hd + 2 * i + j;
+				size_t to = (size_t)h * hd + j * half + i;
+				memcpy(dst + to * row_bytes,
+				       (const unsigned char *)w->data + from * row_bytes, row_bytes);
+			}
+	rc = res_push_host(m->res, dst, err);
+	if (rc)
+		return rc;
+	return place_tensor(m, dst, w->type, rows, cols, t, err);
+}
+
+static int check_config(const struct lp_model_config *c, struct lp_err *err)
+{
+	if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
+		return lp_errf(err, -EINVAL, "layer count %d out of range", c->n_layers);
+	if (c->dim < 1 || c->dim > MAX_DIM || c->ffn_dim < 1 || c->ffn_dim > 8 * MAX_DIM)
+		return lp_errf(err, -EINVAL, "hidden size %d or intermediate size %d out of range",
+			       c->dim, c->ffn_dim);
+	if (c->n_heads < 1 || c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads)
+		return lp_errf(err, -EINVAL,
+			       "head counts %d and %d: attention heads must be a multiple of key/value heads",
+			       c->n_heads, c->n_kv_heads);
+	if (c->head_dim < 2 || c->head_dim % 2 || c->head_dim > 1024)
+		return lp_errf(err, -EINVAL, "head dimension %d out of range", c->head_dim);
+	if (c->vocab_size < 1 || c->vocab_size > MAX_VOCAB)
+		return lp_errf(err, -EINVAL, "vocabulary size %d out of range", c->vocab_size);
+	if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
+		return lp_errf(err, -EINVAL, "rms_norm_eps and rope_theta must be positive");
+	if (c->max_pos < 1)
+		return lp_errf(err, -EINVAL, "context length %d out of range", c->max_pos);
+	if (c->rope_scaling != LP_ROPE_NONE && !(c->rope_factor > 0))
+		return lp_errf(err, -EINVAL, "rope scaling factor must be positive");
+	if (c->rope_scaling == LP_ROPE_LLAMA3 &&
+	    (!(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
+	     c->rope_orig_max_pos < 1))
+		return lp_errf(err, -EINVAL, "invalid llama3 rope scaling parameters");
+	for (int i = 0; i < c->n_eos; i++)
+		if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab_size)
+			return lp_errf(err, -EINVAL, "eos token id %d out of range", c->eos_ids[i]);
+	if (c->bos_id >= c->vocab_size)
+		return lp_errf(err, -EINVAL, "bos token id %d out of range", c->bos_id);
+	return 0;
+}
+
+/* inv_freq[i] = theta^(-2i/head_dim), computed in f32 as transformers does,
+ * with the configured scaling; freq_divisors (GGUF rope_freqs, may be NULL)
+ * divide each frequency. */
+static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct lp_err *err)
+{
+	const struct lp_model_config *c = &m->cfg;
+	int half = c->head_dim / 2;
+	float *f = malloc((size_t)half * sizeof(float));
+	int rc;
+
+	if (!f)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	for (int i = 0; i < half; i++) {
+		float e = (float)(2 * i) / (float)c->head_dim;
+		float inv = 1.0f / powf(c->rope_theta, e);
+		if (c->rope_scaling == LP_ROPE_LINEAR) {
+			inv /= c->rope_factor;
+		} else if (c->rope_scaling == LP_ROPE_LLAMA3) {
+			float low_wavelen = (float)c->rope_orig_max_pos / c->rope_low_freq_factor;
+			float high_wavelen = (float)c->rope_orig_max_pos / c->rope_high_freq_factor;
+			float wavelen = 2.0f * (float)M_PI / inv;
+			if (wavelen > low_wavelen) {
+				inv /= c->rope_factor;
+			} else if (wavelen >= high_wavelen) {
+				float smooth = ((float)c->rope_orig_max_pos / wavelen -
+						c->rope_low_freq_factor) /
+					       (c->rope_high_freq_factor - c->rope_low_freq_factor);
+				inv = (1 - smooth) * inv / c->rope_factor + smooth * inv;
+			}
+		}
+		if (freq_divisors)
+			inv /= freq_divisors[i];
+		f[i] = inv;
+	}
+	rc = res_push_host(m->res, f, err);
+	if (rc)
+		return rc;
+	return place_tensor(m, f, LP_DTYPE_F32, 1, half, &m->inv_freq, err);
+}
+
+/* ---- GGUF ---- */
+
+static int gguf_dtype(uint32_t t, enum lp_dtype *out)
+{
+	switch (t) {
+	case LP_GGML_F32: *out = LP_DTYPE_F32; return 0;
+	case LP_GGML_F16: *out = LP_DTYPE_F16; return 0;
+	case LP_GGML_BF16: *out = LP_DTYPE_BF16; return 0;
+	case LP_GGML_Q8_0: *out = LP_DTYPE_Q8_0; return 0;
+	case LP_GGML_Q4_0: *out = LP_DTYPE_Q4_0; return 0;
+	case LP_GGML_Q4_1: *out = LP_DTYPE_Q4_1; return 0;
+	default: return -ENOTSUP;
+	}
+}
+
+static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struct raw_weight *w,
+		       struct lp_err *err)
+{
+	const struct lp_gguf_tensor *t = lp_gguf_find_tensor(g, name);
+
+	memset(w, 0, sizeof(*w));
+	if (!t) {
+		if (optional)
+			return 0;
+		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
+	}
+	if (t->n_dims > 2)
+		return lp_errf(err, -EINVAL, "tensor '%s' has %u dimensions, expected at most 2", name,
+			       t->n_dims);
+	if (gguf_dtype(t->type, &w->type))
+		return lp_errf(err, -ENOTSUP,
+			       "tensor '%s' has ggml type %u, which loraplane does not load (supported: f32, f16, bf16, q8_0, q4_0, q4_1)",
+			       name, t->type);
+	w->name = name;
+	w->data = t->data;
+	w->cols = (int64_t)t->dims[0];
+	w->rows = t->n_dims == 2 ? (int64_t)t->dims[1] : 1;
+	return 0;
+}
+
+static int gguf_int(struct lp_gguf *g, const char *key, int *out, bool optional, int dflt,
+		    struct lp_err *err)
+{
+	uint32_t v;
+	int rc = lp_gguf_get_u32(g, key, &v, err);
+
+	if (rc == -ENOENT && optional) {
+		*out = dflt;
+		return 0;
+	}
+	if (rc)
+		return rc;
+	if (v > INT_MAX)
+		return lp_errf(err, -EINVAL, "'%s' = %u out of range", key, v);
+	*out = (int)v;
+	return 0;
+}
+
+static int gguf_float(struct lp_gguf *g, const char *key, float *out, float dflt,
+		      struct lp_err *err)
+{
+	int rc = lp_gguf_get_f32(g, key, out, err);
+
+	if (rc == -ENOENT) {
+		*out = dflt;
+		return 0;
+	}
+	return rc;
+}
+
+static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err *err)
+{
+	struct lp_model_config *c = &m->cfg;
+	struct lp_gguf_str arch, scaling;
+	const struct lp_gguf_tensor *emb;
+	int rot_dim, key_len, eos, bos, rc;
+
+	rc = lp_gguf_get_str(g, "general.architecture", &arch, err);
+	if (rc)
+		return rc;
+	if (arch.len != 5 || memcmp(arch.s, "llama", 5) != 0)
+		return lp_errf(err, -ENOTSUP, "architecture '%.*s' is not supported (only 'llama')",
+			       (int)(arch.len > 64 ? 64 : arch.len), arch.s);
+	if ((rc = gguf_int(g, "llama.block_count", &c->n_layers, false, 0, err)) ||
+	    (rc = gguf_int(g, "llama.embedding_length", &c->dim, false, 0, err)) ||
+	    (rc = gguf_int(g, "llama.feed_forward_length", &c->ffn_dim, false, 0, err)) ||
+	    (rc = gguf_int(g, "llama.attention.head_count", &c->n_heads, false, 0, err)) ||
+	    (rc = gguf_int(g, "llama.attention.head_count_kv", &c->n_kv_heads, true, c->n_heads,
+			   err)) ||
+	    (rc = gguf_int(g, "llama.context_length", &c->max_pos, true, 4096, err)) ||
+	    (rc = gguf_float(g, "llama.attention.layer_norm_rms_epsilon", &c->rms_eps, 1e-5f,
+			     err)) ||
+	    (rc = gguf_float(g, "llama.rope.freq_base", &c->rope_theta, 10000.0f, err)))
+		return rc;
+	if (c->n_heads < 1 || c->dim % c->n_heads)
+		return lp_errf(err, -EINVAL, "embedding length %d is not a multiple of %d heads",
+			       c->dim, c->n_heads);
+	if ((rc = gguf_int(g, "llama.attention.key_length", &key_len, true, c->dim / c->n_heads,
+			   err)) ||
+	    (rc = gguf_int(g, "llama.rope.dimension_count", &rot_dim, true, key_len, err)))
+		return rc;
+	c->head_dim = key_len;
+	if (rot_dim != key_len)
+		return lp_errf(err, -ENOTSUP, "partial rotary embeddings (%d of %d dimensions) are not supported",
+			       rot_dim, key_len);
+	c->rope_scaling = LP_ROPE_NONE;
+	rc = lp_gguf_get_str(g, "llama.rope.scaling.type", &scaling, err);
+	if (rc == 0) {
+		if (scaling.len == 6 && !memcmp(scaling.s, "linear", 6)) {
+			c->rope_scaling = LP_ROPE_LINEAR;
+			rc = gguf_float(g, "llama.rope.scaling.factor", &c->rope_factor, 1.0f, err);
+			if (rc)
+				return rc;
+		} else if (!(scaling.len == 4 && !memcmp(scaling.s, "none", 4))) {
+			return lp_errf(err, -ENOTSUP, "rope scaling type '%.*s' is not supported",
+				       (int)(scaling.len > 64 ? 64 : scaling.len), scaling.s);
+		}
+	} else if (rc != -ENOENT) {
+		return rc;
+	}
+	emb = lp_gguf_find_tensor(g, "token_embd.weight");
+	if (!emb || emb->n_dims != 2)
+		return lp_errf(err, -EINVAL, "tensor 'token_embd.weight' is missing or not a matrix");
+	if (emb->dims[1] > MAX_VOCAB)
+		return lp_errf(err, -EINVAL, "vocabulary size %llu out of range",
+			       (unsigned long long)emb->dims[1]);
+	c->vocab_size = (int)emb->dims[1];
+	c->tied_embeddings = lp_gguf_find_tensor(g, "output.weight") == NULL;
+	c->attn_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
+	if ((rc = gguf_int(g, "tokenizer.ggml.bos_token_id", &bos, true, -1, err)) ||
+	    (rc = gguf_int(g, "tokenizer.ggml.eos_token_id", &eos, true, -1, err)))
+		return rc;
+	c->bos_id = bos;
+	c->n_eos = 0;
+	if (eos >= 0)
+		c->eos_ids[c->n_eos++] = eos;
+	return 0;
+}
+
+static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
+{
+	struct lp_model_config *c = &m->cfg;
+	struct raw_weight w, freqs;
+	char name[96];
+	int rc, kv_dim;
+
+	rc = lp_gguf_open(&m->res->gguf, path, err);
+	if (rc)
+		return rc;
+	struct lp_gguf *g = m->res->gguf;
+	rc = load_gguf_config(m, g, err);
+	if (!rc)
+		rc = check_config(c, err);
+	if (rc)
+		return rc;
+	kv_dim = c->n_kv_heads * c->head_dim;
+
+	if ((rc = gguf_weight(g, "token_embd.weight", false, &w, err)) ||
+	    (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->tok_embd, err)) ||
+	    (rc = gguf_weight(g, "output_norm.weight", false, &w, err)) ||
+	    (rc = load_vector(m, &w, c->dim, &m->out_norm, err)))
+		return rc;
+	if (c->tied_embeddings) {
+		m->output = m->tok_embd;
+	} else if ((rc = gguf_weight(g, "output.weight", false, &w, err)) ||
+		   (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
+		return rc;
+	}
+	for (int l = 0; l < c->n_layers; l++) {
+		struct lp_layer_weights *L = &m->layers[l];
+#define W(suffix, optional)                                                                   \
+	(snprintf(name, sizeof(name), "blk.%d.%s", l, suffix),                                   \
+	 gguf_weight(g, name, optional, &w, err))
+		if ((rc = W("attn_norm.weight", false)) ||
+		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
+		    (rc = W("attn_q.weight", false)) ||
+		    (rc = load_unpermuted(m, &w, c->n_heads, c->dim, &L->wq, err)) ||
+		    (rc = W("attn_k.weight", false)) ||
+		    (rc = load_unpermuted(m, &w, c->n_kv_heads, c->dim, &L->wk, err)) ||
+		    (rc = W("attn_v.weight", false)) ||
+		    (rc = load_matrix(m, &w, kv_dim, c->dim, &L->wv, err)) ||
+		    (rc = W("attn_output.weight", false)) ||
+		    (rc = load_matrix(m, &w, c->dim, c->n_heads * c->head_dim, &L->wo, err)) ||
+		    (rc = W("ffn_norm.weight", false)) ||
+		    (rc = load_vector(m, &w, c->dim, &L->ffn_norm, err)) ||
+		    (rc = W("ffn_gate.weight", false)) ||
+		    (rc = load_matrix(m, &w, c->ffn_dim, c->dim, &L->w_gate, err)) ||
+		    (rc = W("ffn_up.weight", false)) ||
+		    (rc = load_matrix(m, &w, c->ffn_dim, c->dim, &L->w_up, err)) ||
+		    (rc = W("ffn_down.weight", false)) ||
+		    (rc = load_matrix(m, &w, c->dim, c->ffn_dim, &L->w_down, err)))
+			return rc;
+		if (c->attn_bias) {
+			/* llama.cpp permutes the Q and K biases like their rows */
+			return lp_errf(err, -ENOTSUP, "attention biases in GGUF files are not supported");
+		}
+#undef W
+	}
+	if ((rc = gguf_weight(g, "rope_freqs.weight", true, &freqs, err)))
+		return rc;
+	if (freqs.data) {
+		float *div;
+		if ((rc = check_shape(&freqs, 1, c->head_dim / 2, err)))
+			return rc;
+		div = malloc((size_t)(c->head_dim / 2) * sizeof(float));
+		if (!div)
+			return lp_errf(err, -ENOMEM, "out of memory");
+		lp_dequantize_row(freqs.type, freqs.data, div, c->head_dim / 2);
+		rc = make_inv_freq(m, div, err);
+		free(div);
+		if (rc)
+			return rc;
+	} else if ((rc = make_inv_freq(m, NULL, err))) {
+		return rc;
+	}
+	return lp_tokenizer_from_gguf(&m->tok, g, err);
+}
+
+/* ---- HF directory ---- */
+
+static int json_int(json_t *o, const char *key, int *out, bool optional, int dflt,
+		    struct lp_err *err)
+{
+	json_t *v = json_object_get(o, key);
+
+	if (!v || json_is_null(v)) {
+		if (!optional)
+			return lp_errf(err, -EINVAL, "config.json: '%s' is missing", key);
+		*out = dflt;
+		return 0;
+	}
+	if (!json_is_integer(v) || json_integer_value(v) < INT_MIN ||
+	    json_integer_value(v) > INT_MAX)
+		return lp_errf(err, -EINVAL, "config.json: '%s' must be an integer", key);
+	*out = (int)json_integer_value(v);
+	return 0;
+}
+
+static int json_float(json_t *o, const char *key, float *out, float dflt, struct lp_err *err)
+{
+	json_t *v = json_object_get(o, key);
+
+	if (!v || json_is_null(v)) {
+		*out = dflt;
+		return 0;
+	}
+	if (!json_is_number(v))
+		return lp_errf(err, -EINVAL, "config.json: '%s' must be a number", key);
+	*out = (float)json_number_value(v);
+	return 0;
+}
+
+static int hf_rope_scaling(struct lp_model_config *c, json_t *rs, struct lp_err *err)
+{
+	const char *type;
+	int rc;
+
+	c->rope_scaling = LP_ROPE_NONE;
+	if (!rs || json_is_null(rs))
+		return 0;
+	if (!json_is_object(rs))
+		return lp_errf(err, -EINVAL, "config.json: 'rope_scaling' must be an object");
+	type = json_string_value(json_object_get(rs, "rope_type"));
+	if (!type)
+		type = json_string_value(json_object_get(rs, "type"));
+	if (!type)
+		return lp_errf(err, -EINVAL, "config.json: 'rope_scaling' has no 'rope_type'");
+	if (!strcmp(type, "default"))
+		return 0;
+	if ((rc = json_float(rs, "factor", &c->rope_factor, 0, err)))
+		return rc;
+	if (!strcmp(type, "linear")) {
+		c->rope_scaling = LP_ROPE_LINEAR;
+		return 0;
+	}
+	if (!strcmp(type, "llama3")) {
+		c->rope_scaling = LP_ROPE_LLAMA3;
+		if ((rc = json_float(rs, "low_freq_factor", &c->rope_low_freq_factor, 0, err)) ||
+		    (rc = json_float(rs, "high_freq_factor", &c->rope_high_freq_factor, 0, err)) ||
+		    (rc = json_int(rs, "original_max_position_embeddings", &c->rope_orig_max_pos,
+				   false, 0, err)))
+			return rc;
+		return 0;
+	}
+	return lp_errf(err, -ENOTSUP,
+		       "config.json: rope scaling type '%s' is not supported (supported: default, linear, llama3)",
+		       type);
+}
+
+static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *err)
+{
+	struct lp_model_config *c = &m->cfg;
+	char path[4096];
+	struct lp_buf b;
+	json_error_t jerr;
+	json_t *root = NULL, *v;
+	const char *type;
+	int rc;
+
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	lp_buf_init(&b, CONFIG_MAX_BYTES);
+	rc = lp_buf_read_file(&b, path, CONFIG_MAX_BYTES, err);
+	if (rc)
+		goto out;
+	root = json_loadb(b.data, b.len, 0, &jerr);
+	if (!root || !json_is_object(root)) {
+		rc = lp_errf(err, -EINVAL, "'%s': invalid JSON: %s (line %d)", path,
+			     root ? "not an object" : jerr.text, jerr.line);
+		goto out;
+	}
+	type = json_string_value(json_object_get(root, "model_type"));
+	if (!type || (strcmp(type, "llama") && strcmp(type, "mistral"))) {
+		rc = lp_errf(err, -ENOTSUP, "'%s': model_type '%s' is not supported (llama, mistral)",
+			     path, type ? type : "(missing)");
+		goto out;
+	}
+	if ((rc = json_int(root, "num_hidden_layers", &c->n_layers, false, 0, err)) ||
+	    (rc = json_int(root, "hidden_size", &c->dim, false, 0, err)) ||
+	    (rc = json_int(root, "intermediate_size", &c->ffn_dim, false, 0, err)) ||
+	    (rc = json_int(root, "num_attention_heads", &c->n_heads, false, 0, err)) ||
+	    (rc = json_int(root, "num_key_value_heads", &c->n_kv_heads, true, c->n_heads, err)) ||
+	    (rc = json_int(root, "vocab_size", &c->vocab_size, false, 0, err)) ||
+	    (rc = json_int(root, "max_position_embeddings", &c->max_pos, true, 4096, err)) ||
+	    (rc = json_float(root, "rms_norm_eps", &c->rms_eps, 1e-6f, err)) ||
+	    (rc = json_float(root, "rope_theta", &c->rope_theta, 10000.0f, err)) ||
+	    (rc = hf_rope_scaling(c, json_object_get(root, "rope_scaling"), err)))
+		goto out_prefix;
+	if (c->n_heads < 1) {
+		rc = lp_errf(err, -EINVAL, "num_attention_heads must be positive");
+		goto out_prefix;
+	}
+	if ((rc = json_int(root, "head_dim", &c->head_dim, true, c->dim / c->n_heads, err)))
+		goto out_prefix;
+	v = json_object_get(root, "tie_word_embeddings");
+	c->tied_embeddings = v && json_is_true(v);
+	v = json_object_get(root, "attention_bias");
+	c->attn_bias = v && json_is_true(v);
+	v = json_object_get(root, "sliding_window");
+	if (v && json_is_integer(v) && json_integer_value(v) > 0 &&
+	    json_integer_value(v) < c->max_pos)
+		c->max_pos = (int)json_integer_value(v); /* no sliding-window attention: stay inside it */
+	if ((rc = json_int(root, "bos_token_id", &c->bos_id, true, -1, err)))
+		goto out_prefix;
+	c->n_eos = 0;
+	v = json_object_get(root, "eos_token_id");
+	if (json_is_integer(v)) {
+		c->eos_ids[c->n_eos++] = (int32_t)json_integer_value(v);
+	} else if (json_is_array(v)) {
+		size_t i;
+		json_t *e;
+		json_array_foreach(v, i, e)
+		{
+			if (!json_is_integer(e) || c->n_eos == LP_MAX_EOS) {
+				rc = lp_errf(err, -EINVAL, "'eos_token_id' must hold at most %d integers",
+					     LP_MAX_EOS);
+				goto out_prefix;
+			}
+			c->eos_ids[c->n_eos++] = (int32_t)json_integer_value(e);
+		}
+	}
+	rc = 0;
+	goto out;
+out_prefix:
+	lp_err_prefix(err, "'%s'", path);
+out:
+	json_decref(root);
+	lp_buf_release(&b);
+	return rc;
+}
+
+static int st_weight(struct lp_safetensors *st, const char *name, struct raw_weight *w,
+		     struct lp_err *err)
+{
+	const struct lp_st_tensor *t = lp_safetensors_find(st, name);
+
+	memset(w, 0, sizeof(*w));
+	if (!t)
+		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
+	switch (t->dtype) {
+	case LP_ST_F32: w->type = LP_DTYPE_F32; break;
+	case LP_ST_F16: w->type = LP_DTYPE_F16; break;
+	case LP_ST_BF16: w->type = LP_DTYPE_BF16; break;
+	default:
+		return lp_errf(err, -ENOTSUP, "tensor '%s' in '%s' has dtype %s (supported: F32, F16, BF16)",
+			       name, t->file, lp_st_dtype_name(t->dtype));
+	}
+	if (t->n_dims < 1 || t->n_dims > 2)
+		return lp_errf(err, -EINVAL, "tensor '%s' has %d dimensions, expected 1 or 2", name,
+			       t->n_dims);
+	w->name = t->name;
+	w->data = t->data;
+	w->rows = t->n_dims == 2 ? t->shape[0] : 1;
+	w->cols = t->shape[t->n_dims - 1];
+	return 0;
+}
+
+static int load_hf_tokenizer(struct lp_model *m, const char *dir, struct lp_err *err)
+{
+	char path[4096];
+	struct lp_buf tj, tc;
+	int rc;
+
+	lp_buf_init(&tj, TOKENIZER_MAX_BYTES);
+	lp_buf_init(&tc, CONFIG_MAX_BYTES);
+	snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+	rc = lp_buf_read_file(&tj, path, TOKENIZER_MAX_BYTES, err);
+	if (rc)
+		goto out;
+	snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+	if (lp_buf_read_file(&tc, path, CONFIG_MAX_BYTES, NULL))
+		lp_buf_release(&tc); /* optional */
+	rc = lp_tokenizer_from_json(&m->tok, tj.data, tj.len, tc.data, tc.len, err);
+	if (rc)
+		lp_err_prefix(err, "'%s/tokenizer.json'", dir);
+out:
+	lp_buf_release(&tj);
+	lp_buf_release(&tc);
+	return rc;
+}
+
+static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
+{
+	struct lp_model_config *c = &m->cfg;
+	struct raw_weight w;
+	char name[128];
+	int rc, kv_dim, q_dim;
+
+	rc = load_hf_config(m, dir, err);
+	if (!rc)
+		rc = check_config(c, err);
+	if (rc)
+		return rc;
+	rc = lp_safetensors_open_dir(&m->res->st, dir, err);
+	if (rc)
+		return rc;
+	struct lp_safetensors *st = m->res->st;
+	kv_dim = c->n_kv_heads * c->head_dim;
+	q_dim = c->n_heads * c->head_dim;
+	if ((rc = st_weight(st, "model.embed_tokens.weight", &w, err)) ||
+	    (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->tok_embd, err)) ||
+	    (rc = st_weight(st, "model.norm.weight", &w, err)) ||
+	    (rc = load_vector(m, &w, c->dim, &m->out_norm, err)))
+		return rc;
+	if (c->tied_embeddings && !lp_safetensors_find(st, "lm_head.weight")) {
+		m->output = m->tok_embd;
+	} else if ((rc = st_weight(st, "lm_head.weight", &w, err)) ||
+		   (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
+		return rc;
+	}
+	for (int l = 0; l < c->n_layers; l++) {
+		struct lp_layer_weights *L = &m->layers[l];
+#define W(suffix) (snprintf(name, sizeof(name), "model.layers.%d.%s", l, suffix), \
+		   st_weight(st, name, &w, err))
+		if ((rc = W("input_layernorm.weight")) ||
+		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
+		    (rc = W("self_attn.q_proj.weight")) ||
+		    (rc = load_matrix(m, &w, q_dim, c->dim, &L->wq, err)) ||
+		    (rc = W("self_attn.k_proj.weight")) ||
+		    (rc = load_matrix(m, &w, kv_dim, c->dim, &L->wk, err)) ||
+		    (rc = W("self_attn.v_proj.weight")) ||
+		    (rc = load_matrix(m, &w, kv_dim, c->dim, &L->wv, err)) ||
+		    (rc = W("self_attn.o_proj.weight")) ||
+		    (rc = load_matrix(m, &w, c->dim, q_dim, &L->wo, err)) ||
+		    (rc = W("post_attention_layernorm.weight")) ||
+		    (rc = load_vector(m, &w, c->dim, &L->ffn_norm, err)) ||
+		    (rc = W("mlp.gate_proj.weight")) ||
+		    (rc = load_matrix(m, &w, c->ffn_dim, c->dim, &L->w_gate, err)) ||
+		    (rc = W("mlp.up_proj.weight")) ||
+		    (rc = load_matrix(m, &w, c->ffn_dim, c->dim, &L->w_up, err)) ||
+		    (rc = W("mlp.down_proj.weight")) ||
+		    (rc = load_matrix(m, &w, c->dim, c->ffn_dim, &L->w_down, err)))
+			return rc;
+		if (c->attn_bias &&
+		    ((rc = W("self_attn.q_proj.bias")) ||
+		     (rc = load_vector(m, &w, q_dim, &L->bq, err)) ||
+		     (rc = W("self_attn.k_proj.bias")) ||
+		     (rc = load_vector(m, &w, kv_dim, &L->bk, err)) ||
+		     (rc = W("self_attn.v_proj.bias")) ||
+		     (rc = load_vector(m, &w, kv_dim, &L->bv, err))))
+			return rc;
+#undef W
+	}
+	if ((rc = make_inv_freq(m, NULL, err)))
+		return rc;
+	return load_hf_tokenizer(m, dir, err);
+}
+
+static char *path_stem(const char *path)
+{
+	size_t len = strlen(path);
+	const char *base, *dot;
+
+	while (len > 1 && path[len - 1] == '/')
+		len--;
+	base = path;
+	for (size_t i = 0; i < len; i++)
+		if (path[i] == '/' && i + 1 < len)
+			base = path + i + 1;
+	len -= (size_t)(base - path);
+	dot = memchr(base, '.', len);
+	if (dot && len > 5 && !memcmp(base + len - 5, ".gguf", 5))
+		len = (size_t)(base + len - 5 - base);
+	return strndup(base, len);
+}
+
+int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
+		  struct lp_err *err)
+{
+	struct lp_model *m;
+	struct stat st;
+	bool is_dir;
+	int rc;
+
+	*out = NULL;
+	if (stat(path, &st) < 0)
+		return lp_errf(err, -errno, "cannot open model '%s': %s", path, strerror(errno));
+	is_dir = S_ISDIR(st.st_mode);
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	m->be = be;
+	m->res = calloc(1, sizeof(*m->res));
+	m->path = strdup(path);
+	m->name = path_stem(path);
+	m->layers = calloc(MAX_LAYERS, sizeof(*m->layers));
+	if (!m->res || !m->path || !m->name || !m->layers) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	rc = is_dir ? load_hf(m, path, err) : load_gguf(m, path, err);
+	if (rc)
+		goto fail_prefix;
+	if (lp_tokenizer_vocab_size(m->tok) > m->cfg.vocab_size) {
+		rc = lp_errf(err, -EINVAL, "the tokenizer has %d tokens but the model only %d",
+			     lp_tokenizer_vocab_size(m->tok), m->cfg.vocab_size);
+		goto fail_prefix;
+	}
+	if (m->cfg.n_eos == 0 && lp_tokenizer_eos(m->tok) >= 0)
+		m->cfg.eos_ids[m->cfg.n_eos++] = lp_tokenizer_eos(m->tok);
+	*out = m;
+	return 0;
+fail_prefix:
+	/* errors from the format readers already name the file */
+	if (!strstr(err->msg, path))
+		lp_err_prefix(err, "model '%s'", path);
+fail:
+	lp_model_free(m);
+	return rc;
+}
+
+void lp_model_free(struct lp_model *m)
+{
+	if (!m)
+		return;
+	if (m->res) {
+		for (size_t i = 0; i < m->res->n_bufs; i++)
+			lp_backend_free(m->be, &m->res->bufs[i]);
+		free(m->res->bufs);
+		for (size_t i = 0; i < m->res->n_host; i++)
+			free(m->res->host[i]);
+		free(m->res->host);
+		lp_gguf_free(m->res->gguf);
+		lp_safetensors_free(m->res->st);
+		free(m->res);
+	}
+	lp_tokenizer_free(m->tok);
+	free(m->layers);
+	free(m->path);
+	free(m->name);
+	free(m);
+}
+
+bool lp_model_is_eos(const struct lp_model *m, int32_t id)
+{
+	for (int i = 0; i < m->cfg.n_eos; i++)
+		if (m->cfg.eos_ids[i] == id)
+			return true;
+	return false;
+}
+
+size_t lp_model_bytes_per_token(const struct lp_model *m)
+{
+	/* every matrix is read once per step; the embedding lookup reads one
+	 * row, except that tied embeddings are read whole for the logits */
+	size_t total = m->weight_bytes;
+
+	if (!m->cfg.tied_embeddings)
+		total -= lp_tensor_bytes(&m->tok_embd);
+	return total;
+}

@@ -1,0 +1,91 @@
+/* A loaded base model: hyper-parameters, weights in backend memory, and the
+ * tokenizer. Loads Llama-family decoders (Llama 2/3, SmolLM2, TinyLlama,
+ * Mistral) from an HF directory (config.json, single or sharded safetensors
+ * of f32/f16/bf16, tokenizer.json) or from a GGUF file (F32, F16, BF16,
+ * Q8_0, Q4_0, Q4_1).
+ *
+ * One layout for Q and K: the HF "rotate half" one. GGUF files from
+ * llama.cpp interleave the rotary halves of each head's rows; the loader
+ * undoes that permutation, so HF LoRA weights apply unchanged. */
+#ifndef LP_ENGINE_MODEL_H
+#define LP_ENGINE_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/err.h"
+#include "kernels/backend.h"
+
+struct lp_tokenizer;
+
+enum lp_rope_scaling {
+	LP_ROPE_NONE,
+	LP_ROPE_LINEAR, /* positions divided by factor */
+	LP_ROPE_LLAMA3, /* Llama 3.1 frequency-dependent scaling */
+};
+
+#define LP_MAX_EOS 8
+
+struct lp_model_config {
+	int n_layers;
+	int dim;	  /* hidden size */
+	int n_heads;
+	int n_kv_heads;
+	int head_dim;
+	int ffn_dim;	  /* intermediate size */
+	int vocab_size;
+	int max_pos;	  /* context length the model was trained for */
+	float rms_eps;
+	float rope_theta;
+	enum lp_rope_scaling rope_scaling;
+	float rope_factor;
+	float rope_low_freq_factor;  /* llama3 */
+	float rope_high_freq_factor; /* llama3 */
+	int rope_orig_max_pos;	     /* llama3 */
+	bool tied_embeddings;
+	bool attn_bias;		     /* q/k/v projections carry a bias */
+	int32_t bos_id;		     /* -1 if none */
+	int32_t eos_ids[LP_MAX_EOS]; /* tokens that end generation */
+	int n_eos;
+};
+
+struct lp_layer_weights {
+	struct lp_tensor attn_norm; /* f32 [1, dim] */
+	struct lp_tensor wq;	    /* [n_heads * head_dim, dim] */
+	struct lp_tensor wk;	    /* [n_kv_heads * head_dim, dim] */
+	struct lp_tensor wv;	    /* [n_kv_heads * head_dim, dim] */
+	struct lp_tensor bq, bk, bv; /* f32 [1, out] when attn_bias, else data NULL */
+	struct lp_tensor wo;	    /* [dim, n_heads * head_dim] */
+	struct lp_tensor ffn_norm;  /* f32 [1, dim] */
+	struct lp_tensor w_gate;    /* [ffn_dim, dim] */
+	struct lp_tensor w_up;	    /* [ffn_dim, dim] */
+	struct lp_tensor w_down;    /* [dim, ffn_dim] */
+};
+
+struct lp_model {
+	struct lp_model_config cfg;
+	char *path;			/* as given to lp_model_load */
+	char *name;			/* file or directory stem */
+	struct lp_backend *be;		/* borrowed */
+	struct lp_tensor tok_embd;	/* [vocab, dim] */
+	struct lp_tensor out_norm;	/* f32 [1, dim] */
+	struct lp_tensor output;	/* [vocab, dim]; aliases tok_embd when tied */
+	struct lp_tensor inv_freq;	/* f32 [1, head_dim / 2], scaling applied */
+	struct lp_layer_weights *layers; /* [n_layers] */
+	struct lp_tokenizer *tok;
+	size_t weight_bytes;		/* bytes of all weights, each counted once */
+	struct lp_model_res *res;	/* buffers, mappings, host copies */
+};
+
+/* Loads the model at path (a .gguf file or an HF directory) onto be, which
+ * must outlive the model. On failure *out is NULL and err names the file
+ * and the reason. Free with lp_model_free(). */
+int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
+		  struct lp_err *err);
+void lp_model_free(struct lp_model *m);
+
+bool lp_model_is_eos(const struct lp_model *m, int32_t id);
+/* Bytes of weights one token's forward pass reads (every matrix once). */
+size_t lp_model_bytes_per_token(const struct lp_model *m);
+
+#endif

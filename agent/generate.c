@@ -1,0 +1,568 @@
+/* loraplane-generate: loads a model and generates text for one prompt, or
+ * for every line of a file as one batch, on the engine the agent uses.
+ *
+ * stdout: the completion (streamed as it is generated) or, with
+ * --prompts-file, one JSON object per prompt and line. stderr: load time,
+ * prompt and generation speed. Exit status 0, 1 on any error, 2 for bad
+ * usage. */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "agent/engine/chat-template.h"
+#include "agent/engine/engine.h"
+#include "agent/engine/model.h"
+#include "agent/engine/sampler.h"
+#include "agent/engine/tokenizer.h"
+#include "common/buf.h"
+#include "common/err.h"
+
+#define MAX_STOPS 16
+#define MAX_PROMPTS_FILE (64u << 20)
+
+struct options {
+	const char *model;
+	const char *prompt;
+	const char *prompts_file;
+	const char *system;
+	const char *chat_template;
+	const char *stops[MAX_STOPS];
+	int n_stops;
+	bool chat;
+	bool ignore_eos;
+	int max_tokens;
+	int threads;
+	struct lp_sampling_params sp;
+	struct lp_engine_config ec;
+};
+
+/* One prompt's generation. */
+struct job {
+	const char *prompt;
+	struct lp_seq *seq;
+	struct lp_detok detok;
+	struct lp_stop_matcher stop;
+	struct lp_buf text;
+	bool stopped; /* a stop string matched */
+	bool done;
+	int n_generated;
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void usage(FILE *f)
+{
+	fputs("usage: loraplane-generate --model PATH (--prompt TEXT | --prompts-file F) [options]\n"
+	      "  --model PATH            GGUF file or HF model directory\n"
+	      "  --prompt TEXT           one prompt; the completion streams to stdout\n"
+	      "  --prompts-file F        one prompt per line, run as one batch; prints one JSON\n"
+	      "                          object per prompt: {index, prompt, completion,\n"
+	      "                          prompt_tokens, completion_tokens, finish_reason}\n"
+	      "  --chat                  wrap each prompt in the model's chat template\n"
+	      "  --system TEXT           system message for --chat\n"
+	      "  --chat-template NAME    chatml, llama3, llama2 or mistral instead of detecting\n"
+	      "  --max-tokens N          new tokens at most (default 128)\n"
+	      "  --temperature T         0 = greedy (default 0)\n"
+	      "  --top-p P --top-k K --min-p P\n"
+	      "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
+	      "  --seed S                same seed, same output\n"
+	      "  --stop TEXT             stop string (repeatable, up to 16)\n"
+	      "  --ignore-eos            keep going past end-of-sequence tokens\n"
+	      "  --threads N             compute threads (default: all CPUs)\n"
+	      "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n",
+	      f);
+}
+
+static int parse_long(const char *name, const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi) {
+		fprintf(stderr, "loraplane-generate: '--%s' needs an integer in [%ld, %ld], got '%s'\n",
+			name, lo, hi, s);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+static int parse_float(const char *name, const char *s, float *out)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno || end == s || *end) {
+		fprintf(stderr, "loraplane-generate: '--%s' needs a number, got '%s'\n", name, s);
+		return -1;
+	}
+	*out = (float)v;
+	return 0;
+}
+
+enum {
+	OPT_MODEL = 256, OPT_PROMPT, OPT_PROMPTS_FILE, OPT_CHAT, OPT_SYSTEM, OPT_TEMPLATE,
+	OPT_MAX_TOKENS, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P, OPT_PRESENCE,
+	OPT_FREQUENCY, OPT_REPETITION, OPT_SEED, OPT_STOP, OPT_IGNORE_EOS, OPT_THREADS,
+	OPT_MAX_SEQS, OPT_MAX_BATCHED, OPT_MAX_LEN, OPT_KV_BYTES, OPT_HELP,
+};
+
+static int parse_args(int argc, char **argv, struct options *o)
+{
+	static const struct option longopts[] = {
+		{ "model", required_argument, NULL, OPT_MODEL },
+		{ "prompt", required_argument, NULL, OPT_PROMPT },
+		{ "prompts-file", required_argument, NULL, OPT_PROMPTS_FILE },
+		{ "chat", no_argument, NULL, OPT_CHAT },
+		{ "system", required_argument, NULL, OPT_SYSTEM },
+		{ "chat-template", required_argument, NULL, OPT_TEMPLATE },
+		{ "max-tokens", required_argument, NULL, OPT_MAX_TOKENS },
+		{ "temperature", required_argument, NULL, OPT_TEMPERATURE },
+		{ "top-p", required_argument, NULL, OPT_TOP_P },
+		{ "top-k", required_argument, NULL, OPT_TOP_K },
+		{ "min-p", required_argument, NULL, OPT_MIN_P },
+		{ "presence-penalty", required_argument, NULL, OPT_PRESENCE },
+		{ "frequency-penalty", required_argument, NULL, OPT_FREQUENCY },
+		{ "repetition-penalty", required_argument, NULL, OPT_REPETITION },
+		{ "seed", required_argument, NULL, OPT_SEED },
+		{ "stop", required_argument, NULL, OPT_STOP },
+		{ "ignore-eos", no_argument, NULL, OPT_IGNORE_EOS },
+		{ "threads", required_argument, NULL, OPT_THREADS },
+		{ "max-num-seqs", required_argument, NULL, OPT_MAX_SEQS },
+		{ "max-batched-tokens", required_argument, NULL, OPT_MAX_BATCHED },
+		{ "max-model-len", required_argument, NULL, OPT_MAX_LEN },
+		{ "kv-cache-bytes", required_argument, NULL, OPT_KV_BYTES },
+		{ "help", no_argument, NULL, OPT_HELP },
+		{ NULL, 0, NULL, 0 },
+	};
+	long v;
+	int c;
+
+	memset(o, 0, sizeof(*o));
+	o->max_tokens = 128;
+	lp_sampling_params_default(&o->sp);
+	o->sp.temperature = 0;
+	lp_engine_config_default(&o->ec);
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (c) {
+		case OPT_MODEL: o->model = optarg; break;
+		case OPT_PROMPT: o->prompt = optarg; break;
+		case OPT_PROMPTS_FILE: o->prompts_file = optarg; break;
+		case OPT_CHAT: o->chat = true; break;
+		case OPT_SYSTEM: o->system = optarg; break;
+		case OPT_TEMPLATE: o->chat_template = optarg; break;
+		case OPT_IGNORE_EOS: o->ignore_eos = true; break;
+		case OPT_MAX_TOKENS:
+			if (parse_long("max-tokens", optarg, 1, 1 << 24, &v))
+				return -1;
+			o->max_tokens = (int)v;
+			break;
+		case OPT_TEMPERATURE:
+			if (parse_float("temperature", optarg, &o->sp.temperature))
+				return -1;
+			break;
+		case OPT_TOP_P:
+			if (parse_float("top-p", optarg, &o->sp.top_p))
+				return -1;
+			break;
+		case OPT_TOP_K:
+			if (parse_long("top-k", optarg, -1, 1 << 24, &v))
+				return -1;
+			o->sp.top_k = (int)v;
+			break;
+		case OPT_MIN_P:
+			if (parse_float("min-p", optarg, &o->sp.min_p))
+				return -1;
+			break;
+		case OPT_PRESENCE:
+			if (parse_float("presence-penalty", optarg, &o->sp.presence_penalty))
+				return -1;
+			break;
+		case OPT_FREQUENCY:
+			if (parse_float("frequency-penalty", optarg, &o->sp.frequency_penalty))
+				return -1;
+			break;
+		case OPT_REPETITION:
+			if (parse_float("repetition-penalty", optarg, &o->sp.repetition_penalty))
+				return -1;
+			break;
+		case OPT_SEED: {
+			char *end;
+			errno = 0;
+			unsigned long long s = strtoull(optarg, &end, 10);
+			if (errno || end == optarg || *end || optarg[0] == '-') {
+				fprintf(stderr, "loraplane-generate: '--seed' needs a non-negative integer, got '%s'\n",
+					optarg);
+				return -1;
+			}
+			o->sp.seed = s;
+			o->sp.has_seed = true;
+			break;
+		}
+		case OPT_STOP:
+			if (o->n_stops == MAX_STOPS) {
+				fprintf(stderr, "loraplane-generate: at most %d '--stop' strings\n",
+					MAX_STOPS);
+				return -1;
+			}
+			o->stops[o->n_stops++] = optarg;
+			break;
+		case OPT_THREADS:
+			if (parse_long("threads", optarg, 0, 4096, &v))
+				return -1;
+			o->threads = (int)v;
+			break;
+		case OPT_MAX_SEQS:
+			if (parse_long("max-num-seqs", optarg, 1, 4096, &v))
+				return -1;
+			o->ec.max_num_seqs = (int)v;
+			break;
+		case OPT_MAX_BATCHED:
+			if (parse_long("max-batched-tokens", optarg, 1, 1 << 20, &v))
+				return -1;
+			o->ec.max_batched_tokens = (int)v;
+			break;
+		case OPT_MAX_LEN:
+			if (parse_long("max-model-len", optarg, 2, 1 << 24, &v))
+				return -1;
+			o->ec.max_model_len = (int)v;
+			break;
+		case OPT_KV_BYTES:
+			if (parse_long("kv-cache-bytes", optarg, 1, __LONG_MAX__, &v))
+				return -1;
+			o->ec.kv_cache_bytes = (size_t)v;
+			break;
+		case OPT_HELP:
+			usage(stdout);
+			exit(0);
+		default:
+			usage(stderr);
+			return -1;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "loraplane-generate: unexpected argument '%s'\n", argv[optind]);
+		return -1;
+	}
+	if (!o->model) {
+		const char *env = getenv("LORAPLANE_MODEL");
+		o->model = env && *env ? env : NULL;
+	}
+	if (!o->model || (!o->prompt == !o->prompts_file)) {
+		fprintf(stderr, "loraplane-generate: need '--model' and one of '--prompt' or '--prompts-file'\n");
+		usage(stderr);
+		return -1;
+	}
+	return 0;
+}
+
+/* Splits the prompts file into lines (empty lines skipped); the strings
+ * point into buf, whose newlines become NULs. */
+static int read_prompts(const char *path, struct lp_buf *buf, char ***out, size_t *n,
+			struct lp_err *err)
+{
+	char **lines = NULL, *p, *nl;
+	size_t count = 0, cap = 0;
+	int rc;
+
+	rc = lp_buf_read_file(buf, path, MAX_PROMPTS_FILE, err);
+	if (rc)
+		return rc;
+	for (p = buf->data; p < buf->data + buf->len; p = nl + 1) {
+		nl = memchr(p, '\n', (size_t)(buf->data + buf->len - p));
+		if (!nl)
+			nl = buf->data + buf->len;
+		*nl = '\0';
+		if (nl > p && nl[-1] == '\r')
+			nl[-1] = '\0';
+		if (!*p)
+			continue;
+		if (count == cap) {
+			cap = cap ? cap * 2 : 16;
+			char **q = realloc(lines, cap * sizeof(*q));
+			if (!q) {
+				free(lines);
+				return lp_errf(err, -ENOMEM, "out of memory");
+			}
+			lines = q;
+		}
+		lines[count++] = p;
+	}
+	if (count == 0) {
+		free(lines);
+		return lp_errf(err, -EINVAL, "'%s' holds no prompt", path);
+	}
+	*out = lines;
+	*n = count;
+	return 0;
+}
+
+static int encode_prompt(const struct options *o, struct lp_model *m,
+			 const struct lp_chat_template *ct, const char *prompt,
+			 struct lp_tokens *ids, struct lp_err *err)
+{
+	struct lp_buf text;
+	int rc;
+
+	if (!o->chat)
+		return lp_tokenizer_encode(m->tok, prompt, strlen(prompt),
+					   LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, ids, err);
+	struct lp_chat_message msgs[2];
+	size_t n = 0;
+	if (o->system)
+		msgs[n++] = (struct lp_chat_message){ "system", o->system };
+	msgs[n++] = (struct lp_chat_message){ "user", prompt };
+	lp_buf_init(&text, 16u << 20);
+	rc = lp_chat_template_render(ct, msgs, n, true, &text, err);
+	if (!rc)
+		rc = lp_tokenizer_encode(m->tok, text.data, text.len, LP_ENCODE_PARSE_SPECIAL, ids,
+					 err);
+	lp_buf_release(&text);
+	return rc;
+}
+
+static const char *finish_name(const struct job *j)
+{
+	if (j->stopped)
+		return "stop";
+	switch (j->seq->finish) {
+	case LP_FINISH_STOP: return "stop";
+	case LP_FINISH_LENGTH: return "length";
+	default: return "abort";
+	}
+}
+
+/* Appends text a job may emit; streams it when stream is set. */
+static int job_emit(struct job *j, const char *s, size_t n, bool stream, struct lp_err *err)
+{
+	if (!n)
+		return 0;
+	if (stream) {
+		fwrite(s, 1, n, stdout);
+		fflush(stdout);
+	}
+	return lp_buf_append(&j->text, s, n, err);
+}
+
+/* Handles one sampled token of job j. */
+static int job_token(struct lp_engine *e, struct lp_model *m, struct job *j, int32_t tok,
+		     bool finished, bool stream, struct lp_err *err)
+{
+	char piece[512];
+	const char *emit;
+	size_t emit_len;
+	int n, rc;
+
+	j->n_generated++;
+	n = lp_detok_piece(m->tok, &j->detok, tok, piece, sizeof(piece));
+	if (n < 0)
+		return lp_errf(err, n, "cannot decode token %d", tok);
+	if (finished) {
+		int f = lp_detok_flush(m->tok, &j->detok, piece + n, sizeof(piece) - (size_t)n);
+		if (f > 0)
+			n += f;
+	}
+	if (lp_stop_matcher_feed(&j->stop, piece, (size_t)n, &emit, &emit_len)) {
+		j->stopped = true;
+		rc = job_emit(j, emit, emit_len, stream, err);
+		lp_engine_finish(e, j->seq);
+		j->done = true;
+		return rc;
+	}
+	rc = job_emit(j, emit, emit_len, stream, err);
+	if (rc)
+		return rc;
+	if (finished) {
+		lp_stop_matcher_finish(&j->stop, &emit, &emit_len);
+		rc = job_emit(j, emit, emit_len, stream, err);
+		j->done = true;
+	}
+	return rc;
+}
+
+static int print_json_result(size_t index, const struct job *j)
+{
+	json_t *o = json_pack("{s:I, s:s, s:s%, s:i, s:i, s:s}", "index", (json_int_t)index,
+			      "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
+			      j->text.len, "prompt_tokens", j->seq->n_prompt, "completion_tokens",
+			      j->n_generated, "finish_reason", finish_name(j));
+	char *s;
+
+	if (!o)
+		return -1;
+	s = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+	json_decref(o);
+	if (!s)
+		return -1;
+	puts(s);
+	free(s);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct options o;
+	struct lp_err err = { 0 };
+	struct lp_backend *be = NULL;
+	struct lp_model *m = NULL;
+	struct lp_engine *e = NULL;
+	struct lp_chat_template ct;
+	bool have_ct = false;
+	struct lp_buf prompts_buf;
+	char **prompts = NULL;
+	const char *single[1] = { NULL };
+	size_t n_prompts = 0;
+	struct job *jobs = NULL;
+	struct lp_tokens ids = { 0 };
+	double t0, t_loaded, t_first = 0, t_end;
+	size_t total_prompt = 0, total_gen = 0;
+	int status = 1, rc;
+
+	if (parse_args(argc, argv, &o))
+		return 2;
+	lp_buf_init(&prompts_buf, MAX_PROMPTS_FILE);
+	if (o.prompts_file) {
+		if (read_prompts(o.prompts_file, &prompts_buf, &prompts, &n_prompts, &err))
+			goto fail;
+	} else {
+		single[0] = o.prompt;
+		n_prompts = 1;
+	}
+	t0 = now_s();
+	if ((rc = lp_backend_cpu_new(&be, o.threads, &err)) ||
+	    (rc = lp_model_load(&m, o.model, be, &err)))
+		goto fail;
+	if (o.chat) {
+		const char *tmpl = lp_tokenizer_chat_template(m->tok);
+		int32_t bos = lp_tokenizer_bos(m->tok), eos = lp_tokenizer_eos(m->tok);
+		char bos_s[256] = "", eos_s[256] = "";
+		struct lp_detok d;
+		if (bos >= 0) {
+			lp_detok_init(&d, false);
+			int n = lp_detok_piece(m->tok, &d, bos, bos_s, sizeof(bos_s) - 1);
+			bos_s[n > 0 ? n : 0] = '\0';
+		}
+		if (eos >= 0) {
+			lp_detok_init(&d, false);
+			int n = lp_detok_piece(m->tok, &d, eos, eos_s, sizeof(eos_s) - 1);
+			eos_s[n > 0 ? n : 0] = '\0';
+		}
+		if (o.chat_template)
+			rc = lp_chat_template_from_name(&ct, o.chat_template, bos_s, eos_s, &err);
+		else if (tmpl)
+			rc = lp_chat_template_detect(&ct, tmpl, bos_s, eos_s, &err);
+		else
+			rc = lp_errf(&err, -EINVAL,
+				     "the model has no chat template: name one with '--chat-template'");
+		if (rc)
+			goto fail;
+		have_ct = true;
+	}
+	if ((rc = lp_engine_new(&e, m, &o.ec, &err)))
+		goto fail;
+	t_loaded = now_s();
+	fprintf(stderr, "loaded '%s' in %.2f s: %d layers, dim %d, vocab %d, %.1f MiB of weights\n",
+		o.model, t_loaded - t0, m->cfg.n_layers, m->cfg.dim, m->cfg.vocab_size,
+		(double)m->weight_bytes / (1 << 20));
+
+	jobs = calloc(n_prompts, sizeof(*jobs));
+	if (!jobs) {
+		lp_errf(&err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	for (size_t i = 0; i < n_prompts; i++) {
+		struct job *j = &jobs[i];
+		struct lp_seq_params sp = { 0 };
+
+		j->prompt = prompts ? prompts[i] : single[0];
+		lp_buf_init(&j->text, 64u << 20);
+		lp_detok_init(&j->detok, true);
+		if ((rc = lp_stop_matcher_init(&j->stop, o.stops, (size_t)o.n_stops, &err)))
+			goto fail;
+		ids.n = 0;
+		if ((rc = encode_prompt(&o, m, have_ct ? &ct : NULL, j->prompt, &ids, &err)))
+			goto fail;
+		sp.prompt = ids.ids;
+		sp.n_prompt = ids.n;
+		sp.max_tokens = o.max_tokens;
+		sp.ignore_eos = o.ignore_eos;
+		sp.sampling = o.sp;
+		if ((rc = lp_engine_add(e, &sp, &j->seq, &err))) {
+			lp_err_prefix(&err, "prompt %zu", i + 1);
+			goto fail;
+		}
+		j->seq->user = j;
+		total_prompt += ids.n;
+	}
+
+	size_t n_started = 0;
+	bool stream = n_prompts == 1 && !o.prompts_file;
+	while (lp_engine_has_work(e)) {
+		const struct lp_step_output *outs;
+		int n_outs;
+		if ((rc = lp_engine_step(e, &outs, &n_outs, &err)))
+			goto fail;
+		for (int i = 0; i < n_outs; i++) {
+			struct job *j = outs[i].seq->user;
+			if (j->n_generated == 0 && ++n_started == n_prompts)
+				t_first = now_s();
+			if ((rc = job_token(e, m, j, outs[i].token, outs[i].finished, stream, &err)))
+				goto fail;
+		}
+	}
+	t_end = now_s();
+	if (stream)
+		fputc('\n', stdout);
+	for (size_t i = 0; i < n_prompts; i++) {
+		total_gen += (size_t)jobs[i].n_generated;
+		if (!stream && print_json_result(i, &jobs[i])) {
+			lp_errf(&err, -ENOMEM, "cannot encode the result");
+			goto fail;
+		}
+	}
+	if (!t_first)
+		t_first = t_end;
+	fprintf(stderr, "prompt: %zu tokens in %.3f s, %.1f tokens/s\n", total_prompt,
+		t_first - t_loaded, (double)total_prompt / (t_first - t_loaded));
+	if (total_gen > n_prompts)
+		fprintf(stderr, "generation: %zu tokens in %.3f s, %.1f tokens/s (%zu sequences)\n",
+			total_gen - n_prompts, t_end - t_first,
+			(double)(total_gen - n_prompts) / (t_end - t_first), n_prompts);
+	status = 0;
+	goto out;
+fail:
+	fprintf(stderr, "loraplane-generate: %s\n", err.msg);
+out:
+	if (jobs) {
+		for (size_t i = 0; i < n_prompts; i++) {
+			if (jobs[i].seq)
+				lp_engine_release(e, jobs[i].seq);
+			lp_stop_matcher_release(&jobs[i].stop);
+			lp_buf_release(&jobs[i].text);
+		}
+		free(jobs);
+	}
+	lp_tokens_release(&ids);
+	if (have_ct)
+		lp_chat_template_release(&ct);
+	lp_engine_free(e);
+	lp_model_free(m);
+	lp_backend_destroy(be);
+	free(prompts);
+	lp_buf_release(&prompts_buf);
+	return status;
+}
