@@ -5,6 +5,7 @@ CUDA ?= /usr/local/cuda
 CUDA_ARCHS ?= 80 86 89 90
 PYTHON ?= python3
 BUILD ?= build
+BIN ?= bin
 MODEL ?= models/smollm2-135m-instruct-q4_1.gguf
 
 WARN := -Wall -Wextra -Wvla -Wstrict-prototypes -Wno-unused-parameter
@@ -32,7 +33,7 @@ LIB := $(BUILD)/libloraplane.a
 UNIT_SRCS := $(wildcard tests/unit/test-*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
-PROGRAMS := bin/loraplane-generate
+PROGRAMS := $(BIN)/loraplane-generate
 TOOLS := $(BUILD)/tools/bench
 
 .PHONY: all test check asan bench deps run clean help format
@@ -55,8 +56,8 @@ $(BUILD)/%.o: %.c
 $(LIB): $(LIB_OBJS)
 	$(Q)rm -f $@ && ar rcs $@ $^
 
-bin/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
-	@mkdir -p bin
+$(BIN)/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
+	@mkdir -p $(BIN)
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
@@ -75,7 +76,7 @@ deps:
 	$(Q)bash hack/deps.sh
 
 test: deps $(PROGRAMS) $(UNIT_BINS)
-	$(Q)BUILD=$(BUILD) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
+	$(Q)BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
 
 check:
 	$(Q)bash hack/check.sh
@@ -85,15 +86,15 @@ format:
 
 # Tests under AddressSanitizer and UBSan, in their own build directory.
 asan: deps
-	$(Q)$(MAKE) --no-print-directory BUILD=build-asan \
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan BIN=build-asan/bin \
 		OPT="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
 		LDFLAGS="-fsanitize=address,undefined" test
 
-bench: deps $(TOOLS) bin/loraplane-generate
+bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
 
-run: deps bin/loraplane-generate
-	$(Q)bin/loraplane-generate --model $(MODEL) --chat --prompt "$${PROMPT:-What is Kubernetes? Answer in two sentences.}"
+run: deps $(PROGRAMS)
+	$(Q)$(BIN)/loraplane-generate --model $(MODEL) --chat --prompt "$${PROMPT:-What is Kubernetes? Answer in two sentences.}"
 
 clean:
 	rm -rf build build-asan bin

@@ -6,7 +6,7 @@
 # counts as one failure. Ends with one line `N passed, N failed`.
 set -u
 cd "$(dirname "$0")/.."
-export BUILD=${BUILD:-build} MODEL=${MODEL:-models/smollm2-135m-instruct-q4_1.gguf}
+export BUILD=${BUILD:-build} BIN=${BIN:-bin} MODEL=${MODEL:-models/smollm2-135m-instruct-q4_1.gguf}
 export LP_FIXTURES=${LP_FIXTURES:-tests/fixtures}
 log_dir=$BUILD/test-logs
 mkdir -p "$log_dir"

@@ -1,0 +1,292 @@
+/* make bench: speed and memory of the engine on one model, with the
+ * machine's memory read bandwidth measured in the same run, so that the
+ * batch-1 decode speed can be set against its roofline (bandwidth / bytes of
+ * weights read per token). Prints `bench: NAME VALUE UNIT` lines. */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "agent/engine/engine.h"
+#include "agent/engine/model.h"
+#include "agent/engine/tokenizer.h"
+#include "common/err.h"
+
+#define BW_BYTES ((size_t)512 << 20)
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+struct bw_task {
+	const unsigned char *p;
+	size_t n;
+	double sum;
+	pthread_barrier_t *bar;
+};
+
+/* Reads the slice with 256-bit loads; the sum keeps the loads alive. */
+__attribute__((target("avx2"))) static double sum_avx2(const unsigned char *p, size_t n)
+{
+	typedef long long v4 __attribute__((vector_size(32)));
+	v4 a = { 0 }, b = { 0 }, c = { 0 }, d = { 0 };
+	const v4 *q = (const v4 *)p;
+
+	for (size_t i = 0; i + 4 <= n / 32; i += 4) {
+		a += q[i];
+		b += q[i + 1];
+		c += q[i + 2];
+		d += q[i + 3];
+	}
+	a += b + c + d;
+	return (double)(a[0] + a[1] + a[2] + a[3]);
+}
+
+static double sum_scalar(const unsigned char *p, size_t n)
+{
+	const unsigned long long *q = (const unsigned long long *)p;
+	unsigned long long s = 0;
+
+	for (size_t i = 0; i < n / 8; i++)
+		s += q[i];
+	return (double)s;
+}
+
+static void *bw_worker(void *arg)
+{
+	struct bw_task *t = arg;
+
+	pthread_barrier_wait(t->bar);
+	t->sum = __builtin_cpu_supports("avx2") ? sum_avx2(t->p, t->n) : sum_scalar(t->p, t->n);
+	return NULL;
+}
+
+/* Best of 5 multi-threaded passes over a buffer far larger than the caches. */
+static double measure_bandwidth(int n_threads)
+{
+	unsigned char *buf = aligned_alloc(64, BW_BYTES);
+	pthread_t th[256];
+	struct bw_task tasks[256];
+	pthread_barrier_t bar;
+	double best = 0, sink = 0;
+
+	if (!buf)
+		return 0;
+	memset(buf, 1, BW_BYTES);
+	if (n_threads > 256)
+		n_threads = 256;
+	for (int rep = 0; rep < 5; rep++) {
+		size_t slice = BW_BYTES / (size_t)n_threads / 128 * 128;
+		pthread_barrier_init(&bar, NULL, (unsigned)n_threads + 1);
+		for (int i = 0; i < n_threads; i++) {
+			tasks[i] = (struct bw_task){ buf + (size_t)i * slice, slice, 0, &bar };
+			pthread_create(&th[i], NULL, bw_worker, &tasks[i]);
+		}
+		double t0 = now_s();
+		pthread_barrier_wait(&bar);
+		for (int i = 0; i < n_threads; i++) {
+			pthread_join(th[i], NULL);
+			sink += tasks[i].sum;
+		}
+		double dt = now_s() - t0;
+		pthread_barrier_destroy(&bar);
+		double gbs = (double)slice * n_threads / dt / 1e9;
+		if (gbs > best)
+			best = gbs;
+	}
+	free(buf);
+	if (sink == 42)
+		fputc(' ', stderr);
+	return best;
+}
+
+/* In a child process, so that its buffer does not count in peak RSS. */
+static double measure_bandwidth_isolated(int n_threads)
+{
+	int fds[2];
+	double bw = 0;
+	pid_t pid;
+
+	if (pipe(fds) < 0)
+		return 0;
+	pid = fork();
+	if (pid == 0) {
+		bw = measure_bandwidth(n_threads);
+		if (write(fds[1], &bw, sizeof(bw)) != sizeof(bw))
+			_exit(1);
+		_exit(0);
+	}
+	close(fds[1]);
+	if (pid < 0 || read(fds[0], &bw, sizeof(bw)) != sizeof(bw))
+		bw = 0;
+	close(fds[0]);
+	if (pid > 0)
+		waitpid(pid, NULL, 0);
+	return bw;
+}
+
+static int add_greedy(struct lp_engine *e, const int32_t *ids, size_t n, int max_tokens,
+		      struct lp_seq **out, struct lp_err *err)
+{
+	struct lp_seq_params p = { 0 };
+
+	p.prompt = ids;
+	p.n_prompt = n;
+	p.max_tokens = max_tokens;
+	p.ignore_eos = true;
+	lp_sampling_params_default(&p.sampling);
+	p.sampling.temperature = 0;
+	return lp_engine_add(e, &p, out, err);
+}
+
+static int run_all(struct lp_engine *e, struct lp_err *err)
+{
+	const struct lp_step_output *outs;
+	int n;
+
+	while (lp_engine_has_work(e))
+		if (lp_engine_step(e, &outs, &n, err))
+			return -1;
+	return 0;
+}
+
+/* Time per token of decode with batch sequences running: the prompts are
+ * prefilled first, then n_steps decode steps are timed. */
+static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
+			 struct lp_err *err)
+{
+	struct lp_seq *seqs[64];
+	const struct lp_step_output *outs;
+	int n;
+	double t0, dt;
+
+	for (int i = 0; i < batch; i++)
+		if (add_greedy(e, prompt + i, 8, n_steps + 1, &seqs[i], err))
+			return -1;
+	/* prefill, and the first token of each */
+	if (lp_engine_step(e, &outs, &n, err) || n != batch) {
+		lp_errf(err, -EIO, "prefill did not finish in one step");
+		return -1;
+	}
+	t0 = now_s();
+	for (int s = 0; s < n_steps; s++)
+		if (lp_engine_step(e, &outs, &n, err))
+			return -1;
+	dt = now_s() - t0;
+	for (int i = 0; i < batch; i++)
+		lp_engine_release(e, seqs[i]);
+	return (double)batch * n_steps / dt;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "model", required_argument, NULL, 'm' },
+		{ "threads", required_argument, NULL, 't' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *path = "models/smollm2-135m-instruct-q4_1.gguf";
+	struct lp_err err = { 0 };
+	struct lp_backend *be = NULL;
+	struct lp_model *m = NULL;
+	struct lp_engine *e = NULL;
+	struct lp_engine_config ec;
+	struct lp_tokens ids = { 0 };
+	struct lp_seq *seq;
+	struct rusage ru;
+	int threads = 0, c, status = 1;
+	double t0;
+
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		if (c == 'm')
+			path = optarg;
+		else if (c == 't')
+			threads = (int)strtol(optarg, NULL, 10);
+		else
+			return 2;
+	}
+	if (threads <= 0)
+		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+
+	double bw = measure_bandwidth_isolated(threads);
+	printf("bench: memory_read_bandwidth %.2f GB/s\n", bw);
+	fflush(stdout);
+
+	t0 = now_s();
+	if (lp_backend_cpu_new(&be, threads, &err) || lp_model_load(&m, path, be, &err))
+		goto fail;
+	printf("bench: load_time %.3f s\n", now_s() - t0);
+	printf("bench: threads %d count\n", threads);
+	lp_engine_config_default(&ec);
+	ec.max_model_len = 1024;
+	ec.max_num_seqs = 16;
+	ec.max_batched_tokens = 512;
+	ec.kv_cache_bytes = 256u << 20;
+	if (lp_engine_new(&e, m, &ec, &err))
+		goto fail;
+
+	/* a 512-token prompt made of real text */
+	const char *text = "Kubernetes is an open-source system for automating deployment, "
+			   "scaling, and management of containerized applications. ";
+	while (ids.n < 600)
+		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
+			goto fail;
+
+	/* prompt throughput: one 512-token prefill, best of 3 */
+	double best_pp = 0;
+	for (int rep = 0; rep < 3; rep++) {
+		const struct lp_step_output *outs;
+		int n;
+		if (add_greedy(e, ids.ids, 512, 1, &seq, &err))
+			goto fail;
+		t0 = now_s();
+		if (lp_engine_step(e, &outs, &n, &err))
+			goto fail;
+		double pp = 512 / (now_s() - t0);
+		if (pp > best_pp)
+			best_pp = pp;
+		if (run_all(e, &err))
+			goto fail;
+		lp_engine_release(e, seq);
+	}
+	printf("bench: prompt_tokens_per_s %.1f tokens/s\n", best_pp);
+	fflush(stdout);
+
+	double b1 = decode_tps(e, ids.ids, 1, 128, &err);
+	if (b1 < 0)
+		goto fail;
+	printf("bench: decode_batch1_tokens_per_s %.1f tokens/s\n", b1);
+	fflush(stdout);
+	double b16 = decode_tps(e, ids.ids, 16, 64, &err);
+	if (b16 < 0)
+		goto fail;
+	printf("bench: decode_batch16_tokens_per_s %.1f tokens/s\n", b16);
+
+	size_t bpt = lp_model_bytes_per_token(m);
+	double roofline = bw * 1e9 / (double)bpt;
+	printf("bench: weight_bytes_per_token %.1f MB\n", (double)bpt / 1e6);
+	printf("bench: decode_batch1_roofline %.1f tokens/s\n", roofline);
+	printf("bench: decode_batch1_roofline_ratio %.3f ratio\n", b1 / roofline);
+	getrusage(RUSAGE_SELF, &ru);
+	printf("bench: peak_rss %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
+	status = 0;
+	goto out;
+fail:
+	fprintf(stderr, "bench: %s\n", err.msg);
+out:
+	lp_tokens_release(&ids);
+	lp_engine_free(e);
+	lp_model_free(m);
+	lp_backend_destroy(be);
+	return status;
+}
