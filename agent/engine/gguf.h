@@ -116,6 +116,9 @@ const struct lp_gguf_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i
 /* The tensor named name, or NULL. */
 const struct lp_gguf_tensor *lp_gguf_find_tensor(const struct lp_gguf *g, const char *name);
 
+/* "Q4_1", "F32", ...; "unknown" for a type the reader does not know. */
+const char *lp_ggml_type_name(uint32_t t);
+
 /* Reads element i of a fixed-size array entry as the given C type
  * (caller checks kv->arr_type and i < kv->arr_len). */
 int32_t lp_gguf_arr_i32(const struct lp_gguf_kv *kv, uint64_t i);

@@ -215,6 +215,12 @@ static int check_config(const struct lp_model_config *c, struct lp_err *err)
 	return 0;
 }
 
+static int alloc_layers(struct lp_model *m, struct lp_err *err)
+{
+	m->layers = calloc((size_t)m->cfg.n_layers, sizeof(*m->layers));
+	return m->layers ? 0 : lp_errf(err, -ENOMEM, "out of memory");
+}
+
 /* inv_freq[i] = theta^(-2i/head_dim), computed in f32 as transformers does,
  * with the configured scaling; freq_divisors (GGUF rope_freqs, may be NULL)
  * divide each frequency. */
@@ -286,8 +292,8 @@ static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struc
 			       t->n_dims);
 	if (gguf_dtype(t->type, &w->type))
 		return lp_errf(err, -ENOTSUP,
-			       "tensor '%s' has ggml type %u, which loraplane does not load (supported: f32, f16, bf16, q8_0, q4_0, q4_1)",
-			       name, t->type);
+			       "tensor '%s' has type %s, which loraplane does not load (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+			       name, lp_ggml_type_name(t->type));
 	w->name = name;
 	w->data = t->data;
 	w->cols = (int64_t)t->dims[0];
@@ -408,6 +414,8 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	rc = load_gguf_config(m, g, err);
 	if (!rc)
 		rc = check_config(c, err);
+	if (!rc)
+		rc = alloc_layers(m, err);
 	if (rc)
 		return rc;
 	kv_dim = c->n_kv_heads * c->head_dim;
@@ -685,6 +693,8 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 	rc = load_hf_config(m, dir, err);
 	if (!rc)
 		rc = check_config(c, err);
+	if (!rc)
+		rc = alloc_layers(m, err);
 	if (rc)
 		return rc;
 	rc = lp_safetensors_open_dir(&m->res->st, dir, err);
@@ -745,7 +755,7 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 static char *path_stem(const char *path)
 {
 	size_t len = strlen(path);
-	const char *base, *dot;
+	const char *base;
 
 	while (len > 1 && path[len - 1] == '/')
 		len--;
@@ -754,9 +764,8 @@ static char *path_stem(const char *path)
 		if (path[i] == '/' && i + 1 < len)
 			base = path + i + 1;
 	len -= (size_t)(base - path);
-	dot = memchr(base, '.', len);
-	if (dot && len > 5 && !memcmp(base + len - 5, ".gguf", 5))
-		len = (size_t)(base + len - 5 - base);
+	if (len > 5 && !memcmp(base + len - 5, ".gguf", 5))
+		len -= 5;
 	return strndup(base, len);
 }
 
@@ -779,8 +788,7 @@ int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be
 	m->res = calloc(1, sizeof(*m->res));
 	m->path = strdup(path);
 	m->name = path_stem(path);
-	m->layers = calloc(MAX_LAYERS, sizeof(*m->layers));
-	if (!m->res || !m->path || !m->name || !m->layers) {
+	if (!m->res || !m->path || !m->name) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
