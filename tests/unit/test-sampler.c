@@ -285,6 +285,30 @@ static void test_top_k_one_is_greedy(void)
 	CHECK_EQ_INT(counts[1], 500);
 }
 
+/* Every option on a vocabulary of one token (and on -inf logits, which
+ * must never be drawn while another token has a chance). */
+static void test_tiny_vocab_and_masked_tokens(void)
+{
+	const struct lp_sampling_params cases[] = {
+	    params(1.0f, 0, 1.0f, 0.0f), params(0.7f, 0, 0.9f, 0.0f), params(1.0f, 5, 1.0f, 0.0f),
+	    params(1.0f, 0, 1.0f, 0.5f), params(1.0f, 3, 0.5f, 0.1f), params(0.0f, 0, 1.0f, 0.0f),
+	};
+	float masked[] = {-INFINITY, 0.0f, -INFINITY, NAN, -0.5f, -INFINITY, 0.25f};
+
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+		long counts[7];
+		float one = 3.0f;
+		char why[LP_ERR_MSG_MAX + 64] = "";
+
+		CHECK_MSG(draw_many(&cases[c], &one, 1, 20, counts, why, sizeof(why)), "%s", why);
+		CHECK_EQ_INT(counts[0], 20);
+		CHECK_MSG(draw_many(&cases[c], masked, 7, 3000, counts, why, sizeof(why)), "%s",
+		          why);
+		CHECK_MSG(counts[0] + counts[2] + counts[3] + counts[5] == 0,
+		          "case %zu drew a token with a -inf or NaN logit", c);
+	}
+}
+
 /* ---- distributions ------------------------------------------------------ */
 
 static void test_temperature_follows_softmax(void)
@@ -543,6 +567,101 @@ static void test_top_p_frequencies_wide_nucleus(void)
 	CHECK_MSG(dof > 20, "nucleus of only %d tokens", dof + 1);
 	CHECK_MSG(expected_low > 5.0, "expected counts too low for chi-square: %g", expected_low);
 	CHECK_MSG(chi < chi_limit(dof), "chi-square %g with %d dof", chi, dof);
+}
+
+/* Nearly flat logits put thousands of tokens in one bucket, so the cut is
+ * found by quickselect: the set drawn must be exactly the reference one,
+ * every token of it drawn (about 30 times each) and none outside it. */
+static bool check_exact_set(const struct lp_sampling_params *p, const float *logits, int vocab,
+                            char *why, size_t why_len)
+{
+	float *x = malloc(sizeof(float) * (size_t)vocab);
+	int32_t *order = malloc(sizeof(int32_t) * (size_t)vocab);
+	bool *keep = malloc(sizeof(bool) * (size_t)vocab);
+	long *counts = malloc(sizeof(long) * (size_t)vocab);
+	int size = 0;
+	bool ok = false;
+
+	if (!x || !order || !keep || !counts) {
+		snprintf(why, why_len, "out of memory");
+		goto out;
+	}
+	reference_keep(logits, vocab, p, x, order, keep);
+	for (int i = 0; i < vocab; i++)
+		size += keep[i];
+	if (!draw_many(p, logits, vocab, 30 * size + 200, counts, why, why_len))
+		goto out;
+	for (int i = 0; i < vocab; i++) {
+		if (keep[i] != (counts[i] > 0)) {
+			snprintf(why, why_len,
+			         "top_k %d top_p %g: token %d %s the %d kept is drawn %ld times",
+			         p->top_k, (double)p->top_p, i, keep[i] ? "in" : "outside", size,
+			         counts[i]);
+			goto out;
+		}
+	}
+	ok = true;
+out:
+	free(x);
+	free(order);
+	free(keep);
+	free(counts);
+	return ok;
+}
+
+static void test_exact_cut_among_near_ties(void)
+{
+	enum { V = 1000 };
+	static float logits[V];
+	const int ks[] = {25, 26, 31, 57, 100, 133};
+	const float ps[] = {0.05f, 0.3f, 0.9f};
+	char why[LP_ERR_MSG_MAX + 64] = "";
+
+	for (int i = 0; i < V; i++)
+		logits[i] = 0.05f * (float)test_uniform();
+	for (size_t c = 0; c < sizeof(ks) / sizeof(ks[0]); c++) {
+		struct lp_sampling_params p = params(1.0f, ks[c], 1.0f, 0.0f);
+
+		CHECK_MSG(check_exact_set(&p, logits, V, why, sizeof(why)), "%s", why);
+	}
+	for (size_t c = 0; c < sizeof(ps) / sizeof(ps[0]); c++) {
+		struct lp_sampling_params p = params(1.0f, 0, ps[c], 0.0f);
+
+		CHECK_MSG(check_exact_set(&p, logits, V, why, sizeof(why)), "%s", why);
+		p.top_k = 400; /* top-p within a top-k found by quickselect */
+		CHECK_MSG(check_exact_set(&p, logits, V, why, sizeof(why)), "%s", why);
+	}
+}
+
+/* The min-p threshold is sharp to 1e-5 relative, far down the distribution
+ * too (which also pins down the accuracy of the exponentials). */
+static void test_min_p_threshold_is_sharp(void)
+{
+	enum { V = 2001 };
+	static float logits[V];
+	const float ds[] = {-1.5f, -4.0f, -9.0f};
+
+	for (size_t c = 0; c < sizeof(ds) / sizeof(ds[0]); c++) {
+		double e = exp((double)ds[c]);
+
+		logits[0] = 0.0f;
+		for (int i = 1; i < V; i++)
+			logits[i] = ds[c];
+		for (int side = 0; side < 2; side++) {
+			struct lp_sampling_params p =
+			    params(1.0f, 0, 1.0f, (float)(e * (side ? 1.0 + 1e-5 : 1.0 - 1e-5)));
+			static long counts[V];
+			char why[LP_ERR_MSG_MAX + 64] = "";
+			long others;
+
+			CHECK_MSG(draw_many(&p, logits, V, 3000, counts, why, sizeof(why)), "%s",
+			          why);
+			others = 3000 - counts[0];
+			CHECK_MSG(side ? others == 0 : others > 100,
+			          "logit %g, min_p %.7g: other tokens drawn %ld times",
+			          (double)ds[c], (double)p.min_p, others);
+		}
+	}
 }
 
 /* ---- seeds -------------------------------------------------------------- */
@@ -1066,6 +1185,7 @@ int main(void)
 	RUN(test_init_rejects_bad_input);
 	RUN(test_greedy_picks_argmax);
 	RUN(test_top_k_one_is_greedy);
+	RUN(test_tiny_vocab_and_masked_tokens);
 	RUN(test_temperature_follows_softmax);
 	RUN(test_top_k_keeps_the_k_best);
 	RUN(test_top_p_keeps_the_nucleus);
@@ -1073,6 +1193,8 @@ int main(void)
 	RUN(test_top_k_then_top_p);
 	RUN(test_truncation_matches_full_sort);
 	RUN(test_top_p_frequencies_wide_nucleus);
+	RUN(test_exact_cut_among_near_ties);
+	RUN(test_min_p_threshold_is_sharp);
 	RUN(test_seed_reproducible_and_distinct);
 	RUN(test_repetition_penalty_exact);
 	RUN(test_repetition_penalty_changes_choice);
