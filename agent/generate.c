@@ -21,7 +21,7 @@
 #include "common/buf.h"
 #include "common/err.h"
 
-#define MAX_STOPS 16
+#define MAX_STOPS        16
 #define MAX_PROMPTS_FILE (64u << 20)
 
 struct options {
@@ -62,25 +62,26 @@ static double now_s(void)
 
 static void usage(FILE *f)
 {
-	fputs("usage: loraplane-generate --model PATH (--prompt TEXT | --prompts-file F) [options]\n"
-	      "  --model PATH            GGUF file or HF model directory\n"
-	      "  --prompt TEXT           one prompt; the completion streams to stdout\n"
-	      "  --prompts-file F        one prompt per line, run as one batch; prints one JSON\n"
-	      "                          object per prompt: {index, prompt, completion,\n"
-	      "                          prompt_tokens, completion_tokens, finish_reason}\n"
-	      "  --chat                  wrap each prompt in the model's chat template\n"
-	      "  --system TEXT           system message for --chat\n"
-	      "  --chat-template NAME    chatml, llama3, llama2 or mistral instead of detecting\n"
-	      "  --max-tokens N          new tokens at most (default 128)\n"
-	      "  --temperature T         0 = greedy (default 0)\n"
-	      "  --top-p P --top-k K --min-p P\n"
-	      "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
-	      "  --seed S                same seed, same output\n"
-	      "  --stop TEXT             stop string (repeatable, up to 16)\n"
-	      "  --ignore-eos            keep going past end-of-sequence tokens\n"
-	      "  --threads N             compute threads (default: all CPUs)\n"
-	      "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n",
-	      f);
+	fputs(
+	    "usage: loraplane-generate --model PATH (--prompt TEXT | --prompts-file F) [options]\n"
+	    "  --model PATH            GGUF file or HF model directory\n"
+	    "  --prompt TEXT           one prompt; the completion streams to stdout\n"
+	    "  --prompts-file F        one prompt per line, run as one batch; prints one JSON\n"
+	    "                          object per prompt: {index, prompt, completion,\n"
+	    "                          prompt_tokens, completion_tokens, finish_reason}\n"
+	    "  --chat                  wrap each prompt in the model's chat template\n"
+	    "  --system TEXT           system message for --chat\n"
+	    "  --chat-template NAME    chatml, llama3, llama2 or mistral instead of detecting\n"
+	    "  --max-tokens N          new tokens at most (default 128)\n"
+	    "  --temperature T         0 = greedy (default 0)\n"
+	    "  --top-p P --top-k K --min-p P\n"
+	    "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
+	    "  --seed S                same seed, same output\n"
+	    "  --stop TEXT             stop string (repeatable, up to 16)\n"
+	    "  --ignore-eos            keep going past end-of-sequence tokens\n"
+	    "  --threads N             compute threads (default: all CPUs)\n"
+	    "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n",
+	    f);
 }
 
 static int parse_long(const char *name, const char *s, long lo, long hi, long *out)
@@ -91,8 +92,9 @@ static int parse_long(const char *name, const char *s, long lo, long hi, long *o
 	errno = 0;
 	v = strtol(s, &end, 10);
 	if (errno || end == s || *end || v < lo || v > hi) {
-		fprintf(stderr, "loraplane-generate: '--%s' needs an integer in [%ld, %ld], got '%s'\n",
-			name, lo, hi, s);
+		fprintf(stderr,
+		        "loraplane-generate: '--%s' needs an integer in [%ld, %ld], got '%s'\n",
+		        name, lo, hi, s);
 		return -1;
 	}
 	*out = v;
@@ -115,39 +117,58 @@ static int parse_float(const char *name, const char *s, float *out)
 }
 
 enum {
-	OPT_MODEL = 256, OPT_PROMPT, OPT_PROMPTS_FILE, OPT_CHAT, OPT_SYSTEM, OPT_TEMPLATE,
-	OPT_MAX_TOKENS, OPT_TEMPERATURE, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P, OPT_PRESENCE,
-	OPT_FREQUENCY, OPT_REPETITION, OPT_SEED, OPT_STOP, OPT_IGNORE_EOS, OPT_THREADS,
-	OPT_MAX_SEQS, OPT_MAX_BATCHED, OPT_MAX_LEN, OPT_KV_BYTES, OPT_HELP,
+	OPT_MODEL = 256,
+	OPT_PROMPT,
+	OPT_PROMPTS_FILE,
+	OPT_CHAT,
+	OPT_SYSTEM,
+	OPT_TEMPLATE,
+	OPT_MAX_TOKENS,
+	OPT_TEMPERATURE,
+	OPT_TOP_P,
+	OPT_TOP_K,
+	OPT_MIN_P,
+	OPT_PRESENCE,
+	OPT_FREQUENCY,
+	OPT_REPETITION,
+	OPT_SEED,
+	OPT_STOP,
+	OPT_IGNORE_EOS,
+	OPT_THREADS,
+	OPT_MAX_SEQS,
+	OPT_MAX_BATCHED,
+	OPT_MAX_LEN,
+	OPT_KV_BYTES,
+	OPT_HELP,
 };
 
 static int parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option longopts[] = {
-		{ "model", required_argument, NULL, OPT_MODEL },
-		{ "prompt", required_argument, NULL, OPT_PROMPT },
-		{ "prompts-file", required_argument, NULL, OPT_PROMPTS_FILE },
-		{ "chat", no_argument, NULL, OPT_CHAT },
-		{ "system", required_argument, NULL, OPT_SYSTEM },
-		{ "chat-template", required_argument, NULL, OPT_TEMPLATE },
-		{ "max-tokens", required_argument, NULL, OPT_MAX_TOKENS },
-		{ "temperature", required_argument, NULL, OPT_TEMPERATURE },
-		{ "top-p", required_argument, NULL, OPT_TOP_P },
-		{ "top-k", required_argument, NULL, OPT_TOP_K },
-		{ "min-p", required_argument, NULL, OPT_MIN_P },
-		{ "presence-penalty", required_argument, NULL, OPT_PRESENCE },
-		{ "frequency-penalty", required_argument, NULL, OPT_FREQUENCY },
-		{ "repetition-penalty", required_argument, NULL, OPT_REPETITION },
-		{ "seed", required_argument, NULL, OPT_SEED },
-		{ "stop", required_argument, NULL, OPT_STOP },
-		{ "ignore-eos", no_argument, NULL, OPT_IGNORE_EOS },
-		{ "threads", required_argument, NULL, OPT_THREADS },
-		{ "max-num-seqs", required_argument, NULL, OPT_MAX_SEQS },
-		{ "max-batched-tokens", required_argument, NULL, OPT_MAX_BATCHED },
-		{ "max-model-len", required_argument, NULL, OPT_MAX_LEN },
-		{ "kv-cache-bytes", required_argument, NULL, OPT_KV_BYTES },
-		{ "help", no_argument, NULL, OPT_HELP },
-		{ NULL, 0, NULL, 0 },
+	    {"model", required_argument, NULL, OPT_MODEL},
+	    {"prompt", required_argument, NULL, OPT_PROMPT},
+	    {"prompts-file", required_argument, NULL, OPT_PROMPTS_FILE},
+	    {"chat", no_argument, NULL, OPT_CHAT},
+	    {"system", required_argument, NULL, OPT_SYSTEM},
+	    {"chat-template", required_argument, NULL, OPT_TEMPLATE},
+	    {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},
+	    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
+	    {"top-p", required_argument, NULL, OPT_TOP_P},
+	    {"top-k", required_argument, NULL, OPT_TOP_K},
+	    {"min-p", required_argument, NULL, OPT_MIN_P},
+	    {"presence-penalty", required_argument, NULL, OPT_PRESENCE},
+	    {"frequency-penalty", required_argument, NULL, OPT_FREQUENCY},
+	    {"repetition-penalty", required_argument, NULL, OPT_REPETITION},
+	    {"seed", required_argument, NULL, OPT_SEED},
+	    {"stop", required_argument, NULL, OPT_STOP},
+	    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
+	    {"threads", required_argument, NULL, OPT_THREADS},
+	    {"max-num-seqs", required_argument, NULL, OPT_MAX_SEQS},
+	    {"max-batched-tokens", required_argument, NULL, OPT_MAX_BATCHED},
+	    {"max-model-len", required_argument, NULL, OPT_MAX_LEN},
+	    {"kv-cache-bytes", required_argument, NULL, OPT_KV_BYTES},
+	    {"help", no_argument, NULL, OPT_HELP},
+	    {NULL, 0, NULL, 0},
 	};
 	long v;
 	int c;
@@ -159,13 +180,27 @@ static int parse_args(int argc, char **argv, struct options *o)
 	lp_engine_config_default(&o->ec);
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
-		case OPT_MODEL: o->model = optarg; break;
-		case OPT_PROMPT: o->prompt = optarg; break;
-		case OPT_PROMPTS_FILE: o->prompts_file = optarg; break;
-		case OPT_CHAT: o->chat = true; break;
-		case OPT_SYSTEM: o->system = optarg; break;
-		case OPT_TEMPLATE: o->chat_template = optarg; break;
-		case OPT_IGNORE_EOS: o->ignore_eos = true; break;
+		case OPT_MODEL:
+			o->model = optarg;
+			break;
+		case OPT_PROMPT:
+			o->prompt = optarg;
+			break;
+		case OPT_PROMPTS_FILE:
+			o->prompts_file = optarg;
+			break;
+		case OPT_CHAT:
+			o->chat = true;
+			break;
+		case OPT_SYSTEM:
+			o->system = optarg;
+			break;
+		case OPT_TEMPLATE:
+			o->chat_template = optarg;
+			break;
+		case OPT_IGNORE_EOS:
+			o->ignore_eos = true;
+			break;
 		case OPT_MAX_TOKENS:
 			if (parse_long("max-tokens", optarg, 1, 1 << 24, &v))
 				return -1;
@@ -205,8 +240,10 @@ static int parse_args(int argc, char **argv, struct options *o)
 			errno = 0;
 			unsigned long long s = strtoull(optarg, &end, 10);
 			if (errno || end == optarg || *end || optarg[0] == '-') {
-				fprintf(stderr, "loraplane-generate: '--seed' needs a non-negative integer, got '%s'\n",
-					optarg);
+				fprintf(stderr,
+				        "loraplane-generate: '--seed' needs a non-negative "
+				        "integer, got '%s'\n",
+				        optarg);
 				return -1;
 			}
 			o->sp.seed = s;
@@ -216,7 +253,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		case OPT_STOP:
 			if (o->n_stops == MAX_STOPS) {
 				fprintf(stderr, "loraplane-generate: at most %d '--stop' strings\n",
-					MAX_STOPS);
+				        MAX_STOPS);
 				return -1;
 			}
 			o->stops[o->n_stops++] = optarg;
@@ -263,7 +300,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		o->model = env && *env ? env : NULL;
 	}
 	if (!o->model || (!o->prompt == !o->prompts_file)) {
-		fprintf(stderr, "loraplane-generate: need '--model' and one of '--prompt' or '--prompts-file'\n");
+		fprintf(stderr, "loraplane-generate: need '--model' and one of '--prompt' or "
+		                "'--prompts-file'\n");
 		usage(stderr);
 		return -1;
 	}
@@ -273,7 +311,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 /* Splits the prompts file into lines (empty lines skipped); the strings
  * point into buf, whose newlines become NULs. */
 static int read_prompts(const char *path, struct lp_buf *buf, char ***out, size_t *n,
-			struct lp_err *err)
+                        struct lp_err *err)
 {
 	char **lines = NULL, *p, *nl;
 	size_t count = 0, cap = 0;
@@ -312,25 +350,26 @@ static int read_prompts(const char *path, struct lp_buf *buf, char ***out, size_
 }
 
 static int encode_prompt(const struct options *o, struct lp_model *m,
-			 const struct lp_chat_template *ct, const char *prompt,
-			 struct lp_tokens *ids, struct lp_err *err)
+                         const struct lp_chat_template *ct, const char *prompt,
+                         struct lp_tokens *ids, struct lp_err *err)
 {
 	struct lp_buf text;
 	int rc;
 
 	if (!o->chat)
 		return lp_tokenizer_encode(m->tok, prompt, strlen(prompt),
-					   LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, ids, err);
+		                           LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, ids,
+		                           err);
 	struct lp_chat_message msgs[2];
 	size_t n = 0;
 	if (o->system)
-		msgs[n++] = (struct lp_chat_message){ "system", o->system };
-	msgs[n++] = (struct lp_chat_message){ "user", prompt };
+		msgs[n++] = (struct lp_chat_message){"system", o->system};
+	msgs[n++] = (struct lp_chat_message){"user", prompt};
 	lp_buf_init(&text, 16u << 20);
 	rc = lp_chat_template_render(ct, msgs, n, true, &text, err);
 	if (!rc)
 		rc = lp_tokenizer_encode(m->tok, text.data, text.len, LP_ENCODE_PARSE_SPECIAL, ids,
-					 err);
+		                         err);
 	lp_buf_release(&text);
 	return rc;
 }
@@ -340,9 +379,12 @@ static const char *finish_name(const struct job *j)
 	if (j->stopped)
 		return "stop";
 	switch (j->seq->finish) {
-	case LP_FINISH_STOP: return "stop";
-	case LP_FINISH_LENGTH: return "length";
-	default: return "abort";
+	case LP_FINISH_STOP:
+		return "stop";
+	case LP_FINISH_LENGTH:
+		return "length";
+	default:
+		return "abort";
 	}
 }
 
@@ -360,7 +402,7 @@ static int job_emit(struct job *j, const char *s, size_t n, bool stream, struct 
 
 /* Handles one sampled token of job j. */
 static int job_token(struct lp_engine *e, struct lp_model *m, struct job *j, int32_t tok,
-		     bool finished, bool stream, struct lp_err *err)
+                     bool finished, bool stream, struct lp_err *err)
 {
 	char piece[512];
 	const char *emit;
@@ -397,9 +439,9 @@ static int job_token(struct lp_engine *e, struct lp_model *m, struct job *j, int
 static int print_json_result(size_t index, const struct job *j)
 {
 	json_t *o = json_pack("{s:I, s:s, s:s%, s:i, s:i, s:s}", "index", (json_int_t)index,
-			      "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
-			      j->text.len, "prompt_tokens", j->seq->n_prompt, "completion_tokens",
-			      j->n_generated, "finish_reason", finish_name(j));
+	                      "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
+	                      j->text.len, "prompt_tokens", j->seq->n_prompt, "completion_tokens",
+	                      j->n_generated, "finish_reason", finish_name(j));
 	char *s;
 
 	if (!o)
@@ -416,7 +458,7 @@ static int print_json_result(size_t index, const struct job *j)
 int main(int argc, char **argv)
 {
 	struct options o;
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 	struct lp_backend *be = NULL;
 	struct lp_model *m = NULL;
 	struct lp_engine *e = NULL;
@@ -424,10 +466,10 @@ int main(int argc, char **argv)
 	bool have_ct = false;
 	struct lp_buf prompts_buf;
 	char **prompts = NULL;
-	const char *single[1] = { NULL };
+	const char *single[1] = {NULL};
 	size_t n_prompts = 0;
 	struct job *jobs = NULL;
-	struct lp_tokens ids = { 0 };
+	struct lp_tokens ids = {0};
 	double t0, t_loaded, t_first = 0, t_end;
 	size_t total_prompt = 0, total_gen = 0;
 	int status = 1, rc;
@@ -466,8 +508,9 @@ int main(int argc, char **argv)
 		else if (tmpl)
 			rc = lp_chat_template_detect(&ct, tmpl, bos_s, eos_s, &err);
 		else
-			rc = lp_errf(&err, -EINVAL,
-				     "the model has no chat template: name one with '--chat-template'");
+			rc = lp_errf(
+			    &err, -EINVAL,
+			    "the model has no chat template: name one with '--chat-template'");
 		if (rc)
 			goto fail;
 		have_ct = true;
@@ -476,8 +519,8 @@ int main(int argc, char **argv)
 		goto fail;
 	t_loaded = now_s();
 	fprintf(stderr, "loaded '%s' in %.2f s: %d layers, dim %d, vocab %d, %.1f MiB of weights\n",
-		o.model, t_loaded - t0, m->cfg.n_layers, m->cfg.dim, m->cfg.vocab_size,
-		(double)m->weight_bytes / (1 << 20));
+	        o.model, t_loaded - t0, m->cfg.n_layers, m->cfg.dim, m->cfg.vocab_size,
+	        (double)m->weight_bytes / (1 << 20));
 
 	jobs = calloc(n_prompts, sizeof(*jobs));
 	if (!jobs) {
@@ -486,7 +529,7 @@ int main(int argc, char **argv)
 	}
 	for (size_t i = 0; i < n_prompts; i++) {
 		struct job *j = &jobs[i];
-		struct lp_seq_params sp = { 0 };
+		struct lp_seq_params sp = {0};
 
 		j->prompt = prompts ? prompts[i] : single[0];
 		lp_buf_init(&j->text, 64u << 20);
@@ -520,7 +563,8 @@ int main(int argc, char **argv)
 			struct job *j = outs[i].seq->user;
 			if (j->n_generated == 0 && ++n_started == n_prompts)
 				t_first = now_s();
-			if ((rc = job_token(e, m, j, outs[i].token, outs[i].finished, stream, &err)))
+			if ((rc =
+			         job_token(e, m, j, outs[i].token, outs[i].finished, stream, &err)))
 				goto fail;
 		}
 	}
@@ -537,11 +581,11 @@ int main(int argc, char **argv)
 	if (!t_first)
 		t_first = t_end;
 	fprintf(stderr, "prompt: %zu tokens in %.3f s, %.1f tokens/s\n", total_prompt,
-		t_first - t_loaded, (double)total_prompt / (t_first - t_loaded));
+	        t_first - t_loaded, (double)total_prompt / (t_first - t_loaded));
 	if (total_gen > n_prompts)
 		fprintf(stderr, "generation: %zu tokens in %.3f s, %.1f tokens/s (%zu sequences)\n",
-			total_gen - n_prompts, t_end - t_first,
-			(double)(total_gen - n_prompts) / (t_end - t_first), n_prompts);
+		        total_gen - n_prompts, t_end - t_first,
+		        (double)(total_gen - n_prompts) / (t_end - t_first), n_prompts);
 	status = 0;
 	goto out;
 fail:

@@ -36,8 +36,7 @@ static int buf_reserve(struct lp_buf *b, size_t extra, struct lp_err *err)
 	char *p;
 
 	if (extra > b->max - b->len)
-		return lp_errf(err, -E2BIG, "data exceeds the limit of %zu bytes",
-			       b->max);
+		return lp_errf(err, -E2BIG, "data exceeds the limit of %zu bytes", b->max);
 	need = b->len + extra + 1;
 	if (need <= b->cap)
 		return 0;
@@ -85,8 +84,7 @@ int lp_buf_appendf(struct lp_buf *b, struct lp_err *err, const char *fmt, ...)
 	return 0;
 }
 
-int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max,
-		     struct lp_err *err)
+int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max, struct lp_err *err)
 {
 	char chunk[65536];
 	size_t n;
@@ -97,8 +95,7 @@ int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max,
 	lp_buf_reset(b);
 	f = fopen(path, "rb");
 	if (!f)
-		return lp_errf(err, -errno, "cannot open '%s': %s", path,
-			       strerror(errno));
+		return lp_errf(err, -errno, "cannot open '%s': %s", path, strerror(errno));
 	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
 		rc = lp_buf_append(b, chunk, n, err);
 		if (rc) {

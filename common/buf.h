@@ -9,10 +9,10 @@
 #include "common/err.h"
 
 struct lp_buf {
-	char *data;	/* NULL until the first append */
-	size_t len;	/* bytes used, excluding the terminating NUL */
-	size_t cap;	/* bytes allocated */
-	size_t max;	/* len never exceeds this */
+	char *data; /* NULL until the first append */
+	size_t len; /* bytes used, excluding the terminating NUL */
+	size_t cap; /* bytes allocated */
+	size_t max; /* len never exceeds this */
 };
 
 /* Initialises an empty buffer that refuses to grow past max bytes. */
@@ -25,11 +25,10 @@ void lp_buf_reset(struct lp_buf *b);
  * -ENOMEM if allocation fails. The buffer is unchanged on failure. */
 int lp_buf_append(struct lp_buf *b, const void *p, size_t n, struct lp_err *err);
 int lp_buf_appendf(struct lp_buf *b, struct lp_err *err, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 /* Reads a whole file of at most max bytes into b (which is reset first). */
-int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max,
-		     struct lp_err *err);
+int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max, struct lp_err *err);
 
 /* Hands the contents to the caller (free() them) and empties b. */
 char *lp_buf_detach(struct lp_buf *b, size_t *len);

@@ -11,19 +11,18 @@
 #define LP_ERR_MSG_MAX 512
 
 struct lp_err {
-	int code;		    /* negative errno-style code, 0 when clear */
-	char msg[LP_ERR_MSG_MAX];   /* lowercase, no trailing period */
+	int code;                 /* negative errno-style code, 0 when clear */
+	char msg[LP_ERR_MSG_MAX]; /* lowercase, no trailing period */
 };
 
 /* Sets err (which may be NULL) to code and the formatted message; returns
  * code so that callers can write `return lp_errf(err, -EINVAL, ...)`. */
 int lp_errf(struct lp_err *err, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 
 /* Prefixes err's message with the formatted text and ": "; returns
  * err->code. Used to add context (a file name) as an error travels up. */
-int lp_err_prefix(struct lp_err *err, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
+int lp_err_prefix(struct lp_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 void lp_err_clear(struct lp_err *err);
 

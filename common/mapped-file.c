@@ -9,8 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path,
-			struct lp_err *err)
+int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path, struct lp_err *err)
 {
 	struct stat st;
 	void *p = NULL;
@@ -19,11 +18,9 @@ int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path,
 	memset(mf, 0, sizeof(*mf));
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return lp_errf(err, -errno, "cannot open '%s': %s", path,
-			       strerror(errno));
+		return lp_errf(err, -errno, "cannot open '%s': %s", path, strerror(errno));
 	if (fstat(fd, &st) < 0) {
-		rc = lp_errf(err, -errno, "cannot stat '%s': %s", path,
-			     strerror(errno));
+		rc = lp_errf(err, -errno, "cannot stat '%s': %s", path, strerror(errno));
 		goto out_close;
 	}
 	if (!S_ISREG(st.st_mode)) {
@@ -33,8 +30,7 @@ int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path,
 	if (st.st_size > 0) {
 		p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
 		if (p == MAP_FAILED) {
-			rc = lp_errf(err, -errno, "cannot map '%s': %s", path,
-				     strerror(errno));
+			rc = lp_errf(err, -errno, "cannot map '%s': %s", path, strerror(errno));
 			goto out_close;
 		}
 	}

@@ -7,15 +7,14 @@
 #include "common/err.h"
 
 struct lp_mapped_file {
-	const unsigned char *data;  /* NULL for an empty file */
+	const unsigned char *data; /* NULL for an empty file */
 	size_t size;
-	char *path;		    /* owned copy, for error messages */
+	char *path; /* owned copy, for error messages */
 };
 
 /* Maps path read-only. On failure mf is left released and err says why
  * (with the path). Release with lp_mapped_file_release(). */
-int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path,
-			struct lp_err *err);
+int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path, struct lp_err *err);
 
 /* Unmaps; pointers into data are invalid afterwards. Safe on a zeroed or
  * already released struct. */

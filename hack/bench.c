@@ -39,7 +39,7 @@ struct bw_task {
 __attribute__((target("avx2"))) static double sum_avx2(const unsigned char *p, size_t n)
 {
 	typedef long long v4 __attribute__((vector_size(32)));
-	v4 a = { 0 }, b = { 0 }, c = { 0 }, d = { 0 };
+	v4 a = {0}, b = {0}, c = {0}, d = {0};
 	const v4 *q = (const v4 *)p;
 
 	for (size_t i = 0; i + 4 <= n / 32; i += 4) {
@@ -89,7 +89,7 @@ static double measure_bandwidth(int n_threads)
 		size_t slice = BW_BYTES / (size_t)n_threads / 128 * 128;
 		pthread_barrier_init(&bar, NULL, (unsigned)n_threads + 1);
 		for (int i = 0; i < n_threads; i++) {
-			tasks[i] = (struct bw_task){ buf + (size_t)i * slice, slice, 0, &bar };
+			tasks[i] = (struct bw_task){buf + (size_t)i * slice, slice, 0, &bar};
 			pthread_create(&th[i], NULL, bw_worker, &tasks[i]);
 		}
 		double t0 = now_s();
@@ -136,9 +136,9 @@ static double measure_bandwidth_isolated(int n_threads)
 }
 
 static int add_greedy(struct lp_engine *e, const int32_t *ids, size_t n, int max_tokens,
-		      struct lp_seq **out, struct lp_err *err)
+                      struct lp_seq **out, struct lp_err *err)
 {
-	struct lp_seq_params p = { 0 };
+	struct lp_seq_params p = {0};
 
 	p.prompt = ids;
 	p.n_prompt = n;
@@ -163,7 +163,7 @@ static int run_all(struct lp_engine *e, struct lp_err *err)
 /* Time per token of decode with batch sequences running: the prompts are
  * prefilled first, then n_steps decode steps are timed. */
 static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
-			 struct lp_err *err)
+                         struct lp_err *err)
 {
 	struct lp_seq *seqs[64];
 	const struct lp_step_output *outs;
@@ -191,17 +191,17 @@ static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, 
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
-		{ "model", required_argument, NULL, 'm' },
-		{ "threads", required_argument, NULL, 't' },
-		{ NULL, 0, NULL, 0 },
+	    {"model", required_argument, NULL, 'm'},
+	    {"threads", required_argument, NULL, 't'},
+	    {NULL, 0, NULL, 0},
 	};
 	const char *path = "models/smollm2-135m-instruct-q4_1.gguf";
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 	struct lp_backend *be = NULL;
 	struct lp_model *m = NULL;
 	struct lp_engine *e = NULL;
 	struct lp_engine_config ec;
-	struct lp_tokens ids = { 0 };
+	struct lp_tokens ids = {0};
 	struct lp_seq *seq;
 	struct rusage ru;
 	int threads = 0, c, status = 1;
@@ -237,7 +237,7 @@ int main(int argc, char **argv)
 
 	/* a 512-token prompt made of real text */
 	const char *text = "Kubernetes is an open-source system for automating deployment, "
-			   "scaling, and management of containerized applications. ";
+	                   "scaling, and management of containerized applications. ";
 	while (ids.n < 600)
 		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
 			goto fail;

@@ -49,15 +49,15 @@ struct lp_attention_args {
 	int n_tokens;
 	int n_heads, n_kv_heads, head_dim;
 	int block_size;
-	int max_blocks_per_seq;	    /* columns of block_tables */
-	float scale;		    /* usually 1 / sqrt(head_dim) */
-	const struct lp_tensor *q;  /* f32 [n_tokens, n_heads * head_dim] */
+	int max_blocks_per_seq;          /* columns of block_tables */
+	float scale;                     /* usually 1 / sqrt(head_dim) */
+	const struct lp_tensor *q;       /* f32 [n_tokens, n_heads * head_dim] */
 	const struct lp_tensor *k_cache; /* [n_blocks * block_size, n_kv_heads * head_dim] */
 	const struct lp_tensor *v_cache; /* same shape as k_cache */
-	const int32_t *tok_seq;	    /* i32 [n_tokens] */
-	const int32_t *tok_pos;	    /* i32 [n_tokens] */
-	const int32_t *block_tables; /* i32 [n_seqs, max_blocks_per_seq] */
-	struct lp_tensor *out;	    /* f32 [n_tokens, n_heads * head_dim] */
+	const int32_t *tok_seq;          /* i32 [n_tokens] */
+	const int32_t *tok_pos;          /* i32 [n_tokens] */
+	const int32_t *block_tables;     /* i32 [n_seqs, max_blocks_per_seq] */
+	struct lp_tensor *out;           /* f32 [n_tokens, n_heads * head_dim] */
 };
 
 struct lp_backend_ops {
@@ -70,7 +70,7 @@ struct lp_backend_ops {
 	 * backend allocates and copies. */
 	int (*alloc)(void *ctx, size_t size, struct lp_buffer *out, struct lp_err *err);
 	int (*import)(void *ctx, const void *host, size_t size, struct lp_buffer *out,
-		      struct lp_err *err);
+	              struct lp_err *err);
 	void (*free)(void *ctx, struct lp_buffer *buf);
 	void (*upload)(void *ctx, void *dst, const void *src, size_t n);
 	void (*download)(void *ctx, void *dst, const void *src, size_t n);
@@ -79,32 +79,32 @@ struct lp_backend_ops {
 	/* out[i, :] = f32(table[ids[i], :]) for i < n; table of any dtype.
 	 * Serves the embedding lookup and gathering rows for the logits. */
 	void (*get_rows)(void *ctx, struct lp_tensor *out, const struct lp_tensor *table,
-			 const int32_t *ids, int n);
+	                 const int32_t *ids, int n);
 	/* out = x / sqrt(mean(x^2) + eps) * w, row by row; w f32 [1, cols].
 	 * out may equal x. */
 	void (*rmsnorm)(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
-			const struct lp_tensor *w, float eps);
+	                const struct lp_tensor *w, float eps);
 	/* out (+)= x . w^T: x f32 [n, k], w [m, k] of any dtype, out f32
 	 * [n, m]. With accumulate the product is added to out. */
 	void (*matmul)(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
-		       const struct lp_tensor *w, bool accumulate);
+	               const struct lp_tensor *w, bool accumulate);
 	/* x[i, :] += bias[0, :]; bias f32 [1, cols]. */
 	void (*add_bias)(void *ctx, struct lp_tensor *x, const struct lp_tensor *bias);
 	/* y += x, element-wise, same shapes. */
 	void (*add)(void *ctx, struct lp_tensor *y, const struct lp_tensor *x);
 	/* out = silu(gate) * up, element-wise; out may equal gate. */
 	void (*silu_mul)(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
-			 const struct lp_tensor *up);
+	                 const struct lp_tensor *up);
 	/* Rotary embedding in place, "rotate half" layout: within each head of
 	 * head_dim, element i (i < head_dim/2) pairs with i + head_dim/2 and
 	 * rotates by angle pos[t] * inv_freq[i]. x f32 [n, n_heads * head_dim];
 	 * inv_freq f32 [1, head_dim / 2]; pos i32 [n]. */
-	void (*rope)(void *ctx, struct lp_tensor *x, int n_heads, int head_dim,
-		     const int32_t *pos, const struct lp_tensor *inv_freq);
+	void (*rope)(void *ctx, struct lp_tensor *x, int n_heads, int head_dim, const int32_t *pos,
+	             const struct lp_tensor *inv_freq);
 	/* cache row slots[t] of k_cache/v_cache = row t of k/v, t < k->rows. */
 	void (*kv_store)(void *ctx, struct lp_tensor *k_cache, struct lp_tensor *v_cache,
-			 const struct lp_tensor *k, const struct lp_tensor *v,
-			 const int32_t *slots);
+	                 const struct lp_tensor *k, const struct lp_tensor *v,
+	                 const int32_t *slots);
 	void (*attention)(void *ctx, const struct lp_attention_args *args);
 };
 
@@ -120,14 +120,14 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 /* Frees the backend; every buffer must have been freed before. NULL-safe. */
 void lp_backend_destroy(struct lp_backend *be);
 
-static inline int lp_backend_alloc(struct lp_backend *be, size_t size,
-				   struct lp_buffer *out, struct lp_err *err)
+static inline int lp_backend_alloc(struct lp_backend *be, size_t size, struct lp_buffer *out,
+                                   struct lp_err *err)
 {
 	return be->ops->alloc(be->ctx, size, out, err);
 }
 
 static inline int lp_backend_import(struct lp_backend *be, const void *host, size_t size,
-				    struct lp_buffer *out, struct lp_err *err)
+                                    struct lp_buffer *out, struct lp_err *err)
 {
 	return be->ops->import(be->ctx, host, size, out, err);
 }
@@ -141,21 +141,18 @@ static inline void lp_backend_free(struct lp_backend *be, struct lp_buffer *buf)
 	buf->size = 0;
 }
 
-static inline void lp_backend_upload(struct lp_backend *be, void *dst, const void *src,
-				     size_t n)
+static inline void lp_backend_upload(struct lp_backend *be, void *dst, const void *src, size_t n)
 {
 	be->ops->upload(be->ctx, dst, src, n);
 }
 
-static inline void lp_backend_download(struct lp_backend *be, void *dst, const void *src,
-				       size_t n)
+static inline void lp_backend_download(struct lp_backend *be, void *dst, const void *src, size_t n)
 {
 	be->ops->download(be->ctx, dst, src, n);
 }
 
 /* A view of rows [row0, row0 + rows) of t. */
-static inline struct lp_tensor lp_tensor_rows(const struct lp_tensor *t, int64_t row0,
-					      int64_t rows)
+static inline struct lp_tensor lp_tensor_rows(const struct lp_tensor *t, int64_t row0, int64_t rows)
 {
 	struct lp_tensor v = *t;
 

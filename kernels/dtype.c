@@ -6,13 +6,13 @@ static const struct {
 	int block;
 	size_t bytes;
 } dtype_info[LP_DTYPE_COUNT] = {
-	[LP_DTYPE_F32] = { "f32", 1, 4 },
-	[LP_DTYPE_F16] = { "f16", 1, 2 },
-	[LP_DTYPE_BF16] = { "bf16", 1, 2 },
-	[LP_DTYPE_Q8_0] = { "q8_0", LP_QK, sizeof(struct lp_block_q8_0) },
-	[LP_DTYPE_Q4_0] = { "q4_0", LP_QK, sizeof(struct lp_block_q4_0) },
-	[LP_DTYPE_Q4_1] = { "q4_1", LP_QK, sizeof(struct lp_block_q4_1) },
-	[LP_DTYPE_I32] = { "i32", 1, 4 },
+    [LP_DTYPE_F32] = {"f32", 1, 4},
+    [LP_DTYPE_F16] = {"f16", 1, 2},
+    [LP_DTYPE_BF16] = {"bf16", 1, 2},
+    [LP_DTYPE_Q8_0] = {"q8_0", LP_QK, sizeof(struct lp_block_q8_0)},
+    [LP_DTYPE_Q4_0] = {"q4_0", LP_QK, sizeof(struct lp_block_q4_0)},
+    [LP_DTYPE_Q4_1] = {"q4_1", LP_QK, sizeof(struct lp_block_q4_1)},
+    [LP_DTYPE_I32] = {"i32", 1, 4},
 };
 
 int lp_dtype_block(enum lp_dtype t)

@@ -12,42 +12,41 @@
 #include "common/err.h"
 
 enum lp_chat_style {
-	LP_CHAT_CHATML,	 /* <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen) */
-	LP_CHAT_LLAMA3,	 /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
-	LP_CHAT_LLAMA2,	 /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
+	LP_CHAT_CHATML,  /* <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen) */
+	LP_CHAT_LLAMA3,  /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
+	LP_CHAT_LLAMA2,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
 	LP_CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s> (system folded into first user turn) */
 };
 
 struct lp_chat_template {
 	enum lp_chat_style style;
 	char *default_system; /* system prompt the template adds when none is
-				 given (SmolLM2's), or NULL; owned */
-	char *bos;	      /* BOS text the template writes, or NULL; owned */
-	char *eos;	      /* EOS text the template writes, or NULL; owned */
+	                         given (SmolLM2's), or NULL; owned */
+	char *bos;            /* BOS text the template writes, or NULL; owned */
+	char *eos;            /* EOS text the template writes, or NULL; owned */
 };
 
 struct lp_chat_message {
-	const char *role;    /* "system", "user" or "assistant" */
+	const char *role; /* "system", "user" or "assistant" */
 	const char *content;
 };
 
 /* Detects the family of a Jinja template string; -ENOTSUP with a clear
  * message when it matches none. bos/eos are the tokenizer's special token
  * texts (may be NULL). Release with lp_chat_template_release(). */
-int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja,
-			    const char *bos, const char *eos, struct lp_err *err);
+int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, const char *bos,
+                            const char *eos, struct lp_err *err);
 /* Picks a family by name: chatml, llama3, llama2, mistral. */
-int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name,
-			       const char *bos, const char *eos, struct lp_err *err);
+int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, const char *bos,
+                               const char *eos, struct lp_err *err);
 void lp_chat_template_release(struct lp_chat_template *ct);
 
 /* Renders messages (appending to out) as the template does with
  * add_generation_prompt. -EINVAL for an unknown role or an order the
  * family's template rejects (Llama 2/Mistral need user/assistant to
  * alternate). */
-int lp_chat_template_render(const struct lp_chat_template *ct,
-			    const struct lp_chat_message *msgs, size_t n,
-			    bool add_generation_prompt, struct lp_buf *out,
-			    struct lp_err *err);
+int lp_chat_template_render(const struct lp_chat_template *ct, const struct lp_chat_message *msgs,
+                            size_t n, bool add_generation_prompt, struct lp_buf *out,
+                            struct lp_err *err);
 
 #endif

@@ -38,11 +38,11 @@ struct lp_engine {
 	struct step_bufs d;
 	/* host staging [max_batched_tokens] or [max_num_seqs] */
 	int32_t *h_ids, *h_pos, *h_tok_seq, *h_slots, *h_out_rows, *h_block_tables;
-	struct lp_seq **step_seqs;	/* scheduled this step */
-	int *step_take;			/* tokens each computes this step */
-	struct lp_seq **sample_seqs;	/* sampled this step */
-	float *h_logits;		/* [max_num_seqs, vocab] raw */
-	float *h_scratch;		/* [vocab] for the sampler */
+	struct lp_seq **step_seqs;   /* scheduled this step */
+	int *step_take;              /* tokens each computes this step */
+	struct lp_seq **sample_seqs; /* sampled this step */
+	float *h_logits;             /* [max_num_seqs, vocab] raw */
+	float *h_scratch;            /* [vocab] for the sampler */
 	struct lp_step_output *outs;
 
 	struct lp_engine_stats stats;
@@ -99,17 +99,16 @@ static int alloc_dev(struct lp_engine *e, struct lp_buffer *b, size_t bytes, str
 
 static void free_step_bufs(struct lp_engine *e)
 {
-	struct lp_buffer *all[] = { &e->d.ids, &e->d.pos, &e->d.tok_seq, &e->d.slots,
-				    &e->d.out_rows, &e->d.block_tables, &e->d.x, &e->d.xn,
-				    &e->d.q, &e->d.k, &e->d.v, &e->d.att, &e->d.gate,
-				    &e->d.up, &e->d.h, &e->d.logits };
+	struct lp_buffer *all[] = {
+	    &e->d.ids,  &e->d.pos, &e->d.tok_seq, &e->d.slots, &e->d.out_rows, &e->d.block_tables,
+	    &e->d.x,    &e->d.xn,  &e->d.q,       &e->d.k,     &e->d.v,        &e->d.att,
+	    &e->d.gate, &e->d.up,  &e->d.h,       &e->d.logits};
 
 	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
 		lp_backend_free(e->be, all[i]);
 }
 
-static int check_config(struct lp_engine_config *c, const struct lp_model *m,
-			struct lp_err *err)
+static int check_config(struct lp_engine_config *c, const struct lp_model *m, struct lp_err *err)
 {
 	if (c->max_model_len <= 0)
 		c->max_model_len = m->cfg.max_pos;
@@ -117,18 +116,19 @@ static int check_config(struct lp_engine_config *c, const struct lp_model *m,
 		return lp_errf(err, -EINVAL, "max-model-len %d out of range", c->max_model_len);
 	if (c->max_num_seqs < 1 || c->max_num_seqs > 4096)
 		return lp_errf(err, -EINVAL, "max-num-seqs %d out of range (1..4096)",
-			       c->max_num_seqs);
+		               c->max_num_seqs);
 	if (c->max_batched_tokens < c->max_num_seqs || c->max_batched_tokens > (1 << 20))
-		return lp_errf(err, -EINVAL,
-			       "max-batched-tokens %d must be at least max-num-seqs (%d) and at most %d",
-			       c->max_batched_tokens, c->max_num_seqs, 1 << 20);
+		return lp_errf(
+		    err, -EINVAL,
+		    "max-batched-tokens %d must be at least max-num-seqs (%d) and at most %d",
+		    c->max_batched_tokens, c->max_num_seqs, 1 << 20);
 	if (c->block_size < 1 || c->block_size > 1024)
 		return lp_errf(err, -EINVAL, "block size %d out of range", c->block_size);
 	return 0;
 }
 
 int lp_engine_new(struct lp_engine **out, struct lp_model *model,
-		  const struct lp_engine_config *cfg, struct lp_err *err)
+                  const struct lp_engine_config *cfg, struct lp_err *err)
 {
 	const struct lp_model_config *mc = &model->cfg;
 	struct lp_engine *e;
@@ -154,15 +154,16 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	n_blocks = e->cfg.kv_cache_bytes / block_bytes;
 	if (n_blocks < (size_t)e->max_blocks_per_seq) {
 		rc = lp_errf(err, -EINVAL,
-			     "kv-cache-bytes %zu holds %zu tokens, fewer than max-model-len %d (needs %zu bytes)",
-			     e->cfg.kv_cache_bytes, n_blocks * (size_t)e->cfg.block_size,
-			     e->cfg.max_model_len, (size_t)e->max_blocks_per_seq * block_bytes);
+		             "kv-cache-bytes %zu holds %zu tokens, fewer than max-model-len %d "
+		             "(needs %zu bytes)",
+		             e->cfg.kv_cache_bytes, n_blocks * (size_t)e->cfg.block_size,
+		             e->cfg.max_model_len, (size_t)e->max_blocks_per_seq * block_bytes);
 		goto fail;
 	}
 	if (n_blocks > INT32_MAX / (size_t)e->cfg.block_size)
 		n_blocks = INT32_MAX / (size_t)e->cfg.block_size;
-	rc = lp_kv_cache_init(&e->kv, e->be, mc->n_layers, kvdim, e->cfg.block_size,
-			      (int)n_blocks, LP_DTYPE_F32, err);
+	rc = lp_kv_cache_init(&e->kv, e->be, mc->n_layers, kvdim, e->cfg.block_size, (int)n_blocks,
+	                      LP_DTYPE_F32, err);
 	if (rc)
 		goto fail;
 
@@ -253,7 +254,7 @@ void lp_engine_free(struct lp_engine *e)
 /* ---- sequences ---- */
 
 int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_seq **out,
-		  struct lp_err *err)
+                  struct lp_err *err)
 {
 	int vocab = e->model->cfg.vocab_size;
 	struct lp_seq *s;
@@ -264,12 +265,15 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 		return lp_errf(err, -EINVAL, "the prompt is empty");
 	if (p->n_prompt >= (size_t)e->cfg.max_model_len)
 		return lp_errf(err, -EINVAL,
-			       "the prompt has %zu tokens, which leaves no room under the maximum model length of %d",
-			       p->n_prompt, e->cfg.max_model_len);
+		               "the prompt has %zu tokens, which leaves no room under the maximum "
+		               "model length of %d",
+		               p->n_prompt, e->cfg.max_model_len);
 	for (size_t i = 0; i < p->n_prompt; i++)
 		if (p->prompt[i] < 0 || p->prompt[i] >= vocab)
-			return lp_errf(err, -EINVAL, "token id %d at position %zu is out of range (vocabulary %d)",
-				       p->prompt[i], i, vocab);
+			return lp_errf(
+			    err, -EINVAL,
+			    "token id %d at position %zu is out of range (vocabulary %d)",
+			    p->prompt[i], i, vocab);
 	rc = lp_sampling_params_check(&p->sampling, err);
 	if (rc)
 		return rc;
@@ -471,7 +475,7 @@ out:
 
 static struct lp_tensor view(struct lp_buffer *b, enum lp_dtype t, int64_t rows, int64_t cols)
 {
-	return (struct lp_tensor){ b->data, t, rows, cols };
+	return (struct lp_tensor){b->data, t, rows, cols};
 }
 
 /* Runs the model over the n_tok staged tokens and leaves the logits of the
@@ -495,18 +499,18 @@ static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
 	struct lp_tensor logits = view(&e->d.logits, LP_DTYPE_F32, n_out, c->vocab_size);
 	const int32_t *ids = e->d.ids.data, *pos = e->d.pos.data;
 	struct lp_attention_args aa = {
-		.n_tokens = n_tok,
-		.n_heads = c->n_heads,
-		.n_kv_heads = c->n_kv_heads,
-		.head_dim = c->head_dim,
-		.block_size = e->cfg.block_size,
-		.max_blocks_per_seq = e->max_blocks_per_seq,
-		.scale = 1.0f / sqrtf((float)c->head_dim),
-		.q = &q,
-		.tok_seq = e->d.tok_seq.data,
-		.tok_pos = pos,
-		.block_tables = e->d.block_tables.data,
-		.out = &att,
+	    .n_tokens = n_tok,
+	    .n_heads = c->n_heads,
+	    .n_kv_heads = c->n_kv_heads,
+	    .head_dim = c->head_dim,
+	    .block_size = e->cfg.block_size,
+	    .max_blocks_per_seq = e->max_blocks_per_seq,
+	    .scale = 1.0f / sqrtf((float)c->head_dim),
+	    .q = &q,
+	    .tok_seq = e->d.tok_seq.data,
+	    .tok_pos = pos,
+	    .block_tables = e->d.block_tables.data,
+	    .out = &att,
 	};
 	(void)n_seqs;
 
@@ -559,7 +563,7 @@ static bool seq_done(const struct lp_engine *e, struct lp_seq *s, int32_t tok)
 }
 
 int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
-		   struct lp_err *err)
+                   struct lp_err *err)
 {
 	int vocab = e->model->cfg.vocab_size, mb = e->max_blocks_per_seq, bs = e->cfg.block_size;
 	int n_seqs, n_tok = 0, n_out = 0;
@@ -598,7 +602,7 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 	lp_backend_upload(e->be, e->d.tok_seq.data, e->h_tok_seq, (size_t)n_tok * 4);
 	lp_backend_upload(e->be, e->d.slots.data, e->h_slots, (size_t)n_tok * 4);
 	lp_backend_upload(e->be, e->d.block_tables.data, e->h_block_tables,
-			  (size_t)n_seqs * mb * 4);
+	                  (size_t)n_seqs * mb * 4);
 	lp_backend_upload(e->be, e->d.out_rows.data, e->h_out_rows, (size_t)n_out * 4);
 
 	if (n_out == 0) {
@@ -610,7 +614,7 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 	}
 	forward(e, n_tok, n_seqs, n_out);
 	lp_backend_download(e->be, e->h_logits, e->d.logits.data,
-			    (size_t)n_out * vocab * sizeof(float));
+	                    (size_t)n_out * vocab * sizeof(float));
 	e->stats.steps++;
 
 	for (int i = 0; i < n_out; i++) {

@@ -22,11 +22,11 @@
 #include "common/err.h"
 
 struct lp_engine_config {
-	int max_num_seqs;	/* sequences running at once (default 32) */
-	int max_model_len;	/* prompt + output tokens (default: the model's context) */
-	int max_batched_tokens;	/* tokens per step (default 512) */
-	size_t kv_cache_bytes;	/* default 512 MiB */
-	int block_size;		/* default 16 */
+	int max_num_seqs;       /* sequences running at once (default 32) */
+	int max_model_len;      /* prompt + output tokens (default: the model's context) */
+	int max_batched_tokens; /* tokens per step (default 512) */
+	size_t kv_cache_bytes;  /* default 512 MiB */
+	int block_size;         /* default 16 */
 };
 
 void lp_engine_config_default(struct lp_engine_config *c);
@@ -39,7 +39,7 @@ enum lp_seq_state {
 
 enum lp_finish_reason {
 	LP_FINISH_NONE,
-	LP_FINISH_STOP,	  /* an end-of-sequence token */
+	LP_FINISH_STOP,   /* an end-of-sequence token */
 	LP_FINISH_LENGTH, /* max_tokens or the model length */
 	LP_FINISH_ABORT,  /* lp_engine_finish() by the caller */
 };
@@ -47,43 +47,43 @@ enum lp_finish_reason {
 struct lp_seq_params {
 	const int32_t *prompt; /* borrowed; copied */
 	size_t n_prompt;
-	int max_tokens;	       /* new tokens at most; <= 0: up to the model length */
+	int max_tokens; /* new tokens at most; <= 0: up to the model length */
 	bool ignore_eos;
 	struct lp_sampling_params sampling;
 };
 
 struct lp_seq {
-	uint64_t id;		/* increasing in order of lp_engine_add */
+	uint64_t id; /* increasing in order of lp_engine_add */
 	enum lp_seq_state state;
 	enum lp_finish_reason finish;
-	int32_t *tokens;	/* [max_model_len] prompt, then generated */
+	int32_t *tokens; /* [max_model_len] prompt, then generated */
 	int n_prompt;
 	int n_tokens;
-	int n_computed;		/* tokens whose K/V are in the cache */
+	int n_computed; /* tokens whose K/V are in the cache */
 	int max_tokens;
 	bool ignore_eos;
 	struct lp_sampler sampler;
-	int32_t *blocks;	/* [max_blocks_per_seq] block table */
+	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
-	int n_preempted;	/* times its cache was dropped for recompute */
-	void *user;		/* the caller's */
-	struct lp_seq *next;	/* in the engine's waiting or running list */
+	int n_preempted;     /* times its cache was dropped for recompute */
+	void *user;          /* the caller's */
+	struct lp_seq *next; /* in the engine's waiting or running list */
 };
 
 /* One sampled token of a step. */
 struct lp_step_output {
 	struct lp_seq *seq;
 	int32_t token;
-	const float *logits;	/* [vocab] raw logits it was sampled from; valid
-				   until the next step */
-	bool finished;		/* seq->finish says why */
+	const float *logits; /* [vocab] raw logits it was sampled from; valid
+	                        until the next step */
+	bool finished;       /* seq->finish says why */
 };
 
 struct lp_engine;
 
 /* Creates an engine over model (borrowed; must outlive it). */
 int lp_engine_new(struct lp_engine **out, struct lp_model *model,
-		  const struct lp_engine_config *cfg, struct lp_err *err);
+                  const struct lp_engine_config *cfg, struct lp_err *err);
 void lp_engine_free(struct lp_engine *e);
 const struct lp_engine_config *lp_engine_config(const struct lp_engine *e);
 
@@ -92,7 +92,7 @@ const struct lp_engine_config *lp_engine_config(const struct lp_engine *e);
  * or bad sampling parameters. The sequence belongs to the engine; release
  * it with lp_engine_release() once done with it. */
 int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_seq **out,
-		  struct lp_err *err);
+                  struct lp_err *err);
 /* Stops a sequence now (LP_FINISH_ABORT unless already finished) and frees
  * its cache blocks; its tokens stay readable until release. */
 void lp_engine_finish(struct lp_engine *e, struct lp_seq *s);
@@ -105,11 +105,11 @@ bool lp_engine_has_work(const struct lp_engine *e);
 /* Runs one step. *outs (owned by the engine, valid until the next step)
  * lists the sampled tokens, *n_outs of them. */
 int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
-		   struct lp_err *err);
+                   struct lp_err *err);
 
 struct lp_engine_stats {
 	uint64_t steps;
-	uint64_t prompt_tokens;	   /* tokens computed in prefill */
+	uint64_t prompt_tokens;    /* tokens computed in prefill */
 	uint64_t generated_tokens; /* tokens sampled */
 	uint64_t preemptions;
 	int kv_blocks_total;

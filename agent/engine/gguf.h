@@ -63,20 +63,20 @@ struct lp_gguf_kv {
 		int64_t i;
 		double f;
 	} v;
-	struct lp_gguf_str str;	    /* type STRING */
-	enum lp_gguf_type arr_type; /* type ARRAY: element type */
-	uint64_t arr_len;	    /* type ARRAY: element count */
-	const void *arr_data;	    /* type ARRAY of fixed-size elements: raw
-				       little-endian elements in the file */
+	struct lp_gguf_str str;       /* type STRING */
+	enum lp_gguf_type arr_type;   /* type ARRAY: element type */
+	uint64_t arr_len;             /* type ARRAY: element count */
+	const void *arr_data;         /* type ARRAY of fixed-size elements: raw
+	                                 little-endian elements in the file */
 	struct lp_gguf_str *arr_strs; /* type ARRAY of STRING: arr_len entries */
 };
 
 struct lp_gguf_tensor {
 	struct lp_gguf_str name;
 	uint32_t n_dims;
-	uint64_t dims[4];	/* dims[0] varies fastest */
-	uint32_t type;		/* enum lp_ggml_type */
-	const void *data;	/* inside the mapping */
+	uint64_t dims[4]; /* dims[0] varies fastest */
+	uint32_t type;    /* enum lp_ggml_type */
+	const void *data; /* inside the mapping */
 	uint64_t nbytes;
 };
 
@@ -99,17 +99,14 @@ const struct lp_gguf_kv *lp_gguf_find(const struct lp_gguf *g, const char *key);
  * -EINVAL when the value has a type that does not convert: any integer type
  * converts to the integer getters when in range, any int or float type to
  * get_f32. */
-int lp_gguf_get_u32(const struct lp_gguf *g, const char *key, uint32_t *out,
-		    struct lp_err *err);
-int lp_gguf_get_f32(const struct lp_gguf *g, const char *key, float *out,
-		    struct lp_err *err);
-int lp_gguf_get_bool(const struct lp_gguf *g, const char *key, bool *out,
-		     struct lp_err *err);
+int lp_gguf_get_u32(const struct lp_gguf *g, const char *key, uint32_t *out, struct lp_err *err);
+int lp_gguf_get_f32(const struct lp_gguf *g, const char *key, float *out, struct lp_err *err);
+int lp_gguf_get_bool(const struct lp_gguf *g, const char *key, bool *out, struct lp_err *err);
 int lp_gguf_get_str(const struct lp_gguf *g, const char *key, struct lp_gguf_str *out,
-		    struct lp_err *err);
+                    struct lp_err *err);
 /* Array of the given element type; *out points at the entry. */
 int lp_gguf_get_arr(const struct lp_gguf *g, const char *key, enum lp_gguf_type elem,
-		    const struct lp_gguf_kv **out, struct lp_err *err);
+                    const struct lp_gguf_kv **out, struct lp_err *err);
 
 size_t lp_gguf_tensor_count(const struct lp_gguf *g);
 const struct lp_gguf_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i);

@@ -11,7 +11,7 @@ size_t lp_kv_cache_block_bytes(int n_layers, int kv_dim, int block_size, enum lp
 }
 
 int lp_kv_cache_init(struct lp_kv_cache *kv, struct lp_backend *be, int n_layers, int kv_dim,
-		     int block_size, int n_blocks, enum lp_dtype type, struct lp_err *err)
+                     int block_size, int n_blocks, enum lp_dtype type, struct lp_err *err)
 {
 	size_t rows, layer_bytes;
 	int rc;
@@ -41,8 +41,8 @@ int lp_kv_cache_init(struct lp_kv_cache *kv, struct lp_backend *be, int n_layers
 		goto fail;
 	for (int l = 0; l < n_layers; l++) {
 		char *base = (char *)kv->buf.data + 2 * (size_t)l * layer_bytes;
-		kv->k[l] = (struct lp_tensor){ base, type, (int64_t)rows, kv_dim };
-		kv->v[l] = (struct lp_tensor){ base + layer_bytes, type, (int64_t)rows, kv_dim };
+		kv->k[l] = (struct lp_tensor){base, type, (int64_t)rows, kv_dim};
+		kv->v[l] = (struct lp_tensor){base + layer_bytes, type, (int64_t)rows, kv_dim};
 	}
 	/* hand out low ids first */
 	for (int i = 0; i < n_blocks; i++)

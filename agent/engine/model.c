@@ -19,11 +19,11 @@
 #include "agent/engine/tokenizer.h"
 #include "common/buf.h"
 
-#define CONFIG_MAX_BYTES (1u << 20)
+#define CONFIG_MAX_BYTES    (1u << 20)
 #define TOKENIZER_MAX_BYTES (64u << 20)
-#define MAX_LAYERS 1024
-#define MAX_DIM (1 << 16)
-#define MAX_VOCAB (1 << 22)
+#define MAX_LAYERS          1024
+#define MAX_DIM             (1 << 16)
+#define MAX_VOCAB           (1 << 22)
 
 /* Everything the model owns besides its tensors' descriptions. */
 struct lp_model_res {
@@ -75,8 +75,8 @@ static int res_push_host(struct lp_model_res *r, void *p, struct lp_err *err)
 }
 
 /* Hands bytes to the backend as tensor t of the given shape and type. */
-static int place_tensor(struct lp_model *m, const void *data, enum lp_dtype type,
-			int64_t rows, int64_t cols, struct lp_tensor *t, struct lp_err *err)
+static int place_tensor(struct lp_model *m, const void *data, enum lp_dtype type, int64_t rows,
+                        int64_t cols, struct lp_tensor *t, struct lp_err *err)
 {
 	struct lp_buffer b;
 	size_t bytes = (size_t)rows * lp_dtype_row_bytes(type, cols);
@@ -98,19 +98,19 @@ static int place_tensor(struct lp_model *m, const void *data, enum lp_dtype type
 	return 0;
 }
 
-static int check_shape(const struct raw_weight *w, int64_t rows, int64_t cols,
-		       struct lp_err *err)
+static int check_shape(const struct raw_weight *w, int64_t rows, int64_t cols, struct lp_err *err)
 {
 	if (w->rows != rows || w->cols != cols)
-		return lp_errf(err, -EINVAL, "tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]",
-			       w->name, (long long)w->rows, (long long)w->cols, (long long)rows,
-			       (long long)cols);
+		return lp_errf(err, -EINVAL,
+		               "tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]", w->name,
+		               (long long)w->rows, (long long)w->cols, (long long)rows,
+		               (long long)cols);
 	return 0;
 }
 
 /* A matrix weight, used as stored. */
-static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t rows,
-		       int64_t cols, struct lp_tensor *t, struct lp_err *err)
+static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t rows, int64_t cols,
+                       struct lp_tensor *t, struct lp_err *err)
 {
 	int rc = check_shape(w, rows, cols, err);
 
@@ -119,14 +119,15 @@ static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t r
 	if (w->type == LP_DTYPE_I32)
 		return lp_errf(err, -EINVAL, "tensor '%s' has integer type", w->name);
 	if (!lp_dtype_row_bytes(w->type, cols))
-		return lp_errf(err, -EINVAL, "tensor '%s': %lld columns is not a multiple of the %s block",
-			       w->name, (long long)cols, lp_dtype_name(w->type));
+		return lp_errf(err, -EINVAL,
+		               "tensor '%s': %lld columns is not a multiple of the %s block",
+		               w->name, (long long)cols, lp_dtype_name(w->type));
 	return place_tensor(m, w->data, w->type, rows, cols, t, err);
 }
 
 /* A vector (norm weight or bias), converted to f32. */
 static int load_vector(struct lp_model *m, const struct raw_weight *w, int64_t n,
-		       struct lp_tensor *t, struct lp_err *err)
+                       struct lp_tensor *t, struct lp_err *err)
 {
 	float *f;
 	int rc = check_shape(w, 1, n, err);
@@ -137,7 +138,7 @@ static int load_vector(struct lp_model *m, const struct raw_weight *w, int64_t n
 		return place_tensor(m, w->data, LP_DTYPE_F32, 1, n, t, err);
 	if (!lp_dtype_row_bytes(w->type, n) || w->type == LP_DTYPE_I32)
 		return lp_errf(err, -EINVAL, "tensor '%s' has unusable type %s", w->name,
-			       lp_dtype_name(w->type));
+		               lp_dtype_name(w->type));
 	f = malloc((size_t)n * sizeof(float));
 	if (!f)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -151,7 +152,7 @@ static int load_vector(struct lp_model *m, const struct raw_weight *w, int64_t n
 /* Q or K in llama.cpp's GGUF layout: row 2i + j of each head holds HF row
  * j * head_dim / 2 + i. Copies the matrix back into HF order. */
 static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n_heads,
-			   int64_t cols, struct lp_tensor *t, struct lp_err *err)
+                           int64_t cols, struct lp_tensor *t, struct lp_err *err)
 {
 	int hd = m->cfg.head_dim, half = hd / 2;
 	int64_t rows = (int64_t)n_heads * hd;
@@ -164,7 +165,7 @@ static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n
 	row_bytes = lp_dtype_row_bytes(w->type, cols);
 	if (!row_bytes || w->type == LP_DTYPE_I32)
 		return lp_errf(err, -EINVAL, "tensor '%s' has unusable type %s", w->name,
-			       lp_dtype_name(w->type));
+		               lp_dtype_name(w->type));
 	dst = malloc((size_t)rows * row_bytes);
 	if (!dst)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -174,7 +175,8 @@ static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n
 				size_t from = (size_t)h * hd + 2 * i + j;
 				size_t to = (size_t)h * hd + j * half + i;
 				memcpy(dst + to * row_bytes,
-				       (const unsigned char *)w->data + from * row_bytes, row_bytes);
+				       (const unsigned char *)w->data + from * row_bytes,
+				       row_bytes);
 			}
 	rc = res_push_host(m->res, dst, err);
 	if (rc)
@@ -188,11 +190,12 @@ static int check_config(const struct lp_model_config *c, struct lp_err *err)
 		return lp_errf(err, -EINVAL, "layer count %d out of range", c->n_layers);
 	if (c->dim < 1 || c->dim > MAX_DIM || c->ffn_dim < 1 || c->ffn_dim > 8 * MAX_DIM)
 		return lp_errf(err, -EINVAL, "hidden size %d or intermediate size %d out of range",
-			       c->dim, c->ffn_dim);
+		               c->dim, c->ffn_dim);
 	if (c->n_heads < 1 || c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads)
-		return lp_errf(err, -EINVAL,
-			       "head counts %d and %d: attention heads must be a multiple of key/value heads",
-			       c->n_heads, c->n_kv_heads);
+		return lp_errf(
+		    err, -EINVAL,
+		    "head counts %d and %d: attention heads must be a multiple of key/value heads",
+		    c->n_heads, c->n_kv_heads);
 	if (c->head_dim < 2 || c->head_dim % 2 || c->head_dim > 1024)
 		return lp_errf(err, -EINVAL, "head dimension %d out of range", c->head_dim);
 	if (c->vocab_size < 1 || c->vocab_size > MAX_VOCAB)
@@ -204,8 +207,8 @@ static int check_config(const struct lp_model_config *c, struct lp_err *err)
 	if (c->rope_scaling != LP_ROPE_NONE && !(c->rope_factor > 0))
 		return lp_errf(err, -EINVAL, "rope scaling factor must be positive");
 	if (c->rope_scaling == LP_ROPE_LLAMA3 &&
-	    (!(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
-	     c->rope_orig_max_pos < 1))
+	    (!(c->rope_low_freq_factor > 0) ||
+	     !(c->rope_high_freq_factor > c->rope_low_freq_factor) || c->rope_orig_max_pos < 1))
 		return lp_errf(err, -EINVAL, "invalid llama3 rope scaling parameters");
 	for (int i = 0; i < c->n_eos; i++)
 		if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab_size)
@@ -246,8 +249,8 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 				inv /= c->rope_factor;
 			} else if (wavelen >= high_wavelen) {
 				float smooth = ((float)c->rope_orig_max_pos / wavelen -
-						c->rope_low_freq_factor) /
-					       (c->rope_high_freq_factor - c->rope_low_freq_factor);
+				                c->rope_low_freq_factor) /
+				               (c->rope_high_freq_factor - c->rope_low_freq_factor);
 				inv = (1 - smooth) * inv / c->rope_factor + smooth * inv;
 			}
 		}
@@ -266,18 +269,31 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 static int gguf_dtype(uint32_t t, enum lp_dtype *out)
 {
 	switch (t) {
-	case LP_GGML_F32: *out = LP_DTYPE_F32; return 0;
-	case LP_GGML_F16: *out = LP_DTYPE_F16; return 0;
-	case LP_GGML_BF16: *out = LP_DTYPE_BF16; return 0;
-	case LP_GGML_Q8_0: *out = LP_DTYPE_Q8_0; return 0;
-	case LP_GGML_Q4_0: *out = LP_DTYPE_Q4_0; return 0;
-	case LP_GGML_Q4_1: *out = LP_DTYPE_Q4_1; return 0;
-	default: return -ENOTSUP;
+	case LP_GGML_F32:
+		*out = LP_DTYPE_F32;
+		return 0;
+	case LP_GGML_F16:
+		*out = LP_DTYPE_F16;
+		return 0;
+	case LP_GGML_BF16:
+		*out = LP_DTYPE_BF16;
+		return 0;
+	case LP_GGML_Q8_0:
+		*out = LP_DTYPE_Q8_0;
+		return 0;
+	case LP_GGML_Q4_0:
+		*out = LP_DTYPE_Q4_0;
+		return 0;
+	case LP_GGML_Q4_1:
+		*out = LP_DTYPE_Q4_1;
+		return 0;
+	default:
+		return -ENOTSUP;
 	}
 }
 
 static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struct raw_weight *w,
-		       struct lp_err *err)
+                       struct lp_err *err)
 {
 	const struct lp_gguf_tensor *t = lp_gguf_find_tensor(g, name);
 
@@ -288,12 +304,13 @@ static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struc
 		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
 	}
 	if (t->n_dims > 2)
-		return lp_errf(err, -EINVAL, "tensor '%s' has %u dimensions, expected at most 2", name,
-			       t->n_dims);
+		return lp_errf(err, -EINVAL, "tensor '%s' has %u dimensions, expected at most 2",
+		               name, t->n_dims);
 	if (gguf_dtype(t->type, &w->type))
 		return lp_errf(err, -ENOTSUP,
-			       "tensor '%s' has type %s, which loraplane does not load (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-			       name, lp_ggml_type_name(t->type));
+		               "tensor '%s' has type %s, which loraplane does not load (supported: "
+		               "F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+		               name, lp_ggml_type_name(t->type));
 	w->name = name;
 	w->data = t->data;
 	w->cols = (int64_t)t->dims[0];
@@ -302,7 +319,7 @@ static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struc
 }
 
 static int gguf_int(struct lp_gguf *g, const char *key, int *out, bool optional, int dflt,
-		    struct lp_err *err)
+                    struct lp_err *err)
 {
 	uint32_t v;
 	int rc = lp_gguf_get_u32(g, key, &v, err);
@@ -320,7 +337,7 @@ static int gguf_int(struct lp_gguf *g, const char *key, int *out, bool optional,
 }
 
 static int gguf_float(struct lp_gguf *g, const char *key, float *out, float dflt,
-		      struct lp_err *err)
+                      struct lp_err *err)
 {
 	int rc = lp_gguf_get_f32(g, key, out, err);
 
@@ -343,29 +360,30 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 		return rc;
 	if (arch.len != 5 || memcmp(arch.s, "llama", 5) != 0)
 		return lp_errf(err, -ENOTSUP, "architecture '%.*s' is not supported (only 'llama')",
-			       (int)(arch.len > 64 ? 64 : arch.len), arch.s);
+		               (int)(arch.len > 64 ? 64 : arch.len), arch.s);
 	if ((rc = gguf_int(g, "llama.block_count", &c->n_layers, false, 0, err)) ||
 	    (rc = gguf_int(g, "llama.embedding_length", &c->dim, false, 0, err)) ||
 	    (rc = gguf_int(g, "llama.feed_forward_length", &c->ffn_dim, false, 0, err)) ||
 	    (rc = gguf_int(g, "llama.attention.head_count", &c->n_heads, false, 0, err)) ||
 	    (rc = gguf_int(g, "llama.attention.head_count_kv", &c->n_kv_heads, true, c->n_heads,
-			   err)) ||
+	                   err)) ||
 	    (rc = gguf_int(g, "llama.context_length", &c->max_pos, true, 4096, err)) ||
 	    (rc = gguf_float(g, "llama.attention.layer_norm_rms_epsilon", &c->rms_eps, 1e-5f,
-			     err)) ||
+	                     err)) ||
 	    (rc = gguf_float(g, "llama.rope.freq_base", &c->rope_theta, 10000.0f, err)))
 		return rc;
 	if (c->n_heads < 1 || c->dim % c->n_heads)
 		return lp_errf(err, -EINVAL, "embedding length %d is not a multiple of %d heads",
-			       c->dim, c->n_heads);
+		               c->dim, c->n_heads);
 	if ((rc = gguf_int(g, "llama.attention.key_length", &key_len, true, c->dim / c->n_heads,
-			   err)) ||
+	                   err)) ||
 	    (rc = gguf_int(g, "llama.rope.dimension_count", &rot_dim, true, key_len, err)))
 		return rc;
 	c->head_dim = key_len;
 	if (rot_dim != key_len)
-		return lp_errf(err, -ENOTSUP, "partial rotary embeddings (%d of %d dimensions) are not supported",
-			       rot_dim, key_len);
+		return lp_errf(err, -ENOTSUP,
+		               "partial rotary embeddings (%d of %d dimensions) are not supported",
+		               rot_dim, key_len);
 	c->rope_scaling = LP_ROPE_NONE;
 	rc = lp_gguf_get_str(g, "llama.rope.scaling.type", &scaling, err);
 	if (rc == 0) {
@@ -376,17 +394,18 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 				return rc;
 		} else if (!(scaling.len == 4 && !memcmp(scaling.s, "none", 4))) {
 			return lp_errf(err, -ENOTSUP, "rope scaling type '%.*s' is not supported",
-				       (int)(scaling.len > 64 ? 64 : scaling.len), scaling.s);
+			               (int)(scaling.len > 64 ? 64 : scaling.len), scaling.s);
 		}
 	} else if (rc != -ENOENT) {
 		return rc;
 	}
 	emb = lp_gguf_find_tensor(g, "token_embd.weight");
 	if (!emb || emb->n_dims != 2)
-		return lp_errf(err, -EINVAL, "tensor 'token_embd.weight' is missing or not a matrix");
+		return lp_errf(err, -EINVAL,
+		               "tensor 'token_embd.weight' is missing or not a matrix");
 	if (emb->dims[1] > MAX_VOCAB)
 		return lp_errf(err, -EINVAL, "vocabulary size %llu out of range",
-			       (unsigned long long)emb->dims[1]);
+		               (unsigned long long)emb->dims[1]);
 	c->vocab_size = (int)emb->dims[1];
 	c->tied_embeddings = lp_gguf_find_tensor(g, "output.weight") == NULL;
 	c->attn_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
@@ -428,13 +447,13 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	if (c->tied_embeddings) {
 		m->output = m->tok_embd;
 	} else if ((rc = gguf_weight(g, "output.weight", false, &w, err)) ||
-		   (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
+	           (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
 		return rc;
 	}
 	for (int l = 0; l < c->n_layers; l++) {
 		struct lp_layer_weights *L = &m->layers[l];
-#define W(suffix, optional)                                                                   \
-	(snprintf(name, sizeof(name), "blk.%d.%s", l, suffix),                                   \
+#define W(suffix, optional)                                                                        \
+	(snprintf(name, sizeof(name), "blk.%d.%s", l, suffix),                                     \
 	 gguf_weight(g, name, optional, &w, err))
 		if ((rc = W("attn_norm.weight", false)) ||
 		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
@@ -457,7 +476,8 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 			return rc;
 		if (c->attn_bias) {
 			/* llama.cpp permutes the Q and K biases like their rows */
-			return lp_errf(err, -ENOTSUP, "attention biases in GGUF files are not supported");
+			return lp_errf(err, -ENOTSUP,
+			               "attention biases in GGUF files are not supported");
 		}
 #undef W
 	}
@@ -484,7 +504,7 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 /* ---- HF directory ---- */
 
 static int json_int(json_t *o, const char *key, int *out, bool optional, int dflt,
-		    struct lp_err *err)
+                    struct lp_err *err)
 {
 	json_t *v = json_object_get(o, key);
 
@@ -543,13 +563,14 @@ static int hf_rope_scaling(struct lp_model_config *c, json_t *rs, struct lp_err 
 		if ((rc = json_float(rs, "low_freq_factor", &c->rope_low_freq_factor, 0, err)) ||
 		    (rc = json_float(rs, "high_freq_factor", &c->rope_high_freq_factor, 0, err)) ||
 		    (rc = json_int(rs, "original_max_position_embeddings", &c->rope_orig_max_pos,
-				   false, 0, err)))
+		                   false, 0, err)))
 			return rc;
 		return 0;
 	}
 	return lp_errf(err, -ENOTSUP,
-		       "config.json: rope scaling type '%s' is not supported (supported: default, linear, llama3)",
-		       type);
+	               "config.json: rope scaling type '%s' is not supported (supported: default, "
+	               "linear, llama3)",
+	               type);
 }
 
 static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *err)
@@ -570,13 +591,14 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 	root = json_loadb(b.data, b.len, 0, &jerr);
 	if (!root || !json_is_object(root)) {
 		rc = lp_errf(err, -EINVAL, "'%s': invalid JSON: %s (line %d)", path,
-			     root ? "not an object" : jerr.text, jerr.line);
+		             root ? "not an object" : jerr.text, jerr.line);
 		goto out;
 	}
 	type = json_string_value(json_object_get(root, "model_type"));
 	if (!type || (strcmp(type, "llama") && strcmp(type, "mistral"))) {
-		rc = lp_errf(err, -ENOTSUP, "'%s': model_type '%s' is not supported (llama, mistral)",
-			     path, type ? type : "(missing)");
+		rc = lp_errf(err, -ENOTSUP,
+		             "'%s': model_type '%s' is not supported (llama, mistral)", path,
+		             type ? type : "(missing)");
 		goto out;
 	}
 	if ((rc = json_int(root, "num_hidden_layers", &c->n_layers, false, 0, err)) ||
@@ -603,7 +625,8 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 	v = json_object_get(root, "sliding_window");
 	if (v && json_is_integer(v) && json_integer_value(v) > 0 &&
 	    json_integer_value(v) < c->max_pos)
-		c->max_pos = (int)json_integer_value(v); /* no sliding-window attention: stay inside it */
+		c->max_pos =
+		    (int)json_integer_value(v); /* no sliding-window attention: stay inside it */
 	if ((rc = json_int(root, "bos_token_id", &c->bos_id, true, -1, err)))
 		goto out_prefix;
 	c->n_eos = 0;
@@ -616,8 +639,9 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 		json_array_foreach(v, i, e)
 		{
 			if (!json_is_integer(e) || c->n_eos == LP_MAX_EOS) {
-				rc = lp_errf(err, -EINVAL, "'eos_token_id' must hold at most %d integers",
-					     LP_MAX_EOS);
+				rc = lp_errf(err, -EINVAL,
+				             "'eos_token_id' must hold at most %d integers",
+				             LP_MAX_EOS);
 				goto out_prefix;
 			}
 			c->eos_ids[c->n_eos++] = (int32_t)json_integer_value(e);
@@ -634,7 +658,7 @@ out:
 }
 
 static int st_weight(struct lp_safetensors *st, const char *name, struct raw_weight *w,
-		     struct lp_err *err)
+                     struct lp_err *err)
 {
 	const struct lp_st_tensor *t = lp_safetensors_find(st, name);
 
@@ -642,16 +666,23 @@ static int st_weight(struct lp_safetensors *st, const char *name, struct raw_wei
 	if (!t)
 		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
 	switch (t->dtype) {
-	case LP_ST_F32: w->type = LP_DTYPE_F32; break;
-	case LP_ST_F16: w->type = LP_DTYPE_F16; break;
-	case LP_ST_BF16: w->type = LP_DTYPE_BF16; break;
+	case LP_ST_F32:
+		w->type = LP_DTYPE_F32;
+		break;
+	case LP_ST_F16:
+		w->type = LP_DTYPE_F16;
+		break;
+	case LP_ST_BF16:
+		w->type = LP_DTYPE_BF16;
+		break;
 	default:
-		return lp_errf(err, -ENOTSUP, "tensor '%s' in '%s' has dtype %s (supported: F32, F16, BF16)",
-			       name, t->file, lp_st_dtype_name(t->dtype));
+		return lp_errf(err, -ENOTSUP,
+		               "tensor '%s' in '%s' has dtype %s (supported: F32, F16, BF16)", name,
+		               t->file, lp_st_dtype_name(t->dtype));
 	}
 	if (t->n_dims < 1 || t->n_dims > 2)
 		return lp_errf(err, -EINVAL, "tensor '%s' has %d dimensions, expected 1 or 2", name,
-			       t->n_dims);
+		               t->n_dims);
 	w->name = t->name;
 	w->data = t->data;
 	w->rows = t->n_dims == 2 ? t->shape[0] : 1;
@@ -711,13 +742,14 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 	if (c->tied_embeddings && !lp_safetensors_find(st, "lm_head.weight")) {
 		m->output = m->tok_embd;
 	} else if ((rc = st_weight(st, "lm_head.weight", &w, err)) ||
-		   (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
+	           (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
 		return rc;
 	}
 	for (int l = 0; l < c->n_layers; l++) {
 		struct lp_layer_weights *L = &m->layers[l];
-#define W(suffix) (snprintf(name, sizeof(name), "model.layers.%d.%s", l, suffix), \
-		   st_weight(st, name, &w, err))
+#define W(suffix)                                                                                  \
+	(snprintf(name, sizeof(name), "model.layers.%d.%s", l, suffix),                            \
+	 st_weight(st, name, &w, err))
 		if ((rc = W("input_layernorm.weight")) ||
 		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
 		    (rc = W("self_attn.q_proj.weight")) ||
@@ -737,13 +769,12 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 		    (rc = W("mlp.down_proj.weight")) ||
 		    (rc = load_matrix(m, &w, c->dim, c->ffn_dim, &L->w_down, err)))
 			return rc;
-		if (c->attn_bias &&
-		    ((rc = W("self_attn.q_proj.bias")) ||
-		     (rc = load_vector(m, &w, q_dim, &L->bq, err)) ||
-		     (rc = W("self_attn.k_proj.bias")) ||
-		     (rc = load_vector(m, &w, kv_dim, &L->bk, err)) ||
-		     (rc = W("self_attn.v_proj.bias")) ||
-		     (rc = load_vector(m, &w, kv_dim, &L->bv, err))))
+		if (c->attn_bias && ((rc = W("self_attn.q_proj.bias")) ||
+		                     (rc = load_vector(m, &w, q_dim, &L->bq, err)) ||
+		                     (rc = W("self_attn.k_proj.bias")) ||
+		                     (rc = load_vector(m, &w, kv_dim, &L->bk, err)) ||
+		                     (rc = W("self_attn.v_proj.bias")) ||
+		                     (rc = load_vector(m, &w, kv_dim, &L->bv, err))))
 			return rc;
 #undef W
 	}
@@ -770,7 +801,7 @@ static char *path_stem(const char *path)
 }
 
 int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
-		  struct lp_err *err)
+                  struct lp_err *err)
 {
 	struct lp_model *m;
 	struct stat st;
@@ -797,7 +828,7 @@ int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be
 		goto fail_prefix;
 	if (lp_tokenizer_vocab_size(m->tok) > m->cfg.vocab_size) {
 		rc = lp_errf(err, -EINVAL, "the tokenizer has %d tokens but the model only %d",
-			     lp_tokenizer_vocab_size(m->tok), m->cfg.vocab_size);
+		             lp_tokenizer_vocab_size(m->tok), m->cfg.vocab_size);
 		goto fail_prefix;
 	}
 	if (m->cfg.n_eos == 0 && lp_tokenizer_eos(m->tok) >= 0)

@@ -28,60 +28,60 @@ enum lp_rope_scaling {
 
 struct lp_model_config {
 	int n_layers;
-	int dim;	  /* hidden size */
+	int dim; /* hidden size */
 	int n_heads;
 	int n_kv_heads;
 	int head_dim;
-	int ffn_dim;	  /* intermediate size */
+	int ffn_dim; /* intermediate size */
 	int vocab_size;
-	int max_pos;	  /* context length the model was trained for */
+	int max_pos; /* context length the model was trained for */
 	float rms_eps;
 	float rope_theta;
 	enum lp_rope_scaling rope_scaling;
 	float rope_factor;
 	float rope_low_freq_factor;  /* llama3 */
 	float rope_high_freq_factor; /* llama3 */
-	int rope_orig_max_pos;	     /* llama3 */
+	int rope_orig_max_pos;       /* llama3 */
 	bool tied_embeddings;
-	bool attn_bias;		     /* q/k/v projections carry a bias */
-	int32_t bos_id;		     /* -1 if none */
+	bool attn_bias;              /* q/k/v projections carry a bias */
+	int32_t bos_id;              /* -1 if none */
 	int32_t eos_ids[LP_MAX_EOS]; /* tokens that end generation */
 	int n_eos;
 };
 
 struct lp_layer_weights {
-	struct lp_tensor attn_norm; /* f32 [1, dim] */
-	struct lp_tensor wq;	    /* [n_heads * head_dim, dim] */
-	struct lp_tensor wk;	    /* [n_kv_heads * head_dim, dim] */
-	struct lp_tensor wv;	    /* [n_kv_heads * head_dim, dim] */
+	struct lp_tensor attn_norm;  /* f32 [1, dim] */
+	struct lp_tensor wq;         /* [n_heads * head_dim, dim] */
+	struct lp_tensor wk;         /* [n_kv_heads * head_dim, dim] */
+	struct lp_tensor wv;         /* [n_kv_heads * head_dim, dim] */
 	struct lp_tensor bq, bk, bv; /* f32 [1, out] when attn_bias, else data NULL */
-	struct lp_tensor wo;	    /* [dim, n_heads * head_dim] */
-	struct lp_tensor ffn_norm;  /* f32 [1, dim] */
-	struct lp_tensor w_gate;    /* [ffn_dim, dim] */
-	struct lp_tensor w_up;	    /* [ffn_dim, dim] */
-	struct lp_tensor w_down;    /* [dim, ffn_dim] */
+	struct lp_tensor wo;         /* [dim, n_heads * head_dim] */
+	struct lp_tensor ffn_norm;   /* f32 [1, dim] */
+	struct lp_tensor w_gate;     /* [ffn_dim, dim] */
+	struct lp_tensor w_up;       /* [ffn_dim, dim] */
+	struct lp_tensor w_down;     /* [dim, ffn_dim] */
 };
 
 struct lp_model {
 	struct lp_model_config cfg;
-	char *path;			/* as given to lp_model_load */
-	char *name;			/* file or directory stem */
-	struct lp_backend *be;		/* borrowed */
-	struct lp_tensor tok_embd;	/* [vocab, dim] */
-	struct lp_tensor out_norm;	/* f32 [1, dim] */
-	struct lp_tensor output;	/* [vocab, dim]; aliases tok_embd when tied */
-	struct lp_tensor inv_freq;	/* f32 [1, head_dim / 2], scaling applied */
+	char *path;                      /* as given to lp_model_load */
+	char *name;                      /* file or directory stem */
+	struct lp_backend *be;           /* borrowed */
+	struct lp_tensor tok_embd;       /* [vocab, dim] */
+	struct lp_tensor out_norm;       /* f32 [1, dim] */
+	struct lp_tensor output;         /* [vocab, dim]; aliases tok_embd when tied */
+	struct lp_tensor inv_freq;       /* f32 [1, head_dim / 2], scaling applied */
 	struct lp_layer_weights *layers; /* [n_layers] */
 	struct lp_tokenizer *tok;
-	size_t weight_bytes;		/* bytes of all weights, each counted once */
-	struct lp_model_res *res;	/* buffers, mappings, host copies */
+	size_t weight_bytes;      /* bytes of all weights, each counted once */
+	struct lp_model_res *res; /* buffers, mappings, host copies */
 };
 
 /* Loads the model at path (a .gguf file or an HF directory) onto be, which
  * must outlive the model. On failure *out is NULL and err names the file
  * and the reason. Free with lp_model_free(). */
 int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
-		  struct lp_err *err);
+                  struct lp_err *err);
 void lp_model_free(struct lp_model *m);
 
 bool lp_model_is_eos(const struct lp_model *m, int32_t id);

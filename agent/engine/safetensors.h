@@ -28,32 +28,29 @@ enum lp_st_dtype {
 #define LP_ST_MAX_DIMS 8
 
 struct lp_st_tensor {
-	const char *name;	 /* NUL-terminated, owned by the set */
+	const char *name; /* NUL-terminated, owned by the set */
 	enum lp_st_dtype dtype;
 	int n_dims;
 	int64_t shape[LP_ST_MAX_DIMS];
-	const void *data;	 /* inside the file's mapping */
+	const void *data; /* inside the file's mapping */
 	size_t nbytes;
-	const char *file;	 /* path of the file holding it */
+	const char *file; /* path of the file holding it */
 };
 
 struct lp_safetensors;
 
 /* Opens one .safetensors file. */
-int lp_safetensors_open_file(struct lp_safetensors **out, const char *path,
-			     struct lp_err *err);
+int lp_safetensors_open_file(struct lp_safetensors **out, const char *path, struct lp_err *err);
 /* Opens a model directory: dir/model.safetensors.index.json when present
  * (every shard it names, each opened once), else dir/model.safetensors, else
  * the single *.safetensors file in dir. */
-int lp_safetensors_open_dir(struct lp_safetensors **out, const char *dir,
-			    struct lp_err *err);
+int lp_safetensors_open_dir(struct lp_safetensors **out, const char *dir, struct lp_err *err);
 void lp_safetensors_free(struct lp_safetensors *st);
 
 size_t lp_safetensors_count(const struct lp_safetensors *st);
 const struct lp_st_tensor *lp_safetensors_at(const struct lp_safetensors *st, size_t i);
 /* The tensor named name, or NULL. */
-const struct lp_st_tensor *lp_safetensors_find(const struct lp_safetensors *st,
-					       const char *name);
+const struct lp_st_tensor *lp_safetensors_find(const struct lp_safetensors *st, const char *name);
 /* Element size of a dtype in bytes. */
 size_t lp_st_dtype_size(enum lp_st_dtype t);
 const char *lp_st_dtype_name(enum lp_st_dtype t);

@@ -12,11 +12,11 @@
 #include "common/err.h"
 
 struct lp_sampling_params {
-	float temperature;	  /* 0 = greedy */
-	float top_p;		  /* 1 = off */
-	int top_k;		  /* 0 or -1 = off */
-	float min_p;		  /* 0 = off */
-	float presence_penalty;	  /* OpenAI semantics, on generated tokens */
+	float temperature;        /* 0 = greedy */
+	float top_p;              /* 1 = off */
+	int top_k;                /* 0 or -1 = off */
+	float min_p;              /* 0 = off */
+	float presence_penalty;   /* OpenAI semantics, on generated tokens */
 	float frequency_penalty;  /* OpenAI semantics, on generated tokens */
 	float repetition_penalty; /* HF/vLLM semantics, prompt and generated; 1 = off */
 	bool has_seed;
@@ -34,17 +34,17 @@ int lp_sampling_params_check(const struct lp_sampling_params *p, struct lp_err *
 struct lp_sampler {
 	struct lp_sampling_params p;
 	int vocab;
-	uint64_t rng[4];	/* xoshiro256** state */
-	int32_t *counts;	/* [vocab] occurrences in the generated tokens */
-	uint8_t *in_prompt;	/* [vocab] 1 if the token occurs in the prompt */
-	int32_t *idx;		/* [vocab] scratch */
-	float *probs;		/* [vocab] scratch */
+	uint64_t rng[4];    /* xoshiro256** state */
+	int32_t *counts;    /* [vocab] occurrences in the generated tokens */
+	uint8_t *in_prompt; /* [vocab] 1 if the token occurs in the prompt */
+	int32_t *idx;       /* [vocab] scratch */
+	float *probs;       /* [vocab] scratch */
 };
 
 /* Allocates scratch for a vocabulary of vocab tokens and seeds the
  * generator (from p->seed, or from the clock when !p->has_seed). */
 int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, int vocab,
-		    struct lp_err *err);
+                    struct lp_err *err);
 void lp_sampler_release(struct lp_sampler *s);
 /* Records the prompt, for the repetition penalty. */
 void lp_sampler_set_prompt(struct lp_sampler *s, const int32_t *ids, size_t n);
@@ -58,22 +58,22 @@ int32_t lp_sampler_sample(struct lp_sampler *s, float *logits);
  * start of a stop string is held back) and whether a stop string matched
  * (the emitted text then ends just before it, as OpenAI's API does). */
 struct lp_stop_matcher {
-	char **stops;	/* owned copies */
+	char **stops; /* owned copies */
 	size_t n_stops;
 	size_t max_len;
-	char *held;	/* text not yet emitted, at most max_len bytes + one piece */
+	char *held; /* text not yet emitted, at most max_len bytes + one piece */
 	size_t held_len, held_cap;
 	bool matched;
 };
 
 int lp_stop_matcher_init(struct lp_stop_matcher *m, const char *const *stops, size_t n,
-			 struct lp_err *err);
+                         struct lp_err *err);
 void lp_stop_matcher_release(struct lp_stop_matcher *m);
 /* Adds piece; writes to *emit and *emit_len the text that may now be sent (a
  * pointer into the matcher's memory, valid until the next call). Returns
  * true when a stop string matched; no more text should be fed then. */
 bool lp_stop_matcher_feed(struct lp_stop_matcher *m, const char *piece, size_t len,
-			  const char **emit, size_t *emit_len);
+                          const char **emit, size_t *emit_len);
 /* At the end of generation: the held text that can still be sent. */
 void lp_stop_matcher_finish(struct lp_stop_matcher *m, const char **emit, size_t *emit_len);
 

@@ -31,11 +31,9 @@ int lp_tokens_push(struct lp_tokens *t, int32_t id, struct lp_err *err);
  * add_bos_token / add_eos_token / bos, eos token names and chat_template).
  * Free with lp_tokenizer_free(). */
 int lp_tokenizer_from_json(struct lp_tokenizer **out, const char *json, size_t len,
-			   const char *config_json, size_t config_len,
-			   struct lp_err *err);
+                           const char *config_json, size_t config_len, struct lp_err *err);
 /* Builds a tokenizer from GGUF metadata (tokenizer.ggml.*). */
-int lp_tokenizer_from_gguf(struct lp_tokenizer **out, const struct lp_gguf *g,
-			   struct lp_err *err);
+int lp_tokenizer_from_gguf(struct lp_tokenizer **out, const struct lp_gguf *g, struct lp_err *err);
 void lp_tokenizer_free(struct lp_tokenizer *tok);
 
 enum lp_encode_flags {
@@ -49,11 +47,11 @@ enum lp_encode_flags {
 /* Appends the ids of text[0..len) to out. Invalid UTF-8 is encoded as
  * U+FFFD the way HF does, never an error. */
 int lp_tokenizer_encode(const struct lp_tokenizer *tok, const char *text, size_t len,
-			unsigned flags, struct lp_tokens *out, struct lp_err *err);
+                        unsigned flags, struct lp_tokens *out, struct lp_err *err);
 
 int32_t lp_tokenizer_vocab_size(const struct lp_tokenizer *tok);
-int32_t lp_tokenizer_bos(const struct lp_tokenizer *tok);  /* -1 if none */
-int32_t lp_tokenizer_eos(const struct lp_tokenizer *tok);  /* -1 if none */
+int32_t lp_tokenizer_bos(const struct lp_tokenizer *tok); /* -1 if none */
+int32_t lp_tokenizer_eos(const struct lp_tokenizer *tok); /* -1 if none */
 bool lp_tokenizer_is_special(const struct lp_tokenizer *tok, int32_t id);
 /* Id of the token whose text is exactly s, or -1. */
 int32_t lp_tokenizer_find(const struct lp_tokenizer *tok, const char *s);
@@ -66,8 +64,8 @@ const char *lp_tokenizer_chat_template(const struct lp_tokenizer *tok);
 struct lp_detok {
 	unsigned char pending[8]; /* bytes of an incomplete UTF-8 sequence */
 	int n_pending;
-	bool started;		  /* a piece was already emitted */
-	bool skip_special;	  /* special tokens produce no text */
+	bool started;      /* a piece was already emitted */
+	bool skip_special; /* special tokens produce no text */
 };
 
 void lp_detok_init(struct lp_detok *d, bool skip_special);
@@ -75,10 +73,9 @@ void lp_detok_init(struct lp_detok *d, bool skip_special);
  * is always enough for one id) and returns its length, or a negative code
  * for an id out of range. Bytes that cannot form valid UTF-8 come out as
  * U+FFFD, as HF's decode does. */
-int lp_detok_piece(const struct lp_tokenizer *tok, struct lp_detok *d, int32_t id,
-		   char *out, size_t cap);
+int lp_detok_piece(const struct lp_tokenizer *tok, struct lp_detok *d, int32_t id, char *out,
+                   size_t cap);
 /* Flushes an incomplete sequence at the end (as U+FFFD). */
-int lp_detok_flush(const struct lp_tokenizer *tok, struct lp_detok *d, char *out,
-		   size_t cap);
+int lp_detok_flush(const struct lp_tokenizer *tok, struct lp_detok *d, char *out, size_t cap);
 
 #endif

@@ -62,7 +62,7 @@ static int read_prompt(json_t *p, struct golden_prompt *g, const char *dir, int 
 		}
 		g->logits = (float *)lp_buf_detach(&b, NULL);
 		g->range = (float)(json_number_value(json_object_get(p, "logit_max")) -
-				   json_number_value(json_object_get(p, "logit_min")));
+		                   json_number_value(json_object_get(p, "logit_min")));
 	}
 	return 0;
 }
@@ -108,19 +108,19 @@ static int golden_load(struct golden *g, const char *name, int vocab)
  * out[i][..] and, for each prompt, its first logits row into first[i]
  * (when first is non-NULL). Returns 0 or a negative code. */
 static int run_batch(struct lp_model *m, const struct lp_engine_config *ec,
-		     struct golden_prompt *const *prompts, int n, int32_t (*out)[N_GREEDY],
-		     float **first, int *preemptions, struct lp_err *err)
+                     struct golden_prompt *const *prompts, int n, int32_t (*out)[N_GREEDY],
+                     float **first, int *preemptions, struct lp_err *err)
 {
 	struct lp_engine *e;
 	struct lp_seq *seqs[16];
-	int counts[16] = { 0 };
+	int counts[16] = {0};
 	int rc;
 
 	rc = lp_engine_new(&e, m, ec, err);
 	if (rc)
 		return rc;
 	for (int i = 0; i < n; i++) {
-		struct lp_seq_params p = { 0 };
+		struct lp_seq_params p = {0};
 		p.prompt = prompts[i]->ids;
 		p.n_prompt = (size_t)prompts[i]->n_ids;
 		p.max_tokens = N_GREEDY;
@@ -141,7 +141,8 @@ static int run_batch(struct lp_model *m, const struct lp_engine_config *ec,
 		for (int k = 0; k < n_outs; k++) {
 			int i = (int)(intptr_t)outs[k].seq->user;
 			if (counts[i] == 0 && first && first[i])
-				memcpy(first[i], outs[k].logits, (size_t)m->cfg.vocab_size * sizeof(float));
+				memcpy(first[i], outs[k].logits,
+				       (size_t)m->cfg.vocab_size * sizeof(float));
 			if (counts[i] < N_GREEDY)
 				out[i][counts[i]++] = outs[k].token;
 		}
@@ -179,7 +180,7 @@ static void small_config(struct lp_engine_config *ec)
 static void test_alone_matches_reference(void)
 {
 	struct lp_engine_config ec;
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 	int vocab = model->cfg.vocab_size;
 	float *first = malloc((size_t)vocab * sizeof(float));
 
@@ -188,7 +189,7 @@ static void test_alone_matches_reference(void)
 	for (int i = 0; i < gold.n_prompts; i++) {
 		struct golden_prompt *g = &gold.prompts[i];
 		int32_t toks[1][N_GREEDY];
-		float *firsts[1] = { first };
+		float *firsts[1] = {first};
 		double worst = 0;
 		int worst_at = 0;
 
@@ -203,18 +204,21 @@ static void test_alone_matches_reference(void)
 				worst_at = t;
 			}
 		}
-		printf("  %s prompt %d: %d prompt tokens, max |logit - reference| = %.2e (%.2e of the range, token %d)\n",
+		printf("  %s prompt %d: %d prompt tokens, max |logit - reference| = %.2e (%.2e of "
+		       "the range, token %d)\n",
 		       model_label, i, g->n_ids, worst, worst / g->range, worst_at);
 		if (g->logits && worst > 1e-3 * g->range) {
 			free(first);
-			CHECK_MSG(0, "%s prompt %d: logit %d differs by %g, more than 1e-3 of the range %g",
-				  model_label, i, worst_at, worst, g->range);
+			CHECK_MSG(
+			    0,
+			    "%s prompt %d: logit %d differs by %g, more than 1e-3 of the range %g",
+			    model_label, i, worst_at, worst, g->range);
 		}
 		for (int t = 0; t < N_GREEDY; t++)
 			if (toks[0][t] != g->greedy[t]) {
 				free(first);
 				CHECK_MSG(0, "%s prompt %d: greedy token %d is %d, reference %d",
-					  model_label, i, t, toks[0][t], g->greedy[t]);
+				          model_label, i, t, toks[0][t], g->greedy[t]);
 			}
 	}
 	free(first);
@@ -224,7 +228,7 @@ static void check_batch(const struct lp_engine_config *ec, bool want_preemption)
 {
 	struct golden_prompt *ps[16];
 	int32_t toks[16][N_GREEDY];
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 	int preemptions = 0;
 
 	CHECK(gold.n_batch >= 8);
@@ -234,8 +238,8 @@ static void check_batch(const struct lp_engine_config *ec, bool want_preemption)
 	for (int i = 0; i < gold.n_batch; i++)
 		for (int t = 0; t < N_GREEDY; t++)
 			CHECK_MSG(toks[i][t] == gold.batch[i].greedy[t],
-				  "%s batch prompt %d token %d: %d, alone %d", model_label, i, t,
-				  toks[i][t], gold.batch[i].greedy[t]);
+			          "%s batch prompt %d token %d: %d, alone %d", model_label, i, t,
+			          toks[i][t], gold.batch[i].greedy[t]);
 	if (want_preemption)
 		CHECK_MSG(preemptions > 0, "the small cache caused no preemption");
 }
@@ -265,8 +269,8 @@ static void test_batch_preemption(void)
 {
 	struct lp_engine_config ec;
 	const struct lp_model_config *c = &model->cfg;
-	size_t block = lp_kv_cache_block_bytes(c->n_layers, c->n_kv_heads * c->head_dim, 16,
-					       LP_DTYPE_F32);
+	size_t block =
+	    lp_kv_cache_block_bytes(c->n_layers, c->n_kv_heads * c->head_dim, 16, LP_DTYPE_F32);
 
 	small_config(&ec);
 	ec.max_model_len = 128;
@@ -277,27 +281,28 @@ static void test_batch_preemption(void)
 /* The tokenizer gives the reference prompt ids from the prompt text. */
 static void test_prompt_ids_from_text(void)
 {
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 
 	for (int i = 0; i < gold.n_prompts; i++) {
-		struct lp_tokens ids = { 0 };
+		struct lp_tokens ids = {0};
 		const struct golden_prompt *g = &gold.prompts[i];
 		if (!g->text)
 			continue;
 		CHECK_OK(lp_tokenizer_encode(model->tok, g->text, strlen(g->text),
-					     LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, &ids,
-					     &err),
-			 &err);
-		bool same = ids.n == (size_t)g->n_ids &&
-			    !memcmp(ids.ids, g->ids, ids.n * sizeof(int32_t));
+		                             LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, &ids,
+		                             &err),
+		         &err);
+		bool same =
+		    ids.n == (size_t)g->n_ids && !memcmp(ids.ids, g->ids, ids.n * sizeof(int32_t));
 		lp_tokens_release(&ids);
-		CHECK_MSG(same, "%s prompt %d: token ids differ from the reference", model_label, i);
+		CHECK_MSG(same, "%s prompt %d: token ids differ from the reference", model_label,
+		          i);
 	}
 }
 
 static int run_model(const char *label, const char *path, const char *golden_name)
 {
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 
 	model_label = label;
 	if (lp_model_load(&model, path, be, &err)) {
@@ -323,7 +328,7 @@ static int run_model(const char *label, const char *path, const char *golden_nam
 
 int main(void)
 {
-	struct lp_err err = { 0 };
+	struct lp_err err = {0};
 	const char *smol = getenv("MODEL");
 	char tiny[512];
 	int bad = 0;
@@ -335,8 +340,8 @@ int main(void)
 	}
 	snprintf(tiny, sizeof(tiny), "%s/tiny-llama", test_fixtures_dir());
 	bad += run_model("tiny-llama", tiny, "tiny-llama");
-	bad += run_model("smollm2", smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf",
-			 "smollm2");
+	bad +=
+	    run_model("smollm2", smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf", "smollm2");
 	lp_backend_destroy(be);
 	return bad || test_failed_count ? 1 : 0;
 }
