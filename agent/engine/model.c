@@ -353,7 +353,7 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 	struct lp_model_config *c = &m->cfg;
 	struct lp_gguf_str arch, scaling;
 	const struct lp_gguf_tensor *emb;
-	int rot_dim, key_len, eos, bos, rc;
+	int rot_dim, key_len, val_len, vocab, eos, bos, rc;
 
 	rc = lp_gguf_get_str(g, "general.architecture", &arch, err);
 	if (rc)
@@ -380,6 +380,11 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 	    (rc = gguf_int(g, "llama.rope.dimension_count", &rot_dim, true, key_len, err)))
 		return rc;
 	c->head_dim = key_len;
+	if ((rc = gguf_int(g, "llama.attention.value_length", &val_len, true, key_len, err)))
+		return rc;
+	if (val_len != key_len)
+		return lp_errf(err, -ENOTSUP, "value length %d differs from key length %d", val_len,
+		               key_len);
 	if (rot_dim != key_len)
 		return lp_errf(err, -ENOTSUP,
 		               "partial rotary embeddings (%d of %d dimensions) are not supported",
@@ -407,6 +412,13 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 		return lp_errf(err, -EINVAL, "vocabulary size %llu out of range",
 		               (unsigned long long)emb->dims[1]);
 	c->vocab_size = (int)emb->dims[1];
+	if ((rc = gguf_int(g, "llama.vocab_size", &vocab, true, c->vocab_size, err)))
+		return rc;
+	if (vocab != c->vocab_size)
+		return lp_errf(
+		    err, -EINVAL,
+		    "llama.vocab_size %d differs from the %d rows of 'token_embd.weight'", vocab,
+		    c->vocab_size);
 	c->tied_embeddings = lp_gguf_find_tensor(g, "output.weight") == NULL;
 	c->attn_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
 	if ((rc = gguf_int(g, "tokenizer.ggml.bos_token_id", &bos, true, -1, err)) ||
