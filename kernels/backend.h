@@ -60,6 +60,17 @@ struct lp_attention_args {
 	struct lp_tensor *out;           /* f32 [n_tokens, n_heads * head_dim] */
 };
 
+/* One adapter segment of a LoRA application: rows [row0, row0 + rows) of
+ * the batch use the pair (a, b); a is f32 [rank, in], b is f32 [out, rank]
+ * with the adapter's scale already folded in. Segments do not overlap;
+ * rows in no segment get nothing. Ranks may differ between segments. */
+struct lp_lora_seg {
+	int32_t row0;
+	int32_t rows;
+	const struct lp_tensor *a;
+	const struct lp_tensor *b;
+};
+
 struct lp_backend_ops {
 	const char *name;
 	void (*destroy)(void *ctx);
@@ -106,6 +117,15 @@ struct lp_backend_ops {
 	                 const struct lp_tensor *k, const struct lp_tensor *v,
 	                 const int32_t *slots);
 	void (*attention)(void *ctx, const struct lp_attention_args *args);
+	/* SGMV shrink: for every segment, tmp[rows, 0:rank] = x[rows] . a^T;
+	 * x f32 [n, in], tmp f32 [n, max_rank]. segs is host metadata whose
+	 * tensors live in device memory. */
+	void (*lora_shrink)(void *ctx, struct lp_tensor *tmp, const struct lp_tensor *x,
+	                    const struct lp_lora_seg *segs, int n_segs);
+	/* SGMV expand: for every segment, out[rows] += tmp[rows, 0:rank] . b^T;
+	 * out f32 [n, out]. */
+	void (*lora_expand)(void *ctx, struct lp_tensor *out, const struct lp_tensor *tmp,
+	                    const struct lp_lora_seg *segs, int n_segs);
 };
 
 struct lp_backend {

@@ -251,38 +251,49 @@ static void test_paths_selected(void)
 	CHECK(lp_backend_cpu_uses_avx2(g_be[2]));
 }
 
+#define POOL_CHUNKS 37
+
 struct pool_count {
-	long counts[8];
+	long chunk_runs[POOL_CHUNKS];
+	int bad_args;
+	int busy[8]; /* a thread index in use by two calls at once is a bug */
 };
 
-static void pool_count_fn(void *arg, int ith, int nth)
+static void pool_count_fn(void *arg, int chunk, int n_chunks, int thread)
 {
 	struct pool_count *c = arg;
-	c->counts[ith] += nth;
+
+	if (chunk < 0 || chunk >= n_chunks || n_chunks != POOL_CHUNKS || thread < 0 ||
+	    thread >= 4 || __atomic_fetch_add(&c->busy[thread], 1, __ATOMIC_SEQ_CST) != 0) {
+		__atomic_fetch_add(&c->bad_args, 1, __ATOMIC_SEQ_CST);
+		return;
+	}
+	__atomic_fetch_add(&c->chunk_runs[chunk], 1, __ATOMIC_SEQ_CST);
+	__atomic_fetch_sub(&c->busy[thread], 1, __ATOMIC_SEQ_CST);
 }
 
-/* Thousands of back-to-back runs, and runs after the workers fell asleep. */
+/* Every chunk runs exactly once per run, over thousands of back-to-back
+ * runs and runs after the workers fell asleep. */
 static void test_threadpool_runs(void)
 {
 	struct lp_err err = {0};
 	struct lp_threadpool *pool = NULL;
-	struct pool_count c = {{0}};
+	static struct pool_count c;
 
 	CHECK_EQ_INT(lp_threadpool_new(&pool, 0, &err), -EINVAL);
 	CHECK_OK(lp_threadpool_new(&pool, 4, &err), &err);
 	CHECK_EQ_INT(lp_threadpool_size(pool), 4);
-	for (int i = 0; i < 20000; i++)
-		lp_threadpool_run(pool, pool_count_fn, &c);
-	for (int t = 0; t < 4; t++)
-		CHECK_EQ_INT(c.counts[t], 20000L * 4);
+	for (int i = 0; i < 5000; i++)
+		lp_threadpool_run(pool, pool_count_fn, &c, POOL_CHUNKS);
 	for (int i = 0; i < 3; i++) {
 		struct timespec ts = {0, 20 * 1000 * 1000};
 		nanosleep(&ts, NULL);
-		lp_threadpool_run(pool, pool_count_fn, &c);
+		lp_threadpool_run(pool, pool_count_fn, &c, POOL_CHUNKS);
 	}
-	for (int t = 0; t < 4; t++)
-		CHECK_EQ_INT(c.counts[t], 20003L * 4);
 	lp_threadpool_free(pool);
+	CHECK_EQ_INT(c.bad_args, 0);
+	for (int k = 0; k < POOL_CHUNKS; k++)
+		CHECK_EQ_INT(c.chunk_runs[k], 5003);
 }
 
 struct mm_shape {
@@ -870,6 +881,88 @@ static void test_attention(void)
 	}
 }
 
+/* SGMV: two segments of different rank with rows between and after them
+ * in no segment; a small case and one large enough to run on the pool. */
+static int check_lora(struct lp_backend *be, const char *bname, int n, int in, int out, int rank0,
+                      int rank1)
+{
+	int row0[2] = {0, 3}, rows[2] = {2, n - 4}, rank[2] = {rank0, rank1};
+	int max_rank = rank0 > rank1 ? rank0 : rank1;
+	float *x = rand_floats((size_t)n * in, -1, 1), *out0 = rand_floats((size_t)n * out, -1, 1);
+	float *a[2], *bm[2], *got = NULL;
+	struct lp_buffer bx = {0}, bt = {0}, bo = {0}, ba[2] = {{0}}, bb[2] = {{0}};
+	struct lp_tensor tx, tt, to, ta[2], tb[2];
+	struct lp_lora_seg segs[2];
+	double worst = 0;
+	int ok = 0;
+
+	for (int g = 0; g < 2; g++) {
+		a[g] = rand_floats((size_t)rank[g] * in, -0.5f, 0.5f);
+		bm[g] = rand_floats((size_t)out * rank[g], -0.5f, 0.5f);
+	}
+	if (dev_tensor(be, &bx, &tx, LP_DTYPE_F32, n, in, x) ||
+	    dev_tensor(be, &bt, &tt, LP_DTYPE_F32, n, max_rank, NULL) ||
+	    dev_tensor(be, &bo, &to, LP_DTYPE_F32, n, out, out0) ||
+	    dev_tensor(be, &ba[0], &ta[0], LP_DTYPE_F32, rank[0], in, a[0]) ||
+	    dev_tensor(be, &ba[1], &ta[1], LP_DTYPE_F32, rank[1], in, a[1]) ||
+	    dev_tensor(be, &bb[0], &tb[0], LP_DTYPE_F32, out, rank[0], bm[0]) ||
+	    dev_tensor(be, &bb[1], &tb[1], LP_DTYPE_F32, out, rank[1], bm[1])) {
+		TEST_FAIL("allocation failed");
+		goto out;
+	}
+	for (int g = 0; g < 2; g++)
+		segs[g] = (struct lp_lora_seg){row0[g], rows[g], &ta[g], &tb[g]};
+	be->ops->lora_shrink(be->ctx, &tt, &tx, segs, 2);
+	be->ops->lora_expand(be->ctx, &to, &tt, segs, 2);
+	got = download(be, &to);
+	for (int r = 0; r < n; r++) {
+		int g = r >= row0[0] && r < row0[0] + rows[0]   ? 0
+		        : r >= row0[1] && r < row0[1] + rows[1] ? 1
+		                                                : -1;
+		for (int o = 0; o < out; o++) {
+			double want = out0[r * out + o], mag = fabs(want);
+			if (g >= 0) {
+				for (int j = 0; j < rank[g]; j++) {
+					double t = 0;
+					for (int i = 0; i < in; i++)
+						t += (double)x[r * in + i] * a[g][j * in + i];
+					want += t * bm[g][o * rank[g] + j];
+					mag += fabs(t * bm[g][o * rank[g] + j]);
+				}
+			}
+			double e = fabs(got[r * out + o] - want) / (mag + 1e-6);
+			worst = e > worst ? e : worst;
+		}
+	}
+	if (worst > 1e-5)
+		TEST_FAIL("%s lora n=%d in=%d out=%d ranks %d/%d: error %g", bname, n, in, out,
+		          rank0, rank1, worst);
+	else
+		ok = 1;
+out:
+	lp_backend_free(be, &bx);
+	lp_backend_free(be, &bt);
+	lp_backend_free(be, &bo);
+	for (int g = 0; g < 2; g++) {
+		lp_backend_free(be, &ba[g]);
+		lp_backend_free(be, &bb[g]);
+		free(a[g]);
+		free(bm[g]);
+	}
+	free(x);
+	free(out0);
+	free(got);
+	return ok;
+}
+
+static void test_lora(void)
+{
+	for (int b = 0; b < N_BACKENDS; b++) {
+		CHECK(check_lora(g_be[b], g_be_name[b], 7, 40, 24, 4, 8));
+		CHECK(check_lora(g_be[b], g_be_name[b], 64, 576, 1536, 16, 8));
+	}
+}
+
 int main(void)
 {
 	struct lp_err err = {0};
@@ -900,6 +993,7 @@ int main(void)
 	RUN(test_rope);
 	RUN(test_kv_store);
 	RUN(test_attention);
+	RUN(test_lora);
 
 	for (int b = 0; b < N_BACKENDS; b++)
 		lp_backend_destroy(g_be[b]);

@@ -1,0 +1,478 @@
+/* The CPU backend: host memory, a persistent thread pool, and the ops of
+ * backend.h run synchronously on the calling thread and the pool's workers
+ * (the "stream" is program order, so synchronize has nothing to wait for).
+ *
+ * Kernels use AVX2 + FMA + F16C when the CPU has them and LP_CPU_NO_AVX2 is
+ * not set to a non-empty value other than "0", portable C otherwise.
+ *
+ * Ops return nothing, so indices that come from device memory are checked
+ * where a bad one would corrupt memory: get_rows writes a zero row for an
+ * id outside the table, kv_store skips slots outside the cache and
+ * attention skips positions whose block lies outside it. Shape mismatches
+ * are caller bugs and assert. */
+#include "kernels/cpu/cpu.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define LP_CPU_MAX_THREADS 512
+#define LP_CPU_ALIGN       64
+
+void lp_cpu_parallel(struct lp_cpu *cpu, int64_t work, int64_t units, lp_threadpool_fn fn,
+                     void *arg)
+{
+	int64_t max_chunks = (int64_t)LP_CPU_CHUNKS_PER_THREAD * cpu->n_threads;
+
+	if (work < LP_CPU_SERIAL_WORK || cpu->n_threads == 1 || units <= 1)
+		fn(arg, 0, 1, 0);
+	else
+		lp_threadpool_run(cpu->pool, fn, arg,
+		                  (int)(units < max_chunks ? units : max_chunks));
+}
+
+static void cpu_destroy(void *ctx)
+{
+	struct lp_cpu *cpu = ctx;
+
+	if (!cpu)
+		return;
+	lp_threadpool_free(cpu->pool);
+	free(cpu->scratch);
+	free(cpu->scratch_mem);
+	free(cpu);
+}
+
+static int cpu_alloc(void *ctx, size_t size, struct lp_buffer *out, struct lp_err *err)
+{
+	size_t padded = (size + LP_CPU_ALIGN - 1) / LP_CPU_ALIGN * LP_CPU_ALIGN;
+	void *p;
+
+	memset(out, 0, sizeof(*out));
+	if (padded < size)
+		return lp_errf(err, -ENOMEM, "buffer of %zu bytes is too large", size);
+	if (padded == 0)
+		padded = LP_CPU_ALIGN;
+	p = aligned_alloc(LP_CPU_ALIGN, padded);
+	if (!p)
+		return lp_errf(err, -ENOMEM, "out of memory allocating %zu bytes", size);
+	memset(p, 0, padded);
+	out->data = p;
+	out->size = size;
+	out->owned = true;
+	return 0;
+}
+
+static int cpu_import(void *ctx, const void *host, size_t size, struct lp_buffer *out,
+                      struct lp_err *err)
+{
+	memset(out, 0, sizeof(*out));
+	if (!host && size > 0)
+		return lp_errf(err, -EINVAL, "cannot import a null host pointer");
+	out->data = (void *)host;
+	out->size = size;
+	out->owned = false;
+	return 0;
+}
+
+static void cpu_free(void *ctx, struct lp_buffer *buf)
+{
+	if (buf->owned)
+		free(buf->data);
+}
+
+static void cpu_copy(void *ctx, void *dst, const void *src, size_t n)
+{
+	if (n > 0 && dst != src)
+		memmove(dst, src, n);
+}
+
+static void cpu_synchronize(void *ctx)
+{
+}
+
+/* get_rows */
+
+struct get_rows_task {
+	struct lp_cpu *cpu;
+	float *out;
+	const struct lp_tensor *table;
+	const int32_t *ids;
+	int n;
+};
+
+static void get_rows_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct get_rows_task *t = arg;
+	int64_t cols = t->table->cols, i0, i1;
+	size_t stride = lp_dtype_row_bytes(t->table->type, cols);
+
+	lp_cpu_split(t->n, chunk, n_chunks, &i0, &i1);
+	for (int64_t i = i0; i < i1; i++) {
+		float *o = t->out + i * cols;
+		int32_t id = t->ids[i];
+		const char *src;
+
+		if (id < 0 || id >= t->table->rows) {
+			memset(o, 0, (size_t)cols * sizeof(float));
+			continue;
+		}
+		src = (const char *)t->table->data + (size_t)id * stride;
+#if LP_CPU_X86
+		if (t->cpu->avx2) {
+			lp_cpu_dequant_avx2(t->table->type, src, 0, cols, o);
+			continue;
+		}
+#endif
+		lp_dequantize_row(t->table->type, src, o, cols);
+	}
+}
+
+static void cpu_get_rows(void *ctx, struct lp_tensor *out, const struct lp_tensor *table,
+                         const int32_t *ids, int n)
+{
+	struct get_rows_task t = {ctx, out->data, table, ids, n};
+
+	assert(out->type == LP_DTYPE_F32 && out->cols == table->cols && out->rows >= n);
+	lp_cpu_parallel(ctx, (int64_t)n * table->cols, n, get_rows_thread, &t);
+}
+
+/* rmsnorm */
+
+struct rows_task {
+	bool avx2;
+	float *out;
+	const float *a, *b;
+	int64_t rows, cols;
+	float eps;
+};
+
+static void rmsnorm_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t r0, r1;
+
+	lp_cpu_split(t->rows, chunk, n_chunks, &r0, &r1);
+	for (int64_t r = r0; r < r1; r++) {
+		const float *x = t->a + r * t->cols;
+		float *o = t->out + r * t->cols;
+		double ss = 0.0;
+
+		for (int64_t i = 0; i < t->cols; i++)
+			ss += (double)x[i] * x[i];
+		float inv = 1.0f / sqrtf((float)(ss / (double)t->cols) + t->eps);
+		for (int64_t i = 0; i < t->cols; i++)
+			o[i] = t->b[i] * (x[i] * inv);
+	}
+}
+
+static void cpu_rmsnorm(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
+                        const struct lp_tensor *w, float eps)
+{
+	struct rows_task t = {.out = out->data,
+	                      .a = x->data,
+	                      .b = w->data,
+	                      .rows = x->rows,
+	                      .cols = x->cols,
+	                      .eps = eps};
+
+	assert(out->rows == x->rows && out->cols == x->cols && w->cols == x->cols);
+	assert(x->type == LP_DTYPE_F32 && w->type == LP_DTYPE_F32 && out->type == LP_DTYPE_F32);
+	if (x->cols > 0)
+		lp_cpu_parallel(ctx, x->rows * x->cols, x->rows, rmsnorm_thread, &t);
+}
+
+/* add, add_bias, silu_mul: element-wise over [rows, cols] */
+
+static void add_bias_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t r0, r1;
+
+	lp_cpu_split(t->rows, chunk, n_chunks, &r0, &r1);
+	for (int64_t r = r0; r < r1; r++) {
+		float *y = t->out + r * t->cols;
+		for (int64_t i = 0; i < t->cols; i++)
+			y[i] += t->b[i];
+	}
+}
+
+static void cpu_add_bias(void *ctx, struct lp_tensor *x, const struct lp_tensor *bias)
+{
+	struct rows_task t = {.out = x->data, .b = bias->data, .rows = x->rows, .cols = x->cols};
+
+	assert(bias->cols == x->cols && x->type == LP_DTYPE_F32 && bias->type == LP_DTYPE_F32);
+	lp_cpu_parallel(ctx, x->rows * x->cols, x->rows, add_bias_thread, &t);
+}
+
+static void add_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t i0, i1;
+
+	lp_cpu_split(t->rows * t->cols, chunk, n_chunks, &i0, &i1);
+	for (int64_t i = i0; i < i1; i++)
+		t->out[i] += t->a[i];
+}
+
+static void cpu_add(void *ctx, struct lp_tensor *y, const struct lp_tensor *x)
+{
+	struct rows_task t = {.out = y->data, .a = x->data, .rows = y->rows, .cols = y->cols};
+
+	assert(y->rows == x->rows && y->cols == x->cols);
+	assert(x->type == LP_DTYPE_F32 && y->type == LP_DTYPE_F32);
+	lp_cpu_parallel(ctx, y->rows * y->cols, y->rows * y->cols / 1024, add_thread, &t);
+}
+
+static void silu_mul_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t i0, i1;
+
+	lp_cpu_split(t->rows * t->cols, chunk, n_chunks, &i0, &i1);
+#if LP_CPU_X86
+	if (t->avx2) {
+		lp_cpu_silu_mul_avx2(t->out + i0, t->a + i0, t->b + i0, i1 - i0);
+		return;
+	}
+#endif
+	for (int64_t i = i0; i < i1; i++) {
+		float g = t->a[i];
+		t->out[i] = g / (1.0f + expf(-g)) * t->b[i];
+	}
+}
+
+static void cpu_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                         const struct lp_tensor *up)
+{
+	struct rows_task t = {.avx2 = ((struct lp_cpu *)ctx)->avx2,
+	                      .out = out->data,
+	                      .a = gate->data,
+	                      .b = up->data,
+	                      .rows = gate->rows,
+	                      .cols = gate->cols};
+
+	assert(out->rows == gate->rows && out->cols == gate->cols);
+	assert(up->rows == gate->rows && up->cols == gate->cols);
+	lp_cpu_parallel(ctx, gate->rows * gate->cols, gate->rows * gate->cols / 1024,
+	                silu_mul_thread, &t);
+}
+
+/* rope */
+
+struct rope_task {
+	float *x;
+	int64_t rows, cols;
+	int n_heads, head_dim;
+	const int32_t *pos;
+	const float *inv_freq;
+};
+
+static void rope_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rope_task *t = arg;
+	int half = t->head_dim / 2;
+	int64_t r0, r1;
+
+	lp_cpu_split(t->rows, chunk, n_chunks, &r0, &r1);
+	for (int64_t r = r0; r < r1; r++) {
+		float *row = t->x + r * t->cols;
+		float p = (float)t->pos[r];
+
+		for (int i = 0; i < half; i++) {
+			float angle = p * t->inv_freq[i];
+			float c = cosf(angle), s = sinf(angle);
+
+			for (int h = 0; h < t->n_heads; h++) {
+				float *v = row + (int64_t)h * t->head_dim;
+				float x0 = v[i], x1 = v[i + half];
+
+				v[i] = x0 * c - x1 * s;
+				v[i + half] = x1 * c + x0 * s;
+			}
+		}
+	}
+}
+
+static void cpu_rope(void *ctx, struct lp_tensor *x, int n_heads, int head_dim, const int32_t *pos,
+                     const struct lp_tensor *inv_freq)
+{
+	struct rope_task t = {x->data, x->rows, x->cols, n_heads, head_dim, pos, inv_freq->data};
+
+	assert(x->type == LP_DTYPE_F32 && head_dim % 2 == 0);
+	assert((int64_t)n_heads * head_dim <= x->cols && inv_freq->cols >= head_dim / 2);
+	lp_cpu_parallel(ctx, x->rows * n_heads * head_dim, x->rows, rope_thread, &t);
+}
+
+/* kv_store */
+
+struct kv_store_task {
+	struct lp_cpu *cpu;
+	struct lp_tensor *cache[2];
+	const struct lp_tensor *src[2];
+	const int32_t *slots;
+};
+
+static void store_row(bool avx2, enum lp_dtype t, void *dst, const float *src, int64_t n)
+{
+	if (t == LP_DTYPE_F32) {
+		memcpy(dst, src, (size_t)n * sizeof(float));
+		return;
+	}
+#if LP_CPU_X86
+	if (avx2) {
+		lp_cpu_f32_to_f16_avx2(dst, src, n);
+		return;
+	}
+#endif
+	for (int64_t i = 0; i < n; i++)
+		((uint16_t *)dst)[i] = lp_f32_to_f16(src[i]);
+}
+
+static void kv_store_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct kv_store_task *t = arg;
+	int64_t r0, r1;
+
+	lp_cpu_split(t->src[0]->rows, chunk, n_chunks, &r0, &r1);
+	for (int c = 0; c < 2; c++) {
+		struct lp_tensor *cache = t->cache[c];
+		const struct lp_tensor *src = t->src[c];
+		size_t stride = lp_dtype_row_bytes(cache->type, cache->cols);
+
+		for (int64_t r = r0; r < r1; r++) {
+			int32_t slot = t->slots[r];
+
+			if (slot < 0 || slot >= cache->rows)
+				continue;
+			store_row(t->cpu->avx2, cache->type,
+			          (char *)cache->data + (size_t)slot * stride,
+			          (const float *)src->data + r * src->cols, src->cols);
+		}
+	}
+}
+
+static void cpu_kv_store(void *ctx, struct lp_tensor *k_cache, struct lp_tensor *v_cache,
+                         const struct lp_tensor *k, const struct lp_tensor *v, const int32_t *slots)
+{
+	struct kv_store_task t = {ctx, {k_cache, v_cache}, {k, v}, slots};
+
+	assert(k->cols == k_cache->cols && v->cols == v_cache->cols && k->rows == v->rows);
+	assert(k_cache->type == LP_DTYPE_F32 || k_cache->type == LP_DTYPE_F16);
+	assert(v_cache->type == LP_DTYPE_F32 || v_cache->type == LP_DTYPE_F16);
+	assert(k->type == LP_DTYPE_F32 && v->type == LP_DTYPE_F32);
+	lp_cpu_parallel(ctx, 2 * k->rows * k->cols, k->rows, kv_store_thread, &t);
+}
+
+static void cpu_attention(void *ctx, const struct lp_attention_args *args)
+{
+	lp_cpu_attention(ctx, args);
+}
+
+static void cpu_matmul(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
+                       const struct lp_tensor *w, bool accumulate)
+{
+	lp_cpu_matmul(ctx, out, x, w, accumulate);
+}
+
+static void cpu_lora_shrink(void *ctx, struct lp_tensor *tmp, const struct lp_tensor *x,
+                            const struct lp_lora_seg *segs, int n_segs)
+{
+	lp_cpu_lora_shrink(ctx, tmp, x, segs, n_segs);
+}
+
+static void cpu_lora_expand(void *ctx, struct lp_tensor *out, const struct lp_tensor *tmp,
+                            const struct lp_lora_seg *segs, int n_segs)
+{
+	lp_cpu_lora_expand(ctx, out, tmp, segs, n_segs);
+}
+
+static const struct lp_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .import = cpu_import,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .synchronize = cpu_synchronize,
+    .get_rows = cpu_get_rows,
+    .rmsnorm = cpu_rmsnorm,
+    .matmul = cpu_matmul,
+    .add_bias = cpu_add_bias,
+    .add = cpu_add,
+    .silu_mul = cpu_silu_mul,
+    .rope = cpu_rope,
+    .kv_store = cpu_kv_store,
+    .attention = cpu_attention,
+    .lora_shrink = cpu_lora_shrink,
+    .lora_expand = cpu_lora_expand,
+};
+
+bool lp_backend_cpu_uses_avx2(const struct lp_backend *be)
+{
+	return be->ops == &cpu_ops && ((const struct lp_cpu *)be->ctx)->avx2;
+}
+
+static bool env_no_avx2(void)
+{
+	const char *v = getenv("LP_CPU_NO_AVX2");
+
+	return v && v[0] && strcmp(v, "0") != 0;
+}
+
+int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *err)
+{
+	struct lp_backend *be = NULL;
+	struct lp_cpu *cpu = NULL;
+	size_t per_thread = (LP_CPU_KC + LP_CPU_ROWS_STRIDE) * LP_CPU_NR;
+	size_t total;
+	int rc;
+
+	*out = NULL;
+	if (n_threads < 0 || n_threads > LP_CPU_MAX_THREADS)
+		return lp_errf(err, -EINVAL, "thread count %d is outside 0..%d", n_threads,
+		               LP_CPU_MAX_THREADS);
+	if (n_threads == 0) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		n_threads = n < 1 ? 1 : n > LP_CPU_MAX_THREADS ? LP_CPU_MAX_THREADS : (int)n;
+	}
+	be = calloc(1, sizeof(*be));
+	cpu = calloc(1, sizeof(*cpu));
+	if (!be || !cpu) {
+		rc = lp_errf(err, -ENOMEM, "out of memory for the cpu backend");
+		goto out_free;
+	}
+	cpu->n_threads = n_threads;
+	cpu->avx2 = lp_cpu_has_avx2() && !env_no_avx2();
+	cpu->scratch = calloc((size_t)n_threads, sizeof(*cpu->scratch));
+	total = (size_t)LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4 + per_thread * n_threads;
+	cpu->scratch_mem = aligned_alloc(LP_CPU_ALIGN, total * sizeof(float));
+	if (!cpu->scratch || !cpu->scratch_mem) {
+		rc = lp_errf(err, -ENOMEM, "out of memory for the cpu backend's scratch");
+		goto out_free;
+	}
+	memset(cpu->scratch_mem, 0, total * sizeof(float));
+	cpu->xsum = cpu->scratch_mem;
+	for (int i = 0; i < n_threads; i++) {
+		float *base = cpu->scratch_mem + LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4 +
+		              per_thread * i;
+		cpu->scratch[i].panel = base;
+		cpu->scratch[i].rows = base + LP_CPU_KC * LP_CPU_NR;
+	}
+	rc = lp_threadpool_new(&cpu->pool, n_threads, err);
+	if (rc)
+		goto out_free;
+	be->ops = &cpu_ops;
+	be->ctx = cpu;
+	*out = be;
+	return 0;
+
+out_free:
+	cpu_destroy(cpu);
+	free(be);
+	return rc;
+}

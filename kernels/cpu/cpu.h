@@ -1,0 +1,138 @@
+/* Internals shared by the CPU backend's files (not a public header).
+ *
+ * The backend's context, its fixed per-thread scratch, and the two sets of
+ * kernels: portable C (matmul.c, attention.c, backend-cpu.c) and AVX2 + FMA +
+ * F16C (vec-avx2.c), chosen once at creation. Everything is sized at
+ * lp_backend_cpu_new() so that ops never allocate. */
+#ifndef LP_KERNELS_CPU_CPU_H
+#define LP_KERNELS_CPU_CPU_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LP_CPU_X86 1
+#else
+#define LP_CPU_X86 0
+#endif
+
+/* Blocked GEMM: a panel is LP_CPU_NR weight rows by LP_CPU_KC columns,
+ * dequantized to f32 and stored k-major ([KC][NR]); the micro-kernel
+ * multiplies LP_CPU_MR activation rows by one panel. KC is a multiple of
+ * LP_QK so that chunks start on block boundaries. */
+#define LP_CPU_KC 256
+#define LP_CPU_NR 16
+#define LP_CPU_MR 6
+/* Row stride of the rows before the transpose, padded: with a power-of-two
+ * stride the 8 rows that one transpose reads share a few cache sets. */
+#define LP_CPU_ROWS_STRIDE (LP_CPU_KC + 16)
+
+/* The matrix-vector kernel takes up to LP_CPU_MATVEC_MAX_N rows of x at a
+ * time; batches of up to LP_CPU_MATVEC_BATCH rows take that path, in groups
+ * when it exceeds MAX_N. Measured on Zen 4 (k = 576, m = 1536, Q4_1), the
+ * GEMM, packing included, is faster from 5 rows on. */
+#define LP_CPU_MATVEC_MAX_N 4
+#define LP_CPU_MATVEC_BATCH 4
+/* Weight rows a thread runs through every group before moving on, so that
+ * they come from its cache after the first group. */
+#define LP_CPU_MATVEC_ROW_CHUNK 64
+/* Per-block sums of x for the 4-bit matrix-vector path: k up to
+ * 4096 * 32 = 131072 (longer rows take the GEMM path). */
+#define LP_CPU_XSUM_MAX_BLOCKS 4096
+
+/* Below this many elements (or multiply-adds) an op runs on the calling
+ * thread alone: waking the pool would cost more than the work. */
+#define LP_CPU_SERIAL_WORK 16384
+
+struct lp_cpu_scratch {
+	float *panel; /* [LP_CPU_KC][LP_CPU_NR] */
+	float *rows;  /* [LP_CPU_NR][LP_CPU_ROWS_STRIDE], a panel before the transpose */
+};
+
+struct lp_cpu {
+	struct lp_threadpool *pool;
+	int n_threads;
+	bool avx2;
+	struct lp_cpu_scratch *scratch; /* [n_threads] */
+	float *xsum;                    /* [LP_CPU_MATVEC_BATCH][LP_CPU_XSUM_MAX_BLOCKS][4] */
+	float *scratch_mem;
+};
+
+/* An op is cut into at most this many chunks per thread (see threadpool.h:
+ * more chunks than threads let the running threads take over the share of
+ * one the OS has not scheduled). */
+#define LP_CPU_CHUNKS_PER_THREAD 4
+
+/* Runs fn over min(units, LP_CPU_CHUNKS_PER_THREAD * threads) chunks on the
+ * pool, or as one chunk on the caller when work is below LP_CPU_SERIAL_WORK
+ * or units <= 1. */
+void lp_cpu_parallel(struct lp_cpu *cpu, int64_t work, int64_t units, lp_threadpool_fn fn,
+                     void *arg);
+
+/* [begin, end) of part i of n equal parts of [0, total). */
+static inline void lp_cpu_split(int64_t total, int ith, int nth, int64_t *begin, int64_t *end)
+{
+	*begin = total * ith / nth;
+	*end = total * (ith + 1) / nth;
+}
+
+void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
+                   const struct lp_tensor *w, bool accumulate);
+void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args);
+/* The LoRA ops of backend.h (lora.c). */
+void lp_cpu_lora_shrink(struct lp_cpu *cpu, struct lp_tensor *tmp, const struct lp_tensor *x,
+                        const struct lp_lora_seg *segs, int n_segs);
+void lp_cpu_lora_expand(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *tmp,
+                        const struct lp_lora_seg *segs, int n_segs);
+
+/* True when the running CPU has AVX2, FMA and F16C. */
+bool lp_cpu_has_avx2(void);
+
+/* True when be (made by lp_backend_cpu_new) runs the AVX2 kernels; for
+ * tests and benchmarks. Borrows be. */
+bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
+
+#if LP_CPU_X86
+/* dst[0 .. len) = f32 of weights k0 .. k0 + len of a row of type t; k0 and
+ * len are multiples of the block size. */
+void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst);
+
+/* out[j, r] (+)= x[j, :] . w[r, :] for r in [r0, r1), j < n <= 4, rows of w
+ * w_stride bytes apart; out rows ldo floats apart. For Q4_0/Q4_1, xsum
+ * holds 4 floats per block b of each x row j, at (j * LP_CPU_XSUM_MAX_BLOCKS
+ * + b) * 4, all zero but lane 1 = the block's sum of x for Q4_1 and lane 0
+ * = -8 times it for Q4_0 (the weights' offset, m or -8 d, times that sum). */
+void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
+                        int64_t k, const float *x, int n, const float *xsum, float *out,
+                        int64_t ldo, bool accumulate);
+
+/* Dequantizes columns [k0, k0 + kc) of weight rows [c0, c0 + ncols) into
+ * panel ([kc][LP_CPU_NR], columns past ncols zero), using rows as scratch. */
+void lp_cpu_pack_panel_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t c0, int ncols,
+                            int64_t k0, int64_t kc, float *panel, float *rows);
+
+/* For i < n, c < ncols <= LP_CPU_NR: out[i, c] = (load ? out[i, c] : 0) +
+ * sum over kk < kc of x[i, kk] * panel[kk, c], one fused multiply-add chain
+ * per element in kk order (x rows ldx floats apart, out rows ldo). */
+void lp_cpu_gemm_panel_avx2(int n, int64_t kc, const float *x, int64_t ldx, const float *panel,
+                            float *out, int64_t ldo, int ncols, bool load);
+
+/* x[i] = exp(x[i]) for i < n, to about 2 ulp; x[i] <= 88.7. */
+void lp_cpu_exp_avx2(float *x, int n);
+/* out[i] = silu(gate[i]) * up[i]; out may equal gate. */
+void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
+/* s[j] = scale * q . k_j for j < cnt, where k_j (hd elements, f32 or f16)
+ * starts at kbase + rows[j] * stride. */
+void lp_cpu_attn_scores_avx2(const float *q, const char *kbase, size_t stride, const int64_t *rows,
+                             int cnt, int hd, bool f16, float scale, float *s);
+/* o[0, hd) = corr * o + sum_j e[j] * v_j, v_j laid out like k_j above. */
+void lp_cpu_attn_accum_avx2(float *o, const char *vbase, size_t stride, const int64_t *rows,
+                            const float *e, int cnt, int hd, bool f16, float corr);
+void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n);
+#endif
+
+#endif
