@@ -15,7 +15,7 @@ endif
 OPT ?= -O2 -g
 CPPFLAGS += -I. -D_GNU_SOURCE -MMD -MP
 CFLAGS += -std=c11 $(OPT) $(WARN) -pthread -fno-strict-aliasing
-LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 2>/dev/null || echo -ljansson -lpcre2-8)
+LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 yaml-0.1 2>/dev/null || echo -ljansson -lpcre2-8 -lyaml)
 
 ifeq ($(V),1)
 Q :=
@@ -25,7 +25,7 @@ endif
 
 COMMON_SRCS := $(wildcard common/*.c)
 KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)
-ENGINE_SRCS := $(wildcard agent/engine/*.c)
+ENGINE_SRCS := $(wildcard agent/engine/*.c agent/adapters/*.c)
 LIB_SRCS := $(COMMON_SRCS) $(KERNEL_SRCS) $(ENGINE_SRCS)
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
 LIB := $(BUILD)/libloraplane.a

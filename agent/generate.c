@@ -22,6 +22,7 @@
 #include "common/err.h"
 
 #define MAX_STOPS        16
+#define MAX_LORAS        256
 #define MAX_PROMPTS_FILE (64u << 20)
 
 struct options {
@@ -36,6 +37,9 @@ struct options {
 	bool ignore_eos;
 	int max_tokens;
 	int threads;
+	const char *loras[MAX_LORAS]; /* NAME=PATH */
+	int n_loras;
+	const char *adapter;
 	struct lp_sampling_params sp;
 	struct lp_engine_config ec;
 };
@@ -43,6 +47,7 @@ struct options {
 /* One prompt's generation. */
 struct job {
 	const char *prompt;
+	const char *adapter; /* NULL: the base model */
 	struct lp_seq *seq;
 	struct lp_detok detok;
 	struct lp_stop_matcher stop;
@@ -80,7 +85,12 @@ static void usage(FILE *f)
 	    "  --stop TEXT             stop string (repeatable, up to 16)\n"
 	    "  --ignore-eos            keep going past end-of-sequence tokens\n"
 	    "  --threads N             compute threads (default: all CPUs)\n"
-	    "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n",
+	    "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n"
+	    "  --lora NAME=PATH        load an adapter (a PEFT, TensorRT-LLM or NeMo directory,\n"
+	    "                          or a .nemo file); repeatable\n"
+	    "  --adapter NAME          apply that adapter to --prompt; with --prompts-file,\n"
+	    "                          lines 'NAME<TAB>prompt' pick one per prompt ('-': base)\n"
+	    "  --max-lora-rank R --max-loras N --max-cpu-loras N --allow-base-mismatch\n",
 	    f);
 }
 
@@ -139,6 +149,12 @@ enum {
 	OPT_MAX_BATCHED,
 	OPT_MAX_LEN,
 	OPT_KV_BYTES,
+	OPT_LORA,
+	OPT_ADAPTER,
+	OPT_MAX_LORA_RANK,
+	OPT_MAX_LORAS,
+	OPT_MAX_CPU_LORAS,
+	OPT_ALLOW_BASE_MISMATCH,
 	OPT_HELP,
 };
 
@@ -167,6 +183,12 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"max-batched-tokens", required_argument, NULL, OPT_MAX_BATCHED},
 	    {"max-model-len", required_argument, NULL, OPT_MAX_LEN},
 	    {"kv-cache-bytes", required_argument, NULL, OPT_KV_BYTES},
+	    {"lora", required_argument, NULL, OPT_LORA},
+	    {"adapter", required_argument, NULL, OPT_ADAPTER},
+	    {"max-lora-rank", required_argument, NULL, OPT_MAX_LORA_RANK},
+	    {"max-loras", required_argument, NULL, OPT_MAX_LORAS},
+	    {"max-cpu-loras", required_argument, NULL, OPT_MAX_CPU_LORAS},
+	    {"allow-base-mismatch", no_argument, NULL, OPT_ALLOW_BASE_MISMATCH},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {NULL, 0, NULL, 0},
 	};
@@ -277,6 +299,36 @@ static int parse_args(int argc, char **argv, struct options *o)
 			if (parse_long("max-model-len", optarg, 2, 1 << 24, &v))
 				return -1;
 			o->ec.max_model_len = (int)v;
+			break;
+		case OPT_LORA:
+			if (o->n_loras == MAX_LORAS || !strchr(optarg, '=') || optarg[0] == '=') {
+				fprintf(stderr,
+				        "loraplane-generate: '--lora' needs NAME=PATH (at most %d), got '%s'\n",
+				        MAX_LORAS, optarg);
+				return -1;
+			}
+			o->loras[o->n_loras++] = optarg;
+			break;
+		case OPT_ADAPTER:
+			o->adapter = optarg;
+			break;
+		case OPT_MAX_LORA_RANK:
+			if (parse_long("max-lora-rank", optarg, 1, 4096, &v))
+				return -1;
+			o->ec.max_lora_rank = (int)v;
+			break;
+		case OPT_MAX_LORAS:
+			if (parse_long("max-loras", optarg, 1, 4096, &v))
+				return -1;
+			o->ec.max_loras = (int)v;
+			break;
+		case OPT_MAX_CPU_LORAS:
+			if (parse_long("max-cpu-loras", optarg, 1, 1 << 20, &v))
+				return -1;
+			o->ec.max_cpu_loras = (int)v;
+			break;
+		case OPT_ALLOW_BASE_MISMATCH:
+			o->ec.allow_base_mismatch = true;
 			break;
 		case OPT_KV_BYTES:
 			if (parse_long("kv-cache-bytes", optarg, 1, __LONG_MAX__, &v))
@@ -438,8 +490,8 @@ static int job_token(struct lp_engine *e, struct lp_model *m, struct job *j, int
 
 static int print_json_result(size_t index, const struct job *j)
 {
-	json_t *o = json_pack("{s:I, s:s, s:s%, s:i, s:i, s:s}", "index", (json_int_t)index,
-	                      "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
+	json_t *o = json_pack("{s:I, s:s?, s:s, s:s%, s:i, s:i, s:s}", "index", (json_int_t)index,
+	                      "adapter", j->adapter, "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
 	                      j->text.len, "prompt_tokens", j->seq->n_prompt, "completion_tokens",
 	                      j->n_generated, "finish_reason", finish_name(j));
 	char *s;
@@ -517,6 +569,27 @@ int main(int argc, char **argv)
 	}
 	if ((rc = lp_engine_new(&e, m, &o.ec, &err)))
 		goto fail;
+	for (int i = 0; i < o.n_loras; i++) {
+		char name[256];
+		const char *eq = strchr(o.loras[i], '=');
+		size_t len = (size_t)(eq - o.loras[i]);
+		struct lp_adapter *a;
+		bool already;
+		if (len >= sizeof(name)) {
+			lp_errf(&err, -EINVAL, "adapter name '%.40s...' is too long", o.loras[i]);
+			goto fail;
+		}
+		memcpy(name, o.loras[i], len);
+		name[len] = '\0';
+		if ((rc = lp_lora_cache_load(lp_engine_loras(e), name, eq + 1, NULL, NULL, false,
+		                             &already, &err))) {
+			lp_err_prefix(&err, "adapter '%s'", name);
+			goto fail;
+		}
+		a = lp_lora_cache_find(lp_engine_loras(e), name);
+		fprintf(stderr, "loaded adapter '%s' from '%s': %s, rank %d, in %.1f ms\n", name,
+		        eq + 1, a->format, a->rank, a->load_ms);
+	}
 	t_loaded = now_s();
 	fprintf(stderr, "loaded '%s' in %.2f s: %d layers, dim %d, vocab %d, %.1f MiB of weights\n",
 	        o.model, t_loaded - t0, m->cfg.n_layers, m->cfg.dim, m->cfg.vocab_size,
@@ -532,6 +605,16 @@ int main(int argc, char **argv)
 		struct lp_seq_params sp = {0};
 
 		j->prompt = prompts ? prompts[i] : single[0];
+		j->adapter = o.adapter;
+		if (prompts) {
+			/* NAME<TAB>prompt picks an adapter ('-' = the base model) */
+			char *tab = strchr(prompts[i], '\t');
+			if (tab) {
+				*tab = '\0';
+				j->adapter = strcmp(prompts[i], "-") ? prompts[i] : NULL;
+				j->prompt = tab + 1;
+			}
+		}
 		lp_buf_init(&j->text, 64u << 20);
 		lp_detok_init(&j->detok, true);
 		if ((rc = lp_stop_matcher_init(&j->stop, o.stops, (size_t)o.n_stops, &err)))
@@ -544,6 +627,7 @@ int main(int argc, char **argv)
 		sp.max_tokens = o.max_tokens;
 		sp.ignore_eos = o.ignore_eos;
 		sp.sampling = o.sp;
+		sp.adapter = j->adapter;
 		if ((rc = lp_engine_add(e, &sp, &j->seq, &err))) {
 			lp_err_prefix(&err, "prompt %zu", i + 1);
 			goto fail;

@@ -9,10 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "agent/adapters/lora.h"
 #include "agent/engine/engine.h"
 #include "agent/engine/model.h"
 #include "agent/engine/tokenizer.h"
@@ -188,6 +190,213 @@ static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, 
 	return (double)batch * n_steps / dt;
 }
 
+/* ---- multi-LoRA ---- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static float frand(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return (float)((rng_state >> 40) & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+/* Writes a PEFT adapter of the given rank on all seven modules of model m,
+ * with random weights, to dir (created). */
+static int write_adapter(const char *dir, const struct lp_model *m, int rank, struct lp_err *err)
+{
+	static const char *mods[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+	                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+	                              "mlp.down_proj"};
+	const struct lp_model_config *c = &m->cfg;
+	int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+	int ins[7] = {c->dim, c->dim, c->dim, qd, c->dim, c->dim, c->ffn_dim};
+	int outs[7] = {qd, kvd, kvd, c->dim, c->ffn_dim, c->ffn_dim, c->dim};
+	char path[4096];
+	FILE *f;
+	size_t off = 0, hdr_cap = 1 << 20, hl = 0;
+	char *hdr = malloc(hdr_cap);
+
+	if (!hdr || (mkdir(dir, 0755) && errno != EEXIST))
+		return lp_errf(err, -EIO, "cannot create '%s'", dir);
+	snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
+	f = fopen(path, "w");
+	if (!f) {
+		free(hdr);
+		return lp_errf(err, -EIO, "cannot write '%s'", path);
+	}
+	fprintf(f,
+	        "{\"peft_type\": \"LORA\", \"r\": %d, \"lora_alpha\": %d, \"bias\": \"none\", "
+	        "\"target_modules\": [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", "
+	        "\"gate_proj\", \"up_proj\", \"down_proj\"], \"base_model_name_or_path\": "
+	        "\"%s\"}\n",
+	        rank, 2 * rank, m->name);
+	fclose(f);
+	hl += (size_t)snprintf(hdr + hl, hdr_cap - hl, "{");
+	for (int l = 0; l < c->n_layers; l++)
+		for (int t = 0; t < 7; t++)
+			for (int ab = 0; ab < 2; ab++) {
+				size_t n = (size_t)rank * (size_t)(ab ? outs[t] : ins[t]) * 4;
+				hl += (size_t)snprintf(
+				    hdr + hl, hdr_cap - hl,
+				    "%s\"base_model.model.model.layers.%d.%s.lora_%c.weight\": "
+				    "{\"dtype\": \"F32\", \"shape\": [%d, %d], \"data_offsets\": [%zu, %zu]}",
+				    hl > 1 ? ", " : "", l, mods[t], ab ? 'B' : 'A', ab ? outs[t] : rank,
+				    ab ? rank : ins[t], off, off + n);
+				off += n;
+			}
+	hl += (size_t)snprintf(hdr + hl, hdr_cap - hl, "}");
+	while (hl % 8)
+		hdr[hl++] = ' ';
+	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+	f = fopen(path, "wb");
+	if (!f) {
+		free(hdr);
+		return lp_errf(err, -EIO, "cannot write '%s'", path);
+	}
+	uint64_t hl64 = hl;
+	fwrite(&hl64, 8, 1, f);
+	fwrite(hdr, 1, hl, f);
+	for (size_t i = 0; i < off / 4; i++) {
+		float v = frand() * 0.05f;
+		fwrite(&v, 4, 1, f);
+	}
+	fclose(f);
+	free(hdr);
+	return 0;
+}
+
+/* Generation tokens/s of 32 sequences x 64 tokens spread round-robin over
+ * n_adapters adapters (0: all on the base model). Also the adapter bytes
+ * one decode step reads. */
+static double lora_tps(struct lp_model *m, int n_adapters, char names[][32], int max_loras,
+                       const int32_t *prompt, size_t *adapter_bytes, struct lp_err *err)
+{
+	struct lp_engine_config ec;
+	struct lp_engine *e;
+	struct lp_seq *seqs[32];
+	const struct lp_step_output *outs;
+	int n, steps = 0;
+	double t0, dt;
+	char *dir = getenv("LP_BENCH_ADAPTERS");
+
+	lp_engine_config_default(&ec);
+	ec.max_model_len = 512;
+	ec.max_num_seqs = 32;
+	ec.max_batched_tokens = 512;
+	ec.kv_cache_bytes = 256u << 20;
+	ec.max_loras = max_loras;
+	ec.max_cpu_loras = max_loras > 32 ? max_loras : 32;
+	if (lp_engine_new(&e, m, &ec, err))
+		return -1;
+	*adapter_bytes = 0;
+	for (int i = 0; i < n_adapters; i++) {
+		char path[1024];
+		bool already;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		if (lp_lora_cache_load(lp_engine_loras(e), names[i], path, NULL, NULL, false,
+		                       &already, err))
+			goto fail;
+		*adapter_bytes += lp_lora_cache_find(lp_engine_loras(e), names[i])->w->data_bytes;
+	}
+	for (int i = 0; i < 32; i++) {
+		struct lp_seq_params p = {0};
+		p.adapter = n_adapters ? names[i % n_adapters] : NULL;
+		p.prompt = prompt + i;
+		p.n_prompt = 16;
+		p.max_tokens = 64;
+		p.ignore_eos = true;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = 0;
+		if (lp_engine_add(e, &p, &seqs[i], err))
+			goto fail;
+	}
+	/* prefill all (one step of 512 tokens), then time the decode steps */
+	if (lp_engine_step(e, &outs, &n, err))
+		goto fail;
+	t0 = now_s();
+	size_t tokens = 0;
+	while (lp_engine_has_work(e)) {
+		if (lp_engine_step(e, &outs, &n, err))
+			goto fail;
+		tokens += (size_t)n;
+		steps++;
+	}
+	dt = now_s() - t0;
+	for (int i = 0; i < 32; i++)
+		lp_engine_release(e, seqs[i]);
+	lp_engine_free(e);
+	return (double)tokens / dt;
+fail:
+	lp_engine_free(e);
+	return -1;
+}
+
+static int bench_lora(struct lp_model *m, const int32_t *prompt, struct lp_err *err)
+{
+	char tmpl[] = "/tmp/loraplane-bench-XXXXXX";
+	char names[32][32];
+	char path[2048];
+	size_t bytes_a, bytes_b, bytes_c;
+	int rc = -1;
+
+	if (!mkdtemp(tmpl))
+		return lp_errf(err, -EIO, "cannot make a temporary directory");
+	setenv("LP_BENCH_ADAPTERS", tmpl, 1);
+	for (int i = 0; i < 32; i++) {
+		snprintf(names[i], sizeof(names[i]), "r16-%02d", i);
+		snprintf(path, sizeof(path), "%s/%s", tmpl, names[i]);
+		if (write_adapter(path, m, 16, err))
+			goto out;
+	}
+	/* load time of one rank-16 adapter, best of 5, from the page cache */
+	{
+		struct lp_lora_shape shape = {m->cfg.n_layers, m->cfg.dim,
+		                              m->cfg.n_heads * m->cfg.head_dim,
+		                              m->cfg.n_kv_heads * m->cfg.head_dim, m->cfg.ffn_dim, 64,
+		                              NULL, true};
+		double best = 1e9;
+		for (int rep = 0; rep < 5; rep++) {
+			struct lp_lora *l;
+			double t0 = now_s();
+			snprintf(path, sizeof(path), "%s/%s", tmpl, names[rep]);
+			if (lp_lora_load(&l, path, &shape, err))
+				goto out;
+			double ms = (now_s() - t0) * 1e3;
+			if (ms < best)
+				best = ms;
+			lp_lora_free(l);
+		}
+		printf("bench: lora_load_ms %.2f ms\n", best);
+		fflush(stdout);
+	}
+	double a = lora_tps(m, 0, names, 8, prompt, &bytes_a, err);
+	if (a < 0)
+		goto out;
+	printf("bench: lora_base_32seq_tokens_per_s %.1f tokens/s\n", a);
+	fflush(stdout);
+	double b = lora_tps(m, 8, names, 8, prompt, &bytes_b, err);
+	if (b < 0)
+		goto out;
+	printf("bench: lora_8x_r16_32seq_tokens_per_s %.1f tokens/s\n", b);
+	printf("bench: lora_8x_adapter_bytes_per_step %.1f MB\n", (double)bytes_b / 1e6);
+	fflush(stdout);
+	double c = lora_tps(m, 32, names, 32, prompt, &bytes_c, err);
+	if (c < 0)
+		goto out;
+	printf("bench: lora_32x_r16_32seq_tokens_per_s %.1f tokens/s\n", c);
+	printf("bench: lora_32x_adapter_bytes_per_step %.1f MB\n", (double)bytes_c / 1e6);
+	printf("bench: lora_ratio_8x_to_base %.3f ratio\n", b / a);
+	printf("bench: lora_ratio_32x_to_base %.3f ratio\n", c / a);
+	rc = 0;
+out:
+	snprintf(path, sizeof(path), "rm -rf '%s'", tmpl);
+	if (system(path) != 0)
+		fprintf(stderr, "bench: could not remove %s\n", tmpl);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -279,6 +488,9 @@ int main(int argc, char **argv)
 	printf("bench: decode_batch1_roofline_ratio %.3f ratio\n", b1 / roofline);
 	getrusage(RUSAGE_SELF, &ru);
 	printf("bench: peak_rss %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
+	fflush(stdout);
+	if (bench_lora(m, ids.ids, &err))
+		goto fail;
 	status = 0;
 	goto out;
 fail:

@@ -21,6 +21,13 @@ struct step_bufs {
 	struct lp_buffer ids, pos, tok_seq, slots, out_rows, block_tables;
 	/* f32 activations */
 	struct lp_buffer x, xn, q, k, v, att, gate, up, h, logits;
+	struct lp_buffer lora_tmp; /* f32 [max_batched_tokens, max_lora_rank] */
+};
+
+/* Rows of a step that share one adapter. */
+struct step_seg {
+	int row0, rows;
+	struct lp_adapter *adapter;
 };
 
 struct lp_engine {
@@ -45,8 +52,19 @@ struct lp_engine {
 	float *h_scratch;            /* [vocab] for the sampler */
 	struct lp_step_output *outs;
 
+	struct lp_lora_cache *loras;
+	struct step_seg *segs;        /* [max_num_seqs] this step's adapter segments */
+	int n_segs;
+	struct lp_lora_seg *op_segs;  /* [max_num_seqs] for one LoRA op */
+	struct lp_tensor lora_tmp;
+
 	struct lp_engine_stats stats;
 };
+
+static struct lp_tensor view(struct lp_buffer *b, enum lp_dtype t, int64_t rows, int64_t cols)
+{
+	return (struct lp_tensor){b->data, t, rows, cols};
+}
 
 void lp_engine_config_default(struct lp_engine_config *c)
 {
@@ -55,6 +73,16 @@ void lp_engine_config_default(struct lp_engine_config *c)
 	c->max_batched_tokens = 512;
 	c->kv_cache_bytes = DEFAULT_KV_BYTES;
 	c->block_size = 16;
+	c->max_loras = 8;
+	c->max_cpu_loras = 16;
+	c->max_lora_rank = 64;
+	c->base_names = NULL;
+	c->allow_base_mismatch = false;
+}
+
+struct lp_lora_cache *lp_engine_loras(struct lp_engine *e)
+{
+	return e->loras;
 }
 
 const struct lp_engine_config *lp_engine_config(const struct lp_engine *e)
@@ -102,7 +130,7 @@ static void free_step_bufs(struct lp_engine *e)
 	struct lp_buffer *all[] = {
 	    &e->d.ids,  &e->d.pos, &e->d.tok_seq, &e->d.slots, &e->d.out_rows, &e->d.block_tables,
 	    &e->d.x,    &e->d.xn,  &e->d.q,       &e->d.k,     &e->d.v,        &e->d.att,
-	    &e->d.gate, &e->d.up,  &e->d.h,       &e->d.logits};
+	    &e->d.gate, &e->d.up,  &e->d.h,       &e->d.logits, &e->d.lora_tmp};
 
 	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
 		lp_backend_free(e->be, all[i]);
@@ -124,6 +152,13 @@ static int check_config(struct lp_engine_config *c, const struct lp_model *m, st
 		    c->max_batched_tokens, c->max_num_seqs, 1 << 20);
 	if (c->block_size < 1 || c->block_size > 1024)
 		return lp_errf(err, -EINVAL, "block size %d out of range", c->block_size);
+	if (c->max_loras < 1 || c->max_cpu_loras < c->max_loras)
+		return lp_errf(err, -EINVAL,
+		               "max-loras (%d) must be at least 1 and at most max-cpu-loras (%d)",
+		               c->max_loras, c->max_cpu_loras);
+	if (c->max_lora_rank < 1 || c->max_lora_rank > 4096)
+		return lp_errf(err, -EINVAL, "max-lora-rank %d out of range (1..4096)",
+		               c->max_lora_rank);
 	return 0;
 }
 
@@ -179,9 +214,11 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	e->h_logits = calloc((size_t)S * (size_t)mc->vocab_size, sizeof(float));
 	e->h_scratch = calloc((size_t)mc->vocab_size, sizeof(float));
 	e->outs = calloc((size_t)S, sizeof(*e->outs));
+	e->segs = calloc((size_t)S, sizeof(*e->segs));
+	e->op_segs = calloc((size_t)S, sizeof(*e->op_segs));
 	if (!e->h_ids || !e->h_pos || !e->h_tok_seq || !e->h_slots || !e->h_out_rows ||
 	    !e->h_block_tables || !e->step_seqs || !e->step_take || !e->sample_seqs ||
-	    !e->h_logits || !e->h_scratch || !e->outs) {
+	    !e->h_logits || !e->h_scratch || !e->outs || !e->segs || !e->op_segs) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
@@ -201,8 +238,32 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	    (rc = alloc_dev(e, &e->d.gate, (size_t)T * mc->ffn_dim * f, err)) ||
 	    (rc = alloc_dev(e, &e->d.up, (size_t)T * mc->ffn_dim * f, err)) ||
 	    (rc = alloc_dev(e, &e->d.h, (size_t)S * mc->dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.logits, (size_t)S * mc->vocab_size * f, err)))
+	    (rc = alloc_dev(e, &e->d.logits, (size_t)S * mc->vocab_size * f, err)) ||
+	    (rc = alloc_dev(e, &e->d.lora_tmp, (size_t)T * e->cfg.max_lora_rank * f, err)))
 		goto fail;
+	e->lora_tmp = view(&e->d.lora_tmp, LP_DTYPE_F32, T, e->cfg.max_lora_rank);
+	{
+		const char *names[64];
+		size_t n = 0;
+		names[n++] = model->name;
+		for (size_t i = 0; e->cfg.base_names && e->cfg.base_names[i] && n < 63; i++)
+			names[n++] = e->cfg.base_names[i];
+		names[n] = NULL;
+		struct lp_lora_shape shape = {
+		    .n_layers = mc->n_layers,
+		    .dim = mc->dim,
+		    .q_dim = qdim,
+		    .kv_dim = kvdim,
+		    .ffn_dim = mc->ffn_dim,
+		    .max_rank = e->cfg.max_lora_rank,
+		    .base_names = names,
+		    .allow_base_mismatch = e->cfg.allow_base_mismatch,
+		};
+		rc = lp_lora_cache_new(&e->loras, e->be, &shape, e->cfg.max_loras,
+		                       e->cfg.max_cpu_loras, err);
+		if (rc)
+			goto fail;
+	}
 	e->stats.kv_blocks_total = e->kv.n_blocks;
 	*out = e;
 	return 0;
@@ -236,6 +297,9 @@ void lp_engine_free(struct lp_engine *e)
 	if (e->be)
 		free_step_bufs(e);
 	lp_kv_cache_release(&e->kv);
+	lp_lora_cache_free(e->loras);
+	free(e->segs);
+	free(e->op_segs);
 	free(e->h_ids);
 	free(e->h_pos);
 	free(e->h_tok_seq);
@@ -288,10 +352,15 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 	}
 	rc = lp_sampler_init(&s->sampler, &p->sampling, vocab, err);
 	if (rc) {
-		free(s->tokens);
-		free(s->blocks);
-		free(s);
+		seq_free(s);
 		return rc;
+	}
+	if (p->adapter && *p->adapter) {
+		rc = lp_lora_cache_acquire(e->loras, p->adapter, &s->adapter, err);
+		if (rc) {
+			seq_free(s);
+			return rc;
+		}
 	}
 	lp_sampler_set_prompt(&s->sampler, p->prompt, p->n_prompt);
 	memcpy(s->tokens, p->prompt, p->n_prompt * sizeof(int32_t));
@@ -325,6 +394,12 @@ void lp_engine_finish(struct lp_engine *e, struct lp_seq *s)
 	} else {
 		list_remove(&e->waiting, s);
 		e->n_waiting--;
+	}
+	if (s->adapter) {
+		if (s->state == LP_SEQ_RUNNING)
+			lp_lora_cache_unpin(e->loras, s->adapter);
+		lp_lora_cache_release(e->loras, s->adapter);
+		s->adapter = NULL;
 	}
 	seq_drop_blocks(e, s);
 	s->state = LP_SEQ_FINISHED;
@@ -376,6 +451,8 @@ static void preempt(struct lp_engine *e, struct lp_seq *s)
 {
 	list_remove(&e->running, s);
 	e->n_running--;
+	if (s->adapter)
+		lp_lora_cache_unpin(e->loras, s->adapter);
 	seq_drop_blocks(e, s);
 	s->state = LP_SEQ_WAITING;
 	s->n_preempted++;
@@ -441,14 +518,20 @@ static int schedule(struct lp_engine *e)
 				continue;
 			if (pass == 1 && e->n_running >= e->cfg.max_num_seqs)
 				break;
+			/* every device slot held by running requests: let others by */
+			if (pass == 1 && s->adapter && !lp_lora_cache_pin(e->loras, s->adapter))
+				continue;
 			int take = want < budget ? want : budget;
 			int fit;
 			ensure_blocks(e, s, s->n_computed + take);
 			fit = s->n_blocks * e->cfg.block_size - s->n_computed;
 			if (fit < take)
 				take = fit;
-			if (take <= 0)
+			if (take <= 0) {
+				if (pass == 1 && s->adapter)
+					lp_lora_cache_unpin(e->loras, s->adapter);
 				goto out;
+			}
 			if (pass == 1) {
 				list_remove(&e->waiting, s);
 				e->n_waiting--;
@@ -471,12 +554,48 @@ out:
 	return n;
 }
 
+/* Orders the step's sequences so that those sharing an adapter are
+ * adjacent (base-model ones first), keeping their order otherwise. */
+static void group_by_adapter(struct lp_engine *e, int n)
+{
+	for (int i = 1; i < n; i++) {
+		struct lp_seq *s = e->step_seqs[i];
+		int take = e->step_take[i], key = s->adapter ? s->adapter->slot : -1, j = i;
+		while (j > 0 && (e->step_seqs[j - 1]->adapter ? e->step_seqs[j - 1]->adapter->slot
+		                                              : -1) > key) {
+			e->step_seqs[j] = e->step_seqs[j - 1];
+			e->step_take[j] = e->step_take[j - 1];
+			j--;
+		}
+		e->step_seqs[j] = s;
+		e->step_take[j] = take;
+	}
+}
+
+/* out += LoRA(x) for target t of layer l, per adapter segment. */
+static void apply_lora(struct lp_engine *e, int l, enum lp_lora_target t, struct lp_tensor *out,
+                       const struct lp_tensor *x)
+{
+	int n = 0;
+
+	for (int i = 0; i < e->n_segs; i++) {
+		const struct step_seg *g = &e->segs[i];
+		size_t k = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
+		if (!g->adapter->a[k].rows)
+			continue;
+		e->op_segs[n++] = (struct lp_lora_seg){g->row0, g->rows, &g->adapter->a[k],
+		                                       &g->adapter->b[k]};
+	}
+	if (!n)
+		return;
+	struct lp_tensor tmp = e->lora_tmp;
+	tmp.rows = x->rows;
+	e->be->ops->lora_shrink(e->be->ctx, &tmp, x, e->op_segs, n);
+	e->be->ops->lora_expand(e->be->ctx, out, &tmp, e->op_segs, n);
+}
+
 /* ---- forward pass ---- */
 
-static struct lp_tensor view(struct lp_buffer *b, enum lp_dtype t, int64_t rows, int64_t cols)
-{
-	return (struct lp_tensor){b->data, t, rows, cols};
-}
 
 /* Runs the model over the n_tok staged tokens and leaves the logits of the
  * n_out staged output rows in d.logits. */
@@ -522,6 +641,11 @@ static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
 		ops->matmul(ctx, &q, &xn, &L->wq, false);
 		ops->matmul(ctx, &k, &xn, &L->wk, false);
 		ops->matmul(ctx, &v, &xn, &L->wv, false);
+		if (e->n_segs) {
+			apply_lora(e, l, LP_LORA_Q, &q, &xn);
+			apply_lora(e, l, LP_LORA_K, &k, &xn);
+			apply_lora(e, l, LP_LORA_V, &v, &xn);
+		}
 		if (c->attn_bias) {
 			ops->add_bias(ctx, &q, &L->bq);
 			ops->add_bias(ctx, &k, &L->bk);
@@ -534,11 +658,19 @@ static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
 		aa.v_cache = &e->kv.v[l];
 		ops->attention(ctx, &aa);
 		ops->matmul(ctx, &x, &att, &L->wo, true);
+		if (e->n_segs)
+			apply_lora(e, l, LP_LORA_O, &x, &att);
 
 		ops->rmsnorm(ctx, &xn, &x, &L->ffn_norm, c->rms_eps);
 		ops->matmul(ctx, &gate, &xn, &L->w_gate, false);
 		ops->matmul(ctx, &up, &xn, &L->w_up, false);
+		if (e->n_segs) {
+			apply_lora(e, l, LP_LORA_GATE, &gate, &xn);
+			apply_lora(e, l, LP_LORA_UP, &up, &xn);
+		}
 		ops->silu_mul(ctx, &gate, &gate, &up);
+		if (e->n_segs)
+			apply_lora(e, l, LP_LORA_DOWN, &x, &gate);
 		ops->matmul(ctx, &x, &gate, &L->w_down, true);
 	}
 	if (n_out == 0)
@@ -573,12 +705,24 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 	n_seqs = schedule(e);
 	if (n_seqs == 0)
 		return 0;
+	group_by_adapter(e, n_seqs);
 
 	/* stage the step's tokens, positions, cache slots and block tables */
+	e->n_segs = 0;
 	for (int j = 0; j < n_seqs; j++) {
 		struct lp_seq *s = e->step_seqs[j];
 		int take = e->step_take[j];
 
+		if (s->adapter) {
+			struct step_seg *g = e->n_segs ? &e->segs[e->n_segs - 1] : NULL;
+			if (!g || g->adapter != s->adapter) {
+				g = &e->segs[e->n_segs++];
+				g->row0 = n_tok;
+				g->rows = 0;
+				g->adapter = s->adapter;
+			}
+			g->rows += take;
+		}
 		memcpy(e->h_block_tables + (size_t)j * mb, s->blocks,
 		       (size_t)s->n_blocks * sizeof(int32_t));
 		for (int t = 0; t < take; t++) {

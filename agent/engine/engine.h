@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "agent/engine/kv-cache.h"
+#include "agent/engine/lora-cache.h"
 #include "agent/engine/model.h"
 #include "agent/engine/sampler.h"
 #include "common/err.h"
@@ -27,6 +28,14 @@ struct lp_engine_config {
 	int max_batched_tokens; /* tokens per step (default 512) */
 	size_t kv_cache_bytes;  /* default 512 MiB */
 	int block_size;         /* default 16 */
+	int max_loras;          /* device slots = distinct adapters running at once (default 8) */
+	int max_cpu_loras;      /* adapters kept in host memory (default 16) */
+	int max_lora_rank;      /* largest rank accepted (default 64) */
+	/* names the base model answers to, for adapters' base_model_name_or_path
+	 * (NULL-terminated, may be NULL; the model's file or directory stem is
+	 * always one) */
+	const char *const *base_names;
+	bool allow_base_mismatch;
 };
 
 void lp_engine_config_default(struct lp_engine_config *c);
@@ -45,6 +54,7 @@ enum lp_finish_reason {
 };
 
 struct lp_seq_params {
+	const char *adapter;   /* adapter name, or NULL for the base model */
 	const int32_t *prompt; /* borrowed; copied */
 	size_t n_prompt;
 	int max_tokens; /* new tokens at most; <= 0: up to the model length */
@@ -66,6 +76,7 @@ struct lp_seq {
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
 	int n_preempted;     /* times its cache was dropped for recompute */
+	struct lp_adapter *adapter; /* the version it was admitted with, or NULL */
 	void *user;          /* the caller's */
 	struct lp_seq *next; /* in the engine's waiting or running list */
 };
@@ -89,7 +100,10 @@ const struct lp_engine_config *lp_engine_config(const struct lp_engine *e);
 
 /* Queues a new sequence. -EINVAL (with the reason) for an empty prompt, a
  * token id out of range, a prompt that leaves no room under max_model_len,
- * or bad sampling parameters. The sequence belongs to the engine; release
+ * or bad sampling parameters; -ENOENT for an adapter that is not loaded;
+ * -EAGAIN when the adapter must come back from disk but the host tier is
+ * full of adapters that waiting or running requests need (retry later).
+ * The sequence belongs to the engine; release
  * it with lp_engine_release() once done with it. */
 int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_seq **out,
                   struct lp_err *err);
@@ -106,6 +120,10 @@ bool lp_engine_has_work(const struct lp_engine *e);
  * lists the sampled tokens, *n_outs of them. */
 int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
                    struct lp_err *err);
+
+/* The engine's adapter cache: load, unload and list adapters between
+ * steps (lora-cache.h). */
+struct lp_lora_cache *lp_engine_loras(struct lp_engine *e);
 
 struct lp_engine_stats {
 	uint64_t steps;

@@ -1,0 +1,90 @@
+/* A LoRA adapter's weights in host memory, in one layout whatever the file
+ * format: per layer and target module, A [rank, in] and B [out, rank] in
+ * f32, with the scale (alpha / r, or alpha / sqrt(r) with rsLoRA, per
+ * module with rank_pattern / alpha_pattern) folded into B once at load.
+ *
+ * Formats, detected from what the path holds:
+ *   HF PEFT     dir with adapter_config.json + adapter_model.safetensors
+ *               (or adapter_model.bin, PyTorch's zip checkpoint)
+ *   TensorRT-LLM dir with model.lora_config.npy + model.lora_weights.npy
+ *   NeMo        a .nemo tar file with model_config.yaml and model_weights.ckpt
+ *
+ * Every size and offset read from a file is checked before use; every
+ * rejection has its own message. */
+#ifndef LP_ADAPTERS_LORA_H
+#define LP_ADAPTERS_LORA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/err.h"
+
+enum lp_lora_target {
+	LP_LORA_Q,
+	LP_LORA_K,
+	LP_LORA_V,
+	LP_LORA_O,
+	LP_LORA_GATE,
+	LP_LORA_UP,
+	LP_LORA_DOWN,
+	LP_LORA_N_TARGETS
+};
+
+/* "q_proj", "k_proj", ... as HF names them. */
+const char *lp_lora_target_name(enum lp_lora_target t);
+
+struct lp_lora_pair {
+	int rank; /* 0: no adapter on this layer and module */
+	float *a; /* [rank, in], inside lp_lora.data */
+	float *b; /* [out, rank], scaled, inside lp_lora.data */
+};
+
+/* What the base model looks like, for validation. */
+struct lp_lora_shape {
+	int n_layers;
+	int dim;      /* hidden size: in of q/k/v/gate/up, out of o/down */
+	int q_dim;    /* n_heads * head_dim */
+	int kv_dim;   /* n_kv_heads * head_dim */
+	int ffn_dim;  /* intermediate size */
+	int max_rank; /* largest rank accepted (--max-lora-rank) */
+	/* Names the base model answers to (served name, file or directory
+	 * stem, config _name_or_path), NULL-terminated, may be NULL. An
+	 * adapter whose base_model_name_or_path matches none is rejected
+	 * unless allow_base_mismatch. Matching compares the last path
+	 * component, case-insensitively, ignoring a quantization suffix
+	 * (-q4_1, .Q8_0, -f16, -gguf ...). */
+	const char *const *base_names;
+	bool allow_base_mismatch;
+};
+
+/* Input and output sizes of a target in a model of the given shape. */
+void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, int *in,
+                         int *out);
+
+struct lp_lora {
+	int n_layers;
+	int max_rank;	       /* largest rank of any pair */
+	unsigned targets;      /* bit t set when some layer has target t */
+	struct lp_lora_pair *pairs; /* [n_layers * LP_LORA_N_TARGETS], index
+				       layer * LP_LORA_N_TARGETS + target */
+	float *data;	       /* one allocation holding every a and b */
+	size_t data_bytes;
+	char *base_model;      /* base_model_name_or_path, or NULL */
+	const char *format;    /* "peft", "peft-bin", "trtllm" or "nemo" */
+};
+
+/* Loads and validates the adapter at path for a model of shape s. Errors:
+ * -ENOENT when path (or the files a format needs) does not exist, -EINVAL
+ * for an invalid adapter (the message says exactly what), -ENOMEM. Free
+ * with lp_lora_free(). */
+int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_shape *s,
+                 struct lp_err *err);
+void lp_lora_free(struct lp_lora *l);
+
+static inline struct lp_lora_pair *lp_lora_pair_at(const struct lp_lora *l, int layer,
+                                                   enum lp_lora_target t)
+{
+	return &l->pairs[(size_t)layer * LP_LORA_N_TARGETS + t];
+}
+
+#endif
