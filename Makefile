@@ -15,7 +15,7 @@ endif
 OPT ?= -O2 -g
 CPPFLAGS += -I. -D_GNU_SOURCE -MMD -MP
 CFLAGS += -std=c11 $(OPT) $(WARN) -pthread -fno-strict-aliasing
-LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 yaml-0.1 2>/dev/null || echo -ljansson -lpcre2-8 -lyaml)
+LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 yaml-0.1 libcurl libcrypto 2>/dev/null || echo -ljansson -lpcre2-8 -lyaml -lcurl -lcrypto)
 
 ifeq ($(V),1)
 Q :=
@@ -33,7 +33,10 @@ LIB := $(BUILD)/libloraplane.a
 UNIT_SRCS := $(wildcard tests/unit/test-*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
-PROGRAMS := $(BIN)/loraplane-generate
+API_SRCS := $(wildcard agent/api/*.c)
+API_OBJS := $(API_SRCS:%.c=$(BUILD)/%.o)
+
+PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/loraplane-agent)
 TOOLS := $(BUILD)/tools/bench
 
 .PHONY: all test check asan bench deps run clean help format
@@ -60,6 +63,11 @@ $(BIN)/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
 	@mkdir -p $(BIN)
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BIN)/loraplane-agent: $(BUILD)/agent/main.o $(API_OBJS) $(LIB)
+	@mkdir -p $(BIN)
+	$(if $(Q),@echo "  LD      $@")
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcivetweb
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) tests/test.h
 	@mkdir -p $(dir $@)

@@ -80,6 +80,11 @@ void lp_engine_config_default(struct lp_engine_config *c)
 	c->allow_base_mismatch = false;
 }
 
+const struct lp_model *lp_engine_model(const struct lp_engine *e)
+{
+	return e->model;
+}
+
 struct lp_lora_cache *lp_engine_loras(struct lp_engine *e)
 {
 	return e->loras;

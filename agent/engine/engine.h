@@ -97,6 +97,7 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
                   const struct lp_engine_config *cfg, struct lp_err *err);
 void lp_engine_free(struct lp_engine *e);
 const struct lp_engine_config *lp_engine_config(const struct lp_engine *e);
+const struct lp_model *lp_engine_model(const struct lp_engine *e);
 
 /* Queues a new sequence. -EINVAL (with the reason) for an empty prompt, a
  * token id out of range, a prompt that leaves no room under max_model_len,

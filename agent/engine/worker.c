@@ -1,0 +1,647 @@
+/* The engine thread; see worker.h.
+ *
+ * Locks, always taken in this order:
+ *   w->lock    the engine (held by the engine thread for a step, by
+ *              loaders for an install, by readers of adapter lists/stats)
+ *   w->qmu     the submit queue, the active list's membership flags, and
+ *              the wake-up condition of the engine thread
+ *   r->mu      one request's channel and flags
+ */
+#include "agent/engine/worker.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "agent/adapters/lora.h"
+
+struct lp_request {
+	uint64_t id;
+	struct lp_worker *w;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	struct lp_event *ring; /* capacity cap + 1: the last slot is kept for the end */
+	int cap, head, count;
+	bool final_pushed;   /* END or ERROR is in the ring */
+	bool final_read;     /* ... and was read */
+	bool cancel;	     /* asked by the reader */
+	int refs;	     /* reader + engine side */
+	/* engine side */
+	char *adapter;
+	int32_t *prompt;
+	size_t n_prompt;
+	int max_tokens;
+	bool ignore_eos;
+	struct lp_sampling_params sampling;
+	int logprobs;
+	struct lp_seq *seq;
+	int n_generated;
+	struct lp_request *next; /* queue or active list */
+};
+
+struct lp_worker {
+	struct lp_engine *e;
+	struct lp_worker_config cfg;
+	pthread_t thread;
+	bool thread_started;
+	pthread_mutex_t lock; /* the engine */
+	pthread_mutex_t qmu;
+	pthread_cond_t qcv;    /* engine thread waits: work, cancel, stop */
+	pthread_cond_t idle_cv; /* drain waits: nothing queued or active */
+	struct lp_request *q_head, *q_tail;
+	int q_len;
+	struct lp_request *active; /* in the engine (engine thread only) */
+	int n_active;		   /* under qmu */
+	bool closing, stopping;
+	bool wake;		   /* a cancel or submit since the last look */
+	uint64_t next_id;
+};
+
+void lp_worker_config_default(struct lp_worker_config *c)
+{
+	c->queue_capacity = 1024;
+	c->channel_capacity = 4096;
+}
+
+static void cond_init_monotonic(pthread_cond_t *cv)
+{
+	pthread_condattr_t a;
+
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(cv, &a);
+	pthread_condattr_destroy(&a);
+}
+
+/* ---- requests ---- */
+
+static void request_unref(struct lp_request *r)
+{
+	bool last;
+
+	pthread_mutex_lock(&r->mu);
+	last = --r->refs == 0;
+	pthread_mutex_unlock(&r->mu);
+	if (!last)
+		return;
+	pthread_mutex_destroy(&r->mu);
+	pthread_cond_destroy(&r->cv);
+	free(r->ring);
+	free(r->adapter);
+	free(r->prompt);
+	free(r);
+}
+
+/* Pushes an event; the final one always fits. False when a token does not
+ * fit (the reader is too slow). */
+static bool request_push(struct lp_request *r, const struct lp_event *ev)
+{
+	bool final = ev->kind != LP_EVENT_TOKEN, ok = true;
+
+	pthread_mutex_lock(&r->mu);
+	if (r->final_pushed || (!final && r->count >= r->cap)) {
+		ok = false;
+	} else {
+		r->ring[(r->head + r->count) % (r->cap + 1)] = *ev;
+		r->count++;
+		r->final_pushed = final;
+		pthread_cond_broadcast(&r->cv);
+	}
+	pthread_mutex_unlock(&r->mu);
+	return ok;
+}
+
+static bool request_cancelled(struct lp_request *r)
+{
+	bool c;
+
+	pthread_mutex_lock(&r->mu);
+	c = r->cancel;
+	pthread_mutex_unlock(&r->mu);
+	return c;
+}
+
+int lp_request_next(struct lp_request *r, struct lp_event *ev, int timeout_ms)
+{
+	struct timespec deadline;
+	int rc = 0;
+
+	if (timeout_ms >= 0) {
+		clock_gettime(CLOCK_MONOTONIC, &deadline);
+		deadline.tv_sec += timeout_ms / 1000;
+		deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+		if (deadline.tv_nsec >= 1000000000L) {
+			deadline.tv_sec++;
+			deadline.tv_nsec -= 1000000000L;
+		}
+	}
+	pthread_mutex_lock(&r->mu);
+	while (r->count == 0 && !r->final_read) {
+		if (timeout_ms < 0) {
+			pthread_cond_wait(&r->cv, &r->mu);
+		} else if (pthread_cond_timedwait(&r->cv, &r->mu, &deadline) == ETIMEDOUT) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	}
+	if (!rc && r->count == 0) {
+		rc = -ENODATA;
+	} else if (!rc) {
+		*ev = r->ring[r->head];
+		r->head = (r->head + 1) % (r->cap + 1);
+		r->count--;
+		if (ev->kind != LP_EVENT_TOKEN)
+			r->final_read = true;
+	}
+	pthread_mutex_unlock(&r->mu);
+	return rc;
+}
+
+void lp_request_cancel(struct lp_request *r)
+{
+	struct lp_worker *w = r->w;
+	bool engine_holds;
+
+	pthread_mutex_lock(&r->mu);
+	r->cancel = true;
+	engine_holds = r->refs > 1;
+	pthread_mutex_unlock(&r->mu);
+	/* once the engine has let go (the request is over, or the worker is
+	 * gone), there is no one to wake */
+	if (!engine_holds)
+		return;
+	pthread_mutex_lock(&w->qmu);
+	w->wake = true;
+	pthread_cond_signal(&w->qcv);
+	pthread_mutex_unlock(&w->qmu);
+}
+
+void lp_request_free(struct lp_request *r)
+{
+	if (!r)
+		return;
+	lp_request_cancel(r);
+	request_unref(r);
+}
+
+uint64_t lp_request_id(const struct lp_request *r)
+{
+	return r->id;
+}
+
+int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
+                     struct lp_request **out, struct lp_err *err)
+{
+	struct lp_request *r;
+	int rc;
+
+	*out = NULL;
+	if (p->n_prompt == 0 || p->max_tokens < 1)
+		return lp_errf(err, -EINVAL, "a request needs a prompt and max_tokens >= 1");
+	if (p->logprobs > LP_MAX_TOP_LOGPROBS)
+		return lp_errf(err, -EINVAL, "'logprobs' must be at most %d", LP_MAX_TOP_LOGPROBS);
+	rc = lp_sampling_params_check(&p->sampling, err);
+	if (rc)
+		return rc;
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	r->w = w;
+	r->cap = w->cfg.channel_capacity;
+	r->ring = malloc((size_t)(r->cap + 1) * sizeof(*r->ring));
+	r->prompt = malloc(p->n_prompt * sizeof(int32_t));
+	r->adapter = p->adapter && *p->adapter ? strdup(p->adapter) : NULL;
+	if (!r->ring || !r->prompt || (p->adapter && *p->adapter && !r->adapter)) {
+		free(r->ring);
+		free(r->prompt);
+		free(r->adapter);
+		free(r);
+		return lp_errf(err, -ENOMEM, "out of memory");
+	}
+	pthread_mutex_init(&r->mu, NULL);
+	cond_init_monotonic(&r->cv);
+	memcpy(r->prompt, p->prompt, p->n_prompt * sizeof(int32_t));
+	r->n_prompt = p->n_prompt;
+	r->max_tokens = p->max_tokens;
+	r->ignore_eos = p->ignore_eos;
+	r->sampling = p->sampling;
+	r->logprobs = p->logprobs;
+	r->refs = 2;
+
+	pthread_mutex_lock(&w->qmu);
+	if (w->closing) {
+		rc = lp_errf(err, -ESHUTDOWN, "the server is shutting down");
+	} else if (w->q_len >= w->cfg.queue_capacity) {
+		rc = lp_errf(err, -EAGAIN, "%d requests are already queued", w->q_len);
+	} else {
+		r->id = ++w->next_id;
+		if (w->q_tail)
+			w->q_tail->next = r;
+		else
+			w->q_head = r;
+		w->q_tail = r;
+		w->q_len++;
+		w->wake = true;
+		pthread_cond_signal(&w->qcv);
+		rc = 0;
+	}
+	pthread_mutex_unlock(&w->qmu);
+	if (rc) {
+		r->refs = 1;
+		request_unref(r);
+		return rc;
+	}
+	*out = r;
+	return 0;
+}
+
+/* ---- the engine thread ---- */
+
+/* Logprob of tok and the top n alternatives, from raw logits. */
+static void fill_logprobs(const float *logits, int vocab, int32_t tok,
+                          int n, struct lp_event *ev)
+{
+	float mx = -INFINITY;
+	double sum = 0;
+
+	for (int i = 0; i < vocab; i++)
+		if (logits[i] > mx)
+			mx = logits[i];
+	for (int i = 0; i < vocab; i++)
+		sum += exp((double)(logits[i] - mx));
+	float lse = mx + (float)log(sum);
+	ev->logprob = logits[tok] - lse;
+	ev->n_top = 0;
+	/* top n by insertion into a small sorted list */
+	for (int i = 0; i < vocab && n > 0; i++) {
+		float v = logits[i];
+		int k = ev->n_top;
+		if (k == n && v <= ev->top_logprobs[k - 1])
+			continue;
+		if (k < n)
+			ev->n_top++;
+		else
+			k--;
+		while (k > 0 && ev->top_logprobs[k - 1] < v) {
+			ev->top_logprobs[k] = ev->top_logprobs[k - 1];
+			ev->top_ids[k] = ev->top_ids[k - 1];
+			k--;
+		}
+		ev->top_logprobs[k] = v;
+		ev->top_ids[k] = i;
+	}
+	for (int k = 0; k < ev->n_top; k++)
+		ev->top_logprobs[k] -= lse;
+}
+
+static void push_end(struct lp_request *r, bool cancelled)
+{
+	struct lp_event ev;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.kind = LP_EVENT_END;
+	ev.finish = r->seq ? r->seq->finish : LP_FINISH_ABORT;
+	ev.cancelled = cancelled;
+	ev.prompt_tokens = (int)r->n_prompt;
+	ev.completion_tokens = r->n_generated;
+	request_push(r, &ev);
+}
+
+/* Removes r from the engine: frees its sequence and the engine's ref. */
+static void retire(struct lp_worker *w, struct lp_request *r, struct lp_request **prev_next)
+{
+	*prev_next = r->next;
+	r->next = NULL;
+	if (r->seq) {
+		lp_engine_release(w->e, r->seq);
+		r->seq = NULL;
+	}
+	pthread_mutex_lock(&w->qmu);
+	w->n_active--;
+	if (w->n_active == 0 && w->q_len == 0)
+		pthread_cond_broadcast(&w->idle_cv);
+	pthread_mutex_unlock(&w->qmu);
+	request_unref(r);
+}
+
+/* Moves queued requests into the engine; engine lock held. */
+static void admit(struct lp_worker *w, struct lp_request *batch)
+{
+	while (batch) {
+		struct lp_request *r = batch;
+		struct lp_seq_params p = { 0 };
+		struct lp_event ev;
+
+		batch = r->next;
+		r->next = NULL;
+		p.adapter = r->adapter;
+		p.prompt = r->prompt;
+		p.n_prompt = r->n_prompt;
+		p.max_tokens = r->max_tokens;
+		p.ignore_eos = r->ignore_eos;
+		p.sampling = r->sampling;
+		memset(&ev, 0, sizeof(ev));
+		if (request_cancelled(r)) {
+			push_end(r, true);
+		} else if (lp_engine_add(w->e, &p, &r->seq, &ev.err)) {
+			ev.kind = LP_EVENT_ERROR;
+			request_push(r, &ev);
+		} else {
+			r->seq->user = r;
+			r->next = w->active;
+			w->active = r;
+			continue;
+		}
+		pthread_mutex_lock(&w->qmu);
+		w->n_active--;
+		if (w->n_active == 0 && w->q_len == 0)
+			pthread_cond_broadcast(&w->idle_cv);
+		pthread_mutex_unlock(&w->qmu);
+		request_unref(r);
+	}
+}
+
+/* One round: cancellations, then a step; engine lock held. */
+static int run_step(struct lp_worker *w)
+{
+	const struct lp_step_output *outs;
+	int n_outs, vocab = lp_worker_model(w)->cfg.vocab_size;
+	struct lp_err err;
+
+	for (struct lp_request **pp = &w->active; *pp;) {
+		struct lp_request *r = *pp;
+		if (request_cancelled(r)) {
+			lp_engine_finish(w->e, r->seq);
+			push_end(r, true);
+			retire(w, r, pp);
+		} else {
+			pp = &r->next;
+		}
+	}
+	if (!lp_engine_has_work(w->e))
+		return 0;
+	if (lp_engine_step(w->e, &outs, &n_outs, &err))
+		return -1;
+	for (int i = 0; i < n_outs; i++) {
+		struct lp_request *r = outs[i].seq->user;
+		struct lp_event ev;
+
+		ev.kind = LP_EVENT_TOKEN;
+		ev.token = outs[i].token;
+		ev.n_top = 0;
+		ev.logprob = 0;
+		if (r->logprobs >= 0)
+			fill_logprobs(outs[i].logits, vocab, ev.token, r->logprobs, &ev);
+		r->n_generated++;
+		if (!request_push(r, &ev)) {
+			/* the reader fell a whole channel behind: stop this one */
+			pthread_mutex_lock(&r->mu);
+			r->cancel = true;
+			pthread_mutex_unlock(&r->mu);
+		}
+	}
+	/* finished ones leave the engine */
+	for (struct lp_request **pp = &w->active; *pp;) {
+		struct lp_request *r = *pp;
+		if (r->seq->state == LP_SEQ_FINISHED) {
+			push_end(r, false);
+			retire(w, r, pp);
+		} else {
+			pp = &r->next;
+		}
+	}
+	return n_outs;
+}
+
+static void *engine_thread(void *arg)
+{
+	struct lp_worker *w = arg;
+
+	for (;;) {
+		struct lp_request *batch = NULL;
+		bool stop;
+
+		pthread_mutex_lock(&w->qmu);
+		while (!w->q_head && !w->active && !w->stopping)
+			pthread_cond_wait(&w->qcv, &w->qmu);
+		stop = w->stopping;
+		batch = w->q_head;
+		w->n_active += w->q_len;
+		w->q_head = w->q_tail = NULL;
+		w->q_len = 0;
+		w->wake = false;
+		pthread_mutex_unlock(&w->qmu);
+
+		pthread_mutex_lock(&w->lock);
+		admit(w, batch);
+		if (stop) {
+			for (struct lp_request *r = w->active; r; r = r->next) {
+				pthread_mutex_lock(&r->mu);
+				r->cancel = true;
+				pthread_mutex_unlock(&r->mu);
+			}
+		}
+		int n = run_step(w);
+		pthread_mutex_unlock(&w->lock);
+		if (stop && !w->active)
+			break;
+		if (n <= 0 && w->active) {
+			/* nothing could run (waiting for a slot): doze until poked */
+			struct timespec ts;
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			ts.tv_nsec += 2000000;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			pthread_mutex_lock(&w->qmu);
+			if (!w->wake && !w->stopping)
+				pthread_cond_timedwait(&w->qcv, &w->qmu, &ts);
+			pthread_mutex_unlock(&w->qmu);
+		}
+	}
+	return NULL;
+}
+
+int lp_worker_start(struct lp_worker **out, struct lp_engine *e,
+                    const struct lp_worker_config *cfg, struct lp_err *err)
+{
+	struct lp_worker *w;
+
+	*out = NULL;
+	if (cfg->queue_capacity < 1 || cfg->channel_capacity < 1)
+		return lp_errf(err, -EINVAL, "queue and channel capacities must be positive");
+	w = calloc(1, sizeof(*w));
+	if (!w)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	w->e = e;
+	w->cfg = *cfg;
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_mutex_init(&w->qmu, NULL);
+	cond_init_monotonic(&w->qcv);
+	cond_init_monotonic(&w->idle_cv);
+	if (pthread_create(&w->thread, NULL, engine_thread, w)) {
+		free(w);
+		return lp_errf(err, -EAGAIN, "cannot start the engine thread");
+	}
+	w->thread_started = true;
+	*out = w;
+	return 0;
+}
+
+void lp_worker_close(struct lp_worker *w)
+{
+	pthread_mutex_lock(&w->qmu);
+	w->closing = true;
+	pthread_mutex_unlock(&w->qmu);
+}
+
+void lp_worker_free(struct lp_worker *w, int drain_ms)
+{
+	struct timespec deadline;
+
+	if (!w)
+		return;
+	lp_worker_close(w);
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	deadline.tv_sec += drain_ms / 1000;
+	deadline.tv_nsec += (long)(drain_ms % 1000) * 1000000L;
+	if (deadline.tv_nsec >= 1000000000L) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&w->qmu);
+	while ((w->n_active > 0 || w->q_len > 0) &&
+	       pthread_cond_timedwait(&w->idle_cv, &w->qmu, &deadline) != ETIMEDOUT)
+		;
+	w->stopping = true;
+	pthread_cond_signal(&w->qcv);
+	pthread_mutex_unlock(&w->qmu);
+	if (w->thread_started)
+		pthread_join(w->thread, NULL);
+	lp_engine_free(w->e);
+	pthread_mutex_destroy(&w->lock);
+	pthread_mutex_destroy(&w->qmu);
+	pthread_cond_destroy(&w->qcv);
+	pthread_cond_destroy(&w->idle_cv);
+	free(w);
+}
+
+/* ---- adapters and stats ---- */
+
+static void summarize(const struct lp_adapter *a, struct lp_adapter_summary *s)
+{
+	memset(s, 0, sizeof(*s));
+	snprintf(s->name, sizeof(s->name), "%s", a->name);
+	snprintf(s->source, sizeof(s->source), "%s", a->source);
+	snprintf(s->sha256, sizeof(s->sha256), "%s", a->sha256);
+	s->lora_id = a->lora_id;
+	s->rank = a->rank;
+	s->targets = a->targets;
+	s->format = a->format;
+	s->tier = lp_adapter_tier_name(lp_adapter_tier(a));
+	s->requests_running = a->running_refs;
+	s->load_ms = a->load_ms;
+}
+
+int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
+                        const char *source, const char *sha256, bool inplace, bool *already,
+                        struct lp_adapter_summary *out, struct lp_err *err)
+{
+	struct lp_lora_cache *c = lp_engine_loras(w->e);
+	struct lp_adapter *a;
+	struct lp_lora *l;
+	struct timespec t0, t1;
+	int rc;
+
+	*already = false;
+	if (!source)
+		source = path;
+	if (!sha256)
+		sha256 = "";
+	pthread_mutex_lock(&w->lock);
+	a = lp_lora_cache_find(c, name);
+	if (a && !inplace && !strcmp(a->source, source) && !strcmp(a->sha256, sha256)) {
+		*already = true;
+		if (out)
+			summarize(a, out);
+		pthread_mutex_unlock(&w->lock);
+		return 0;
+	}
+	pthread_mutex_unlock(&w->lock);
+
+	/* the slow part, outside the engine's lock */
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = lp_lora_load(&l, path, lp_lora_cache_shape(c), err);
+	if (rc)
+		return rc;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+
+	pthread_mutex_lock(&w->lock);
+	rc = lp_lora_cache_install(c, name, path, source, sha256, l, ms, inplace, already, err);
+	if (!rc && out)
+		summarize(lp_lora_cache_find(c, name), out);
+	pthread_mutex_unlock(&w->lock);
+	return rc;
+}
+
+int lp_worker_lora_unload(struct lp_worker *w, const char *name, struct lp_err *err)
+{
+	int rc;
+
+	pthread_mutex_lock(&w->lock);
+	rc = lp_lora_cache_unload(lp_engine_loras(w->e), name, err);
+	pthread_mutex_unlock(&w->lock);
+	return rc;
+}
+
+size_t lp_worker_lora_list(struct lp_worker *w, struct lp_adapter_summary *out, size_t cap)
+{
+	struct lp_lora_cache *c = lp_engine_loras(w->e);
+	size_t n = 0;
+
+	pthread_mutex_lock(&w->lock);
+	for (struct lp_adapter *a = lp_lora_cache_next(c, NULL); a; a = lp_lora_cache_next(c, a)) {
+		if (n < cap)
+			summarize(a, &out[n]);
+		n++;
+	}
+	pthread_mutex_unlock(&w->lock);
+	return n;
+}
+
+int lp_worker_lora_get(struct lp_worker *w, const char *name, struct lp_adapter_summary *out)
+{
+	struct lp_adapter *a;
+	int rc = -ENOENT;
+
+	pthread_mutex_lock(&w->lock);
+	a = lp_lora_cache_find(lp_engine_loras(w->e), name);
+	if (a) {
+		summarize(a, out);
+		rc = 0;
+	}
+	pthread_mutex_unlock(&w->lock);
+	return rc;
+}
+
+void lp_worker_stats(struct lp_worker *w, struct lp_worker_stats *out)
+{
+	pthread_mutex_lock(&w->lock);
+	lp_engine_stats(w->e, &out->engine);
+	lp_lora_cache_stats(lp_engine_loras(w->e), &out->loras);
+	pthread_mutex_unlock(&w->lock);
+	pthread_mutex_lock(&w->qmu);
+	out->queued = w->q_len;
+	pthread_mutex_unlock(&w->qmu);
+}
+
+const struct lp_model *lp_worker_model(const struct lp_worker *w)
+{
+	return lp_engine_model(w->e);
+}
