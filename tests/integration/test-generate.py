@@ -143,6 +143,61 @@ def chat_smollm2_answers_and_stops():
 
 
 @test
+def lora_adapter_matches_peft():
+    gold = json.load(open(os.path.join(FIX, "goldens", "lora-tiny-r8-all.json")))
+    checked = 0
+    for p in gold["prompts"]:
+        if not p["text"]:
+            continue
+        rc, out, err = run("--model", TINY, "--lora", "sql=" + gold["adapter"], "--adapter", "sql",
+                           "--prompt", p["text"], "--max-tokens", "32", "--ignore-eos")
+        assert rc == 0, err
+        assert "loaded adapter 'sql'" in err, err
+        want = sp_decode(p["greedy"], os.path.join(TINY, "tokenizer.json"))
+        base = sp_decode(p["base_greedy"], os.path.join(TINY, "tokenizer.json"))
+        assert out == want + "\n", f"{p['text']!r}: got {out!r}, want {want!r}"
+        assert want != base
+        checked += 1
+    assert checked >= 2
+
+
+@test
+def prompts_file_mixed_adapters():
+    mixed = json.load(open(os.path.join(FIX, "goldens", "lora-tiny-mixed.json")))
+    reqs = [r for r in mixed["requests"] if r.get("text") and "\t" not in r["text"]
+            and "\n" not in r["text"]]
+    names = sorted({r["adapter"] for r in reqs if r["adapter"]})
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "prompts.tsv")
+        with open(f, "w", encoding="utf-8") as fh:
+            for r in reqs:
+                fh.write(f"{r['adapter'] or '-'}\t{r['text']}\n")
+        args = ["--model", TINY, "--prompts-file", f, "--max-tokens", "32", "--ignore-eos",
+                "--max-loras", "3"]
+        for n in names:
+            args += ["--lora", f"{n}=" + os.path.join(FIX, "lora", "tiny", n)]
+        rc, out, err = run(*args)
+        assert rc == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert len(rows) == len(reqs) >= 12, (len(rows), len(reqs))
+        for row, r in zip(rows, reqs):
+            want = sp_decode(r["greedy"], os.path.join(TINY, "tokenizer.json"))
+            assert row["adapter"] == r["adapter"], row
+            assert row["completion"] == want, f"{r['adapter']} {r['text']!r}: {row['completion']!r} vs {want!r}"
+
+
+@test
+def lora_errors_exit_1():
+    rc, out, err = run("--model", TINY, "--lora", "x=/nonexistent/adapter", "--prompt", "hi")
+    assert rc == 1 and "/nonexistent/adapter" in err, err
+    rc, out, err = run("--model", TINY, "--adapter", "nope", "--prompt", "hi")
+    assert rc == 1 and "nope" in err, err
+    rc, out, err = run("--model", TINY, "--lora", "big=" + os.path.join(FIX, "lora", "tiny", "r64-mlp"),
+                       "--max-lora-rank", "16", "--prompt", "hi")
+    assert rc == 1 and "16" in err and "rank" in err, err
+
+
+@test
 def bad_usage_exit_2():
     for args in (["--model", TINY], ["--prompt", "x"], ["--model", TINY, "--prompt", "x",
                  "--max-tokens", "abc"], ["--model", TINY, "--prompt", "x", "--bogus"]):
