@@ -303,7 +303,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		case OPT_LORA:
 			if (o->n_loras == MAX_LORAS || !strchr(optarg, '=') || optarg[0] == '=') {
 				fprintf(stderr,
-				        "loraplane-generate: '--lora' needs NAME=PATH (at most %d), got '%s'\n",
+				        "loraplane-generate: '--lora' needs NAME=PATH (at most "
+				        "%d), got '%s'\n",
 				        MAX_LORAS, optarg);
 				return -1;
 			}
@@ -491,13 +492,21 @@ static int job_token(struct lp_engine *e, struct lp_model *m, struct job *j, int
 static int print_json_result(size_t index, const struct job *j)
 {
 	json_t *o = json_pack("{s:I, s:s?, s:s, s:s%, s:i, s:i, s:s}", "index", (json_int_t)index,
-	                      "adapter", j->adapter, "prompt", j->prompt, "completion", j->text.data ? j->text.data : "",
-	                      j->text.len, "prompt_tokens", j->seq->n_prompt, "completion_tokens",
-	                      j->n_generated, "finish_reason", finish_name(j));
+	                      "adapter", j->adapter, "prompt", j->prompt, "completion",
+	                      j->text.data ? j->text.data : "", j->text.len, "prompt_tokens",
+	                      j->seq->n_prompt, "completion_tokens", j->n_generated,
+	                      "finish_reason", finish_name(j));
+	json_t *ids = json_array();
 	char *s;
 
-	if (!o)
+	if (!o || !ids) {
+		json_decref(o);
+		json_decref(ids);
 		return -1;
+	}
+	for (int i = j->seq->n_prompt; i < j->seq->n_tokens; i++)
+		json_array_append_new(ids, json_integer(j->seq->tokens[i]));
+	json_object_set_new(o, "completion_ids", ids);
 	s = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
 	json_decref(o);
 	if (!s)

@@ -241,9 +241,10 @@ static int write_adapter(const char *dir, const struct lp_model *m, int rank, st
 				hl += (size_t)snprintf(
 				    hdr + hl, hdr_cap - hl,
 				    "%s\"base_model.model.model.layers.%d.%s.lora_%c.weight\": "
-				    "{\"dtype\": \"F32\", \"shape\": [%d, %d], \"data_offsets\": [%zu, %zu]}",
-				    hl > 1 ? ", " : "", l, mods[t], ab ? 'B' : 'A', ab ? outs[t] : rank,
-				    ab ? rank : ins[t], off, off + n);
+				    "{\"dtype\": \"F32\", \"shape\": [%d, %d], \"data_offsets\": "
+				    "[%zu, %zu]}",
+				    hl > 1 ? ", " : "", l, mods[t], ab ? 'B' : 'A',
+				    ab ? outs[t] : rank, ab ? rank : ins[t], off, off + n);
 				off += n;
 			}
 	hl += (size_t)snprintf(hdr + hl, hdr_cap - hl, "}");
@@ -352,10 +353,14 @@ static int bench_lora(struct lp_model *m, const int32_t *prompt, struct lp_err *
 	}
 	/* load time of one rank-16 adapter, best of 5, from the page cache */
 	{
-		struct lp_lora_shape shape = {m->cfg.n_layers, m->cfg.dim,
+		struct lp_lora_shape shape = {m->cfg.n_layers,
+		                              m->cfg.dim,
 		                              m->cfg.n_heads * m->cfg.head_dim,
-		                              m->cfg.n_kv_heads * m->cfg.head_dim, m->cfg.ffn_dim, 64,
-		                              NULL, true};
+		                              m->cfg.n_kv_heads * m->cfg.head_dim,
+		                              m->cfg.ffn_dim,
+		                              64,
+		                              NULL,
+		                              true};
 		double best = 1e9;
 		for (int rep = 0; rep < 5; rep++) {
 			struct lp_lora *l;

@@ -53,9 +53,9 @@ struct lp_engine {
 	struct lp_step_output *outs;
 
 	struct lp_lora_cache *loras;
-	struct step_seg *segs;        /* [max_num_seqs] this step's adapter segments */
+	struct step_seg *segs; /* [max_num_seqs] this step's adapter segments */
 	int n_segs;
-	struct lp_lora_seg *op_segs;  /* [max_num_seqs] for one LoRA op */
+	struct lp_lora_seg *op_segs; /* [max_num_seqs] for one LoRA op */
 	struct lp_tensor lora_tmp;
 
 	struct lp_engine_stats stats;
@@ -133,8 +133,8 @@ static int alloc_dev(struct lp_engine *e, struct lp_buffer *b, size_t bytes, str
 static void free_step_bufs(struct lp_engine *e)
 {
 	struct lp_buffer *all[] = {
-	    &e->d.ids,  &e->d.pos, &e->d.tok_seq, &e->d.slots, &e->d.out_rows, &e->d.block_tables,
-	    &e->d.x,    &e->d.xn,  &e->d.q,       &e->d.k,     &e->d.v,        &e->d.att,
+	    &e->d.ids,  &e->d.pos, &e->d.tok_seq, &e->d.slots,  &e->d.out_rows, &e->d.block_tables,
+	    &e->d.x,    &e->d.xn,  &e->d.q,       &e->d.k,      &e->d.v,        &e->d.att,
 	    &e->d.gate, &e->d.up,  &e->d.h,       &e->d.logits, &e->d.lora_tmp};
 
 	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
@@ -588,8 +588,8 @@ static void apply_lora(struct lp_engine *e, int l, enum lp_lora_target t, struct
 		size_t k = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
 		if (!g->adapter->a[k].rows)
 			continue;
-		e->op_segs[n++] = (struct lp_lora_seg){g->row0, g->rows, &g->adapter->a[k],
-		                                       &g->adapter->b[k]};
+		e->op_segs[n++] =
+		    (struct lp_lora_seg){g->row0, g->rows, &g->adapter->a[k], &g->adapter->b[k]};
 	}
 	if (!n)
 		return;
@@ -600,7 +600,6 @@ static void apply_lora(struct lp_engine *e, int l, enum lp_lora_target t, struct
 }
 
 /* ---- forward pass ---- */
-
 
 /* Runs the model over the n_tok staged tokens and leaves the logits of the
  * n_out staged output rows in d.logits. */

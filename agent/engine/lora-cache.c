@@ -11,7 +11,7 @@ struct lp_lora_cache {
 	struct lp_lora_shape shape;
 	char **base_names; /* owned copies, NULL-terminated */
 	int max_loras, max_cpu_loras;
-	struct lp_adapter *all; /* every live version, registered or retired */
+	struct lp_adapter *all;    /* every live version, registered or retired */
 	struct lp_adapter **slots; /* [max_loras] */
 	uint64_t clock;
 	struct lp_lora_cache_stats stats;
@@ -187,8 +187,8 @@ static char *dup_or_empty(const char *s)
 }
 
 int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char *path,
-                          const char *source, const char *sha256, struct lp_lora *w,
-                          double load_ms, bool inplace, bool *already, struct lp_err *err)
+                          const char *source, const char *sha256, struct lp_lora *w, double load_ms,
+                          bool inplace, bool *already, struct lp_err *err)
 {
 	struct lp_adapter *old = lp_lora_cache_find(c, name), *a;
 	size_t n_pairs = (size_t)c->shape.n_layers * LP_LORA_N_TARGETS;
@@ -205,15 +205,17 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 	}
 	if (old && !inplace) {
 		lp_lora_free(w);
-		return lp_errf(err, -EEXIST,
-		               "adapter '%s' is already loaded from '%s'; set load_inplace to replace it",
-		               name, old->source);
+		return lp_errf(
+		    err, -EEXIST,
+		    "adapter '%s' is already loaded from '%s'; set load_inplace to replace it",
+		    name, old->source);
 	}
 	if (!make_host_room(c, NULL)) {
 		lp_lora_free(w);
-		return lp_errf(err, -ENOSPC,
-		               "no room for adapter '%s': all %d host slots hold adapters that requests need",
-		               name, c->max_cpu_loras);
+		return lp_errf(
+		    err, -ENOSPC,
+		    "no room for adapter '%s': all %d host slots hold adapters that requests need",
+		    name, c->max_cpu_loras);
 	}
 	a = calloc(1, sizeof(*a));
 	if (!a) {
@@ -305,7 +307,8 @@ int lp_lora_cache_acquire(struct lp_lora_cache *c, const char *name, struct lp_a
 		c->stats.host_misses++;
 		if (!make_host_room(c, a))
 			return lp_errf(err, -EAGAIN,
-			               "adapter '%s' must be read from disk, but all %d host slots hold adapters that requests need",
+			               "adapter '%s' must be read from disk, but all %d host slots "
+			               "hold adapters that requests need",
 			               name, c->max_cpu_loras);
 		t0 = now_ms();
 		rc = lp_lora_load(&w, a->path, &c->shape, err);
@@ -338,7 +341,8 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 		return false;
 	for (int l = 0; l < c->shape.n_layers; l++)
 		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
-			const struct lp_lora_pair *p = lp_lora_pair_at(w, l, (enum lp_lora_target)t);
+			const struct lp_lora_pair *p =
+			    lp_lora_pair_at(w, l, (enum lp_lora_target)t);
 			size_t i = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
 			int in, out;
 			lp_lora_target_dims(&c->shape, (enum lp_lora_target)t, &in, &out);
@@ -347,10 +351,12 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 			if (!p->rank)
 				continue;
 			/* same offsets inside the device copy as in the host one */
-			a->a[i] = (struct lp_tensor){ (char *)a->dev.data + ((char *)p->a - (char *)w->data),
-				                      LP_DTYPE_F32, p->rank, in };
-			a->b[i] = (struct lp_tensor){ (char *)a->dev.data + ((char *)p->b - (char *)w->data),
-				                      LP_DTYPE_F32, out, p->rank };
+			a->a[i] = (struct lp_tensor){(char *)a->dev.data +
+			                                 ((char *)p->a - (char *)w->data),
+			                             LP_DTYPE_F32, p->rank, in};
+			a->b[i] = (struct lp_tensor){(char *)a->dev.data +
+			                                 ((char *)p->b - (char *)w->data),
+			                             LP_DTYPE_F32, out, p->rank};
 		}
 	a->slot = s;
 	c->slots[s] = a;

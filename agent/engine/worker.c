@@ -26,10 +26,10 @@ struct lp_request {
 	pthread_cond_t cv;
 	struct lp_event *ring; /* capacity cap + 1: the last slot is kept for the end */
 	int cap, head, count;
-	bool final_pushed;   /* END or ERROR is in the ring */
-	bool final_read;     /* ... and was read */
-	bool cancel;	     /* asked by the reader */
-	int refs;	     /* reader + engine side */
+	bool final_pushed; /* END or ERROR is in the ring */
+	bool final_read;   /* ... and was read */
+	bool cancel;       /* asked by the reader */
+	int refs;          /* reader + engine side */
 	/* engine side */
 	char *adapter;
 	int32_t *prompt;
@@ -50,14 +50,14 @@ struct lp_worker {
 	bool thread_started;
 	pthread_mutex_t lock; /* the engine */
 	pthread_mutex_t qmu;
-	pthread_cond_t qcv;    /* engine thread waits: work, cancel, stop */
+	pthread_cond_t qcv;     /* engine thread waits: work, cancel, stop */
 	pthread_cond_t idle_cv; /* drain waits: nothing queued or active */
 	struct lp_request *q_head, *q_tail;
 	int q_len;
 	struct lp_request *active; /* in the engine (engine thread only) */
-	int n_active;		   /* under qmu */
+	int n_active;              /* under qmu */
 	bool closing, stopping;
-	bool wake;		   /* a cancel or submit since the last look */
+	bool wake; /* a cancel or submit since the last look */
 	uint64_t next_id;
 };
 
@@ -262,8 +262,7 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 /* ---- the engine thread ---- */
 
 /* Logprob of tok and the top n alternatives, from raw logits. */
-static void fill_logprobs(const float *logits, int vocab, int32_t tok,
-                          int n, struct lp_event *ev)
+static void fill_logprobs(const float *logits, int vocab, int32_t tok, int n, struct lp_event *ev)
 {
 	float mx = -INFINITY;
 	double sum = 0;
@@ -333,7 +332,7 @@ static void admit(struct lp_worker *w, struct lp_request *batch)
 {
 	while (batch) {
 		struct lp_request *r = batch;
-		struct lp_seq_params p = { 0 };
+		struct lp_seq_params p = {0};
 		struct lp_event ev;
 
 		batch = r->next;
@@ -467,8 +466,8 @@ static void *engine_thread(void *arg)
 	return NULL;
 }
 
-int lp_worker_start(struct lp_worker **out, struct lp_engine *e,
-                    const struct lp_worker_config *cfg, struct lp_err *err)
+int lp_worker_start(struct lp_worker **out, struct lp_engine *e, const struct lp_worker_config *cfg,
+                    struct lp_err *err)
 {
 	struct lp_worker *w;
 
@@ -548,8 +547,8 @@ static void summarize(const struct lp_adapter *a, struct lp_adapter_summary *s)
 	s->load_ms = a->load_ms;
 }
 
-int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
-                        const char *source, const char *sha256, bool inplace, bool *already,
+int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *source,
+                        const char *sha256, bool inplace, bool *already,
                         struct lp_adapter_summary *out, struct lp_err *err)
 {
 	struct lp_lora_cache *c = lp_engine_loras(w->e);
@@ -580,7 +579,8 @@ int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
 	if (rc)
 		return rc;
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+	double ms =
+	    (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
 
 	pthread_mutex_lock(&w->lock);
 	rc = lp_lora_cache_install(c, name, path, source, sha256, l, ms, inplace, already, err);

@@ -171,24 +171,27 @@ static void check_golden_file(const char *file)
 				float *firsts[1] = {first};
 				reqs[r].adapter = "x";
 				if (run(e, &reqs[r], 1, toks, firsts, &err)) {
-					snprintf(failure, sizeof(failure), "%s: %s", apath, err.msg);
+					snprintf(failure, sizeof(failure), "%s: %s", apath,
+					         err.msg);
 					break;
 				}
 				if (!same_tokens(toks[0], reqs[r].greedy))
 					snprintf(failure, sizeof(failure),
-					         "%s prompt %d: greedy tokens differ from peft's", apath, r);
+					         "%s prompt %d: greedy tokens differ from peft's",
+					         apath, r);
 				for (int t = 0; reqs[r].logits && t < m->cfg.vocab_size; t++) {
-					double d = fabs(first[t] - reqs[r].logits[t]) / reqs[r].range;
+					double d =
+					    fabs(first[t] - reqs[r].logits[t]) / reqs[r].range;
 					if (d > worst_rel)
 						worst_rel = d;
 				}
 			}
 			if (!failure[0] && worst_rel > 1e-3)
 				snprintf(failure, sizeof(failure),
-				         "%s: logits differ from peft's by %.2e of the range", apath,
-				         worst_rel);
-			printf("  %s: %d prompts, max |logit - peft| = %.2e of the range\n", apath, n,
-			       worst_rel);
+				         "%s: logits differ from peft's by %.2e of the range",
+				         apath, worst_rel);
+			printf("  %s: %d prompts, max |logit - peft| = %.2e of the range\n", apath,
+			       n, worst_rel);
 		}
 		if (e)
 			lp_engine_free(e);
@@ -364,7 +367,7 @@ static int load_as(struct lp_engine *e, const char *name, const char *dir, bool 
 static enum lp_adapter_tier tier_of(struct lp_engine *e, const char *name)
 {
 	struct lp_adapter *a = lp_lora_cache_find(lp_engine_loras(e), name);
-	return a ? lp_adapter_tier(a) : (enum lp_adapter_tier)-1;
+	return a ? lp_adapter_tier(a) : (enum lp_adapter_tier) - 1;
 }
 
 /* Host tier of 3: a fourth load evicts the least recently used idle one to
@@ -415,8 +418,8 @@ static void test_device_slot_pinning(void)
 	for (int i = 0; i < n_mixed; i++) {
 		if (mixed[i].adapter && ia < 0)
 			ia = i;
-		else if (mixed[i].adapter && ia >= 0 && strcmp(mixed[i].adapter, mixed[ia].adapter) &&
-		         ib < 0)
+		else if (mixed[i].adapter && ia >= 0 &&
+		         strcmp(mixed[i].adapter, mixed[ia].adapter) && ib < 0)
 			ib = i;
 	}
 	CHECK(ia >= 0 && ib >= 0);
@@ -521,7 +524,8 @@ static void test_inplace_reload(void)
 		}
 	}
 	CHECK_MSG(same_tokens(t_old, old_req.greedy), "the running request changed weights");
-	CHECK_MSG(same_tokens(t_new, new_req.greedy), "the new request did not get the new weights");
+	CHECK_MSG(same_tokens(t_new, new_req.greedy),
+	          "the new request did not get the new weights");
 	lp_engine_release(e, s_old);
 	lp_engine_release(e, s_new);
 	lp_engine_free(e);

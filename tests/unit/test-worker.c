@@ -38,7 +38,8 @@ static int load_goldens(void)
 			break;
 		json_array_foreach(ids, k, x) prompts[i][k] = (int32_t)json_integer_value(x);
 		n_ids[i] = (int)json_array_size(ids);
-		json_array_foreach(g, k, x) if (k < N_GREEDY) greedy[i][k] = (int32_t)json_integer_value(x);
+		json_array_foreach(g, k, x) if (k < N_GREEDY) greedy[i][k] =
+		    (int32_t)json_integer_value(x);
 		n_prompts++;
 	}
 	json_decref(root);
