@@ -1,0 +1,143 @@
+/* Shared between the files of the sources module (source.c, the download
+ * helpers and one file per remote scheme); not part of its API. */
+#ifndef LP_ADAPTERS_SOURCE_INTERNAL_H
+#define LP_ADAPTERS_SOURCE_INTERNAL_H
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "agent/adapters/http-fetch.h"
+#include "agent/adapters/source.h"
+#include "common/buf.h"
+#include "common/err.h"
+
+/* Longest relative file name kept from a remote listing. */
+#define SRC_NAME_MAX 1024
+/* Metadata file written into every cache entry; a source may not hold a
+ * file of this name. */
+#define SRC_META_NAME ".loraplane-source.json"
+
+enum src_scheme {
+	SRC_FILE,
+	SRC_S3,
+	SRC_HF,
+	SRC_HTTPS,
+};
+
+/* A parsed URI; which fields are set depends on the scheme. */
+struct src_uri {
+	enum src_scheme scheme;
+	char path[PATH_MAX];         /* file: the absolute path */
+	char bucket[256];            /* s3 */
+	char prefix[SRC_NAME_MAX];   /* s3: may be "" */
+	char repo[256];              /* hf: "org/name" or "name" */
+	char revision[256];          /* hf: "main" unless given */
+	char url[LP_SOURCE_URI_MAX]; /* https: the URI itself */
+	bool single_file;            /* https: ends in .nemo */
+};
+
+/* Environment read once at creation; NULL when unset or empty. */
+struct src_env {
+	char *aws_access_key;
+	char *aws_secret_key;
+	char *aws_session_token;
+	char *aws_region;  /* never NULL */
+	char *s3_endpoint; /* never NULL */
+	char *aws_ca_bundle;
+	char *hf_endpoint; /* never NULL */
+	char *hf_token;
+	char *curl_ca_bundle;
+};
+
+struct src_inflight;
+
+struct lp_source_cache {
+	char dir[PATH_MAX];
+	uint64_t max_file_bytes;
+	uint64_t max_total_bytes;
+	int max_files;
+	int s3_list_page_size;
+	struct lp_http_policy policy; /* ca_bundle set per scheme */
+	char **roots;                 /* realpath'd allowed roots */
+	int n_roots;
+	lp_source_progress_fn progress;
+	void *progress_arg;
+	long progress_interval_ms;
+	struct src_env env;
+	pthread_mutex_t lock; /* guards inflight and tmp_counter */
+	struct src_inflight *inflight;
+	unsigned long tmp_counter;
+};
+
+/* One file stored by a download. */
+struct src_file {
+	char *name; /* relative to the entry, '/'-separated */
+	uint64_t size;
+	char sha256[65];
+};
+
+/* One download into a temporary directory, driven by a scheme's fetch
+ * function through the helpers below, which enforce the limits. */
+struct src_download {
+	struct lp_source_cache *cache;
+	const struct src_uri *u;
+	const char *uri;
+	const char *dir; /* the temporary directory */
+	struct lp_http_client http;
+	struct src_file *files;
+	int n_files;
+	uint64_t bytes;         /* stored so far */
+	uint64_t announced;     /* sum of sizes a listing gave, 0 when unknown */
+	uint64_t progress_base; /* bytes of finished files */
+	struct timespec last_progress;
+	int http_status; /* status behind the error being returned */
+};
+
+/* Parses uri; -EINVAL with a message naming what is wrong. */
+int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err);
+const char *src_scheme_name(enum src_scheme s);
+
+/* Checks that name (a relative '/'-separated path from a listing) can be
+ * stored below the entry: no empty, "." or ".." segment, no control
+ * characters, not the metadata file. */
+bool src_name_ok(const char *name);
+
+/* Initialises the download's HTTP client with the cache's policy and the
+ * CA bundle for this scheme (NULL: system CAs). */
+int src_download_init(struct src_download *d, const char *ca_bundle, struct lp_err *err);
+void src_download_release(struct src_download *d);
+
+/* GETs g (with g->path and g->max_bytes filled here) into the file name of
+ * the download, after checking the file count and announced_size (0:
+ * unknown) against the limits. Returns 0 with res->status set (the file
+ * exists and is recorded only for 2xx), or a negative code. */
+int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name,
+                 uint64_t announced_size, struct lp_http_result *res, struct lp_err *err);
+
+/* GETs g into body (a listing or JSON document, at most max bytes).
+ * Returns 0 with res->status set, or a negative code. */
+int src_get_memory(struct src_download *d, struct lp_http_get *g, struct lp_buf *body,
+                   struct lp_http_result *res, struct lp_err *err);
+
+/* Reports progress now, whatever the interval (the end of a download). */
+void src_progress_final(struct src_download *d);
+
+/* Sets err for a non-2xx response: the code from lp_http_status_errno(),
+ * "<what>: <status> <detail>" where detail is the remote's reason, and
+ * remembers the status for the result. */
+int src_http_error(struct src_download *d, long status, const char *detail, struct lp_err *err,
+                   const char *what_fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* Appends a URL-encoded form of s (slashes kept or not) to out. */
+int src_url_append(struct lp_buf *out, const char *s, bool keep_slash, struct lp_err *err);
+
+/* Fetch functions of the remote schemes: store the adapter's files in
+ * d->dir through src_get_file(). */
+int src_s3_fetch(struct src_download *d, struct lp_err *err);
+int src_hf_fetch(struct src_download *d, struct lp_err *err);
+int src_https_fetch(struct src_download *d, struct lp_err *err);
+
+#endif

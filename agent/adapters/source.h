@@ -1,0 +1,119 @@
+/* Adapter sources: turns an adapter URI into a local directory (or .nemo
+ * file) that lp_lora_load() can open, downloading into a cache when the
+ * URI is remote.
+ *
+ *   file:///abs/dir, /abs/dir   used in place; through the API only below
+ *                                an allowed root (after realpath)
+ *   s3://bucket/prefix          every object under the prefix (ListObjectsV2,
+ *                                path-style, SigV4 from AWS_* variables)
+ *   hf://org/repo[@revision]    the adapter files of a Hugging Face repo
+ *   https://host/dir/           the known adapter file names under dir/
+ *   https://host/x.nemo         that one file
+ *
+ * A download lands in <cache>/<scheme>-<32 hex of sha256(uri)>.tmp.<pid>.<n>
+ * and is renamed to <cache>/<scheme>-<hash> whole, so a cache entry is
+ * complete or absent. A complete entry is reused without any network
+ * request unless a sha256 pin does not match it. Callers fetching the same
+ * URI at once share one download (the others wait for it).
+ *
+ * Environment, read once by lp_source_cache_new(): AWS_ACCESS_KEY_ID,
+ * AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION (or
+ * AWS_DEFAULT_REGION; default us-east-1), AWS_ENDPOINT_URL_S3 or
+ * AWS_ENDPOINT_URL, AWS_CA_BUNDLE; HF_ENDPOINT, HF_TOKEN (or
+ * HUGGING_FACE_HUB_TOKEN); CURL_CA_BUNDLE. See docs/adapter-sources.md. */
+#ifndef LP_ADAPTERS_SOURCE_H
+#define LP_ADAPTERS_SOURCE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+
+#define LP_SOURCE_URI_MAX 4096
+
+/* Progress of one fetch: bytes downloaded so far for uri, and the total
+ * when the source announced every size (0 when unknown). Called on the
+ * fetching thread, at most once per progress_interval_ms and once when
+ * the download completes; several fetches may call it at once. */
+typedef void (*lp_source_progress_fn)(void *arg, const char *uri, uint64_t done, uint64_t total);
+
+/* Settings; a 0 field takes the default in brackets. Everything is copied
+ * by lp_source_cache_new(). */
+struct lp_source_config {
+	const char *cache_dir;    /* created (with parents) when missing */
+	uint64_t max_file_bytes;  /* one file [8 GiB] */
+	uint64_t max_total_bytes; /* one adapter, all files [16 GiB] */
+	int max_files;            /* one adapter [64] */
+	int max_attempts;         /* tries per request [4] */
+	long backoff_initial_ms;  /* first retry delay, doubling [250] */
+	long backoff_max_ms;      /* cap on one delay [8000] */
+	long connect_timeout_s;   /* [10] */
+	long low_speed_bytes;     /* a try slower than this many bytes/s ... [1024] */
+	long low_speed_time_s;    /* ... for this long is abandoned [60] */
+	int s3_list_page_size;    /* ListObjectsV2 max-keys [1000] */
+	/* Directories below which file:// sources requested through the API
+	 * may lie (NULL-terminated; NULL or empty: such requests are refused).
+	 * Each must exist; it is resolved with realpath. */
+	const char *const *allowed_roots;
+	lp_source_progress_fn progress; /* optional */
+	void *progress_arg;
+	long progress_interval_ms; /* [1000] */
+};
+
+struct lp_source_result {
+	/* hex SHA-256 of the weights file (adapter_model.safetensors, else
+	 * adapter_model.bin, else model.lora_weights.npy, or the .nemo file);
+	 * "" when the path holds none of these */
+	char sha256[65];
+	uint64_t bytes_downloaded; /* by this call; 0 for file://, cache hits, joins */
+	uint64_t bytes_total;      /* size of the local copy's files */
+	int files;                 /* files in the local copy */
+	bool from_cache;           /* a complete cache entry was used, no network */
+	bool joined;               /* waited for another caller's download */
+	int http_status;           /* status of the remote response behind an error, else 0 */
+};
+
+struct lp_source_cache;
+
+/* Creates a cache (mkdir -p cache_dir, resolve the allowed roots, read the
+ * environment, remove leftover .tmp directories of dead processes).
+ * -EINVAL for a bad config, -ENOENT for a missing root, -errno for the
+ * cache directory. Free with lp_source_cache_free(). */
+int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_config *cfg,
+                        struct lp_err *err);
+
+/* Frees c; no fetch may be running. NULL is fine. */
+void lp_source_cache_free(struct lp_source_cache *c);
+
+/* Resolves uri (borrowed) to a local path written into local_path (cap
+ * bytes), downloading into the cache when remote. sha256_or_null pins the
+ * weights file's digest (64 hex characters, any case). from_api applies
+ * the allowed-roots rule to file:// sources. Thread-safe. Errors, each
+ * with a message naming the source:
+ *   -EINVAL   malformed or unsupported URI, bad pin
+ *   -ENOENT   source not found (no such path, bucket, prefix, repo,
+ *             revision or adapter files)
+ *   -EACCES   refused: remote 401/403 (its code and message are passed
+ *             on, res->http_status is set), or file:// outside the roots
+ *   -EIO      network or server error after every retry, other remote
+ *             status (res->http_status), cache I/O
+ *   -EFBIG    a size or file-count limit
+ *   -EBADMSG  the weights file does not match the pin
+ *   -ENAMETOOLONG  local_path is too small
+ * res (may be NULL) is cleared and then filled. */
+int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
+                    bool from_api, char *local_path, size_t cap, struct lp_source_result *res,
+                    struct lp_err *err);
+
+/* Removes the cache entry of uri, if any, so that the next fetch
+ * downloads again (an adapter reloaded in place from a changed source).
+ * Readers that already opened its files keep them. -EINVAL for a URI that
+ * is not remote. */
+int lp_source_evict(struct lp_source_cache *c, const char *uri, struct lp_err *err);
+
+/* Writes the cache entry name of a remote uri ("s3-<32 hex>") into out
+ * (cap bytes); -EINVAL when uri is not a well-formed remote URI. */
+int lp_source_cache_name(const char *uri, char *out, size_t cap, struct lp_err *err);
+
+#endif
