@@ -1,0 +1,450 @@
+/* LoRA adapters: format detection, the shared plan → lp_lora step (one
+ * allocation, f32 conversion, finiteness, scale folding) and the checks
+ * every format shares (dtype, shape, rank, base model name); see lora.h and
+ * lora-internal.h. The format readers live in peft.c, trtllm.c and nemo.c. */
+#include "agent/adapters/lora.h"
+
+#include <errno.h>
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <ctype.h>
+#include <math.h>
+#include <pcre2.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "agent/adapters/lora-internal.h"
+#include "kernels/dtype.h"
+
+static const char *const target_names[LP_LORA_N_TARGETS] = {
+    [LP_LORA_Q] = "q_proj",       [LP_LORA_K] = "k_proj",       [LP_LORA_V] = "v_proj",
+    [LP_LORA_O] = "o_proj",       [LP_LORA_GATE] = "gate_proj", [LP_LORA_UP] = "up_proj",
+    [LP_LORA_DOWN] = "down_proj",
+};
+
+const char *lp_lora_target_name(enum lp_lora_target t)
+{
+	return (unsigned)t < LP_LORA_N_TARGETS ? target_names[t] : "invalid";
+}
+
+void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, int *in, int *out)
+{
+	switch (t) {
+	case LP_LORA_Q:
+		*in = s->dim, *out = s->q_dim;
+		break;
+	case LP_LORA_K:
+	case LP_LORA_V:
+		*in = s->dim, *out = s->kv_dim;
+		break;
+	case LP_LORA_O:
+		*in = s->q_dim, *out = s->dim;
+		break;
+	case LP_LORA_GATE:
+	case LP_LORA_UP:
+		*in = s->dim, *out = s->ffn_dim;
+		break;
+	case LP_LORA_DOWN:
+		*in = s->ffn_dim, *out = s->dim;
+		break;
+	default:
+		*in = 0, *out = 0;
+		break;
+	}
+}
+
+void lp_lora_free(struct lp_lora *l)
+{
+	if (!l)
+		return;
+	free(l->pairs);
+	free(l->data);
+	free(l->base_model);
+	free(l);
+}
+
+int lora_plan_init(struct lora_plan *p, int n_layers, struct lp_err *err)
+{
+	p->n_layers = n_layers;
+	p->pairs = calloc((size_t)n_layers * LP_LORA_N_TARGETS, sizeof(*p->pairs));
+	if (!p->pairs)
+		return lp_errf(err, -ENOMEM, "out of memory for %d layers of lora pairs", n_layers);
+	return 0;
+}
+
+void lora_plan_release(struct lora_plan *p)
+{
+	free(p->pairs);
+	p->pairs = NULL;
+}
+
+int lora_check_float(const struct lora_tensor *t, struct lp_err *err)
+{
+	if (t->dtype == LP_ST_F32 || t->dtype == LP_ST_F16 || t->dtype == LP_ST_BF16)
+		return 0;
+	return lp_errf(err, -EINVAL, "'%s' has dtype %s; lora weights must be F32, F16 or BF16",
+	               t->name, lp_st_dtype_name(t->dtype));
+}
+
+static void format_shape(char *buf, size_t cap, const int64_t *shape, int n)
+{
+	size_t len = 0;
+	int w;
+
+	buf[0] = '\0';
+	w = snprintf(buf, cap, "[");
+	len = w > 0 ? (size_t)w : 0;
+	for (int i = 0; i < n && len < cap; i++) {
+		w = snprintf(buf + len, cap - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
+		if (w < 0)
+			return;
+		len += (size_t)w;
+	}
+	if (len < cap)
+		snprintf(buf + len, cap - len, "]");
+}
+
+int lora_check_shape(const struct lora_tensor *t, int64_t rows, int64_t cols, struct lp_err *err)
+{
+	char have[128], need[64];
+	int64_t want[2] = {rows, cols};
+
+	if (t->n_dims == 2 && t->shape[0] == rows && t->shape[1] == cols)
+		return 0;
+	format_shape(have, sizeof(have), t->shape, t->n_dims);
+	format_shape(need, sizeof(need), want, 2);
+	return lp_errf(err, -EINVAL, "'%s' has shape %s, the base model needs %s", t->name, have,
+	               need);
+}
+
+/* Element size of the three float dtypes. */
+static size_t float_size(enum lp_st_dtype dt)
+{
+	return dt == LP_ST_F32 ? 4 : 2;
+}
+
+/* dst[i] = src[i] * scale for n values of dtype dt. */
+static void convert(float *dst, const void *src, enum lp_st_dtype dt, size_t n, float scale)
+{
+	const unsigned char *p = src;
+
+	if (dt == LP_ST_F32) {
+		memcpy(dst, src, n * sizeof(float));
+		if (scale != 1.0f) {
+			for (size_t i = 0; i < n; i++)
+				dst[i] *= scale;
+		}
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		uint16_t h;
+		memcpy(&h, p + 2 * i, 2);
+		dst[i] = (dt == LP_ST_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h)) * scale;
+	}
+}
+
+/* Index of the first NaN or inf in x[0, n), or n. */
+static size_t first_nonfinite(const float *x, size_t n)
+{
+	const size_t chunk = 4096;
+
+	for (size_t i = 0; i < n; i += chunk) {
+		size_t m = n - i < chunk ? n - i : chunk;
+		unsigned bad = 0;
+
+		for (size_t j = 0; j < m; j++) {
+			uint32_t b;
+			memcpy(&b, &x[i + j], 4);
+			bad |= (b & 0x7f800000u) == 0x7f800000u;
+		}
+		if (!bad)
+			continue;
+		for (size_t j = 0; j < m; j++) {
+			if (!isfinite(x[i + j]))
+				return i + j;
+		}
+	}
+	return n;
+}
+
+void lora_to_f32(float *dst, const void *src, enum lp_st_dtype dtype, size_t n)
+{
+	convert(dst, src, dtype, n, 1.0f);
+}
+
+int lora_check_finite(const float *x, size_t rows, size_t cols, const char *name,
+                      struct lp_err *err)
+{
+	size_t n = rows * cols, bad = first_nonfinite(x, n);
+
+	if (bad == n)
+		return 0;
+	return lp_errf(err, -EINVAL, "'%s' holds a non-finite value (%s) at [%zu, %zu]", name,
+	               isnan(x[bad]) ? "nan"
+	               : x[bad] > 0  ? "inf"
+	                             : "-inf",
+	               bad / cols, bad % cols);
+}
+
+/* The value at index i of src, before scaling, as f32. */
+static float source_value(const struct lora_src *src, size_t i)
+{
+	float f;
+	convert(&f, (const unsigned char *)src->data + i * float_size(src->dtype), src->dtype, 1,
+	        1.0f);
+	return f;
+}
+
+/* Converts one matrix of rows × cols from src into dst, scaled, and rejects
+ * non-finite values with the tensor's name and the element's position. */
+static int convert_checked(float *dst, const struct lora_src *src, int64_t rows, int64_t cols,
+                           float scale, struct lp_err *err)
+{
+	size_t n = (size_t)rows * (size_t)cols, bad;
+	float v;
+
+	convert(dst, src->data, src->dtype, n, scale);
+	bad = first_nonfinite(dst, n);
+	if (bad == n)
+		return 0;
+	v = source_value(src, bad);
+	if (!isfinite(v))
+		return lp_errf(err, -EINVAL, "'%s' holds a non-finite value (%s) at [%zu, %zu]",
+		               src->name,
+		               isnan(v) ? "nan"
+		               : v > 0  ? "inf"
+		                        : "-inf",
+		               bad / (size_t)cols, bad % (size_t)cols);
+	return lp_errf(err, -EINVAL,
+	               "'%s' scaled by %g overflows to a non-finite value at [%zu, %zu]", src->name,
+	               (double)scale, bad / (size_t)cols, bad % (size_t)cols);
+}
+
+int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const struct lp_lora_shape *s,
+                     const char *format, const char *base_model, struct lp_err *err)
+{
+	size_t n_pairs = (size_t)p->n_layers * LP_LORA_N_TARGETS;
+	size_t total = 0, off = 0;
+	struct lp_lora *l;
+	int rc;
+
+	*out = NULL;
+	for (size_t i = 0; i < n_pairs; i++) {
+		const struct lora_plan_pair *pp = &p->pairs[i];
+		enum lp_lora_target t = (enum lp_lora_target)(i % LP_LORA_N_TARGETS);
+		int in, o;
+
+		if (!pp->rank)
+			continue;
+		if (pp->rank < 0 || pp->rank > LORA_RANK_LIMIT)
+			return lp_errf(err, -EINVAL, "rank %d of '%s' in layer %zu is invalid",
+			               pp->rank, target_names[t], i / LP_LORA_N_TARGETS);
+		if (pp->rank > s->max_rank)
+			return lp_errf(
+			    err, -EINVAL, "rank %d of '%s' exceeds --max-lora-rank %d (layer %zu)",
+			    pp->rank, target_names[t], s->max_rank, i / LP_LORA_N_TARGETS);
+		if (!isfinite(pp->scale) || !isfinite((float)pp->scale))
+			return lp_errf(err, -EINVAL, "scale %g of '%s' in layer %zu is not finite",
+			               pp->scale, target_names[t], i / LP_LORA_N_TARGETS);
+		lp_lora_target_dims(s, t, &in, &o);
+		total += (size_t)pp->rank * ((size_t)in + (size_t)o);
+	}
+	if (!total)
+		return lp_errf(err, -EINVAL, "adapter holds no lora weights");
+	if (total > SIZE_MAX / sizeof(float))
+		return lp_errf(err, -EINVAL, "adapter is too large");
+
+	l = calloc(1, sizeof(*l));
+	if (!l)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	l->n_layers = p->n_layers;
+	l->format = format;
+	l->pairs = calloc(n_pairs, sizeof(*l->pairs));
+	l->data_bytes = total * sizeof(float);
+	l->data = malloc(l->data_bytes);
+	if (!l->pairs || !l->data) {
+		rc = lp_errf(err, -ENOMEM, "out of memory for %zu bytes of lora weights",
+		             l->data_bytes);
+		goto out_free;
+	}
+	if (base_model && *base_model) {
+		l->base_model = strdup(base_model);
+		if (!l->base_model) {
+			rc = lp_errf(err, -ENOMEM, "out of memory");
+			goto out_free;
+		}
+	}
+	for (size_t i = 0; i < n_pairs; i++) {
+		const struct lora_plan_pair *pp = &p->pairs[i];
+		enum lp_lora_target t = (enum lp_lora_target)(i % LP_LORA_N_TARGETS);
+		struct lp_lora_pair *lpair = &l->pairs[i];
+		int in, o;
+
+		if (!pp->rank)
+			continue;
+		lp_lora_target_dims(s, t, &in, &o);
+		lpair->rank = pp->rank;
+		lpair->a = l->data + off;
+		off += (size_t)pp->rank * (size_t)in;
+		lpair->b = l->data + off;
+		off += (size_t)o * (size_t)pp->rank;
+		rc = convert_checked(lpair->a, &pp->a, pp->rank, in, 1.0f, err);
+		if (rc)
+			goto out_free;
+		rc = convert_checked(lpair->b, &pp->b, o, pp->rank, (float)pp->scale, err);
+		if (rc)
+			goto out_free;
+		if (pp->rank > l->max_rank)
+			l->max_rank = pp->rank;
+		l->targets |= 1u << t;
+	}
+	*out = l;
+	return 0;
+out_free:
+	lp_lora_free(l);
+	return rc;
+}
+
+/* Base model names: the last path component, lowercased, without a
+ * trailing quantization or file-type suffix. */
+#define NAME_MAX_LEN 256
+
+static const char quant_suffix_re[] =
+    "^(.+?)(?:[-._](?:q[0-9]+(?:_[a-z0-9]+)*|iq[0-9]+(?:_[a-z0-9]+)*|f16|f32|bf16|fp16|fp32|"
+    "fp8|int4|int8|gguf|ggml|safetensors|nemo|awq|gptq))*$";
+
+static void normalize_name(const pcre2_code *re, pcre2_match_data *md, const char *in, char *out,
+                           size_t cap)
+{
+	size_t end = strlen(in), start, n;
+
+	while (end > 0 && in[end - 1] == '/')
+		end--;
+	start = end;
+	while (start > 0 && in[start - 1] != '/')
+		start--;
+	n = end - start;
+	if (n >= cap)
+		n = cap - 1;
+	for (size_t i = 0; i < n; i++)
+		out[i] = (char)tolower((unsigned char)in[start + i]);
+	out[n] = '\0';
+	if (re && pcre2_match(re, (PCRE2_SPTR)out, n, 0, 0, md, NULL) >= 2) {
+		PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+		out[ov[3]] = '\0';
+	}
+}
+
+int lora_check_base_model(const char *base, const struct lp_lora_shape *s, struct lp_err *err)
+{
+	char want[NAME_MAX_LEN], have[NAME_MAX_LEN], list[384];
+	pcre2_code *re;
+	pcre2_match_data *md = NULL;
+	size_t len = 0;
+	int ec, rc = 0;
+	PCRE2_SIZE eo;
+
+	if (!base || !*base || !s->base_names || !s->base_names[0] || s->allow_base_mismatch)
+		return 0;
+	re = pcre2_compile((PCRE2_SPTR)quant_suffix_re, PCRE2_ZERO_TERMINATED, 0, &ec, &eo, NULL);
+	if (re)
+		md = pcre2_match_data_create_from_pattern(re, NULL);
+	if (!re || !md) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	normalize_name(re, md, base, want, sizeof(want));
+	list[0] = '\0';
+	for (size_t i = 0; s->base_names[i]; i++) {
+		normalize_name(re, md, s->base_names[i], have, sizeof(have));
+		if (strcmp(want, have) == 0)
+			goto out;
+		if (len < sizeof(list)) {
+			int w = snprintf(list + len, sizeof(list) - len, "%s'%s'", i ? ", " : "",
+			                 s->base_names[i]);
+			len += w > 0 ? (size_t)w : 0;
+		}
+	}
+	rc = lp_errf(err, -EINVAL,
+	             "adapter was trained on base model '%s', which does not match the served "
+	             "model (%s)",
+	             base, list);
+out:
+	pcre2_match_data_free(md);
+	pcre2_code_free(re);
+	return rc;
+}
+
+static bool is_file(const char *dir, const char *name)
+{
+	char path[4096];
+	struct stat st;
+
+	if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
+		return false;
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+	return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static int check_shape_arg(const struct lp_lora_shape *s, struct lp_err *err)
+{
+	if (s->n_layers <= 0 || s->dim <= 0 || s->q_dim <= 0 || s->kv_dim <= 0 || s->ffn_dim <= 0 ||
+	    s->max_rank <= 0 || s->n_layers > 100000 || s->dim > 1000000 || s->q_dim > 1000000 ||
+	    s->kv_dim > 1000000 || s->ffn_dim > 10000000)
+		return lp_errf(
+		    err, -EINVAL,
+		    "invalid base model shape (%d layers, dims %d/%d/%d/%d, max rank %d)",
+		    s->n_layers, s->dim, s->q_dim, s->kv_dim, s->ffn_dim, s->max_rank);
+	return 0;
+}
+
+int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_shape *s,
+                 struct lp_err *err)
+{
+	struct stat st;
+	bool has_cfg, has_w;
+	int rc;
+
+	*out = NULL;
+	rc = check_shape_arg(s, err);
+	if (rc)
+		return rc;
+	if (stat(path, &st) != 0) {
+		if (errno == ENOENT || errno == ENOTDIR)
+			return lp_errf(err, -ENOENT, "adapter path '%s' does not exist", path);
+		return lp_errf(err, -errno, "cannot access adapter path '%s': %s", path,
+		               strerror(errno));
+	}
+	if (S_ISDIR(st.st_mode)) {
+		if (is_file(path, "adapter_config.json"))
+			return lora_load_peft(out, path, s, err);
+		has_cfg = is_file(path, "model.lora_config.npy");
+		has_w = is_file(path, "model.lora_weights.npy");
+		if (has_cfg && has_w)
+			return lora_load_trtllm(out, path, s, err);
+		if (has_cfg || has_w)
+			return lp_errf(
+			    err, -ENOENT,
+			    "'%s/%s' does not exist (a TensorRT-LLM adapter needs "
+			    "model.lora_config.npy and model.lora_weights.npy)",
+			    path, has_cfg ? "model.lora_weights.npy" : "model.lora_config.npy");
+		return lp_errf(err, -EINVAL,
+		               "'%s' is not a lora adapter: expected adapter_config.json with "
+		               "adapter_model.safetensors or adapter_model.bin (HF PEFT), or "
+		               "model.lora_config.npy and model.lora_weights.npy (TensorRT-LLM)",
+		               path);
+	}
+	if (S_ISREG(st.st_mode) && ends_with(path, ".nemo"))
+		return lora_load_nemo(out, path, s, err);
+	return lp_errf(err, -EINVAL,
+	               "'%s' is not a lora adapter: expected a directory (HF PEFT or "
+	               "TensorRT-LLM) or a .nemo file",
+	               path);
+}

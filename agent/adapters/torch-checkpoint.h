@@ -1,0 +1,50 @@
+/* PyTorch checkpoints as torch.save writes them (the zip format, torch 1.6
+ * and later), read without Python: a zip reader for stored entries
+ * (zip64 records and extra fields included, every offset bounds-checked,
+ * CRC-32 verified) and a small pickle machine for the opcodes torch.save
+ * emits for a state dict of tensors.
+ *
+ * Archive layout: <archive>/data.pkl, the pickled dict
+ *   {name: torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+ *                                          requires_grad, hooks[, meta])}
+ * where each storage is a persistent id
+ *   ('storage', torch.<Type>Storage, key, location, numel)
+ * whose bytes are <archive>/data/<key>, raw little-endian. Only contiguous
+ * tensors are accepted; any other global, opcode or shape is an error. */
+#ifndef LP_ADAPTERS_TORCH_CHECKPOINT_H
+#define LP_ADAPTERS_TORCH_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "agent/engine/safetensors.h"
+#include "common/err.h"
+
+struct lp_torch_tensor {
+	const char *name; /* state dict key, NUL-terminated, owned by the checkpoint */
+	enum lp_st_dtype dtype;
+	int n_dims;
+	int64_t shape[LP_ST_MAX_DIMS];
+	const void *data; /* inside the checkpoint's bytes */
+	size_t nbytes;
+};
+
+struct lp_torch_ckpt;
+
+/* Maps the file at path and reads it. Free with lp_torch_ckpt_free(). */
+int lp_torch_ckpt_open(struct lp_torch_ckpt **out, const char *path, struct lp_err *err);
+
+/* Reads a checkpoint held in memory (a tar member, say). Borrows data,
+ * which must outlive the checkpoint; label names it in messages. */
+int lp_torch_ckpt_open_mem(struct lp_torch_ckpt **out, const void *data, size_t size,
+                           const char *label, struct lp_err *err);
+
+void lp_torch_ckpt_free(struct lp_torch_ckpt *c);
+
+size_t lp_torch_ckpt_count(const struct lp_torch_ckpt *c);
+/* Tensors in the order the dict holds them. */
+const struct lp_torch_tensor *lp_torch_ckpt_at(const struct lp_torch_ckpt *c, size_t i);
+/* The file path or label given when opening. */
+const char *lp_torch_ckpt_label(const struct lp_torch_ckpt *c);
+
+#endif
