@@ -61,8 +61,8 @@ struct lp_attention_args {
 };
 
 /* One adapter segment of a LoRA application: rows [row0, row0 + rows) of
- * the batch use the pair (a, b); a is f32 [rank, in], b is f32 [out, rank]
- * with the adapter's scale already folded in. Segments do not overlap;
+ * the batch use the pair (a, b); a is f32 [rank, in], b is B transposed,
+ * f32 [rank, out], with the adapter's scale already folded in. Segments do not overlap;
  * rows in no segment get nothing. Ranks may differ between segments. */
 struct lp_lora_seg {
 	int32_t row0;
@@ -122,7 +122,7 @@ struct lp_backend_ops {
 	 * tensors live in device memory. */
 	void (*lora_shrink)(void *ctx, struct lp_tensor *tmp, const struct lp_tensor *x,
 	                    const struct lp_lora_seg *segs, int n_segs);
-	/* SGMV expand: for every segment, out[rows] += tmp[rows, 0:rank] . b^T;
+	/* SGMV expand: for every segment, out[rows] += tmp[rows, 0:rank] . b;
 	 * out f32 [n, out]. */
 	void (*lora_expand)(void *ctx, struct lp_tensor *out, const struct lp_tensor *tmp,
 	                    const struct lp_lora_seg *segs, int n_segs);

@@ -226,7 +226,8 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
                      const char *format, const char *base_model, struct lp_err *err)
 {
 	size_t n_pairs = (size_t)p->n_layers * LP_LORA_N_TARGETS;
-	size_t total = 0, off = 0;
+	size_t total = 0, off = 0, max_b = 0;
+	float *bt_tmp = NULL;
 	struct lp_lora *l;
 	int rc;
 
@@ -250,6 +251,8 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			               pp->scale, target_names[t], i / LP_LORA_N_TARGETS);
 		lp_lora_target_dims(s, t, &in, &o);
 		total += (size_t)pp->rank * ((size_t)in + (size_t)o);
+		if ((size_t)pp->rank * (size_t)o > max_b)
+			max_b = (size_t)pp->rank * (size_t)o;
 	}
 	if (!total)
 		return lp_errf(err, -EINVAL, "adapter holds no lora weights");
@@ -264,7 +267,8 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 	l->pairs = calloc(n_pairs, sizeof(*l->pairs));
 	l->data_bytes = total * sizeof(float);
 	l->data = malloc(l->data_bytes);
-	if (!l->pairs || !l->data) {
+	bt_tmp = malloc(max_b * sizeof(float));
+	if (!l->pairs || !l->data || !bt_tmp) {
 		rc = lp_errf(err, -ENOMEM, "out of memory for %zu bytes of lora weights",
 		             l->data_bytes);
 		goto out_free;
@@ -293,16 +297,24 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 		rc = convert_checked(lpair->a, &pp->a, pp->rank, in, 1.0f, err);
 		if (rc)
 			goto out_free;
-		rc = convert_checked(lpair->b, &pp->b, o, pp->rank, (float)pp->scale, err);
+		/* B is stored transposed, [rank, out], so that the expand kernel
+		 * adds rank scaled rows of it to each output row */
+		rc = convert_checked(bt_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
 		if (rc)
 			goto out_free;
+		for (int oo = 0; oo < o; oo++)
+			for (int k = 0; k < pp->rank; k++)
+				lpair->b[(size_t)k * (size_t)o + (size_t)oo] =
+				    bt_tmp[(size_t)oo * (size_t)pp->rank + (size_t)k];
 		if (pp->rank > l->max_rank)
 			l->max_rank = pp->rank;
 		l->targets |= 1u << t;
 	}
+	free(bt_tmp);
 	*out = l;
 	return 0;
 out_free:
+	free(bt_tmp);
 	lp_lora_free(l);
 	return rc;
 }

@@ -3,6 +3,8 @@
  * f32, with the scale (alpha / r, or alpha / sqrt(r) with rsLoRA, per
  * module with rank_pattern / alpha_pattern) folded into B once at load.
  *
+ * B is stored transposed, [rank, out], the layout the expand kernels read.
+ *
  * Formats, detected from what the path holds:
  *   HF PEFT     dir with adapter_config.json + adapter_model.safetensors
  *               (or adapter_model.bin, PyTorch's zip checkpoint)
@@ -36,7 +38,7 @@ const char *lp_lora_target_name(enum lp_lora_target t);
 struct lp_lora_pair {
 	int rank; /* 0: no adapter on this layer and module */
 	float *a; /* [rank, in], inside lp_lora.data */
-	float *b; /* [out, rank], scaled, inside lp_lora.data */
+	float *b; /* B transposed: [rank, out], scaled, inside lp_lora.data */
 };
 
 /* What the base model looks like, for validation. */

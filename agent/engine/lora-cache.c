@@ -356,7 +356,7 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 			                             LP_DTYPE_F32, p->rank, in};
 			a->b[i] = (struct lp_tensor){(char *)a->dev.data +
 			                                 ((char *)p->b - (char *)w->data),
-			                             LP_DTYPE_F32, out, p->rank};
+			                             LP_DTYPE_F32, p->rank, out};
 		}
 	a->slot = s;
 	c->slots[s] = a;

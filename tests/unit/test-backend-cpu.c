@@ -882,7 +882,8 @@ static void test_attention(void)
 }
 
 /* SGMV: two segments of different rank with rows between and after them
- * in no segment; a small case and one large enough to run on the pool. */
+ * in no segment; a small case and one large enough to run on the pool. B
+ * is given transposed, [rank, out]. */
 static int check_lora(struct lp_backend *be, const char *bname, int n, int in, int out, int rank0,
                       int rank1)
 {
@@ -905,8 +906,8 @@ static int check_lora(struct lp_backend *be, const char *bname, int n, int in, i
 	    dev_tensor(be, &bo, &to, LP_DTYPE_F32, n, out, out0) ||
 	    dev_tensor(be, &ba[0], &ta[0], LP_DTYPE_F32, rank[0], in, a[0]) ||
 	    dev_tensor(be, &ba[1], &ta[1], LP_DTYPE_F32, rank[1], in, a[1]) ||
-	    dev_tensor(be, &bb[0], &tb[0], LP_DTYPE_F32, out, rank[0], bm[0]) ||
-	    dev_tensor(be, &bb[1], &tb[1], LP_DTYPE_F32, out, rank[1], bm[1])) {
+	    dev_tensor(be, &bb[0], &tb[0], LP_DTYPE_F32, rank[0], out, bm[0]) ||
+	    dev_tensor(be, &bb[1], &tb[1], LP_DTYPE_F32, rank[1], out, bm[1])) {
 		TEST_FAIL("allocation failed");
 		goto out;
 	}
@@ -926,8 +927,8 @@ static int check_lora(struct lp_backend *be, const char *bname, int n, int in, i
 					double t = 0;
 					for (int i = 0; i < in; i++)
 						t += (double)x[r * in + i] * a[g][j * in + i];
-					want += t * bm[g][o * rank[g] + j];
-					mag += fabs(t * bm[g][o * rank[g] + j]);
+					want += t * bm[g][j * out + o];
+					mag += fabs(t * bm[g][j * out + o]);
 				}
 			}
 			double e = fabs(got[r * out + o] - want) / (mag + 1e-6);
@@ -960,6 +961,7 @@ static void test_lora(void)
 	for (int b = 0; b < N_BACKENDS; b++) {
 		CHECK(check_lora(g_be[b], g_be_name[b], 7, 40, 24, 4, 8));
 		CHECK(check_lora(g_be[b], g_be_name[b], 64, 576, 1536, 16, 8));
+		CHECK(check_lora(g_be[b], g_be_name[b], 5, 33, 21, 16, 24));
 	}
 }
 

@@ -30,6 +30,13 @@
 
 #define BUF_MAX (256u << 20)
 
+/* Element i, in the file's [out, rank] order, of a pair's B (stored
+ * transposed, [rank, out]). */
+static float b_at(const struct lp_lora_pair *p, int out, size_t i)
+{
+	return p->b[(i % (size_t)p->rank) * (size_t)out + i / (size_t)p->rank];
+}
+
 static char tmp_root[64];
 static int tmp_seq;
 
@@ -678,7 +685,7 @@ static void test_fixture_scales(void)
 				for (size_t i = 0; i < (size_t)r * out && bad == SIZE_MAX; i++) {
 					float raw;
 					memcpy(&raw, (const float *)b->data + i, 4);
-					if (p->b[i] != raw * scale)
+					if (b_at(p, out, i) != raw * scale)
 						bad = 3;
 				}
 			next:
@@ -798,11 +805,11 @@ static int check_scaled(const struct lp_lora *lo, struct tensors *l, const struc
 				return -1;
 			}
 			for (size_t i = 0; i < (size_t)out * p->rank; i++) {
-				if (p->b[i] != get_f32(b, i) * (float)scale(layer, t)) {
+				if (b_at(p, out, i) != get_f32(b, i) * (float)scale(layer, t)) {
 					snprintf(why, cap,
 					         "layer %d %s: B[%zu] %g, expected %g * %g", layer,
-					         lp_lora_target_name(t), i, p->b[i], get_f32(b, i),
-					         scale(layer, t));
+					         lp_lora_target_name(t), i, b_at(p, out, i),
+					         get_f32(b, i), scale(layer, t));
 					return -1;
 				}
 			}
@@ -1667,7 +1674,7 @@ static void test_bin_shared_storage(void)
 	lp_buf_release(&p);
 	CHECK_LOADS(x, dir, &s);
 	a0 = lp_lora_pair_at(x, 0, LP_LORA_V)->a[0];
-	b5 = lp_lora_pair_at(x, 1, LP_LORA_V)->b[5];
+	b5 = b_at(lp_lora_pair_at(x, 1, LP_LORA_V), s.kv_dim, 5);
 	lp_lora_free(x);
 	CHECK(a0 == get_f32(&one.t[0], 8 * 64 + 64 * 8));
 	CHECK(b5 == 2.0f * get_f32(&one.t[0], (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) + 8 * 64 +
@@ -2156,9 +2163,9 @@ static void test_trtllm_f16_and_fused_qkv(void)
 		for (int i = 0; !bad && i < 8 * 64; i++)
 			bad |= p->a[i] != f16_round(a0[i]);
 		for (int i = 0; !bad && i < out * 8; i++)
-			bad |= p->b[i] != f16_round(b0[row0 * 8 + i]);
+			bad |= b_at(p, out, (size_t)i) != f16_round(b0[row0 * 8 + i]);
 	}
-	bad |= lp_lora_pair_at(x, 1, LP_LORA_GATE)->b[3] != f16_round(b1[3]);
+	bad |= b_at(lp_lora_pair_at(x, 1, LP_LORA_GATE), 160, 3) != f16_round(b1[3]);
 	bad |= lp_lora_pair_at(x, 1, LP_LORA_DOWN)->a[159] != f16_round(a1[159]);
 	bad |= lp_lora_pair_at(x, 1, LP_LORA_UP)->rank != 2 ||
 	       lp_lora_pair_at(x, 1, LP_LORA_UP)->a[5] != f16_round(b1[5]);
@@ -2479,7 +2486,7 @@ static void test_nemo_fused_split(void)
 		bad |= p->rank != 4 || memcmp(p->a, l.t[0].data, 4 * 64 * 4);
 		for (int i = 0; !bad && i < out; i++)
 			for (int k = 0; k < 4; k++)
-				bad |= p->b[i * 4 + k] !=
+				bad |= b_at(p, out, (size_t)i * 4 + (size_t)k) !=
 				       2.0f * get_f32(&l.t[1], megatron_row(t, i) * 4 + k);
 	}
 	CHECK_MSG(!bad, "q/k/v split differs");
@@ -2488,7 +2495,8 @@ static void test_nemo_fused_split(void)
 		const struct lp_lora_pair *p = lp_lora_pair_at(x, 0, LP_LORA_GATE + t);
 		bad |= p->rank != 4 || memcmp(p->a, l.t[2].data, 4 * 64 * 4);
 		for (int i = 0; !bad && i < 160 * 4; i++)
-			bad |= p->b[i] != 2.0f * get_f32(&l.t[3], (size_t)t * 640 + i);
+			bad |=
+			    b_at(p, 160, (size_t)i) != 2.0f * get_f32(&l.t[3], (size_t)t * 640 + i);
 	}
 	CHECK_MSG(!bad, "gate/up split differs");
 	/* o: the zero column and its linear_in row are dropped: rank 3 */
@@ -2499,7 +2507,7 @@ static void test_nemo_fused_split(void)
 		for (int k = 0; !bad && k < 3; k++) {
 			bad |= memcmp(p->a + k * 64, l.t[4].data + keep[k] * 64 * 4, 64 * 4) != 0;
 			for (int i = 0; i < 64; i++)
-				bad |= p->b[i * 3 + k] !=
+				bad |= b_at(p, 64, (size_t)i * 3 + (size_t)k) !=
 				       2.0f * get_f32(&l.t[5], (size_t)i * 4 + keep[k]);
 		}
 	}
@@ -2514,7 +2522,8 @@ static void test_nemo_fused_split(void)
 	c.alpha = "${peft.lora_tuning.adapter_dim}";
 	CHECK(write_nemo(path, &c, &l, true, true, false) == 0);
 	CHECK_LOADS(x, path, &s);
-	bad = lp_lora_pair_at(x, 0, LP_LORA_V)->b[0] != get_f32(&l.t[1], megatron_row(2, 0) * 4);
+	bad = b_at(lp_lora_pair_at(x, 0, LP_LORA_V), 32, 0) !=
+	      get_f32(&l.t[1], megatron_row(2, 0) * 4);
 	lp_lora_free(x);
 	tensors_free(&l);
 	CHECK_MSG(!bad, "alpha interpolation");
