@@ -77,6 +77,21 @@ static void cond_init_monotonic(pthread_cond_t *cv)
 	pthread_condattr_destroy(&a);
 }
 
+/* The CLOCK_MONOTONIC time ms milliseconds from now. */
+static struct timespec deadline_after(int ms)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	t.tv_sec += ms / 1000;
+	t.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (t.tv_nsec >= 1000000000L) {
+		t.tv_sec++;
+		t.tv_nsec -= 1000000000L;
+	}
+	return t;
+}
+
 /* ---- requests ---- */
 
 static void request_unref(struct lp_request *r)
@@ -131,13 +146,7 @@ int lp_request_next(struct lp_request *r, struct lp_event *ev, int timeout_ms)
 	int rc = 0;
 
 	if (timeout_ms >= 0) {
-		clock_gettime(CLOCK_MONOTONIC, &deadline);
-		deadline.tv_sec += timeout_ms / 1000;
-		deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-		if (deadline.tv_nsec >= 1000000000L) {
-			deadline.tv_sec++;
-			deadline.tv_nsec -= 1000000000L;
-		}
+		deadline = deadline_after(timeout_ms);
 	}
 	pthread_mutex_lock(&r->mu);
 	while (r->count == 0 && !r->final_read) {
@@ -450,13 +459,7 @@ static void *engine_thread(void *arg)
 			break;
 		if (n <= 0 && w->active) {
 			/* nothing could run (waiting for a slot): doze until poked */
-			struct timespec ts;
-			clock_gettime(CLOCK_MONOTONIC, &ts);
-			ts.tv_nsec += 2000000;
-			if (ts.tv_nsec >= 1000000000L) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000L;
-			}
+			struct timespec ts = deadline_after(2);
 			pthread_mutex_lock(&w->qmu);
 			if (!w->wake && !w->stopping)
 				pthread_cond_timedwait(&w->qcv, &w->qmu, &ts);
@@ -506,13 +509,7 @@ void lp_worker_free(struct lp_worker *w, int drain_ms)
 	if (!w)
 		return;
 	lp_worker_close(w);
-	clock_gettime(CLOCK_MONOTONIC, &deadline);
-	deadline.tv_sec += drain_ms / 1000;
-	deadline.tv_nsec += (long)(drain_ms % 1000) * 1000000L;
-	if (deadline.tv_nsec >= 1000000000L) {
-		deadline.tv_sec++;
-		deadline.tv_nsec -= 1000000000L;
-	}
+	deadline = deadline_after(drain_ms);
 	pthread_mutex_lock(&w->qmu);
 	while ((w->n_active > 0 || w->q_len > 0) &&
 	       pthread_cond_timedwait(&w->idle_cv, &w->qmu, &deadline) != ETIMEDOUT)
