@@ -36,7 +36,11 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 API_SRCS := $(wildcard agent/api/*.c)
 API_OBJS := $(API_SRCS:%.c=$(BUILD)/%.o)
 
-PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/loraplane-agent)
+OPERATOR_SRCS := $(shell find operator -name '*.c' ! -name main.c 2>/dev/null)
+OPERATOR_OBJS := $(OPERATOR_SRCS:%.c=$(BUILD)/%.o)
+
+PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/loraplane-agent) \
+	$(if $(wildcard operator/main.c),$(BIN)/loraplane-operator)
 TOOLS := $(BUILD)/tools/bench
 
 .PHONY: all test check asan bench deps run clean help format
@@ -69,10 +73,15 @@ $(BIN)/loraplane-agent: $(BUILD)/agent/main.o $(API_OBJS) $(LIB)
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcivetweb
 
-$(BUILD)/tests/%: tests/unit/%.c $(LIB) tests/test.h
+$(BIN)/loraplane-operator: $(BUILD)/operator/main.o $(OPERATOR_OBJS) $(LIB)
+	@mkdir -p $(BIN)
+	$(if $(Q),@echo "  LD      $@")
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(LIB) $(OPERATOR_OBJS) tests/test.h
 	@mkdir -p $(dir $@)
 	$(if $(Q),@echo "  CC      $<")
-	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(OPERATOR_OBJS) $(LIB) $(LDLIBS)
 
 $(BUILD)/tools/%: hack/%.c $(LIB)
 	@mkdir -p $(dir $@)
