@@ -1,0 +1,783 @@
+#!/usr/bin/env python3
+"""loraplane-operator end to end: real processes over real sockets.
+
+The Kubernetes API is tests/kube/apiserver.py (run in this process, over
+HTTPS with a bearer token; the operator and kubectl reach it through a
+kubeconfig with certificate-authority-data). Agents are
+tests/integration/fake_agent.py processes, or real bin/loraplane-agent
+ones with the tiny model when that binary exists (one test). Pods are
+created the way a kubelet would report them: phase Running, a Ready
+condition, podIP 127.0.0.1 — so every agent listens on its own ports, and
+the pod names them as container ports "http" and "admin", which is where
+the operator looks (podIP + named container ports).
+
+Prints one PASS/FAIL line per test (counted by tests/run.sh)."""
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.chdir(ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "kube"))
+from apiserver import KubeApiServer  # noqa: E402
+
+BIN = os.environ.get("BIN", "bin")
+OPERATOR = os.path.join(BIN, "loraplane-operator")
+AGENT = os.path.join(BIN, "loraplane-agent")
+FIX = os.environ.get("LP_FIXTURES", "tests/fixtures")
+NS = "team-a"
+BASE = "meta-llama/Llama-3.2-3B-Instruct"
+BASE_HASH = hashlib.sha256(BASE.encode()).hexdigest()[:8]
+RESYNC = 3.0
+TOKEN = "operator-token-1"
+
+failures = 0
+procs = []
+
+
+def test(fn):
+    global failures
+    t0 = time.monotonic()
+    try:
+        if fn() == "skip":
+            print(f"SKIP test-operator:{fn.__name__}", flush=True)  # counted neither way
+            return fn
+        print(f"PASS test-operator:{fn.__name__} ({time.monotonic() - t0:.1f}s)", flush=True)
+    except AssertionError as e:
+        failures += 1
+        print(f"FAIL test-operator:{fn.__name__}: {e}", flush=True)
+    except Exception as e:  # a broken test is a failure too
+        failures += 1
+        print(f"FAIL test-operator:{fn.__name__}: {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc()
+    return fn
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_for(pred, timeout, what):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = pred()
+            if last:
+                return last
+        except (urllib.error.URLError, ConnectionError, KeyError, TypeError, IndexError) as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http(method, url, body=None, timeout=5):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+# ---------------------------------------------------------------- the world
+
+class World:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="lp-operator-")
+        key, cert = os.path.join(self.dir, "key.pem"), os.path.join(self.dir, "cert.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        self.api = KubeApiServer(token=TOKEN, tls_cert=cert, tls_key=key, gc=False,
+                                 bookmark_interval_s=1.0).start()
+        ca = base64.b64encode(open(cert, "rb").read()).decode()
+        self.kubeconfig = os.path.join(self.dir, "kubeconfig")
+        with open(self.kubeconfig, "w") as f:
+            f.write(f"""apiVersion: v1
+kind: Config
+current-context: test
+contexts:
+- name: test
+  context: {{cluster: test-cluster, user: test-user, namespace: {NS}}}
+clusters:
+- name: test-cluster
+  cluster:
+    server: {self.api.url}
+    certificate-authority-data: {ca}
+users:
+- name: test-user
+  user: {{token: {TOKEN}}}
+""")
+        self.agents = {}  # pod name -> agent dict
+        global KUBECONFIG
+        KUBECONFIG = self.kubeconfig
+        kubectl("apply", "-f", "crds/loraplane.io_loraadapters.yaml")
+        kubectl("create", "namespace", NS)
+        kubectl("create", "namespace", "team-b")
+
+    # agents and pods
+    def start_agent(self, pod, base=BASE):
+        port, admin = free_port(), free_port()
+        p = subprocess.Popen([sys.executable, "tests/integration/fake_agent.py", "--port", str(port),
+                              "--admin-port", str(admin), "--base-model", base],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "ready", f"fake agent for {pod} did not start"
+        a = {"proc": p, "port": port, "admin": admin, "base": base}
+        self.agents[pod] = a
+        return a
+
+    def agent_url(self, pod, path):
+        return f"http://127.0.0.1:{self.agents[pod]['admin']}{path}"
+
+    def agent_loras(self, pod):
+        code, body = http("GET", self.agent_url(pod, "/v1/loras"))
+        return json.loads(body)["loras"] if code == 200 else None
+
+    def agent_calls(self, pod):
+        return json.loads(http("GET", self.agent_url(pod, "/_calls"))[1])
+
+    def agent_mode(self, pod, **mode):
+        http("POST", self.agent_url(pod, "/_mode"), mode)
+
+    def run_pod(self, name, ns=NS, base=BASE, ready=True):
+        a = self.agents[name]
+        return self.api.run_pod(name, namespace=ns, ip="127.0.0.1", ready=ready,
+                                labels={"loraplane.io/base-model-hash": hashlib.sha256(base.encode()).hexdigest()[:8],
+                                        "app": "loraplane-agent"},
+                                annotations={"loraplane.io/base-model": base},
+                                ports=[{"name": "http", "containerPort": a["port"]},
+                                       {"name": "admin", "containerPort": a["admin"]}])
+
+    # objects
+    def get(self, path):
+        code, obj = self.api.request("GET", path)
+        return obj if code == 200 else None
+
+    def adapter(self, name, ns=NS):
+        return self.get(f"/apis/loraplane.io/v1alpha1/namespaces/{ns}/loraadapters/{name}")
+
+    def status(self, name, ns=NS):
+        a = self.adapter(name, ns)
+        return (a or {}).get("status") or {}
+
+    def events(self, name, ns=NS):
+        code, obj = self.api.request("GET", f"/api/v1/namespaces/{ns}/events")
+        return [e for e in obj.get("items", []) if e["involvedObject"].get("name") == name]
+
+    def slices(self, svc, ns=NS):
+        code, obj = self.api.request(
+            "GET", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector="
+                   f"kubernetes.io/service-name%3D{svc}")
+        return obj.get("items", [])
+
+    def stop(self):
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.api.stop()
+
+
+W = None
+KUBECONFIG = None
+
+
+def kubectl(*args, check=True, stdin=None):
+    p = subprocess.run(["kubectl", "--kubeconfig", KUBECONFIG, *args], capture_output=True,
+                       text=True, input=stdin, timeout=60)
+    if check and p.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {p.stderr.strip()}")
+    return p.stdout
+
+
+class Operator:
+    def __init__(self, *extra, leader_elect=False, name="op"):
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.log_path = os.path.join(W.dir, f"{name}-{len(procs)}.log")
+        args = [OPERATOR, "--kubeconfig", W.kubeconfig, "--metrics-port", str(self.metrics_port),
+                "--health-port", str(self.health_port), "--bind-address", "127.0.0.1", "--resync", f"{RESYNC}s",
+                "--load-timeout", "2s", "--agent-timeout", "1s", "--retry-max-delay", "2s", "--watch-timeout", "20",
+                "--delete-attempts", "3", *extra]
+        if leader_elect:
+            args += ["--leader-elect", "--leader-elect-namespace", "kube-system", "--lease-duration", "3s",
+                     "--renew-deadline", "2s", "--retry-period", "0.5s"]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        procs.append(self.proc)
+
+    def get(self, path):
+        return http("GET", f"http://127.0.0.1:{self.health_port if path != '/metrics' else self.metrics_port}{path}")
+
+    def metric(self, name):
+        code, text = self.get("/metrics")
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                if line.split(" ")[0] == name:
+                    return float(line.split(" ")[1])
+        return None
+
+    def is_leader(self):
+        try:
+            return self.metric("loraplane_operator_leader") == 1
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def logs(self):
+        if not self.log.closed:
+            self.log.flush()
+        return open(self.log_path).read()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+ADAPTER = """apiVersion: loraplane.io/v1alpha1
+kind: LoraAdapter
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  modelName: {model}
+  baseModelName: {base}
+  source:
+    uri: {uri}
+"""
+
+
+def apply_adapter(name, uri, model=None, ns=NS, base=BASE, extra=""):
+    kubectl("apply", "-f", "-", stdin=ADAPTER.format(name=name, ns=ns, model=model or name, base=base, uri=uri) + extra)
+
+
+def ready_counts(name, ns=NS):
+    st = W.status(name, ns)
+    return st.get("totalEndpoints"), st.get("readyEndpoints")
+
+
+def condition(name, ns=NS):
+    for c in W.status(name, ns).get("conditions", []):
+        if c["type"] == "Ready":
+            return c
+    return {}
+
+
+def wait_counts(name, total, ready, timeout=15, ns=NS):
+    return wait_for(lambda: ready_counts(name, ns) == (total, ready), timeout,
+                    f"{name} TOTAL {total} READY {ready}, have {ready_counts(name, ns)}")
+
+
+def digest(uri):
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def holds(pod, model, uri):
+    l = (W.agent_loras(pod) or {}).get(model)
+    return bool(l) and l["source"] == uri and l["sha256"] == digest(uri)
+
+
+# ---------------------------------------------------------------- tests
+
+OP = None
+SQL_URI = "s3://loras/sql/v3"
+
+
+def test_bad_usage():
+    p = subprocess.run([OPERATOR, "--no-such-flag"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "unknown flag '--no-such-flag'" in p.stderr, p.stderr
+    p = subprocess.run([OPERATOR, "--resync", "soon"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "invalid duration 'soon' for '--resync'" in p.stderr, p.stderr
+    p = subprocess.run([OPERATOR, "--kubeconfig", os.path.join(W.dir, "nope")], capture_output=True, text=True,
+                       timeout=10)
+    assert p.returncode == 1 and "kubeconfig: cannot open" in p.stderr, p.stderr
+    bad = os.path.join(W.dir, "bad-kubeconfig")
+    with open(bad, "w") as f:
+        f.write("current-context: x\ncontexts: []\n")
+    p = subprocess.run([OPERATOR, "--kubeconfig", bad], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1 and "context 'x' not found" in p.stderr, p.stderr
+
+
+def test_apply_three_pods_ready():
+    global OP
+    for i in range(3):
+        W.start_agent(f"agent-{i}")
+        W.run_pod(f"agent-{i}")
+    OP = Operator()
+    wait_for(lambda: OP.get("/readyz")[0] == 200, 10, "/readyz")
+    assert OP.get("/healthz")[0] == 200
+    apply_adapter("sql", SQL_URI, model="sql-lora")
+    wait_counts("sql", 3, 3)
+    a = W.adapter("sql")
+    assert "loraplane.io/unload" in a["metadata"]["finalizers"], a["metadata"]
+    st = a["status"]
+    assert st["observedGeneration"] == a["metadata"]["generation"]
+    c = condition("sql")
+    assert c["status"] == "True" and c["reason"] == "AllEndpointsReady", c
+    assert sorted(e["podName"] for e in st["endpoints"]) == ["agent-0", "agent-1", "agent-2"]
+    for e in st["endpoints"]:
+        assert e["ready"] and e["sha256"] == digest(SQL_URI), e
+        assert e["address"] == f"127.0.0.1:{W.agents[e['podName']]['port']}", e
+    for i in range(3):
+        assert holds(f"agent-{i}", "sql-lora", SQL_URI)
+    # kubectl shows the printer columns
+    out = kubectl("get", "loraadapters", "-n", NS)
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "BASE", "TOTAL", "READY"], out
+    row = lines[1].split()
+    assert row[0] == "sql" and row[1] == BASE and row[2] == "3" and row[3] == "3", out
+    # the selector-less Service and a slice listing exactly the three pods
+    svc = W.get(f"/api/v1/namespaces/{NS}/services/sql")
+    assert svc and "selector" not in svc["spec"], svc
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == a["metadata"]["uid"]
+    want = sorted((W.agents[f"agent-{i}"]["port"], f"agent-{i}") for i in range(3))
+    eps = sorted((s["ports"][0]["port"], ep["targetRef"]["name"]) for s in W.slices("sql") for ep in s["endpoints"])
+    assert eps == want, eps
+    reasons = [e["reason"] for e in W.events("sql")]
+    assert "AllEndpointsReady" in reasons and reasons.count("Loaded") == 3, reasons
+    m = OP.metric("loraplane_operator_adapters")
+    assert m == 1, m
+
+
+def test_fourth_pod_joins():
+    W.start_agent("agent-3")
+    W.run_pod("agent-3")
+    wait_counts("sql", 4, 4, timeout=10)
+    assert holds("agent-3", "sql-lora", SQL_URI)
+    wait_for(lambda: len([ep for s in W.slices("sql") for ep in s["endpoints"]]) == 4, 10, "4 endpoints in slices")
+    # the kubelet reports the pod not Ready: it still counts, but gets no traffic
+    W.api.set_pod_status("agent-3", NS, ip="127.0.0.1", ready=False)
+    wait_counts("sql", 4, 3, timeout=10)
+    c = condition("sql")
+    assert c["reason"] == "PartiallyReady" and "pod agent-3: pod is not Ready" in c["message"], c
+    wait_for(lambda: "agent-3" not in [ep["targetRef"]["name"] for s in W.slices("sql") for ep in s["endpoints"]],
+             10, "agent-3 out of the slices")
+    W.api.set_pod_status("agent-3", NS, ip="127.0.0.1", ready=True)
+    wait_counts("sql", 4, 4, timeout=10)
+
+
+def test_steady_state_does_not_reload():
+    before = {p: W.agent_calls(p) for p in W.agents}
+    time.sleep(2 * RESYNC + 1)
+    after = {p: W.agent_calls(p) for p in W.agents}
+    for p in W.agents:
+        assert after[p]["POST"] == before[p]["POST"], (p, before[p], after[p])
+        assert after[p]["GET"] > before[p]["GET"], f"{p} was not verified on resync: {after[p]}"
+    assert ready_counts("sql") == (4, 4)
+
+
+def test_agent_restarted_empty_is_reloaded():
+    http("POST", W.agent_url("agent-1", "/_reset"))
+    assert not holds("agent-1", "sql-lora", SQL_URI)
+    t0 = time.monotonic()
+    wait_for(lambda: holds("agent-1", "sql-lora", SQL_URI), RESYNC * 2 + 2, "agent-1 reloaded")
+    took = time.monotonic() - t0
+    assert took <= RESYNC * 2 + 2, took
+    assert ready_counts("sql") == (4, 4)
+
+
+def test_source_change_reloads_in_place():
+    new = "s3://loras/sql/v4"
+    gen = W.adapter("sql")["metadata"]["generation"]
+    kubectl("patch", "loraadapter", "sql", "-n", NS, "--type", "merge", "-p",
+            json.dumps({"spec": {"source": {"uri": new}}}))
+    wait_for(lambda: all(holds(p, "sql-lora", new) for p in W.agents), 15, "new source on every agent")
+    wait_for(lambda: W.status("sql").get("observedGeneration") == gen + 1, 10, "observedGeneration")
+    wait_for(lambda: all(e["sha256"] == digest(new) and e["ready"] for e in W.status("sql")["endpoints"]), 10,
+             "new digest in status")
+    assert ready_counts("sql") == (4, 4)
+
+
+def test_agent_errors_then_recovery():
+    uri = "s3://loras/sql/v4"
+    # agent-2 fails every call with 500 and forgets its adapters
+    W.agent_mode("agent-2", mode="fail", status=500)
+    http("POST", W.agent_url("agent-2", "/_reset"))
+    W.agent_mode("agent-2", mode="fail", status=500)
+    wait_counts("sql", 4, 3, timeout=RESYNC * 2 + 5)
+    c = condition("sql")
+    assert c["status"] == "False" and c["reason"] == "LoadFailed", c
+    assert "agent-2" in c["message"] and "500" in c["message"], c
+    ep = [e for e in W.status("sql")["endpoints"] if e["podName"] == "agent-2"][0]
+    assert not ep["ready"] and "500" in ep["message"], ep
+    wait_for(lambda: any(e["reason"] == "LoadFailed" and e["type"] == "Warning" and "agent-2" in e["message"]
+                         for e in W.events("sql")), 5, "a LoadFailed event")
+    wait_for(lambda: sorted(ep["targetRef"]["name"] for s in W.slices("sql") for ep in s["endpoints"]) ==
+             ["agent-0", "agent-1", "agent-3"], 5, "agent-2 out of the slices")
+    # the agent comes back: within the retry backoff (max 2 s) or a resync
+    W.agent_mode("agent-2", mode="ok")
+    wait_counts("sql", 4, 4, timeout=RESYNC + 5)
+    assert holds("agent-2", "sql-lora", uri)
+    assert condition("sql")["reason"] == "AllEndpointsReady"
+
+    # a hanging agent: the load times out (--load-timeout 2s)
+    W.agent_mode("agent-0", mode="hang", hang_s=4)
+    http("POST", W.agent_url("agent-0", "/_reset"))
+    W.agent_mode("agent-0", mode="hang", hang_s=4)
+    wait_for(lambda: "timed out" in condition("sql").get("message", ""), RESYNC * 2 + 8, "a timeout in the condition")
+    assert ready_counts("sql")[1] < 4
+    W.agent_mode("agent-0", mode="ok")
+    wait_counts("sql", 4, 4, timeout=RESYNC + 10)
+
+
+def patch_uri(name, uri):
+    """Changes the spec without going through HTTP (so faults do not hit it)."""
+    code, obj = W.api.request("PATCH", f"/apis/loraplane.io/v1alpha1/namespaces/{NS}/loraadapters/{name}",
+                              {"spec": {"source": {"uri": uri}}}, content_type="application/merge-patch+json")
+    assert code == 200, obj
+
+
+def everywhere(uri, timeout, what):
+    wait_for(lambda: all(holds(p, "sql-lora", uri) for p in W.agents), timeout, what)
+    wait_for(lambda: all(e["sha256"] == digest(uri) for e in W.status("sql")["endpoints"]), 10, what + " in status")
+
+
+def expired_relists():
+    return OP.metric('loraplane_operator_informer_expired_total{resource="loraadapters"}')
+
+
+def test_api_faults_lose_no_update():
+    # watches closed cleanly, then reset (socket closed), while the spec changes
+    W.api.drop_watches()
+    patch_uri("sql", "s3://loras/sql/v5")
+    everywhere("s3://loras/sql/v5", 15, "v5 after dropped watches")
+    W.api.drop_watches(reset=True)
+    patch_uri("sql", "s3://loras/sql/v5b")
+    everywhere("s3://loras/sql/v5b", 15, "v5b after reset watches")
+    # a change the watch cannot deliver before its version expires: 410, relist
+    before = expired_relists()
+    W.api.faults.set(stall_watches=True)
+    time.sleep(0.3)
+    patch_uri("sql", "s3://loras/sql/v6")
+    W.api.expire_versions()
+    W.api.faults.clear()
+    everywhere("s3://loras/sql/v6", 15, "v6 after 410")
+    assert expired_relists() > before, (before, expired_relists())
+    # the API answers 500 for 10 s (and the watches end) while the spec changes
+    W.api.faults.set(status=500, for_seconds=10)
+    W.api.drop_watches()
+    patch_uri("sql", "s3://loras/sql/v7")
+    time.sleep(10)
+    everywhere("s3://loras/sql/v7", 40, "v7 after API 500s")
+    logs = OP.logs()
+    assert "500 InternalError" in logs and "retrying in" in logs, logs[-2000:]
+    # the API server goes away for 3 s (connections refused)
+    W.api.go_down(3)
+    patch_uri("sql", "s3://loras/sql/v8")
+    everywhere("s3://loras/sql/v8", 40, "v8 after the API came back")
+    assert ready_counts("sql") == (4, 4)
+
+
+def test_pod_leaves_and_no_endpoints():
+    code, _ = W.api.request("DELETE", f"/api/v1/namespaces/{NS}/pods/agent-3")
+    assert code == 200
+    wait_counts("sql", 3, 3, timeout=15)
+    # an adapter of a base model no pod serves
+    apply_adapter("other", "s3://loras/other/v1", base="Qwen/Qwen2.5-7B")
+    wait_for(lambda: condition("other").get("reason") == "NoEndpoints", 10, "NoEndpoints")
+    assert ready_counts("other") == (0, 0)
+    assert "Qwen/Qwen2.5-7B" in condition("other")["message"]
+    # a pod whose agent serves another base model than its label says
+    W.start_agent("liar", base="some/other-model")
+    W.run_pod("liar", base="Qwen/Qwen2.5-7B")
+    wait_for(lambda: ready_counts("other") == (1, 0), 10, "the liar counted, not ready")
+    assert "serves base model 'some/other-model'" in condition("other")["message"], condition("other")
+
+
+def test_delete_unloads_and_cleans_up():
+    kubectl("delete", "loraadapter", "sql", "-n", NS, "--wait=false")
+    wait_for(lambda: W.adapter("sql") is None, 15, "sql gone")
+    for p in ("agent-0", "agent-1", "agent-2"):
+        assert "sql-lora" not in W.agent_loras(p), p
+    assert W.get(f"/api/v1/namespaces/{NS}/services/sql") is None
+    assert W.slices("sql") == []
+    reasons = [e["reason"] for e in W.events("sql")]
+    assert "Unloading" in reasons and "Unloaded" in reasons, reasons
+
+
+def test_delete_with_unreachable_agent_gives_up_bounded():
+    apply_adapter("tmp", "s3://loras/tmp/v1")
+    wait_counts("tmp", 3, 3)
+    W.agent_mode("agent-1", mode="fail", status=503)
+    kubectl("delete", "loraadapter", "tmp", "-n", NS, "--wait=false")
+    wait_for(lambda: W.adapter("tmp") is None, 30, "tmp gone after bounded retries")
+    W.agent_mode("agent-1", mode="ok")
+    assert "tmp" not in W.agent_loras("agent-0")
+    assert any(e["reason"] == "UnloadFailed" for e in W.events("tmp"))
+
+
+def test_two_operators_one_leader_failover():
+    global OP
+    OP.stop()
+    apply_adapter("chat", "s3://loras/chat/v1")
+    a = Operator(leader_elect=True, name="a")
+    b = Operator(leader_elect=True, name="b")
+    wait_for(lambda: a.is_leader() or b.is_leader(), 10, "a leader")
+    time.sleep(1.5)
+    assert a.is_leader() != b.is_leader(), "exactly one leader"
+    leader, standby = (a, b) if a.is_leader() else (b, a)
+    assert standby.get("/readyz")[0] == 200
+    wait_counts("chat", 3, 3)
+    lease = W.get("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loraplane-operator")
+    holder = lease["spec"]["holderIdentity"]
+    assert holder.endswith(f"_{leader.proc.pid}"), holder
+    # the leader dies without releasing: the standby takes over after the lease duration
+    leader.proc.kill()
+    leader.proc.wait()
+    t0 = time.monotonic()
+    wait_for(standby.is_leader, 10, "standby takes over")
+    took = time.monotonic() - t0
+    assert took < 8, took
+    apply_adapter("chat", "s3://loras/chat/v2")
+    wait_for(lambda: all(holds(p, "chat", "s3://loras/chat/v2") for p in ("agent-0", "agent-1", "agent-2")), 15,
+             "the new leader reconciles")
+    lease = W.get("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/loraplane-operator")
+    assert lease["spec"]["holderIdentity"].endswith(f"_{standby.proc.pid}"), lease["spec"]
+    assert lease["spec"]["leaseTransitions"] >= 1
+    # a clean stop releases the lease at once
+    c = Operator(leader_elect=True, name="c")
+    time.sleep(1)
+    assert not c.is_leader()
+    assert standby.stop() == 0
+    t0 = time.monotonic()
+    wait_for(c.is_leader, 6, "takeover after a release")
+    took = time.monotonic() - t0
+    # a released lease is taken within a retry period (0.5-1.1 s), not after
+    # the 3 s lease duration
+    assert took < 2.5, took
+    OP = c
+
+
+def test_all_namespaces_and_service_disabled():
+    W.start_agent("b-0")
+    W.run_pod("b-0", ns="team-b")
+    apply_adapter("9-lives.v1", "s3://loras/cat/v1", model="cat", ns="team-b",
+                  extra="  service:\n    enabled: false\n")
+    wait_counts("9-lives.v1", 1, 1, ns="team-b")
+    assert W.slices("lora-9-lives-v1-" + hashlib.sha256(b"9-lives.v1").hexdigest()[:8], ns="team-b") == []
+    code, obj = W.api.request("GET", "/api/v1/namespaces/team-b/services")
+    assert obj["items"] == [], obj
+    # turning the Service on creates it under a DNS-safe derived name
+    kubectl("patch", "loraadapter", "9-lives.v1", "-n", "team-b", "--type", "merge", "-p",
+            '{"spec":{"service":{"enabled":true}}}')
+    svc = "lora-9-lives-v1-" + hashlib.sha256(b"9-lives.v1").hexdigest()[:8]
+    wait_for(lambda: W.get(f"/api/v1/namespaces/team-b/services/{svc}") is not None, 10, f"Service {svc}")
+    wait_for(lambda: len(W.slices(svc, ns="team-b")) == 1, 10, "its slice")
+
+
+def test_start_while_pods_cannot_be_listed():
+    """A restarted operator must not mistake an unlisted pod cache for
+    'no endpoints'."""
+    global OP
+    OP.stop()
+    assert ready_counts("chat") == (3, 3)
+    W.api.faults.set(status=500, path_regex="/pods", for_seconds=4)
+    OP = Operator(name="restarted")
+    seen = set()
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        seen.add(ready_counts("chat"))
+        time.sleep(0.05)
+    assert seen == {(3, 3)}, seen
+    wait_for(lambda: OP.get("/readyz")[0] == 200, 15, "/readyz after the pods listed")
+    assert ready_counts("chat") == (3, 3)
+
+
+def test_metrics():
+    code, text = OP.get("/metrics")
+    assert code == 200
+    for name in ("loraplane_operator_reconciles_total{result=\"success\"}", "loraplane_operator_agent_loads_total",
+                 "loraplane_operator_workqueue_depth", "loraplane_operator_leader 1",
+                 "loraplane_operator_kube_requests_total{class=\"2xx\"}"):
+        assert name in text, name
+    assert OP.get("/nope")[0] == 404
+
+
+def test_real_agents():
+    """Two real loraplane-agent processes with the tiny model; the operator
+    watches one namespace and authenticates to the agents' admin API."""
+    global OP
+    if not os.path.exists(AGENT):
+        print(f"test_real_agents: {AGENT} not built", file=sys.stderr)
+        return "skip"
+    base = "test/tiny-base"
+    loras = os.path.abspath(os.path.join(FIX, "lora", "tiny"))
+    token_file = os.path.join(W.dir, "admin-token")
+    with open(token_file, "w") as f:
+        f.write("agent-admin-secret\n")
+    kubectl("create", "namespace", "team-r")
+    for i in range(2):
+        name = f"real-{i}"
+        port, admin = free_port(), free_port()
+        log = open(os.path.join(W.dir, f"{name}.log"), "w")
+        p = subprocess.Popen([AGENT, "--model", os.path.join(FIX, "tiny-llama"), "--served-model-name", base,
+                              "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
+                              "--threads", "1", "--kv-cache-bytes", "4194304", "--allowed-local-roots", loras,
+                              "--admin-token-file", token_file], stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        W.agents[name] = {"proc": p, "port": port, "admin": admin, "base": base}
+        wait_for(lambda: http("GET", f"http://127.0.0.1:{port}/health")[0] == 200, 30, f"{name} up")
+        W.run_pod(name, ns="team-r", base=base)
+    OP.stop()
+    OP = Operator("--namespace", "team-r", "--agent-token-file", token_file, name="real")
+    uri = f"file://{loras}/r4-qv"
+    apply_adapter("tiny-qv", uri, model="tiny/qv", ns="team-r", base=base)
+    wait_counts("tiny-qv", 2, 2, timeout=30, ns="team-r")
+
+    def agent_view(name):
+        req = urllib.request.Request(f"http://127.0.0.1:{W.agents[name]['admin']}/v1/loras",
+                                     headers={"Authorization": "Bearer agent-admin-secret"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())["loras"]
+
+    first = agent_view("real-0")["tiny/qv"]
+    assert first["source"] == uri, first
+    assert all(e["sha256"] == first["sha256"] for e in W.status("tiny-qv", ns="team-r")["endpoints"])
+    # the adapter answers requests on the agent's public port
+    code, body = http("POST", f"http://127.0.0.1:{W.agents['real-1']['port']}/v1/completions",
+                      {"model": "tiny/qv", "prompt": "hello", "max_tokens": 2, "temperature": 0}, timeout=60)
+    assert code == 200, body
+    # a new source reloads in place with its own digest
+    uri2 = f"file://{loras}/r8-all"
+    kubectl("patch", "loraadapter", "tiny-qv", "-n", "team-r", "--type", "merge", "-p",
+            json.dumps({"spec": {"source": {"uri": uri2}}}))
+    wait_for(lambda: all(agent_view(n).get("tiny/qv", {}).get("source") == uri2 for n in ("real-0", "real-1")),
+             30, "r8-all on both real agents")
+    second = agent_view("real-1")["tiny/qv"]
+    assert second["sha256"] != first["sha256"]
+    wait_for(lambda: all(e["sha256"] == second["sha256"] and e["ready"]
+                         for e in W.status("tiny-qv", ns="team-r")["endpoints"]), 15, "new digest in status")
+    # an adapter the agent refuses (source missing): LoadFailed with the agent's reason
+    apply_adapter("broken", f"file://{loras}/does-not-exist", ns="team-r", base=base)
+    wait_for(lambda: condition("broken", ns="team-r").get("reason") == "LoadFailed", 15, "LoadFailed")
+    assert "404" in condition("broken", ns="team-r")["message"], condition("broken", ns="team-r")
+    # resources in other namespaces are not this operator's business
+    assert "sql" not in OP.logs()
+    kubectl("delete", "loraadapter", "tiny-qv", "broken", "-n", "team-r", "--wait=false")
+    wait_for(lambda: W.adapter("tiny-qv", ns="team-r") is None, 15, "tiny-qv gone")
+    assert "tiny/qv" not in agent_view("real-0") and "tiny/qv" not in agent_view("real-1")
+
+
+def test_clean_shutdown():
+    code = OP.stop()
+    assert code == 0, f"exit status {code}: {OP.logs()[-1500:]}"
+    assert "shutting down" in OP.logs()
+
+
+def test_client_certificate_auth():
+    """kubeconfig with client-certificate-data / client-key-data (base64)
+    and a certificate-authority file given relative to the kubeconfig."""
+    d = os.path.join(W.dir, "certauth")
+    os.makedirs(d)
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+         "-subj", "/CN=test-ca")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj",
+         "/CN=loraplane-operator")
+    ossl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+         "client.pem", "-days", "1")
+    api2 = KubeApiServer(token="not-the-operators", tls_cert=os.path.join(W.dir, "cert.pem"),
+                         tls_key=os.path.join(W.dir, "key.pem"), client_ca=os.path.join(d, "ca.pem")).start()
+    try:
+        shutil.copy(os.path.join(W.dir, "cert.pem"), os.path.join(d, "server-ca.pem"))
+        b64 = lambda f: base64.b64encode(open(os.path.join(d, f), "rb").read()).decode()  # noqa: E731
+        kc = os.path.join(d, "kubeconfig")
+        with open(kc, "w") as f:
+            f.write(f"""apiVersion: v1
+kind: Config
+current-context: certs
+contexts:
+- name: certs
+  context: {{cluster: c, user: u}}
+clusters:
+- name: c
+  cluster: {{server: "{api2.url}", certificate-authority: server-ca.pem}}
+users:
+- name: u
+  user:
+    client-certificate-data: {b64("client.pem")}
+    client-key-data: {b64("client.key")}
+""")
+        code, obj = api2.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                                 yaml.safe_load(open("crds/loraplane.io_loraadapters.yaml")))
+        assert code == 201, obj
+        code, obj = api2.request("POST", "/apis/loraplane.io/v1alpha1/namespaces/default/loraadapters",
+                                 {"apiVersion": "loraplane.io/v1alpha1", "kind": "LoraAdapter",
+                                  "metadata": {"name": "x", "namespace": "default"},
+                                  "spec": {"baseModelName": "nobody/serves-this", "source": {"uri": "s3://b/x"}}})
+        assert code == 201, obj
+        op = Operator("--kubeconfig", kc, "--namespace", "default", name="certs")
+        try:
+            def reason():
+                code, obj = api2.request("GET", "/apis/loraplane.io/v1alpha1/namespaces/default/loraadapters/x")
+                return [c.get("reason") for c in (obj.get("status") or {}).get("conditions", [])]
+            wait_for(lambda: reason() == ["NoEndpoints"], 15, "status written with a client certificate")
+        finally:
+            assert op.stop() == 0, op.logs()[-1500:]
+    finally:
+        api2.stop()
+
+
+def main():
+    global W
+    if not os.path.exists(OPERATOR):
+        print(f"FAIL test-operator:setup: {OPERATOR} not built", flush=True)
+        return 1
+    only = [t for t in os.environ.get("OPERATOR_TESTS", "").split(",") if t]
+    W = World()
+    try:
+        for t in (test_bad_usage, test_apply_three_pods_ready, test_fourth_pod_joins,
+                  test_steady_state_does_not_reload, test_agent_restarted_empty_is_reloaded,
+                  test_source_change_reloads_in_place, test_agent_errors_then_recovery,
+                  test_api_faults_lose_no_update, test_pod_leaves_and_no_endpoints,
+                  test_delete_unloads_and_cleans_up, test_delete_with_unreachable_agent_gives_up_bounded,
+                  test_two_operators_one_leader_failover, test_all_namespaces_and_service_disabled,
+                  test_start_while_pods_cannot_be_listed, test_metrics, test_real_agents, test_client_certificate_auth,
+                  test_clean_shutdown):
+            if only and t.__name__ not in only:
+                continue
+            test(t)
+    finally:
+        if failures and OP:
+            sys.stderr.write("---- operator log (tail) ----\n" + OP.logs()[-6000:])
+        W.stop()
+        if not failures:
+            shutil.rmtree(W.dir, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
