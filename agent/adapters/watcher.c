@@ -17,11 +17,11 @@
 
 struct entry {
 	char name[256];
-	uint64_t fp;	    /* fingerprint of the files at the last attempt */
-	bool attempted;	    /* fp is meaningful */
-	bool failed;	    /* the attempt at fp failed (or was refused) */
-	bool seen;	    /* present in the current scan */
-	bool conflict;	    /* the name is taken by another source (reported) */
+	uint64_t fp;    /* fingerprint of the files at the last attempt */
+	bool attempted; /* fp is meaningful */
+	bool failed;    /* the attempt at fp failed (or was refused) */
+	bool seen;      /* present in the current scan */
+	bool conflict;  /* the name is taken by another source (reported) */
 };
 
 struct lp_watcher {
@@ -183,10 +183,11 @@ static int scan_one(struct lp_watcher *w, const char *name)
 		if (e->conflict)
 			return 0; /* reported already */
 		e->conflict = true;
-		lp_errf(&err, -EEXIST,
-		        "an adapter named '%s' is already loaded from another source; the directory "
-		        "is ignored while it is",
-		        name);
+		lp_errf(
+		    &err, -EEXIST,
+		    "an adapter named '%s' is already loaded from another source; the directory "
+		    "is ignored while it is",
+		    name);
 		w->ops.report(w->ctx, LP_WATCH_SKIPPED, name, path, &err);
 		return 0;
 	}
@@ -262,7 +263,8 @@ int lp_watcher_scan(struct lp_watcher *w, struct lp_err *err)
 			continue;
 		}
 		int n = snprintf(path, sizeof(path), "%s/%s", w->dir, e->name);
-		if (n > 0 && (size_t)n < sizeof(path) && w->ops.state(w->ctx, e->name, path) == LP_WATCH_FROM_DIR) {
+		if (n > 0 && (size_t)n < sizeof(path) &&
+		    w->ops.state(w->ctx, e->name, path) == LP_WATCH_FROM_DIR) {
 			struct lp_err uerr = {0};
 			if (w->ops.unload(w->ctx, e->name, &uerr))
 				w->ops.report(w->ctx, LP_WATCH_SKIPPED, e->name, path, &uerr);
@@ -300,7 +302,8 @@ static void *watch_thread(void *arg)
 int lp_watcher_start(struct lp_watcher *w, double interval_s, struct lp_err *err)
 {
 	if (!(interval_s > 0) || interval_s > 86400)
-		return lp_errf(err, -EINVAL, "refresh interval must be in (0, 86400] seconds, got %g",
+		return lp_errf(err, -EINVAL,
+		               "refresh interval must be in (0, 86400] seconds, got %g",
 		               interval_s);
 	if (w->running)
 		return lp_errf(err, -EALREADY, "the watcher is already running");

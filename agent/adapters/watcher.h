@@ -33,8 +33,8 @@ enum lp_watch_event {
 
 /* Where the owner's adapter of a name comes from. */
 enum lp_watch_state {
-	LP_WATCH_ABSENT,	  /* not loaded (never, or unloaded through the API) */
-	LP_WATCH_FROM_DIR,	  /* loaded from the watched subdirectory */
+	LP_WATCH_ABSENT,         /* not loaded (never, or unloaded through the API) */
+	LP_WATCH_FROM_DIR,       /* loaded from the watched subdirectory */
 	LP_WATCH_FROM_ELSEWHERE, /* loaded under that name from another source */
 };
 

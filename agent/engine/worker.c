@@ -12,6 +12,8 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +51,7 @@ struct lp_worker {
 	pthread_t thread;
 	bool thread_started;
 	pthread_mutex_t lock; /* the engine */
+	atomic_int lock_waiters; /* threads other than the engine's waiting for it */
 	pthread_mutex_t qmu;
 	pthread_cond_t qcv;     /* engine thread waits: work, cancel, stop */
 	pthread_cond_t idle_cv; /* drain waits: nothing queued or active */
@@ -75,6 +78,14 @@ static void cond_init_monotonic(pthread_cond_t *cv)
 	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
 	pthread_cond_init(cv, &a);
 	pthread_condattr_destroy(&a);
+}
+
+/* Takes the engine's lock from a thread other than the engine's. */
+static void lock_engine(struct lp_worker *w)
+{
+	atomic_fetch_add(&w->lock_waiters, 1);
+	pthread_mutex_lock(&w->lock);
+	atomic_fetch_sub(&w->lock_waiters, 1);
 }
 
 /* The CLOCK_MONOTONIC time ms milliseconds from now. */
@@ -455,6 +466,10 @@ static void *engine_thread(void *arg)
 		}
 		int n = run_step(w);
 		pthread_mutex_unlock(&w->lock);
+		/* mutexes are not fair: let a loader or reader that waits for
+		 * the engine take it before the next step does */
+		while (atomic_load(&w->lock_waiters) > 0)
+			sched_yield();
 		if (stop && !w->active)
 			break;
 		if (n <= 0 && w->active) {
@@ -559,7 +574,7 @@ int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
 		source = path;
 	if (!sha256)
 		sha256 = "";
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	a = lp_lora_cache_find(c, name);
 	if (a && !inplace && !strcmp(a->source, source) && !strcmp(a->sha256, sha256)) {
 		*already = true;
@@ -579,7 +594,7 @@ int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
 	double ms =
 	    (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
 
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	rc = lp_lora_cache_install(c, name, path, source, sha256, l, ms, inplace, already, err);
 	if (!rc && out)
 		summarize(lp_lora_cache_find(c, name), out);
@@ -591,7 +606,7 @@ int lp_worker_lora_unload(struct lp_worker *w, const char *name, struct lp_err *
 {
 	int rc;
 
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	rc = lp_lora_cache_unload(lp_engine_loras(w->e), name, err);
 	pthread_mutex_unlock(&w->lock);
 	return rc;
@@ -602,7 +617,7 @@ size_t lp_worker_lora_list(struct lp_worker *w, struct lp_adapter_summary *out, 
 	struct lp_lora_cache *c = lp_engine_loras(w->e);
 	size_t n = 0;
 
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	for (struct lp_adapter *a = lp_lora_cache_next(c, NULL); a; a = lp_lora_cache_next(c, a)) {
 		if (n < cap)
 			summarize(a, &out[n]);
@@ -617,7 +632,7 @@ int lp_worker_lora_get(struct lp_worker *w, const char *name, struct lp_adapter_
 	struct lp_adapter *a;
 	int rc = -ENOENT;
 
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	a = lp_lora_cache_find(lp_engine_loras(w->e), name);
 	if (a) {
 		summarize(a, out);
@@ -629,7 +644,7 @@ int lp_worker_lora_get(struct lp_worker *w, const char *name, struct lp_adapter_
 
 void lp_worker_stats(struct lp_worker *w, struct lp_worker_stats *out)
 {
-	pthread_mutex_lock(&w->lock);
+	lock_engine(w);
 	lp_engine_stats(w->e, &out->engine);
 	lp_lora_cache_stats(lp_engine_loras(w->e), &out->loras);
 	pthread_mutex_unlock(&w->lock);

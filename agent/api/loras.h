@@ -1,0 +1,43 @@
+/* Adapter management shared by the admin API, vLLM's endpoints, the
+ * startup flags and the lora-dir watcher: name rules (DESIGN 3.4),
+ * source resolution (agent/adapters/source.h) and the load itself on the
+ * calling thread (lp_worker_lora_load), with every outcome mapped to the
+ * HTTP status DESIGN 3.3 gives it. */
+#ifndef LP_API_LORAS_H
+#define LP_API_LORAS_H
+
+#include <stdbool.h>
+
+#include "agent/api/errors.h"
+#include "agent/api/server.h"
+#include "agent/engine/worker.h"
+
+#define LP_LORA_NAME_MAX 128
+
+/* True when name is 1-128 characters of [A-Za-z0-9._:/-], holds no '..'
+ * and does not start with '/'; otherwise err says why. */
+bool lp_lora_name_valid(const char *name, struct lp_err *err);
+
+struct lp_lora_load_args {
+	const char *name;
+	const char *uri;    /* file:///abs, /abs, s3://, hf://, https:// */
+	const char *sha256; /* pin of the weights file, or NULL */
+	bool inplace;       /* replace a loaded version from another source */
+	bool from_api;      /* file:// only below --allowed-local-roots */
+};
+
+/* Loads (or finds already loaded) an adapter. 0 with *already set when the
+ * name was loaded from the same uri (and digest, when pinned); out (may be
+ * NULL) describes the adapter. Errors, as a negative status with e:
+ * 400 bad name/uri/pin (or the base model's name), 403 file:// outside the allowed roots, 404
+ * source not found, 409 loaded from another source, 422 invalid adapter or digest mismatch, 429
+ * busy, 502 remote source failed, 507 no room. */
+int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, bool *already,
+                     struct lp_adapter_summary *out, struct lp_api_error *e);
+/* 400 bad name, 404 not loaded. */
+int lp_api_lora_unload(struct lp_server *s, const char *name, struct lp_api_error *e);
+
+/* The JSON description of a loaded adapter (DESIGN 3.3's body fields). */
+json_t *lp_api_lora_json(const struct lp_adapter_summary *a);
+
+#endif

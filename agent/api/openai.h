@@ -1,0 +1,14 @@
+/* The public OpenAI-compatible API (DESIGN 3.2): GET /v1/models,
+ * POST /v1/completions and POST /v1/chat/completions, streamed as
+ * server-sent events or answered whole. Each handler returns the HTTP
+ * status it sent. */
+#ifndef LP_API_OPENAI_H
+#define LP_API_OPENAI_H
+
+#include "agent/api/server.h"
+
+int lp_openai_models(struct lp_call *c);
+int lp_openai_completions(struct lp_call *c);
+int lp_openai_chat(struct lp_call *c);
+
+#endif

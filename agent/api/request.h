@@ -1,0 +1,67 @@
+/* Parsing and validation of the bodies of POST /v1/completions and
+ * POST /v1/chat/completions into one request description, with the
+ * prompt(s) tokenized. Every field is type- and range-checked; a bad one
+ * is a 400 naming it in `param`. Unknown fields are ignored, as OpenAI
+ * clients send extras. Runs on the HTTP thread; reads the model's
+ * tokenizer and chat template, which are immutable. */
+#ifndef LP_API_REQUEST_H
+#define LP_API_REQUEST_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "agent/api/errors.h"
+#include "agent/engine/chat-template.h"
+#include "agent/engine/model.h"
+#include "agent/engine/sampler.h"
+#include "agent/engine/tokenizer.h"
+#include "agent/engine/worker.h"
+
+#define LP_GEN_MAX_PROMPTS  64  /* prompts in one completions request */
+#define LP_GEN_MAX_N        16  /* choices per prompt */
+#define LP_GEN_MAX_CHOICES  128 /* prompts x n */
+#define LP_GEN_MAX_STOPS    16
+#define LP_GEN_MAX_MESSAGES 4096
+#define LP_GEN_MAX_MODEL    255 /* bytes of a model name */
+
+struct lp_gen_prompt {
+	struct lp_tokens ids; /* what the engine runs */
+	char *text;           /* the prompt as text, for echo (owned) */
+	size_t text_len;
+};
+
+struct lp_gen_request {
+	bool chat;
+	char model[LP_GEN_MAX_MODEL + 1];
+	struct lp_gen_prompt *prompts; /* [n_prompts], owned */
+	size_t n_prompts;
+	int max_tokens; /* new tokens per choice, >= 1 */
+	int n;          /* choices per prompt */
+	bool stream;
+	bool include_usage;            /* stream_options.include_usage */
+	int logprobs;                  /* -1: none; else alternatives per token (0..20) */
+	bool echo;                     /* completions: prompt text before the completion */
+	char *stops[LP_GEN_MAX_STOPS]; /* owned */
+	size_t n_stops;
+	struct lp_sampling_params sampling;
+	bool ignore_eos;
+	bool skip_special; /* special tokens produce no text (default true) */
+};
+
+/* Context the parser needs: the model (tokenizer, vocabulary), its chat
+ * template (NULL: chat requests are refused) and the context length. */
+struct lp_gen_limits {
+	const struct lp_model *model;
+	const struct lp_chat_template *chat;
+	int max_model_len;
+};
+
+/* Parses body (borrowed) into r (released first by the caller with
+ * lp_gen_request_release, or zeroed). Returns 0, or a negative status
+ * with e filled (400 for a bad field). */
+int lp_gen_request_parse(struct lp_gen_request *r, json_t *body, bool chat,
+                         const struct lp_gen_limits *lim, struct lp_api_error *e);
+void lp_gen_request_release(struct lp_gen_request *r);
+
+#endif

@@ -1,0 +1,467 @@
+/* TLS termination in front of civetweb; see tls.h. */
+#include "agent/api/tls.h"
+
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HANDSHAKE_TIMEOUT_S 10
+#define WRITE_TIMEOUT_MS    60000
+#define RELAY_BUF           16384
+
+/* The libssl functions used, looked up at run time. */
+static struct {
+	int (*init)(uint64_t opts, const OPENSSL_INIT_SETTINGS *settings);
+	const SSL_METHOD *(*server_method)(void);
+	SSL_CTX *(*ctx_new)(const SSL_METHOD *m);
+	void (*ctx_free)(SSL_CTX *c);
+	int (*use_chain)(SSL_CTX *c, const char *file);
+	int (*use_key)(SSL_CTX *c, const char *file, int type);
+	int (*check_key)(const SSL_CTX *c);
+	long (*ctx_ctrl)(SSL_CTX *c, int cmd, long larg, void *parg);
+	SSL *(*ssl_new)(SSL_CTX *c);
+	void (*ssl_free)(SSL *s);
+	int (*set_fd)(SSL *s, int fd);
+	int (*accept)(SSL *s);
+	int (*read)(SSL *s, void *buf, int n);
+	int (*write)(SSL *s, const void *buf, int n);
+	int (*pending)(const SSL *s);
+	int (*get_error)(const SSL *s, int ret);
+	int (*shutdown)(SSL *s);
+} ssl;
+
+static pthread_once_t ssl_once = PTHREAD_ONCE_INIT;
+static char ssl_load_error[256];
+
+static void load_libssl(void)
+{
+	static const struct {
+		const char *name;
+		size_t offset;
+	} fns[] = {
+	    {"OPENSSL_init_ssl", offsetof(__typeof__(ssl), init)},
+	    {"TLS_server_method", offsetof(__typeof__(ssl), server_method)},
+	    {"SSL_CTX_new", offsetof(__typeof__(ssl), ctx_new)},
+	    {"SSL_CTX_free", offsetof(__typeof__(ssl), ctx_free)},
+	    {"SSL_CTX_use_certificate_chain_file", offsetof(__typeof__(ssl), use_chain)},
+	    {"SSL_CTX_use_PrivateKey_file", offsetof(__typeof__(ssl), use_key)},
+	    {"SSL_CTX_check_private_key", offsetof(__typeof__(ssl), check_key)},
+	    {"SSL_CTX_ctrl", offsetof(__typeof__(ssl), ctx_ctrl)},
+	    {"SSL_new", offsetof(__typeof__(ssl), ssl_new)},
+	    {"SSL_free", offsetof(__typeof__(ssl), ssl_free)},
+	    {"SSL_set_fd", offsetof(__typeof__(ssl), set_fd)},
+	    {"SSL_accept", offsetof(__typeof__(ssl), accept)},
+	    {"SSL_read", offsetof(__typeof__(ssl), read)},
+	    {"SSL_write", offsetof(__typeof__(ssl), write)},
+	    {"SSL_pending", offsetof(__typeof__(ssl), pending)},
+	    {"SSL_get_error", offsetof(__typeof__(ssl), get_error)},
+	    {"SSL_shutdown", offsetof(__typeof__(ssl), shutdown)},
+	};
+	void *h = dlopen("libssl.so.3", RTLD_NOW | RTLD_LOCAL);
+
+	if (!h)
+		h = dlopen("libssl.so", RTLD_NOW | RTLD_LOCAL);
+	if (!h) {
+		snprintf(ssl_load_error, sizeof(ssl_load_error), "cannot load libssl: %s",
+		         dlerror());
+		return;
+	}
+	for (size_t i = 0; i < sizeof(fns) / sizeof(fns[0]); i++) {
+		void *f = dlsym(h, fns[i].name);
+		if (!f) {
+			snprintf(ssl_load_error, sizeof(ssl_load_error),
+			         "libssl has no '%s' (OpenSSL 1.1 or later is needed)",
+			         fns[i].name);
+			return;
+		}
+		memcpy((char *)&ssl + fns[i].offset, &f, sizeof(f));
+	}
+	ssl.init(0, NULL);
+}
+
+/* The first OpenSSL error queued, for messages. */
+static const char *ssl_error_text(char *buf, size_t cap)
+{
+	unsigned long e = ERR_get_error();
+
+	if (!e)
+		return "unknown TLS error";
+	ERR_error_string_n(e, buf, cap);
+	ERR_clear_error();
+	return buf;
+}
+
+struct lp_tls_proxy {
+	SSL_CTX *ctx;
+	int lfd;
+	int port;
+	int backend_port;
+	int stop_pipe[2];
+	pthread_t acceptor;
+	bool acceptor_started;
+	atomic_int conns;
+};
+
+struct conn {
+	struct lp_tls_proxy *p;
+	int fd;
+};
+
+/* ---- relaying ---- */
+
+static bool write_all(int fd, const char *b, size_t n)
+{
+	while (n) {
+		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return false;
+		b += w;
+		n -= (size_t)w;
+	}
+	return true;
+}
+
+static bool wait_fd(int fd, short events, int timeout_ms)
+{
+	struct pollfd pf = {fd, events, 0};
+	int r;
+
+	do
+		r = poll(&pf, 1, timeout_ms);
+	while (r < 0 && errno == EINTR);
+	return r > 0;
+}
+
+static bool ssl_write_all(SSL *s, int fd, const char *b, int n)
+{
+	while (n > 0) {
+		int w = ssl.write(s, b, n);
+		if (w > 0) {
+			b += w;
+			n -= w;
+			continue;
+		}
+		switch (ssl.get_error(s, w)) {
+		case SSL_ERROR_WANT_WRITE:
+			if (!wait_fd(fd, POLLOUT, WRITE_TIMEOUT_MS))
+				return false;
+			break;
+		case SSL_ERROR_WANT_READ:
+			if (!wait_fd(fd, POLLIN, WRITE_TIMEOUT_MS))
+				return false;
+			break;
+		default:
+			return false;
+		}
+	}
+	return true;
+}
+
+static int connect_backend(int port)
+{
+	struct sockaddr_in a;
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+
+	if (fd < 0)
+		return -1;
+	memset(&a, 0, sizeof(a));
+	a.sin_family = AF_INET;
+	a.sin_port = htons((uint16_t)port);
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		close(fd);
+		return -1;
+	}
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return fd;
+}
+
+/* Moves bytes both ways until either side closes. */
+static void relay(SSL *s, int cfd, int bfd)
+{
+	char *buf = malloc(RELAY_BUF);
+
+	if (!buf)
+		return;
+	for (;;) {
+		struct pollfd pf[2] = {{cfd, POLLIN, 0}, {bfd, POLLIN, 0}};
+		if (ssl.pending(s) > 0) {
+			pf[0].revents = POLLIN;
+		} else {
+			int r = poll(pf, 2, 1000);
+			if (r < 0 && errno != EINTR)
+				break;
+			if (r <= 0)
+				continue;
+		}
+		if (pf[0].revents) {
+			bool closed = false;
+			for (;;) {
+				int n = ssl.read(s, buf, RELAY_BUF);
+				if (n > 0) {
+					if (!write_all(bfd, buf, (size_t)n)) {
+						closed = true;
+						break;
+					}
+					continue;
+				}
+				int e = ssl.get_error(s, n);
+				if (e == SSL_ERROR_WANT_READ)
+					break;
+				if (e == SSL_ERROR_WANT_WRITE &&
+				    wait_fd(cfd, POLLOUT, WRITE_TIMEOUT_MS))
+					continue;
+				closed = true; /* close_notify, reset or a TLS error */
+				break;
+			}
+			if (closed)
+				break;
+		}
+		if (pf[1].revents) {
+			ssize_t n = recv(bfd, buf, RELAY_BUF, 0);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0 || !ssl_write_all(s, cfd, buf, (int)n))
+				break;
+		}
+	}
+	free(buf);
+}
+
+static void *conn_main(void *arg)
+{
+	struct conn *c = arg;
+	struct lp_tls_proxy *p = c->p;
+	struct timeval tv = {HANDSHAKE_TIMEOUT_S, 0};
+	struct timeval none = {0, 0};
+	int cfd = c->fd, bfd = -1, one = 1;
+	SSL *s;
+
+	free(c);
+	setsockopt(cfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(cfd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	s = ssl.ssl_new(p->ctx);
+	if (!s || ssl.set_fd(s, cfd) != 1 || ssl.accept(s) != 1)
+		goto out; /* a failed handshake: nothing to tell anyone */
+	setsockopt(cfd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+	setsockopt(cfd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
+	fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
+	bfd = connect_backend(p->backend_port);
+	if (bfd >= 0)
+		relay(s, cfd, bfd);
+	ssl.shutdown(s);
+out:
+	ERR_clear_error();
+	if (s)
+		ssl.ssl_free(s);
+	if (bfd >= 0)
+		close(bfd);
+	close(cfd);
+	atomic_fetch_sub(&p->conns, 1);
+	return NULL;
+}
+
+static void *acceptor_main(void *arg)
+{
+	struct lp_tls_proxy *p = arg;
+
+	for (;;) {
+		struct pollfd pf[2] = {{p->lfd, POLLIN, 0}, {p->stop_pipe[0], POLLIN, 0}};
+		pthread_attr_t attr;
+		pthread_t th;
+		struct conn *c;
+		int fd;
+
+		if (poll(pf, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (pf[1].revents)
+			break;
+		fd = accept4(p->lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE || errno == ENOMEM) {
+				struct timespec ts = {0, 100000000L};
+				nanosleep(&ts, NULL);
+			}
+			continue;
+		}
+		c = malloc(sizeof(*c));
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->p = p;
+		c->fd = fd;
+		atomic_fetch_add(&p->conns, 1);
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&th, &attr, conn_main, c)) {
+			atomic_fetch_sub(&p->conns, 1);
+			close(fd);
+			free(c);
+		}
+		pthread_attr_destroy(&attr);
+	}
+	return NULL;
+}
+
+/* ---- setup ---- */
+
+static int listen_on(const char *host, int port, int *fd_out, int *port_out, struct lp_err *err)
+{
+	struct addrinfo hints, *res = NULL;
+	char service[16];
+	int fd, one = 1, rc;
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_INET;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+	snprintf(service, sizeof(service), "%d", port);
+	rc = getaddrinfo(host, service, &hints, &res);
+	if (rc)
+		return lp_errf(err, -EINVAL, "cannot resolve '%s': %s", host ? host : "*",
+		               gai_strerror(rc));
+	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		freeaddrinfo(res);
+		return lp_errf(err, -errno, "socket: %s", strerror(errno));
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+		int e = errno;
+		freeaddrinfo(res);
+		close(fd);
+		return lp_errf(err, -e, "cannot listen on %s:%d: %s", host ? host : "*", port,
+		               strerror(e));
+	}
+	freeaddrinfo(res);
+	if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && ss.ss_family == AF_INET)
+		*port_out = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+	else
+		*port_out = port;
+	*fd_out = fd;
+	return 0;
+}
+
+int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, int backend_port,
+                       const char *cert, const char *key, struct lp_err *err)
+{
+	struct lp_tls_proxy *p;
+	char ebuf[256];
+	int rc;
+
+	*out = NULL;
+	pthread_once(&ssl_once, load_libssl);
+	if (ssl_load_error[0])
+		return lp_errf(err, -ENOTSUP, "TLS is not available: %s", ssl_load_error);
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	p->lfd = p->stop_pipe[0] = p->stop_pipe[1] = -1;
+	p->backend_port = backend_port;
+	atomic_init(&p->conns, 0);
+	p->ctx = ssl.ctx_new(ssl.server_method());
+	if (!p->ctx) {
+		rc = lp_errf(err, -ENOMEM, "cannot create a TLS context: %s",
+		             ssl_error_text(ebuf, sizeof(ebuf)));
+		goto fail;
+	}
+	ssl.ctx_ctrl(p->ctx, SSL_CTRL_SET_MIN_PROTO_VERSION, TLS1_2_VERSION, NULL);
+	ssl.ctx_ctrl(p->ctx, SSL_CTRL_MODE,
+	             SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+	if (ssl.use_chain(p->ctx, cert) != 1) {
+		rc = lp_errf(err, -EINVAL, "TLS certificate '%s': %s", cert,
+		             ssl_error_text(ebuf, sizeof(ebuf)));
+		goto fail;
+	}
+	if (ssl.use_key(p->ctx, key, SSL_FILETYPE_PEM) != 1) {
+		rc = lp_errf(err, -EINVAL, "TLS key '%s': %s", key,
+		             ssl_error_text(ebuf, sizeof(ebuf)));
+		goto fail;
+	}
+	if (ssl.check_key(p->ctx) != 1) {
+		rc = lp_errf(err, -EINVAL, "TLS key '%s' does not match the certificate '%s'", key,
+		             cert);
+		goto fail;
+	}
+	if ((rc = listen_on(host, port, &p->lfd, &p->port, err)))
+		goto fail;
+	if (pipe2(p->stop_pipe, O_CLOEXEC) < 0) {
+		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));
+		goto fail;
+	}
+	if (pthread_create(&p->acceptor, NULL, acceptor_main, p)) {
+		rc = lp_errf(err, -EAGAIN, "cannot start the TLS listener thread");
+		goto fail;
+	}
+	p->acceptor_started = true;
+	*out = p;
+	return 0;
+fail:
+	lp_tls_proxy_free(p, 0);
+	return rc;
+}
+
+int lp_tls_proxy_port(const struct lp_tls_proxy *p)
+{
+	return p->port;
+}
+
+void lp_tls_proxy_close(struct lp_tls_proxy *p)
+{
+	if (!p)
+		return;
+	if (p->acceptor_started) {
+		if (write(p->stop_pipe[1], "x", 1) != 1)
+			pthread_cancel(p->acceptor);
+		pthread_join(p->acceptor, NULL);
+		p->acceptor_started = false;
+	}
+	if (p->lfd >= 0)
+		close(p->lfd);
+	p->lfd = -1;
+}
+
+void lp_tls_proxy_free(struct lp_tls_proxy *p, int wait_ms)
+{
+	if (!p)
+		return;
+	lp_tls_proxy_close(p);
+	for (int waited = 0; atomic_load(&p->conns) > 0 && waited < wait_ms; waited += 10) {
+		struct timespec ts = {0, 10000000L};
+		nanosleep(&ts, NULL);
+	}
+	if (atomic_load(&p->conns) > 0)
+		return; /* relays still hold p: leave it to the process exit */
+	if (p->stop_pipe[0] >= 0)
+		close(p->stop_pipe[0]);
+	if (p->stop_pipe[1] >= 0)
+		close(p->stop_pipe[1]);
+	if (p->ctx)
+		ssl.ctx_free(p->ctx);
+	free(p);
+}
