@@ -47,13 +47,13 @@ TOOLS := $(BUILD)/tools/bench
 all: $(PROGRAMS)
 
 help:
-	@echo "make            build bin/loraplane-generate"
+	@echo "make            build bin/loraplane-agent, -generate and -operator"
 	@echo "make deps       install Debian/PyPI packages and the default model"
 	@echo "make test       build and run every test (ends with 'N passed, N failed')"
 	@echo "make check      formatting and banned-call checks"
 	@echo "make asan       the tests under AddressSanitizer + UBSan"
 	@echo "make bench      speed and memory figures on the default model"
-	@echo "make run        generate with the default model (the agent comes with issue 4)"
+	@echo "make run        start the agent on the default model with the sample adapters"
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -111,7 +111,7 @@ bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
 
 run: deps $(PROGRAMS)
-	$(Q)$(BIN)/loraplane-generate --model $(MODEL) --chat --prompt "$${PROMPT:-What is Kubernetes? Answer in two sentences.}"
+	$(Q)BIN=$(BIN) MODEL=$(MODEL) bash hack/run-agent.sh
 
 clean:
 	rm -rf build build-asan bin
