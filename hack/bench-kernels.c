@@ -2,7 +2,13 @@
  *   - memory read bandwidth (a multi-threaded sum over 256 MB),
  *   - matrix-vector products (batch 1) per weight type, in GB/s of weights
  *     streamed and as a fraction of that bandwidth; the matrices rotate
- *     over enough copies that they come from DRAM, as in a decode step,
+ *     over enough copies that they come from DRAM, as in a decode step.
+ *     Next to it, the same product with the weights in cache on one thread:
+ *     the compute ceiling of one core (times the threads, it bounds the
+ *     streaming figure when it is below the bandwidth),
+ *   - attention with SmolLM2-135M's shapes (9 query heads, 3 kv heads, head
+ *     dim 64, f32 cache): one decode token at several context lengths, and
+ *     a 512-token prefill,
  *   - GEMM GFLOP/s at n = 512 (prefill),
  *   - thread-pool dispatch overhead per op.
  *
@@ -10,7 +16,9 @@
  *   cc -std=c11 -O2 -I. -D_GNU_SOURCE -pthread -o /tmp/bench-kernels \
  *      hack/bench-kernels.c kernels/backend.c kernels/dtype.c common/err.c \
  *      $(ls kernels/cpu/[a-z]*.c) -lm
- *   /tmp/bench-kernels [--threads N] */
+ *   /tmp/bench-kernels [--threads N]
+ * The machine's other load shows in every figure: run it when it is idle,
+ * or compare variants run in turn. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -201,19 +209,91 @@ static double time_matmul(struct lp_backend *be, enum lp_dtype t, int n, int64_t
 	return best;
 }
 
+/* Microseconds per attention call: n_tokens tokens of one sequence at
+ * positions ctx - n_tokens .. ctx - 1, the cache's blocks scattered. */
+static double time_attention(struct lp_backend *be, int n_tokens, int ctx, int reps)
+{
+	enum { H = 9, KV = 3, HD = 64, BS = 16, MAXB = 64, NBLK = 96 };
+	struct lp_err err = {0};
+	struct lp_buffer bk = {0}, bv = {0}, bq = {0}, bo = {0};
+	int64_t rows = (int64_t)NBLK * BS;
+	struct lp_tensor tk = {NULL, LP_DTYPE_F32, rows, KV * HD};
+	struct lp_tensor tv = {NULL, LP_DTYPE_F32, rows, KV * HD};
+	struct lp_tensor tq = {NULL, LP_DTYPE_F32, n_tokens, H * HD};
+	struct lp_tensor to = {NULL, LP_DTYPE_F32, n_tokens, H * HD};
+	int32_t *seq = calloc((size_t)n_tokens, sizeof(int32_t));
+	int32_t *pos = calloc((size_t)n_tokens, sizeof(int32_t));
+	int32_t table[MAXB];
+	double best = 1e30;
+
+	if (!seq || !pos || ctx > MAXB * BS || n_tokens > ctx ||
+	    lp_backend_alloc(be, (size_t)(rows * KV * HD) * sizeof(float), &bk, &err) ||
+	    lp_backend_alloc(be, (size_t)(rows * KV * HD) * sizeof(float), &bv, &err) ||
+	    lp_backend_alloc(be, (size_t)n_tokens * H * HD * sizeof(float), &bq, &err) ||
+	    lp_backend_alloc(be, (size_t)n_tokens * H * HD * sizeof(float), &bo, &err)) {
+		fprintf(stderr, "bench-kernels: attention setup failed\n");
+		exit(1);
+	}
+	for (int64_t i = 0; i < rows * KV * HD; i++) {
+		((float *)bk.data)[i] = (float)(i % 17) * 0.05f - 0.4f;
+		((float *)bv.data)[i] = (float)(i % 13) * 0.05f - 0.3f;
+	}
+	for (int64_t i = 0; i < (int64_t)n_tokens * H * HD; i++)
+		((float *)bq.data)[i] = (float)(i % 11) * 0.1f - 0.5f;
+	for (int i = 0; i < MAXB; i++)
+		table[i] = (i * 37) % NBLK;
+	for (int t = 0; t < n_tokens; t++)
+		pos[t] = ctx - n_tokens + t;
+	tk.data = bk.data;
+	tv.data = bv.data;
+	tq.data = bq.data;
+	to.data = bo.data;
+	struct lp_attention_args a = {
+	    .n_tokens = n_tokens,
+	    .n_heads = H,
+	    .n_kv_heads = KV,
+	    .head_dim = HD,
+	    .block_size = BS,
+	    .max_blocks_per_seq = MAXB,
+	    .scale = 0.125f,
+	    .q = &tq,
+	    .k_cache = &tk,
+	    .v_cache = &tv,
+	    .tok_seq = seq,
+	    .tok_pos = pos,
+	    .block_tables = table,
+	    .out = &to,
+	};
+	for (int rep = 0; rep < reps; rep++) {
+		double t0 = now_s();
+		be->ops->attention(be->ctx, &a);
+		double dt = now_s() - t0;
+		best = dt < best ? dt : best;
+	}
+	lp_backend_free(be, &bk);
+	lp_backend_free(be, &bv);
+	lp_backend_free(be, &bq);
+	lp_backend_free(be, &bo);
+	free(seq);
+	free(pos);
+	return best * 1e6;
+}
+
 int main(int argc, char **argv)
 {
 	struct lp_err err = {0};
 	struct lp_backend *be = NULL;
 	struct lp_threadpool *pool = NULL;
 	int n_threads = 0;
+	struct lp_backend *be1 = NULL;
 	static const struct {
 		enum lp_dtype t;
 		int64_t m, k;
 	} mv[] = {
 	    {LP_DTYPE_Q8_0, 49152, 576}, {LP_DTYPE_Q8_0, 1536, 576}, {LP_DTYPE_Q4_1, 1536, 576},
-	    {LP_DTYPE_Q4_1, 576, 1536},  {LP_DTYPE_Q4_0, 1536, 576}, {LP_DTYPE_F16, 1536, 576},
-	    {LP_DTYPE_BF16, 1536, 576},  {LP_DTYPE_F32, 1536, 576},
+	    {LP_DTYPE_Q4_1, 576, 1536},  {LP_DTYPE_Q4_1, 576, 576},  {LP_DTYPE_Q4_1, 192, 576},
+	    {LP_DTYPE_Q4_0, 1536, 576},  {LP_DTYPE_F16, 1536, 576},  {LP_DTYPE_BF16, 1536, 576},
+	    {LP_DTYPE_F32, 1536, 576},
 	};
 
 	for (int i = 1; i < argc; i++) {
@@ -224,7 +304,7 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (lp_backend_cpu_new(&be, n_threads, &err)) {
+	if (lp_backend_cpu_new(&be, n_threads, &err) || lp_backend_cpu_new(&be1, 1, &err)) {
 		fprintf(stderr, "bench-kernels: %s\n", err.msg);
 		return 1;
 	}
@@ -236,16 +316,27 @@ int main(int argc, char **argv)
 	double bw = memory_bandwidth(pool);
 	printf("memory read bandwidth: %.2f GB/s (sum over %u MB)\n", bw, BW_BYTES >> 20);
 
-	printf("matvec n=1 (weights from DRAM, rotating over %u MB of copies):\n",
-	       MV_SPAN_BYTES >> 20);
+	printf("matvec n=1: weights from DRAM (rotating over %u MB of copies), %d threads | "
+	       "weights in cache, 1 thread\n",
+	       MV_SPAN_BYTES >> 20, n_threads);
 	for (size_t i = 0; i < sizeof(mv) / sizeof(mv[0]); i++) {
 		size_t wb;
 		double dt = time_matmul(be, mv[i].t, 1, mv[i].k, mv[i].m, MV_SPAN_BYTES, 5, &wb);
+		double hot = time_matmul(be1, mv[i].t, 1, mv[i].k, mv[i].m, 0, 200, &wb);
 		double gbs = (double)wb / dt / 1e9;
-		printf("  %-5s %6lld x %-5lld %8.1f us  %6.2f GB/s  %.2f of bandwidth\n",
-		       lp_dtype_name(mv[i].t), (long long)mv[i].m, (long long)mv[i].k, dt * 1e6,
-		       gbs, gbs / bw);
+		printf(
+		    "  %-5s %6lld x %-5lld %8.1f us  %6.2f GB/s  %.2f of bandwidth | %6.2f GB/s\n",
+		    lp_dtype_name(mv[i].t), (long long)mv[i].m, (long long)mv[i].k, dt * 1e6, gbs,
+		    gbs / bw, (double)wb / hot / 1e9);
 	}
+
+	printf("attention, 9 query heads, 3 kv heads, head dim 64, f32 cache:\n");
+	static const int ctxs[] = {128, 512, 1024};
+	for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++)
+		printf("  decode, context %4d   %8.1f us per layer\n", ctxs[i],
+		       time_attention(be, 1, ctxs[i], 200));
+	printf("  prefill, 512 tokens   %8.2f ms per layer\n",
+	       time_attention(be, 512, 512, 5) / 1e3);
 
 	printf("gemm n=512 k=576 m=1536:\n");
 	for (int t = LP_DTYPE_F32; t <= LP_DTYPE_Q4_1; t++) {
@@ -263,5 +354,6 @@ int main(int argc, char **argv)
 	printf("thread-pool dispatch overhead: %.2f us per op (%d back-to-back empty runs)\n",
 	       dt / runs * 1e6, runs);
 	lp_backend_destroy(be);
+	lp_backend_destroy(be1);
 	return 0;
 }

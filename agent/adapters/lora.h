@@ -60,19 +60,18 @@ struct lp_lora_shape {
 };
 
 /* Input and output sizes of a target in a model of the given shape. */
-void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, int *in,
-                         int *out);
+void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, int *in, int *out);
 
 struct lp_lora {
 	int n_layers;
-	int max_rank;	       /* largest rank of any pair */
-	unsigned targets;      /* bit t set when some layer has target t */
+	int max_rank;               /* largest rank of any pair */
+	unsigned targets;           /* bit t set when some layer has target t */
 	struct lp_lora_pair *pairs; /* [n_layers * LP_LORA_N_TARGETS], index
-				       layer * LP_LORA_N_TARGETS + target */
-	float *data;	       /* one allocation holding every a and b */
+	                               layer * LP_LORA_N_TARGETS + target */
+	float *data;                /* one allocation holding every a and b */
 	size_t data_bytes;
-	char *base_model;      /* base_model_name_or_path, or NULL */
-	const char *format;    /* "peft", "peft-bin", "trtllm" or "nemo" */
+	char *base_model;   /* base_model_name_or_path, or NULL */
+	const char *format; /* "peft", "peft-bin", "trtllm" or "nemo" */
 };
 
 /* Loads and validates the adapter at path for a model of shape s. Errors:

@@ -75,10 +75,10 @@ struct lp_seq {
 	struct lp_sampler sampler;
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
-	int n_preempted;     /* times its cache was dropped for recompute */
+	int n_preempted;            /* times its cache was dropped for recompute */
 	struct lp_adapter *adapter; /* the version it was admitted with, or NULL */
-	void *user;          /* the caller's */
-	struct lp_seq *next; /* in the engine's waiting or running list */
+	void *user;                 /* the caller's */
+	struct lp_seq *next;        /* in the engine's waiting or running list */
 };
 
 /* One sampled token of a step. */

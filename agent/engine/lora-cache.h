@@ -25,22 +25,22 @@
 /* One loaded version of a named adapter. */
 struct lp_adapter {
 	char *name;
-	char *path;	    /* local file or directory its weights are read from */
-	char *source;	    /* as the user named it (uri); defaults to path */
-	char *sha256;	    /* hex digest the user pinned, or "" */
-	int32_t lora_id;    /* lp_lora_id(name) */
-	int rank;	    /* largest rank */
-	unsigned targets;   /* bitmask of enum lp_lora_target */
+	char *path;       /* local file or directory its weights are read from */
+	char *source;     /* as the user named it (uri); defaults to path */
+	char *sha256;     /* hex digest the user pinned, or "" */
+	int32_t lora_id;  /* lp_lora_id(name) */
+	int rank;         /* largest rank */
+	unsigned targets; /* bitmask of enum lp_lora_target */
 	const char *format;
-	double load_ms;	    /* time the last parse took */
-	struct lp_lora *w;  /* host tier; NULL when evicted to disk */
-	struct lp_buffer dev; /* device copy while it holds a slot */
-	struct lp_tensor *a, *b; /* [n_layers * LP_LORA_N_TARGETS] views in
-				    dev; rows == 0 where the pair is absent */
-	int slot;	    /* device slot, or -1 */
-	int seq_refs;	    /* waiting or running requests using this version */
-	int running_refs;   /* running requests (pin the slot) */
-	bool registered;    /* the current version of its name */
+	double load_ms;                 /* time the last parse took */
+	struct lp_lora *w;              /* host tier; NULL when evicted to disk */
+	struct lp_buffer dev;           /* device copy while it holds a slot */
+	struct lp_tensor *a, *b;        /* [n_layers * LP_LORA_N_TARGETS] views in
+	                                   dev; rows == 0 where the pair is absent */
+	int slot;                       /* device slot, or -1 */
+	int seq_refs;                   /* waiting or running requests using this version */
+	int running_refs;               /* running requests (pin the slot) */
+	bool registered;                /* the current version of its name */
 	uint64_t host_stamp, dev_stamp; /* LRU clocks */
 	struct lp_adapter *next;
 };
@@ -75,8 +75,8 @@ const struct lp_lora_shape *lp_lora_cache_shape(const struct lp_lora_cache *c);
  * retires the old version. -ENOSPC when the host tier is full of adapters
  * that requests need. */
 int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char *path,
-                          const char *source, const char *sha256, struct lp_lora *w,
-                          double load_ms, bool inplace, bool *already, struct lp_err *err);
+                          const char *source, const char *sha256, struct lp_lora *w, double load_ms,
+                          bool inplace, bool *already, struct lp_err *err);
 /* Parses path (lp_lora_load) and installs it. */
 int lp_lora_cache_load(struct lp_lora_cache *c, const char *name, const char *path,
                        const char *source, const char *sha256, bool inplace, bool *already,

@@ -50,7 +50,7 @@ struct lp_worker {
 	struct lp_worker_config cfg;
 	pthread_t thread;
 	bool thread_started;
-	pthread_mutex_t lock; /* the engine */
+	pthread_mutex_t lock;    /* the engine */
 	atomic_int lock_waiters; /* threads other than the engine's waiting for it */
 	pthread_mutex_t qmu;
 	pthread_cond_t qcv;     /* engine thread waits: work, cancel, stop */

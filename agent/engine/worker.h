@@ -34,18 +34,18 @@ struct lp_request_params {
 	const char *adapter;   /* NULL or "" for the base model; copied */
 	const int32_t *prompt; /* copied */
 	size_t n_prompt;
-	int max_tokens;	       /* >= 1 */
+	int max_tokens; /* >= 1 */
 	bool ignore_eos;
 	struct lp_sampling_params sampling;
-	int logprobs;	       /* -1: none; 0..LP_MAX_TOP_LOGPROBS: the chosen
-				  token's logprob and this many alternatives */
+	int logprobs; /* -1: none; 0..LP_MAX_TOP_LOGPROBS: the chosen
+	                 token's logprob and this many alternatives */
 };
 
 enum lp_event_kind {
 	LP_EVENT_TOKEN, /* one generated token */
-	LP_EVENT_END,	/* the request is over: finish says why */
+	LP_EVENT_END,   /* the request is over: finish says why */
 	LP_EVENT_ERROR, /* it could not start: err says why (code as
-			   lp_engine_add returns it) */
+	                   lp_engine_add returns it) */
 };
 
 struct lp_event {
@@ -56,10 +56,10 @@ struct lp_event {
 	int32_t top_ids[LP_MAX_TOP_LOGPROBS];
 	float top_logprobs[LP_MAX_TOP_LOGPROBS];
 	enum lp_finish_reason finish; /* LP_EVENT_END */
-	bool cancelled;		      /* LP_EVENT_END: by lp_request_cancel or a full channel */
-	int prompt_tokens;	      /* LP_EVENT_END */
-	int completion_tokens;	      /* LP_EVENT_END */
-	struct lp_err err;	      /* LP_EVENT_ERROR */
+	bool cancelled;               /* LP_EVENT_END: by lp_request_cancel or a full channel */
+	int prompt_tokens;            /* LP_EVENT_END */
+	int completion_tokens;        /* LP_EVENT_END */
+	struct lp_err err;            /* LP_EVENT_ERROR */
 };
 
 struct lp_worker;
@@ -67,8 +67,8 @@ struct lp_request;
 
 /* Starts the engine thread over e, which the worker owns from now on
  * (lp_worker_free frees it). */
-int lp_worker_start(struct lp_worker **out, struct lp_engine *e,
-                    const struct lp_worker_config *cfg, struct lp_err *err);
+int lp_worker_start(struct lp_worker **out, struct lp_engine *e, const struct lp_worker_config *cfg,
+                    struct lp_err *err);
 /* Stops accepting requests; lets running and queued ones finish for up to
  * drain_ms, cancels the rest, stops the thread, frees everything. */
 void lp_worker_free(struct lp_worker *w, int drain_ms);
@@ -111,8 +111,8 @@ struct lp_adapter_summary {
 	double load_ms;
 };
 
-int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
-                        const char *source, const char *sha256, bool inplace, bool *already,
+int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *source,
+                        const char *sha256, bool inplace, bool *already,
                         struct lp_adapter_summary *out, struct lp_err *err);
 int lp_worker_lora_unload(struct lp_worker *w, const char *name, struct lp_err *err);
 /* Fills up to cap summaries of registered adapters in load order; returns

@@ -40,9 +40,26 @@
 /* Weight rows a thread runs through every group before moving on, so that
  * they come from its cache after the first group. */
 #define LP_CPU_MATVEC_ROW_CHUNK 64
-/* Per-block sums of x for the 4-bit matrix-vector path: k up to
- * 4096 * 32 = 131072 (longer rows take the GEMM path). */
-#define LP_CPU_XSUM_MAX_BLOCKS 4096
+/* The 4-bit matrix-vector kernel reads x through a copy prepared once per
+ * product (lp_cpu_matvec_prep_avx2): per block of 32 weights, 32 floats of
+ * x reordered and scaled, and 2 floats for its sum. Rows of up to
+ * LP_CPU_MATVEC_MAX_BLOCKS blocks (k <= 131072) take that path, longer
+ * ones the GEMM. Row j of the copy starts at j * LP_CPU_PREP_ROW_FLOATS,
+ * its sums LP_CPU_PREP_SUMS floats further on. */
+#define LP_CPU_MATVEC_MAX_BLOCKS 4096
+#define LP_CPU_PREP_SUMS         (LP_CPU_MATVEC_MAX_BLOCKS * 32)
+#define LP_CPU_PREP_ROW_FLOATS   (LP_CPU_MATVEC_MAX_BLOCKS * 34)
+/* Weights a matrix-vector chunk streams at least (small matrices go in
+ * fewer chunks than LP_CPU_CHUNKS_PER_THREAD per thread). */
+#define LP_CPU_MATVEC_UNIT_BYTES 32768
+/* Bytes of weights the matrix-vector kernels prefetch ahead of the row
+ * they work on (0: none; -D overrides it for measurements). */
+#ifndef LP_CPU_MATVEC_PREFETCH
+#define LP_CPU_MATVEC_PREFETCH 2048
+#endif
+/* backend-cpu.c sizes that copy (cpu->xsum) as LP_CPU_MATVEC_BATCH *
+ * LP_CPU_XSUM_MAX_BLOCKS * 4 floats: 2.1 MiB. */
+#define LP_CPU_XSUM_MAX_BLOCKS (LP_CPU_PREP_ROW_FLOATS / 4)
 
 /* Below this many elements (or multiply-adds) an op runs on the calling
  * thread alone: waking the pool would cost more than the work. */
@@ -58,7 +75,11 @@ struct lp_cpu {
 	int n_threads;
 	bool avx2;
 	struct lp_cpu_scratch *scratch; /* [n_threads] */
-	float *xsum;                    /* [LP_CPU_MATVEC_BATCH][LP_CPU_XSUM_MAX_BLOCKS][4] */
+	/* [LP_CPU_MATVEC_BATCH][LP_CPU_PREP_ROW_FLOATS]: shared scratch of
+	 * one op at a time, the prepared x of a matrix-vector product or the
+	 * partial states of a split attention (ops of one backend never run
+	 * concurrently) */
+	float *xsum;
 	float *scratch_mem;
 };
 
@@ -101,13 +122,18 @@ bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
  * len are multiples of the block size. */
 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst);
 
+/* Writes the copy of rows x[0 .. n) (k floats apart, n <= LP_CPU_MATVEC_BATCH,
+ * k / 32 <= LP_CPU_MATVEC_MAX_BLOCKS) that lp_cpu_matvec_avx2 reads for
+ * 4-bit weights of type t (Q4_0 or Q4_1) to prep, in the layout described
+ * above LP_CPU_MATVEC_MAX_BLOCKS. Borrows x; prep is caller-owned. */
+void lp_cpu_matvec_prep_avx2(enum lp_dtype t, const float *x, int n, int64_t k, float *prep);
+
 /* out[j, r] (+)= x[j, :] . w[r, :] for r in [r0, r1), j < n <= 4, rows of w
- * w_stride bytes apart; out rows ldo floats apart. For Q4_0/Q4_1, xsum
- * holds 4 floats per block b of each x row j, at (j * LP_CPU_XSUM_MAX_BLOCKS
- * + b) * 4, all zero but lane 1 = the block's sum of x for Q4_1 and lane 0
- * = -8 times it for Q4_0 (the weights' offset, m or -8 d, times that sum). */
+ * w_stride bytes apart; out rows ldo floats apart. For Q4_0/Q4_1 the rows
+ * of x are read from prep, made by lp_cpu_matvec_prep_avx2 (x is unused);
+ * for the other types x is read directly (prep is unused). */
 void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
-                        int64_t k, const float *x, int n, const float *xsum, float *out,
+                        int64_t k, const float *x, int n, const float *prep, float *out,
                         int64_t ldo, bool accumulate);
 
 /* Dequantizes columns [k0, k0 + kc) of weight rows [c0, c0 + ncols) into

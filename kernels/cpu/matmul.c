@@ -6,7 +6,11 @@
  *
  *   n <= LP_CPU_MATVEC_BATCH (decode): matrix-vector, weights expanded in
  *     registers block by block and multiplied into up to
- *     LP_CPU_MATVEC_MAX_N rows of x at a time (vec-avx2.c).
+ *     LP_CPU_MATVEC_MAX_N rows of x at a time (vec-avx2.c); for 4-bit
+ *     weights x is first copied, reordered and scaled, into the layout the
+ *     kernel wants (lp_cpu_matvec_prep_avx2). Small matrices go in fewer
+ *     chunks (LP_CPU_MATVEC_UNIT_BYTES each at least): each chunk starts
+ *     its stream from memory cold.
  *   larger n (prefill): per thread, panels of LP_CPU_NR weight rows by
  *     LP_CPU_KC columns are dequantized into the thread's scratch and
  *     multiplied into every row of x by a register-blocked micro-kernel.
@@ -70,7 +74,7 @@ static void matvec_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 
 			lp_cpu_matvec_avx2(t->type, t->w, t->w_stride, c0, c1, t->k,
 			                   t->x + g * t->k, rows,
-			                   t->cpu->xsum + g * LP_CPU_XSUM_MAX_BLOCKS * 4,
+			                   t->cpu->xsum + g * LP_CPU_PREP_ROW_FLOATS,
 			                   t->out + g * t->m, t->m, t->accumulate);
 		}
 	}
@@ -99,27 +103,6 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 	}
 }
 #endif
-
-/* Per-block sums of the rows of x for the 4-bit matrix-vector path, in the
- * layout lp_cpu_matvec_avx2 reads. */
-static void matmul_xsum(struct lp_cpu *cpu, enum lp_dtype type, const float *x, int64_t n,
-                        int64_t k)
-{
-	for (int64_t i = 0; i < n; i++) {
-		for (int64_t b = 0; b < k / LP_QK; b++) {
-			const float *xb = x + i * k + b * LP_QK;
-			float *dst = cpu->xsum + (i * LP_CPU_XSUM_MAX_BLOCKS + b) * 4;
-			float s = 0.0f;
-
-			for (int j = 0; j < LP_QK; j++)
-				s += xb[j];
-			dst[0] = type == LP_DTYPE_Q4_0 ? -8.0f * s : 0.0f;
-			dst[1] = type == LP_DTYPE_Q4_1 ? s : 0.0f;
-			dst[2] = 0.0f;
-			dst[3] = 0.0f;
-		}
-	}
-}
 
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate)
@@ -150,18 +133,23 @@ void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_te
 #if LP_CPU_X86
 	if (cpu->avx2) {
 		int64_t work = t.n * t.m * t.k;
-		if (t.n <= LP_CPU_MATVEC_BATCH && t.k / LP_QK <= LP_CPU_XSUM_MAX_BLOCKS) {
+		if (t.n <= LP_CPU_MATVEC_BATCH && t.k / LP_QK <= LP_CPU_MATVEC_MAX_BLOCKS) {
 			if (t.type == LP_DTYPE_Q4_0 || t.type == LP_DTYPE_Q4_1)
-				matmul_xsum(cpu, t.type, t.x, t.n, t.k);
-			lp_cpu_parallel(cpu, work, t.m / 16, matvec_avx2_thread, &t);
+				lp_cpu_matvec_prep_avx2(t.type, t.x, (int)t.n, t.k, cpu->xsum);
+			/* a chunk streams at least LP_CPU_MATVEC_UNIT_BYTES of
+			 * weights: each chunk starts its stream cold */
+			int64_t units = t.m / 16;
+			int64_t by_size =
+			    (int64_t)(t.w_stride * (size_t)t.m / LP_CPU_MATVEC_UNIT_BYTES);
+			if (by_size < units)
+				units = by_size < 2 ? 2 : by_size;
+			lp_cpu_parallel(cpu, work, units, matvec_avx2_thread, &t);
 		} else {
 			lp_cpu_parallel(cpu, work, (t.m + LP_CPU_NR - 1) / LP_CPU_NR,
 			                gemm_avx2_thread, &t);
 		}
 		return;
 	}
-#else
-	(void)matmul_xsum;
 #endif
 	lp_cpu_parallel(cpu, t.n * t.m * t.k, t.m, matmul_scalar_thread, &t);
 }

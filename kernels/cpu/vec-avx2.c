@@ -154,74 +154,262 @@ AVX2 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int6
 	}
 }
 
-/* One block against n activation rows: acc[j] += d * (q . x_j), and the
- * block's share of the 4-bit offset into macc[j]: lane 1 += m * xsum for
- * Q4_1, lane 0 += d * (-8 xsum) for Q4_0 (see lp_cpu_matvec_avx2). */
-AVX2_INLINE void mv_block(enum lp_dtype t, const uint8_t *p, const float *x, int64_t ldx,
-                          const int n, const float *xsum, __m256 *acc, __m128 *macc)
+/* Software prefetch of the weights, which stream from memory once per
+ * product: the hardware prefetcher stops at each 4 KiB page and starts
+ * each chunk of rows cold. One prefetch per cache line of [p, p + len). */
+AVX2_INLINE void prefetch_lines(const uint8_t *p, size_t len)
+{
+	for (size_t off = 0; off < len; off += 64)
+		_mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
+/* Before rows [r0, r1): the first LP_CPU_MATVEC_PREFETCH bytes; before
+ * each row, the row that far ahead, within the rows' span. */
+AVX2_INLINE void prefetch_head(const void *w, size_t w_stride, int64_t r0, int64_t r1)
+{
+	size_t span = (size_t)(r1 - r0) * w_stride;
+
+	if (LP_CPU_MATVEC_PREFETCH > 0)
+		prefetch_lines((const uint8_t *)w + (size_t)r0 * w_stride,
+		               span < LP_CPU_MATVEC_PREFETCH ? span : LP_CPU_MATVEC_PREFETCH);
+}
+
+AVX2_INLINE void prefetch_row(const uint8_t *row, size_t w_stride, const uint8_t *end)
+{
+	const uint8_t *p = row + LP_CPU_MATVEC_PREFETCH;
+
+	if (LP_CPU_MATVEC_PREFETCH > 0 && p < end)
+		prefetch_lines(p, (size_t)(end - p) < w_stride ? (size_t)(end - p) : w_stride);
+}
+
+/* One Q8_0 block against n activation rows: acc[j] += d * (q . x_j). */
+AVX2_INLINE void mv_block_q8(const uint8_t *p, const float *x, int64_t ldx, const int n,
+                             __m256 *acc)
 {
 	__m256 w[4];
-	__m128 dm = load_block(t, p, w);
-	__m256 dv = _mm256_broadcastss_ps(dm);
+	__m256 dv = _mm256_broadcastss_ps(load_block(LP_DTYPE_Q8_0, p, w));
 
 #pragma GCC unroll 4
 	for (int j = 0; j < n; j++) {
 		const float *xj = x + j * ldx;
-		const float *xs = xsum + (size_t)j * LP_CPU_XSUM_MAX_BLOCKS * 4;
 		__m256 d = _mm256_mul_ps(w[0], _mm256_loadu_ps(xj));
 		d = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xj + 8), d);
 		d = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xj + 16), d);
 		d = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xj + 24), d);
 		acc[j] = _mm256_fmadd_ps(dv, d, acc[j]);
-		if (t == LP_DTYPE_Q4_1)
-			macc[j] = _mm_fmadd_ps(dm, _mm_load_ps(xs), macc[j]);
-		else if (t == LP_DTYPE_Q4_0)
-			macc[j] = _mm_fmadd_ss(dm, _mm_load_ss(xs), macc[j]);
 	}
 }
 
-/* Quantized rows [r0, r1) against n rows of x: sum_b d_b * (q_b . x_b) +
- * m_b * xsum_b. Two accumulators (even and odd blocks) keep the fused
- * multiply-add chains short. */
-AVX2_INLINE void mv_quant(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
-                          int64_t k, const float *x, const int n, const float *xsum, float *out,
-                          int64_t ldo, bool accumulate)
+/* Q8_0 rows [r0, r1) against n rows of x: sum_b d_b * (q_b . x_b). Two
+ * accumulators (even and odd blocks) keep the fused multiply-add chains
+ * short. */
+AVX2_INLINE void mv_q8(const void *w, size_t w_stride, int64_t r0, int64_t r1, int64_t k,
+                       const float *x, const int n, float *out, int64_t ldo, bool accumulate)
 {
-	size_t bb = lp_dtype_block_bytes(t);
+	const size_t bb = sizeof(struct lp_block_q8_0);
+	const uint8_t *end = (const uint8_t *)w + (size_t)r1 * w_stride;
 	int64_t nb = k / LP_QK;
 
+	prefetch_head(w, w_stride, r0, r1);
 	for (int64_t r = r0; r < r1; r++) {
 		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
 		__m256 acc0[LP_CPU_MATVEC_MAX_N], acc1[LP_CPU_MATVEC_MAX_N];
-		__m128 macc0[LP_CPU_MATVEC_MAX_N], macc1[LP_CPU_MATVEC_MAX_N];
 		int64_t b = 0;
+
+		prefetch_row(p, w_stride, end);
 
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
 			acc0[j] = _mm256_setzero_ps();
 			acc1[j] = _mm256_setzero_ps();
-			macc0[j] = _mm_setzero_ps();
-			macc1[j] = _mm_setzero_ps();
 		}
 		for (; b + 2 <= nb; b += 2) {
-			mv_block(t, p + (size_t)b * bb, x + b * LP_QK, k, n, xsum + 4 * b, acc0,
-			         macc0);
-			mv_block(t, p + (size_t)(b + 1) * bb, x + (b + 1) * LP_QK, k, n,
-			         xsum + 4 * (b + 1), acc1, macc1);
+			mv_block_q8(p + (size_t)b * bb, x + b * LP_QK, k, n, acc0);
+			mv_block_q8(p + (size_t)(b + 1) * bb, x + (b + 1) * LP_QK, k, n, acc1);
 		}
 		if (b < nb)
-			mv_block(t, p + (size_t)b * bb, x + b * LP_QK, k, n, xsum + 4 * b, acc0,
-			         macc0);
+			mv_block_q8(p + (size_t)b * bb, x + b * LP_QK, k, n, acc0);
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
-			__m128 mt = _mm_add_ps(macc0[j], macc1[j]);
 			float s = hsum(_mm256_add_ps(acc0[j], acc1[j]));
-			if (t == LP_DTYPE_Q4_1)
-				s += _mm_cvtss_f32(_mm_movehdup_ps(mt));
-			else if (t == LP_DTYPE_Q4_0)
-				s += _mm_cvtss_f32(mt);
 			float *o = out + j * ldo + r;
 			*o = accumulate ? *o + s : s;
+		}
+	}
+}
+
+/* The 32 weights of a 4-bit block, for the matrix-vector kernel, in four
+ * masks of its 16 bytes broadcast to both halves of a register (no
+ * per-nibble shifts or byte shuffles): with u the bytes' dwords shifted
+ * right by 16,
+ *   w[0] = v & 0x000f | v & 0x00f0    w[1] = v & 0x0f00 | v & 0xf000
+ *   w[2] = u & 0x000f | u & 0x00f0    w[3] = u & 0x0f00 | u & 0xf000
+ * (low half | high half of the register). Lane j (< 4) of w[i] holds weight
+ * 4j + i and lane j + 4 weight 4j + 16 + i, times 2^e, e = 0 and 4 for
+ * w[0] and w[2], 8 and 12 for w[1] and w[3]: exact, as each has at most
+ * four significant bits. lp_cpu_matvec_prep_avx2 orders x the same way and
+ * scales it by 2^-e, so that each product is exactly weight times x. */
+AVX2_INLINE void load_q4(const uint8_t *qs, __m256 w[4])
+{
+	const __m256i m0 = _mm256_setr_epi32(0xf, 0xf, 0xf, 0xf, 0xf0, 0xf0, 0xf0, 0xf0);
+	const __m256i m1 =
+	    _mm256_setr_epi32(0xf00, 0xf00, 0xf00, 0xf00, 0xf000, 0xf000, 0xf000, 0xf000);
+	__m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+	__m256i u = _mm256_srli_epi32(v, 16);
+
+	w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v, m0));
+	w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v, m1));
+	w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(u, m0));
+	w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(u, m1));
+}
+
+/* x rows x[0 .. n) in the order and scale load_q4 gives the weights, and
+ * each block's sum for the weights' offset, two floats per block: -8 times
+ * the sum for Q4_0 (times d), then the sum for Q4_1 (times m); the other one
+ * is zero. */
+AVX2 void lp_cpu_matvec_prep_avx2(enum lp_dtype t, const float *x, int n, int64_t k, float *prep)
+{
+	const __m256 s0 = _mm256_setr_ps(1, 1, 1, 1, 0x1p-4f, 0x1p-4f, 0x1p-4f, 0x1p-4f);
+	const __m256 s1 = _mm256_setr_ps(0x1p-8f, 0x1p-8f, 0x1p-8f, 0x1p-8f, 0x1p-12f, 0x1p-12f,
+	                                 0x1p-12f, 0x1p-12f);
+	int64_t nb = k / LP_QK;
+
+	for (int j = 0; j < n; j++) {
+		const float *xj = x + j * k;
+		float *q = prep + (size_t)j * LP_CPU_PREP_ROW_FLOATS;
+		float *sums = q + LP_CPU_PREP_SUMS;
+
+		for (int64_t b = 0; b < nb; b++, xj += LP_QK, q += LP_QK, sums += 2) {
+			__m256 x0 = _mm256_loadu_ps(xj), x1 = _mm256_loadu_ps(xj + 8);
+			__m256 x2 = _mm256_loadu_ps(xj + 16), x3 = _mm256_loadu_ps(xj + 24);
+			/* a = x 0-3 | 16-19, b = 4-7 | 20-23, c = 8-11 | 24-27,
+			 * d = 12-15 | 28-31; then a 4 x 4 transpose in each half */
+			__m256 a = _mm256_permute2f128_ps(x0, x2, 0x20);
+			__m256 bv = _mm256_permute2f128_ps(x0, x2, 0x31);
+			__m256 c = _mm256_permute2f128_ps(x1, x3, 0x20);
+			__m256 d = _mm256_permute2f128_ps(x1, x3, 0x31);
+			__m256 t0 = _mm256_unpacklo_ps(a, bv), t1 = _mm256_unpackhi_ps(a, bv);
+			__m256 t2 = _mm256_unpacklo_ps(c, d), t3 = _mm256_unpackhi_ps(c, d);
+
+			_mm256_storeu_ps(q, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0x44), s0));
+			_mm256_storeu_ps(q + 8, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0xee), s1));
+			_mm256_storeu_ps(q + 16,
+			                 _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0x44), s0));
+			_mm256_storeu_ps(q + 24,
+			                 _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0xee), s1));
+
+			float sum =
+			    hsum(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)));
+			sums[0] = t == LP_DTYPE_Q4_0 ? -8.0f * sum : 0.0f;
+			sums[1] = t == LP_DTYPE_Q4_1 ? sum : 0.0f;
+		}
+	}
+}
+
+/* q . x of one block, before its scale d: the weights w (load_q4) against
+ * the block's 32 prepared floats of x, as 8 partial sums. */
+AVX2_INLINE __m256 dot_q4(const __m256 w[4], const float *q)
+{
+	__m256 d = _mm256_mul_ps(w[0], _mm256_load_ps(q));
+	d = _mm256_fmadd_ps(w[1], _mm256_load_ps(q + 8), d);
+	d = _mm256_fmadd_ps(w[2], _mm256_load_ps(q + 16), d);
+	return _mm256_fmadd_ps(w[3], _mm256_load_ps(q + 24), d);
+}
+
+/* Q4_0 / Q4_1 rows [r0, r1) against n prepared rows of x: sum_b d_b * (q_b
+ * . x_b) + offset_b * sum_b, the offset being m_b (Q4_1) or -8 d_b (Q4_0).
+ *
+ * Blocks go by fours: their (d, m) words are gathered into one register and
+ * converted at once, [d0 m0 d1 m1 d2 m2 d3 m3] (for Q4_0 the m lanes hold
+ * two weights and are cleared); the scales are broadcast from a copy on
+ * the stack, and the offsets' share is one multiply-add against the
+ * prepared sums [c0 s0 c1 s1 ...] (c = -8 sum for Q4_0, s = sum for Q4_1,
+ * the other zero). Even and odd blocks go to two accumulators to keep the
+ * chains short. Blocks past the last four go one by one. */
+AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
+                       int64_t k, const int n, const float *prep, float *out, int64_t ldo,
+                       bool accumulate)
+{
+	const size_t bb = lp_dtype_block_bytes(t), qs = t == LP_DTYPE_Q4_1 ? 4 : 2;
+	const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+	const uint8_t *end = (const uint8_t *)w + (size_t)r1 * w_stride;
+	int64_t nb = k / LP_QK;
+	float dbuf[8] __attribute__((aligned(32)));
+
+	prefetch_head(w, w_stride, r0, r1);
+	for (int64_t r = r0; r < r1; r++) {
+		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
+		const float *q = prep, *s = prep + LP_CPU_PREP_SUMS;
+		__m256 acc0[LP_CPU_MATVEC_MAX_N], acc1[LP_CPU_MATVEC_MAX_N];
+		__m128 macc[LP_CPU_MATVEC_MAX_N];
+		int64_t b = 0;
+
+		prefetch_row(p, w_stride, end);
+
+#pragma GCC unroll 4
+		for (int j = 0; j < n; j++) {
+			acc0[j] = _mm256_setzero_ps();
+			acc1[j] = _mm256_setzero_ps();
+			macc[j] = _mm_setzero_ps();
+		}
+		for (; b + 4 <= nb; b += 4, p += 4 * bb, q += 4 * LP_QK, s += 8) {
+			__m128i h = _mm_loadu_si32(p);
+			h = _mm_insert_epi32(h, (int)load_u32(p + bb), 1);
+			h = _mm_insert_epi32(h, (int)load_u32(p + 2 * bb), 2);
+			h = _mm_insert_epi32(h, (int)load_u32(p + 3 * bb), 3);
+			__m256 dm = _mm256_cvtph_ps(h);
+			if (t == LP_DTYPE_Q4_0)
+				dm = _mm256_and_ps(dm, even);
+			_mm256_store_ps(dbuf, dm);
+#pragma GCC unroll 4
+			for (int j = 0; j < n; j++)
+				acc1[j] = _mm256_fmadd_ps(
+				    dm, _mm256_load_ps(s + (size_t)j * LP_CPU_PREP_ROW_FLOATS),
+				    acc1[j]);
+#pragma GCC unroll 4
+			for (int i = 0; i < 4; i++) {
+				__m256 wv[4];
+				__m256 dv = _mm256_broadcast_ss(dbuf + 2 * i);
+
+				load_q4(p + i * bb + qs, wv);
+#pragma GCC unroll 4
+				for (int j = 0; j < n; j++) {
+					__m256 d = dot_q4(
+					    wv, q + i * LP_QK + (size_t)j * LP_CPU_PREP_ROW_FLOATS);
+					if (i % 2)
+						acc1[j] = _mm256_fmadd_ps(dv, d, acc1[j]);
+					else
+						acc0[j] = _mm256_fmadd_ps(dv, d, acc0[j]);
+				}
+			}
+		}
+		for (; b < nb; b++, p += bb, q += LP_QK, s += 2) {
+			__m256 wv[4];
+			/* d and m for Q4_1, d and two weights for Q4_0 */
+			__m128 dm = _mm_cvtph_ps(_mm_loadu_si32(p));
+			__m256 dv = _mm256_broadcastss_ps(dm);
+
+			load_q4(p + qs, wv);
+#pragma GCC unroll 4
+			for (int j = 0; j < n; j++) {
+				const float *sj = s + (size_t)j * LP_CPU_PREP_ROW_FLOATS;
+				__m128 sv = _mm_castpd_ps(_mm_load_sd((const double *)sj));
+				acc0[j] = _mm256_fmadd_ps(
+				    dv, dot_q4(wv, q + (size_t)j * LP_CPU_PREP_ROW_FLOATS),
+				    acc0[j]);
+				if (t == LP_DTYPE_Q4_1)
+					macc[j] = _mm_fmadd_ps(dm, sv, macc[j]);
+				else
+					macc[j] = _mm_fmadd_ss(dm, sv, macc[j]);
+			}
+		}
+#pragma GCC unroll 4
+		for (int j = 0; j < n; j++) {
+			/* m * sum in lane 1 for Q4_1, d * -8 sum in lane 0 for Q4_0 */
+			__m128 mt = t == LP_DTYPE_Q4_1 ? _mm_movehdup_ps(macc[j]) : macc[j];
+			float sum = hsum(_mm256_add_ps(acc0[j], acc1[j])) + _mm_cvtss_f32(mt);
+			float *o = out + j * ldo + r;
+			*o = accumulate ? *o + sum : sum;
 		}
 	}
 }
@@ -304,14 +492,11 @@ AVX2_INLINE void mv_plain(enum lp_dtype t, const void *w, size_t w_stride, int64
 	}
 
 AVX2 void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0,
-                             int64_t r1, int64_t k, const float *x, int n, const float *xsum,
+                             int64_t r1, int64_t k, const float *x, int n, const float *prep,
                              float *out, int64_t ldo, bool accumulate)
 {
-#define MV_CALL(T, N) mv_quant(T, w, w_stride, r0, r1, k, x, N, xsum, out, ldo, accumulate)
+#define MV_CALL(T, N) mv_q4(T, w, w_stride, r0, r1, k, N, prep, out, ldo, accumulate)
 	switch (t) {
-	case LP_DTYPE_Q8_0:
-		MV_CASES(LP_DTYPE_Q8_0);
-		return;
 	case LP_DTYPE_Q4_0:
 		MV_CASES(LP_DTYPE_Q4_0);
 		return;
@@ -320,6 +505,12 @@ AVX2 void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, in
 		return;
 	default:
 		break;
+	}
+#undef MV_CALL
+#define MV_CALL(T, N) mv_q8(w, w_stride, r0, r1, k, x, N, out, ldo, accumulate)
+	if (t == LP_DTYPE_Q8_0) {
+		MV_CASES(LP_DTYPE_Q8_0);
+		return;
 	}
 #undef MV_CALL
 #define MV_CALL(T, N) mv_plain(T, w, w_stride, r0, r1, k, x, N, out, ldo, accumulate)
