@@ -109,6 +109,8 @@ asan: deps
 
 bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
+	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
+	$(Q)python3 hack/bench-operator.py --bin $(BIN)
 
 run: deps $(PROGRAMS)
 	$(Q)BIN=$(BIN) MODEL=$(MODEL) bash hack/run-agent.sh

@@ -1,6 +1,7 @@
 /* Per-pod beliefs; see holdings.h. Stored as one JSON object
  * uid -> {"restarts", "base", "verified_at", "loras": {name: {source,
- * sha256}}} under a mutex. */
+ * sha256, seq}}, "gone": {name: seq}} under a mutex; seq is a counter of
+ * writes (sets and forgets) across all pods. */
 #include "operator/reconcile/holdings.h"
 
 #include <errno.h>
@@ -13,6 +14,7 @@
 struct holdings {
 	pthread_mutex_t lock;
 	json_t *pods;
+	long long seq; /* writes so far */
 };
 
 int holdings_new(struct holdings **out, struct lp_err *err)
@@ -45,7 +47,7 @@ static json_t *pod(struct holdings *h, const char *uid, bool create)
 
 	if (p || !create)
 		return p;
-	p = json_pack("{s:{}}", "loras");
+	p = json_pack("{s:{}, s:{}}", "loras", "gone");
 	if (p && json_object_set_new(h->pods, uid, p))
 		return NULL;
 	return p;
@@ -88,18 +90,38 @@ void holdings_set(struct holdings *h, const char *uid, const char *name, const s
 
 	pthread_mutex_lock(&h->lock);
 	p = pod(h, uid, true);
-	if (p)
-		json_object_set_new(
-		    json_object_get(p, "loras"), name,
-		    json_pack("{s:s, s:s}", "source", l->source, "sha256", l->sha256));
+	if (p) {
+		json_object_set_new(json_object_get(p, "loras"), name,
+		                    json_pack("{s:s, s:s, s:I}", "source", l->source, "sha256",
+		                              l->sha256, "seq", (json_int_t)++h->seq));
+		json_object_del(json_object_get(p, "gone"), name);
+	}
 	pthread_mutex_unlock(&h->lock);
 }
 
 void holdings_forget(struct holdings *h, const char *uid, const char *name)
 {
+	json_t *p;
+
 	pthread_mutex_lock(&h->lock);
-	json_object_del(json_object_get(pod(h, uid, false), "loras"), name);
+	p = pod(h, uid, false);
+	if (p) {
+		json_object_del(json_object_get(p, "loras"), name);
+		json_object_set_new(json_object_get(p, "gone"), name,
+		                    json_integer((json_int_t)++h->seq));
+	}
 	pthread_mutex_unlock(&h->lock);
+}
+
+long long holdings_verify_begin(struct holdings *h, const char *uid)
+{
+	long long s;
+
+	(void)uid;
+	pthread_mutex_lock(&h->lock);
+	s = h->seq;
+	pthread_mutex_unlock(&h->lock);
+	return s;
 }
 
 void holdings_forget_pod(struct holdings *h, const char *uid)
@@ -147,10 +169,11 @@ bool holdings_verified_within(struct holdings *h, const char *uid, double max_ag
 	return fresh;
 }
 
-void holdings_set_verified(struct holdings *h, const char *uid, json_t *loras)
+void holdings_set_verified(struct holdings *h, const char *uid, json_t *loras, long long begin)
 {
 	json_t *p, *fresh, *v;
 	const char *name;
+	void *tmp;
 
 	fresh = json_object();
 	json_object_foreach(loras, name, v)
@@ -165,6 +188,19 @@ void holdings_set_verified(struct holdings *h, const char *uid, json_t *loras)
 	pthread_mutex_lock(&h->lock);
 	p = pod(h, uid, true);
 	if (p && fresh) {
+		/* writes newer than the list win over it */
+		json_object_foreach(json_object_get(p, "loras"), name, v)
+		{
+			if (json_integer_value(json_object_get(v, "seq")) > begin)
+				json_object_set(fresh, name, v);
+		}
+		json_object_foreach_safe(json_object_get(p, "gone"), tmp, name, v)
+		{
+			if (json_integer_value(v) > begin)
+				json_object_del(fresh, name);
+			else
+				json_object_del(json_object_get(p, "gone"), name);
+		}
 		json_object_set(p, "loras", fresh);
 		json_object_set_new(p, "verified_at", json_real(kube_now_mono()));
 	}

@@ -37,9 +37,14 @@ void holdings_set_base(struct holdings *h, const char *uid, const char *base);
 
 /* True when the pod was verified less than max_age seconds ago. */
 bool holdings_verified_within(struct holdings *h, const char *uid, double max_age);
+/* A mark to take just before asking an agent for its list, for
+ * holdings_set_verified(). */
+long long holdings_verify_begin(struct holdings *h, const char *uid);
 /* Replaces the belief about the pod's adapters with loras (borrowed;
- * GET /v1/loras's object) and stamps the time. */
-void holdings_set_verified(struct holdings *h, const char *uid, json_t *loras);
+ * GET /v1/loras's object) and stamps the time; names set or forgotten since
+ * begin (other workers' loads and unloads that may have raced with the
+ * list) keep what those writes said. */
+void holdings_set_verified(struct holdings *h, const char *uid, json_t *loras, long long begin);
 
 /* Drops pods whose UID is not a key of live (an object uid -> anything). */
 void holdings_prune(struct holdings *h, json_t *live);

@@ -347,6 +347,7 @@ static void pod_load(struct pod_job *job, struct endpoint_state *ep)
 	}
 	if (job->verify && !holdings_verified_within(r->holdings, p->uid, r->cfg.resync / 2)) {
 		json_t *loras = NULL;
+		long long begin = holdings_verify_begin(r->holdings, p->uid);
 
 		atomic_fetch_add(&r->n_verifies, 1);
 		rc = agent_list(&a, &get, &loras, &rep, &err);
@@ -355,7 +356,7 @@ static void pod_load(struct pod_job *job, struct endpoint_state *ep)
 			holdings_forget_pod(r->holdings, p->uid);
 			return;
 		}
-		holdings_set_verified(r->holdings, p->uid, loras);
+		holdings_set_verified(r->holdings, p->uid, loras, begin);
 		json_decref(loras);
 	}
 	has = holdings_get(r->holdings, p->uid, s->lora_name, &held);

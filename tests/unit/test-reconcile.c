@@ -388,14 +388,35 @@ static void test_holdings(void)
 	/* a verification replaces the belief with what the agent reports */
 	holdings_set(h, "p1", "sql", &l);
 	CHECK(!holdings_verified_within(h, "p1", 60));
+	long long begin = holdings_verify_begin(h, "p1");
 	listing =
 	    json_loads("{\"chat\":{\"source\":\"hf://org/chat\",\"sha256\":\"ABCD\"}}", 0, NULL);
-	holdings_set_verified(h, "p1", listing);
+	holdings_set_verified(h, "p1", listing, begin);
 	json_decref(listing);
 	CHECK(holdings_verified_within(h, "p1", 60));
 	CHECK(!holdings_get(h, "p1", "sql", &got)); /* the agent lost it */
 	CHECK(holdings_get(h, "p1", "chat", &got));
 	CHECK_EQ_STR(got.sha256, "abcd");
+
+	/* a load and an unload that land while the list is in flight win
+	 * over the list, which was taken before them */
+	begin = holdings_verify_begin(h, "p1");
+	holdings_set(h, "p1", "late", &l);
+	holdings_forget(h, "p1", "chat");
+	listing =
+	    json_loads("{\"chat\":{\"source\":\"hf://org/chat\",\"sha256\":\"ABCD\"}}", 0, NULL);
+	holdings_set_verified(h, "p1", listing, begin);
+	json_decref(listing);
+	CHECK(holdings_get(h, "p1", "late", &got));
+	CHECK(!holdings_get(h, "p1", "chat", &got));
+	/* the next verification trusts the agent again */
+	begin = holdings_verify_begin(h, "p1");
+	listing =
+	    json_loads("{\"chat\":{\"source\":\"hf://org/chat\",\"sha256\":\"ABCD\"}}", 0, NULL);
+	holdings_set_verified(h, "p1", listing, begin);
+	json_decref(listing);
+	CHECK(!holdings_get(h, "p1", "late", &got));
+	CHECK(holdings_get(h, "p1", "chat", &got));
 
 	holdings_set(h, "p2", "sql", &l);
 	CHECK_EQ_INT(holdings_pods(h), 2);
