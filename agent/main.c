@@ -762,6 +762,17 @@ static void sleep_ms(long ms)
 	nanosleep(&ts, NULL);
 }
 
+/* Long downloads log their progress every few seconds. */
+static void log_download_progress(void *arg, const char *uri, uint64_t done, uint64_t total)
+{
+	(void)arg;
+	if (total)
+		lp_log_info("downloading '%s': %.1f of %.1f MiB", uri, (double)done / (1 << 20),
+		            (double)total / (1 << 20));
+	else
+		lp_log_info("downloading '%s': %.1f MiB", uri, (double)done / (1 << 20));
+}
+
 int main(int argc, char **argv)
 {
 	struct options o;
@@ -918,6 +929,8 @@ int main(int argc, char **argv)
 		memset(&scfg, 0, sizeof(scfg));
 		scfg.cache_dir = cache_dir;
 		scfg.allowed_roots = roots;
+		scfg.progress = log_download_progress;
+		scfg.progress_interval_ms = 5000;
 		if (lp_source_cache_new(&sources, &scfg, &err)) {
 			lp_err_prefix(&err, "adapter sources");
 			goto fail;
