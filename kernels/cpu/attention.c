@@ -1,24 +1,30 @@
 /* Paged attention on the CPU; see struct lp_attention_args in backend.h.
  *
- * A unit of work is one token's query heads of one kv group: the group's
- * heads go through the context together, chunk by chunk, so that each
- * chunk's block-table lookups are done once and its K and V rows, read from
- * memory for the first head, come from cache for the others. Chunks of the
- * pool take every n-th unit, so that each gets early and late tokens of a
- * prefill alike. Each head runs an online softmax over its positions in
- * chunks of ATTN_CHUNK: the chunk's scores are kept on the stack, the
- * running maximum and denominator are rescaled when the maximum grows, and
- * the weighted values accumulate straight into the output row, which is
- * divided by the denominator at the end.
+ * Three ways to cut the work, chosen from the shapes alone (never from the
+ * thread count, so results are the same on any number of threads):
  *
- * With few tokens (decode) there are too few units for the threads, and
- * the K and V rows of one long context are the bulk of the memory read: a
- * unit then also takes only ATTN_PART positions, writes its unnormalized
- * state (weighted values, maximum, denominator) to the backend's scratch,
- * and the parts are merged in order afterwards. Whether and how the
- * context is split depends on the shapes alone, never on the thread count,
- * so results are the same on any number of threads. Positions whose
- * block-table entry points outside the cache are skipped. */
+ *   default: a unit is one token's query heads of one kv group. The
+ *     group's heads go through the context together, chunk by chunk, so
+ *     that each chunk's block-table lookups are done once and its K and V
+ *     rows, read from memory for the first head, come from cache for the
+ *     others. Each head runs an online softmax over its positions in chunks
+ *     of ATTN_CHUNK: the chunk's scores are kept on the stack, the running
+ *     maximum and denominator are rescaled when the maximum grows, and the
+ *     weighted values accumulate straight into the output row, which is
+ *     divided by the denominator at the end.
+ *   few tokens (decode): too few units for the threads, and the K and V
+ *     rows of a long context are the bulk of the memory read. A unit then
+ *     also takes only ATTN_PART positions and writes its unnormalized state
+ *     (weighted values, maximum, denominator) to the backend's scratch; the
+ *     parts are merged in order afterwards.
+ *   prefill (runs of tokens of one sequence): a unit is a block of
+ *     ATTN_TILE tokens, each run of one sequence in it a tile that goes
+ *     through the context once for all its tokens (vec-avx2.c keeps the
+ *     tokens in the lanes of its registers).
+ *
+ * Chunks of the pool take every n-th unit, so that each gets early and late
+ * tokens of a prefill alike. Positions whose block-table entry points
+ * outside the cache are skipped. */
 #include "kernels/cpu/cpu.h"
 
 #include <assert.h>
@@ -34,14 +40,22 @@
 #define ATTN_SPLIT_UNITS 16
 #define ATTN_PART        64
 
+/* Prefill tiles (vec-avx2.c): ATTN_TILE tokens of a sequence against each
+ * chunk of its context, up to ATTN_TILE_HEADS heads of a kv group at once,
+ * with their queries, states and (f16 caches) converted rows in the
+ * thread's scratch. */
+#define ATTN_TILE       8
+#define ATTN_TILE_HEADS 4
+
 struct attention_task {
 	struct lp_cpu *cpu;
 	const struct lp_attention_args *a;
 	int grain;           /* heads per unit, all of one kv group */
 	int units_per_token; /* n_heads / grain */
 	int64_t n_parts;     /* parts of the context per unit */
-	int64_t n_units;     /* n_tokens * units_per_token * n_parts */
+	int64_t n_units;     /* n_tokens * units_per_token * n_parts, or tiles */
 	float *parts;        /* [n_tokens][n_heads][n_parts][head_dim + 2] */
+	bool tiles;          /* units are blocks of ATTN_TILE tokens */
 };
 
 /* s[j] = scale * q . k_j */
@@ -94,7 +108,9 @@ static void attention_unit(const struct attention_task *task, int t, int h0, int
                            int64_t pe, float *part, size_t part_stride)
 {
 	const struct lp_attention_args *a = task->a;
+#if LP_CPU_X86
 	bool avx2 = task->cpu->avx2;
+#endif
 	int hd = a->head_dim, bs = a->block_size;
 	int kvh = h0 / (a->n_heads / a->n_kv_heads);
 	bool f16 = a->k_cache->type == LP_DTYPE_F16;
@@ -201,6 +217,97 @@ static int64_t attention_positions(const struct lp_attention_args *a, int t)
 	return n < cap ? n : cap;
 }
 
+/* Scratch floats of a tile of nh heads. */
+static size_t attention_tile_scratch(int nh, int hd, bool f16)
+{
+	return (size_t)nh * ((size_t)hd * 8 + LP_CPU_TILE_STATE(hd)) +
+	       (f16 ? 2 * (size_t)LP_CPU_TILE_ROWS * hd : 0);
+}
+
+#if LP_CPU_X86
+/* Tokens [t0, t0 + nt) of one sequence (2 <= nt <= ATTN_TILE), heads [h0,
+ * h0 + nh) of one kv group, as one tile, in scratch. */
+static void attention_tile(const struct attention_task *task, int t0, int nt, int h0, int nh,
+                           float *scratch)
+{
+	const struct lp_attention_args *a = task->a;
+	int hd = a->head_dim, bs = a->block_size;
+	int kvh = h0 / (a->n_heads / a->n_kv_heads);
+	bool f16 = a->k_cache->type == LP_DTYPE_F16;
+	size_t es = f16 ? sizeof(uint16_t) : sizeof(float);
+	size_t stride = lp_dtype_row_bytes(a->k_cache->type, a->k_cache->cols);
+	int64_t cache_rows = a->k_cache->rows;
+	const char *kbase = (const char *)a->k_cache->data + (size_t)kvh * hd * es;
+	const char *vbase = (const char *)a->v_cache->data + (size_t)kvh * hd * es;
+	const int32_t *table = a->block_tables + (size_t)a->tok_seq[t0] * a->max_blocks_per_seq;
+	float *qt = scratch, *state = qt + (size_t)nh * hd * 8;
+	float *kvbuf = state + (size_t)nh * LP_CPU_TILE_STATE(hd);
+	int32_t tpos[ATTN_TILE];
+	int64_t rows[LP_CPU_TILE_ROWS], ppos[LP_CPU_TILE_ROWS], n_pos = 0;
+
+	for (int t = 0; t < ATTN_TILE; t++) {
+		tpos[t] = t < nt ? a->tok_pos[t0 + t] : -1;
+		if (t < nt && attention_positions(a, t0 + t) > n_pos)
+			n_pos = attention_positions(a, t0 + t);
+	}
+	for (int i = 0; i < nh; i++)
+		lp_cpu_attn_tile_begin_avx2((const float *)a->q->data + (size_t)t0 * a->q->cols +
+		                                (size_t)(h0 + i) * hd,
+		                            (size_t)a->q->cols, nt, hd, qt + (size_t)i * hd * 8,
+		                            state + (size_t)i * LP_CPU_TILE_STATE(hd));
+	for (int64_t p0 = 0; p0 < n_pos; p0 += LP_CPU_TILE_ROWS) {
+		int64_t p1 = n_pos - p0 < LP_CPU_TILE_ROWS ? n_pos : p0 + LP_CPU_TILE_ROWS;
+		int64_t blk = p0 / bs, off = p0 % bs;
+		int cnt = 0;
+
+		for (int64_t p = p0; p < p1; p++) {
+			int64_t row = (int64_t)table[blk] * bs + off;
+
+			if (table[blk] >= 0 && row < cache_rows) {
+				rows[cnt] = row;
+				ppos[cnt++] = p;
+			}
+			if (++off == bs) {
+				off = 0;
+				blk++;
+			}
+		}
+		if (cnt > 0)
+			lp_cpu_attn_tile_chunk_avx2(qt, state, nh, hd, kbase, vbase, stride, f16,
+			                            rows, ppos, cnt, tpos, a->scale, kvbuf);
+	}
+	for (int i = 0; i < nh; i++)
+		lp_cpu_attn_tile_end_avx2(state + (size_t)i * LP_CPU_TILE_STATE(hd), nt, hd,
+		                          (float *)a->out->data + (size_t)t0 * a->out->cols +
+		                              (size_t)(h0 + i) * hd,
+		                          (size_t)a->out->cols);
+}
+#endif
+
+/* Tile mode: tokens [t0, t1), heads [h0, h0 + nh); each run of tokens of
+ * one sequence is a tile, a lone token goes alone. */
+static void attention_block(const struct attention_task *task, int t0, int t1, int h0, int nh,
+                            int thread)
+{
+	const struct lp_attention_args *a = task->a;
+
+	while (t0 < t1) {
+		int t = t0 + 1;
+		while (t < t1 && a->tok_seq[t] == a->tok_seq[t0])
+			t++;
+#if LP_CPU_X86
+		if (t - t0 > 1) {
+			/* panel and rows: LP_CPU_THREAD_SCRATCH floats in a row */
+			attention_tile(task, t0, t - t0, h0, nh, task->cpu->scratch[thread].panel);
+			t0 = t;
+			continue;
+		}
+#endif
+		attention_unit(task, t0, h0, nh, 0, attention_positions(a, t0), NULL, 0);
+		t0 = t;
+	}
+}
+
 static void attention_thread(void *arg, int chunk, int n_chunks, int thread)
 {
 	const struct attention_task *task = arg;
@@ -209,6 +316,15 @@ static void attention_thread(void *arg, int chunk, int n_chunks, int thread)
 
 	/* strided, so that every chunk gets early and late tokens alike */
 	for (int64_t u = chunk; u < task->n_units; u += n_chunks) {
+		if (task->tiles) {
+			int64_t blk = u / task->units_per_token;
+			int t0 = (int)(blk * ATTN_TILE);
+			int t1 = t0 + ATTN_TILE < a->n_tokens ? t0 + ATTN_TILE : a->n_tokens;
+			int h0 = (int)(u % task->units_per_token) * task->grain;
+
+			attention_block(task, t0, t1, h0, task->grain, thread);
+			continue;
+		}
 		int64_t part = u % task->n_parts, v = u / task->n_parts;
 		int t = (int)(v / task->units_per_token);
 		int h0 = (int)(v % task->units_per_token) * task->grain;
@@ -306,6 +422,26 @@ void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 		task.grain = group <= ATTN_MAX_GROUP ? group : task.grain;
 		task.n_parts = n_parts;
 		task.parts = cpu->xsum;
+	}
+	/* Prefill (tokens of a sequence come in runs, two or more on
+	 * average): units are blocks of ATTN_TILE tokens, their runs tiles. */
+	int64_t runs = args->n_tokens > 0;
+	for (int t = 1; t < args->n_tokens; t++)
+		runs += args->tok_seq[t] != args->tok_seq[t - 1];
+	bool f16 = args->k_cache->type == LP_DTYPE_F16;
+	int g = group < ATTN_TILE_HEADS ? group : ATTN_TILE_HEADS;
+	while (g > 1 && (group % g ||
+	                 attention_tile_scratch(g, args->head_dim, f16) > LP_CPU_THREAD_SCRATCH))
+		g--;
+	if (LP_CPU_X86 && cpu->avx2 && task.n_parts == 1 &&
+	    attention_tile_scratch(g, args->head_dim, f16) <= LP_CPU_THREAD_SCRATCH &&
+	    2 * runs <= args->n_tokens) {
+		task.tiles = true;
+		task.grain = g;
+		task.units_per_token = args->n_heads / g;
+		task.n_units = (args->n_tokens + ATTN_TILE - 1) / ATTN_TILE * task.units_per_token;
+		lp_cpu_parallel(cpu, work, task.n_units, attention_thread, &task);
+		return;
 	}
 	task.units_per_token = args->n_heads / task.grain;
 	task.n_units = (int64_t)args->n_tokens * task.units_per_token * task.n_parts;

@@ -49,9 +49,6 @@
 #define LP_CPU_MATVEC_MAX_BLOCKS 4096
 #define LP_CPU_PREP_SUMS         (LP_CPU_MATVEC_MAX_BLOCKS * 32)
 #define LP_CPU_PREP_ROW_FLOATS   (LP_CPU_MATVEC_MAX_BLOCKS * 34)
-/* Weights a matrix-vector chunk streams at least (small matrices go in
- * fewer chunks than LP_CPU_CHUNKS_PER_THREAD per thread). */
-#define LP_CPU_MATVEC_UNIT_BYTES 32768
 /* Bytes of weights the matrix-vector kernels prefetch ahead of the row
  * they work on (0: none; -D overrides it for measurements). */
 #ifndef LP_CPU_MATVEC_PREFETCH
@@ -65,10 +62,13 @@
  * thread alone: waking the pool would cost more than the work. */
 #define LP_CPU_SERIAL_WORK 16384
 
+/* A thread's scratch: panel, then rows right after it; other ops (prefill
+ * attention) use the two as one buffer of LP_CPU_THREAD_SCRATCH floats. */
 struct lp_cpu_scratch {
 	float *panel; /* [LP_CPU_KC][LP_CPU_NR] */
 	float *rows;  /* [LP_CPU_NR][LP_CPU_ROWS_STRIDE], a panel before the transpose */
 };
+#define LP_CPU_THREAD_SCRATCH ((size_t)(LP_CPU_KC + LP_CPU_ROWS_STRIDE) * LP_CPU_NR)
 
 struct lp_cpu {
 	struct lp_threadpool *pool;
@@ -117,6 +117,11 @@ bool lp_cpu_has_avx2(void);
  * tests and benchmarks. Borrows be. */
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
 
+/* Prefill attention tiles (see lp_cpu_attn_tile_chunk_avx2): context rows
+ * per chunk, and floats of a head's state. */
+#define LP_CPU_TILE_ROWS      32
+#define LP_CPU_TILE_STATE(hd) (16 + 8 * (size_t)(hd))
+
 #if LP_CPU_X86
 /* dst[0 .. len) = f32 of weights k0 .. k0 + len of a row of type t; k0 and
  * len are multiples of the block size. */
@@ -159,6 +164,34 @@ void lp_cpu_attn_scores_avx2(const float *q, const char *kbase, size_t stride, c
 void lp_cpu_attn_accum_avx2(float *o, const char *vbase, size_t stride, const int64_t *rows,
                             const float *e, int cnt, int hd, bool f16, float corr);
 void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n);
+
+/* Attention of a tile of up to 8 tokens of one sequence (prefill), the
+ * tokens in the lanes of each register. Per head the caller keeps qt
+ * (hd x 8 floats: the queries transposed) and a state of
+ * LP_CPU_TILE_STATE(hd) floats (per token: running maximum, denominator,
+ * and the weighted values, hd x 8).
+ *
+ * begin: qt and the state of one head from the queries of nt <= 8 tokens
+ * (q: token 0's query of that head, q_stride floats to the next token's).
+ *
+ * chunk: nh heads of one kv group (qt and state of consecutive heads,
+ * hd * 8 and LP_CPU_TILE_STATE(hd) floats apart) against cnt <=
+ * LP_CPU_TILE_ROWS cache rows; row j is rows[j] (K and V of the group start
+ * at kbase and vbase, rows stride bytes apart, f32 or f16) and sits at
+ * context position ppos[j]; token lane t attends to it if ppos[j] <=
+ * tpos[t] (8 entries; lanes past the tile's tokens hold -1). kvbuf holds 2 *
+ * LP_CPU_TILE_ROWS * hd floats of scratch. Scores are scale * q . k.
+ *
+ * end: out rows of the nt tokens (out_stride floats apart) = the weighted
+ * values over the denominator, zero for a token that attended to
+ * nothing. */
+void lp_cpu_attn_tile_begin_avx2(const float *q, size_t q_stride, int nt, int hd, float *qt,
+                                 float *state);
+void lp_cpu_attn_tile_chunk_avx2(const float *qt, float *state, int nh, int hd, const char *kbase,
+                                 const char *vbase, size_t stride, bool is_f16, const int64_t *rows,
+                                 const int64_t *ppos, int cnt, const int32_t *tpos, float scale,
+                                 float *kvbuf);
+void lp_cpu_attn_tile_end_avx2(const float *state, int nt, int hd, float *out, size_t out_stride);
 #endif
 
 #endif

@@ -8,9 +8,7 @@
  *     registers block by block and multiplied into up to
  *     LP_CPU_MATVEC_MAX_N rows of x at a time (vec-avx2.c); for 4-bit
  *     weights x is first copied, reordered and scaled, into the layout the
- *     kernel wants (lp_cpu_matvec_prep_avx2). Small matrices go in fewer
- *     chunks (LP_CPU_MATVEC_UNIT_BYTES each at least): each chunk starts
- *     its stream from memory cold.
+ *     kernel wants (lp_cpu_matvec_prep_avx2).
  *   larger n (prefill): per thread, panels of LP_CPU_NR weight rows by
  *     LP_CPU_KC columns are dequantized into the thread's scratch and
  *     multiplied into every row of x by a register-blocked micro-kernel.
@@ -136,14 +134,7 @@ void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_te
 		if (t.n <= LP_CPU_MATVEC_BATCH && t.k / LP_QK <= LP_CPU_MATVEC_MAX_BLOCKS) {
 			if (t.type == LP_DTYPE_Q4_0 || t.type == LP_DTYPE_Q4_1)
 				lp_cpu_matvec_prep_avx2(t.type, t.x, (int)t.n, t.k, cpu->xsum);
-			/* a chunk streams at least LP_CPU_MATVEC_UNIT_BYTES of
-			 * weights: each chunk starts its stream cold */
-			int64_t units = t.m / 16;
-			int64_t by_size =
-			    (int64_t)(t.w_stride * (size_t)t.m / LP_CPU_MATVEC_UNIT_BYTES);
-			if (by_size < units)
-				units = by_size < 2 ? 2 : by_size;
-			lp_cpu_parallel(cpu, work, units, matvec_avx2_thread, &t);
+			lp_cpu_parallel(cpu, work, t.m / 16, matvec_avx2_thread, &t);
 		} else {
 			lp_cpu_parallel(cpu, work, (t.m + LP_CPU_NR - 1) / LP_CPU_NR,
 			                gemm_avx2_thread, &t);

@@ -8,6 +8,7 @@
 #if LP_CPU_X86
 
 #include <immintrin.h>
+#include <math.h>
 
 #define AVX2        __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
@@ -871,6 +872,152 @@ AVX2 void lp_cpu_attn_accum_avx2(float *o, const char *vbase, size_t stride, con
 		attn_accum(o, vbase, stride, rows, e, cnt, hd, true, corr);
 	else
 		attn_accum(o, vbase, stride, rows, e, cnt, hd, false, corr);
+}
+
+/* Attention of a tile of up to 8 tokens of one sequence, the tokens in the
+ * lanes of each register: a query dimension i is qt[i] (8 tokens), a score
+ * a register per context position, and the softmax state (maximum,
+ * denominator, and the weighted values transposed, vt[d] for value
+ * dimension d) is kept per lane, so the online softmax needs no horizontal
+ * operations and every K and V element loaded serves 8 tokens. */
+
+AVX2 void lp_cpu_attn_tile_begin_avx2(const float *q, size_t q_stride, int nt, int hd, float *qt,
+                                      float *state)
+{
+	for (int i = 0; i < hd; i++)
+		for (int t = 0; t < 8; t++)
+			qt[i * 8 + t] = t < nt ? q[(size_t)t * q_stride + (size_t)i] : 0.0f;
+	_mm256_storeu_ps(state, _mm256_set1_ps(-INFINITY));
+	_mm256_storeu_ps(state + 8, _mm256_setzero_ps());
+	for (int d = 0; d < hd; d++)
+		_mm256_storeu_ps(state + 16 + d * 8, _mm256_setzero_ps());
+}
+
+/* Rows of K or V as f32 pointers: f32 rows are used in place, f16 rows
+ * converted into buf ([cnt][hd]). */
+AVX2_INLINE void tile_rows(const char *base, size_t stride, const int64_t *rows, int cnt, int hd,
+                           bool is_f16, float *buf, const float **out)
+{
+	for (int j = 0; j < cnt; j++) {
+		const char *row = base + (size_t)rows[j] * stride;
+		if (!is_f16) {
+			out[j] = (const float *)row;
+			continue;
+		}
+		float *dst = buf + (size_t)j * hd;
+		int i = 0;
+		for (; i + 8 <= hd; i += 8)
+			_mm256_storeu_ps(dst + i, load_f16((const uint16_t *)row + i));
+		for (; i < hd; i++)
+			dst[i] = f16(((const uint16_t *)row)[i]);
+		out[j] = dst;
+	}
+}
+
+AVX2 void lp_cpu_attn_tile_chunk_avx2(const float *qt, float *state, int nh, int hd,
+                                      const char *kbase, const char *vbase, size_t stride,
+                                      bool is_f16, const int64_t *rows, const int64_t *ppos,
+                                      int cnt, const int32_t *tpos, float scale, float *kvbuf)
+{
+	const float *kp[LP_CPU_TILE_ROWS], *vp[LP_CPU_TILE_ROWS];
+	/* scores, then weights, of the chunk's positions for 8 tokens */
+	float sc[LP_CPU_TILE_ROWS * 8] __attribute__((aligned(32)));
+	__m256i tpi = _mm256_loadu_si256((const __m256i *)tpos);
+
+	tile_rows(kbase, stride, rows, cnt, hd, is_f16, kvbuf, kp);
+	tile_rows(vbase, stride, rows, cnt, hd, is_f16, kvbuf + (size_t)LP_CPU_TILE_ROWS * hd, vp);
+	for (int h = 0; h < nh; h++) {
+		const float *q = qt + (size_t)h * hd * 8;
+		float *st = state + (size_t)h * LP_CPU_TILE_STATE(hd);
+		__m256 cmax = _mm256_set1_ps(-INFINITY);
+
+		/* scores, 8 positions at a time, masked where the position is
+		 * after the token's own */
+		for (int j0 = 0; j0 < cnt; j0 += 8) {
+			int nj = cnt - j0 < 8 ? cnt - j0 : 8;
+			__m256 acc[8];
+#pragma GCC unroll 8
+			for (int jj = 0; jj < 8; jj++)
+				acc[jj] = _mm256_setzero_ps();
+			for (int i = 0; i < hd; i++) {
+				__m256 qi = _mm256_load_ps(q + i * 8);
+#pragma GCC unroll 8
+				for (int jj = 0; jj < 8; jj++)
+					if (jj < nj)
+						acc[jj] = _mm256_fmadd_ps(
+						    qi, _mm256_broadcast_ss(kp[j0 + jj] + i),
+						    acc[jj]);
+			}
+#pragma GCC unroll 8
+			for (int jj = 0; jj < 8; jj++) {
+				if (jj >= nj)
+					break;
+				__m256i pj = _mm256_set1_epi32((int)ppos[j0 + jj]);
+				__m256 late = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pj, tpi));
+				__m256 sv = _mm256_mul_ps(acc[jj], _mm256_set1_ps(scale));
+				sv = _mm256_blendv_ps(sv, _mm256_set1_ps(-INFINITY), late);
+				cmax = _mm256_max_ps(cmax, sv);
+				_mm256_store_ps(sc + (j0 + jj) * 8, sv);
+			}
+		}
+		/* new maximum; lanes that have seen nothing keep 0 as their
+		 * reference so that exp(-inf - 0) = 0 */
+		__m256 m = _mm256_loadu_ps(st), l = _mm256_loadu_ps(st + 8);
+		__m256 mn = _mm256_max_ps(m, cmax);
+		__m256 none = _mm256_cmp_ps(mn, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+		__m256 ref = _mm256_andnot_ps(none, mn);
+		__m256 corr =
+		    _mm256_andnot_ps(_mm256_cmp_ps(m, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ),
+		                     exp8(_mm256_sub_ps(m, ref)));
+		l = _mm256_mul_ps(l, corr);
+		for (int j = 0; j < cnt; j++) {
+			__m256 sv = _mm256_load_ps(sc + j * 8);
+			__m256 dead = _mm256_cmp_ps(sv, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+			__m256 e = _mm256_andnot_ps(dead, exp8(_mm256_sub_ps(sv, ref)));
+			_mm256_store_ps(sc + j * 8, e);
+			l = _mm256_add_ps(l, e);
+		}
+		_mm256_storeu_ps(st, mn);
+		_mm256_storeu_ps(st + 8, l);
+		/* vt[d] = corr vt[d] + sum_j e_j v_j[d], 8 dimensions at a time */
+		float *vt = st + 16;
+		int d0 = 0;
+		for (; d0 + 8 <= hd; d0 += 8) {
+			__m256 acc[8];
+#pragma GCC unroll 8
+			for (int dd = 0; dd < 8; dd++)
+				acc[dd] = _mm256_mul_ps(_mm256_loadu_ps(vt + (d0 + dd) * 8), corr);
+			for (int j = 0; j < cnt; j++) {
+				__m256 e = _mm256_load_ps(sc + j * 8);
+				const float *v = vp[j] + d0;
+#pragma GCC unroll 8
+				for (int dd = 0; dd < 8; dd++)
+					acc[dd] = _mm256_fmadd_ps(e, _mm256_broadcast_ss(v + dd),
+					                          acc[dd]);
+			}
+#pragma GCC unroll 8
+			for (int dd = 0; dd < 8; dd++)
+				_mm256_storeu_ps(vt + (d0 + dd) * 8, acc[dd]);
+		}
+		for (; d0 < hd; d0++) {
+			__m256 acc = _mm256_mul_ps(_mm256_loadu_ps(vt + d0 * 8), corr);
+			for (int j = 0; j < cnt; j++)
+				acc = _mm256_fmadd_ps(_mm256_load_ps(sc + j * 8),
+				                      _mm256_broadcast_ss(vp[j] + d0), acc);
+			_mm256_storeu_ps(vt + d0 * 8, acc);
+		}
+	}
+}
+
+AVX2 void lp_cpu_attn_tile_end_avx2(const float *state, int nt, int hd, float *out,
+                                    size_t out_stride)
+{
+	for (int t = 0; t < nt; t++) {
+		float l = state[8 + t], inv = l > 0.0f ? 1.0f / l : 0.0f;
+		float *o = out + (size_t)t * out_stride;
+		for (int d = 0; d < hd; d++)
+			o[d] = state[16 + d * 8 + t] * inv;
+	}
 }
 
 AVX2 void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n)
