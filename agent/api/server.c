@@ -366,19 +366,22 @@ int lp_call_stream_start(struct lp_call *c)
 
 int lp_call_stream_write(struct lp_call *c, const char *data, size_t len)
 {
-	char head[24];
-	int hn;
+	char stackbuf[1024];
+	char *b = stackbuf;
+	int hn, rc = 0;
 
 	if (!len)
 		return 0;
-	hn = snprintf(head, sizeof(head), "%zx\r\n", len);
-	if (mg_write(c->conn, head, (size_t)hn) != hn)
-		return -EPIPE;
-	if (mg_write(c->conn, data, len) != (int)len)
-		return -EPIPE;
-	if (mg_write(c->conn, "\r\n", 2) != 2)
-		return -EPIPE;
-	return 0;
+	if (len + 32 > sizeof(stackbuf) && !(b = malloc(len + 32)))
+		return -ENOMEM;
+	hn = snprintf(b, 24, "%zx\r\n", len);
+	memcpy(b + hn, data, len);
+	memcpy(b + hn + len, "\r\n", 2);
+	if (mg_write(c->conn, b, (size_t)hn + len + 2) != (int)((size_t)hn + len + 2))
+		rc = -EPIPE;
+	if (b != stackbuf)
+		free(b);
+	return rc;
 }
 
 int lp_call_stream_end(struct lp_call *c)
@@ -560,6 +563,8 @@ static int start_one(struct lp_server *s, bool admin, const char *host, int port
 	opts[n++] = "yes";
 	opts[n++] = "request_timeout_ms";
 	opts[n++] = "60000";
+	opts[n++] = "tcp_nodelay";
+	opts[n++] = "1";
 	opts[n] = NULL;
 	memset(&cbs, 0, sizeof(cbs));
 	cbs.log_message = civetweb_log;
