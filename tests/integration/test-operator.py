@@ -16,6 +16,7 @@ Prints one PASS/FAIL line per test (counted by tests/run.sh)."""
 import base64
 import hashlib
 import json
+import threading
 import os
 import shutil
 import signal
@@ -667,12 +668,32 @@ def test_real_agents():
     code, body = http("POST", f"http://127.0.0.1:{W.agents['real-1']['port']}/v1/completions",
                       {"model": "tiny/qv", "prompt": "hello", "max_tokens": 2, "temperature": 0}, timeout=60)
     assert code == 200, body
-    # a new source reloads in place with its own digest
+    # a new source reloads in place with its own digest, while clients keep
+    # calling the adapter on both agents: no request fails during the swap
+    stop_calls, results = threading.Event(), []
+
+    def caller(port):
+        while not stop_calls.is_set():
+            results.append(http("POST", f"http://127.0.0.1:{port}/v1/completions",
+                                {"model": "tiny/qv", "prompt": "hello", "max_tokens": 4,
+                                 "temperature": 0}, timeout=60)[0])
+
+    callers = [threading.Thread(target=caller, args=(W.agents[n]["port"],), daemon=True)
+               for n in ("real-0", "real-1") for _ in range(2)]
+    for t in callers:
+        t.start()
     uri2 = f"file://{loras}/r8-all"
     kubectl("patch", "loraadapter", "tiny-qv", "-n", "team-r", "--type", "merge", "-p",
             json.dumps({"spec": {"source": {"uri": uri2}}}))
-    wait_for(lambda: all(agent_view(n).get("tiny/qv", {}).get("source") == uri2 for n in ("real-0", "real-1")),
-             30, "r8-all on both real agents")
+    try:
+        wait_for(lambda: all(agent_view(n).get("tiny/qv", {}).get("source") == uri2 for n in ("real-0", "real-1")),
+                 30, "r8-all on both real agents")
+        time.sleep(0.5)
+    finally:
+        stop_calls.set()
+        for t in callers:
+            t.join(60)
+    assert results and all(c == 200 for c in results), f"requests during the swap: {results}"
     second = agent_view("real-1")["tiny/qv"]
     assert second["sha256"] != first["sha256"]
     wait_for(lambda: all(e["sha256"] == second["sha256"] and e["ready"]
