@@ -60,16 +60,46 @@ struct lp_attention_args {
 	struct lp_tensor *out;           /* f32 [n_tokens, n_heads * head_dim] */
 };
 
-/* One adapter segment of a LoRA application: rows [row0, row0 + rows) of
- * the batch use the pair (a, b); a is f32 [rank, in], b is B transposed,
- * f32 [rank, out], with the adapter's scale already folded in. Segments do not overlap;
- * rows in no segment get nothing. Ranks may differ between segments. */
+/* LoRA (SGMV): for the targets that read one input x (q, k and v; gate and
+ * up; o; down), rows [row0, row0 + rows) of the batch that use an adapter
+ * get out_i[row] += (x[row] . A_i^T) . B_i^T for every target i the adapter
+ * has, with the adapter's scale already folded into B_i.
+ *
+ * a holds the A of the adapter's targets stacked in target order, f32
+ * [sum of their ranks, in]; b[i] holds B_i transposed, f32 [rank_i, out_i]
+ * (rows = rank, cols = out), cut into panels of LP_LORA_PANEL output
+ * columns stored one after another, each row-major [rank_i, width]; the
+ * last panel is narrower when out_i is not a multiple of the panel (see
+ * lp_lora_b_index). b[i] is NULL where the adapter leaves target i out.
+ * Segments do not overlap; rows in no segment get nothing. Ranks may differ
+ * between segments and targets. */
+#define LP_LORA_MAX_OUTS 3
+#define LP_LORA_PANEL    64
+
 struct lp_lora_seg {
 	int32_t row0;
 	int32_t rows;
 	const struct lp_tensor *a;
-	const struct lp_tensor *b;
+	const struct lp_tensor *b[LP_LORA_MAX_OUTS];
 };
+
+struct lp_lora_args {
+	const struct lp_tensor *x;               /* f32 [n, in] */
+	int n_outs;                              /* 1 .. LP_LORA_MAX_OUTS */
+	struct lp_tensor *out[LP_LORA_MAX_OUTS]; /* f32 [n, out_i], added to */
+	struct lp_tensor *tmp;                   /* f32 [n, >= every segment's a->rows] */
+	const struct lp_lora_seg *segs;          /* host metadata; tensors in device memory */
+	int n_segs;
+};
+
+/* Index of element (k, o) of a B transposed [rank, out] in panel layout. */
+static inline size_t lp_lora_b_index(int rank, int out, int k, int o)
+{
+	int p0 = o / LP_LORA_PANEL * LP_LORA_PANEL;
+	int width = out - p0 < LP_LORA_PANEL ? out - p0 : LP_LORA_PANEL;
+
+	return (size_t)p0 * (size_t)rank + (size_t)k * (size_t)width + (size_t)(o - p0);
+}
 
 struct lp_backend_ops {
 	const char *name;
@@ -117,15 +147,9 @@ struct lp_backend_ops {
 	                 const struct lp_tensor *k, const struct lp_tensor *v,
 	                 const int32_t *slots);
 	void (*attention)(void *ctx, const struct lp_attention_args *args);
-	/* SGMV shrink: for every segment, tmp[rows, 0:rank] = x[rows] . a^T;
-	 * x f32 [n, in], tmp f32 [n, max_rank]. segs is host metadata whose
-	 * tensors live in device memory. */
-	void (*lora_shrink)(void *ctx, struct lp_tensor *tmp, const struct lp_tensor *x,
-	                    const struct lp_lora_seg *segs, int n_segs);
-	/* SGMV expand: for every segment, out[rows] += tmp[rows, 0:rank] . b;
-	 * out f32 [n, out]. */
-	void (*lora_expand)(void *ctx, struct lp_tensor *out, const struct lp_tensor *tmp,
-	                    const struct lp_lora_seg *segs, int n_segs);
+	/* The LoRA of one input for every segment (see struct lp_lora_args);
+	 * tmp is scratch. A row's result does not depend on the other rows. */
+	void (*lora)(void *ctx, const struct lp_lora_args *args);
 };
 
 struct lp_backend {

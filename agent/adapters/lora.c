@@ -13,9 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "agent/adapters/lora-internal.h"
+#include "kernels/backend.h"
 #include "kernels/dtype.h"
 
 static const char *const target_names[LP_LORA_N_TARGETS] = {
@@ -55,11 +57,48 @@ void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, i
 	}
 }
 
+void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count)
+{
+	static const int firsts[LP_LORA_N_GROUPS] = {LP_LORA_Q, LP_LORA_O, LP_LORA_GATE,
+	                                             LP_LORA_DOWN};
+	static const int counts[LP_LORA_N_GROUPS] = {3, 1, 2, 1};
+
+	*first = firsts[g];
+	*count = counts[g];
+}
+
+float lp_lora_b_at(const struct lp_lora_pair *p, int out, int k, int o)
+{
+	return p->b[lp_lora_b_index(p->rank, out, k, o)];
+}
+
+/* Adapter weights are read whole once per step by every step that uses the
+ * adapter: large ones go on huge pages where the kernel offers them, which
+ * saves the TLB misses of a stream through many 4 KiB pages. */
+#define HUGE_PAGE ((size_t)2 << 20)
+
+static float *alloc_weights(size_t bytes)
+{
+	void *p;
+
+	if (bytes < HUGE_PAGE)
+		return malloc(bytes);
+	bytes = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+	if (posix_memalign(&p, HUGE_PAGE, bytes))
+		return NULL;
+#ifdef MADV_HUGEPAGE
+	/* advice only: without huge pages the memory works the same */
+	(void)madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+	return p;
+}
+
 void lp_lora_free(struct lp_lora *l)
 {
 	if (!l)
 		return;
 	free(l->pairs);
+	free(l->stacks);
 	free(l->data);
 	free(l->base_model);
 	free(l);
@@ -265,10 +304,11 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 	l->n_layers = p->n_layers;
 	l->format = format;
 	l->pairs = calloc(n_pairs, sizeof(*l->pairs));
+	l->stacks = calloc((size_t)p->n_layers * LP_LORA_N_GROUPS, sizeof(*l->stacks));
 	l->data_bytes = total * sizeof(float);
-	l->data = malloc(l->data_bytes);
+	l->data = alloc_weights(l->data_bytes);
 	bt_tmp = malloc(max_b * sizeof(float));
-	if (!l->pairs || !l->data || !bt_tmp) {
+	if (!l->pairs || !l->stacks || !l->data || !bt_tmp) {
 		rc = lp_errf(err, -ENOMEM, "out of memory for %zu bytes of lora weights",
 		             l->data_bytes);
 		goto out_free;
@@ -280,35 +320,56 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			goto out_free;
 		}
 	}
-	for (size_t i = 0; i < n_pairs; i++) {
-		const struct lora_plan_pair *pp = &p->pairs[i];
-		enum lp_lora_target t = (enum lp_lora_target)(i % LP_LORA_N_TARGETS);
-		struct lp_lora_pair *lpair = &l->pairs[i];
-		int in, o;
-
-		if (!pp->rank)
-			continue;
-		lp_lora_target_dims(s, t, &in, &o);
-		lpair->rank = pp->rank;
-		lpair->a = l->data + off;
-		off += (size_t)pp->rank * (size_t)in;
-		lpair->b = l->data + off;
-		off += (size_t)o * (size_t)pp->rank;
-		rc = convert_checked(lpair->a, &pp->a, pp->rank, in, 1.0f, err);
-		if (rc)
-			goto out_free;
-		/* B is stored transposed, [rank, out], so that the expand kernel
-		 * adds rank scaled rows of it to each output row */
-		rc = convert_checked(bt_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
-		if (rc)
-			goto out_free;
-		for (int oo = 0; oo < o; oo++)
-			for (int k = 0; k < pp->rank; k++)
-				lpair->b[(size_t)k * (size_t)o + (size_t)oo] =
-				    bt_tmp[(size_t)oo * (size_t)pp->rank + (size_t)k];
-		if (pp->rank > l->max_rank)
-			l->max_rank = pp->rank;
-		l->targets |= 1u << t;
+	/* per layer: every A in target order (a group's A are then one stacked
+	 * matrix), then every B */
+	for (int layer = 0; layer < p->n_layers; layer++) {
+		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+			size_t i = (size_t)layer * LP_LORA_N_TARGETS + (size_t)t;
+			const struct lora_plan_pair *pp = &p->pairs[i];
+			int in, o;
+			if (!pp->rank)
+				continue;
+			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &o);
+			l->pairs[i].rank = pp->rank;
+			l->pairs[i].a = l->data + off;
+			off += (size_t)pp->rank * (size_t)in;
+			rc = convert_checked(l->pairs[i].a, &pp->a, pp->rank, in, 1.0f, err);
+			if (rc)
+				goto out_free;
+			if (pp->rank > l->max_rank)
+				l->max_rank = pp->rank;
+			l->targets |= 1u << t;
+		}
+		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+			size_t i = (size_t)layer * LP_LORA_N_TARGETS + (size_t)t;
+			const struct lora_plan_pair *pp = &p->pairs[i];
+			struct lp_lora_pair *lpair = &l->pairs[i];
+			int in, o;
+			if (!pp->rank)
+				continue;
+			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &o);
+			lpair->b = l->data + off;
+			off += (size_t)o * (size_t)pp->rank;
+			rc = convert_checked(bt_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
+			if (rc)
+				goto out_free;
+			for (int oo = 0; oo < o; oo++)
+				for (int k = 0; k < pp->rank; k++)
+					lpair->b[lp_lora_b_index(pp->rank, o, k, oo)] =
+					    bt_tmp[(size_t)oo * (size_t)pp->rank + (size_t)k];
+		}
+		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
+			struct lp_lora_stack *st =
+			    lp_lora_stack_at(l, layer, (enum lp_lora_group)g);
+			int first, count;
+			lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
+			for (int t = first; t < first + count; t++) {
+				const struct lp_lora_pair *lp = lp_lora_pair_at(l, layer, t);
+				if (lp->rank && !st->a)
+					st->a = lp->a;
+				st->rank += lp->rank;
+			}
+		}
 	}
 	free(bt_tmp);
 	*out = l;

@@ -3,7 +3,11 @@
  * f32, with the scale (alpha / r, or alpha / sqrt(r) with rsLoRA, per
  * module with rank_pattern / alpha_pattern) folded into B once at load.
  *
- * B is stored transposed, [rank, out], the layout the expand kernels read.
+ * The layout is the one the backends' LoRA op reads (kernels/backend.h):
+ * per layer, the A of every target in target order, so that the A of the
+ * targets sharing an input (a group) form one stacked matrix, then the B of
+ * every target, transposed ([rank, out]) and cut into panels of
+ * LP_LORA_PANEL output columns.
  *
  * Formats, detected from what the path holds:
  *   HF PEFT     dir with adapter_config.json + adapter_model.safetensors
@@ -38,7 +42,26 @@ const char *lp_lora_target_name(enum lp_lora_target t);
 struct lp_lora_pair {
 	int rank; /* 0: no adapter on this layer and module */
 	float *a; /* [rank, in], inside lp_lora.data */
-	float *b; /* B transposed: [rank, out], scaled, inside lp_lora.data */
+	float *b; /* B transposed, [rank, out] in panels, scaled, inside lp_lora.data */
+};
+
+/* Targets that read the same input: q, k and v; o; gate and up; down. */
+enum lp_lora_group {
+	LP_LORA_GROUP_QKV,
+	LP_LORA_GROUP_O,
+	LP_LORA_GROUP_GATE_UP,
+	LP_LORA_GROUP_DOWN,
+	LP_LORA_N_GROUPS
+};
+
+/* Group g is targets first .. first + count - 1. */
+void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count);
+
+/* The A of a group's targets in one layer, stacked: rows are the targets'
+ * ranks in target order. */
+struct lp_lora_stack {
+	int rank; /* sum of the ranks; 0: the adapter has none of the group here */
+	float *a; /* [rank, in], inside lp_lora.data */
 };
 
 /* What the base model looks like, for validation. */
@@ -64,11 +87,12 @@ void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, i
 
 struct lp_lora {
 	int n_layers;
-	int max_rank;               /* largest rank of any pair */
-	unsigned targets;           /* bit t set when some layer has target t */
-	struct lp_lora_pair *pairs; /* [n_layers * LP_LORA_N_TARGETS], index
-	                               layer * LP_LORA_N_TARGETS + target */
-	float *data;                /* one allocation holding every a and b */
+	int max_rank;                 /* largest rank of any pair */
+	unsigned targets;             /* bit t set when some layer has target t */
+	struct lp_lora_pair *pairs;   /* [n_layers * LP_LORA_N_TARGETS], index
+	                                 layer * LP_LORA_N_TARGETS + target */
+	struct lp_lora_stack *stacks; /* [n_layers * LP_LORA_N_GROUPS] */
+	float *data;                  /* one allocation holding every a and b */
 	size_t data_bytes;
 	char *base_model;   /* base_model_name_or_path, or NULL */
 	const char *format; /* "peft", "peft-bin", "trtllm" or "nemo" */
@@ -87,5 +111,14 @@ static inline struct lp_lora_pair *lp_lora_pair_at(const struct lp_lora *l, int 
 {
 	return &l->pairs[(size_t)layer * LP_LORA_N_TARGETS + t];
 }
+
+static inline struct lp_lora_stack *lp_lora_stack_at(const struct lp_lora *l, int layer,
+                                                     enum lp_lora_group g)
+{
+	return &l->stacks[(size_t)layer * LP_LORA_N_GROUPS + g];
+}
+
+/* Element (k, o) of a pair's B transposed ([rank, out] in panels). */
+float lp_lora_b_at(const struct lp_lora_pair *p, int out, int k, int o);
 
 #endif

@@ -14,6 +14,9 @@
 #include <string.h>
 
 #define DEFAULT_KV_BYTES ((size_t)512 << 20)
+/* Columns of the LoRA scratch: the stacked ranks of the largest group
+ * (q, k and v). */
+#define LORA_TMP_COLS(e) ((size_t)3 * (size_t)(e)->cfg.max_lora_rank)
 
 /* Device tensors and host staging for one step, sized for the maxima. */
 struct step_bufs {
@@ -21,7 +24,7 @@ struct step_bufs {
 	struct lp_buffer ids, pos, tok_seq, slots, out_rows, block_tables;
 	/* f32 activations */
 	struct lp_buffer x, xn, q, k, v, att, gate, up, h, logits;
-	struct lp_buffer lora_tmp; /* f32 [max_batched_tokens, max_lora_rank] */
+	struct lp_buffer lora_tmp; /* f32 [max_batched_tokens, 3 * max_lora_rank] */
 };
 
 /* Rows of a step that share one adapter. */
@@ -244,9 +247,9 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	    (rc = alloc_dev(e, &e->d.up, (size_t)T * mc->ffn_dim * f, err)) ||
 	    (rc = alloc_dev(e, &e->d.h, (size_t)S * mc->dim * f, err)) ||
 	    (rc = alloc_dev(e, &e->d.logits, (size_t)S * mc->vocab_size * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.lora_tmp, (size_t)T * e->cfg.max_lora_rank * f, err)))
+	    (rc = alloc_dev(e, &e->d.lora_tmp, (size_t)T * LORA_TMP_COLS(e) * f, err)))
 		goto fail;
-	e->lora_tmp = view(&e->d.lora_tmp, LP_DTYPE_F32, T, e->cfg.max_lora_rank);
+	e->lora_tmp = view(&e->d.lora_tmp, LP_DTYPE_F32, T, LORA_TMP_COLS(e));
 	{
 		const char *names[64];
 		size_t n = 0;
@@ -578,25 +581,37 @@ static void group_by_adapter(struct lp_engine *e, int n)
 }
 
 /* out += LoRA(x) for target t of layer l, per adapter segment. */
-static void apply_lora(struct lp_engine *e, int l, enum lp_lora_target t, struct lp_tensor *out,
-                       const struct lp_tensor *x)
+/* The LoRA of group g of layer l: outs are the group's targets' outputs in
+ * target order, x their common input. */
+static void apply_lora(struct lp_engine *e, int l, enum lp_lora_group g, const struct lp_tensor *x,
+                       struct lp_tensor *out0, struct lp_tensor *out1, struct lp_tensor *out2)
 {
-	int n = 0;
-
-	for (int i = 0; i < e->n_segs; i++) {
-		const struct step_seg *g = &e->segs[i];
-		size_t k = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
-		if (!g->adapter->a[k].rows)
-			continue;
-		e->op_segs[n++] =
-		    (struct lp_lora_seg){g->row0, g->rows, &g->adapter->a[k], &g->adapter->b[k]};
-	}
-	if (!n)
-		return;
+	struct lp_lora_args args = {.x = x, .out = {out0, out1, out2}, .segs = e->op_segs};
 	struct lp_tensor tmp = e->lora_tmp;
+	int first, count;
+
+	lp_lora_group_targets(g, &first, &count);
+	args.n_outs = count;
+	for (int i = 0; i < e->n_segs; i++) {
+		const struct step_seg *sg = &e->segs[i];
+		const struct lp_tensor *a =
+		    &sg->adapter->a[(size_t)l * LP_LORA_N_GROUPS + (size_t)g];
+		struct lp_lora_seg *o = &e->op_segs[args.n_segs];
+		if (!a->rows)
+			continue;
+		*o = (struct lp_lora_seg){sg->row0, sg->rows, a, {NULL, NULL, NULL}};
+		for (int t = 0; t < count; t++) {
+			const struct lp_tensor *b =
+			    &sg->adapter->b[(size_t)l * LP_LORA_N_TARGETS + (size_t)(first + t)];
+			o->b[t] = b->rows ? b : NULL;
+		}
+		args.n_segs++;
+	}
+	if (!args.n_segs)
+		return;
 	tmp.rows = x->rows;
-	e->be->ops->lora_shrink(e->be->ctx, &tmp, x, e->op_segs, n);
-	e->be->ops->lora_expand(e->be->ctx, out, &tmp, e->op_segs, n);
+	args.tmp = &tmp;
+	e->be->ops->lora(e->be->ctx, &args);
 }
 
 /* ---- forward pass ---- */
@@ -646,9 +661,7 @@ static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
 		ops->matmul(ctx, &k, &xn, &L->wk, false);
 		ops->matmul(ctx, &v, &xn, &L->wv, false);
 		if (e->n_segs) {
-			apply_lora(e, l, LP_LORA_Q, &q, &xn);
-			apply_lora(e, l, LP_LORA_K, &k, &xn);
-			apply_lora(e, l, LP_LORA_V, &v, &xn);
+			apply_lora(e, l, LP_LORA_GROUP_QKV, &xn, &q, &k, &v);
 		}
 		if (c->attn_bias) {
 			ops->add_bias(ctx, &q, &L->bq);
@@ -663,18 +676,17 @@ static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
 		ops->attention(ctx, &aa);
 		ops->matmul(ctx, &x, &att, &L->wo, true);
 		if (e->n_segs)
-			apply_lora(e, l, LP_LORA_O, &x, &att);
+			apply_lora(e, l, LP_LORA_GROUP_O, &att, &x, NULL, NULL);
 
 		ops->rmsnorm(ctx, &xn, &x, &L->ffn_norm, c->rms_eps);
 		ops->matmul(ctx, &gate, &xn, &L->w_gate, false);
 		ops->matmul(ctx, &up, &xn, &L->w_up, false);
 		if (e->n_segs) {
-			apply_lora(e, l, LP_LORA_GATE, &gate, &xn);
-			apply_lora(e, l, LP_LORA_UP, &up, &xn);
+			apply_lora(e, l, LP_LORA_GROUP_GATE_UP, &xn, &gate, &up, NULL);
 		}
 		ops->silu_mul(ctx, &gate, &gate, &up);
 		if (e->n_segs)
-			apply_lora(e, l, LP_LORA_DOWN, &x, &gate);
+			apply_lora(e, l, LP_LORA_GROUP_DOWN, &gate, &x, NULL, NULL);
 		ops->matmul(ctx, &x, &gate, &L->w_down, true);
 	}
 	if (n_out == 0)

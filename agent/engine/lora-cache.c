@@ -228,7 +228,7 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 	a->path = strdup(path);
 	a->source = dup_or_empty(source);
 	a->sha256 = dup_or_empty(sha256);
-	a->a = calloc(n_pairs, sizeof(*a->a));
+	a->a = calloc((size_t)w->n_layers * LP_LORA_N_GROUPS, sizeof(*a->a));
 	a->b = calloc(n_pairs, sizeof(*a->b));
 	if (!a->name || !a->path || !a->source || !a->sha256 || !a->a || !a->b) {
 		adapter_free(c, a);
@@ -339,25 +339,34 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 
 	if (lp_backend_import(c->be, w->data, w->data_bytes, &a->dev, &err))
 		return false;
-	for (int l = 0; l < c->shape.n_layers; l++)
+	/* same offsets inside the device copy as in the host one */
+	for (int l = 0; l < c->shape.n_layers; l++) {
 		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
 			const struct lp_lora_pair *p =
 			    lp_lora_pair_at(w, l, (enum lp_lora_target)t);
 			size_t i = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
 			int in, out;
 			lp_lora_target_dims(&c->shape, (enum lp_lora_target)t, &in, &out);
-			memset(&a->a[i], 0, sizeof(a->a[i]));
 			memset(&a->b[i], 0, sizeof(a->b[i]));
-			if (!p->rank)
-				continue;
-			/* same offsets inside the device copy as in the host one */
-			a->a[i] = (struct lp_tensor){(char *)a->dev.data +
-			                                 ((char *)p->a - (char *)w->data),
-			                             LP_DTYPE_F32, p->rank, in};
-			a->b[i] = (struct lp_tensor){(char *)a->dev.data +
-			                                 ((char *)p->b - (char *)w->data),
-			                             LP_DTYPE_F32, p->rank, out};
+			if (p->rank)
+				a->b[i] = (struct lp_tensor){(char *)a->dev.data +
+				                                 ((char *)p->b - (char *)w->data),
+				                             LP_DTYPE_F32, p->rank, out};
 		}
+		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
+			const struct lp_lora_stack *st =
+			    lp_lora_stack_at(w, l, (enum lp_lora_group)g);
+			size_t i = (size_t)l * LP_LORA_N_GROUPS + (size_t)g;
+			int first, count, in, out;
+			lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
+			lp_lora_target_dims(&c->shape, (enum lp_lora_target)first, &in, &out);
+			memset(&a->a[i], 0, sizeof(a->a[i]));
+			if (st->rank)
+				a->a[i] = (struct lp_tensor){(char *)a->dev.data +
+				                                 ((char *)st->a - (char *)w->data),
+				                             LP_DTYPE_F32, st->rank, in};
+		}
+	}
 	a->slot = s;
 	c->slots[s] = a;
 	return true;

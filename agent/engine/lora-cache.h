@@ -35,7 +35,9 @@ struct lp_adapter {
 	double load_ms;                 /* time the last parse took */
 	struct lp_lora *w;              /* host tier; NULL when evicted to disk */
 	struct lp_buffer dev;           /* device copy while it holds a slot */
-	struct lp_tensor *a, *b;        /* [n_layers * LP_LORA_N_TARGETS] views in
+	struct lp_tensor *a;            /* [n_layers * LP_LORA_N_GROUPS] stacked A,
+	                                   views in dev; rows == 0 where absent */
+	struct lp_tensor *b;            /* [n_layers * LP_LORA_N_TARGETS] B views in
 	                                   dev; rows == 0 where the pair is absent */
 	int slot;                       /* device slot, or -1 */
 	int seq_refs;                   /* waiting or running requests using this version */

@@ -378,16 +378,9 @@ static void cpu_matmul(void *ctx, struct lp_tensor *out, const struct lp_tensor 
 	lp_cpu_matmul(ctx, out, x, w, accumulate);
 }
 
-static void cpu_lora_shrink(void *ctx, struct lp_tensor *tmp, const struct lp_tensor *x,
-                            const struct lp_lora_seg *segs, int n_segs)
+static void cpu_lora(void *ctx, const struct lp_lora_args *args)
 {
-	lp_cpu_lora_shrink(ctx, tmp, x, segs, n_segs);
-}
-
-static void cpu_lora_expand(void *ctx, struct lp_tensor *out, const struct lp_tensor *tmp,
-                            const struct lp_lora_seg *segs, int n_segs)
-{
-	lp_cpu_lora_expand(ctx, out, tmp, segs, n_segs);
+	lp_cpu_lora(ctx, args);
 }
 
 static const struct lp_backend_ops cpu_ops = {
@@ -408,8 +401,7 @@ static const struct lp_backend_ops cpu_ops = {
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,
     .attention = cpu_attention,
-    .lora_shrink = cpu_lora_shrink,
-    .lora_expand = cpu_lora_expand,
+    .lora = cpu_lora,
 };
 
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be)

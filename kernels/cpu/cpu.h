@@ -104,11 +104,8 @@ static inline void lp_cpu_split(int64_t total, int ith, int nth, int64_t *begin,
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate);
 void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args);
-/* The LoRA ops of backend.h (lora.c). */
-void lp_cpu_lora_shrink(struct lp_cpu *cpu, struct lp_tensor *tmp, const struct lp_tensor *x,
-                        const struct lp_lora_seg *segs, int n_segs);
-void lp_cpu_lora_expand(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *tmp,
-                        const struct lp_lora_seg *segs, int n_segs);
+/* The LoRA op of backend.h (lora.c). */
+void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *args);
 
 /* True when the running CPU has AVX2, FMA and F16C. */
 bool lp_cpu_has_avx2(void);

@@ -1,78 +1,32 @@
-/* LoRA shrink and expand over adapter segments (SGMV) on the CPU.
+/* LoRA over adapter segments (SGMV) on the CPU; the contract is in
+ * kernels/backend.h (struct lp_lora_args).
  *
- * shrink: tmp[row, r] = x[row] . a[r]        for the rows of each segment
- * expand: out[row, o] += sum over k of tmp[row, k] * b[k, o]   (b = B transposed)
+ * Each segment's rows are cut into units of at most LORA_MR rows. When there
+ * are at least as many units as threads, a unit is the work of one thread
+ * from start to end: shrink (tmp rows = x rows . A^T, every target at once
+ * from the stacked A) then expand into every output, so each adapter's
+ * weights stream through one core once per step and no thread waits for
+ * another between the two. With fewer units (one sequence decoding alone)
+ * the shrink is split over blocks of A rows and the expand over panels of
+ * B, in two runs on the pool.
  *
- * Work is cut into (segment, output range) units so that a decode step with
- * one row per adapter still spreads over every thread. Each output element
- * is one dot product in a fixed order, so a row's result does not depend on
- * what else is in the batch. */
+ * Both paths compute every element the same way: tmp[row, k] is one dot
+ * product in a fixed order, and out[row, o] adds tmp[row, k] * b[k, o] for k
+ * in order with fused multiply-adds. So a row's result depends neither on
+ * the path nor on the other rows of its unit or batch. */
 #include <math.h>
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
 
-#if LP_CPU_X86
-#include <immintrin.h>
+/* Rows of a unit: the micro-kernels keep LORA_MR rows' accumulators in
+ * registers and reuse every weight they load that many times. */
+#define LORA_MR 4
+/* A rows per shrink item, and B panels per expand item, on the split path. */
+#define SPLIT_K      8
+#define SPLIT_PANELS 2
 
-__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t n)
-{
-	__m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-	int64_t i = 0;
-	float tail = 0, lanes[8];
-
-	for (; i + 16 <= n; i += 16) {
-		s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-		s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-	}
-	for (; i + 8 <= n; i += 8)
-		s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-	for (; i < n; i++)
-		tail += a[i] * b[i];
-	_mm256_storeu_ps(lanes, _mm256_add_ps(s0, s1));
-	return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-	       ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
-}
-
-/* o[0..n) += sum over k < rank of t[k] * b[k * ldb + 0..n): rank rows of
- * b scaled and added, 64 outputs at a time kept in registers. */
-__attribute__((target("avx2,fma"))) static void
-axpy_rows_avx2(const float *t, const float *b, int64_t ldb, int rank, float *o, int64_t n)
-{
-	int64_t c = 0;
-
-	for (; c + 64 <= n; c += 64) {
-		__m256 acc[8];
-		for (int i = 0; i < 8; i++)
-			acc[i] = _mm256_loadu_ps(o + c + 8 * i);
-		for (int k = 0; k < rank; k++) {
-			__m256 tk = _mm256_broadcast_ss(t + k);
-			const float *bk = b + (size_t)k * (size_t)ldb + c;
-			for (int i = 0; i < 8; i++)
-				acc[i] = _mm256_fmadd_ps(tk, _mm256_loadu_ps(bk + 8 * i), acc[i]);
-		}
-		for (int i = 0; i < 8; i++)
-			_mm256_storeu_ps(o + c + 8 * i, acc[i]);
-	}
-	for (; c + 8 <= n; c += 8) {
-		__m256 acc = _mm256_loadu_ps(o + c);
-		for (int k = 0; k < rank; k++)
-			acc =
-			    _mm256_fmadd_ps(_mm256_broadcast_ss(t + k),
-			                    _mm256_loadu_ps(b + (size_t)k * (size_t)ldb + c), acc);
-		_mm256_storeu_ps(o + c, acc);
-	}
-	for (; c < n; c++) {
-		float acc = o[c];
-		for (int k = 0; k < rank; k++)
-			acc = fmaf(t[k], b[(size_t)k * (size_t)ldb + c], acc);
-		o[c] = acc;
-	}
-}
-#endif
-
-/* Outputs per expand work unit. */
-#define EXPAND_COLS 64
+/* ---- micro-kernels: nr (<= LORA_MR) rows at a time ---- */
 
 static float dot_scalar(const float *a, const float *b, int64_t n)
 {
@@ -88,100 +42,345 @@ static float dot_scalar(const float *a, const float *b, int64_t n)
 	return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
 }
 
-struct lora_job {
-	struct lp_cpu *cpu;
-	const struct lp_lora_seg *segs;
-	int n_segs;
-	const struct lp_tensor *in; /* x (shrink) or tmp (expand) */
-	struct lp_tensor *out;      /* tmp (shrink) or out (expand) */
-	bool expand;
-	int64_t per_seg; /* output units per segment */
-};
-
-static void lora_chunk(void *arg, int chunk, int n_chunks, int thread)
+/* t[r, k] = x[r] . a[k] for r < nr, k0 <= k < k1. */
+static void shrink_scalar(const float *x, int64_t ldx, int nr, const float *a, int64_t in, int k0,
+                          int k1, float *t, int64_t ldt)
 {
-	const struct lora_job *j = arg;
-	int64_t total = (int64_t)j->n_segs * j->per_seg, begin, end;
-	float (*dot)(const float *, const float *, int64_t) = dot_scalar;
+	for (int k = k0; k < k1; k++)
+		for (int r = 0; r < nr; r++)
+			t[r * ldt + k] = dot_scalar(x + r * ldx, a + (int64_t)k * in, in);
+}
 
-	(void)thread;
-#if LP_CPU_X86
-	if (j->cpu->avx2)
-		dot = dot_avx2;
-#endif
-	lp_cpu_split(total, chunk, n_chunks, &begin, &end);
-	for (int64_t u = begin; u < end; u++) {
-		const struct lp_lora_seg *g = &j->segs[u / j->per_seg];
-		int64_t o = u % j->per_seg;
-		const float *in_base = j->in->data;
-		float *out_base = j->out->data;
-		int64_t ld_in = j->in->cols, ld_out = j->out->cols;
-
-		if (!j->expand) {
-			/* units are rank rows; segments of lower rank skip the rest */
-			if (o >= g->a->rows)
-				continue;
-			const float *a = (const float *)g->a->data + o * g->a->cols;
-			for (int32_t r = g->row0; r < g->row0 + g->rows; r++)
-				out_base[r * ld_out + o] = dot(in_base + r * ld_in, a, g->a->cols);
-		} else {
-			/* units are ranges of EXPAND_COLS outputs; that slice of b
-			 * stays in cache across the segment's rows */
-			int64_t o0 = o * EXPAND_COLS, o1 = o0 + EXPAND_COLS;
-			int rank = (int)g->b->rows;
-			int64_t ldb = g->b->cols;
-			const float *bm = (const float *)g->b->data + o0;
-			if (o1 > ldb)
-				o1 = ldb;
-			for (int32_t r = g->row0; r < g->row0 + g->rows; r++) {
-				const float *t = in_base + r * ld_in;
-				float *orow = out_base + r * ld_out + o0;
-#if LP_CPU_X86
-				if (j->cpu->avx2) {
-					axpy_rows_avx2(t, bm, ldb, rank, orow, o1 - o0);
-					continue;
-				}
-#endif
-				for (int64_t c = 0; c < o1 - o0; c++) {
-					float acc = orow[c];
-					for (int k = 0; k < rank; k++)
-						acc = fmaf(t[k], bm[(size_t)k * (size_t)ldb + c],
-						           acc);
-					orow[c] = acc;
-				}
+/* o[r, p0 .. p1) += t[r, 0 .. rank) . b over the panels starting at
+ * columns p0 .. p1 (multiples of LP_LORA_PANEL, p1 capped at out). */
+static void expand_scalar(const float *t, int64_t ldt, int nr, const float *b, int rank, int out,
+                          int p0, int p1, float *o, int64_t ldo)
+{
+	for (int p = p0; p < p1 && p < out; p += LP_LORA_PANEL) {
+		int w = out - p < LP_LORA_PANEL ? out - p : LP_LORA_PANEL;
+		const float *bp = b + (size_t)p * (size_t)rank;
+		for (int r = 0; r < nr; r++)
+			for (int c = 0; c < w; c++) {
+				float acc = o[r * ldo + p + c];
+				for (int k = 0; k < rank; k++)
+					acc = fmaf(t[r * ldt + k],
+					           bp[(size_t)k * (size_t)w + (size_t)c], acc);
+				o[r * ldo + p + c] = acc;
 			}
+	}
+}
+
+#if LP_CPU_X86
+#include <immintrin.h>
+
+#define AVX2        __attribute__((target("avx2,fma")))
+#define AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
+
+AVX2_INLINE float hsum(__m256 v)
+{
+	float l[8];
+
+	_mm256_storeu_ps(l, v);
+	return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
+/* One dot product per (row, k), eight lanes over i then the lanes summed
+ * in a fixed order, then the tail: the same for any nr and either k of a
+ * pair. */
+AVX2_INLINE void shrink_avx2_nr(const float *x, int64_t ldx, const int nr, const float *a,
+                                int64_t in, int k0, int k1, float *t, int64_t ldt)
+{
+	int64_t in8 = in / 8 * 8;
+	int k = k0;
+
+	for (; k < k1; k += 2) {
+		const bool two = k + 1 < k1;
+		const float *a0 = a + (int64_t)k * in, *a1 = two ? a0 + in : a0;
+		__m256 s0[LORA_MR], s1[LORA_MR];
+
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++)
+			s0[r] = s1[r] = _mm256_setzero_ps();
+		for (int64_t i = 0; i < in8; i += 8) {
+			__m256 va0 = _mm256_loadu_ps(a0 + i), va1 = _mm256_loadu_ps(a1 + i);
+#pragma GCC unroll 4
+			for (int r = 0; r < nr; r++) {
+				__m256 vx = _mm256_loadu_ps(x + r * ldx + i);
+				s0[r] = _mm256_fmadd_ps(va0, vx, s0[r]);
+				s1[r] = _mm256_fmadd_ps(va1, vx, s1[r]);
+			}
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const float *xr = x + r * ldx;
+			float tail0 = 0, tail1 = 0;
+			for (int64_t i = in8; i < in; i++) {
+				tail0 += xr[i] * a0[i];
+				tail1 += xr[i] * a1[i];
+			}
+			t[r * ldt + k] = hsum(s0[r]) + tail0;
+			if (two)
+				t[r * ldt + k + 1] = hsum(s1[r]) + tail1;
 		}
 	}
 }
 
-static void lora_run(struct lp_cpu *cpu, struct lora_job *j)
+/* Columns [c, c + 16) of one panel (bp, width w) for nr rows. */
+AVX2_INLINE void expand16_avx2_nr(const float *t, int64_t ldt, const int nr, const float *bp,
+                                  int rank, int w, int c, float *o, int64_t ldo)
 {
-	int64_t work = 0;
+	__m256 acc0[LORA_MR], acc1[LORA_MR];
 
-	if (j->n_segs <= 0)
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++) {
+		acc0[r] = _mm256_loadu_ps(o + r * ldo + c);
+		acc1[r] = _mm256_loadu_ps(o + r * ldo + c + 8);
+	}
+	for (int k = 0; k < rank; k++) {
+		const float *bk = bp + (size_t)k * (size_t)w + (size_t)c;
+		__m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			__m256 tk = _mm256_broadcast_ss(t + r * ldt + k);
+			acc0[r] = _mm256_fmadd_ps(tk, b0, acc0[r]);
+			acc1[r] = _mm256_fmadd_ps(tk, b1, acc1[r]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++) {
+		_mm256_storeu_ps(o + r * ldo + c, acc0[r]);
+		_mm256_storeu_ps(o + r * ldo + c + 8, acc1[r]);
+	}
+}
+
+AVX2_INLINE void expand_avx2_nr(const float *t, int64_t ldt, const int nr, const float *b, int rank,
+                                int out, int p0, int p1, float *o, int64_t ldo)
+{
+	for (int p = p0; p < p1 && p < out; p += LP_LORA_PANEL) {
+		int w = out - p < LP_LORA_PANEL ? out - p : LP_LORA_PANEL, c = 0;
+		const float *bp = b + (size_t)p * (size_t)rank;
+		float *op = o + p;
+
+		for (; c + 16 <= w; c += 16)
+			expand16_avx2_nr(t, ldt, nr, bp, rank, w, c, op, ldo);
+		for (int r = 0; r < nr; r++)
+			for (int cc = c; cc < w; cc++) {
+				float acc = op[r * ldo + cc];
+				for (int k = 0; k < rank; k++)
+					acc = fmaf(t[r * ldt + k],
+					           bp[(size_t)k * (size_t)w + (size_t)cc], acc);
+				op[r * ldo + cc] = acc;
+			}
+	}
+}
+
+/* nr as a constant in each case, so that the accumulators live in
+ * registers. */
+AVX2 static void shrink_avx2(const float *x, int64_t ldx, int nr, const float *a, int64_t in,
+                             int k0, int k1, float *t, int64_t ldt)
+{
+	switch (nr) {
+	case 4:
+		shrink_avx2_nr(x, ldx, 4, a, in, k0, k1, t, ldt);
+		break;
+	case 3:
+		shrink_avx2_nr(x, ldx, 3, a, in, k0, k1, t, ldt);
+		break;
+	case 2:
+		shrink_avx2_nr(x, ldx, 2, a, in, k0, k1, t, ldt);
+		break;
+	default:
+		shrink_avx2_nr(x, ldx, 1, a, in, k0, k1, t, ldt);
+	}
+}
+
+AVX2 static void expand_avx2(const float *t, int64_t ldt, int nr, const float *b, int rank, int out,
+                             int p0, int p1, float *o, int64_t ldo)
+{
+	switch (nr) {
+	case 4:
+		expand_avx2_nr(t, ldt, 4, b, rank, out, p0, p1, o, ldo);
+		break;
+	case 3:
+		expand_avx2_nr(t, ldt, 3, b, rank, out, p0, p1, o, ldo);
+		break;
+	case 2:
+		expand_avx2_nr(t, ldt, 2, b, rank, out, p0, p1, o, ldo);
+		break;
+	default:
+		expand_avx2_nr(t, ldt, 1, b, rank, out, p0, p1, o, ldo);
+	}
+}
+#endif
+
+/* ---- work units ---- */
+
+struct lora_job {
+	const struct lp_lora_args *args;
+	bool avx2;
+	int phase; /* 0: whole units; 1: split shrink; 2: split expand */
+	int n_items;
+};
+
+/* Rows [*row0, *row0 + *nr) of unit u, and its segment. */
+static const struct lp_lora_seg *unit_at(const struct lp_lora_args *p, int u, int32_t *row0,
+                                         int *nr)
+{
+	for (int s = 0; s < p->n_segs; s++) {
+		const struct lp_lora_seg *g = &p->segs[s];
+		int n = (g->rows + LORA_MR - 1) / LORA_MR;
+		if (u < n) {
+			*row0 = g->row0 + u * LORA_MR;
+			*nr = g->rows - u * LORA_MR < LORA_MR ? g->rows - u * LORA_MR : LORA_MR;
+			return g;
+		}
+		u -= n;
+	}
+	return NULL;
+}
+
+static void do_shrink(const struct lora_job *j, const struct lp_lora_seg *g, int32_t row0, int nr,
+                      int k0, int k1)
+{
+	const struct lp_lora_args *p = j->args;
+	const float *x = (const float *)p->x->data + (int64_t)row0 * p->x->cols;
+	float *t = (float *)p->tmp->data + (int64_t)row0 * p->tmp->cols;
+
+#if LP_CPU_X86
+	if (j->avx2) {
+		shrink_avx2(x, p->x->cols, nr, g->a->data, g->a->cols, k0, k1, t, p->tmp->cols);
 		return;
-	for (int i = 0; i < j->n_segs; i++)
-		work += (int64_t)j->segs[i].rows * j->segs[i].a->rows *
-		        (j->expand ? j->segs[i].b->cols : j->segs[i].a->cols);
-	lp_cpu_parallel(cpu, work, (int64_t)j->n_segs * j->per_seg, lora_chunk, j);
+	}
+#endif
+	shrink_scalar(x, p->x->cols, nr, g->a->data, g->a->cols, k0, k1, t, p->tmp->cols);
 }
 
-void lp_cpu_lora_shrink(struct lp_cpu *cpu, struct lp_tensor *tmp, const struct lp_tensor *x,
-                        const struct lp_lora_seg *segs, int n_segs)
+/* Output i of the segment, panels at columns [p0, p1); k_off is where its
+ * rank's columns start in tmp. */
+static void do_expand(const struct lora_job *j, const struct lp_lora_seg *g, int32_t row0, int nr,
+                      int i, int k_off, int p0, int p1)
 {
-	struct lora_job j = {cpu, segs, n_segs, x, tmp, false, 0};
+	const struct lp_lora_args *p = j->args;
+	const struct lp_tensor *b = g->b[i];
+	const float *t = (const float *)p->tmp->data + (int64_t)row0 * p->tmp->cols + k_off;
+	float *o = (float *)p->out[i]->data + (int64_t)row0 * p->out[i]->cols;
 
-	for (int i = 0; i < n_segs; i++)
-		if (segs[i].a->rows > j.per_seg)
-			j.per_seg = segs[i].a->rows;
-	lora_run(cpu, &j);
+#if LP_CPU_X86
+	if (j->avx2) {
+		expand_avx2(t, p->tmp->cols, nr, b->data, (int)b->rows, (int)b->cols, p0, p1, o,
+		            p->out[i]->cols);
+		return;
+	}
+#endif
+	expand_scalar(t, p->tmp->cols, nr, b->data, (int)b->rows, (int)b->cols, p0, p1, o,
+	              p->out[i]->cols);
 }
 
-void lp_cpu_lora_expand(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *tmp,
-                        const struct lp_lora_seg *segs, int n_segs)
+static void whole_unit(const struct lora_job *j, int u)
 {
-	struct lora_job j = {
-	    cpu, segs, n_segs, tmp, out, true, (out->cols + EXPAND_COLS - 1) / EXPAND_COLS};
+	const struct lp_lora_args *p = j->args;
+	int32_t row0;
+	int nr, k_off = 0;
+	const struct lp_lora_seg *g = unit_at(p, u, &row0, &nr);
 
-	lora_run(cpu, &j);
+	do_shrink(j, g, row0, nr, 0, (int)g->a->rows);
+	for (int i = 0; i < p->n_outs; i++) {
+		if (!g->b[i])
+			continue;
+		do_expand(j, g, row0, nr, i, k_off, 0, (int)g->b[i]->cols);
+		k_off += (int)g->b[i]->rows;
+	}
+}
+
+/* Split path items: shrink item (unit, block of SPLIT_K A rows); expand
+ * item (unit, output, SPLIT_PANELS panels). Walks the units in order and
+ * runs item number `item` when it finds it. */
+static void split_item(const struct lora_job *j, int item)
+{
+	const struct lp_lora_args *p = j->args;
+	int n_units = 0;
+
+	for (int s = 0; s < p->n_segs; s++)
+		n_units += (p->segs[s].rows + LORA_MR - 1) / LORA_MR;
+	for (int u = 0; u < n_units; u++) {
+		int32_t row0;
+		int nr, k_off = 0;
+		const struct lp_lora_seg *g = unit_at(p, u, &row0, &nr);
+		int rows_a = (int)g->a->rows;
+
+		if (j->phase == 1) {
+			int n = (rows_a + SPLIT_K - 1) / SPLIT_K;
+			if (item < n) {
+				int k0 = item * SPLIT_K;
+				do_shrink(j, g, row0, nr, k0,
+				          k0 + SPLIT_K < rows_a ? k0 + SPLIT_K : rows_a);
+				return;
+			}
+			item -= n;
+			continue;
+		}
+		for (int i = 0; i < p->n_outs; i++) {
+			const int span = SPLIT_PANELS * LP_LORA_PANEL;
+			int n;
+			if (!g->b[i])
+				continue;
+			n = ((int)g->b[i]->cols + span - 1) / span;
+			if (item < n) {
+				do_expand(j, g, row0, nr, i, k_off, item * span,
+				          item * span + span);
+				return;
+			}
+			item -= n;
+			k_off += (int)g->b[i]->rows;
+		}
+	}
+}
+
+static void lora_chunk(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct lora_job *j = arg;
+	int64_t begin, end;
+
+	(void)thread;
+	lp_cpu_split(j->n_items, chunk, n_chunks, &begin, &end);
+	for (int64_t u = begin; u < end; u++) {
+		if (j->phase == 0)
+			whole_unit(j, (int)u);
+		else
+			split_item(j, (int)u);
+	}
+}
+
+void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *p)
+{
+	struct lora_job j = {p, cpu->avx2, 0, 0};
+	int64_t work = 0;
+	int n_shrink = 0, n_expand = 0;
+
+	for (int s = 0; s < p->n_segs; s++) {
+		const struct lp_lora_seg *g = &p->segs[s];
+		int units = (g->rows + LORA_MR - 1) / LORA_MR;
+		work += (int64_t)g->rows * g->a->rows * g->a->cols;
+		j.n_items += units;
+		n_shrink += units * (int)((g->a->rows + SPLIT_K - 1) / SPLIT_K);
+		for (int i = 0; i < p->n_outs; i++) {
+			const int span = SPLIT_PANELS * LP_LORA_PANEL;
+			if (!g->b[i])
+				continue;
+			work += (int64_t)g->rows * g->b[i]->rows * g->b[i]->cols;
+			n_expand += units * (int)((g->b[i]->cols + span - 1) / span);
+		}
+	}
+	if (j.n_items == 0)
+		return;
+	if (j.n_items >= cpu->n_threads || work < LP_CPU_SERIAL_WORK) {
+		lp_cpu_parallel(cpu, work, j.n_items, lora_chunk, &j);
+		return;
+	}
+	j.phase = 1;
+	j.n_items = n_shrink;
+	lp_cpu_parallel(cpu, work, n_shrink, lora_chunk, &j);
+	j.phase = 2;
+	j.n_items = n_expand;
+	lp_cpu_parallel(cpu, work, n_expand, lora_chunk, &j);
 }

@@ -31,10 +31,10 @@
 #define BUF_MAX (256u << 20)
 
 /* Element i, in the file's [out, rank] order, of a pair's B (stored
- * transposed, [rank, out]). */
+ * transposed, [rank, out], in panels). */
 static float b_at(const struct lp_lora_pair *p, int out, size_t i)
 {
-	return p->b[(i % (size_t)p->rank) * (size_t)out + i / (size_t)p->rank];
+	return lp_lora_b_at(p, out, (int)(i % (size_t)p->rank), (int)(i / (size_t)p->rank));
 }
 
 static char tmp_root[64];
@@ -430,6 +430,7 @@ static double lora_diff(const struct lp_lora *x, const struct lp_lora *y,
 				return INFINITY;
 			}
 			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &out);
+			/* A then B, both in their stored order */
 			for (size_t i = 0; i < (size_t)a->rank * (size_t)(in + out); i++) {
 				float u = i < (size_t)a->rank * in ? a->a[i]
 				                                   : a->b[i - (size_t)a->rank * in];
@@ -448,7 +449,8 @@ static double lora_diff(const struct lp_lora *x, const struct lp_lora *y,
 	return worst;
 }
 
-/* Every pair's pointers lie inside data and the pairs tile it. */
+/* Every pair's pointers lie inside data, the pairs tile it, and each
+ * group's stacked A covers its targets' A in order. */
 static bool layout_ok(const struct lp_lora *l, const struct lp_lora_shape *s)
 {
 	size_t used = 0;
@@ -467,6 +469,21 @@ static bool layout_ok(const struct lp_lora *l, const struct lp_lora_shape *s)
 			for (size_t i = 0; i < (size_t)p->rank * in; i++)
 				if (!isfinite(p->a[i]))
 					return false;
+		}
+		/* a group's A are one stacked matrix */
+		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
+			const struct lp_lora_stack *st = lp_lora_stack_at(l, layer, g);
+			int first, count, in, out, rank = 0;
+			lp_lora_group_targets(g, &first, &count);
+			lp_lora_target_dims(s, first, &in, &out);
+			for (int t = first; t < first + count; t++) {
+				const struct lp_lora_pair *p = lp_lora_pair_at(l, layer, t);
+				if (p->rank && p->a != st->a + (size_t)rank * in)
+					return false;
+				rank += p->rank;
+			}
+			if (rank != st->rank || (rank == 0) != (st->a == NULL))
+				return false;
 		}
 	}
 	return used * 4 == l->data_bytes;
