@@ -203,8 +203,9 @@ static float frand(void)
 }
 
 /* Writes a PEFT adapter of the given rank on all seven modules of model m,
- * with random weights, to dir (created). */
-static int write_adapter(const char *dir, const struct lp_model *m, int rank, struct lp_err *err)
+ * with random weights in f32 or bf16, to dir (created). */
+static int write_adapter(const char *dir, const struct lp_model *m, int rank, bool bf16,
+                         struct lp_err *err)
 {
 	static const char *mods[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 	                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
@@ -237,14 +238,16 @@ static int write_adapter(const char *dir, const struct lp_model *m, int rank, st
 	for (int l = 0; l < c->n_layers; l++)
 		for (int t = 0; t < 7; t++)
 			for (int ab = 0; ab < 2; ab++) {
-				size_t n = (size_t)rank * (size_t)(ab ? outs[t] : ins[t]) * 4;
+				size_t n =
+				    (size_t)rank * (size_t)(ab ? outs[t] : ins[t]) * (bf16 ? 2 : 4);
 				hl += (size_t)snprintf(
 				    hdr + hl, hdr_cap - hl,
 				    "%s\"base_model.model.model.layers.%d.%s.lora_%c.weight\": "
-				    "{\"dtype\": \"F32\", \"shape\": [%d, %d], \"data_offsets\": "
+				    "{\"dtype\": \"%s\", \"shape\": [%d, %d], \"data_offsets\": "
 				    "[%zu, %zu]}",
 				    hl > 1 ? ", " : "", l, mods[t], ab ? 'B' : 'A',
-				    ab ? outs[t] : rank, ab ? rank : ins[t], off, off + n);
+				    bf16 ? "BF16" : "F32", ab ? outs[t] : rank, ab ? rank : ins[t],
+				    off, off + n);
 				off += n;
 			}
 	hl += (size_t)snprintf(hdr + hl, hdr_cap - hl, "}");
@@ -259,9 +262,10 @@ static int write_adapter(const char *dir, const struct lp_model *m, int rank, st
 	uint64_t hl64 = hl;
 	fwrite(&hl64, 8, 1, f);
 	fwrite(hdr, 1, hl, f);
-	for (size_t i = 0; i < off / 4; i++) {
+	for (size_t i = 0; i < off / (bf16 ? 2 : 4); i++) {
 		float v = frand() * 0.05f;
-		fwrite(&v, 4, 1, f);
+		uint16_t h = lp_f32_to_bf16(v);
+		fwrite(bf16 ? (const void *)&h : (const void *)&v, bf16 ? 2 : 4, 1, f);
 	}
 	fclose(f);
 	free(hdr);
@@ -374,18 +378,18 @@ static double lora_run_tps(struct lora_run *r)
 static int bench_lora(struct lp_model *m, const int32_t *prompt, int reps, struct lp_err *err)
 {
 	char tmpl[] = "/tmp/loraplane-bench-XXXXXX";
-	char names[32][32];
+	char names[40][32]; /* 32 in f32, then 8 in bf16 */
 	char path[2048];
-	size_t bytes_b, bytes_c;
+	size_t bytes_b, bytes_c, bytes_d;
 	int rc = -1;
 
 	if (!mkdtemp(tmpl))
 		return lp_errf(err, -EIO, "cannot make a temporary directory");
 	setenv("LP_BENCH_ADAPTERS", tmpl, 1);
-	for (int i = 0; i < 32; i++) {
-		snprintf(names[i], sizeof(names[i]), "r16-%02d", i);
+	for (int i = 0; i < 40; i++) {
+		snprintf(names[i], sizeof(names[i]), i < 32 ? "r16-%02d" : "r16-bf16-%02d", i);
 		snprintf(path, sizeof(path), "%s/%s", tmpl, names[i]);
-		if (write_adapter(path, m, 16, err))
+		if (write_adapter(path, m, 16, i >= 32, err))
 			goto out;
 	}
 	/* load time of one rank-16 adapter, best of 5, from the page cache */
@@ -413,41 +417,48 @@ static int bench_lora(struct lp_model *m, const int32_t *prompt, int reps, struc
 		printf("bench: lora_load_ms %.2f ms\n", best);
 		fflush(stdout);
 	}
-	/* the three loads run side by side, one decode step of each in turn,
-	 * so that whatever else the machine does falls on all three alike;
-	 * reps rounds, each with fresh engines */
-	static struct lora_run runs[3];
-	const int n_ad[3] = {0, 8, 32}, max_l[3] = {8, 8, 32};
-	for (int i = 0; i < 3; i++)
+	/* the loads run side by side, one decode step of each in turn, so that
+	 * whatever else the machine does falls on all alike; reps rounds, each
+	 * with fresh engines. The fourth is the second with adapters saved in
+	 * bf16, which stay bf16 in memory. */
+	static struct lora_run runs[4];
+	const int n_ad[4] = {0, 8, 32, 8}, max_l[4] = {8, 8, 32, 8}, first[4] = {0, 0, 0, 32};
+	for (int i = 0; i < 4; i++)
 		runs[i].n_steps = 0;
 	for (int rep = 0; rep < reps; rep++) {
 		int any = 1, failed = 0;
-		for (int i = 0; i < 3 && !failed; i++)
-			failed = lora_run_start(&runs[i], m, n_ad[i], names, max_l[i], prompt, err);
+		for (int i = 0; i < 4 && !failed; i++)
+			failed = lora_run_start(&runs[i], m, n_ad[i], names + first[i], max_l[i],
+			                        prompt, err);
 		while (any && !failed) {
 			any = 0;
-			for (int i = 0; i < 3 && !failed; i++) {
+			for (int i = 0; i < 4 && !failed; i++) {
 				int rc = lora_run_step(&runs[i], err);
 				failed = rc < 0;
 				any |= rc > 0;
 			}
 		}
-		for (int i = 0; i < 3; i++)
+		for (int i = 0; i < 4; i++)
 			lora_run_end(&runs[i]);
 		if (failed)
 			goto out;
 	}
 	bytes_b = runs[1].adapter_bytes;
 	bytes_c = runs[2].adapter_bytes;
-	double a = lora_run_tps(&runs[0]), b = lora_run_tps(&runs[1]), c = lora_run_tps(&runs[2]);
+	bytes_d = runs[3].adapter_bytes;
+	double a = lora_run_tps(&runs[0]), b = lora_run_tps(&runs[1]), c = lora_run_tps(&runs[2]),
+	       d = lora_run_tps(&runs[3]);
 	printf("bench: lora_rounds %d count\n", reps);
 	printf("bench: lora_base_32seq_tokens_per_s %.1f tokens/s\n", a);
 	printf("bench: lora_8x_r16_32seq_tokens_per_s %.1f tokens/s\n", b);
 	printf("bench: lora_8x_adapter_bytes_per_step %.1f MB\n", (double)bytes_b / 1e6);
 	printf("bench: lora_32x_r16_32seq_tokens_per_s %.1f tokens/s\n", c);
 	printf("bench: lora_32x_adapter_bytes_per_step %.1f MB\n", (double)bytes_c / 1e6);
+	printf("bench: lora_8x_r16_bf16_32seq_tokens_per_s %.1f tokens/s\n", d);
+	printf("bench: lora_8x_bf16_adapter_bytes_per_step %.1f MB\n", (double)bytes_d / 1e6);
 	printf("bench: lora_ratio_8x_to_base %.3f ratio\n", b / a);
 	printf("bench: lora_ratio_32x_to_base %.3f ratio\n", c / a);
+	printf("bench: lora_ratio_8x_bf16_to_base %.3f ratio\n", d / a);
 	rc = 0;
 out:
 	snprintf(path, sizeof(path), "rm -rf '%s'", tmpl);

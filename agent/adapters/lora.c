@@ -67,9 +67,29 @@ void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count)
 	*count = counts[g];
 }
 
+static float from_half(uint16_t h, enum lp_dtype t)
+{
+	return t == LP_DTYPE_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h);
+}
+
+static float value_at(const void *w, size_t i, enum lp_dtype t)
+{
+	uint16_t h;
+
+	if (t == LP_DTYPE_F32)
+		return ((const float *)w)[i];
+	memcpy(&h, (const uint16_t *)w + i, 2);
+	return from_half(h, t);
+}
+
+float lp_lora_a_at(const struct lp_lora_pair *p, int in, int k, int i)
+{
+	return value_at(p->a, (size_t)k * (size_t)in + (size_t)i, p->a_type);
+}
+
 float lp_lora_b_at(const struct lp_lora_pair *p, int out, int k, int o)
 {
-	return p->b[lp_lora_b_index(p->rank, out, k, o)];
+	return value_at(p->b, lp_lora_b_index(p->rank, out, k, o), p->b_type);
 }
 
 /* Adapter weights are read whole once per step by every step that uses the
@@ -261,12 +281,77 @@ static int convert_checked(float *dst, const struct lora_src *src, int64_t rows,
 	               (double)scale, bad / (size_t)cols, bad % (size_t)cols);
 }
 
+/* The storage type of values of source dtype dt: its own when half. */
+static enum lp_dtype half_type(enum lp_st_dtype dt)
+{
+	return dt == LP_ST_F16 ? LP_DTYPE_F16 : dt == LP_ST_BF16 ? LP_DTYPE_BF16 : LP_DTYPE_F32;
+}
+
+static uint16_t to_half(float v, enum lp_dtype t)
+{
+	return t == LP_DTYPE_F16 ? lp_f32_to_f16(v) : lp_f32_to_bf16(v);
+}
+
+/* The type B is kept in: the file's half type when the scale folds into
+ * every value exactly in it (a power of two, bar overflow and underflow),
+ * else f32, so that folding never rounds. */
+static enum lp_dtype b_type(const struct lora_src *src, size_t n, float scale)
+{
+	enum lp_dtype t = half_type(src->dtype);
+	const unsigned char *p = src->data;
+
+	if (t == LP_DTYPE_F32 || scale == 1.0f)
+		return t;
+	for (size_t i = 0; i < n; i++) {
+		uint16_t h;
+		memcpy(&h, p + 2 * i, 2);
+		float v = from_half(h, t) * scale;
+		if (!isfinite(v) || from_half(to_half(v, t), t) != v)
+			return LP_DTYPE_F32;
+	}
+	return t;
+}
+
+/* The type a group's stacked A is kept in: the file's half type when every
+ * A of the group has it, else f32. */
+static enum lp_dtype group_a_type(const struct lora_plan *p, int layer, enum lp_lora_group g)
+{
+	int first, count;
+	enum lp_dtype t = LP_DTYPE_COUNT;
+
+	lp_lora_group_targets(g, &first, &count);
+	for (int i = first; i < first + count; i++) {
+		const struct lora_plan_pair *pp = &p->pairs[(size_t)layer * LP_LORA_N_TARGETS + i];
+		if (!pp->rank)
+			continue;
+		if (t != LP_DTYPE_COUNT && t != half_type(pp->a.dtype))
+			return LP_DTYPE_F32;
+		t = half_type(pp->a.dtype);
+	}
+	return t == LP_DTYPE_COUNT ? LP_DTYPE_F32 : t;
+}
+
+/* Matrices start on 64-byte boundaries inside data. */
+static size_t matrix_bytes(size_t n, enum lp_dtype t)
+{
+	return (n * (t == LP_DTYPE_F32 ? 4 : 2) + 63) / 64 * 64;
+}
+
+static enum lp_lora_group target_group(int t)
+{
+	return t <= LP_LORA_V    ? LP_LORA_GROUP_QKV
+	       : t == LP_LORA_O  ? LP_LORA_GROUP_O
+	       : t <= LP_LORA_UP ? LP_LORA_GROUP_GATE_UP
+	                         : LP_LORA_GROUP_DOWN;
+}
+
 int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const struct lp_lora_shape *s,
                      const char *format, const char *base_model, struct lp_err *err)
 {
 	size_t n_pairs = (size_t)p->n_layers * LP_LORA_N_TARGETS;
-	size_t total = 0, off = 0, max_b = 0;
-	float *bt_tmp = NULL;
+	size_t n_stacks = (size_t)p->n_layers * LP_LORA_N_GROUPS;
+	size_t total = 0, off = 0, max_a = 0, max_b = 0;
+	float *a_tmp = NULL, *b_tmp = NULL;
 	struct lp_lora *l;
 	int rc;
 
@@ -290,12 +375,14 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			               pp->scale, target_names[t], i / LP_LORA_N_TARGETS);
 		lp_lora_target_dims(s, t, &in, &o);
 		total += (size_t)pp->rank * ((size_t)in + (size_t)o);
+		if ((size_t)pp->rank * (size_t)in > max_a)
+			max_a = (size_t)pp->rank * (size_t)in;
 		if ((size_t)pp->rank * (size_t)o > max_b)
 			max_b = (size_t)pp->rank * (size_t)o;
 	}
 	if (!total)
 		return lp_errf(err, -EINVAL, "adapter holds no lora weights");
-	if (total > SIZE_MAX / sizeof(float))
+	if (total > SIZE_MAX / sizeof(float) / 2)
 		return lp_errf(err, -EINVAL, "adapter is too large");
 
 	l = calloc(1, sizeof(*l));
@@ -304,15 +391,42 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 	l->n_layers = p->n_layers;
 	l->format = format;
 	l->pairs = calloc(n_pairs, sizeof(*l->pairs));
-	l->stacks = calloc((size_t)p->n_layers * LP_LORA_N_GROUPS, sizeof(*l->stacks));
-	l->data_bytes = total * sizeof(float);
+	l->stacks = calloc(n_stacks, sizeof(*l->stacks));
+	a_tmp = malloc(max_a * sizeof(float));
+	b_tmp = malloc(max_b * sizeof(float));
+	if (!l->pairs || !l->stacks || !a_tmp || !b_tmp) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out_free;
+	}
+	/* the types first (a half B only where its scale folds exactly), and
+	 * with them the size */
+	total = 0;
+	for (int layer = 0; layer < p->n_layers; layer++) {
+		for (int g = 0; g < LP_LORA_N_GROUPS; g++)
+			lp_lora_stack_at(l, layer, g)->type = group_a_type(p, layer, g);
+		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+			size_t i = (size_t)layer * LP_LORA_N_TARGETS + (size_t)t;
+			const struct lora_plan_pair *pp = &p->pairs[i];
+			struct lp_lora_pair *lp = &l->pairs[i];
+			int in, o;
+			if (!pp->rank)
+				continue;
+			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &o);
+			lp->rank = pp->rank;
+			lp->a_type = lp_lora_stack_at(l, layer, target_group(t))->type;
+			lp->b_type = b_type(&pp->b, (size_t)pp->rank * (size_t)o, (float)pp->scale);
+			total += matrix_bytes((size_t)pp->rank * (size_t)in, lp->a_type) +
+			         matrix_bytes((size_t)pp->rank * (size_t)o, lp->b_type);
+		}
+	}
+	l->data_bytes = total;
 	l->data = alloc_weights(l->data_bytes);
-	bt_tmp = malloc(max_b * sizeof(float));
-	if (!l->pairs || !l->stacks || !l->data || !bt_tmp) {
+	if (!l->data) {
 		rc = lp_errf(err, -ENOMEM, "out of memory for %zu bytes of lora weights",
 		             l->data_bytes);
 		goto out_free;
 	}
+	memset(l->data, 0, l->data_bytes);
 	if (base_model && *base_model) {
 		l->base_model = strdup(base_model);
 		if (!l->base_model) {
@@ -320,62 +434,76 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			goto out_free;
 		}
 	}
-	/* per layer: every A in target order (a group's A are then one stacked
-	 * matrix), then every B */
+	/* per layer: every A in target order, a group's A packed one after
+	 * another (one stacked matrix: they share a type) from a 64-byte
+	 * boundary, then every B; total above is an upper bound of this */
 	for (int layer = 0; layer < p->n_layers; layer++) {
 		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
 			size_t i = (size_t)layer * LP_LORA_N_TARGETS + (size_t)t;
 			const struct lora_plan_pair *pp = &p->pairs[i];
+			struct lp_lora_pair *lp = &l->pairs[i];
+			struct lp_lora_stack *st = lp_lora_stack_at(l, layer, target_group(t));
+			size_t n;
 			int in, o;
 			if (!pp->rank)
 				continue;
 			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &o);
-			l->pairs[i].rank = pp->rank;
-			l->pairs[i].a = l->data + off;
-			off += (size_t)pp->rank * (size_t)in;
-			rc = convert_checked(l->pairs[i].a, &pp->a, pp->rank, in, 1.0f, err);
+			n = (size_t)pp->rank * (size_t)in;
+			if (!st->a) /* the group starts on a 64-byte boundary */
+				off = (off + 63) / 64 * 64;
+			lp->a = (char *)l->data + off;
+			off += n * (lp->a_type == LP_DTYPE_F32 ? 4 : 2);
+			rc = convert_checked(a_tmp, &pp->a, pp->rank, in, 1.0f, err);
 			if (rc)
 				goto out_free;
+			if (lp->a_type == LP_DTYPE_F32)
+				memcpy(lp->a, a_tmp, n * sizeof(float));
+			else /* the file's own values */
+				memcpy(lp->a, pp->a.data, n * 2);
+			if (!st->a)
+				st->a = lp->a;
+			st->rank += pp->rank;
 			if (pp->rank > l->max_rank)
 				l->max_rank = pp->rank;
 			l->targets |= 1u << t;
 		}
+		off = (off + 63) / 64 * 64;
 		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
 			size_t i = (size_t)layer * LP_LORA_N_TARGETS + (size_t)t;
 			const struct lora_plan_pair *pp = &p->pairs[i];
-			struct lp_lora_pair *lpair = &l->pairs[i];
+			struct lp_lora_pair *lp = &l->pairs[i];
 			int in, o;
 			if (!pp->rank)
 				continue;
 			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &o);
-			lpair->b = l->data + off;
-			off += (size_t)o * (size_t)pp->rank;
-			rc = convert_checked(bt_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
+			lp->b = (char *)l->data + off;
+			off += matrix_bytes((size_t)o * (size_t)pp->rank, lp->b_type);
+			rc = convert_checked(b_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
 			if (rc)
 				goto out_free;
+			/* transposed, [rank, out], in panels; a half type holds every
+			 * scaled value exactly (b_type) */
 			for (int oo = 0; oo < o; oo++)
-				for (int k = 0; k < pp->rank; k++)
-					lpair->b[lp_lora_b_index(pp->rank, o, k, oo)] =
-					    bt_tmp[(size_t)oo * (size_t)pp->rank + (size_t)k];
-		}
-		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
-			struct lp_lora_stack *st =
-			    lp_lora_stack_at(l, layer, (enum lp_lora_group)g);
-			int first, count;
-			lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
-			for (int t = first; t < first + count; t++) {
-				const struct lp_lora_pair *lp = lp_lora_pair_at(l, layer, t);
-				if (lp->rank && !st->a)
-					st->a = lp->a;
-				st->rank += lp->rank;
-			}
+				for (int k = 0; k < pp->rank; k++) {
+					float v = b_tmp[(size_t)oo * (size_t)pp->rank + (size_t)k];
+					size_t at = lp_lora_b_index(pp->rank, o, k, oo);
+					if (lp->b_type == LP_DTYPE_F32) {
+						((float *)lp->b)[at] = v;
+					} else {
+						uint16_t h = to_half(v, lp->b_type);
+						memcpy((uint16_t *)lp->b + at, &h, 2);
+					}
+				}
 		}
 	}
-	free(bt_tmp);
+	l->data_bytes = off;
+	free(a_tmp);
+	free(b_tmp);
 	*out = l;
 	return 0;
 out_free:
-	free(bt_tmp);
+	free(a_tmp);
+	free(b_tmp);
 	lp_lora_free(l);
 	return rc;
 }

@@ -1,7 +1,7 @@
 /* A LoRA adapter's weights in host memory, in one layout whatever the file
  * format: per layer and target module, A [rank, in] and B [out, rank] in
- * f32, with the scale (alpha / r, or alpha / sqrt(r) with rsLoRA, per
- * module with rank_pattern / alpha_pattern) folded into B once at load.
+ * f32 or the file's half precision (see struct lp_lora_pair), with the scale (alpha / r, or alpha /
+ * sqrt(r) with rsLoRA, per module with rank_pattern / alpha_pattern) folded into B once at load.
  *
  * The layout is the one the backends' LoRA op reads (kernels/backend.h):
  * per layer, the A of every target in target order, so that the A of the
@@ -24,6 +24,7 @@
 #include <stddef.h>
 
 #include "common/err.h"
+#include "kernels/dtype.h"
 
 enum lp_lora_target {
 	LP_LORA_Q,
@@ -39,10 +40,14 @@ enum lp_lora_target {
 /* "q_proj", "k_proj", ... as HF names them. */
 const char *lp_lora_target_name(enum lp_lora_target t);
 
+/* Weights keep the file's half precision (f16 or bf16) where it has one:
+ * A always, B when the scale folds into it exactly (a power of two); else
+ * they are f32. */
 struct lp_lora_pair {
-	int rank; /* 0: no adapter on this layer and module */
-	float *a; /* [rank, in], inside lp_lora.data */
-	float *b; /* B transposed, [rank, out] in panels, scaled, inside lp_lora.data */
+	int rank;                     /* 0: no adapter on this layer and module */
+	void *a;                      /* [rank, in], inside lp_lora.data */
+	void *b;                      /* B transposed, [rank, out] in panels, scaled */
+	enum lp_dtype a_type, b_type; /* f32, f16 or bf16 */
 };
 
 /* Targets that read the same input: q, k and v; o; gate and up; down. */
@@ -60,8 +65,9 @@ void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count);
 /* The A of a group's targets in one layer, stacked: rows are the targets'
  * ranks in target order. */
 struct lp_lora_stack {
-	int rank; /* sum of the ranks; 0: the adapter has none of the group here */
-	float *a; /* [rank, in], inside lp_lora.data */
+	int rank;           /* sum of the ranks; 0: the adapter has none of the group here */
+	void *a;            /* [rank, in], inside lp_lora.data */
+	enum lp_dtype type; /* of every A in it */
 };
 
 /* What the base model looks like, for validation. */
@@ -92,10 +98,10 @@ struct lp_lora {
 	struct lp_lora_pair *pairs;   /* [n_layers * LP_LORA_N_TARGETS], index
 	                                 layer * LP_LORA_N_TARGETS + target */
 	struct lp_lora_stack *stacks; /* [n_layers * LP_LORA_N_GROUPS] */
-	float *data;                  /* one allocation holding every a and b */
-	size_t data_bytes;
-	char *base_model;   /* base_model_name_or_path, or NULL */
-	const char *format; /* "peft", "peft-bin", "trtllm" or "nemo" */
+	void *data;                   /* one allocation holding every a and b */
+	size_t data_bytes;            /* the part of it the weights use */
+	char *base_model;             /* base_model_name_or_path, or NULL */
+	const char *format;           /* "peft", "peft-bin", "trtllm" or "nemo" */
 };
 
 /* Loads and validates the adapter at path for a model of shape s. Errors:
@@ -118,7 +124,8 @@ static inline struct lp_lora_stack *lp_lora_stack_at(const struct lp_lora *l, in
 	return &l->stacks[(size_t)layer * LP_LORA_N_GROUPS + g];
 }
 
-/* Element (k, o) of a pair's B transposed ([rank, out] in panels). */
+/* Element (k, i) of a pair's A and (k, o) of its B transposed, as f32. */
+float lp_lora_a_at(const struct lp_lora_pair *p, int in, int k, int i);
 float lp_lora_b_at(const struct lp_lora_pair *p, int out, int k, int o);
 
 #endif

@@ -351,7 +351,7 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 			if (p->rank)
 				a->b[i] = (struct lp_tensor){(char *)a->dev.data +
 				                                 ((char *)p->b - (char *)w->data),
-				                             LP_DTYPE_F32, p->rank, out};
+				                             p->b_type, p->rank, out};
 		}
 		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
 			const struct lp_lora_stack *st =
@@ -364,7 +364,7 @@ static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 			if (st->rank)
 				a->a[i] = (struct lp_tensor){(char *)a->dev.data +
 				                                 ((char *)st->a - (char *)w->data),
-				                             LP_DTYPE_F32, st->rank, in};
+				                             st->type, st->rank, in};
 		}
 	}
 	a->slot = s;

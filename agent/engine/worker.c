@@ -256,7 +256,8 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 	if (w->closing) {
 		rc = lp_errf(err, -ESHUTDOWN, "the server is shutting down");
 	} else if (w->q_len >= w->cfg.queue_capacity) {
-		rc = lp_errf(err, -EAGAIN, "%d requests are already queued", w->q_len);
+		rc = lp_errf(err, -EAGAIN, "%d request%s already queued", w->q_len,
+		             w->q_len == 1 ? " is" : "s are");
 	} else {
 		r->id = ++w->next_id;
 		if (w->q_tail)

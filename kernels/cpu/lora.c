@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/dtype.h"
 
 /* Rows of a unit: the micro-kernels keep LORA_MR rows' accumulators in
  * registers and reuse every weight they load that many times. */
@@ -28,7 +29,24 @@
 
 /* ---- micro-kernels: nr (<= LORA_MR) rows at a time ---- */
 
-static float dot_scalar(const float *a, const float *b, int64_t n)
+/* Element i of weights of type t (f32, f16 or bf16), as f32: exact. */
+static inline float elem(const void *w, size_t i, enum lp_dtype t)
+{
+	uint16_t h;
+
+	if (t == LP_DTYPE_F32)
+		return ((const float *)w)[i];
+	memcpy(&h, (const uint16_t *)w + i, sizeof(h));
+	return t == LP_DTYPE_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h);
+}
+
+/* Row k of a matrix of type t with `cols` columns. */
+static inline const void *row_at(const void *w, int64_t k, int64_t cols, enum lp_dtype t)
+{
+	return (const char *)w + (size_t)k * (size_t)cols * (t == LP_DTYPE_F32 ? 4 : 2);
+}
+
+static float dot_scalar(const float *x, const void *a, enum lp_dtype at, int64_t n)
 {
 	float s[8] = {0};
 	int64_t i = 0;
@@ -36,35 +54,36 @@ static float dot_scalar(const float *a, const float *b, int64_t n)
 
 	for (; i + 8 <= n; i += 8)
 		for (int j = 0; j < 8; j++)
-			s[j] += a[i + j] * b[i + j];
+			s[j] += x[i + j] * elem(a, (size_t)(i + j), at);
 	for (; i < n; i++)
-		tail += a[i] * b[i];
+		tail += x[i] * elem(a, (size_t)i, at);
 	return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
 }
 
 /* t[r, k] = x[r] . a[k] for r < nr, k0 <= k < k1. */
-static void shrink_scalar(const float *x, int64_t ldx, int nr, const float *a, int64_t in, int k0,
-                          int k1, float *t, int64_t ldt)
+static void shrink_scalar(const float *x, int64_t ldx, int nr, const void *a, enum lp_dtype at,
+                          int64_t in, int k0, int k1, float *t, int64_t ldt)
 {
 	for (int k = k0; k < k1; k++)
 		for (int r = 0; r < nr; r++)
-			t[r * ldt + k] = dot_scalar(x + r * ldx, a + (int64_t)k * in, in);
+			t[r * ldt + k] = dot_scalar(x + r * ldx, row_at(a, k, in, at), at, in);
 }
 
 /* o[r, p0 .. p1) += t[r, 0 .. rank) . b over the panels starting at
  * columns p0 .. p1 (multiples of LP_LORA_PANEL, p1 capped at out). */
-static void expand_scalar(const float *t, int64_t ldt, int nr, const float *b, int rank, int out,
-                          int p0, int p1, float *o, int64_t ldo)
+static void expand_scalar(const float *t, int64_t ldt, int nr, const void *b, enum lp_dtype bt,
+                          int rank, int out, int p0, int p1, float *o, int64_t ldo)
 {
 	for (int p = p0; p < p1 && p < out; p += LP_LORA_PANEL) {
 		int w = out - p < LP_LORA_PANEL ? out - p : LP_LORA_PANEL;
-		const float *bp = b + (size_t)p * (size_t)rank;
+		const void *bp = row_at(b, p, rank, bt); /* panel p starts at p * rank */
 		for (int r = 0; r < nr; r++)
 			for (int c = 0; c < w; c++) {
 				float acc = o[r * ldo + p + c];
 				for (int k = 0; k < rank; k++)
 					acc = fmaf(t[r * ldt + k],
-					           bp[(size_t)k * (size_t)w + (size_t)c], acc);
+					           elem(bp, (size_t)k * (size_t)w + (size_t)c, bt),
+					           acc);
 				o[r * ldo + p + c] = acc;
 			}
 	}
@@ -73,8 +92,8 @@ static void expand_scalar(const float *t, int64_t ldt, int nr, const float *b, i
 #if LP_CPU_X86
 #include <immintrin.h>
 
-#define AVX2        __attribute__((target("avx2,fma")))
-#define AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
+#define AVX2        __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
 AVX2_INLINE float hsum(__m256 v)
 {
@@ -84,25 +103,36 @@ AVX2_INLINE float hsum(__m256 v)
 	return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
 }
 
+/* Eight weights from element i of w, type t, as f32 (exact). */
+AVX2_INLINE __m256 load8(const void *w, int64_t i, const enum lp_dtype t)
+{
+	if (t == LP_DTYPE_F32)
+		return _mm256_loadu_ps((const float *)w + i);
+	__m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+	if (t == LP_DTYPE_F16)
+		return _mm256_cvtph_ps(h);
+	return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 /* One dot product per (row, k), eight lanes over i then the lanes summed
  * in a fixed order, then the tail: the same for any nr and either k of a
  * pair. */
-AVX2_INLINE void shrink_avx2_nr(const float *x, int64_t ldx, const int nr, const float *a,
-                                int64_t in, int k0, int k1, float *t, int64_t ldt)
+AVX2_INLINE void shrink_avx2_nr(const float *x, int64_t ldx, const int nr, const void *a,
+                                const enum lp_dtype at, int64_t in, int k0, int k1, float *t,
+                                int64_t ldt)
 {
 	int64_t in8 = in / 8 * 8;
-	int k = k0;
 
-	for (; k < k1; k += 2) {
+	for (int k = k0; k < k1; k += 2) {
 		const bool two = k + 1 < k1;
-		const float *a0 = a + (int64_t)k * in, *a1 = two ? a0 + in : a0;
+		const void *a0 = row_at(a, k, in, at), *a1 = two ? row_at(a, k + 1, in, at) : a0;
 		__m256 s0[LORA_MR], s1[LORA_MR];
 
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++)
 			s0[r] = s1[r] = _mm256_setzero_ps();
 		for (int64_t i = 0; i < in8; i += 8) {
-			__m256 va0 = _mm256_loadu_ps(a0 + i), va1 = _mm256_loadu_ps(a1 + i);
+			__m256 va0 = load8(a0, i, at), va1 = load8(a1, i, at);
 #pragma GCC unroll 4
 			for (int r = 0; r < nr; r++) {
 				__m256 vx = _mm256_loadu_ps(x + r * ldx + i);
@@ -115,8 +145,8 @@ AVX2_INLINE void shrink_avx2_nr(const float *x, int64_t ldx, const int nr, const
 			const float *xr = x + r * ldx;
 			float tail0 = 0, tail1 = 0;
 			for (int64_t i = in8; i < in; i++) {
-				tail0 += xr[i] * a0[i];
-				tail1 += xr[i] * a1[i];
+				tail0 += xr[i] * elem(a0, (size_t)i, at);
+				tail1 += xr[i] * elem(a1, (size_t)i, at);
 			}
 			t[r * ldt + k] = hsum(s0[r]) + tail0;
 			if (two)
@@ -126,8 +156,9 @@ AVX2_INLINE void shrink_avx2_nr(const float *x, int64_t ldx, const int nr, const
 }
 
 /* Columns [c, c + 16) of one panel (bp, width w) for nr rows. */
-AVX2_INLINE void expand16_avx2_nr(const float *t, int64_t ldt, const int nr, const float *bp,
-                                  int rank, int w, int c, float *o, int64_t ldo)
+AVX2_INLINE void expand16_avx2_nr(const float *t, int64_t ldt, const int nr, const void *bp,
+                                  const enum lp_dtype bt, int rank, int w, int c, float *o,
+                                  int64_t ldo)
 {
 	__m256 acc0[LORA_MR], acc1[LORA_MR];
 
@@ -137,8 +168,8 @@ AVX2_INLINE void expand16_avx2_nr(const float *t, int64_t ldt, const int nr, con
 		acc1[r] = _mm256_loadu_ps(o + r * ldo + c + 8);
 	}
 	for (int k = 0; k < rank; k++) {
-		const float *bk = bp + (size_t)k * (size_t)w + (size_t)c;
-		__m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+		int64_t at = (int64_t)k * w + c;
+		__m256 b0 = load8(bp, at, bt), b1 = load8(bp, at + 8, bt);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
 			__m256 tk = _mm256_broadcast_ss(t + r * ldt + k);
@@ -153,62 +184,75 @@ AVX2_INLINE void expand16_avx2_nr(const float *t, int64_t ldt, const int nr, con
 	}
 }
 
-AVX2_INLINE void expand_avx2_nr(const float *t, int64_t ldt, const int nr, const float *b, int rank,
-                                int out, int p0, int p1, float *o, int64_t ldo)
+AVX2_INLINE void expand_avx2_nr(const float *t, int64_t ldt, const int nr, const void *b,
+                                const enum lp_dtype bt, int rank, int out, int p0, int p1, float *o,
+                                int64_t ldo)
 {
 	for (int p = p0; p < p1 && p < out; p += LP_LORA_PANEL) {
 		int w = out - p < LP_LORA_PANEL ? out - p : LP_LORA_PANEL, c = 0;
-		const float *bp = b + (size_t)p * (size_t)rank;
+		const void *bp = row_at(b, p, rank, bt); /* panel p starts at p * rank */
 		float *op = o + p;
 
 		for (; c + 16 <= w; c += 16)
-			expand16_avx2_nr(t, ldt, nr, bp, rank, w, c, op, ldo);
+			expand16_avx2_nr(t, ldt, nr, bp, bt, rank, w, c, op, ldo);
 		for (int r = 0; r < nr; r++)
 			for (int cc = c; cc < w; cc++) {
 				float acc = op[r * ldo + cc];
 				for (int k = 0; k < rank; k++)
 					acc = fmaf(t[r * ldt + k],
-					           bp[(size_t)k * (size_t)w + (size_t)cc], acc);
+					           elem(bp, (size_t)k * (size_t)w + (size_t)cc, bt),
+					           acc);
 				op[r * ldo + cc] = acc;
 			}
 	}
 }
 
-/* nr as a constant in each case, so that the accumulators live in
- * registers. */
-AVX2 static void shrink_avx2(const float *x, int64_t ldx, int nr, const float *a, int64_t in,
-                             int k0, int k1, float *t, int64_t ldt)
+/* nr and the weights' type as constants in each case, so that the
+ * accumulators live in registers and the loads convert in place. */
+#define LORA_BY_NR(call)                                                                           \
+	switch (nr) {                                                                              \
+	case 4:                                                                                    \
+		call(4);                                                                           \
+		break;                                                                             \
+	case 3:                                                                                    \
+		call(3);                                                                           \
+		break;                                                                             \
+	case 2:                                                                                    \
+		call(2);                                                                           \
+		break;                                                                             \
+	default:                                                                                   \
+		call(1);                                                                           \
+	}
+
+#define SHRINK_F32(n)  shrink_avx2_nr(x, ldx, n, a, LP_DTYPE_F32, in, k0, k1, t, ldt)
+#define SHRINK_F16(n)  shrink_avx2_nr(x, ldx, n, a, LP_DTYPE_F16, in, k0, k1, t, ldt)
+#define SHRINK_BF16(n) shrink_avx2_nr(x, ldx, n, a, LP_DTYPE_BF16, in, k0, k1, t, ldt)
+
+AVX2 static void shrink_avx2(const float *x, int64_t ldx, int nr, const void *a, enum lp_dtype at,
+                             int64_t in, int k0, int k1, float *t, int64_t ldt)
 {
-	switch (nr) {
-	case 4:
-		shrink_avx2_nr(x, ldx, 4, a, in, k0, k1, t, ldt);
-		break;
-	case 3:
-		shrink_avx2_nr(x, ldx, 3, a, in, k0, k1, t, ldt);
-		break;
-	case 2:
-		shrink_avx2_nr(x, ldx, 2, a, in, k0, k1, t, ldt);
-		break;
-	default:
-		shrink_avx2_nr(x, ldx, 1, a, in, k0, k1, t, ldt);
+	if (at == LP_DTYPE_F16) {
+		LORA_BY_NR(SHRINK_F16)
+	} else if (at == LP_DTYPE_BF16) {
+		LORA_BY_NR(SHRINK_BF16)
+	} else {
+		LORA_BY_NR(SHRINK_F32)
 	}
 }
 
-AVX2 static void expand_avx2(const float *t, int64_t ldt, int nr, const float *b, int rank, int out,
-                             int p0, int p1, float *o, int64_t ldo)
+#define EXPAND_F32(n)  expand_avx2_nr(t, ldt, n, b, LP_DTYPE_F32, rank, out, p0, p1, o, ldo)
+#define EXPAND_F16(n)  expand_avx2_nr(t, ldt, n, b, LP_DTYPE_F16, rank, out, p0, p1, o, ldo)
+#define EXPAND_BF16(n) expand_avx2_nr(t, ldt, n, b, LP_DTYPE_BF16, rank, out, p0, p1, o, ldo)
+
+AVX2 static void expand_avx2(const float *t, int64_t ldt, int nr, const void *b, enum lp_dtype bt,
+                             int rank, int out, int p0, int p1, float *o, int64_t ldo)
 {
-	switch (nr) {
-	case 4:
-		expand_avx2_nr(t, ldt, 4, b, rank, out, p0, p1, o, ldo);
-		break;
-	case 3:
-		expand_avx2_nr(t, ldt, 3, b, rank, out, p0, p1, o, ldo);
-		break;
-	case 2:
-		expand_avx2_nr(t, ldt, 2, b, rank, out, p0, p1, o, ldo);
-		break;
-	default:
-		expand_avx2_nr(t, ldt, 1, b, rank, out, p0, p1, o, ldo);
+	if (bt == LP_DTYPE_F16) {
+		LORA_BY_NR(EXPAND_F16)
+	} else if (bt == LP_DTYPE_BF16) {
+		LORA_BY_NR(EXPAND_BF16)
+	} else {
+		LORA_BY_NR(EXPAND_F32)
 	}
 }
 #endif
@@ -248,11 +292,13 @@ static void do_shrink(const struct lora_job *j, const struct lp_lora_seg *g, int
 
 #if LP_CPU_X86
 	if (j->avx2) {
-		shrink_avx2(x, p->x->cols, nr, g->a->data, g->a->cols, k0, k1, t, p->tmp->cols);
+		shrink_avx2(x, p->x->cols, nr, g->a->data, g->a->type, g->a->cols, k0, k1, t,
+		            p->tmp->cols);
 		return;
 	}
 #endif
-	shrink_scalar(x, p->x->cols, nr, g->a->data, g->a->cols, k0, k1, t, p->tmp->cols);
+	shrink_scalar(x, p->x->cols, nr, g->a->data, g->a->type, g->a->cols, k0, k1, t,
+	              p->tmp->cols);
 }
 
 /* Output i of the segment, panels at columns [p0, p1); k_off is where its
@@ -267,12 +313,12 @@ static void do_expand(const struct lora_job *j, const struct lp_lora_seg *g, int
 
 #if LP_CPU_X86
 	if (j->avx2) {
-		expand_avx2(t, p->tmp->cols, nr, b->data, (int)b->rows, (int)b->cols, p0, p1, o,
-		            p->out[i]->cols);
+		expand_avx2(t, p->tmp->cols, nr, b->data, b->type, (int)b->rows, (int)b->cols, p0,
+		            p1, o, p->out[i]->cols);
 		return;
 	}
 #endif
-	expand_scalar(t, p->tmp->cols, nr, b->data, (int)b->rows, (int)b->cols, p0, p1, o,
+	expand_scalar(t, p->tmp->cols, nr, b->data, b->type, (int)b->rows, (int)b->cols, p0, p1, o,
 	              p->out[i]->cols);
 }
 

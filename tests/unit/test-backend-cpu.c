@@ -888,7 +888,27 @@ struct lora_case {
 	int n, in, n_outs, outs[LP_LORA_MAX_OUTS];
 	int n_segs, row0[4], rows[4];
 	int rank[4][LP_LORA_MAX_OUTS];
+	enum lp_dtype at, bt; /* storage of A and B: f32 (0), f16 or bf16 */
 };
+
+/* n values as type t (f32, f16, bf16) in new memory; vals are rounded to
+ * t in place first, so that they are exactly what the op reads. */
+static void *to_type(float *vals, size_t n, enum lp_dtype t)
+{
+	uint16_t *h;
+
+	if (t == LP_DTYPE_F32) {
+		float *f = malloc(n * sizeof(float));
+		memcpy(f, vals, n * sizeof(float));
+		return f;
+	}
+	h = malloc(n * sizeof(uint16_t));
+	for (size_t i = 0; i < n; i++) {
+		h[i] = t == LP_DTYPE_F16 ? lp_f32_to_f16(vals[i]) : lp_f32_to_bf16(vals[i]);
+		vals[i] = t == LP_DTYPE_F16 ? lp_f16_to_f32(h[i]) : lp_bf16_to_f32(h[i]);
+	}
+	return h;
+}
 
 struct lora_bufs {
 	struct lp_buffer x, tmp, out[LP_LORA_MAX_OUTS], a[4], b[4][LP_LORA_MAX_OUTS];
@@ -975,16 +995,25 @@ static int check_lora(struct lp_backend *be, const char *bname, const struct lor
 				for (int o = 0; o < c->outs[i]; o++)
 					panels[lp_lora_b_index(rk, c->outs[i], k, o)] =
 					    bt[g][i][(size_t)k * c->outs[i] + o];
-			int rc = dev_tensor(be, &lb.b[g][i], &lb.tb[g][i], LP_DTYPE_F32, rk,
-			                    c->outs[i], panels);
+			void *stored = to_type(panels, (size_t)rk * c->outs[i], c->bt);
+			for (int k = 0; k < rk; k++)
+				for (int o = 0; o < c->outs[i]; o++)
+					bt[g][i][(size_t)k * c->outs[i] + o] =
+					    panels[lp_lora_b_index(rk, c->outs[i], k, o)];
+			int rc = dev_tensor(be, &lb.b[g][i], &lb.tb[g][i], c->bt, rk, c->outs[i],
+			                    stored);
 			free(panels);
+			free(stored);
 			if (rc)
 				goto alloc_failed;
 			r += rk;
 		}
 		max_r = r > max_r ? r : max_r;
 		a[g] = rand_floats((size_t)r * c->in, -0.5f, 0.5f);
-		if (dev_tensor(be, &lb.a[g], &lb.ta[g], LP_DTYPE_F32, r, c->in, a[g]))
+		void *stored = to_type(a[g], (size_t)r * c->in, c->at);
+		int rc = dev_tensor(be, &lb.a[g], &lb.ta[g], c->at, r, c->in, stored);
+		free(stored);
+		if (rc)
 			goto alloc_failed;
 	}
 	if (dev_tensor(be, &lb.tmp, &lb.ttmp, LP_DTYPE_F32, c->n, max_r, NULL))
@@ -1046,6 +1075,51 @@ static int check_lora(struct lp_backend *be, const char *bname, const struct lor
 		}
 		free(alone);
 	}
+	/* half-precision weights give the same bits as the same values in f32:
+	 * the conversion in registers is exact */
+	if (c->at != LP_DTYPE_F32 || c->bt != LP_DTYPE_F32) {
+		struct lora_bufs f32 = lb;
+		float *same;
+		int all[4] = {0, 1, 2, 3}, bad = 0;
+		for (int g = 0; g < c->n_segs && !bad; g++) {
+			memset(&f32.a[g], 0, sizeof(f32.a[g]));
+			bad |= dev_tensor(be, &f32.a[g], &f32.ta[g], LP_DTYPE_F32, lb.ta[g].rows,
+			                  c->in, a[g]);
+			for (int i = 0; i < c->n_outs && !bad; i++) {
+				int rk = c->rank[g][i], n = c->outs[i];
+				float *panels;
+				memset(&f32.b[g][i], 0, sizeof(f32.b[g][i]));
+				if (!rk)
+					continue;
+				panels = malloc((size_t)rk * n * sizeof(float));
+				for (int k = 0; k < rk; k++)
+					for (int o = 0; o < n; o++)
+						panels[lp_lora_b_index(rk, n, k, o)] =
+						    bt[g][i][(size_t)k * n + o];
+				bad |= dev_tensor(be, &f32.b[g][i], &f32.tb[g][i], LP_DTYPE_F32, rk,
+				                  n, panels);
+				free(panels);
+			}
+		}
+		same = bad ? NULL : run_lora(be, c, &f32, all, c->rows, c->n_segs, out0);
+		for (int g = 0; g < c->n_segs; g++) {
+			lp_backend_free(be, &f32.a[g]);
+			for (int i = 0; i < c->n_outs; i++)
+				lp_backend_free(be, &f32.b[g][i]);
+		}
+		if (!same) {
+			TEST_FAIL("allocation failed");
+			goto out;
+		}
+		bad = memcmp(same, got, at * sizeof(float)) != 0;
+		free(same);
+		if (bad) {
+			TEST_FAIL(
+			    "%s lora n=%d in=%d: half weights differ from the same values in f32",
+			    bname, c->n, c->in);
+			goto out;
+		}
+	}
 	ok = 1;
 	goto out;
 alloc_failed:
@@ -1068,7 +1142,7 @@ static void test_lora(void)
 {
 	static const struct lora_case cases[] = {
 	    /* small: one output, two segments of different rank */
-	    {7, 40, 1, {24}, 2, {0, 3}, {2, 3}, {{4}, {8}}},
+	    {7, 40, 1, {24}, 2, {0, 3}, {2, 3}, {{4}, {8}}, LP_DTYPE_F32, LP_DTYPE_F32},
 	    /* SmolLM2's q/k/v shapes, a segment without k, odd ranks */
 	    {40,
 	     576,
@@ -1077,14 +1151,68 @@ static void test_lora(void)
 	     4,
 	     {0, 5, 9, 30},
 	     {5, 3, 17, 9},
-	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}}},
+	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}},
+	     LP_DTYPE_F32,
+	     LP_DTYPE_F32},
 	    /* gate/up and down shapes, outputs not a multiple of the panel */
-	    {12, 576, 2, {1536, 100}, 3, {0, 4, 8}, {4, 4, 4}, {{16, 16}, {8, 0}, {0, 4}}},
-	    {9, 1536, 1, {576}, 2, {1, 2}, {1, 7}, {{16}, {1}}},
+	    {12,
+	     576,
+	     2,
+	     {1536, 100},
+	     3,
+	     {0, 4, 8},
+	     {4, 4, 4},
+	     {{16, 16}, {8, 0}, {0, 4}},
+	     LP_DTYPE_F32,
+	     LP_DTYPE_F32},
+	    {9, 1536, 1, {576}, 2, {1, 2}, {1, 7}, {{16}, {1}}, LP_DTYPE_F32, LP_DTYPE_F32},
 	    /* input length not a multiple of 8, narrow outputs */
-	    {5, 33, 3, {21, 7, 70}, 2, {0, 2}, {2, 3}, {{16, 3, 2}, {24, 1, 9}}},
+	    {5,
+	     33,
+	     3,
+	     {21, 7, 70},
+	     2,
+	     {0, 2},
+	     {2, 3},
+	     {{16, 3, 2}, {24, 1, 9}},
+	     LP_DTYPE_F32,
+	     LP_DTYPE_F32},
 	    /* one row: the split path on the pool */
-	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}},
+	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}, LP_DTYPE_F32, LP_DTYPE_F32},
+	    /* weights kept in the adapter file's half precision, converted
+	     * in registers; B in f32 beside a half A (a scale that does not
+	     * fold exactly) */
+	    {40,
+	     576,
+	     3,
+	     {576, 192, 192},
+	     4,
+	     {0, 5, 9, 30},
+	     {5, 3, 17, 9},
+	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}},
+	     LP_DTYPE_BF16,
+	     LP_DTYPE_BF16},
+	    {12,
+	     576,
+	     2,
+	     {1536, 100},
+	     3,
+	     {0, 4, 8},
+	     {4, 4, 4},
+	     {{16, 16}, {8, 0}, {0, 4}},
+	     LP_DTYPE_F16,
+	     LP_DTYPE_F16},
+	    {5,
+	     33,
+	     3,
+	     {21, 7, 70},
+	     2,
+	     {0, 2},
+	     {2, 3},
+	     {{16, 3, 2}, {24, 1, 9}},
+	     LP_DTYPE_BF16,
+	     LP_DTYPE_F32},
+	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}, LP_DTYPE_F16, LP_DTYPE_BF16},
 	};
 
 	for (int b = 0; b < N_BACKENDS; b++)

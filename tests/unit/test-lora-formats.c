@@ -37,6 +37,19 @@ static float b_at(const struct lp_lora_pair *p, int out, size_t i)
 	return lp_lora_b_at(p, out, (int)(i % (size_t)p->rank), (int)(i / (size_t)p->rank));
 }
 
+/* Value i of a pair's A or of its stored B, in storage order, as f32. */
+static float stored(const void *w, enum lp_dtype t, size_t i)
+{
+	uint16_t h;
+
+	if (t == LP_DTYPE_F32)
+		return ((const float *)w)[i];
+	memcpy(&h, (const uint16_t *)w + i, 2);
+	return t == LP_DTYPE_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h);
+}
+#define A_VAL(p, i) stored((p)->a, (p)->a_type, (i))
+#define B_VAL(p, i) stored((p)->b, (p)->b_type, (i))
+
 static char tmp_root[64];
 static int tmp_seq;
 
@@ -432,10 +445,12 @@ static double lora_diff(const struct lp_lora *x, const struct lp_lora *y,
 			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &out);
 			/* A then B, both in their stored order */
 			for (size_t i = 0; i < (size_t)a->rank * (size_t)(in + out); i++) {
-				float u = i < (size_t)a->rank * in ? a->a[i]
-				                                   : a->b[i - (size_t)a->rank * in];
-				float v = i < (size_t)a->rank * in ? b->a[i]
-				                                   : b->b[i - (size_t)a->rank * in];
+				float u = i < (size_t)a->rank * in
+				              ? A_VAL(a, i)
+				              : B_VAL(a, i - (size_t)a->rank * in);
+				float v = i < (size_t)a->rank * in
+				              ? A_VAL(b, i)
+				              : B_VAL(b, i - (size_t)a->rank * in);
 				double d = fabs((double)u - v) / fmax(fabs((double)v), floor);
 				if (!(d <= worst)) {
 					worst = d;
@@ -449,27 +464,41 @@ static double lora_diff(const struct lp_lora *x, const struct lp_lora *y,
 	return worst;
 }
 
-/* Every pair's pointers lie inside data, the pairs tile it, and each
- * group's stacked A covers its targets' A in order. */
+static size_t type_size(enum lp_dtype t)
+{
+	return t == LP_DTYPE_F32 ? 4 : 2;
+}
+
+/* Every pair's A and B lie inside the used part of data and do not
+ * overlap, padding between them stays under 64 bytes a matrix, each
+ * group's stacked A covers its targets' A in order, and every value is
+ * finite. */
 static bool layout_ok(const struct lp_lora *l, const struct lp_lora_shape *s)
 {
-	size_t used = 0;
+	const char *base = l->data, *end = base + l->data_bytes, *prev_end = base;
+	size_t used = 0, matrices = 0;
+
 	for (int layer = 0; layer < l->n_layers; layer++) {
-		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
-			const struct lp_lora_pair *p =
-			    lp_lora_pair_at(l, layer, (enum lp_lora_target)t);
-			int in, out;
-			if (!p->rank)
-				continue;
-			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &out);
-			if (p->a < l->data ||
-			    p->b + (size_t)p->rank * out > l->data + l->data_bytes / 4)
-				return false;
-			used += (size_t)p->rank * (size_t)(in + out);
-			for (size_t i = 0; i < (size_t)p->rank * in; i++)
-				if (!isfinite(p->a[i]))
+		/* the As in target order, then the Bs: ascending addresses */
+		for (int ab = 0; ab < 2; ab++)
+			for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+				const struct lp_lora_pair *p = lp_lora_pair_at(l, layer, t);
+				int in, out;
+				if (!p->rank)
+					continue;
+				lp_lora_target_dims(s, t, &in, &out);
+				const char *m = ab ? p->b : p->a;
+				size_t n = (size_t)p->rank * (size_t)(ab ? out : in);
+				size_t bytes = n * type_size(ab ? p->b_type : p->a_type);
+				if (m < prev_end || m + bytes > end)
 					return false;
-		}
+				prev_end = m + bytes;
+				used += bytes;
+				matrices++;
+				for (size_t i = 0; i < n; i++)
+					if (!isfinite(ab ? B_VAL(p, i) : A_VAL(p, i)))
+						return false;
+			}
 		/* a group's A are one stacked matrix */
 		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
 			const struct lp_lora_stack *st = lp_lora_stack_at(l, layer, g);
@@ -478,7 +507,10 @@ static bool layout_ok(const struct lp_lora *l, const struct lp_lora_shape *s)
 			lp_lora_target_dims(s, first, &in, &out);
 			for (int t = first; t < first + count; t++) {
 				const struct lp_lora_pair *p = lp_lora_pair_at(l, layer, t);
-				if (p->rank && p->a != st->a + (size_t)rank * in)
+				if (p->rank && ((const char *)p->a !=
+				                    (const char *)st->a +
+				                        (size_t)rank * in * type_size(st->type) ||
+				                p->a_type != st->type))
 					return false;
 				rank += p->rank;
 			}
@@ -486,7 +518,7 @@ static bool layout_ok(const struct lp_lora *l, const struct lp_lora_shape *s)
 				return false;
 		}
 	}
-	return used * 4 == l->data_bytes;
+	return used <= l->data_bytes && l->data_bytes < used + 64 * matrices;
 }
 
 /* ---- detection ---- */
@@ -696,9 +728,12 @@ static void test_fixture_scales(void)
 					bad = 1;
 					goto next;
 				}
-				for (size_t i = 0; i < (size_t)r * in && bad == SIZE_MAX; i++)
-					if (memcmp(&p->a[i], (const float *)a->data + i, 4))
+				for (size_t i = 0; i < (size_t)r * in && bad == SIZE_MAX; i++) {
+					float raw, got = A_VAL(p, i);
+					memcpy(&raw, (const float *)a->data + i, 4);
+					if (p->a_type != LP_DTYPE_F32 || memcmp(&got, &raw, 4))
 						bad = 2;
+				}
 				for (size_t i = 0; i < (size_t)r * out && bad == SIZE_MAX; i++) {
 					float raw;
 					memcpy(&raw, (const float *)b->data + i, 4);
@@ -1251,6 +1286,106 @@ static void test_reject_missing_half_of_pair(void)
 	tensors_free(&l);
 }
 
+/* Rewrites every tensor of l in half type t ("F16" or "BF16"). */
+static void tensors_to_half(struct tensors *l, const char *t)
+{
+	for (size_t i = 0; i < l->n; i++) {
+		struct tensor *x = &l->t[i];
+		for (size_t k = 0; k < (size_t)(x->rows * x->cols); k++) {
+			float v = get_f32(x, k);
+			uint16_t h = t[0] == 'F' ? lp_f32_to_f16(v) : lp_f32_to_bf16(v);
+			memcpy(x->data + 2 * k, &h, 2);
+		}
+		snprintf(x->dtype, sizeof(x->dtype), "%s", t);
+		x->nbytes /= 2;
+	}
+}
+
+/* An adapter saved in f16 or bf16 stays in that type in memory (half the
+ * bytes of f32), its values exactly the file's; B too when the scale is a
+ * power of two and folds in exactly; with another scale B is kept in f32,
+ * scaled, so that folding never rounds. */
+static void test_half_weights_stay_half(void)
+{
+	struct lp_lora_shape s = tiny_shape(16);
+	static const char *types[2] = {"F16", "BF16"};
+	static const enum lp_dtype want[2] = {LP_DTYPE_F16, LP_DTYPE_BF16};
+
+	for (int ti = 0; ti < 2; ti++) {
+		struct tensors l = {0};
+		struct lp_lora *lo = NULL, *odd = NULL;
+		uint32_t seed = 77;
+		char dir[200];
+		size_t f32_bytes = 0;
+		int bad = 0;
+
+		add_pairs(&l, &s, 0x7f, 3, 8, "", &seed);
+		tensors_to_half(&l, types[ti]);
+		/* alpha 16, r 8: scale 2 */
+		CHECK(write_peft(dir, sizeof(dir), &l,
+		                 "{'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', "
+		                 "'gate_proj', 'up_proj', 'down_proj']}") == 0);
+		CHECK_LOADS(lo, dir, &s);
+		CHECK(layout_ok(lo, &s));
+		for (int layer = 0; layer < s.n_layers; layer++)
+			for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+				const struct lp_lora_pair *p = lp_lora_pair_at(lo, layer, t);
+				char name[200];
+				int in, out;
+				lp_lora_target_dims(&s, t, &in, &out);
+				f32_bytes += (size_t)p->rank * (size_t)(in + out) * 4;
+				bad |= p->a_type != want[ti] || p->b_type != want[ti];
+				snprintf(name, sizeof(name),
+				         "base_model.model.model.layers.%d.%s.lora_A.weight", layer,
+				         module_path[t]);
+				const struct tensor *a = find_tensor(&l, name);
+				name[strlen(name) - 8] = 'B';
+				const struct tensor *b = find_tensor(&l, name);
+				for (int k = 0; k < p->rank && !bad; k++) {
+					for (int i = 0; i < in; i++)
+						bad |= memcmp((const uint16_t *)p->a +
+						                  (size_t)k * in + i,
+						              a->data + 2 * ((size_t)k * in + i),
+						              2) != 0;
+					for (int o = 0; o < out; o++) {
+						uint16_t h;
+						memcpy(&h, b->data + 2 * ((size_t)o * p->rank + k),
+						       2);
+						float v = ti ? lp_bf16_to_f32(h) : lp_f16_to_f32(h);
+						bad |= lp_lora_b_at(p, out, k, o) != 2.0f * v;
+					}
+				}
+			}
+		CHECK_MSG(!bad, "%s adapter: types or values differ", types[ti]);
+		CHECK_MSG(lo->data_bytes * 2 < f32_bytes + 64 * 2 * 7 * 3 * 2,
+		          "%s adapter takes %zu bytes, f32 would take %zu", types[ti],
+		          lo->data_bytes, f32_bytes);
+
+		/* alpha 24, r 8: scale 3 does not fold exactly: B in f32, A half */
+		CHECK(write_peft(dir, sizeof(dir), &l,
+		                 "{'lora_alpha': 24, 'target_modules': ['q_proj', 'k_proj', "
+		                 "'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']}") == 0);
+		CHECK_LOADS(odd, dir, &s);
+		CHECK(layout_ok(odd, &s));
+		for (int layer = 0; layer < s.n_layers && !bad; layer++)
+			for (int t = 0; t < LP_LORA_N_TARGETS && !bad; t++) {
+				const struct lp_lora_pair *p = lp_lora_pair_at(odd, layer, t);
+				const struct lp_lora_pair *q = lp_lora_pair_at(lo, layer, t);
+				int in, out;
+				lp_lora_target_dims(&s, t, &in, &out);
+				bad |= p->a_type != want[ti] || p->b_type != LP_DTYPE_F32;
+				for (int k = 0; k < p->rank && !bad; k++)
+					for (int o = 0; o < out; o++)
+						bad |= lp_lora_b_at(p, out, k, o) !=
+						       lp_lora_b_at(q, out, k, o) / 2.0f * 3.0f;
+			}
+		CHECK_MSG(!bad, "%s adapter with scale 3: types or values differ", types[ti]);
+		lp_lora_free(lo);
+		lp_lora_free(odd);
+		tensors_free(&l);
+	}
+}
+
 static void test_reject_non_finite(void)
 {
 	struct lp_lora_shape s = tiny_shape(16);
@@ -1283,7 +1418,7 @@ static void test_reject_non_finite(void)
 	{
 		struct lp_lora *lo = NULL;
 		CHECK_LOADS(lo, dir, &s);
-		CHECK(lp_lora_pair_at(lo, 0, LP_LORA_Q)->a[1] ==
+		CHECK(A_VAL(lp_lora_pair_at(lo, 0, LP_LORA_Q), 1) ==
 		      lp_f16_to_f32(((uint16_t *)(void *)l.t[0].data)[1]));
 		lp_lora_free(lo);
 	}
@@ -1690,7 +1825,7 @@ static void test_bin_shared_storage(void)
 	CHECK(write_bin_adapter(dir, sizeof(dir), &p, &one, true) == 0);
 	lp_buf_release(&p);
 	CHECK_LOADS(x, dir, &s);
-	a0 = lp_lora_pair_at(x, 0, LP_LORA_V)->a[0];
+	a0 = A_VAL(lp_lora_pair_at(x, 0, LP_LORA_V), 0);
 	b5 = b_at(lp_lora_pair_at(x, 1, LP_LORA_V), s.kv_dim, 5);
 	lp_lora_free(x);
 	CHECK(a0 == get_f32(&one.t[0], 8 * 64 + 64 * 8));
@@ -2178,14 +2313,14 @@ static void test_trtllm_f16_and_fused_qkv(void)
 		int row0 = t == 0 ? 0 : t == 1 ? 64 : 96, out = t ? 32 : 64;
 		bad |= p->rank != 8;
 		for (int i = 0; !bad && i < 8 * 64; i++)
-			bad |= p->a[i] != f16_round(a0[i]);
+			bad |= A_VAL(p, i) != f16_round(a0[i]);
 		for (int i = 0; !bad && i < out * 8; i++)
 			bad |= b_at(p, out, (size_t)i) != f16_round(b0[row0 * 8 + i]);
 	}
 	bad |= b_at(lp_lora_pair_at(x, 1, LP_LORA_GATE), 160, 3) != f16_round(b1[3]);
-	bad |= lp_lora_pair_at(x, 1, LP_LORA_DOWN)->a[159] != f16_round(a1[159]);
+	bad |= A_VAL(lp_lora_pair_at(x, 1, LP_LORA_DOWN), 159) != f16_round(a1[159]);
 	bad |= lp_lora_pair_at(x, 1, LP_LORA_UP)->rank != 2 ||
-	       lp_lora_pair_at(x, 1, LP_LORA_UP)->a[5] != f16_round(b1[5]);
+	       A_VAL(lp_lora_pair_at(x, 1, LP_LORA_UP), 5) != f16_round(b1[5]);
 	bad |= lp_lora_pair_at(x, 0, LP_LORA_O)->rank != 0 || x->targets != 0x7f;
 	bad |= strcmp(x->format, "trtllm") != 0 || x->base_model != NULL;
 	lp_lora_free(x);
@@ -2522,7 +2657,8 @@ static void test_nemo_fused_split(void)
 		static const int keep[3] = {0, 1, 3};
 		bad |= p->rank != 3;
 		for (int k = 0; !bad && k < 3; k++) {
-			bad |= memcmp(p->a + k * 64, l.t[4].data + keep[k] * 64 * 4, 64 * 4) != 0;
+			bad |= memcmp((const float *)p->a + k * 64, l.t[4].data + keep[k] * 64 * 4,
+			              64 * 4) != 0;
 			for (int i = 0; i < 64; i++)
 				bad |= b_at(p, 64, (size_t)i * 3 + (size_t)k) !=
 				       2.0f * get_f32(&l.t[5], (size_t)i * 4 + keep[k]);
@@ -2811,6 +2947,7 @@ int main(void)
 	RUN(test_reject_bad_safetensors);
 	RUN(test_reject_missing_half_of_pair);
 	RUN(test_reject_non_finite);
+	RUN(test_half_weights_stay_half);
 	RUN(test_reject_non_float);
 	RUN(test_reject_unselected_tensor);
 	RUN(test_bin_round_trip);
