@@ -8,7 +8,7 @@ BUILD ?= build
 BIN ?= bin
 MODEL ?= models/smollm2-135m-instruct-q4_1.gguf
 
-WARN := -Wall -Wextra -Wvla -Wstrict-prototypes -Wno-unused-parameter
+WARN := -Wall -Wextra -Wvla -Wstrict-prototypes -Wpointer-arith -Wno-unused-parameter
 ifeq ($(CI),true)
 WARN += -Werror
 endif

@@ -1,64 +1,106 @@
 /* Paged attention on the CPU; see struct lp_attention_args in backend.h.
  *
- * Three ways to cut the work, chosen from the shapes alone (never from the
- * thread count, so results are the same on any number of threads):
+ * What a row (one token, one query head) computes depends on its own query
+ * and context alone, never on the other tokens of the call, the thread
+ * count or the way the work is cut, so that it comes out bit for bit the
+ * same in any batch. Its positions 0 .. n - 1 go in chunks of ATTN_CHUNK:
+ * [0, 64), [64, 128), ...; the rows of a chunk are the cache rows of its
+ * positions, in order, leaving out positions whose block-table entry points
+ * outside the cache. A chunk of k >= 1 rows gives
  *
- *   default: a unit is one token's query heads of one kv group. The
- *     group's heads go through the context together, chunk by chunk, so
- *     that each chunk's block-table lookups are done once and its K and V
- *     rows, read from memory for the first head, come from cache for the
- *     others. Each head runs an online softmax over its positions in chunks
- *     of ATTN_CHUNK: the chunk's scores are kept on the stack, the running
- *     maximum and denominator are rescaled when the maximum grows, and the
- *     weighted values accumulate straight into the output row, which is
- *     divided by the denominator at the end.
- *   few tokens (decode): too few units for the threads, and the K and V
- *     rows of a long context are the bulk of the memory read. A unit then
- *     also takes only ATTN_PART positions and writes its unnormalized state
- *     (weighted values, maximum, denominator) to the backend's scratch; the
- *     parts are merged in order afterwards.
- *   prefill (runs of tokens of one sequence): a unit is a block of
- *     ATTN_TILE tokens, each run of one sequence in it a tile that goes
- *     through the context once for all its tokens (vec-avx2.c keeps the
- *     tokens in the lanes of its registers).
+ *   s_j = scale * q . k_j,  m = max s_j,  e_j = exp(s_j - m),
+ *   l = sum of the e_j,  o = e_0 v_0 + e_1 v_1 + ...  (in j order, from 0)
  *
- * Chunks of the pool take every n-th unit, so that each gets early and late
- * tokens of a prefill alike. Positions whose block-table entry points
- * outside the cache are skipped. */
+ * and the chunks are folded, in position order, into the row's state (M,
+ * L, O), which starts at (-inf, 0, 0):
+ *
+ *   M' = max(M, m),  A = exp(M - M'),  B = exp(m - M'),
+ *   L = L A + l B,  O = o B + O A (per element),
+ *
+ * and the output is O times 1 / L. Each kernel set takes these steps in one
+ * fixed order of its own: the portable C below sums q . k and l in order;
+ * AVX2 (vec-avx2.c) sums q . k in 8 lanes added as a tree, l as a tree of
+ * 8-lane sums, and fuses the multiply-adds. The two sets round differently
+ * from each other, never from one call to the next.
+ *
+ * Three ways to cut the work, chosen from the shapes for speed alone (none
+ * changes a result):
+ *
+ *   tokens (default): a unit is one token's query heads of one kv group.
+ *     The heads go through the context together, chunk by chunk, so that
+ *     each chunk's block-table lookups are done once and its K and V rows,
+ *     read from memory for the first head, come from cache for the others;
+ *     the next chunk's rows are prefetched meanwhile. O lives in the
+ *     output row.
+ *   split (few tokens, as in decode): too few units for the threads, and
+ *     the K and V rows of a long context are the bulk of the memory read.
+ *     A unit then also takes only ATTN_PART positions and writes the (o, m,
+ *     l) of each of its chunks to the backend's scratch; each row then
+ *     folds its chunks as above.
+ *   runs (prefill: the tokens of a sequence come in runs of two or more on
+ *     average): a unit is a block of ATTN_TILE consecutive tokens, each run
+ *     of one sequence in it going through its context once: a chunk's K
+ *     and V rows, copied to scratch (f16 ones converted to f32), serve
+ *     every token and head of the run from cache, each token taking the
+ *     rows of the positions it attends to.
+ *
+ * In every mode, two rows that take the same cache rows go through the
+ * kernel together, sharing its loads. Chunks of the pool take every n-th
+ * unit, so that each gets early and late tokens of a prefill alike. */
 #include "kernels/cpu/cpu.h"
 
 #include <assert.h>
 #include <math.h>
 
-#define ATTN_CHUNK 32
+/* Positions per chunk: the step of every row's arithmetic (above). */
+#define ATTN_CHUNK LP_CPU_ATTN_CHUNK
 
 /* Most heads of a kv group handled together (more are split into runs of
  * this many). */
 #define ATTN_MAX_GROUP 16
 /* With fewer (token, kv group) pairs than this, units also split the
- * context into parts of ATTN_PART positions. */
+ * context into parts of ATTN_PART positions (whole chunks). */
 #define ATTN_SPLIT_UNITS 16
 #define ATTN_PART        64
+/* Floats of cpu->xsum (see cpu.h). */
+#define ATTN_XSUM_FLOATS ((size_t)LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4)
+/* Tokens per unit in runs mode. */
+#define ATTN_TILE 32
 
-/* Prefill tiles (vec-avx2.c): ATTN_TILE tokens of a sequence against each
- * chunk of its context, up to ATTN_TILE_HEADS heads of a kv group at once,
- * with their queries, states and (f16 caches) converted rows in the
- * thread's scratch. */
-#define ATTN_TILE       8
-#define ATTN_TILE_HEADS 4
+_Static_assert(ATTN_PART % ATTN_CHUNK == 0, "parts are whole chunks");
+
+enum attention_mode {
+	ATTENTION_TOKENS,
+	ATTENTION_SPLIT,
+	ATTENTION_RUNS,
+};
 
 struct attention_task {
 	struct lp_cpu *cpu;
 	const struct lp_attention_args *a;
+	enum attention_mode mode;
 	int grain;           /* heads per unit, all of one kv group */
 	int units_per_token; /* n_heads / grain */
-	int64_t n_parts;     /* parts of the context per unit */
-	int64_t n_units;     /* n_tokens * units_per_token * n_parts, or tiles */
-	float *parts;        /* [n_tokens][n_heads][n_parts][head_dim + 2] */
-	bool tiles;          /* units are blocks of ATTN_TILE tokens */
+	int64_t n_parts;     /* split: parts of the context per (token, head run) */
+	int64_t n_chunks;    /* split: chunk states per (token, head) */
+	int64_t n_units;
+	float *parts; /* split: [n_tokens][n_heads][n_chunks][head_dim + 2] */
+	bool gather;  /* a chunk's rows copied (f16: converted) to scratch */
+	float *gbuf;  /* that scratch: NULL for the threads' own, else gbuf + thread * gstride */
+	size_t gstride;
 };
 
-/* s[j] = scale * q . k_j */
+/* Where a kv group's K and V rows are: row r at k + r * stride and v + r *
+ * stride, f32 or f16. */
+struct attention_kv {
+	const char *k, *v;
+	size_t stride;
+	bool f16;
+};
+
+/* ---- the portable kernels: the steps of lp_cpu_attn_chunk_avx2 and
+ * lp_cpu_attn_fold_avx2 (cpu.h) in C, l summed in order ---- */
+
 static void scores_c(const float *q, const char *kbase, size_t stride, const int64_t *rows, int cnt,
                      int hd, bool f16, float scale, float *s)
 {
@@ -77,133 +119,147 @@ static void scores_c(const float *q, const char *kbase, size_t stride, const int
 	}
 }
 
-/* o = corr * o + sum_j e[j] v_j */
-static void accum_c(float *o, const char *vbase, size_t stride, const int64_t *rows, const float *e,
-                    int cnt, int hd, bool f16, float corr)
-{
-	for (int i = 0; i < hd; i++)
-		o[i] *= corr;
-	for (int j = 0; j < cnt; j++) {
-		const char *v = vbase + (size_t)rows[j] * stride;
+/* Dimensions per strip of accum_c's sums. */
+#define ACCUM_STRIP 64
 
-		if (f16) {
-			for (int i = 0; i < hd; i++)
-				o[i] += e[j] * lp_f16_to_f32(((const uint16_t *)v)[i]);
-		} else {
-			for (int i = 0; i < hd; i++)
-				o[i] += e[j] * ((const float *)v)[i];
+/* acc = sum over j of e[j] v_j from zero; o = acc (ab NULL) or acc * ab[1]
+ * + o * ab[0]. */
+static void accum_c(float *o, const char *vbase, size_t stride, const int64_t *rows, const float *e,
+                    int cnt, int hd, bool f16, const float *ab)
+{
+	float acc[ACCUM_STRIP];
+
+	for (int d0 = 0; d0 < hd; d0 += ACCUM_STRIP) {
+		int w = hd - d0 < ACCUM_STRIP ? hd - d0 : ACCUM_STRIP;
+
+		memset(acc, 0, sizeof(acc));
+		for (int j = 0; j < cnt; j++) {
+			const char *v = vbase + (size_t)rows[j] * stride;
+
+			if (f16) {
+				const uint16_t *vh = (const uint16_t *)v + d0;
+				for (int i = 0; i < w; i++)
+					acc[i] += e[j] * lp_f16_to_f32(vh[i]);
+			} else {
+				const float *vf = (const float *)v + d0;
+				for (int i = 0; i < w; i++)
+					acc[i] += e[j] * vf[i];
+			}
 		}
+		for (int i = 0; i < w; i++)
+			o[d0 + i] = ab ? acc[i] * ab[1] + o[d0 + i] * ab[0] : acc[i];
 	}
 }
 
-/* One unit: heads [h0, h0 + nh) of token t, all of one kv group, over
- * positions [pb, pe) of its context. Each chunk of positions is looked up
- * once, and its K and V rows, read for the first head, are in cache for
- * the others; each head's arithmetic is the same as if it ran alone.
- *
- * With part NULL the heads' rows of out are the result. Otherwise the
- * unnormalized state goes to part, per head hd + 2 floats, part_stride
- * apart: the weighted values, the running maximum and the denominator. */
-static void attention_unit(const struct attention_task *task, int t, int h0, int nh, int64_t pb,
-                           int64_t pe, float *part, size_t part_stride)
+/* The scalar half of both folds. */
+static void fold_ml_c(float *ml, float m, float l, float ab[2])
 {
-	const struct lp_attention_args *a = task->a;
-#if LP_CPU_X86
-	bool avx2 = task->cpu->avx2;
-#endif
-	int hd = a->head_dim, bs = a->block_size;
-	int kvh = h0 / (a->n_heads / a->n_kv_heads);
-	bool f16 = a->k_cache->type == LP_DTYPE_F16;
-	size_t es = f16 ? sizeof(uint16_t) : sizeof(float);
-	size_t stride = lp_dtype_row_bytes(a->k_cache->type, a->k_cache->cols);
-	int64_t cache_rows = a->k_cache->rows;
-	const char *kbase = (const char *)a->k_cache->data + (size_t)kvh * hd * es;
-	const char *vbase = (const char *)a->v_cache->data + (size_t)kvh * hd * es;
-	const float *q0 = (const float *)a->q->data + (size_t)t * a->q->cols + (size_t)h0 * hd;
-	float *o0 =
-	    part ? part : (float *)a->out->data + (size_t)t * a->out->cols + (size_t)h0 * hd;
-	size_t ostride = part ? part_stride : (size_t)hd;
-	const int32_t *table = a->block_tables + (size_t)a->tok_seq[t] * a->max_blocks_per_seq;
-	float mx[ATTN_MAX_GROUP], l[ATTN_MAX_GROUP];
-	float s[ATTN_CHUNK];
-	int64_t rows[ATTN_CHUNK];
+	float mn = m > ml[0] ? m : ml[0];
 
-	for (int i = 0; i < nh; i++) {
-		mx[i] = -INFINITY;
-		l[i] = 0.0f;
-		memset(o0 + i * ostride, 0, (size_t)hd * sizeof(float));
+	ab[0] = expf(ml[0] - mn);
+	ab[1] = expf(m - mn);
+	ml[1] = l * ab[1] + ml[1] * ab[0];
+	ml[0] = mn;
+}
+
+static void chunk_c(const float *q, const char *kbase, const char *vbase, size_t stride, bool f16,
+                    const int64_t *rows, int cnt, int hd, float scale, float *o, float *ml,
+                    float *part)
+{
+	float s[LP_CPU_ATTN_CHUNK], m = -INFINITY, l = 0.0f, ab[2];
+
+	scores_c(q, kbase, stride, rows, cnt, hd, f16, scale, s);
+	for (int j = 0; j < cnt; j++)
+		m = s[j] > m ? s[j] : m;
+	for (int j = 0; j < cnt; j++) {
+		s[j] = expf(s[j] - m);
+		l += s[j];
 	}
-	for (int64_t p0 = pb; p0 < pe; p0 += ATTN_CHUNK) {
-		int64_t p1 = pe - p0 < ATTN_CHUNK ? pe : p0 + ATTN_CHUNK;
-		int cnt = 0;
+	if (part) {
+		accum_c(part, vbase, stride, rows, s, cnt, hd, f16, NULL);
+		part[hd] = m;
+		part[hd + 1] = l;
+		return;
+	}
+	fold_ml_c(ml, m, l, ab);
+	accum_c(o, vbase, stride, rows, s, cnt, hd, f16, ab);
+}
 
-		/* cache rows of the chunk's positions, leaving out bad ones
-		 * (one division per chunk, not per position) */
-		int64_t blk = p0 / bs, off = p0 % bs;
-		for (int64_t p = p0; p < p1; p++) {
-			int64_t row = (int64_t)table[blk] * bs + off;
+static void fold_c(float *o, float *ml, const float *part, int hd)
+{
+	float ab[2];
 
-			if (table[blk] >= 0 && row < cache_rows)
-				rows[cnt++] = row;
-			if (++off == bs) {
-				off = 0;
-				blk++;
-			}
-		}
-		if (cnt == 0)
+	fold_ml_c(ml, part[hd], part[hd + 1], ab);
+	for (int i = 0; i < hd; i++)
+		o[i] = part[i] * ab[1] + o[i] * ab[0];
+}
+
+static void gather_c(float *dst, const char *base, size_t stride, const int64_t *rows, int cnt,
+                     int hd, bool f16)
+{
+	for (int j = 0; j < cnt; j++) {
+		const char *row = base + (size_t)rows[j] * stride;
+
+		if (!f16) {
+			memcpy(dst + (size_t)j * hd, row, (size_t)hd * sizeof(float));
 			continue;
-		for (int i = 0; i < nh; i++) {
-			const float *q = q0 + (size_t)i * hd;
-			float *o = o0 + i * ostride;
-			float cmax = -INFINITY, corr = 1.0f;
-
-#if LP_CPU_X86
-			if (avx2)
-				lp_cpu_attn_scores_avx2(q, kbase, stride, rows, cnt, hd, f16,
-				                        a->scale, s);
-			else
-#endif
-				scores_c(q, kbase, stride, rows, cnt, hd, f16, a->scale, s);
-			for (int j = 0; j < cnt; j++)
-				cmax = s[j] > cmax ? s[j] : cmax;
-			if (cmax > mx[i]) {
-				corr = l[i] > 0.0f ? expf(mx[i] - cmax) : 0.0f;
-				l[i] *= corr;
-				mx[i] = cmax;
-			}
-			for (int j = 0; j < cnt; j++)
-				s[j] -= mx[i];
-#if LP_CPU_X86
-			if (avx2) {
-				lp_cpu_exp_avx2(s, cnt);
-			} else
-#endif
-			{
-				for (int j = 0; j < cnt; j++)
-					s[j] = expf(s[j]);
-			}
-			for (int j = 0; j < cnt; j++)
-				l[i] += s[j];
-#if LP_CPU_X86
-			if (avx2)
-				lp_cpu_attn_accum_avx2(o, vbase, stride, rows, s, cnt, hd, f16,
-				                       corr);
-			else
-#endif
-				accum_c(o, vbase, stride, rows, s, cnt, hd, f16, corr);
 		}
+		for (int i = 0; i < hd; i++)
+			dst[(size_t)j * hd + i] = lp_f16_to_f32(((const uint16_t *)row)[i]);
 	}
-	for (int i = 0; i < nh; i++) {
-		float *o = o0 + i * ostride;
+}
 
-		if (part) {
-			o[hd] = mx[i];
-			o[hd + 1] = l[i];
-		} else if (l[i] > 0.0f) {
-			float inv = 1.0f / l[i];
-			for (int d = 0; d < hd; d++)
-				o[d] *= inv;
-		}
+/* ---- the backend's kernel set ---- */
+
+/* One chunk of nq (1 or 2) rows against the same rows (see
+ * lp_cpu_attn_chunk_avx2). */
+static void k_chunk(bool avx2, int nq, const float *const q[], const struct attention_kv *kv,
+                    const int64_t *rows, int cnt, int hd, float scale, float *const o[],
+                    float *const ml[], float *const part[])
+{
+#if LP_CPU_X86
+	if (avx2) {
+		lp_cpu_attn_chunk_avx2(nq, q, kv->k, kv->v, kv->stride, kv->f16, rows, cnt, hd,
+		                       scale, o, ml, part);
+		return;
+	}
+#endif
+	for (int x = 0; x < nq; x++)
+		chunk_c(q[x], kv->k, kv->v, kv->stride, kv->f16, rows, cnt, hd, scale, o[x], ml[x],
+		        part[x]);
+}
+
+static void k_fold(bool avx2, float *o, float *ml, const float *part, int hd)
+{
+#if LP_CPU_X86
+	if (avx2) {
+		lp_cpu_attn_fold_avx2(o, ml, part, hd);
+		return;
+	}
+#endif
+	fold_c(o, ml, part, hd);
+}
+
+/* dst[j * hd + i] = element i of cache row rows[j] as f32. */
+static void k_gather(bool avx2, float *dst, const char *base, size_t stride, const int64_t *rows,
+                     int cnt, int hd, bool f16)
+{
+#if LP_CPU_X86
+	if (avx2) {
+		lp_cpu_attn_gather_avx2(dst, base, stride, rows, cnt, hd, f16);
+		return;
+	}
+#endif
+	gather_c(dst, base, stride, rows, cnt, hd, f16);
+}
+
+/* out row = O / L, or zero (as it stands) when the row saw no position. */
+static void attention_finish(float *o, float l, int hd)
+{
+	if (l > 0.0f) {
+		float inv = 1.0f / l;
+		for (int d = 0; d < hd; d++)
+			o[d] *= inv;
 	}
 }
 
@@ -217,49 +273,94 @@ static int64_t attention_positions(const struct lp_attention_args *a, int t)
 	return n < cap ? n : cap;
 }
 
-/* Scratch floats of a tile of nh heads. */
-static size_t attention_tile_scratch(int nh, int hd, bool f16)
+/* Asks for the K and V rows (bytes each) of positions [p0, p1) to be
+ * brought to the L2 cache: issued a chunk ahead, while the current one is
+ * worked on, they hide the memory's latency where the rows come from
+ * memory (decode steps, whose caches the other layers have pushed out). */
+static void attention_prefetch(const struct attention_kv *kv, const int32_t *table, int bs,
+                               int64_t cache_rows, int64_t p0, int64_t p1, size_t bytes)
 {
-	return (size_t)nh * ((size_t)hd * 8 + LP_CPU_TILE_STATE(hd)) +
-	       (f16 ? 2 * (size_t)LP_CPU_TILE_ROWS * hd : 0);
+	int64_t blk = p0 / bs, off = p0 % bs;
+
+	for (int64_t p = p0; p < p1; p++) {
+		int64_t row = (int64_t)table[blk] * bs + off;
+
+		if (table[blk] >= 0 && row < cache_rows) {
+			for (size_t b = 0; b < bytes; b += 64) {
+				__builtin_prefetch(kv->k + (size_t)row * kv->stride + b, 0, 2);
+				__builtin_prefetch(kv->v + (size_t)row * kv->stride + b, 0, 2);
+			}
+		}
+		if (++off == bs) {
+			off = 0;
+			blk++;
+		}
+	}
 }
 
-#if LP_CPU_X86
-/* Tokens [t0, t0 + nt) of one sequence (2 <= nt <= ATTN_TILE), heads [h0,
- * h0 + nh) of one kv group, as one tile, in scratch. */
-static void attention_tile(const struct attention_task *task, int t0, int nt, int h0, int nh,
-                           float *scratch)
+/* One unit: tokens [t0, t0 + nt) of one sequence (nt <= ATTN_TILE), heads
+ * [h0, h0 + nh) of one kv group, over positions [pb, pe) of the context (pb
+ * a multiple of ATTN_CHUNK), each token over those below its own count.
+ *
+ * With part NULL the rows' results go to out. Otherwise (nt = 1, split
+ * mode) the state of each chunk c goes to part + c * (hd + 2), part_stride
+ * floats from one head's chunks to the next's; a chunk without rows gets l
+ * = 0. buf, when not NULL, holds 2 * ATTN_CHUNK * hd floats of scratch:
+ * each chunk's K and V rows are copied there (f16 ones converted to f32,
+ * the same values), read from the cache once for all the unit's rows. */
+static void attention_unit(const struct attention_task *task, int t0, int nt, int h0, int nh,
+                           int64_t pb, int64_t pe, float *part, size_t part_stride, float *buf)
 {
 	const struct lp_attention_args *a = task->a;
+	bool avx2 = task->cpu->avx2;
 	int hd = a->head_dim, bs = a->block_size;
 	int kvh = h0 / (a->n_heads / a->n_kv_heads);
 	bool f16 = a->k_cache->type == LP_DTYPE_F16;
 	size_t es = f16 ? sizeof(uint16_t) : sizeof(float);
-	size_t stride = lp_dtype_row_bytes(a->k_cache->type, a->k_cache->cols);
 	int64_t cache_rows = a->k_cache->rows;
-	const char *kbase = (const char *)a->k_cache->data + (size_t)kvh * hd * es;
-	const char *vbase = (const char *)a->v_cache->data + (size_t)kvh * hd * es;
+	const struct attention_kv cache = {
+	    .k = (const char *)a->k_cache->data + (size_t)kvh * hd * es,
+	    .v = (const char *)a->v_cache->data + (size_t)kvh * hd * es,
+	    .stride = lp_dtype_row_bytes(a->k_cache->type, a->k_cache->cols),
+	    .f16 = f16,
+	};
+	const struct attention_kv wide = {
+	    .k = (const char *)buf,
+	    .v = (const char *)(buf + (size_t)ATTN_CHUNK * hd),
+	    .stride = (size_t)hd * sizeof(float),
+	    .f16 = false,
+	};
 	const int32_t *table = a->block_tables + (size_t)a->tok_seq[t0] * a->max_blocks_per_seq;
-	float *qt = scratch, *state = qt + (size_t)nh * hd * 8;
-	float *kvbuf = state + (size_t)nh * LP_CPU_TILE_STATE(hd);
-	int32_t tpos[ATTN_TILE];
-	int64_t rows[LP_CPU_TILE_ROWS], ppos[LP_CPU_TILE_ROWS], n_pos = 0;
+	float ml[ATTN_TILE][ATTN_MAX_GROUP][2]; /* rows' (M, L) */
+	int64_t rows[ATTN_CHUNK], ppos[ATTN_CHUNK], idx[ATTN_CHUNK], n[ATTN_TILE], end = pb;
+	int c[ATTN_TILE];
 
-	for (int t = 0; t < ATTN_TILE; t++) {
-		tpos[t] = t < nt ? a->tok_pos[t0 + t] : -1;
-		if (t < nt && attention_positions(a, t0 + t) > n_pos)
-			n_pos = attention_positions(a, t0 + t);
+	assert(nt >= 1 && nt <= ATTN_TILE && nh >= 1 && nh <= ATTN_MAX_GROUP);
+	assert(pb % ATTN_CHUNK == 0 && (!part || nt == 1));
+	for (int j = 0; j < ATTN_CHUNK; j++)
+		idx[j] = j;
+	for (int tt = 0; tt < nt; tt++) {
+		n[tt] = attention_positions(a, t0 + tt);
+		n[tt] = n[tt] < pe ? n[tt] : pe;
+		end = n[tt] > end ? n[tt] : end;
+		for (int i = 0; i < nh; i++) {
+			ml[tt][i][0] = -INFINITY;
+			ml[tt][i][1] = 0.0f;
+			if (!part)
+				memset((float *)a->out->data + (size_t)(t0 + tt) * a->out->cols +
+				           (size_t)(h0 + i) * hd,
+				       0, (size_t)hd * sizeof(float));
+		}
 	}
-	for (int i = 0; i < nh; i++)
-		lp_cpu_attn_tile_begin_avx2((const float *)a->q->data + (size_t)t0 * a->q->cols +
-		                                (size_t)(h0 + i) * hd,
-		                            (size_t)a->q->cols, nt, hd, qt + (size_t)i * hd * 8,
-		                            state + (size_t)i * LP_CPU_TILE_STATE(hd));
-	for (int64_t p0 = 0; p0 < n_pos; p0 += LP_CPU_TILE_ROWS) {
-		int64_t p1 = n_pos - p0 < LP_CPU_TILE_ROWS ? n_pos : p0 + LP_CPU_TILE_ROWS;
-		int64_t blk = p0 / bs, off = p0 % bs;
+	for (int64_t p0 = pb; p0 < end; p0 += ATTN_CHUNK) {
+		int64_t p1 = end - p0 < ATTN_CHUNK ? end : p0 + ATTN_CHUNK;
+		const struct attention_kv *kv = &cache;
+		const int64_t *r = rows;
 		int cnt = 0;
 
+		/* cache rows of the chunk's positions, leaving out bad ones
+		 * (one division per chunk, not per position) */
+		int64_t blk = p0 / bs, off = p0 % bs;
 		for (int64_t p = p0; p < p1; p++) {
 			int64_t row = (int64_t)table[blk] * bs + off;
 
@@ -272,40 +373,70 @@ static void attention_tile(const struct attention_task *task, int t0, int nt, in
 				blk++;
 			}
 		}
-		if (cnt > 0)
-			lp_cpu_attn_tile_chunk_avx2(qt, state, nh, hd, kbase, vbase, stride, f16,
-			                            rows, ppos, cnt, tpos, a->scale, kvbuf);
-	}
-	for (int i = 0; i < nh; i++)
-		lp_cpu_attn_tile_end_avx2(state + (size_t)i * LP_CPU_TILE_STATE(hd), nt, hd,
-		                          (float *)a->out->data + (size_t)t0 * a->out->cols +
-		                              (size_t)(h0 + i) * hd,
-		                          (size_t)a->out->cols);
-}
-#endif
-
-/* Tile mode: tokens [t0, t1), heads [h0, h0 + nh); each run of tokens of
- * one sequence is a tile, a lone token goes alone. */
-static void attention_block(const struct attention_task *task, int t0, int t1, int h0, int nh,
-                            int thread)
-{
-	const struct lp_attention_args *a = task->a;
-
-	while (t0 < t1) {
-		int t = t0 + 1;
-		while (t < t1 && a->tok_seq[t] == a->tok_seq[t0])
-			t++;
-#if LP_CPU_X86
-		if (t - t0 > 1) {
-			/* panel and rows: LP_CPU_THREAD_SCRATCH floats in a row */
-			attention_tile(task, t0, t - t0, h0, nh, task->cpu->scratch[thread].panel);
-			t0 = t;
+		if (!buf && p1 < end)
+			attention_prefetch(&cache, table, bs, cache_rows, p1,
+			                   end - p1 < ATTN_CHUNK ? end : p1 + ATTN_CHUNK,
+			                   (size_t)hd * es);
+		if (part && cnt == 0) {
+			for (int i = 0; i < nh; i++)
+				part[i * part_stride + (size_t)(p0 / ATTN_CHUNK) * (hd + 2) + hd +
+				     1] = 0.0f;
 			continue;
 		}
-#endif
-		attention_unit(task, t0, h0, nh, 0, attention_positions(a, t0), NULL, 0);
-		t0 = t;
+		if (cnt == 0)
+			continue;
+		if (buf) {
+			k_gather(avx2, (float *)wide.k, cache.k, cache.stride, rows, cnt, hd, f16);
+			k_gather(avx2, (float *)wide.v, cache.v, cache.stride, rows, cnt, hd, f16);
+			kv = &wide;
+			r = idx;
+		}
+		/* each token takes the rows of the positions it attends to */
+		for (int tt = 0; tt < nt; tt++) {
+			c[tt] = cnt;
+			while (c[tt] > 0 && ppos[c[tt] - 1] >= n[tt])
+				c[tt]--;
+		}
+		/* the (token, head) rows in order, two in one call where they
+		 * take the same rows */
+		for (int tt = 0, i = 0; tt < nt;) {
+			int rt[2] = {tt, i + 1 < nh ? tt : tt + 1},
+			    ri[2] = {i, i + 1 < nh ? i + 1 : 0};
+			int nq = rt[1] < nt && c[rt[1]] == c[tt] ? 2 : 1;
+			const float *q[2];
+			float *o[2], *m[2], *pp[2];
+
+			if (c[tt] == 0) {
+				tt++;
+				i = 0;
+				continue;
+			}
+			for (int y = 0; y < nq; y++) {
+				size_t ty = (size_t)t0 + rt[y], hy = (size_t)h0 + ri[y];
+
+				q[y] = (const float *)a->q->data + ty * a->q->cols + hy * hd;
+				o[y] = (float *)a->out->data + ty * a->out->cols + hy * hd;
+				m[y] = ml[rt[y]][ri[y]];
+				pp[y] = part ? part + (size_t)ri[y] * part_stride +
+				                   (size_t)(p0 / ATTN_CHUNK) * (hd + 2)
+				             : NULL;
+			}
+			k_chunk(avx2, nq, q, kv, r, c[tt], hd, a->scale, o, m, pp);
+			tt = rt[nq - 1];
+			i = ri[nq - 1] + 1;
+			if (i == nh) {
+				i = 0;
+				tt++;
+			}
+		}
 	}
+	if (part)
+		return;
+	for (int tt = 0; tt < nt; tt++)
+		for (int i = 0; i < nh; i++)
+			attention_finish((float *)a->out->data + (size_t)(t0 + tt) * a->out->cols +
+			                     (size_t)(h0 + i) * hd,
+			                 ml[tt][i][1], hd);
 }
 
 static void attention_thread(void *arg, int chunk, int n_chunks, int thread)
@@ -313,78 +444,79 @@ static void attention_thread(void *arg, int chunk, int n_chunks, int thread)
 	const struct attention_task *task = arg;
 	const struct lp_attention_args *a = task->a;
 	int hd = a->head_dim;
+	float *buf = !task->gather ? NULL
+	             : task->gbuf  ? task->gbuf + (size_t)thread * task->gstride
+	                           : task->cpu->scratch[thread].panel;
 
 	/* strided, so that every chunk gets early and late tokens alike */
 	for (int64_t u = chunk; u < task->n_units; u += n_chunks) {
-		if (task->tiles) {
-			int64_t blk = u / task->units_per_token;
-			int t0 = (int)(blk * ATTN_TILE);
-			int t1 = t0 + ATTN_TILE < a->n_tokens ? t0 + ATTN_TILE : a->n_tokens;
-			int h0 = (int)(u % task->units_per_token) * task->grain;
+		int h0 = (int)(u % task->units_per_token) * task->grain;
 
-			attention_block(task, t0, t1, h0, task->grain, thread);
+		if (task->mode == ATTENTION_RUNS) {
+			/* a block of tokens, cut into runs of one sequence */
+			int t = (int)(u / task->units_per_token * ATTN_TILE);
+			int t1 = a->n_tokens - t < ATTN_TILE ? a->n_tokens : t + ATTN_TILE;
+
+			while (t < t1) {
+				int te = t + 1;
+				while (te < t1 && a->tok_seq[te] == a->tok_seq[t])
+					te++;
+				attention_unit(task, t, te - t, h0, task->grain, 0, INT64_MAX, NULL,
+				               0, buf);
+				t = te;
+			}
 			continue;
 		}
-		int64_t part = u % task->n_parts, v = u / task->n_parts;
-		int t = (int)(v / task->units_per_token);
-		int h0 = (int)(v % task->units_per_token) * task->grain;
-		int64_t n_pos = attention_positions(a, t);
-		int64_t pb = part * ATTN_PART, pe = pb + ATTN_PART < n_pos ? pb + ATTN_PART : n_pos;
-
-		if (task->n_parts == 1) {
-			attention_unit(task, t, h0, task->grain, 0, n_pos, NULL, 0);
-		} else if (pb < n_pos) {
-			size_t ps = (size_t)hd + 2;
-			float *dst = task->parts +
-			             (((size_t)t * a->n_heads + h0) * task->n_parts + part) * ps;
-			attention_unit(task, t, h0, task->grain, pb, pe, dst, ps * task->n_parts);
+		if (task->mode == ATTENTION_TOKENS) {
+			attention_unit(task, (int)(u / task->units_per_token), 1, h0, task->grain,
+			               0, INT64_MAX, NULL, 0, buf);
+			continue;
 		}
+		int64_t part = u / task->units_per_token % task->n_parts;
+		int t = (int)(u / task->units_per_token / task->n_parts);
+		int64_t pb = part * ATTN_PART;
+		size_t ps = (size_t)hd + 2;
+
+		if (pb < attention_positions(a, t))
+			attention_unit(task, t, 1, h0, task->grain, pb, pb + ATTN_PART,
+			               task->parts +
+			                   ((size_t)t * a->n_heads + h0) * task->n_chunks * ps,
+			               ps * task->n_chunks, buf);
 	}
 }
 
-/* out = the parts of each (token, head) merged in order: sum_p o_p e^(m_p -
- * M) / sum_p l_p e^(m_p - M), M the largest m_p. */
-static void attention_merge(const struct attention_task *task)
+/* Split mode's rows: each folds its chunks' states in order, the same
+ * operations as a unit's fold. */
+static void attention_merge_thread(void *arg, int chunk, int n_chunks, int thread)
 {
+	const struct attention_task *task = arg;
 	const struct lp_attention_args *a = task->a;
 	int hd = a->head_dim;
 	size_t ps = (size_t)hd + 2;
 
-	for (int t = 0; t < a->n_tokens; t++) {
-		int64_t np = (attention_positions(a, t) + ATTN_PART - 1) / ATTN_PART;
+	for (int64_t u = chunk; u < (int64_t)a->n_tokens * a->n_heads; u += n_chunks) {
+		int t = (int)(u / a->n_heads), h = (int)(u % a->n_heads);
+		int64_t nc = (attention_positions(a, t) + ATTN_CHUNK - 1) / ATTN_CHUNK;
+		const float *part = task->parts + (size_t)u * task->n_chunks * ps;
+		float *o = (float *)a->out->data + (size_t)t * a->out->cols + (size_t)h * hd;
+		float ml[2] = {-INFINITY, 0.0f};
 
-		for (int h = 0; h < a->n_heads; h++) {
-			const float *part =
-			    task->parts + ((size_t)t * a->n_heads + h) * task->n_parts * ps;
-			float *o =
-			    (float *)a->out->data + (size_t)t * a->out->cols + (size_t)h * hd;
-			float m = -INFINITY, l = 0.0f;
+		memset(o, 0, (size_t)hd * sizeof(float));
+		for (int64_t c = 0; c < nc; c++) {
+			const float *pp = part + c * ps;
 
-			for (int64_t p = 0; p < np; p++)
-				m = part[p * ps + hd] > m ? part[p * ps + hd] : m;
-			memset(o, 0, (size_t)hd * sizeof(float));
-			for (int64_t p = 0; p < np; p++) {
-				const float *pp = part + p * ps;
-				if (pp[hd + 1] <= 0.0f)
-					continue;
-				float c = expf(pp[hd] - m);
-				l += pp[hd + 1] * c;
-				for (int d = 0; d < hd; d++)
-					o[d] += pp[d] * c;
-			}
-			if (l > 0.0f) {
-				float inv = 1.0f / l;
-				for (int d = 0; d < hd; d++)
-					o[d] *= inv;
-			}
+			if (!(pp[hd + 1] > 0.0f))
+				continue;
+			k_fold(task->cpu->avx2, o, ml, pp, hd);
 		}
+		attention_finish(o, ml[1], hd);
 	}
 }
 
 void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 {
-	struct attention_task task = {.cpu = cpu, .a = args, .n_parts = 1};
-	int64_t work = 0, longest = 0;
+	struct attention_task task = {.cpu = cpu, .a = args, .mode = ATTENTION_TOKENS};
+	int64_t work = 0, longest = 0, units;
 
 	assert(args->n_heads > 0 && args->n_kv_heads > 0 && args->head_dim > 0);
 	assert(args->n_heads % args->n_kv_heads == 0 && args->block_size > 0);
@@ -398,54 +530,62 @@ void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 		work += n * args->n_heads * args->head_dim;
 		longest = n > longest ? n : longest;
 	}
-	/* A unit is a token's heads of one kv group, or part of them when the
-	 * group is larger than ATTN_MAX_GROUP or when there are too few
-	 * groups to go round the threads (which changes no result). */
+	/* Prefill (the tokens of a sequence come in runs, two or more on
+	 * average): units are blocks of ATTN_TILE tokens. */
+	int64_t runs = args->n_tokens > 0;
+	for (int t = 1; t < args->n_tokens; t++)
+		runs += args->tok_seq[t] != args->tok_seq[t - 1];
+	if (2 * runs <= args->n_tokens)
+		task.mode = ATTENTION_RUNS;
+	/* Few tokens (decode): units also take only ATTN_PART positions each,
+	 * so that all threads share one long context. */
+	int64_t n_parts = (longest + ATTN_PART - 1) / ATTN_PART;
+	int64_t n_chunks = (longest + ATTN_CHUNK - 1) / ATTN_CHUNK;
+	if ((int64_t)args->n_tokens * args->n_kv_heads < ATTN_SPLIT_UNITS && n_parts > 1 &&
+	    (size_t)args->n_tokens * args->n_heads * n_chunks * (args->head_dim + 2) <=
+	        ATTN_XSUM_FLOATS) {
+		task.mode = ATTENTION_SPLIT;
+		task.n_parts = n_parts;
+		task.n_chunks = n_chunks;
+		task.parts = cpu->xsum;
+	}
+	/* A unit takes a kv group's heads, or part of them when the group is
+	 * larger than ATTN_MAX_GROUP or when there are too few units to go
+	 * round the threads. */
+	units = task.mode == ATTENTION_RUNS ? (args->n_tokens + ATTN_TILE - 1) / ATTN_TILE
+	                                    : args->n_tokens;
 	int group = args->n_heads / args->n_kv_heads;
 	task.grain = group;
 	while (task.grain > ATTN_MAX_GROUP ||
-	       ((int64_t)args->n_tokens * (args->n_heads / task.grain) < 2 * cpu->n_threads &&
-	        task.grain > 1)) {
+	       (task.mode != ATTENTION_SPLIT &&
+	        units * (args->n_heads / task.grain) < 2 * cpu->n_threads && task.grain > 1)) {
 		int g = task.grain - 1;
 		while (group % g)
 			g--;
 		task.grain = g;
 	}
-	/* Few tokens (decode): each unit also takes only ATTN_PART positions,
-	 * its state kept apart and merged afterwards, so that all threads
-	 * share one long context. Decided from the shapes alone, so that the
-	 * result does not depend on the thread count. */
-	int64_t n_parts = (longest + ATTN_PART - 1) / ATTN_PART;
-	if ((int64_t)args->n_tokens * args->n_kv_heads < ATTN_SPLIT_UNITS && n_parts > 1 &&
-	    (size_t)args->n_tokens * args->n_heads * n_parts * (args->head_dim + 2) <=
-	        (size_t)LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4) {
-		task.grain = group <= ATTN_MAX_GROUP ? group : task.grain;
-		task.n_parts = n_parts;
-		task.parts = cpu->xsum;
-	}
-	/* Prefill (tokens of a sequence come in runs, two or more on
-	 * average): units are blocks of ATTN_TILE tokens, their runs tiles. */
-	int64_t runs = args->n_tokens > 0;
-	for (int t = 1; t < args->n_tokens; t++)
-		runs += args->tok_seq[t] != args->tok_seq[t - 1];
-	bool f16 = args->k_cache->type == LP_DTYPE_F16;
-	int g = group < ATTN_TILE_HEADS ? group : ATTN_TILE_HEADS;
-	while (g > 1 && (group % g ||
-	                 attention_tile_scratch(g, args->head_dim, f16) > LP_CPU_THREAD_SCRATCH))
-		g--;
-	if (LP_CPU_X86 && cpu->avx2 && task.n_parts == 1 &&
-	    attention_tile_scratch(g, args->head_dim, f16) <= LP_CPU_THREAD_SCRATCH &&
-	    2 * runs <= args->n_tokens) {
-		task.tiles = true;
-		task.grain = g;
-		task.units_per_token = args->n_heads / g;
-		task.n_units = (args->n_tokens + ATTN_TILE - 1) / ATTN_TILE * task.units_per_token;
-		lp_cpu_parallel(cpu, work, task.n_units, attention_thread, &task);
-		return;
-	}
 	task.units_per_token = args->n_heads / task.grain;
-	task.n_units = (int64_t)args->n_tokens * task.units_per_token * task.n_parts;
+	task.n_units = units * task.units_per_token * (task.mode == ATTENTION_SPLIT ? n_parts : 1);
+	/* A chunk's K and V rows are copied together first (f16 ones
+	 * converted) where several rows read them: in runs mode, and on the
+	 * portable kernels for f16 caches, whose conversion is slow. They go
+	 * to the thread's scratch or, when they do not fit there, to a slice
+	 * of xsum (unused outside split mode). */
+	size_t need = 2 * (size_t)ATTN_CHUNK * args->head_dim;
+	if (task.mode == ATTENTION_RUNS ||
+	    (!cpu->avx2 && args->k_cache->type == LP_DTYPE_F16 && task.grain > 1)) {
+		if (need <= LP_CPU_THREAD_SCRATCH) {
+			task.gather = true;
+		} else if (task.mode != ATTENTION_SPLIT &&
+		           need * cpu->n_threads <= ATTN_XSUM_FLOATS) {
+			task.gather = true;
+			task.gbuf = cpu->xsum;
+			task.gstride = need;
+		}
+	}
 	lp_cpu_parallel(cpu, work, task.n_units, attention_thread, &task);
-	if (task.n_parts > 1)
-		attention_merge(&task);
+	if (task.mode == ATTENTION_SPLIT)
+		lp_cpu_parallel(
+		    cpu, (int64_t)args->n_tokens * args->n_heads * n_chunks * args->head_dim,
+		    (int64_t)args->n_tokens * args->n_heads, attention_merge_thread, &task);
 }

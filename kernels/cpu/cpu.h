@@ -76,9 +76,10 @@ struct lp_cpu {
 	bool avx2;
 	struct lp_cpu_scratch *scratch; /* [n_threads] */
 	/* [LP_CPU_MATVEC_BATCH][LP_CPU_PREP_ROW_FLOATS]: shared scratch of
-	 * one op at a time, the prepared x of a matrix-vector product or the
-	 * partial states of a split attention (ops of one backend never run
-	 * concurrently) */
+	 * one op at a time, the prepared x of a matrix-vector product, the
+	 * partial states of a split attention or the threads' copies of K and
+	 * V rows too large for their own scratch (ops of one backend never
+	 * run concurrently) */
 	float *xsum;
 	float *scratch_mem;
 };
@@ -114,10 +115,8 @@ bool lp_cpu_has_avx2(void);
  * tests and benchmarks. Borrows be. */
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
 
-/* Prefill attention tiles (see lp_cpu_attn_tile_chunk_avx2): context rows
- * per chunk, and floats of a head's state. */
-#define LP_CPU_TILE_ROWS      32
-#define LP_CPU_TILE_STATE(hd) (16 + 8 * (size_t)(hd))
+/* Context positions per chunk of a row's attention (attention.c). */
+#define LP_CPU_ATTN_CHUNK 64
 
 #if LP_CPU_X86
 /* dst[0 .. len) = f32 of weights k0 .. k0 + len of a row of type t; k0 and
@@ -153,42 +152,32 @@ void lp_cpu_gemm_panel_avx2(int n, int64_t kc, const float *x, int64_t ldx, cons
 void lp_cpu_exp_avx2(float *x, int n);
 /* out[i] = silu(gate[i]) * up[i]; out may equal gate. */
 void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
-/* s[j] = scale * q . k_j for j < cnt, where k_j (hd elements, f32 or f16)
- * starts at kbase + rows[j] * stride. */
-void lp_cpu_attn_scores_avx2(const float *q, const char *kbase, size_t stride, const int64_t *rows,
-                             int cnt, int hd, bool f16, float scale, float *s);
-/* o[0, hd) = corr * o + sum_j e[j] * v_j, v_j laid out like k_j above. */
-void lp_cpu_attn_accum_avx2(float *o, const char *vbase, size_t stride, const int64_t *rows,
-                            const float *e, int cnt, int hd, bool f16, float corr);
-void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n);
 
-/* Attention of a tile of up to 8 tokens of one sequence (prefill), the
- * tokens in the lanes of each register. Per head the caller keeps qt
- * (hd x 8 floats: the queries transposed) and a state of
- * LP_CPU_TILE_STATE(hd) floats (per token: running maximum, denominator,
- * and the weighted values, hd x 8).
+/* Attention (attention.c says what a row computes; these are its AVX2
+ * steps, each element taking the same operations wherever it falls and
+ * whatever the other rows of the call, so that a row's result depends on
+ * its own query and context only).
  *
- * begin: qt and the state of one head from the queries of nt <= 8 tokens
- * (q: token 0's query of that head, q_stride floats to the next token's).
+ * chunk: one chunk of nq (1 or 2) rows: query q[a] (hd floats) against the
+ * same cnt (1 .. LP_CPU_ATTN_CHUNK) cache rows, row j's K at kbase +
+ * rows[j] * stride and its V at vbase + rows[j] * stride (hd elements, f32
+ * or f16). Where part[a] is NULL the chunk is folded into row a's state:
+ * o[a] (hd floats) and ml[a] (M, L). Otherwise the chunk's own state goes
+ * to part[a]: hd floats of weighted values, then its maximum and sum (o[a]
+ * and ml[a] are unused).
  *
- * chunk: nh heads of one kv group (qt and state of consecutive heads,
- * hd * 8 and LP_CPU_TILE_STATE(hd) floats apart) against cnt <=
- * LP_CPU_TILE_ROWS cache rows; row j is rows[j] (K and V of the group start
- * at kbase and vbase, rows stride bytes apart, f32 or f16) and sits at
- * context position ppos[j]; token lane t attends to it if ppos[j] <=
- * tpos[t] (8 entries; lanes past the tile's tokens hold -1). kvbuf holds 2 *
- * LP_CPU_TILE_ROWS * hd floats of scratch. Scores are scale * q . k.
+ * fold: folds a chunk's state written by chunk (part) into (o, ml), with
+ * the operations chunk folds it with.
  *
- * end: out rows of the nt tokens (out_stride floats apart) = the weighted
- * values over the denominator, zero for a token that attended to
- * nothing. */
-void lp_cpu_attn_tile_begin_avx2(const float *q, size_t q_stride, int nt, int hd, float *qt,
-                                 float *state);
-void lp_cpu_attn_tile_chunk_avx2(const float *qt, float *state, int nh, int hd, const char *kbase,
-                                 const char *vbase, size_t stride, bool is_f16, const int64_t *rows,
-                                 const int64_t *ppos, int cnt, const int32_t *tpos, float scale,
-                                 float *kvbuf);
-void lp_cpu_attn_tile_end_avx2(const float *state, int nt, int hd, float *out, size_t out_stride);
+ * gather: dst[j * hd + i] = element i of the row at base + rows[j] *
+ * stride (f32 or f16) as f32, for j < cnt and i < hd. */
+void lp_cpu_attn_chunk_avx2(int nq, const float *const q[], const char *kbase, const char *vbase,
+                            size_t stride, bool f16, const int64_t *rows, int cnt, int hd,
+                            float scale, float *const o[], float *const ml[], float *const part[]);
+void lp_cpu_attn_fold_avx2(float *o, float *ml, const float *part, int hd);
+void lp_cpu_attn_gather_avx2(float *dst, const char *base, size_t stride, const int64_t *rows,
+                             int cnt, int hd, bool f16);
+void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n);
 #endif
 
 #endif

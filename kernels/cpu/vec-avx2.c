@@ -729,6 +729,8 @@ AVX2 void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, i
 	}
 }
 
+/* ---- attention (attention.c says what a row computes) ---- */
+
 AVX2_INLINE __m256 load_kv(const void *row, int i, bool is_f16)
 {
 	return is_f16 ? load_f16((const uint16_t *)row + i)
@@ -740,7 +742,8 @@ AVX2_INLINE float kv_at(const void *row, int i, bool is_f16)
 	return is_f16 ? f16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
-/* Eight sums of eight vectors each, in order. */
+/* Eight sums of eight vectors each: sum p is ((x0 + x1) + (x2 + x3)) + ((x4 +
+ * x5) + (x6 + x7)) of the lanes x0..x7 of a[p]. */
 AVX2_INLINE __m256 hsum8x8(const __m256 a[8])
 {
 	__m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -751,273 +754,338 @@ AVX2_INLINE __m256 hsum8x8(const __m256 a[8])
 	                     _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-AVX2_INLINE void attn_scores(const float *q, const char *kbase, size_t stride, const int64_t *rows,
-                             int cnt, int hd, const bool is_f16, float scale, float *s)
+/* The sum of the lanes of v in the order hsum8x8 takes them. */
+AVX2_INLINE float hsum_tree(__m256 v)
 {
+	__m256 h = _mm256_hadd_ps(v, v);
+
+	h = _mm256_hadd_ps(h, h);
+	return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+/* x, kept in a register: a value that serves two multiply-adds is loaded
+ * once (the compiler would otherwise fold the load into both). */
+AVX2_INLINE __m256 in_reg(__m256 x)
+{
+	__asm__("" : "+x"(x));
+	return x;
+}
+
+/* t plus q[i] k[i] for the dimensions past the last multiple of 8, in order */
+AVX2_INLINE float dot_tail(float t, const float *q, const char *k, int full, int hd,
+                           const bool is_f16)
+{
+	for (int i = full; i < hd; i++)
+		t = fmaf(q[i], kv_at(k, i, is_f16), t);
+	return t;
+}
+
+/* Scores of nq (1 or 2) queries against cnt rows: s[a][j] = scale * q[a] .
+ * k_j. Each is the same function of q[a] and k_j wherever j falls and
+ * whatever the other query: lane r of an accumulator sums q[i] k[i] for i
+ * = r, r + 8, ... in order, the lanes are added as a tree (hsum8x8 or
+ * hsum_tree), then come the tail dimensions and the scale. Blocks of 8 / nq
+ * positions share each load of q, and (nq = 2) of k. */
+AVX2_INLINE void attn_scores(const int nq, const float *const *q, const char *kbase, size_t stride,
+                             const int64_t *rows, int cnt, int hd, const bool is_f16, float scale,
+                             float (*s)[LP_CPU_ATTN_CHUNK])
+{
+	const int np = 8 / nq;
 	int full = hd / 8 * 8, j = 0;
 
-	for (; j + 8 <= cnt; j += 8) {
+	for (; j + np <= cnt; j += np) {
 		const char *k[8];
 		__m256 acc[8];
 #pragma GCC unroll 8
-		for (int p = 0; p < 8; p++) {
+		for (int p = 0; p < np; p++)
 			k[p] = kbase + (size_t)rows[j + p] * stride;
-			acc[p] = _mm256_setzero_ps();
-		}
-		for (int i = 0; i < full; i += 8) {
-			__m256 qv = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-			for (int p = 0; p < 8; p++)
-				acc[p] = _mm256_fmadd_ps(qv, load_kv(k[p], i, is_f16), acc[p]);
+		for (int x = 0; x < 8; x++)
+			acc[x] = _mm256_setzero_ps();
+		for (int i = 0; i < full; i += 8) {
+			if (nq == 1) {
+				__m256 qv = _mm256_loadu_ps(q[0] + i);
+#pragma GCC unroll 8
+				for (int p = 0; p < 8; p++)
+					acc[p] =
+					    _mm256_fmadd_ps(qv, load_kv(k[p], i, is_f16), acc[p]);
+			} else {
+				__m256 qa = _mm256_loadu_ps(q[0] + i),
+				       qb = _mm256_loadu_ps(q[1] + i);
+#pragma GCC unroll 4
+				for (int p = 0; p < 4; p++) {
+					__m256 kv = in_reg(load_kv(k[p], i, is_f16));
+					acc[p] = _mm256_fmadd_ps(qa, kv, acc[p]);
+					acc[4 + p] = _mm256_fmadd_ps(qb, kv, acc[4 + p]);
+				}
+			}
 		}
 		__m256 sv = hsum8x8(acc);
 		if (full < hd) {
 			float t[8];
 			_mm256_storeu_ps(t, sv);
-			for (int p = 0; p < 8; p++)
-				for (int i = full; i < hd; i++)
-					t[p] += q[i] * kv_at(k[p], i, is_f16);
+			for (int x = 0; x < 8; x++)
+				t[x] = dot_tail(t[x], q[x / np], k[x % np], full, hd, is_f16);
 			sv = _mm256_loadu_ps(t);
 		}
-		_mm256_storeu_ps(s + j, _mm256_mul_ps(sv, _mm256_set1_ps(scale)));
+		sv = _mm256_mul_ps(sv, _mm256_set1_ps(scale));
+		if (nq == 1) {
+			_mm256_storeu_ps(s[0] + j, sv);
+		} else {
+			_mm_storeu_ps(s[0] + j, _mm256_castps256_ps128(sv));
+			_mm_storeu_ps(s[1] + j, _mm256_extractf128_ps(sv, 1));
+		}
 	}
 	for (; j < cnt; j++) {
 		const char *k = kbase + (size_t)rows[j] * stride;
-		__m256 acc = _mm256_setzero_ps();
-		for (int i = 0; i < full; i += 8)
-			acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_kv(k, i, is_f16), acc);
-		float t = hsum(acc);
-		for (int i = full; i < hd; i++)
-			t += q[i] * kv_at(k, i, is_f16);
-		s[j] = scale * t;
+		for (int a = 0; a < nq; a++) {
+			__m256 acc = _mm256_setzero_ps();
+			for (int i = 0; i < full; i += 8)
+				acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[a] + i),
+				                      load_kv(k, i, is_f16), acc);
+			s[a][j] = scale * dot_tail(hsum_tree(acc), q[a], k, full, hd, is_f16);
+		}
 	}
 }
 
-AVX2 void lp_cpu_attn_scores_avx2(const float *q, const char *kbase, size_t stride,
-                                  const int64_t *rows, int cnt, int hd, bool is_f16, float scale,
-                                  float *s)
+/* s[0, cnt) = e_j = exp(s_j - m), m the maximum; l = the tree sum
+ * (hsum_tree) of ((e[0, 8) + e[8, 16)) + e[16, 24)) + ..., lanes past cnt
+ * zero. */
+AVX2_INLINE void attn_softmax(float *s, int cnt, float *m, float *l)
 {
-	if (is_f16)
-		attn_scores(q, kbase, stride, rows, cnt, hd, true, scale, s);
-	else
-		attn_scores(q, kbase, stride, rows, cnt, hd, false, scale, s);
+	const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+	const __m256 ninf = _mm256_set1_ps(-INFINITY);
+	int nv = (cnt + 7) / 8;
+	__m256 mv = ninf, lv = _mm256_setzero_ps();
+
+	for (int v = 0; v < nv; v++) {
+		__m256 live =
+		    _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(cnt - 8 * v), lane));
+		__m256 sv = _mm256_blendv_ps(ninf, _mm256_load_ps(s + 8 * v), live);
+		_mm256_store_ps(s + 8 * v, sv);
+		mv = _mm256_max_ps(mv, sv);
+	}
+	__m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+	m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+	m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+	*m = _mm_cvtss_f32(m4);
+	__m256 mm = _mm256_set1_ps(*m);
+	for (int v = 0; v < nv; v++) {
+		__m256 sv = _mm256_load_ps(s + 8 * v);
+		__m256 dead = _mm256_cmp_ps(sv, ninf, _CMP_EQ_OQ);
+		__m256 e = _mm256_andnot_ps(dead, exp8(_mm256_sub_ps(sv, mm)));
+		_mm256_store_ps(s + 8 * v, e);
+		lv = v ? _mm256_add_ps(lv, e) : e;
+	}
+	*l = hsum_tree(lv);
 }
 
-/* o[d0, d0 + 8 nv) = corr * o + sum_j e[j] v_j, the strip in registers. */
-AVX2_INLINE void attn_accum_strip(float *o, const char *vbase, size_t stride, const int64_t *rows,
-                                  const float *e, int cnt, const bool is_f16, float corr, int d0,
-                                  const int nv)
+/* For each of nq queries a: o[a][d0, d0 + 8 nv) from acc = sum over j <
+ * cnt, in order, of e[a][j] v_j, from zero (v_j laid out like k_j): o = acc
+ * where ab[a] is NULL, otherwise o = acc * ab[a][1] + o * ab[a][0], one
+ * fused multiply-add of a product. The strip is in registers; each load of
+ * v serves the nq queries. */
+AVX2_INLINE void attn_accum_strip(const int nq, float *const *o, const char *vbase, size_t stride,
+                                  const int64_t *rows, const float *const *e, int cnt,
+                                  const bool is_f16, const float *const *ab, int d0, const int nv)
 {
-	__m256 acc[8], c = _mm256_set1_ps(corr);
+	__m256 acc[2][8];
 
-#pragma GCC unroll 8
-	for (int v = 0; v < nv; v++)
-		acc[v] = _mm256_mul_ps(c, _mm256_loadu_ps(o + d0 + 8 * v));
-	for (int j = 0; j < cnt; j++) {
-		const char *row = vbase + (size_t)rows[j] * stride;
-		__m256 ev = _mm256_set1_ps(e[j]);
+#pragma GCC unroll 2
+	for (int a = 0; a < nq; a++)
 #pragma GCC unroll 8
 		for (int v = 0; v < nv; v++)
-			acc[v] = _mm256_fmadd_ps(ev, load_kv(row, d0 + 8 * v, is_f16), acc[v]);
-	}
+			acc[a][v] = _mm256_setzero_ps();
+	for (int j = 0; j < cnt; j++) {
+		const char *row = vbase + (size_t)rows[j] * stride;
+		__m256 ev[2];
+#pragma GCC unroll 2
+		for (int a = 0; a < nq; a++)
+			ev[a] = _mm256_set1_ps(e[a][j]);
 #pragma GCC unroll 8
-	for (int v = 0; v < nv; v++)
-		_mm256_storeu_ps(o + d0 + 8 * v, acc[v]);
+		for (int v = 0; v < nv; v++) {
+			__m256 x = load_kv(row, d0 + 8 * v, is_f16);
+			if (nq > 1)
+				x = in_reg(x);
+#pragma GCC unroll 2
+			for (int a = 0; a < nq; a++)
+				acc[a][v] = _mm256_fmadd_ps(ev[a], x, acc[a][v]);
+		}
+	}
+#pragma GCC unroll 2
+	for (int a = 0; a < nq; a++) {
+		if (ab[a]) {
+			__m256 fa = _mm256_set1_ps(ab[a][0]), fb = _mm256_set1_ps(ab[a][1]);
+#pragma GCC unroll 8
+			for (int v = 0; v < nv; v++)
+				acc[a][v] = _mm256_fmadd_ps(
+				    acc[a][v], fb,
+				    _mm256_mul_ps(_mm256_loadu_ps(o[a] + d0 + 8 * v), fa));
+		}
+#pragma GCC unroll 8
+		for (int v = 0; v < nv; v++)
+			_mm256_storeu_ps(o[a] + d0 + 8 * v, acc[a][v]);
+	}
 }
 
-AVX2_INLINE void attn_accum(float *o, const char *vbase, size_t stride, const int64_t *rows,
-                            const float *e, int cnt, int hd, const bool is_f16, float corr)
+/* attn_accum_strip over all hd dimensions: strips of 8 / nq vectors, then
+ * the dimensions past the last multiple of 8 one by one. */
+AVX2_INLINE void attn_accum(const int nq, float *const *o, const char *vbase, size_t stride,
+                            const int64_t *rows, const float *const *e, int cnt, int hd,
+                            const bool is_f16, const float *const *ab)
 {
+	const int w = 8 / nq;
 	int d0 = 0;
 
-	for (; d0 + 64 <= hd; d0 += 64)
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 8);
+	for (; d0 + 8 * w <= hd; d0 += 8 * w)
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, w);
 	switch ((hd - d0) / 8) {
 	case 7:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 7);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 7);
 		break;
 	case 6:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 6);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 6);
 		break;
 	case 5:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 5);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 5);
 		break;
 	case 4:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 4);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 4);
 		break;
 	case 3:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 3);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 3);
 		break;
 	case 2:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 2);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 2);
 		break;
 	case 1:
-		attn_accum_strip(o, vbase, stride, rows, e, cnt, is_f16, corr, d0, 1);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 1);
 		break;
 	default:
 		break;
 	}
-	for (int i = hd / 8 * 8; i < hd; i++) {
-		float acc = corr * o[i];
-		for (int j = 0; j < cnt; j++)
-			acc += e[j] * kv_at(vbase + (size_t)rows[j] * stride, i, is_f16);
-		o[i] = acc;
+	for (int a = 0; a < nq; a++) {
+		for (int i = hd / 8 * 8; i < hd; i++) {
+			float acc = 0.0f;
+			for (int j = 0; j < cnt; j++)
+				acc = fmaf(e[a][j],
+				           kv_at(vbase + (size_t)rows[j] * stride, i, is_f16), acc);
+			o[a][i] = ab[a] ? fmaf(acc, ab[a][1], o[a][i] * ab[a][0]) : acc;
+		}
 	}
 }
 
-AVX2 void lp_cpu_attn_accum_avx2(float *o, const char *vbase, size_t stride, const int64_t *rows,
-                                 const float *e, int cnt, int hd, bool is_f16, float corr)
+/* The scalar half of a fold (attention.c): ml = (M, L) of a row, (m, l) a
+ * chunk's; the result (A, B) goes to ab. The only code either fold uses for it. */
+AVX2_INLINE void fold_ml(float *ml, float m, float l, float ab[2])
 {
-	if (is_f16)
-		attn_accum(o, vbase, stride, rows, e, cnt, hd, true, corr);
+	float mn = m > ml[0] ? m : ml[0];
+	__m256 x = exp8(_mm256_setr_ps(ml[0] - mn, m - mn, 0, 0, 0, 0, 0, 0));
+
+	ab[0] = _mm256_cvtss_f32(x);
+	ab[1] = _mm256_cvtss_f32(_mm256_permute_ps(x, 1));
+	ml[1] = fmaf(l, ab[1], ml[1] * ab[0]);
+	ml[0] = mn;
+}
+
+/* One chunk of nq rows (lp_cpu_attn_chunk_avx2). */
+AVX2_INLINE void attn_chunk(const int nq, const float *const *q, const char *kbase,
+                            const char *vbase, size_t stride, const bool is_f16,
+                            const int64_t *rows, int cnt, int hd, float scale, float *const *o,
+                            float *const *ml, float *const *part)
+{
+	float s[2][LP_CPU_ATTN_CHUNK] __attribute__((aligned(32)));
+	float ab[2][2], *dst[2];
+	const float *e[2], *abp[2];
+
+	attn_scores(nq, q, kbase, stride, rows, cnt, hd, is_f16, scale, s);
+	for (int a = 0; a < nq; a++) {
+		float m, l;
+
+		attn_softmax(s[a], cnt, &m, &l);
+		e[a] = s[a];
+		if (part[a]) {
+			part[a][hd] = m;
+			part[a][hd + 1] = l;
+			dst[a] = part[a];
+			abp[a] = NULL;
+		} else {
+			fold_ml(ml[a], m, l, ab[a]);
+			dst[a] = o[a];
+			abp[a] = ab[a];
+		}
+	}
+	attn_accum(nq, dst, vbase, stride, rows, e, cnt, hd, is_f16, abp);
+}
+
+/* attn_chunk with the loops of the common head sizes unrolled (the same
+ * operations, fewer of their overheads). */
+AVX2_INLINE void attn_chunk_hd(const int nq, const float *const *q, const char *kbase,
+                               const char *vbase, size_t stride, const bool is_f16,
+                               const int64_t *rows, int cnt, int hd, float scale, float *const *o,
+                               float *const *ml, float *const *part)
+{
+	if (hd == 64)
+		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, 64, scale, o, ml, part);
+	else if (hd == 128)
+		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, 128, scale, o, ml, part);
 	else
-		attn_accum(o, vbase, stride, rows, e, cnt, hd, false, corr);
+		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, hd, scale, o, ml, part);
 }
 
-/* Attention of a tile of up to 8 tokens of one sequence, the tokens in the
- * lanes of each register: a query dimension i is qt[i] (8 tokens), a score
- * a register per context position, and the softmax state (maximum,
- * denominator, and the weighted values transposed, vt[d] for value
- * dimension d) is kept per lane, so the online softmax needs no horizontal
- * operations and every K and V element loaded serves 8 tokens. */
-
-AVX2 void lp_cpu_attn_tile_begin_avx2(const float *q, size_t q_stride, int nt, int hd, float *qt,
-                                      float *state)
+AVX2 void lp_cpu_attn_chunk_avx2(int nq, const float *const q[], const char *kbase,
+                                 const char *vbase, size_t stride, bool is_f16, const int64_t *rows,
+                                 int cnt, int hd, float scale, float *const o[], float *const ml[],
+                                 float *const part[])
 {
-	for (int i = 0; i < hd; i++)
-		for (int t = 0; t < 8; t++)
-			qt[i * 8 + t] = t < nt ? q[(size_t)t * q_stride + (size_t)i] : 0.0f;
-	_mm256_storeu_ps(state, _mm256_set1_ps(-INFINITY));
-	_mm256_storeu_ps(state + 8, _mm256_setzero_ps());
-	for (int d = 0; d < hd; d++)
-		_mm256_storeu_ps(state + 16 + d * 8, _mm256_setzero_ps());
+	if (nq == 2 && is_f16)
+		attn_chunk_hd(2, q, kbase, vbase, stride, true, rows, cnt, hd, scale, o, ml, part);
+	else if (nq == 2)
+		attn_chunk_hd(2, q, kbase, vbase, stride, false, rows, cnt, hd, scale, o, ml, part);
+	else if (is_f16)
+		attn_chunk_hd(1, q, kbase, vbase, stride, true, rows, cnt, hd, scale, o, ml, part);
+	else
+		attn_chunk_hd(1, q, kbase, vbase, stride, false, rows, cnt, hd, scale, o, ml, part);
 }
 
-/* Rows of K or V as f32 pointers: f32 rows are used in place, f16 rows
- * converted into buf ([cnt][hd]). */
-AVX2_INLINE void tile_rows(const char *base, size_t stride, const int64_t *rows, int cnt, int hd,
-                           bool is_f16, float *buf, const float **out)
+/* Per element the same operations as attn_chunk's fold (fold_ml, then the
+ * fold in attn_accum_strip and the tail of attn_accum). */
+AVX2 void lp_cpu_attn_fold_avx2(float *o, float *ml, const float *part, int hd)
+{
+	float ab[2];
+	int i = 0;
+
+	fold_ml(ml, part[hd], part[hd + 1], ab);
+	__m256 a = _mm256_set1_ps(ab[0]), b = _mm256_set1_ps(ab[1]);
+	for (; i + 8 <= hd; i += 8)
+		_mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(part + i), b,
+		                                        _mm256_mul_ps(_mm256_loadu_ps(o + i), a)));
+	for (; i < hd; i++)
+		o[i] = fmaf(part[i], ab[1], o[i] * ab[0]);
+}
+
+AVX2_INLINE void attn_gather(float *dst, const char *base, size_t stride, const int64_t *rows,
+                             int cnt, int hd, const bool is_f16)
 {
 	for (int j = 0; j < cnt; j++) {
 		const char *row = base + (size_t)rows[j] * stride;
-		if (!is_f16) {
-			out[j] = (const float *)row;
-			continue;
-		}
-		float *dst = buf + (size_t)j * hd;
+		float *d = dst + (size_t)j * hd;
 		int i = 0;
+
 		for (; i + 8 <= hd; i += 8)
-			_mm256_storeu_ps(dst + i, load_f16((const uint16_t *)row + i));
+			_mm256_storeu_ps(d + i, load_kv(row, i, is_f16));
 		for (; i < hd; i++)
-			dst[i] = f16(((const uint16_t *)row)[i]);
-		out[j] = dst;
+			d[i] = kv_at(row, i, is_f16);
 	}
 }
 
-AVX2 void lp_cpu_attn_tile_chunk_avx2(const float *qt, float *state, int nh, int hd,
-                                      const char *kbase, const char *vbase, size_t stride,
-                                      bool is_f16, const int64_t *rows, const int64_t *ppos,
-                                      int cnt, const int32_t *tpos, float scale, float *kvbuf)
+AVX2 void lp_cpu_attn_gather_avx2(float *dst, const char *base, size_t stride, const int64_t *rows,
+                                  int cnt, int hd, bool is_f16)
 {
-	const float *kp[LP_CPU_TILE_ROWS], *vp[LP_CPU_TILE_ROWS];
-	/* scores, then weights, of the chunk's positions for 8 tokens */
-	float sc[LP_CPU_TILE_ROWS * 8] __attribute__((aligned(32)));
-	__m256i tpi = _mm256_loadu_si256((const __m256i *)tpos);
-
-	tile_rows(kbase, stride, rows, cnt, hd, is_f16, kvbuf, kp);
-	tile_rows(vbase, stride, rows, cnt, hd, is_f16, kvbuf + (size_t)LP_CPU_TILE_ROWS * hd, vp);
-	for (int h = 0; h < nh; h++) {
-		const float *q = qt + (size_t)h * hd * 8;
-		float *st = state + (size_t)h * LP_CPU_TILE_STATE(hd);
-		__m256 cmax = _mm256_set1_ps(-INFINITY);
-
-		/* scores, 8 positions at a time, masked where the position is
-		 * after the token's own */
-		for (int j0 = 0; j0 < cnt; j0 += 8) {
-			int nj = cnt - j0 < 8 ? cnt - j0 : 8;
-			__m256 acc[8];
-#pragma GCC unroll 8
-			for (int jj = 0; jj < 8; jj++)
-				acc[jj] = _mm256_setzero_ps();
-			for (int i = 0; i < hd; i++) {
-				__m256 qi = _mm256_load_ps(q + i * 8);
-#pragma GCC unroll 8
-				for (int jj = 0; jj < 8; jj++)
-					if (jj < nj)
-						acc[jj] = _mm256_fmadd_ps(
-						    qi, _mm256_broadcast_ss(kp[j0 + jj] + i),
-						    acc[jj]);
-			}
-#pragma GCC unroll 8
-			for (int jj = 0; jj < 8; jj++) {
-				if (jj >= nj)
-					break;
-				__m256i pj = _mm256_set1_epi32((int)ppos[j0 + jj]);
-				__m256 late = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pj, tpi));
-				__m256 sv = _mm256_mul_ps(acc[jj], _mm256_set1_ps(scale));
-				sv = _mm256_blendv_ps(sv, _mm256_set1_ps(-INFINITY), late);
-				cmax = _mm256_max_ps(cmax, sv);
-				_mm256_store_ps(sc + (j0 + jj) * 8, sv);
-			}
-		}
-		/* new maximum; lanes that have seen nothing keep 0 as their
-		 * reference so that exp(-inf - 0) = 0 */
-		__m256 m = _mm256_loadu_ps(st), l = _mm256_loadu_ps(st + 8);
-		__m256 mn = _mm256_max_ps(m, cmax);
-		__m256 none = _mm256_cmp_ps(mn, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-		__m256 ref = _mm256_andnot_ps(none, mn);
-		__m256 corr =
-		    _mm256_andnot_ps(_mm256_cmp_ps(m, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ),
-		                     exp8(_mm256_sub_ps(m, ref)));
-		l = _mm256_mul_ps(l, corr);
-		for (int j = 0; j < cnt; j++) {
-			__m256 sv = _mm256_load_ps(sc + j * 8);
-			__m256 dead = _mm256_cmp_ps(sv, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-			__m256 e = _mm256_andnot_ps(dead, exp8(_mm256_sub_ps(sv, ref)));
-			_mm256_store_ps(sc + j * 8, e);
-			l = _mm256_add_ps(l, e);
-		}
-		_mm256_storeu_ps(st, mn);
-		_mm256_storeu_ps(st + 8, l);
-		/* vt[d] = corr vt[d] + sum_j e_j v_j[d], 8 dimensions at a time */
-		float *vt = st + 16;
-		int d0 = 0;
-		for (; d0 + 8 <= hd; d0 += 8) {
-			__m256 acc[8];
-#pragma GCC unroll 8
-			for (int dd = 0; dd < 8; dd++)
-				acc[dd] = _mm256_mul_ps(_mm256_loadu_ps(vt + (d0 + dd) * 8), corr);
-			for (int j = 0; j < cnt; j++) {
-				__m256 e = _mm256_load_ps(sc + j * 8);
-				const float *v = vp[j] + d0;
-#pragma GCC unroll 8
-				for (int dd = 0; dd < 8; dd++)
-					acc[dd] = _mm256_fmadd_ps(e, _mm256_broadcast_ss(v + dd),
-					                          acc[dd]);
-			}
-#pragma GCC unroll 8
-			for (int dd = 0; dd < 8; dd++)
-				_mm256_storeu_ps(vt + (d0 + dd) * 8, acc[dd]);
-		}
-		for (; d0 < hd; d0++) {
-			__m256 acc = _mm256_mul_ps(_mm256_loadu_ps(vt + d0 * 8), corr);
-			for (int j = 0; j < cnt; j++)
-				acc = _mm256_fmadd_ps(_mm256_load_ps(sc + j * 8),
-				                      _mm256_broadcast_ss(vp[j] + d0), acc);
-			_mm256_storeu_ps(vt + d0 * 8, acc);
-		}
-	}
-}
-
-AVX2 void lp_cpu_attn_tile_end_avx2(const float *state, int nt, int hd, float *out,
-                                    size_t out_stride)
-{
-	for (int t = 0; t < nt; t++) {
-		float l = state[8 + t], inv = l > 0.0f ? 1.0f / l : 0.0f;
-		float *o = out + (size_t)t * out_stride;
-		for (int d = 0; d < hd; d++)
-			o[d] = state[16 + d * 8 + t] * inv;
-	}
+	if (is_f16)
+		attn_gather(dst, base, stride, rows, cnt, hd, true);
+	else
+		attn_gather(dst, base, stride, rows, cnt, hd, false);
 }
 
 AVX2 void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n)
