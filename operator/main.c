@@ -24,6 +24,7 @@
 #include "operator/kube/config.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/lease.h"
+#include "operator/reconcile/agents.h"
 #include "operator/reconcile/reconcile.h"
 
 #define VERSION "0.1.0"
@@ -509,6 +510,7 @@ out:
 	pthread_mutex_unlock(&app.lock);
 	kube_client_free(app.client);
 	free(agent_token);
+	agent_client_cleanup();
 	curl_global_cleanup();
 	return status;
 }

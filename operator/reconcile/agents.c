@@ -2,6 +2,8 @@
 #include "operator/reconcile/agents.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +62,99 @@ static void error_message(const char *body, size_t len, char *out, size_t size)
 	json_decref(root);
 }
 
+/* Kept curl handles, one per agent port, so that the next call to the same
+ * agent reuses its open connection (the agents keep connections alive):
+ * at 200 adapters on 20 pods that is 20 connections, not 4000. A handle is
+ * lent to one call at a time; a second concurrent call to the same port,
+ * or one when every slot is lent, uses a handle of its own, closed after
+ * the call. The least recently used idle handle makes room for a new
+ * port. A connection the agent has closed (restart) is noticed by curl,
+ * which connects again. */
+#define POOL_SLOTS 256
+
+struct pool_slot {
+	char key[96]; /* host:port; "" when free */
+	CURL *h;
+	bool lent;
+	uint64_t stamp;
+};
+
+static struct {
+	pthread_mutex_t mu;
+	struct pool_slot slots[POOL_SLOTS];
+	uint64_t clock;
+} pool = {PTHREAD_MUTEX_INITIALIZER, {{"", NULL, false, 0}}, 0};
+
+/* A handle for key, with no options set, and the slot it belongs to (-1:
+ * a handle of its own). */
+static CURL *pool_get(const char *key, int *slot)
+{
+	int found = -1, victim = -1;
+
+	*slot = -1;
+	pthread_mutex_lock(&pool.mu);
+	for (int i = 0; i < POOL_SLOTS; i++) {
+		struct pool_slot *e = &pool.slots[i];
+		if (e->h && strcmp(e->key, key) == 0) {
+			found = e->lent ? -2 : i;
+			break;
+		}
+		if (!e->lent && (victim < 0 || !e->h ||
+		                 (pool.slots[victim].h && e->stamp < pool.slots[victim].stamp)))
+			victim = i;
+	}
+	if (found == -2 || (found < 0 && victim < 0)) {
+		pthread_mutex_unlock(&pool.mu);
+		return curl_easy_init();
+	}
+	if (found < 0) {
+		struct pool_slot *e = &pool.slots[victim];
+		if (e->h)
+			curl_easy_cleanup(e->h); /* closes its connection */
+		e->h = curl_easy_init();
+		snprintf(e->key, sizeof(e->key), "%s", key);
+		found = victim;
+		if (!e->h) {
+			e->key[0] = '\0';
+			pthread_mutex_unlock(&pool.mu);
+			return NULL;
+		}
+	}
+	pool.slots[found].lent = true;
+	pool.slots[found].stamp = ++pool.clock;
+	*slot = found;
+	pthread_mutex_unlock(&pool.mu);
+	return pool.slots[found].h;
+}
+
+static void pool_put(CURL *h, int slot)
+{
+	if (slot < 0) {
+		curl_easy_cleanup(h);
+		return;
+	}
+	/* forget the call's options (they point at its stack); the connection
+	 * stays open */
+	curl_easy_reset(h);
+	pthread_mutex_lock(&pool.mu);
+	pool.slots[slot].lent = false;
+	pthread_mutex_unlock(&pool.mu);
+}
+
+void agent_client_cleanup(void)
+{
+	pthread_mutex_lock(&pool.mu);
+	for (int i = 0; i < POOL_SLOTS; i++) {
+		struct pool_slot *e = &pool.slots[i];
+		if (e->h && !e->lent) {
+			curl_easy_cleanup(e->h);
+			e->h = NULL;
+			e->key[0] = '\0';
+		}
+	}
+	pthread_mutex_unlock(&pool.mu);
+}
+
 /* One request; 0 when an answer arrived (any status) with *body holding
  * it (caller releases); else the transport errno. */
 static int call(const struct agent_addr *a, const struct agent_opts *o, bool admin,
@@ -69,16 +164,18 @@ static int call(const struct agent_addr *a, const struct agent_opts *o, bool adm
 	char url[2048], errbuf[CURL_ERROR_SIZE] = "", auth[1100];
 	struct curl_slist *hdrs = NULL;
 	int port = admin ? a->admin_port : a->http_port;
+	char key[96];
 	CURLcode cc;
 	CURL *h;
-	int rc = 0;
+	int rc = 0, slot;
 
 	memset(r, 0, sizeof(*r));
 	lp_buf_init(&s->body, AGENT_BODY_MAX);
 	s->too_big = false;
 	snprintf(url, sizeof(url), strchr(a->host, ':') ? "http://[%s]:%d%s" : "http://%s:%d%s",
 	         a->host, port, path);
-	h = curl_easy_init();
+	snprintf(key, sizeof(key), "%s:%d", a->host, port);
+	h = pool_get(key, &slot);
 	if (!h)
 		return lp_errf(err, -ENOMEM, "cannot create a curl handle");
 	hdrs = curl_slist_append(hdrs, "Accept: application/json");
@@ -120,7 +217,7 @@ static int call(const struct agent_addr *a, const struct agent_opts *o, bool adm
 		                                        : curl_easy_strerror(cc));
 	}
 	curl_slist_free_all(hdrs);
-	curl_easy_cleanup(h);
+	pool_put(h, slot);
 	if (rc)
 		lp_buf_release(&s->body);
 	return rc;

@@ -2,7 +2,9 @@
  * GET /v1/models on the public port (which base model a pod serves),
  * POST/GET/DELETE /v1/loras on the admin port. Every call has a connect
  * timeout and an overall timeout; bodies are capped at 4 MiB. Thread-safe:
- * each call uses its own curl handle. */
+ * a call borrows a curl handle kept for its agent's port, so that calls to
+ * one agent reuse a kept-alive connection (up to 256 ports; more are
+ * served by handles of their own). */
 #ifndef LP_OPERATOR_RECONCILE_AGENTS_H
 #define LP_OPERATOR_RECONCILE_AGENTS_H
 
@@ -62,5 +64,9 @@ bool agent_lora_from_json(json_t *entry, struct agent_lora *out);
  * (not loaded is what we wanted). */
 int agent_unload(const struct agent_addr *a, const struct agent_opts *o, const char *name,
                  struct agent_reply *r, struct lp_err *err);
+
+/* Closes the kept connections and frees their handles (at exit, after
+ * every call has returned). */
+void agent_client_cleanup(void);
 
 #endif

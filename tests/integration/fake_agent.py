@@ -48,6 +48,10 @@ def lora_id(name):
 def make_handler(state, admin):
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # like the real agent (civetweb's tcp_nodelay): on a kept-alive
+        # connection Nagle would hold the body behind the headers until
+        # the client's delayed ACK
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt, *args):
             pass
