@@ -339,10 +339,14 @@ static size_t matrix_bytes(size_t n, enum lp_dtype t)
 
 static enum lp_lora_group target_group(int t)
 {
-	return t <= LP_LORA_V    ? LP_LORA_GROUP_QKV
-	       : t == LP_LORA_O  ? LP_LORA_GROUP_O
-	       : t <= LP_LORA_UP ? LP_LORA_GROUP_GATE_UP
-	                         : LP_LORA_GROUP_DOWN;
+	int g = 0, first, count;
+
+	for (; g + 1 < LP_LORA_N_GROUPS; g++) {
+		lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
+		if (t < first + count)
+			break;
+	}
+	return (enum lp_lora_group)g;
 }
 
 int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const struct lp_lora_shape *s,

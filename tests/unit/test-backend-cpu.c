@@ -888,7 +888,6 @@ struct lora_case {
 	int n, in, n_outs, outs[LP_LORA_MAX_OUTS];
 	int n_segs, row0[4], rows[4];
 	int rank[4][LP_LORA_MAX_OUTS];
-	enum lp_dtype at, bt; /* storage of A and B: f32 (0), f16 or bf16 */
 };
 
 /* n values as type t (f32, f16, bf16) in new memory; vals are rounded to
@@ -963,7 +962,9 @@ static float *run_lora(struct lp_backend *be, const struct lora_case *c, struct 
 	return res;
 }
 
-static int check_lora(struct lp_backend *be, const char *bname, const struct lora_case *c)
+/* a_type, b_type: storage of A and B (f32, f16 or bf16). */
+static int check_lora(struct lp_backend *be, const char *bname, const struct lora_case *c,
+                      enum lp_dtype a_type, enum lp_dtype b_type)
 {
 	float *x = rand_floats((size_t)c->n * c->in, -1, 1), *out0[LP_LORA_MAX_OUTS] = {0};
 	float *a[4] = {0}, *bt[4][LP_LORA_MAX_OUTS] = {{0}}, *got = NULL;
@@ -995,12 +996,12 @@ static int check_lora(struct lp_backend *be, const char *bname, const struct lor
 				for (int o = 0; o < c->outs[i]; o++)
 					panels[lp_lora_b_index(rk, c->outs[i], k, o)] =
 					    bt[g][i][(size_t)k * c->outs[i] + o];
-			void *stored = to_type(panels, (size_t)rk * c->outs[i], c->bt);
+			void *stored = to_type(panels, (size_t)rk * c->outs[i], b_type);
 			for (int k = 0; k < rk; k++)
 				for (int o = 0; o < c->outs[i]; o++)
 					bt[g][i][(size_t)k * c->outs[i] + o] =
 					    panels[lp_lora_b_index(rk, c->outs[i], k, o)];
-			int rc = dev_tensor(be, &lb.b[g][i], &lb.tb[g][i], c->bt, rk, c->outs[i],
+			int rc = dev_tensor(be, &lb.b[g][i], &lb.tb[g][i], b_type, rk, c->outs[i],
 			                    stored);
 			free(panels);
 			free(stored);
@@ -1010,8 +1011,8 @@ static int check_lora(struct lp_backend *be, const char *bname, const struct lor
 		}
 		max_r = r > max_r ? r : max_r;
 		a[g] = rand_floats((size_t)r * c->in, -0.5f, 0.5f);
-		void *stored = to_type(a[g], (size_t)r * c->in, c->at);
-		int rc = dev_tensor(be, &lb.a[g], &lb.ta[g], c->at, r, c->in, stored);
+		void *stored = to_type(a[g], (size_t)r * c->in, a_type);
+		int rc = dev_tensor(be, &lb.a[g], &lb.ta[g], a_type, r, c->in, stored);
 		free(stored);
 		if (rc)
 			goto alloc_failed;
@@ -1077,7 +1078,7 @@ static int check_lora(struct lp_backend *be, const char *bname, const struct lor
 	}
 	/* half-precision weights give the same bits as the same values in f32:
 	 * the conversion in registers is exact */
-	if (c->at != LP_DTYPE_F32 || c->bt != LP_DTYPE_F32) {
+	if (a_type != LP_DTYPE_F32 || b_type != LP_DTYPE_F32) {
 		struct lora_bufs f32 = lb;
 		float *same;
 		int all[4] = {0, 1, 2, 3}, bad = 0;
@@ -1140,9 +1141,9 @@ out:
 
 static void test_lora(void)
 {
-	static const struct lora_case cases[] = {
+	static const struct lora_case shapes[] = {
 	    /* small: one output, two segments of different rank */
-	    {7, 40, 1, {24}, 2, {0, 3}, {2, 3}, {{4}, {8}}, LP_DTYPE_F32, LP_DTYPE_F32},
+	    {7, 40, 1, {24}, 2, {0, 3}, {2, 3}, {{4}, {8}}},
 	    /* SmolLM2's q/k/v shapes, a segment without k, odd ranks */
 	    {40,
 	     576,
@@ -1151,73 +1152,35 @@ static void test_lora(void)
 	     4,
 	     {0, 5, 9, 30},
 	     {5, 3, 17, 9},
-	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}},
-	     LP_DTYPE_F32,
-	     LP_DTYPE_F32},
+	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}}},
 	    /* gate/up and down shapes, outputs not a multiple of the panel */
-	    {12,
-	     576,
-	     2,
-	     {1536, 100},
-	     3,
-	     {0, 4, 8},
-	     {4, 4, 4},
-	     {{16, 16}, {8, 0}, {0, 4}},
-	     LP_DTYPE_F32,
-	     LP_DTYPE_F32},
-	    {9, 1536, 1, {576}, 2, {1, 2}, {1, 7}, {{16}, {1}}, LP_DTYPE_F32, LP_DTYPE_F32},
+	    {12, 576, 2, {1536, 100}, 3, {0, 4, 8}, {4, 4, 4}, {{16, 16}, {8, 0}, {0, 4}}},
+	    {9, 1536, 1, {576}, 2, {1, 2}, {1, 7}, {{16}, {1}}},
 	    /* input length not a multiple of 8, narrow outputs */
-	    {5,
-	     33,
-	     3,
-	     {21, 7, 70},
-	     2,
-	     {0, 2},
-	     {2, 3},
-	     {{16, 3, 2}, {24, 1, 9}},
-	     LP_DTYPE_F32,
-	     LP_DTYPE_F32},
+	    {5, 33, 3, {21, 7, 70}, 2, {0, 2}, {2, 3}, {{16, 3, 2}, {24, 1, 9}}},
 	    /* one row: the split path on the pool */
-	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}, LP_DTYPE_F32, LP_DTYPE_F32},
-	    /* weights kept in the adapter file's half precision, converted
-	     * in registers; B in f32 beside a half A (a scale that does not
-	     * fold exactly) */
-	    {40,
-	     576,
-	     3,
-	     {576, 192, 192},
-	     4,
-	     {0, 5, 9, 30},
-	     {5, 3, 17, 9},
-	     {{16, 16, 16}, {8, 0, 8}, {5, 7, 3}, {16, 16, 16}},
-	     LP_DTYPE_BF16,
-	     LP_DTYPE_BF16},
-	    {12,
-	     576,
-	     2,
-	     {1536, 100},
-	     3,
-	     {0, 4, 8},
-	     {4, 4, 4},
-	     {{16, 16}, {8, 0}, {0, 4}},
-	     LP_DTYPE_F16,
-	     LP_DTYPE_F16},
-	    {5,
-	     33,
-	     3,
-	     {21, 7, 70},
-	     2,
-	     {0, 2},
-	     {2, 3},
-	     {{16, 3, 2}, {24, 1, 9}},
-	     LP_DTYPE_BF16,
-	     LP_DTYPE_F32},
-	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}, LP_DTYPE_F16, LP_DTYPE_BF16},
+	    {1, 576, 3, {576, 192, 192}, 1, {0}, {1}, {{16, 16, 16}}},
 	};
+	/* every shape in f32, then some with the weights kept in the adapter
+	 * file's half precision, converted in registers (B in f32 beside a
+	 * half A: a scale that does not fold exactly) */
+	static const struct {
+		int shape;
+		enum lp_dtype a, b;
+	} half[] = {{1, LP_DTYPE_BF16, LP_DTYPE_BF16},
+	            {2, LP_DTYPE_F16, LP_DTYPE_F16},
+	            {4, LP_DTYPE_BF16, LP_DTYPE_F32},
+	            {5, LP_DTYPE_F16, LP_DTYPE_BF16}};
+	const size_t n_shapes = sizeof(shapes) / sizeof(shapes[0]);
 
-	for (int b = 0; b < N_BACKENDS; b++)
-		for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-			CHECK(check_lora(g_be[b], g_be_name[b], &cases[i]));
+	for (int b = 0; b < N_BACKENDS; b++) {
+		for (size_t i = 0; i < n_shapes; i++)
+			CHECK(check_lora(g_be[b], g_be_name[b], &shapes[i], LP_DTYPE_F32,
+			                 LP_DTYPE_F32));
+		for (size_t i = 0; i < sizeof(half) / sizeof(half[0]); i++)
+			CHECK(check_lora(g_be[b], g_be_name[b], &shapes[half[i].shape], half[i].a,
+			                 half[i].b));
+	}
 }
 
 int main(void)
