@@ -1,13 +1,17 @@
 /* Persistent compute threads; see threadpool.h.
  *
- * A run publishes (fn, arg, n_chunks), zeroes the count of finished chunks,
- * sets the claim word to (run number, next chunk 0) and bumps a wake-up
+ * A run publishes (fn, arg), zeroes the count of finished chunks, sets the
+ * claim word to (run number, n_chunks, next chunk 0) and bumps a wake-up
  * counter. Every thread then claims chunks by compare-and-swap on the claim
  * word until none is left; the run number in the word makes a claim by a
  * worker that wakes after its run has ended fail, so it never touches a
- * finished run's arguments. A successful claim keeps the run open until
- * that chunk finishes, so fn and arg stay valid while it runs. The caller
- * waits for the finished count to reach n_chunks.
+ * finished run's arguments. The chunk count travels in the same word: a
+ * worker holding the last word of a finished run must not compare its
+ * chunk with the next run's count, published before the next run's word,
+ * or it would claim a chunk that does not exist (a wrong result, and a
+ * finished count that never matches). A successful claim keeps the run
+ * open until that chunk finishes, so fn and arg stay valid while it runs.
+ * The caller waits for the finished count to reach n_chunks.
  *
  * Waiting (workers for a new run, the caller for the last chunks) first
  * polls with pause instructions, then polls between sched_yield() calls
@@ -58,10 +62,9 @@ struct lp_threadpool {
 	/* the current run; written by the caller before it publishes claim */
 	lp_threadpool_fn fn;
 	void *arg;
-	atomic_int n_chunks; /* read before a claim, possibly by a late worker */
 	atomic_bool stop;
 
-	_Atomic uint64_t claim; /* run number << 32 | next chunk */
+	_Atomic uint64_t claim; /* run number << 32 | n_chunks << 16 | next chunk */
 	atomic_int finished;    /* chunks of the current run done */
 	atomic_uint wake;       /* bumped once per run and at stop */
 	atomic_int sleeping;
@@ -106,21 +109,23 @@ static bool all_finished(struct lp_threadpool *pool, unsigned n_chunks)
 	return atomic_load_explicit(&pool->finished, memory_order_acquire) == (int)n_chunks;
 }
 
+#define CLAIM_CHUNK(c)    ((int)((c)&0xffff))
+#define CLAIM_N_CHUNKS(c) ((int)(((c) >> 16) & 0xffff))
+
 /* Claims and runs chunks of the run in the claim word until none is left. */
 static void pool_work(struct lp_threadpool *pool, int thread)
 {
 	uint64_t c = atomic_load_explicit(&pool->claim, memory_order_acquire);
 
 	for (;;) {
-		uint32_t chunk = (uint32_t)c;
-		int n_chunks = atomic_load_explicit(&pool->n_chunks, memory_order_relaxed);
+		int chunk = CLAIM_CHUNK(c), n_chunks = CLAIM_N_CHUNKS(c);
 
-		if ((int)chunk >= n_chunks)
+		if (chunk >= n_chunks)
 			return;
 		if (!atomic_compare_exchange_weak_explicit(
 		        &pool->claim, &c, c + 1, memory_order_acq_rel, memory_order_acquire))
 			continue; /* c now holds the current word */
-		pool->fn(pool->arg, (int)chunk, n_chunks, thread);
+		pool->fn(pool->arg, chunk, n_chunks, thread);
 		if (atomic_fetch_add_explicit(&pool->finished, 1, memory_order_acq_rel) ==
 		    n_chunks - 1) {
 			pthread_mutex_lock(&pool->mu);
@@ -177,7 +182,6 @@ int lp_threadpool_new(struct lp_threadpool **out, int n_threads, struct lp_err *
 		return lp_errf(err, -ENOMEM, "out of memory for the thread pool");
 	pool->n_threads = n_threads;
 	atomic_init(&pool->claim, 0);
-	atomic_init(&pool->n_chunks, 0);
 	atomic_init(&pool->finished, 0);
 	atomic_init(&pool->wake, 0);
 	atomic_init(&pool->sleeping, 0);
@@ -237,17 +241,17 @@ int lp_threadpool_size(const struct lp_threadpool *pool)
 
 void lp_threadpool_run(struct lp_threadpool *pool, lp_threadpool_fn fn, void *arg, int n_chunks)
 {
-	if (pool->n_threads == 1 || n_chunks == 1) {
+	if (pool->n_threads == 1 || n_chunks == 1 || n_chunks > LP_THREADPOOL_MAX_CHUNKS) {
 		for (int c = 0; c < n_chunks; c++)
 			fn(arg, c, n_chunks, 0);
 		return;
 	}
 	pool->fn = fn;
 	pool->arg = arg;
-	atomic_store_explicit(&pool->n_chunks, n_chunks, memory_order_relaxed);
 	atomic_store_explicit(&pool->finished, 0, memory_order_relaxed);
 	pool->run++;
-	atomic_store_explicit(&pool->claim, (uint64_t)pool->run << 32, memory_order_release);
+	atomic_store_explicit(&pool->claim, (uint64_t)pool->run << 32 | (uint64_t)n_chunks << 16,
+	                      memory_order_release);
 	pool_wake(pool);
 	pool_work(pool, 0);
 	if (pool_poll(pool, (unsigned)n_chunks, all_finished))

@@ -30,6 +30,11 @@ void lp_threadpool_free(struct lp_threadpool *pool);
 
 int lp_threadpool_size(const struct lp_threadpool *pool);
 
+/* Most chunks one run spreads over the pool; a run of more (no op of the
+ * CPU backend makes one: it caps runs at a few chunks per thread) runs
+ * every chunk on the caller, in order. */
+#define LP_THREADPOOL_MAX_CHUNKS 0xffff
+
 /* Runs fn for chunks 0 .. n_chunks - 1 (n_chunks >= 1); borrows arg until
  * it returns. */
 void lp_threadpool_run(struct lp_threadpool *pool, lp_threadpool_fn fn, void *arg, int n_chunks);

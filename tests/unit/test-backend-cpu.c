@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu.h"
@@ -294,6 +295,63 @@ static void test_threadpool_runs(void)
 	CHECK_EQ_INT(c.bad_args, 0);
 	for (int k = 0; k < POOL_CHUNKS; k++)
 		CHECK_EQ_INT(c.chunk_runs[k], 5003);
+}
+
+struct pool_run {
+	int n_chunks;
+	int calls;
+	int bad;
+};
+
+static struct pool_run *volatile g_pool_run; /* the run in progress */
+
+static void pool_run_fn(void *arg, int chunk, int n_chunks, int thread)
+{
+	struct pool_run *r = arg;
+
+	if (r != g_pool_run || n_chunks != r->n_chunks || chunk < 0 || chunk >= n_chunks)
+		__atomic_fetch_add(&r->bad, 1, __ATOMIC_SEQ_CST);
+	__atomic_fetch_add(&r->calls, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Back-to-back runs of different chunk counts, as consecutive ops make
+ * them: a worker still holding the end of one run must not claim a chunk
+ * of the next run's count (it once could, between the count's store and
+ * the claim word's: a chunk that does not exist ran, and the caller then
+ * waited for ever or returned with a chunk still running). Each run gets
+ * exactly its own chunks, none after it returned. */
+static void test_threadpool_changing_counts(void)
+{
+	struct lp_err err = {0};
+	struct lp_threadpool *pool = NULL;
+	struct pool_run runs[2];
+	int wrong = 0;
+
+	alarm(120); /* the bug hung the caller: die with SIGALRM instead */
+	CHECK_OK(lp_threadpool_new(&pool, 3, &err), &err);
+	for (int i = 0; i < 200000 && !wrong; i++) {
+		struct pool_run *r = &runs[i & 1];
+
+		*r = (struct pool_run){.n_chunks = i % 3 == 0 ? 9 : 2 + i % 7};
+		g_pool_run = r;
+		lp_threadpool_run(pool, pool_run_fn, r, r->n_chunks);
+		g_pool_run = NULL;
+		if (__atomic_load_n(&r->calls, __ATOMIC_SEQ_CST) != r->n_chunks ||
+		    __atomic_load_n(&r->bad, __ATOMIC_SEQ_CST)) {
+			TEST_FAIL("run %d of %d chunks: %d calls, %d wrong", i, r->n_chunks,
+			          r->calls, r->bad);
+			wrong = 1;
+		}
+		/* a late call into the previous run shows up there */
+		if (i && (__atomic_load_n(&runs[(i - 1) & 1].calls, __ATOMIC_SEQ_CST) !=
+		              runs[(i - 1) & 1].n_chunks ||
+		          __atomic_load_n(&runs[(i - 1) & 1].bad, __ATOMIC_SEQ_CST))) {
+			TEST_FAIL("run %d: a chunk of it ran after it returned", i - 1);
+			wrong = 1;
+		}
+	}
+	lp_threadpool_free(pool);
+	alarm(0);
 }
 
 struct mm_shape {
@@ -1204,6 +1262,7 @@ int main(void)
 	RUN(test_create_errors);
 	RUN(test_paths_selected);
 	RUN(test_threadpool_runs);
+	RUN(test_threadpool_changing_counts);
 	RUN(test_matmul_all_types);
 	RUN(test_matmul_prefill);
 	RUN(test_matmul_thread_invariant);
