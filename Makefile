@@ -43,7 +43,7 @@ PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/lorap
 	$(if $(wildcard operator/main.c),$(BIN)/loraplane-operator)
 TOOLS := $(BUILD)/tools/bench
 
-.PHONY: all test check asan bench deps run clean help format
+.PHONY: all test unit check asan tsan bench deps run clean help format
 all: $(PROGRAMS)
 
 help:
@@ -52,6 +52,7 @@ help:
 	@echo "make test       build and run every test (ends with 'N passed, N failed')"
 	@echo "make check      formatting and banned-call checks"
 	@echo "make asan       the tests under AddressSanitizer + UBSan"
+	@echo "make tsan       the unit tests under ThreadSanitizer"
 	@echo "make bench      speed and memory figures on the default model"
 	@echo "make run        start the agent on the default model with the sample adapters"
 
@@ -95,6 +96,10 @@ deps:
 test: deps $(PROGRAMS) $(UNIT_BINS)
 	$(Q)BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
 
+# The unit test programs alone.
+unit: deps $(UNIT_BINS)
+	$(Q)UNIT_ONLY=1 BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
+
 check:
 	$(Q)bash hack/check.sh
 
@@ -107,6 +112,12 @@ asan: deps
 		OPT="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
 		LDFLAGS="-fsanitize=address,undefined" test
 
+# Unit tests under ThreadSanitizer (the thread pool, the kernels on it, the
+# engine's worker); a data race fails the program.
+tsan: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan BIN=build-tsan/bin \
+		OPT="-O1 -g -fsanitize=thread" LDFLAGS="-fsanitize=thread" unit
+
 bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
 	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
@@ -116,4 +127,4 @@ run: deps $(PROGRAMS)
 	$(Q)BIN=$(BIN) MODEL=$(MODEL) bash hack/run-agent.sh
 
 clean:
-	rm -rf build build-asan bin
+	rm -rf build build-asan build-tsan bin

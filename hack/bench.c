@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "agent/adapters/lora.h"
 #include "agent/engine/engine.h"
 #include "agent/engine/model.h"
@@ -467,14 +469,76 @@ out:
 	return rc;
 }
 
+/* Tokenizer speed on the model's own tokenizer: the committed test corpus
+ * (mixed scripts, code, numbers, special tokens), and one long "word" of
+ * letters (a single BPE piece) at two lengths, timed in turn, whose ratio
+ * shows how encoding scales: about 4 when linear, 16 when quadratic. */
+static int bench_tokenizer(const struct lp_model *m, const char *corpus_path, struct lp_err *err)
+{
+	json_error_t jerr;
+	json_t *corpus = json_load_file(corpus_path, 0, &jerr);
+	struct lp_tokens t = {0};
+	size_t n_long = 200000, bytes = 0;
+	char *word = NULL;
+	double best = 1e30, best_w[2] = {1e30, 1e30};
+	int rc = -EINVAL;
+
+	if (!json_is_array(corpus)) {
+		lp_errf(err, -EINVAL, "tokenizer corpus %s: %s", corpus_path,
+		        corpus ? "not a JSON array" : jerr.text);
+		goto out;
+	}
+	for (int rep = 0; rep < 5; rep++) {
+		double t0 = now_s();
+		bytes = 0;
+		for (size_t i = 0; i < json_array_size(corpus); i++) {
+			const json_t *s = json_array_get(corpus, i);
+			t.n = 0;
+			if ((rc = lp_tokenizer_encode(m->tok, json_string_value(s),
+			                              json_string_length(s),
+			                              LP_ENCODE_PARSE_SPECIAL, &t, err)))
+				goto out;
+			bytes += json_string_length(s);
+		}
+		if (now_s() - t0 < best)
+			best = now_s() - t0;
+	}
+	word = malloc(n_long);
+	if (!word) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < n_long; i++)
+		word[i] = (char)('a' + (i * 7 + i / 13) % 26);
+	for (int rep = 0; rep < 3; rep++) {
+		for (int k = 0; k < 2; k++) {
+			double t0 = now_s();
+			t.n = 0;
+			if ((rc = lp_tokenizer_encode(m->tok, word, k ? n_long : n_long / 4, 0, &t,
+			                              err)))
+				goto out;
+			if (now_s() - t0 < best_w[k])
+				best_w[k] = now_s() - t0;
+		}
+	}
+	printf("bench: tokenizer_corpus_mb_per_s %.2f MB/s\n", (double)bytes / 1e6 / best);
+	printf("bench: tokenizer_long_word_200k_ms %.2f ms\n", best_w[1] * 1e3);
+	printf("bench: tokenizer_long_word_scaling_4x %.2f ratio\n", best_w[1] / best_w[0]);
+	fflush(stdout);
+	rc = 0;
+out:
+	free(word);
+	lp_tokens_release(&t);
+	json_decref(corpus);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
-	    {"model", required_argument, NULL, 'm'},
-	    {"threads", required_argument, NULL, 't'},
-	    {"only", required_argument, NULL, 'o'},
-	    {"rounds", required_argument, NULL, 'r'},
-	    {NULL, 0, NULL, 0},
+	    {"model", required_argument, NULL, 'm'},  {"threads", required_argument, NULL, 't'},
+	    {"only", required_argument, NULL, 'o'},   {"rounds", required_argument, NULL, 'r'},
+	    {"corpus", required_argument, NULL, 'c'}, {NULL, 0, NULL, 0},
 	};
 	const char *path = "models/smollm2-135m-instruct-q4_1.gguf";
 	struct lp_err err = {0};
@@ -486,7 +550,7 @@ int main(int argc, char **argv)
 	struct lp_seq *seq;
 	struct rusage ru;
 	int threads = 0, c, status = 1, rounds = 3;
-	const char *only = NULL;
+	const char *only = NULL, *corpus = "tests/fixtures/tokenizer/corpus.json";
 	double t0;
 
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -498,14 +562,17 @@ int main(int argc, char **argv)
 			only = optarg;
 		else if (c == 'r')
 			rounds = (int)strtol(optarg, NULL, 10);
+		else if (c == 'c')
+			corpus = optarg;
 		else
 			return 2;
 	}
 	if (threads <= 0)
 		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-	if ((only && strcmp(only, "lora") != 0) || rounds < 1 || rounds > 100) {
-		fprintf(stderr, "usage: bench [--model PATH] [--threads N] [--only lora] "
-		                "[--rounds N (1-100)]\n");
+	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0) || rounds < 1 ||
+	    rounds > 100) {
+		fprintf(stderr, "usage: bench [--model PATH] [--threads N] [--only lora|tokenizer] "
+		                "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
 
@@ -533,7 +600,8 @@ int main(int argc, char **argv)
 		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
 			goto fail;
 	if (only) {
-		if (bench_lora(m, ids.ids, rounds, &err))
+		if (strcmp(only, "lora") == 0 ? bench_lora(m, ids.ids, rounds, &err)
+		                              : bench_tokenizer(m, corpus, &err))
 			goto fail;
 		status = 0;
 		goto out;
@@ -574,6 +642,8 @@ int main(int argc, char **argv)
 	printf("bench: weight_bytes_per_token %.1f MB\n", (double)bpt / 1e6);
 	printf("bench: decode_batch1_roofline %.1f tokens/s\n", roofline);
 	printf("bench: decode_batch1_roofline_ratio %.3f ratio\n", b1 / roofline);
+	if (bench_tokenizer(m, corpus, &err))
+		goto fail;
 	getrusage(RUSAGE_SELF, &ru);
 	printf("bench: peak_rss %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
 	fflush(stdout);

@@ -680,7 +680,7 @@ static int find_added(const struct enc *e, const char *s, size_t len, size_t fro
 
 static int model_text(struct enc *e, size_t off, size_t len, bool at_start)
 {
-	int list, rc;
+	int list = 0, rc;
 	size_t i;
 
 	e->npc[0] = 0;

@@ -7,7 +7,6 @@
 #include <errno.h>
 #include <jansson.h>
 #include <stdint.h>
-#include <time.h>
 
 #include "agent/engine/gguf.h"
 #include "agent/engine/tokenizer.h"
@@ -762,68 +761,20 @@ static void test_bad_gguf_tokenizers(void)
 	}
 }
 
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void test_corpus_encodes_fast(void)
-{
-	json_t *corpus = read_json("tokenizer/corpus.json");
-	struct lp_tokens t = {0};
-	struct lp_err err = {0};
-	size_t i, bytes = 0;
-	double t0, smol_s, sp_s;
-
-	CHECK(corpus && smol() && sp());
-	t0 = now_s();
-	for (i = 0; i < json_array_size(corpus); i++) {
-		const json_t *s = json_array_get(corpus, i);
-
-		t.n = 0;
-		CHECK_OK(lp_tokenizer_encode(smol(), json_string_value(s), json_string_length(s),
-		                             LP_ENCODE_PARSE_SPECIAL, &t, &err),
-		         &err);
-		bytes += json_string_length(s);
-	}
-	smol_s = now_s() - t0;
-	t0 = now_s();
-	for (i = 0; i < json_array_size(corpus); i++) {
-		const json_t *s = json_array_get(corpus, i);
-
-		t.n = 0;
-		CHECK_OK(lp_tokenizer_encode(sp(), json_string_value(s), json_string_length(s),
-		                             LP_ENCODE_PARSE_SPECIAL, &t, &err),
-		         &err);
-	}
-	sp_s = now_s() - t0;
-	printf("# corpus of %zu strings (%zu bytes): smollm2 %.1f ms, spbpe %.1f ms\n",
-	       json_array_size(corpus), bytes, smol_s * 1e3, sp_s * 1e3);
-	lp_tokens_release(&t);
-	json_decref(corpus);
-	/* generous for sanitizer builds; an unsanitized -O2 build takes ~1% */
-	CHECK(smol_s < 1.0);
-	CHECK(sp_s < 1.0);
-}
-
-static void test_long_word_is_not_quadratic(void)
+/* One 200 kB "word" of varied letters, a single BPE piece, encodes into a
+ * plausible number of tokens. How its time scales with its length is make
+ * bench's figure (tokenizer_long_word_scaling_4x), not a timed test's. */
+static void test_long_word(void)
 {
 	size_t n = 200000, i;
 	char *s = malloc(n);
 	struct lp_tokens t = {0};
 	struct lp_err err = {0};
-	double t0;
 
 	CHECK(s && smol());
-	/* one 200 kB "word" of varied letters: a single BPE piece */
 	for (i = 0; i < n; i++)
 		s[i] = (char)('a' + (i * 7 + i / 13) % 26);
-	t0 = now_s();
 	CHECK_OK(lp_tokenizer_encode(smol(), s, n, 0, &t, &err), &err);
-	CHECK(now_s() - t0 < 2.0);
 	CHECK(t.n > n / 8 && t.n < n);
 	free(s);
 	lp_tokens_release(&t);
@@ -848,8 +799,7 @@ int main(void)
 	RUN(test_bad_tokenizer_json);
 	RUN(test_bad_config);
 	RUN(test_bad_gguf_tokenizers);
-	RUN(test_corpus_encodes_fast);
-	RUN(test_long_word_is_not_quadratic);
+	RUN(test_long_word);
 	lp_tokenizer_free(smol_json);
 	lp_tokenizer_free(sp_json);
 	json_decref(smol_goldens);
