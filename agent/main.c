@@ -66,6 +66,7 @@ struct options {
 	int http_threads;
 	double drain_s;
 	long max_request_bytes;
+	int max_queued; /* 0: the worker's default */
 	struct lp_engine_config ec;
 	/* storage for values split out of lists */
 	char *owned[MAX_LORA_MODULES + MAX_ROOTS + 8];
@@ -103,6 +104,7 @@ enum {
 	OPT_HTTP_THREADS,
 	OPT_DRAIN,
 	OPT_MAX_REQUEST_BYTES,
+	OPT_MAX_QUEUED,
 	OPT_ALLOW_BASE_MISMATCH,
 	OPT_HELP,
 };
@@ -150,6 +152,7 @@ static const struct opt_spec specs[] = {
     {"http-threads", required_argument, OPT_HTTP_THREADS, {NULL}},
     {"drain-timeout", required_argument, OPT_DRAIN, {NULL}},
     {"max-request-bytes", required_argument, OPT_MAX_REQUEST_BYTES, {NULL}},
+    {"max-queued-requests", required_argument, OPT_MAX_QUEUED, {NULL}},
     {"allow-base-mismatch", no_argument, OPT_ALLOW_BASE_MISMATCH, {NULL}},
     {"help", no_argument, OPT_HELP, {NULL}},
 };
@@ -187,6 +190,8 @@ static void usage(FILE *f)
 	    "  --drain-timeout S             on SIGTERM, wait this long for running requests\n"
 	    "                                (default 30)\n"
 	    "  --max-request-bytes N         largest request body (default 4194304)\n"
+	    "  --max-queued-requests N       requests waiting to enter the engine before 429\n"
+	    "                                queue_full (default 1024)\n"
 	    "  --allow-base-mismatch         accept adapters trained for another base model\n"
 	    "Every flag may also be set as LORAPLANE_<FLAG> in the environment.\n",
 	    f);
@@ -399,6 +404,11 @@ static int apply(struct options *o, int id, const char *v, bool from_env)
 		if (parse_long("max-request-bytes", v, 1024, 1L << 30, &n))
 			return -1;
 		o->max_request_bytes = n;
+		break;
+	case OPT_MAX_QUEUED:
+		if (parse_long("max-queued-requests", v, 1, 1 << 20, &n))
+			return -1;
+		o->max_queued = (int)n;
 		break;
 	case OPT_ALLOW_BASE_MISMATCH:
 		o->ec.allow_base_mismatch = !from_env || env_true(v);
@@ -907,6 +917,8 @@ int main(int argc, char **argv)
 	            eff->max_cpu_loras, eff->max_lora_rank);
 	int max_model_len = eff->max_model_len;
 	lp_worker_config_default(&wc);
+	if (o.max_queued)
+		wc.queue_capacity = o.max_queued;
 	if (wc.channel_capacity > max_model_len + 1)
 		wc.channel_capacity = max_model_len + 1;
 	if (lp_worker_start(&w, e, &wc, &err))

@@ -800,6 +800,8 @@ def device_and_usage_errors_exit_with_clear_messages():
     assert rc == 2 and "'--port'" in out, (rc, out)
     rc, out = run_agent_once("--model", TINY, "--bogus-flag")
     assert rc == 2, (rc, out)
+    rc, out = run_agent_once("--model", TINY, "--max-queued-requests", "0")
+    assert rc == 2 and "'--max-queued-requests'" in out, (rc, out)
     rc, out = run_agent_once("--model", "/nonexistent/model", "--port", "0", "--admin-port", "0")
     assert rc == 1 and "/nonexistent/model" in out, (rc, out)
     rc, out = run_agent_once("--model", TINY, "--port", "0", "--admin-port", "0", *TINY_ARGS,
@@ -919,6 +921,48 @@ def full_adapter_tier_gives_429_with_retry_after_and_507_on_load():
     r = a.json("POST", "/v1/completions", {"model": "smol-od", "prompt": "x", "max_tokens": 2})
     assert r[0] == 200, r
     assert a.json("DELETE", "/v1/loras/smol-od", admin=True)[0] == 200
+
+
+@test
+def full_submit_queue_gives_429_queue_full_and_loses_nothing():
+    # room for one request between the HTTP threads and the engine thread;
+    # a 900-token prefill in one step holds the engine thread for a second
+    # or more (1 thread), and the requests sent meanwhile wait in the queue
+    with Agent("--max-queued-requests", "1", "--max-batched-tokens", "1024", *SMOL_ARGS,
+               model=MODEL) as a:
+        long_prompt = "the quick brown fox jumps over the lazy dog " * 100
+        name = a.base_name()
+        results = {}
+
+        def send(key, body):
+            results[key] = a.request("POST", "/v1/completions", body)
+
+        first = threading.Thread(target=send, args=("long", {
+            "model": name, "prompt": long_prompt, "max_tokens": 1}))
+        first.start()
+        time.sleep(0.3)
+        others = [threading.Thread(target=send, args=(i, {
+            "model": name, "prompt": "Hi", "max_tokens": 2})) for i in range(4)]
+        for t in others:
+            t.start()
+        for t in [first, *others]:
+            t.join(120)
+        assert results["long"][0] == 200, results["long"]
+        statuses = [results[i][0] for i in range(4)]
+        print(f"  the 4 requests sent during the long step got {statuses}", flush=True)
+        assert 429 in statuses and set(statuses) <= {200, 429}, statuses
+        for i in range(4):
+            status, hdrs, data = results[i]
+            if status == 429:
+                err = json.loads(data)["error"]
+                assert err["code"] == "queue_full" and "overloaded" in err["message"], err
+                assert hdrs.get("retry-after") == "1", hdrs
+            else:
+                assert json.loads(data)["choices"][0]["text"], data
+        # the queue drains: the next request is served
+        status, obj = a.json("POST", "/v1/completions",
+                             {"model": name, "prompt": "Hi", "max_tokens": 2})
+        assert status == 200, (status, obj)
 
 
 @test
