@@ -120,7 +120,7 @@ static int hf_choose(struct src_download *d, json_t *siblings, struct hf_pick *p
 int src_hf_fetch(struct src_download *d, struct lp_err *err)
 {
 	const struct src_uri *u = d->u;
-	const struct src_env *env = &d->cache->env;
+	const struct src_env *env = d->env;
 	struct lp_buf url, body, auth;
 	struct lp_http_result *res = malloc(sizeof(*res));
 	const char *headers[2] = {NULL, NULL};

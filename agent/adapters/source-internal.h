@@ -44,8 +44,9 @@ struct src_env {
 	char *aws_access_key;
 	char *aws_secret_key;
 	char *aws_session_token;
-	char *aws_region;  /* never NULL */
-	char *s3_endpoint; /* never NULL */
+	char *aws_region;     /* never NULL */
+	char *s3_endpoint;    /* never NULL */
+	bool s3_endpoint_set; /* from AWS_ENDPOINT_URL(_S3), not the region */
 	char *aws_ca_bundle;
 	char *hf_endpoint; /* never NULL */
 	char *hf_token;
@@ -83,6 +84,7 @@ struct src_file {
  * function through the helpers below, which enforce the limits. */
 struct src_download {
 	struct lp_source_cache *cache;
+	const struct src_env *env; /* the cache's, or one fetch's credentials */
 	const struct src_uri *u;
 	const char *uri;
 	const char *dir; /* the temporary directory */

@@ -431,7 +431,7 @@ int src_s3_fetch(struct src_download *d, struct lp_err *err)
 {
 	const struct src_uri *u = d->u;
 	struct lp_source_cache *c = d->cache;
-	struct s3_ctx s = {.d = d, .env = &c->env};
+	struct s3_ctx s = {.d = d, .env = d->env};
 	struct s3_object *o = NULL;
 	char list_prefix[SRC_NAME_MAX + 2];
 	size_t pl = strlen(u->prefix);

@@ -46,7 +46,8 @@ struct src_inflight {
 	pthread_cond_t cond;
 	bool done;
 	int waiters;
-	char pin[65]; /* the leader's pin, "" for none */
+	char pin[65];   /* the leader's pin, "" for none */
+	uint64_t creds; /* the leader's credentials' fingerprint, 0 for none */
 	int rc;
 	struct lp_err err;
 	struct lp_source_result res;
@@ -726,9 +727,9 @@ out_fail:
 }
 
 /* The work of the one caller that downloads uri. */
-static int fetch_remote(struct lp_source_cache *c, const struct src_uri *u, const char *uri,
-                        const char *pin, char *out, size_t cap, struct lp_source_result *res,
-                        struct lp_err *err)
+static int fetch_remote(struct lp_source_cache *c, const struct src_env *env,
+                        const struct src_uri *u, const char *uri, const char *pin, char *out,
+                        size_t cap, struct lp_source_result *res, struct lp_err *err)
 {
 	struct src_download d;
 	char name[64], final[PATH_MAX], tmp[PATH_MAX];
@@ -755,13 +756,14 @@ static int fetch_remote(struct lp_source_cache *c, const struct src_uri *u, cons
 	}
 	memset(&d, 0, sizeof(d));
 	d.cache = c;
+	d.env = env;
 	d.u = u;
 	d.uri = uri;
 	d.dir = tmp;
 	clock_gettime(CLOCK_MONOTONIC, &d.last_progress);
-	ca = c->env.curl_ca_bundle;
-	if (u->scheme == SRC_S3 && c->env.aws_ca_bundle)
-		ca = c->env.aws_ca_bundle;
+	ca = env->curl_ca_bundle;
+	if (u->scheme == SRC_S3 && env->aws_ca_bundle)
+		ca = env->aws_ca_bundle;
 	if ((rc = src_download_init(&d, ca, err)) < 0)
 		goto out;
 	switch (u->scheme) {
@@ -826,10 +828,11 @@ static void inflight_free(struct src_inflight *f)
 }
 
 /* Single flight: the first caller for uri downloads; callers arriving
- * meanwhile wait and take its outcome. */
-static int fetch_shared(struct lp_source_cache *c, const struct src_uri *u, const char *uri,
-                        const char *pin, char *out, size_t cap, struct lp_source_result *res,
-                        struct lp_err *err)
+ * meanwhile wait and take its outcome. creds: a fingerprint of the
+ * caller's own credentials (0: the environment's). */
+static int fetch_shared(struct lp_source_cache *c, const struct src_env *env, uint64_t creds,
+                        const struct src_uri *u, const char *uri, const char *pin, char *out,
+                        size_t cap, struct lp_source_result *res, struct lp_err *err)
 {
 	struct src_inflight *f;
 	int rc;
@@ -837,6 +840,7 @@ static int fetch_shared(struct lp_source_cache *c, const struct src_uri *u, cons
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
 		char leader_pin[65], path[PATH_MAX];
+		uint64_t leader_creds;
 		f = inflight_find(c, uri);
 		if (!f)
 			break;
@@ -849,11 +853,16 @@ static int fetch_shared(struct lp_source_cache *c, const struct src_uri *u, cons
 			*err = f->err;
 		memcpy(leader_pin, f->pin, sizeof(leader_pin));
 		memcpy(path, f->path, sizeof(path));
+		leader_creds = f->creds;
 		if (--f->waiters == 0)
 			inflight_free(f);
 		/* a download rejected only for the leader's pin is retried
 		 * for a caller with another pin */
 		if (rc == -EBADMSG && strcmp(leader_pin, pin ? pin : "") != 0)
+			continue;
+		/* and one refused, or that found nothing, for the leader's
+		 * credentials for a caller with others */
+		if ((rc == -EACCES || rc == -ENOENT) && leader_creds != creds)
 			continue;
 		pthread_mutex_unlock(&c->lock);
 		res->bytes_downloaded = 0;
@@ -874,11 +883,12 @@ static int fetch_shared(struct lp_source_cache *c, const struct src_uri *u, cons
 	}
 	if (pin)
 		memcpy(f->pin, pin, 65);
+	f->creds = creds;
 	f->next = c->inflight;
 	c->inflight = f;
 	pthread_mutex_unlock(&c->lock);
 
-	rc = fetch_remote(c, u, uri, pin, f->path, sizeof(f->path), res, err);
+	rc = fetch_remote(c, env, u, uri, pin, f->path, sizeof(f->path), res, err);
 
 	pthread_mutex_lock(&c->lock);
 	for (struct src_inflight **pp = &c->inflight; *pp; pp = &(*pp)->next)
@@ -902,12 +912,33 @@ static int fetch_shared(struct lp_source_cache *c, const struct src_uri *u, cons
 	return rc;
 }
 
+static int env_with(struct src_env *e, const struct src_env *base,
+                    const struct lp_source_credentials *cr, struct lp_err *err);
+static void env_release(struct src_env *e);
+
+/* FNV-1a over the credentials' fields, never 0 (0: none given). */
+static uint64_t creds_fingerprint(const struct lp_source_credentials *cr)
+{
+	const char *f[] = {cr->aws_access_key_id, cr->aws_secret_access_key, cr->aws_session_token,
+	                   cr->aws_region,        cr->aws_endpoint_url,      cr->hf_token,
+	                   cr->hf_endpoint};
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+		for (const char *p = f[i] ? f[i] : ""; *p; p++)
+			h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+		h = (h ^ (f[i] ? 0xff : 0xfe)) * 0x100000001b3ull;
+	}
+	return h ? h : 1;
+}
+
 int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
-                    bool from_api, char *local_path, size_t cap, struct lp_source_result *res,
-                    struct lp_err *err)
+                    bool from_api, const struct lp_source_credentials *creds, char *local_path,
+                    size_t cap, struct lp_source_result *res, struct lp_err *err)
 {
 	struct lp_source_result scratch;
 	struct src_uri *u;
+	struct src_env own = {0};
 	char pin[65];
 	const char *pinp = NULL;
 	int rc;
@@ -933,9 +964,13 @@ int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha2
 		goto out;
 	if (u->scheme == SRC_FILE)
 		rc = fetch_file(c, u, uri, pinp, from_api, local_path, cap, res, err);
-	else
-		rc = fetch_shared(c, u, uri, pinp, local_path, cap, res, err);
+	else if (!creds)
+		rc = fetch_shared(c, &c->env, 0, u, uri, pinp, local_path, cap, res, err);
+	else if ((rc = env_with(&own, &c->env, creds, err)) == 0)
+		rc = fetch_shared(c, &own, creds_fingerprint(creds), u, uri, pinp, local_path, cap,
+		                  res, err);
 out:
+	env_release(&own);
 	free(u);
 	if (rc < 0 && cap > 0)
 		local_path[0] = '\0';
@@ -982,23 +1017,48 @@ static char *strip_slash(char *s)
 	return s;
 }
 
+/* Frees a secret, overwritten first. */
+static void free_secret(char *s)
+{
+	if (s) {
+		explicit_bzero(s, strlen(s));
+		free(s);
+	}
+}
+
 static void env_release(struct src_env *e)
 {
-	free(e->aws_access_key);
-	free(e->aws_secret_key);
-	free(e->aws_session_token);
+	free_secret(e->aws_access_key);
+	free_secret(e->aws_secret_key);
+	free_secret(e->aws_session_token);
 	free(e->aws_region);
 	free(e->s3_endpoint);
 	free(e->aws_ca_bundle);
 	free(e->hf_endpoint);
-	free(e->hf_token);
+	free_secret(e->hf_token);
 	free(e->curl_ca_bundle);
 	memset(e, 0, sizeof(*e));
 }
 
-static int env_read(struct src_env *e, struct lp_err *err)
+/* *out = the S3 endpoint of an AWS region (malloc'd). */
+static int region_endpoint(const char *region, char **out, struct lp_err *err)
 {
 	char def[128];
+
+	for (const char *p = region; *p; p++)
+		if (!isalnum((unsigned char)*p) && *p != '-')
+			return lp_errf(err, -EINVAL, "AWS_REGION '%.64s' is not a region name",
+			               region);
+	if (strlen(region) > 64)
+		return lp_errf(err, -EINVAL, "AWS_REGION '%.64s...' is not a region name", region);
+	snprintf(def, sizeof(def), "https://s3.%s.amazonaws.com", region);
+	*out = strdup(def);
+	return *out ? 0 : lp_errf(err, -ENOMEM, "out of memory");
+}
+
+static int env_read(struct src_env *e, struct lp_err *err)
+{
+	int rc;
 
 	e->aws_access_key = env_dup("AWS_ACCESS_KEY_ID");
 	e->aws_secret_key = env_dup("AWS_SECRET_ACCESS_KEY");
@@ -1011,15 +1071,10 @@ static int env_read(struct src_env *e, struct lp_err *err)
 	e->s3_endpoint = env_dup("AWS_ENDPOINT_URL_S3");
 	if (!e->s3_endpoint)
 		e->s3_endpoint = env_dup("AWS_ENDPOINT_URL");
-	if (!e->s3_endpoint && e->aws_region) {
-		for (const char *p = e->aws_region; *p; p++)
-			if (!isalnum((unsigned char)*p) && *p != '-')
-				return lp_errf(err, -EINVAL,
-				               "AWS_REGION '%.64s' is not a region name",
-				               e->aws_region);
-		snprintf(def, sizeof(def), "https://s3.%.64s.amazonaws.com", e->aws_region);
-		e->s3_endpoint = strdup(def);
-	}
+	e->s3_endpoint_set = e->s3_endpoint != NULL;
+	if (!e->s3_endpoint && e->aws_region &&
+	    (rc = region_endpoint(e->aws_region, &e->s3_endpoint, err)) < 0)
+		return rc;
 	e->aws_ca_bundle = env_dup("AWS_CA_BUNDLE");
 	e->hf_endpoint = env_dup("HF_ENDPOINT");
 	if (!e->hf_endpoint)
@@ -1036,6 +1091,82 @@ static int env_read(struct src_env *e, struct lp_err *err)
 		return lp_errf(err, -EINVAL,
 		               "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be "
 		               "set together");
+	return 0;
+}
+
+/* Replaces *dst (malloc'd or NULL) by a copy of v when v is given. */
+static int env_set(char **dst, const char *v, struct lp_err *err)
+{
+	char *c;
+
+	if (!v)
+		return 0;
+	if (!v[0] || strlen(v) > 4096)
+		return lp_errf(err, -EINVAL,
+		               "a credential value is empty or longer than 4096 bytes");
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return lp_errf(err, -EINVAL, "a credential value has a control character");
+	if (!(c = strdup(v)))
+		return lp_errf(err, -ENOMEM, "out of memory");
+	free(*dst);
+	*dst = c;
+	return 0;
+}
+
+static char *dup_or_null(const char *s)
+{
+	return s ? strdup(s) : NULL;
+}
+
+/* *e = base with the fields cr gives replaced; release with env_release(). */
+static int env_with(struct src_env *e, const struct src_env *base,
+                    const struct lp_source_credentials *cr, struct lp_err *err)
+{
+	int rc;
+
+	memset(e, 0, sizeof(*e));
+	if ((cr->aws_access_key_id == NULL) != (cr->aws_secret_access_key == NULL))
+		return lp_errf(err, -EINVAL,
+		               "credentials need AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+		               "together");
+	if (cr->aws_session_token && !cr->aws_access_key_id)
+		return lp_errf(err, -EINVAL,
+		               "credentials with AWS_SESSION_TOKEN need AWS_ACCESS_KEY_ID and "
+		               "AWS_SECRET_ACCESS_KEY");
+	e->s3_endpoint_set = base->s3_endpoint_set;
+	/* keys given replace the environment's whole: its session token goes */
+	if (!cr->aws_access_key_id) {
+		e->aws_access_key = dup_or_null(base->aws_access_key);
+		e->aws_secret_key = dup_or_null(base->aws_secret_key);
+		e->aws_session_token = dup_or_null(base->aws_session_token);
+	}
+	e->aws_region = dup_or_null(base->aws_region);
+	e->aws_ca_bundle = dup_or_null(base->aws_ca_bundle);
+	e->hf_endpoint = dup_or_null(base->hf_endpoint);
+	e->hf_token = dup_or_null(base->hf_token);
+	e->curl_ca_bundle = dup_or_null(base->curl_ca_bundle);
+	if ((rc = env_set(&e->aws_access_key, cr->aws_access_key_id, err)) < 0 ||
+	    (rc = env_set(&e->aws_secret_key, cr->aws_secret_access_key, err)) < 0 ||
+	    (rc = env_set(&e->aws_session_token, cr->aws_session_token, err)) < 0 ||
+	    (rc = env_set(&e->aws_region, cr->aws_region, err)) < 0 ||
+	    (rc = env_set(&e->hf_token, cr->hf_token, err)) < 0 ||
+	    (rc = env_set(&e->hf_endpoint, cr->hf_endpoint, err)) < 0)
+		return rc;
+	if (cr->aws_endpoint_url) {
+		if ((rc = env_set(&e->s3_endpoint, cr->aws_endpoint_url, err)) < 0)
+			return rc;
+		e->s3_endpoint_set = true;
+	} else if (cr->aws_region && !base->s3_endpoint_set) {
+		if ((rc = region_endpoint(e->aws_region, &e->s3_endpoint, err)) < 0)
+			return rc;
+	} else if (!(e->s3_endpoint = dup_or_null(base->s3_endpoint))) {
+		return lp_errf(err, -ENOMEM, "out of memory");
+	}
+	if (!e->aws_region || !e->hf_endpoint)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	strip_slash(e->s3_endpoint);
+	strip_slash(e->hf_endpoint);
 	return 0;
 }
 

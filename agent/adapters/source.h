@@ -20,7 +20,9 @@
  * AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION (or
  * AWS_DEFAULT_REGION; default us-east-1), AWS_ENDPOINT_URL_S3 or
  * AWS_ENDPOINT_URL, AWS_CA_BUNDLE; HF_ENDPOINT, HF_TOKEN (or
- * HUGGING_FACE_HUB_TOKEN); CURL_CA_BUNDLE. See docs/adapter-sources.md. */
+ * HUGGING_FACE_HUB_TOKEN); CURL_CA_BUNDLE. One fetch may carry its own
+ * credentials instead (struct lp_source_credentials). See
+ * docs/adapter-sources.md. */
 #ifndef LP_ADAPTERS_SOURCE_H
 #define LP_ADAPTERS_SOURCE_H
 
@@ -61,6 +63,22 @@ struct lp_source_config {
 	long progress_interval_ms; /* [1000] */
 };
 
+/* Credentials and endpoints for one fetch, named as the environment
+ * variables they replace (what a Kubernetes Secret of the operator's
+ * spec.source.secretRef holds); NULL fields keep the environment's value.
+ * An access key id and a secret key come together. A region without an
+ * endpoint derives the endpoint when the environment set none. Borrowed
+ * for the call; never stored, logged or written into the cache. */
+struct lp_source_credentials {
+	const char *aws_access_key_id;     /* AWS_ACCESS_KEY_ID */
+	const char *aws_secret_access_key; /* AWS_SECRET_ACCESS_KEY */
+	const char *aws_session_token;     /* AWS_SESSION_TOKEN */
+	const char *aws_region;            /* AWS_REGION */
+	const char *aws_endpoint_url;      /* AWS_ENDPOINT_URL */
+	const char *hf_token;              /* HF_TOKEN */
+	const char *hf_endpoint;           /* HF_ENDPOINT */
+};
+
 struct lp_source_result {
 	/* hex SHA-256 of the weights file (adapter_model.safetensors, else
 	 * adapter_model.bin, else model.lora_weights.npy, or the .nemo file);
@@ -89,9 +107,13 @@ void lp_source_cache_free(struct lp_source_cache *c);
 /* Resolves uri (borrowed) to a local path written into local_path (cap
  * bytes), downloading into the cache when remote. sha256_or_null pins the
  * weights file's digest (64 hex characters, any case). from_api applies
- * the allowed-roots rule to file:// sources. Thread-safe. Errors, each
+ * the allowed-roots rule to file:// sources. creds (NULL: the
+ * environment's) sign a download; a complete cache entry is used whatever
+ * the credentials, and a caller that arrives while the same uri downloads
+ * waits for it, then tries again with its own credentials if that
+ * download was refused or found nothing. Thread-safe. Errors, each
  * with a message naming the source:
- *   -EINVAL   malformed or unsupported URI, bad pin
+ *   -EINVAL   malformed or unsupported URI, bad pin, bad credentials
  *   -ENOENT   source not found (no such path, bucket, prefix, repo,
  *             revision or adapter files)
  *   -EACCES   refused: remote 401/403 (its code and message are passed
@@ -103,8 +125,8 @@ void lp_source_cache_free(struct lp_source_cache *c);
  *   -ENAMETOOLONG  local_path is too small
  * res (may be NULL) is cleared and then filled. */
 int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
-                    bool from_api, char *local_path, size_t cap, struct lp_source_result *res,
-                    struct lp_err *err);
+                    bool from_api, const struct lp_source_credentials *creds, char *local_path,
+                    size_t cap, struct lp_source_result *res, struct lp_err *err);
 
 /* Removes the cache entry of uri, if any, so that the next fetch
  * downloads again (an adapter reloaded in place from a changed source).

@@ -125,7 +125,7 @@ int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, boo
 	}
 	if (a->inplace) /* fresh weights: a remote source is downloaded again */
 		lp_source_evict(s->sources, a->uri, NULL);
-	if (lp_source_fetch(s->sources, a->uri, a->sha256 ? pin : NULL, a->from_api, path,
+	if (lp_source_fetch(s->sources, a->uri, a->sha256 ? pin : NULL, a->from_api, a->creds, path,
 	                    sizeof(path), &res, &err))
 		return map_source_error(&err, e);
 	digest = a->sha256 ? pin : res.sha256;

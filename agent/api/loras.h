@@ -9,6 +9,7 @@
 #include <stdbool.h>
 
 #include "agent/api/errors.h"
+#include "agent/adapters/source.h"
 #include "agent/api/server.h"
 #include "agent/engine/worker.h"
 
@@ -24,6 +25,8 @@ struct lp_lora_load_args {
 	const char *sha256; /* pin of the weights file, or NULL */
 	bool inplace;       /* replace a loaded version from another source */
 	bool from_api;      /* file:// only below --allowed-local-roots */
+	/* credentials for this download (NULL: the agent's environment) */
+	const struct lp_source_credentials *creds;
 };
 
 /* Loads (or finds already loaded) an adapter. 0 with *already set when the

@@ -19,6 +19,7 @@
 const struct kube_gvr KUBE_GVR_PODS = {"", "v1", "pods", "Pod"};
 const struct kube_gvr KUBE_GVR_SERVICES = {"", "v1", "services", "Service"};
 const struct kube_gvr KUBE_GVR_EVENTS = {"", "v1", "events", "Event"};
+const struct kube_gvr KUBE_GVR_SECRETS = {"", "v1", "secrets", "Secret"};
 const struct kube_gvr KUBE_GVR_ENDPOINTSLICES = {"discovery.k8s.io", "v1", "endpointslices",
                                                  "EndpointSlice"};
 const struct kube_gvr KUBE_GVR_LEASES = {"coordination.k8s.io", "v1", "leases", "Lease"};

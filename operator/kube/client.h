@@ -37,6 +37,7 @@ struct kube_gvr {
 extern const struct kube_gvr KUBE_GVR_PODS;
 extern const struct kube_gvr KUBE_GVR_SERVICES;
 extern const struct kube_gvr KUBE_GVR_EVENTS;
+extern const struct kube_gvr KUBE_GVR_SECRETS;
 extern const struct kube_gvr KUBE_GVR_ENDPOINTSLICES;
 extern const struct kube_gvr KUBE_GVR_LEASES;
 extern const struct kube_gvr KUBE_GVR_LORAADAPTERS;

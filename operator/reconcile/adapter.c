@@ -39,6 +39,8 @@ int adapter_spec_parse(json_t *obj, struct adapter_spec *s, struct lp_err *err)
 	const char *type = json_string_value(json_object_get(spec, "modelType"));
 	const char *uri = json_string_value(json_object_get(src, "uri"));
 	const char *sha = json_string_value(json_object_get(src, "sha256"));
+	const char *secret =
+	    json_string_value(json_object_get(json_object_get(src, "secretRef"), "name"));
 	json_t *enabled = json_object_get(svc, "enabled");
 	json_t *gen = json_object_get(json_object_get(obj, "metadata"), "generation");
 	json_t *ogen = json_object_get(json_object_get(obj, "status"), "observedGeneration");
@@ -59,6 +61,7 @@ int adapter_spec_parse(json_t *obj, struct adapter_spec *s, struct lp_err *err)
 	copy_str(s->base_model, sizeof(s->base_model), base);
 	copy_str(s->uri, sizeof(s->uri), uri);
 	copy_str(s->sha256, sizeof(s->sha256), sha);
+	copy_str(s->secret, sizeof(s->secret), secret);
 	for (i = 0; s->sha256[i]; i++)
 		s->sha256[i] = (char)tolower((unsigned char)s->sha256[i]);
 	if (base && *base)
@@ -80,6 +83,8 @@ int adapter_spec_parse(json_t *obj, struct adapter_spec *s, struct lp_err *err)
 	else if (sha && *sha && (strlen(sha) != 64 || strspn(sha, "0123456789abcdefABCDEF") != 64))
 		snprintf(s->invalid, sizeof(s->invalid),
 		         "spec.source.sha256 must be 64 hex characters");
+	else if (secret && strlen(secret) >= sizeof(s->secret))
+		snprintf(s->invalid, sizeof(s->invalid), "spec.source.secretRef.name is too long");
 	return 0;
 }
 

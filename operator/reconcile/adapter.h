@@ -34,6 +34,7 @@ struct adapter_spec {
 	char base_hash[9];             /* first 8 hex of sha256(baseModelName) */
 	char uri[1024];                /* spec.source.uri */
 	char sha256[65];               /* spec.source.sha256, lowercase, or "" */
+	char secret[254];              /* spec.source.secretRef.name, or "" */
 	bool service_enabled;          /* spec.service.enabled, default true */
 	bool deleting;                 /* metadata.deletionTimestamp set */
 	bool has_finalizer;

@@ -289,8 +289,8 @@ bool agent_lora_from_json(json_t *entry, struct agent_lora *out)
 }
 
 int agent_load(const struct agent_addr *a, const struct agent_opts *o, const char *name,
-               const char *uri, const char *sha256, bool inplace, struct agent_lora *out,
-               struct agent_reply *r, struct lp_err *err)
+               const char *uri, const char *sha256, json_t *creds, bool inplace,
+               struct agent_lora *out, struct agent_reply *r, struct lp_err *err)
 {
 	json_t *req = json_pack("{s:s, s:{s:s}}", "lora_name", name, "source", "uri", uri), *root;
 	char *body;
@@ -302,6 +302,8 @@ int agent_load(const struct agent_addr *a, const struct agent_opts *o, const cha
 		return lp_errf(err, -ENOMEM, "out of memory");
 	if (sha256 && *sha256)
 		json_object_set_new(json_object_get(req, "source"), "sha256", json_string(sha256));
+	if (creds)
+		json_object_set(json_object_get(req, "source"), "credentials", creds);
 	if (inplace)
 		json_object_set_new(req, "load_inplace", json_true());
 	body = json_dumps(req, JSON_COMPACT);
@@ -309,6 +311,7 @@ int agent_load(const struct agent_addr *a, const struct agent_opts *o, const cha
 	if (!body)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	rc = call(a, o, true, "POST", "/v1/loras", body, &s, r, err);
+	explicit_bzero(body, strlen(body)); /* it may hold credentials */
 	free(body);
 	if (rc)
 		return rc;

@@ -47,10 +47,12 @@ int agent_base_model(const struct agent_addr *a, const struct agent_opts *o, cha
 
 /* POST /v1/loras. 0 on 200/201 with *out filled from the body; else
  * -EEXIST for 409 (loaded from another source), -EIO for other statuses
- * (r says which), or the transport error. sha256 may be NULL. */
+ * (r says which), or the transport error. sha256 may be NULL; creds (NULL
+ * for none) is sent as source.credentials, an object of AWS_ and HF_
+ * variables (from the resource's secretRef). */
 int agent_load(const struct agent_addr *a, const struct agent_opts *o, const char *name,
-               const char *uri, const char *sha256, bool inplace, struct agent_lora *out,
-               struct agent_reply *r, struct lp_err *err);
+               const char *uri, const char *sha256, json_t *creds, bool inplace,
+               struct agent_lora *out, struct agent_reply *r, struct lp_err *err);
 
 /* GET /v1/loras: *loras is a new object name -> {source, sha256, ...}. */
 int agent_list(const struct agent_addr *a, const struct agent_opts *o, json_t **loras,

@@ -280,6 +280,19 @@ struct pod_job {
 	bool verify;
 	bool inplace;
 	const char *unload_name; /* POD_UNLOAD: the name to unload */
+	/* POD_LOAD: the credentials of spec.source.secretRef, read by the
+	 * first pod that needs a load (none may: no read in a steady state) */
+	pthread_mutex_t creds_lock;
+	bool creds_read;
+	json_t *creds;       /* NULL: no secretRef, or it could not be read */
+	char creds_err[256]; /* why it could not be read, or "" */
+};
+
+/* The Secret keys forwarded to the agents, as their environment names them. */
+static const char *const CREDENTIAL_KEYS[] = {
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION",        "AWS_ENDPOINT_URL",      "HF_TOKEN",
+    "HF_ENDPOINT",
 };
 
 static bool wanted(const struct adapter_spec *s, const struct agent_lora *l)
@@ -300,6 +313,91 @@ static void reply_message(struct endpoint_state *ep, const char *what,
 		         rep->message[0] ? rep->message : err->msg);
 }
 
+/* Reads s's Secret into *out, an object of the CREDENTIAL_KEYS it holds
+ * (decoded); other keys are left out. msg says why on failure. */
+static int read_credentials(struct reconciler *r, const struct adapter_spec *s, json_t **out,
+                            char *msg, size_t cap)
+{
+	struct lp_err err = {0};
+	struct lp_buf path;
+	json_t *secret = NULL, *data, *creds = NULL;
+	int rc;
+
+	*out = NULL;
+	lp_buf_init(&path, 512);
+	rc = kube_path(&path, &KUBE_GVR_SECRETS, s->ns, s->secret, NULL, &err);
+	if (!rc)
+		rc = kube_get(r->cfg.client, path.data, &secret, &err);
+	lp_buf_release(&path);
+	if (rc) {
+		snprintf(msg, cap, "cannot read Secret '%.80s' of spec.source.secretRef: %.110s",
+		         s->secret, rc == -ENOENT ? "not found" : err.msg);
+		return rc;
+	}
+	data = json_object_get(secret, "data");
+	creds = json_object();
+	rc = creds ? 0 : -ENOMEM;
+	for (size_t i = 0; !rc && i < sizeof(CREDENTIAL_KEYS) / sizeof(CREDENTIAL_KEYS[0]); i++) {
+		const char *b64 = json_string_value(json_object_get(data, CREDENTIAL_KEYS[i]));
+		unsigned char *raw = NULL;
+		size_t n = 0;
+
+		if (!b64)
+			continue;
+		if (kube_base64_decode(b64, strlen(b64), &raw, &n, &err) < 0 || n == 0 ||
+		    memchr(raw, '\0', n)) {
+			snprintf(msg, cap, "Secret '%.100s' key %s is empty or not text", s->secret,
+			         CREDENTIAL_KEYS[i]);
+			rc = -EINVAL;
+		} else if (json_object_set_new(creds, CREDENTIAL_KEYS[i],
+		                               json_stringn((const char *)raw, n)) < 0) {
+			snprintf(msg, cap, "Secret '%.100s' key %s is not UTF-8 text", s->secret,
+			         CREDENTIAL_KEYS[i]);
+			rc = -EINVAL;
+		}
+		if (raw) {
+			explicit_bzero(raw, n);
+			free(raw);
+		}
+	}
+	json_decref(secret);
+	if (!rc && json_object_size(creds) == 0) {
+		snprintf(msg, cap,
+		         "Secret '%.100s' holds none of the keys the agents take (%s, ...)",
+		         s->secret, CREDENTIAL_KEYS[0]);
+		rc = -EINVAL;
+	}
+	if (rc) {
+		json_decref(creds);
+		return rc;
+	}
+	*out = creds;
+	return 0;
+}
+
+/* The job's credentials (NULL when there is no secretRef); false when the
+ * secretRef's Secret cannot be used, with the reason in ep's message. */
+static bool job_credentials(struct pod_job *job, struct endpoint_state *ep, json_t **creds)
+{
+	bool ok;
+
+	*creds = NULL;
+	if (!job->s->secret[0])
+		return true;
+	pthread_mutex_lock(&job->creds_lock);
+	if (!job->creds_read) {
+		read_credentials(job->r, job->s, &job->creds, job->creds_err,
+		                 sizeof(job->creds_err));
+		job->creds_read = true;
+	}
+	ok = job->creds != NULL;
+	*creds = job->creds;
+	if (!ok)
+		snprintf(ep->message, sizeof(ep->message), "%s", job->creds_err);
+	pthread_mutex_unlock(&job->creds_lock);
+	return ok;
+}
+
 static void pod_load(struct pod_job *job, struct endpoint_state *ep)
 {
 	struct reconciler *r = job->r;
@@ -311,6 +409,7 @@ static void pod_load(struct pod_job *job, struct endpoint_state *ep)
 	struct agent_reply rep;
 	struct agent_lora held, got;
 	struct lp_err err = {0};
+	json_t *creds;
 	char base[256];
 	bool has, inplace;
 	int rc;
@@ -364,13 +463,18 @@ static void pod_load(struct pod_job *job, struct endpoint_state *ep)
 		got = held;
 	} else {
 		inplace = job->inplace || has;
+		if (!job_credentials(job, ep, &creds)) {
+			ep->failed = true;
+			return;
+		}
 		sem_acquire(r);
 		rc = agent_load(&a, &load, s->lora_name, s->uri, s->sha256[0] ? s->sha256 : NULL,
-		                inplace, &got, &rep, &err);
+		                creds, inplace, &got, &rep, &err);
 		if (rc == -EEXIST && !inplace) {
 			/* loaded from an older source while we were not looking */
 			rc = agent_load(&a, &load, s->lora_name, s->uri,
-			                s->sha256[0] ? s->sha256 : NULL, true, &got, &rep, &err);
+			                s->sha256[0] ? s->sha256 : NULL, creds, true, &got, &rep,
+			                &err);
 		}
 		sem_release(r);
 		if (rc) {
@@ -1038,9 +1142,12 @@ static int reconcile_key(struct reconciler *r, const char *key, bool verify)
 		    .verify = verify,
 		    /* the spec changed since the status was written: replace in place */
 		    .inplace = s.observed_generation > 0 && s.observed_generation != s.generation,
+		    .creds_lock = PTHREAD_MUTEX_INITIALIZER,
 		};
 
 		run_pod_job(&job);
+		json_decref(job.creds);
+		pthread_mutex_destroy(&job.creds_lock);
 	}
 	for (i = 0; i < n; i++) {
 		ready += eps[i].ready;

@@ -5,7 +5,7 @@ Serves, like the agent (DESIGN 3.2 and 3.3):
   public port:  GET /v1/models (base model first with "parent": null, then
                 each loaded adapter), GET /health
   admin port:   POST /v1/loras {"lora_name", "source": {"uri", "sha256"?},
-                "load_inplace"?} -> 201 loaded, 200 already loaded from the
+                "credentials"?, "load_inplace"?} -> 201 loaded, 200 already loaded from the
                 same uri and digest, 409 loaded from another source without
                 load_inplace, 400 malformed, 404 source not found (a uri
                 containing "missing"); GET /v1/loras; DELETE /v1/loras/{name}
@@ -17,6 +17,7 @@ Test controls on the admin port (not part of the agent's API):
   POST /_mode {"mode": "ok" | "fail" | "hang", "hang_s": 30, "status": 500}
       fail: every /v1/loras call answers `status`; hang: they sleep hang_s
   GET  /_calls  -> {"POST": n, "GET": n, "DELETE": n, "models": n}
+  GET  /_credentials -> {name: source.credentials of its last load, or null}
   POST /_reset  -> forgets every adapter (as a restarted agent would)
 
 Run: python3 tests/integration/fake_agent.py --port P --admin-port A --base-model NAME
@@ -39,6 +40,7 @@ class State:
         self.loras = {}
         self.mode = {"mode": "ok"}
         self.calls = {"POST": 0, "GET": 0, "DELETE": 0, "models": 0}
+        self.credentials = {}
 
 
 def lora_id(name):
@@ -105,6 +107,9 @@ def make_handler(state, admin):
             if admin and path == "/_calls":
                 with state.lock:
                     return self.send_json(200, dict(state.calls))
+            if admin and path == "/_credentials":
+                with state.lock:
+                    return self.send_json(200, dict(state.credentials))
             return self.error(404, f"no route GET {path}")
 
         def do_POST(self):
@@ -130,13 +135,17 @@ def make_handler(state, admin):
                 uri = req["source"]["uri"]
                 pin = req["source"].get("sha256")
                 inplace = bool(req.get("load_inplace"))
+                creds = req["source"].get("credentials")
                 assert isinstance(name, str) and isinstance(uri, str) and name and uri
+                assert creds is None or (isinstance(creds, dict) and all(
+                    isinstance(v, str) for v in creds.values()))
             except (ValueError, KeyError, TypeError, AssertionError):
                 return self.error(400, "malformed request: need lora_name and source.uri")
             if "missing" in uri:
                 return self.error(404, f"source '{uri}' not found", "not_found")
             digest = (pin or hashlib.sha256(uri.encode()).hexdigest()).lower()
             with state.lock:
+                state.credentials[name] = creds
                 cur = state.loras.get(name)
                 if cur and cur["source"] == uri and cur["sha256"] == digest:
                     return self.send_json(200, dict(cur, status="success", lora_name=name))

@@ -63,8 +63,8 @@ static void *run_job(void *arg)
 
 	if (j->start)
 		pthread_barrier_wait(j->start);
-	j->rc = lp_source_fetch(j->cache, j->uri, j->pin, j->api, j->path, sizeof(j->path), &j->res,
-	                        &j->err);
+	j->rc = lp_source_fetch(j->cache, j->uri, j->pin, j->api, NULL, j->path, sizeof(j->path),
+	                        &j->res, &j->err);
 	return NULL;
 }
 

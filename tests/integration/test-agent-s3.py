@@ -126,8 +126,53 @@ def main():
             assert "403" in msg or "SignatureDoesNotMatch" in msg, msg
             assert a.serving()
 
+        def credentials_in_the_request():
+            # an agent with no AWS variables at all: the load carries them
+            # (what the operator sends from a LoraAdapter's secretRef)
+            env = {k: v for k, v in s3_env(url, "x", "x").items() if not k.startswith("AWS_")}
+            a = at.Agent(*at.TINY_ARGS, "--lora-cache-dir", tempfile.mkdtemp(prefix="lp-s3-"),
+                         env=env)
+            agents.append(a)
+            creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+                     "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
+
+            def load(name, credentials):
+                return a.json("POST", "/v1/loras", {"lora_name": name, "source": {
+                    "uri": "s3://lora-sql", "credentials": credentials}}, admin=True)
+
+            # without: the default endpoint is AWS's, unreachable here
+            status, obj = a.json("POST", "/v1/loras",
+                                 {"lora_name": "sql", "source": {"uri": "s3://lora-sql"}},
+                                 admin=True)
+            assert status in (403, 502), (status, obj)
+            # bad credentials objects, each with its message
+            for bad, what in (([1], "must be an object"),
+                              ({"AWS_SECRET_KEY": "x"}, "'AWS_SECRET_KEY'"),
+                              ({"AWS_REGION": 3}, "AWS_REGION' must be a string")):
+                status, obj = load("sql", bad)
+                assert status == 400 and what in obj["error"]["message"], (bad, status, obj)
+            status, obj = load("sql", {"AWS_ACCESS_KEY_ID": key_id, "AWS_ENDPOINT_URL": url})
+            assert status == 400 and "together" in obj["error"]["message"], (status, obj)
+            assert obj["error"]["param"] == "source.credentials", obj
+            # wrong secret: S3's refusal
+            status, obj = load("sql", dict(creds, AWS_SECRET_ACCESS_KEY="not-the-secret"))
+            assert status == 403, (status, obj)
+            # right ones: loaded and serving
+            status, obj = load("sql", creds)
+            assert status == 201, (status, obj)
+            status, obj = a.json("POST", "/v1/completions",
+                                 {"model": "sql", "prompt": PROMPT, "max_tokens": 4})
+            assert status == 200, (status, obj)
+            # the secret is nowhere to be read back: not in the adapter's
+            # description, not in the log
+            status, listing = a.json("GET", "/v1/loras", admin=True)
+            assert status == 200 and secret not in json.dumps(listing), listing
+            assert secret not in a.log() and key_id not in a.log(), a.log()[-2000:]
+            assert a.serving()
+
         check("load_from_bucket_serves_the_adapters_tokens", load_from_bucket)
         check("wrong_credentials_give_s3s_403", wrong_credentials_refused)
+        check("credentials_in_the_load_request", credentials_in_the_request)
     finally:
         for a in agents:
             a.kill()

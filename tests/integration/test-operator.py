@@ -596,6 +596,33 @@ def test_all_namespaces_and_service_disabled():
     wait_for(lambda: len(W.slices(svc, ns="team-b")) == 1, 10, "its slice")
 
 
+def test_secret_ref_credentials_reach_the_agents():
+    """spec.source.secretRef: the Secret's AWS_/HF_ keys travel with the
+    load as source.credentials (other keys stay behind); a missing Secret
+    is a LoadFailed that heals once the Secret exists; the values appear in
+    no status, Event or log."""
+    extra = "    secretRef: {name: s3-creds}\n"
+    apply_adapter("private", "s3://private/sql/v1", model="private", ns="team-b", extra=extra)
+    wait_for(lambda: condition("private", ns="team-b").get("reason") == "LoadFailed", 15,
+             "LoadFailed without the Secret")
+    ep = W.status("private", ns="team-b")["endpoints"][0]
+    assert "Secret 's3-creds'" in ep["message"] and "not found" in ep["message"], ep
+    assert ready_counts("private", ns="team-b") == (1, 0)
+    kubectl("create", "secret", "generic", "s3-creds", "-n", "team-b",
+            "--from-literal=AWS_ACCESS_KEY_ID=AKIDEXAMPLE",
+            "--from-literal=AWS_SECRET_ACCESS_KEY=very-secret-value",
+            "--from-literal=AWS_REGION=eu-west-1", "--from-literal=unrelated=not-forwarded")
+    wait_counts("private", 1, 1, timeout=20, ns="team-b")
+    creds = json.loads(http("GET", W.agent_url("b-0", "/_credentials"))[1])["private"]
+    assert creds == {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-value",
+                     "AWS_REGION": "eu-west-1"}, creds
+    assert "very-secret-value" not in json.dumps(W.adapter("private", ns="team-b"))
+    assert "very-secret-value" not in json.dumps(W.events("private", ns="team-b"))
+    assert "very-secret-value" not in OP.logs()
+    # an adapter without a secretRef sends no credentials
+    assert json.loads(http("GET", W.agent_url("b-0", "/_credentials"))[1])["cat"] is None
+
+
 def test_start_while_pods_cannot_be_listed():
     """A restarted operator must not mistake an unlisted pod cache for
     'no endpoints'."""
@@ -786,6 +813,7 @@ def main():
                   test_api_faults_lose_no_update, test_pod_leaves_and_no_endpoints,
                   test_delete_unloads_and_cleans_up, test_delete_with_unreachable_agent_gives_up_bounded,
                   test_two_operators_one_leader_failover, test_all_namespaces_and_service_disabled,
+                  test_secret_ref_credentials_reach_the_agents,
                   test_start_while_pods_cannot_be_listed, test_metrics, test_real_agents, test_client_certificate_auth,
                   test_clean_shutdown):
             if only and t.__name__ not in only:

@@ -109,7 +109,8 @@ static void test_load(void)
 
 	CHECK(fake_server_start(&srv, ahandler, &s) == 0);
 	a = addr_of(srv.port);
-	CHECK_OK(agent_load(&a, &o, "sql", "s3://loras/sql", "abcdef", true, &got, &r, &err), &err);
+	CHECK_OK(agent_load(&a, &o, "sql", "s3://loras/sql", "abcdef", NULL, true, &got, &r, &err),
+	         &err);
 	CHECK_EQ_INT(r.http_status, 201);
 	CHECK_EQ_STR(got.source, "s3://loras/sql");
 	CHECK_EQ_STR(got.sha256, "abcdef"); /* lowercased */
@@ -123,25 +124,39 @@ static void test_load(void)
 	             "abcdef");
 	CHECK(json_is_true(json_object_get(body, "load_inplace")));
 	json_decref(body);
-	CHECK_OK(agent_load(&a, &o, "sql", "s3://loras/sql", NULL, false, &got, &r, &err), &err);
+	CHECK_OK(agent_load(&a, &o, "sql", "s3://loras/sql", NULL, NULL, false, &got, &r, &err),
+	         &err);
 	body = json_loads(s.last.body, 0, NULL);
 	CHECK(json_object_get(body, "load_inplace") == NULL);
 	CHECK(json_object_get(json_object_get(body, "source"), "sha256") == NULL);
+	CHECK(json_object_get(json_object_get(body, "source"), "credentials") == NULL);
 	json_decref(body);
+	/* credentials from a secretRef travel as source.credentials */
+	json_t *creds =
+	    json_pack("{s:s, s:s}", "AWS_ACCESS_KEY_ID", "AKID", "AWS_SECRET_ACCESS_KEY", "shh");
+	CHECK_OK(agent_load(&a, &o, "sql", "s3://loras/sql", NULL, creds, false, &got, &r, &err),
+	         &err);
+	body = json_loads(s.last.body, 0, NULL);
+	CHECK(json_equal(json_object_get(json_object_get(body, "source"), "credentials"), creds));
+	CHECK_EQ_INT(creds->refcount, 1); /* borrowed, not kept */
+	json_decref(body);
+	json_decref(creds);
 
 	s.mode = 1;
-	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, false, &got, &r, &err), -EEXIST);
+	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, NULL, false, &got, &r, &err),
+	             -EEXIST);
 	CHECK_EQ_INT(r.http_status, 409);
 	CHECK_EQ_STR(r.message, "'sql' is loaded from 's3://old'; set load_inplace");
 	s.mode = 2;
-	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, false, &got, &r, &err), -EIO);
+	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, NULL, false, &got, &r, &err),
+	             -EIO);
 	CHECK_EQ_INT(r.http_status, 500);
 	CHECK_EQ_STR(r.message, "internal error");
 	CHECK(strstr(err.msg, "POST /v1/loras: 500 internal error") != NULL);
 
 	s.mode = 3;
 	o.timeout = 0.3;
-	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, false, &got, &r, &err),
+	CHECK_EQ_INT(agent_load(&a, &o, "sql", "s3://new", NULL, NULL, false, &got, &r, &err),
 	             -ETIMEDOUT);
 	CHECK_EQ_INT(r.http_status, 0);
 	CHECK_EQ_STR(r.message, "timed out");
