@@ -1040,17 +1040,25 @@ static void env_release(struct src_env *e)
 	memset(e, 0, sizeof(*e));
 }
 
-/* *out = the S3 endpoint of an AWS region (malloc'd). */
-static int region_endpoint(const char *region, char **out, struct lp_err *err)
+static int region_check(const char *region, struct lp_err *err)
 {
-	char def[128];
-
 	for (const char *p = region; *p; p++)
 		if (!isalnum((unsigned char)*p) && *p != '-')
 			return lp_errf(err, -EINVAL, "AWS_REGION '%.64s' is not a region name",
 			               region);
 	if (strlen(region) > 64)
 		return lp_errf(err, -EINVAL, "AWS_REGION '%.64s...' is not a region name", region);
+	return 0;
+}
+
+/* *out = the S3 endpoint of an AWS region (malloc'd). */
+static int region_endpoint(const char *region, char **out, struct lp_err *err)
+{
+	char def[128];
+	int rc;
+
+	if ((rc = region_check(region, err)) < 0)
+		return rc;
 	snprintf(def, sizeof(def), "https://s3.%s.amazonaws.com", region);
 	*out = strdup(def);
 	return *out ? 0 : lp_errf(err, -ENOMEM, "out of memory");
@@ -1146,6 +1154,8 @@ static int env_with(struct src_env *e, const struct src_env *base,
 	e->hf_endpoint = dup_or_null(base->hf_endpoint);
 	e->hf_token = dup_or_null(base->hf_token);
 	e->curl_ca_bundle = dup_or_null(base->curl_ca_bundle);
+	if (cr->aws_region && (rc = region_check(cr->aws_region, err)) < 0)
+		return rc;
 	if ((rc = env_set(&e->aws_access_key, cr->aws_access_key_id, err)) < 0 ||
 	    (rc = env_set(&e->aws_secret_key, cr->aws_secret_access_key, err)) < 0 ||
 	    (rc = env_set(&e->aws_session_token, cr->aws_session_token, err)) < 0 ||

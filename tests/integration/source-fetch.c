@@ -5,8 +5,12 @@
  *   source-fetch --cache DIR [--root DIR]... [--api] [--sha256 HEX]
  *                [--max-file-bytes N] [--max-total-bytes N] [--max-files N]
  *                [--attempts N] [--backoff-ms N] [--backoff-max-ms N] [--page N]
- *                [--threads N]
+ *                [--threads N] [--cred KEY=VALUE]... [--cred-thread0 KEY=VALUE]...
  *                [--evict] URI...
+ *
+ * --cred gives every fetch credentials of its own (struct
+ * lp_source_credentials; KEY is the environment variable it replaces);
+ * --cred-thread0 gives thread 0 other ones.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -50,6 +54,7 @@ struct job {
 	const char *uri;
 	const char *pin;
 	bool api;
+	const struct lp_source_credentials *creds;
 	pthread_barrier_t *start;
 	int rc;
 	char path[PATH_MAX];
@@ -63,8 +68,8 @@ static void *run_job(void *arg)
 
 	if (j->start)
 		pthread_barrier_wait(j->start);
-	j->rc = lp_source_fetch(j->cache, j->uri, j->pin, j->api, NULL, j->path, sizeof(j->path),
-	                        &j->res, &j->err);
+	j->rc = lp_source_fetch(j->cache, j->uri, j->pin, j->api, j->creds, j->path,
+	                        sizeof(j->path), &j->res, &j->err);
 	return NULL;
 }
 
@@ -129,8 +134,34 @@ static long long num_arg(const char *flag, const char *v)
 	return n;
 }
 
+/* Sets the field of c that KEY=VALUE names; exits on an unknown KEY. */
+static void set_cred(struct lp_source_credentials *c, const char *kv)
+{
+	static const char *const keys[] = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+	                                   "AWS_SESSION_TOKEN", "AWS_REGION",
+	                                   "AWS_ENDPOINT_URL",  "HF_TOKEN",
+	                                   "HF_ENDPOINT"};
+	const char **fields[] = {&c->aws_access_key_id, &c->aws_secret_access_key,
+	                         &c->aws_session_token, &c->aws_region,
+	                         &c->aws_endpoint_url,  &c->hf_token,
+	                         &c->hf_endpoint};
+	const char *eq = kv ? strchr(kv, '=') : NULL;
+
+	for (size_t i = 0; eq && i < sizeof(keys) / sizeof(keys[0]); i++)
+		if (strlen(keys[i]) == (size_t)(eq - kv) &&
+		    !strncmp(kv, keys[i], (size_t)(eq - kv))) {
+			*fields[i] = eq + 1;
+			return;
+		}
+	fprintf(stderr, "source-fetch: --cred needs KEY=VALUE with a known KEY, got '%s'\n",
+	        kv ? kv : "");
+	exit(2);
+}
+
 int main(int argc, char **argv)
 {
+	struct lp_source_credentials creds = {0}, creds0 = {0};
+	bool have_creds = false, have_creds0 = false;
 	struct lp_source_config cfg = {.progress = on_progress, .progress_interval_ms = 1};
 	const char *roots[16] = {NULL};
 	const char *pin = NULL;
@@ -176,6 +207,14 @@ int main(int argc, char **argv)
 		} else if (strcmp(a, "--page") == 0) {
 			cfg.s3_list_page_size = (int)num_arg(a, v);
 			i++;
+		} else if (strcmp(a, "--cred") == 0) {
+			set_cred(&creds, v);
+			have_creds = true;
+			i++;
+		} else if (strcmp(a, "--cred-thread0") == 0) {
+			set_cred(&creds0, v);
+			have_creds0 = true;
+			i++;
 		} else if (strcmp(a, "--threads") == 0) {
 			threads = (int)num_arg(a, v);
 			if (threads < 1 || threads > MAX_THREADS)
@@ -208,6 +247,9 @@ int main(int argc, char **argv)
 			jobs[t].uri = argv[u];
 			jobs[t].pin = pin;
 			jobs[t].api = api;
+			jobs[t].creds = t == 0 && have_creds0 ? &creds0
+			                : have_creds          ? &creds
+			                                      : NULL;
 			jobs[t].start = threads > 1 ? &start : NULL;
 			if (threads == 1)
 				run_job(&jobs[t]);

@@ -465,6 +465,65 @@ def s3_signatures_verified_by_server():
         moto_auth(False)
 
 
+def cred_args(creds, flag="--cred"):
+    out = []
+    for k, v in creds.items():
+        out += [flag, f"{k}={v}"]
+    return out
+
+
+@test
+def credentials_of_one_fetch_replace_the_environment():
+    moto_auth(True)
+    try:
+        keys = {k: S3_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        # no AWS_ variable at all: the fetch's own credentials and endpoint
+        bare = {k: None for k in S3_ENV}
+        r = ok(one("s3://flat-lora", env=bare, args=cred_args(
+            {**keys, "AWS_ENDPOINT_URL": MOTO_URL, "AWS_REGION": "us-east-1"})))
+        assert local_files(r["path"]) == FLAT_FILES
+        # they win over the environment's, both ways
+        ok(one("s3://flat-lora", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+               args=cred_args(keys)))
+        fails(one("s3://flat-lora", args=cred_args({**keys, "AWS_SECRET_ACCESS_KEY": "nope"})),
+              "EACCES", "SignatureDoesNotMatch")
+        # temporary credentials; the environment's session token is not
+        # mixed with the request's keys
+        ok(one("s3://flat-lora", args=cred_args(TEMP_CREDS)))
+        fails(one("s3://flat-lora", env=TEMP_CREDS, args=cred_args(
+            {k: TEMP_CREDS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})),
+            "EACCES", "403")
+        # half a key pair, a token without keys, control characters
+        fails(one("s3://flat-lora", args=["--cred", "AWS_ACCESS_KEY_ID=x"]), "EINVAL",
+              "together")
+        fails(one("s3://flat-lora", args=["--cred", "AWS_SESSION_TOKEN=x"]), "EINVAL",
+              "AWS_SESSION_TOKEN")
+        fails(one("s3://flat-lora", args=cred_args({**keys, "AWS_REGION": "eu west"})),
+              "EINVAL", "region")
+    finally:
+        moto_auth(False)
+    # the hub's token
+    HUB.clear()
+    ok(one("hf://team/private-lora@v1", args=["--cred", f"HF_TOKEN={HF_TOKEN}"]))
+    with HUB.lock:
+        assert all(a == f"Bearer {HF_TOKEN}" for _, a in HUB.requests), HUB.requests
+    fails(one("hf://team/private-lora@v1", env={"HF_TOKEN": HF_TOKEN},
+              args=["--cred", "HF_TOKEN=wrong"]), "EACCES")
+
+
+@test
+def joined_download_refused_is_retried_with_own_credentials():
+    # two fetches of one URI at once, thread 0 with a wrong token: whichever
+    # leads, the one with the right token gets the adapter
+    for _ in range(4):
+        r = fetch("hf://team/private-lora@v1", args=[
+            "--threads", "2", "--cred", f"HF_TOKEN={HF_TOKEN}", "--cred-thread0", "HF_TOKEN=wrong"])
+        assert len(r) == 2, r
+        ok(r[1])
+        assert local_files(r[1]["path"]) == PEFT_V1
+        assert r[0]["code"] in ("OK", "EACCES"), r[0]
+
+
 @test
 def s3_directory_is_byte_identical():
     cache = tempfile.mkdtemp(dir=TMP)
