@@ -23,6 +23,7 @@
 
 #include "agent/adapters/sigv4.h"
 #include "agent/adapters/source-internal.h"
+#include "common/credentials.h"
 
 #define DEFAULT_MAX_FILE_BYTES  (8ULL << 30)
 #define DEFAULT_MAX_TOTAL_BYTES (16ULL << 30)
@@ -916,18 +917,43 @@ static int env_with(struct src_env *e, const struct src_env *base,
                     const struct lp_source_credentials *cr, struct lp_err *err);
 static void env_release(struct src_env *e);
 
+/* The fields of c, in the order of lp_credential_keys. */
+static void cred_fields(struct lp_source_credentials *c, const char **f[LP_N_CREDENTIAL_KEYS])
+{
+	f[0] = &c->aws_access_key_id;
+	f[1] = &c->aws_secret_access_key;
+	f[2] = &c->aws_session_token;
+	f[3] = &c->aws_region;
+	f[4] = &c->aws_endpoint_url;
+	f[5] = &c->hf_token;
+	f[6] = &c->hf_endpoint;
+}
+
+int lp_source_credentials_set(struct lp_source_credentials *c, const char *key, const char *value)
+{
+	const char **f[LP_N_CREDENTIAL_KEYS];
+
+	cred_fields(c, f);
+	for (int i = 0; i < LP_N_CREDENTIAL_KEYS; i++)
+		if (strcmp(lp_credential_keys[i], key) == 0) {
+			*f[i] = value;
+			return 0;
+		}
+	return -EINVAL;
+}
+
 /* FNV-1a over the credentials' fields, never 0 (0: none given). */
 static uint64_t creds_fingerprint(const struct lp_source_credentials *cr)
 {
-	const char *f[] = {cr->aws_access_key_id, cr->aws_secret_access_key, cr->aws_session_token,
-	                   cr->aws_region,        cr->aws_endpoint_url,      cr->hf_token,
-	                   cr->hf_endpoint};
+	struct lp_source_credentials c = *cr;
+	const char **f[LP_N_CREDENTIAL_KEYS];
 	uint64_t h = 0xcbf29ce484222325ull;
 
-	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
-		for (const char *p = f[i] ? f[i] : ""; *p; p++)
+	cred_fields(&c, f);
+	for (int i = 0; i < LP_N_CREDENTIAL_KEYS; i++) {
+		for (const char *p = *f[i] ? *f[i] : ""; *p; p++)
 			h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
-		h = (h ^ (f[i] ? 0xff : 0xfe)) * 0x100000001b3ull;
+		h = (h ^ (*f[i] ? 0xff : 0xfe)) * 0x100000001b3ull;
 	}
 	return h ? h : 1;
 }

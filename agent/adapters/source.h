@@ -79,6 +79,10 @@ struct lp_source_credentials {
 	const char *hf_endpoint;           /* HF_ENDPOINT */
 };
 
+/* Sets the field that key (one of lp_credential_keys, common/credentials.h)
+ * names to value (borrowed); -EINVAL for another key. */
+int lp_source_credentials_set(struct lp_source_credentials *c, const char *key, const char *value);
+
 struct lp_source_result {
 	/* hex SHA-256 of the weights file (adapter_model.safetensors, else
 	 * adapter_model.bin, else model.lora_weights.npy, or the .nemo file);

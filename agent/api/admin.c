@@ -6,12 +6,12 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <stddef.h>
 #include <string.h>
 
 #include "agent/api/loras.h"
 #include "agent/api/metrics.h"
 #include "agent/api/registry.h"
+#include "common/credentials.h"
 #include "common/log.h"
 
 /* ---- health, readiness, metrics ---- */
@@ -75,45 +75,28 @@ static void log_loaded(const struct lp_call *c, const struct lp_adapter_summary 
 
 /* source.credentials: an object of the variables a Secret of the
  * operator's spec.source.secretRef holds, each a string. */
-static int read_credentials(json_t *src, struct lp_source_credentials *cr, struct lp_api_error *e)
+/* source.credentials into *cr; *given says whether there were any. */
+static int read_credentials(json_t *src, struct lp_source_credentials *cr, bool *given,
+                            struct lp_api_error *e)
 {
-	static const struct {
-		const char *key;
-		size_t off;
-	} keys[] = {
-	    {"AWS_ACCESS_KEY_ID", offsetof(struct lp_source_credentials, aws_access_key_id)},
-	    {"AWS_SECRET_ACCESS_KEY",
-	     offsetof(struct lp_source_credentials, aws_secret_access_key)},
-	    {"AWS_SESSION_TOKEN", offsetof(struct lp_source_credentials, aws_session_token)},
-	    {"AWS_REGION", offsetof(struct lp_source_credentials, aws_region)},
-	    {"AWS_ENDPOINT_URL", offsetof(struct lp_source_credentials, aws_endpoint_url)},
-	    {"HF_TOKEN", offsetof(struct lp_source_credentials, hf_token)},
-	    {"HF_ENDPOINT", offsetof(struct lp_source_credentials, hf_endpoint)},
-	};
 	json_t *obj = json_object_get(src, "credentials"), *v;
 	const char *key;
 
-	if (!obj || json_is_null(obj))
+	*given = obj && !json_is_null(obj);
+	if (!*given)
 		return 0;
 	if (!json_is_object(obj))
 		return lp_api_errorf(e, 400, "invalid_type", "source.credentials",
 		                     "'source.credentials' must be an object of strings");
 	json_object_foreach(obj, key, v)
 	{
-		size_t i = 0;
-		while (i < sizeof(keys) / sizeof(keys[0]) && strcmp(keys[i].key, key) != 0)
-			i++;
-		if (i == sizeof(keys) / sizeof(keys[0]))
+		if (lp_source_credentials_set(cr, key, json_string_value(v)) < 0)
 			return lp_api_errorf(e, 400, "invalid_credentials", "source.credentials",
-			                     "'source.credentials' has '%.64s'; known: "
-			                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-			                     "AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL, "
-			                     "HF_TOKEN, HF_ENDPOINT",
-			                     key);
+			                     "'source.credentials' has '%.64s'; known: %s", key,
+			                     LP_CREDENTIAL_KEYS_TEXT);
 		if (!json_is_string(v))
 			return lp_api_errorf(e, 400, "invalid_type", "source.credentials",
 			                     "'source.credentials.%s' must be a string", key);
-		*(const char **)((char *)cr + keys[i].off) = json_string_value(v);
 	}
 	if ((cr->aws_access_key_id == NULL) != (cr->aws_secret_access_key == NULL) ||
 	    (cr->aws_session_token && !cr->aws_access_key_id))
@@ -131,7 +114,7 @@ int lp_admin_loras_load(struct lp_call *c)
 	struct lp_adapter_summary sum;
 	struct lp_api_error e;
 	json_t *body = NULL, *v, *src, *out;
-	bool already = false, existed;
+	bool already = false, existed, has_creds;
 
 	if (not_ready(c))
 		return c->status;
@@ -178,10 +161,9 @@ int lp_admin_loras_load(struct lp_call *c)
 	}
 	args.inplace = json_is_true(v);
 	args.from_api = true;
-	if (read_credentials(src, &creds, &e))
+	if (read_credentials(src, &creds, &has_creds, &e))
 		goto fail;
-	if (json_object_get(src, "credentials") &&
-	    !json_is_null(json_object_get(src, "credentials")))
+	if (has_creds)
 		args.creds = &creds;
 	existed = lp_registry_get(c->s->loras, args.name, NULL, 0);
 	if (lp_api_lora_load(c->s, &args, &already, &sum, &e)) {

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/credentials.h"
 #include "operator/kube/backoff.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/events.h"
@@ -288,13 +289,6 @@ struct pod_job {
 	char creds_err[256]; /* why it could not be read, or "" */
 };
 
-/* The Secret keys forwarded to the agents, as their environment names them. */
-static const char *const CREDENTIAL_KEYS[] = {
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION",        "AWS_ENDPOINT_URL",      "HF_TOKEN",
-    "HF_ENDPOINT",
-};
-
 static bool wanted(const struct adapter_spec *s, const struct agent_lora *l)
 {
 	return strcmp(l->source, s->uri) == 0 &&
@@ -313,7 +307,7 @@ static void reply_message(struct endpoint_state *ep, const char *what,
 		         rep->message[0] ? rep->message : err->msg);
 }
 
-/* Reads s's Secret into *out, an object of the CREDENTIAL_KEYS it holds
+/* Reads s's Secret into *out, an object of the lp_credential_keys it holds
  * (decoded); other keys are left out. msg says why on failure. */
 static int read_credentials(struct reconciler *r, const struct adapter_spec *s, json_t **out,
                             char *msg, size_t cap)
@@ -337,8 +331,8 @@ static int read_credentials(struct reconciler *r, const struct adapter_spec *s, 
 	data = json_object_get(secret, "data");
 	creds = json_object();
 	rc = creds ? 0 : -ENOMEM;
-	for (size_t i = 0; !rc && i < sizeof(CREDENTIAL_KEYS) / sizeof(CREDENTIAL_KEYS[0]); i++) {
-		const char *b64 = json_string_value(json_object_get(data, CREDENTIAL_KEYS[i]));
+	for (size_t i = 0; !rc && i < LP_N_CREDENTIAL_KEYS; i++) {
+		const char *b64 = json_string_value(json_object_get(data, lp_credential_keys[i]));
 		unsigned char *raw = NULL;
 		size_t n = 0;
 
@@ -347,12 +341,12 @@ static int read_credentials(struct reconciler *r, const struct adapter_spec *s, 
 		if (kube_base64_decode(b64, strlen(b64), &raw, &n, &err) < 0 || n == 0 ||
 		    memchr(raw, '\0', n)) {
 			snprintf(msg, cap, "Secret '%.100s' key %s is empty or not text", s->secret,
-			         CREDENTIAL_KEYS[i]);
+			         lp_credential_keys[i]);
 			rc = -EINVAL;
-		} else if (json_object_set_new(creds, CREDENTIAL_KEYS[i],
+		} else if (json_object_set_new(creds, lp_credential_keys[i],
 		                               json_stringn((const char *)raw, n)) < 0) {
 			snprintf(msg, cap, "Secret '%.100s' key %s is not UTF-8 text", s->secret,
-			         CREDENTIAL_KEYS[i]);
+			         lp_credential_keys[i]);
 			rc = -EINVAL;
 		}
 		if (raw) {
@@ -364,7 +358,7 @@ static int read_credentials(struct reconciler *r, const struct adapter_spec *s, 
 	if (!rc && json_object_size(creds) == 0) {
 		snprintf(msg, cap,
 		         "Secret '%.100s' holds none of the keys the agents take (%s, ...)",
-		         s->secret, CREDENTIAL_KEYS[0]);
+		         s->secret, lp_credential_keys[0]);
 		rc = -EINVAL;
 	}
 	if (rc) {

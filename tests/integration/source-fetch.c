@@ -135,24 +135,16 @@ static long long num_arg(const char *flag, const char *v)
 }
 
 /* Sets the field of c that KEY=VALUE names; exits on an unknown KEY. */
-static void set_cred(struct lp_source_credentials *c, const char *kv)
+static void set_cred(struct lp_source_credentials *c, char *kv)
 {
-	static const char *const keys[] = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-	                                   "AWS_SESSION_TOKEN", "AWS_REGION",
-	                                   "AWS_ENDPOINT_URL",  "HF_TOKEN",
-	                                   "HF_ENDPOINT"};
-	const char **fields[] = {&c->aws_access_key_id, &c->aws_secret_access_key,
-	                         &c->aws_session_token, &c->aws_region,
-	                         &c->aws_endpoint_url,  &c->hf_token,
-	                         &c->hf_endpoint};
-	const char *eq = kv ? strchr(kv, '=') : NULL;
+	char *eq = kv ? strchr(kv, '=') : NULL;
 
-	for (size_t i = 0; eq && i < sizeof(keys) / sizeof(keys[0]); i++)
-		if (strlen(keys[i]) == (size_t)(eq - kv) &&
-		    !strncmp(kv, keys[i], (size_t)(eq - kv))) {
-			*fields[i] = eq + 1;
+	if (eq) {
+		*eq = '\0';
+		if (lp_source_credentials_set(c, kv, eq + 1) == 0)
 			return;
-		}
+		*eq = '=';
+	}
 	fprintf(stderr, "source-fetch: --cred needs KEY=VALUE with a known KEY, got '%s'\n",
 	        kv ? kv : "");
 	exit(2);
@@ -208,11 +200,11 @@ int main(int argc, char **argv)
 			cfg.s3_list_page_size = (int)num_arg(a, v);
 			i++;
 		} else if (strcmp(a, "--cred") == 0) {
-			set_cred(&creds, v);
+			set_cred(&creds, i + 1 < argc ? argv[i + 1] : NULL);
 			have_creds = true;
 			i++;
 		} else if (strcmp(a, "--cred-thread0") == 0) {
-			set_cred(&creds0, v);
+			set_cred(&creds0, i + 1 < argc ? argv[i + 1] : NULL);
 			have_creds0 = true;
 			i++;
 		} else if (strcmp(a, "--threads") == 0) {

@@ -37,6 +37,7 @@ SOURCES = [
     "agent/adapters/sigv4.c",
     "common/err.c",
     "common/buf.c",
+    "common/credentials.c",
 ]
 
 failures = 0
