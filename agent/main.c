@@ -978,9 +978,11 @@ int main(int argc, char **argv)
 
 	while (sigwait(&sigs, &sig) != 0 || (sig != SIGTERM && sig != SIGINT))
 		;
+	/* refuse new work first: once the line below is out, no request is
+	 * accepted (tests and operators read it that way) */
+	atomic_store(&srv.draining, true);
 	lp_log_info("received %s: stopping (waiting up to %.0f s for running requests)",
 	            sig == SIGTERM ? "SIGTERM" : "SIGINT", o.drain_s);
-	atomic_store(&srv.draining, true);
 	lp_watcher_free(watcher);
 	watcher = NULL;
 	lp_worker_close(w);
