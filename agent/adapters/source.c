@@ -467,16 +467,22 @@ static void lexical_normalize(const char *in, char *out, size_t cap)
 	}
 }
 
-static bool below_root(const struct lp_source_cache *c, const char *path)
+/* The allowed root that holds path, or NULL. */
+static const char *root_of(const struct lp_source_cache *c, const char *path)
 {
 	for (int i = 0; i < c->n_roots; i++) {
 		size_t n = strlen(c->roots[i]);
 		if (strcmp(c->roots[i], "/") == 0)
-			return true;
+			return c->roots[i];
 		if (strncmp(path, c->roots[i], n) == 0 && (path[n] == '\0' || path[n] == '/'))
-			return true;
+			return c->roots[i];
 	}
-	return false;
+	return NULL;
+}
+
+static bool below_root(const struct lp_source_cache *c, const char *path)
+{
+	return root_of(c, path) != NULL;
 }
 
 static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const char *uri,
@@ -544,6 +550,8 @@ static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const 
 		return rc;
 	if ((rc = check_pin(pin, res->sha256, uri, err)) < 0)
 		return rc;
+	if (from_api)
+		snprintf(res->root, sizeof(res->root), "%s", root_of(c, real));
 	return copy_out(out, cap, real, NULL, err);
 }
 
@@ -995,6 +1003,8 @@ int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha2
 	else if ((rc = env_with(&own, &c->env, creds, err)) == 0)
 		rc = fetch_shared(c, &own, creds_fingerprint(creds), u, uri, pinp, local_path, cap,
 		                  res, err);
+	if (rc == 0 && u->scheme != SRC_FILE)
+		snprintf(res->root, sizeof(res->root), "%s", c->dir);
 out:
 	env_release(&own);
 	free(u);

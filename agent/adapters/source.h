@@ -94,6 +94,12 @@ struct lp_source_result {
 	bool from_cache;           /* a complete cache entry was used, no network */
 	bool joined;               /* waited for another caller's download */
 	int http_status;           /* status of the remote response behind an error, else 0 */
+	/* The directory every file of the adapter must be opened below
+	 * (lp_lora_load's root): the allowed root that holds a file://
+	 * source requested through the API, the cache directory for a
+	 * remote source, "" for a file source named by the operator
+	 * (command line, --lora-dir), which may lie anywhere. */
+	char root[4096];
 };
 
 struct lp_source_cache;

@@ -24,7 +24,7 @@ def load(name, file):
     return mod
 
 
-at = load("agent_tests", "test-agent.py")
+import harness as at  # noqa: E402
 st = load("source_tests", "test-sources.py")
 
 ADAPTER = os.path.join(at.TINY_LORAS, "r8-all")

@@ -7,7 +7,6 @@ within 10% of what it was after warm-up. SOAK_SECONDS overrides the 60 s.
 Uses the Agent helper of test-agent.py. Prints PASS/FAIL lines."""
 
 import http.client
-import importlib.util
 import json
 import os
 import sys
@@ -15,9 +14,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-spec = importlib.util.spec_from_file_location("agent_tests", os.path.join(HERE, "test-agent.py"))
-at = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(at)
+import harness as at  # noqa: E402
 
 CLIENTS = 64
 SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
