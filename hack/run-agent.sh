@@ -10,7 +10,7 @@ ADMIN_PORT=${ADMIN_PORT:-8001}
 SAMPLES=$PWD/tests/fixtures/lora/smollm2
 cat <<TXT
 Starting loraplane-agent on http://127.0.0.1:$PORT (admin: $ADMIN_PORT) with the
-sample adapters $(ls "$SAMPLES" | grep -v -- - | tr '\n' ' ')from $SAMPLES.
+sample adapters $(cd "$SAMPLES" && for d in */; do printf '%s ' "${d%/}"; done)from $SAMPLES.
 Try, from another terminal:
 
   curl -s localhost:$PORT/v1/models

@@ -65,8 +65,10 @@ struct lp_attention_args {
  * get out_i[row] += (x[row] . A_i^T) . B_i^T for every target i the adapter
  * has, with the adapter's scale already folded into B_i.
  *
- * a holds the A of the adapter's targets stacked in target order, f32
- * [sum of their ranks, in]; b[i] holds B_i transposed, f32 [rank_i, out_i]
+ * a holds the A of the adapter's targets stacked in target order, f32, f16
+ * or bf16 (the adapter file's precision) [sum of their ranks, in]; b[i]
+ * holds B_i transposed, f32, or half when the scale folds in exactly,
+ * [rank_i, out_i]
  * (rows = rank, cols = out), cut into panels of LP_LORA_PANEL output
  * columns stored one after another, each row-major [rank_i, width]; the
  * last panel is narrower when out_i is not a multiple of the panel (see

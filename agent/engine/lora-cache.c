@@ -1,4 +1,4 @@
-/* The two-tier adapter cache; see lora-cache.h. */
+/* The adapter cache (disk, host and device tiers); see lora-cache.h. */
 #include "agent/engine/lora-cache.h"
 
 #include <errno.h>

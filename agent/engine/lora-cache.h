@@ -1,4 +1,4 @@
-/* The two-tier adapter cache of one engine: a registry of named adapters,
+/* The adapter cache of one engine, two tiers in memory: a registry of named adapters,
  * the host tier (parsed weights, at most max_cpu_loras resident, LRU) and
  * the device tier (max_loras slots, LRU). Disk is the tier below: an
  * adapter evicted from host memory is read again from its path when a
