@@ -1,8 +1,7 @@
 /* Backoff with jitter; see backoff.h. */
 #include "operator/kube/backoff.h"
 
-#include <time.h>
-
+#include "operator/kube/clock.h"
 #include "operator/kube/encoding.h"
 
 void kube_backoff_init(struct kube_backoff *b)
@@ -33,20 +32,5 @@ void kube_backoff_reset(struct kube_backoff *b)
 
 bool kube_sleep(double seconds, const atomic_bool *stop)
 {
-	double end = kube_now_mono() + seconds;
-
-	for (;;) {
-		double left = end - kube_now_mono();
-		struct timespec ts;
-
-		if (stop && atomic_load(stop))
-			return false;
-		if (left <= 0)
-			return true;
-		if (left > 0.05)
-			left = 0.05;
-		ts.tv_sec = 0;
-		ts.tv_nsec = (long)(left * 1e9);
-		nanosleep(&ts, NULL);
-	}
+	return kube_clock_sleep(NULL, seconds, stop);
 }

@@ -2,6 +2,7 @@
 #include "operator/kube/encoding.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,36 +12,26 @@
 
 #include <openssl/evp.h>
 
-static int b64_value(unsigned char c)
-{
-	if (c >= 'A' && c <= 'Z')
-		return c - 'A';
-	if (c >= 'a' && c <= 'z')
-		return c - 'a' + 26;
-	if (c >= '0' && c <= '9')
-		return c - '0' + 52;
-	if (c == '+')
-		return 62;
-	if (c == '/')
-		return 63;
-	return -1;
-}
-
 int kube_base64_decode(const char *text, size_t len, unsigned char **out, size_t *out_len,
                        struct lp_err *err)
 {
-	unsigned char *dst;
-	uint32_t acc = 0;
-	size_t n = 0, nbits = 0, pad = 0, i;
+	static const char alphabet[] =
+	    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	unsigned char *clean, *dst = NULL;
+	size_t n = 0, pad = 0, fill, i;
+	int got, rc = 0;
 
 	*out = NULL;
 	*out_len = 0;
-	dst = malloc(len / 4 * 3 + 4);
-	if (!dst)
+	if (len > INT_MAX - 4)
+		return lp_errf(err, -E2BIG, "base64 text of %zu bytes is too long", len);
+	/* EVP_DecodeBlock wants whole quads with no whitespace inside and
+	 * reads '=' anywhere as zero bits: clean and check the text first */
+	clean = malloc(len + 4);
+	if (!clean)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	for (i = 0; i < len; i++) {
-		unsigned char c = (unsigned char)text[i];
-		int v;
+		char c = text[i];
 
 		if (c == ' ' || c == '\n' || c == '\r' || c == '\t')
 			continue;
@@ -48,27 +39,39 @@ int kube_base64_decode(const char *text, size_t len, unsigned char **out, size_t
 			pad++;
 			continue;
 		}
-		v = b64_value(c);
-		if (v < 0 || pad) {
-			free(dst);
-			return lp_errf(err, -EINVAL, "invalid base64 character at offset %zu", i);
+		if (c == '\0' || !strchr(alphabet, c) || pad) {
+			rc = lp_errf(err, -EINVAL, "invalid base64 character at offset %zu", i);
+			goto out;
 		}
-		acc = (acc << 6) | (uint32_t)v;
-		nbits += 6;
-		if (nbits >= 8) {
-			nbits -= 8;
-			dst[n++] = (unsigned char)(acc >> nbits);
-		}
+		clean[n++] = (unsigned char)c;
 	}
-	/* 6 leftover bits cannot come from whole bytes; nor can 3+ pads */
-	if (nbits >= 6 || pad > 2) {
-		free(dst);
-		return lp_errf(err, -EINVAL, "invalid base64 length or padding");
+	/* one leftover character cannot come from whole bytes; nor can 3+ pads */
+	if (n % 4 == 1 || pad > 2) {
+		rc = lp_errf(err, -EINVAL, "invalid base64 length or padding");
+		goto out;
 	}
+	fill = (4 - n % 4) % 4; /* padding optional on input: put it back */
+	memset(clean + n, '=', fill);
+	dst = malloc((n + fill) / 4 * 3 + 1);
+	if (!dst) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	got = n ? EVP_DecodeBlock(dst, clean, (int)(n + fill)) : 0;
+	if (got < 0 || (size_t)got < fill) {
+		rc = lp_errf(err, -EINVAL, "invalid base64");
+		goto out;
+	}
+	/* its length counts a zero byte for every '=' */
+	n = (size_t)got - fill;
 	dst[n] = '\0';
 	*out = dst;
 	*out_len = n;
-	return 0;
+	dst = NULL;
+out:
+	free(dst);
+	free(clean);
+	return rc;
 }
 
 int kube_percent_encode(struct lp_buf *b, const char *s, bool keep_slash, struct lp_err *err)

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "operator/kube/backoff.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/watch.h"
 
@@ -20,6 +21,7 @@ struct kube_informer {
 	char *selector;
 	char *path; /* collection path */
 	int timeout_min, timeout_max, page_size;
+	struct kube_clock *clock; /* borrowed; NULL: the real one */
 
 	pthread_mutex_t lock; /* guards cache */
 	json_t *cache;        /* key -> object */
@@ -95,6 +97,7 @@ int kube_informer_new(struct kube_informer **out, struct kube_client *c,
 	if (h)
 		inf->h = *h;
 	inf->gvr = opts->gvr;
+	inf->clock = opts->clock;
 	inf->timeout_min = opts->watch_timeout_min > 0 ? opts->watch_timeout_min : 300;
 	inf->timeout_max = opts->watch_timeout_max >= inf->timeout_min ? opts->watch_timeout_max
 	                                                               : inf->timeout_min * 2;
@@ -219,7 +222,7 @@ static void *informer_main(void *arg)
 				atomic_fetch_add(&inf->n_errors, 1);
 				logf_(inf, "list %s failed, retrying in %.1fs: %s",
 				      inf->gvr->plural, d, err.msg);
-				kube_sleep(d, &inf->stop);
+				kube_clock_sleep(inf->clock, d, &inf->stop);
 				continue;
 			}
 			apply_list(inf, items);
@@ -242,12 +245,13 @@ static void *informer_main(void *arg)
 			wo.timeout_seconds = inf->timeout_max;
 		atomic_fetch_add(&inf->n_watches, 1);
 		before = atomic_load(&inf->n_events);
-		started = kube_now_mono();
+		started = kube_clock_mono(inf->clock);
 		rc = kube_watch(inf->client, &wo, on_event, inf, &inf->stop, &err);
 		if (atomic_load(&inf->stop))
 			break;
 		/* a stream that delivered something, or stayed up, worked */
-		if (atomic_load(&inf->n_events) != before || kube_now_mono() - started > 30)
+		if (atomic_load(&inf->n_events) != before ||
+		    kube_clock_mono(inf->clock) - started > 30)
 			kube_backoff_reset(&bo);
 		if (rc == 0)
 			continue; /* clean end: watch again from the last version */
@@ -261,7 +265,7 @@ static void *informer_main(void *arg)
 		atomic_fetch_add(&inf->n_errors, 1);
 		d = kube_backoff_next(&bo);
 		logf_(inf, "watch %s failed, retrying in %.1fs: %s", inf->gvr->plural, d, err.msg);
-		kube_sleep(d, &inf->stop);
+		kube_clock_sleep(inf->clock, d, &inf->stop);
 	}
 	return NULL;
 }

@@ -15,6 +15,7 @@
 
 #include "common/err.h"
 #include "operator/kube/client.h"
+#include "operator/kube/clock.h"
 
 /* Called from the informer's thread with borrowed objects (incref to
  * keep). Any may be NULL. Handlers may call kube_informer_get/list. */
@@ -34,6 +35,9 @@ struct kube_informer_opts {
 	int watch_timeout_min;      /* seconds; default 300 */
 	int watch_timeout_max;      /* seconds; default 600 */
 	int page_size;              /* default 500 */
+	/* borrowed, outlives the informer; backoff after errors runs on it
+	 * (NULL: the real clock) */
+	struct kube_clock *clock;
 };
 
 struct kube_informer_stats {

@@ -9,7 +9,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "operator/kube/backoff.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/encoding.h"
 
 struct kube_elector {
@@ -17,6 +17,7 @@ struct kube_elector {
 	char *ns, *name, *identity;
 	char *path, *collection;
 	double lease_duration, renew_deadline, retry_period;
+	struct kube_clock *clock; /* borrowed; NULL: the real one */
 	struct kube_elector_callbacks cb;
 
 	atomic_bool leader, stop;
@@ -67,6 +68,7 @@ int kube_elector_new(struct kube_elector **out, struct kube_client *c,
 	e->renew_deadline = cfg->renew_deadline > 0 ? cfg->renew_deadline : 10;
 	e->retry_period = cfg->retry_period > 0 ? cfg->retry_period : 2;
 	e->call_timeout = e->renew_deadline;
+	e->clock = cfg->clock;
 	if (cb)
 		e->cb = *cb;
 	lp_buf_init(&p1, 4096);
@@ -91,11 +93,11 @@ int kube_elector_new(struct kube_elector **out, struct kube_client *c,
 	return 0;
 }
 
-static void now_micro(char *out, size_t size)
+static void now_micro(struct kube_elector *e, char *out, size_t size)
 {
 	struct timespec ts;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
+	kube_clock_wall(e->clock, &ts);
 	kube_time_format(&ts, true, out, size);
 }
 
@@ -115,7 +117,7 @@ static void observe(struct kube_elector *e, const char *holder, const char *rene
 	free(e->obs_renew);
 	e->obs_holder = holder ? strdup(holder) : NULL;
 	e->obs_renew = renew ? strdup(renew) : NULL;
-	e->obs_time = kube_now_mono();
+	e->obs_time = kube_clock_mono(e->clock);
 }
 
 static int create_lease(struct kube_elector *e, bool *leader, struct lp_err *err)
@@ -124,7 +126,7 @@ static int create_lease(struct kube_elector *e, bool *leader, struct lp_err *err
 	json_t *obj;
 	int rc;
 
-	now_micro(now, sizeof(now));
+	now_micro(e, now, sizeof(now));
 	obj = json_pack("{s:s, s:s, s:{s:s, s:s}, s:{s:s, s:i, s:s, s:s, s:i}}", "apiVersion",
 	                "coordination.k8s.io/v1", "kind", "Lease", "metadata", "name", e->name,
 	                "namespace", e->ns, "spec", "holderIdentity", e->identity,
@@ -171,10 +173,10 @@ int kube_elector_try(struct kube_elector *e, bool *leader, struct lp_err *err)
 	if (dur <= 0)
 		dur = (json_int_t)ceil(e->lease_duration);
 	if (holder && *holder && strcmp(holder, e->identity) != 0 &&
-	    e->obs_time + (double)dur > kube_now_mono())
+	    e->obs_time + (double)dur > kube_clock_mono(e->clock))
 		goto out; /* held by another and not expired */
 
-	now_micro(now, sizeof(now));
+	now_micro(e, now, sizeof(now));
 	upd = json_deep_copy(lease);
 	if (!upd) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
@@ -225,7 +227,7 @@ static void release(struct kube_elector *e)
 	holder = json_string_value(json_object_get(spec, "holderIdentity"));
 	if (!json_is_object(spec) || !holder || strcmp(holder, e->identity) != 0)
 		goto out;
-	now_micro(now, sizeof(now));
+	now_micro(e, now, sizeof(now));
 	json_object_set_new(spec, "holderIdentity", json_string(""));
 	json_object_set_new(spec, "leaseDurationSeconds", json_integer(1));
 	json_object_set_new(spec, "renewTime", json_string(now));
@@ -255,7 +257,7 @@ static void *elector_main(void *arg)
 		if (leader)
 			break;
 		/* jitter 1.2 as client-go does */
-		kube_sleep(e->retry_period * (1.0 + 1.2 * kube_random()), &e->stop);
+		kube_clock_sleep(e->clock, e->retry_period * (1.0 + 1.2 * kube_random()), &e->stop);
 	}
 	if (!leader)
 		return NULL;
@@ -265,22 +267,23 @@ static void *elector_main(void *arg)
 		e->cb.started_leading(e->cb.user);
 
 	/* renew */
-	last_ok = kube_now_mono();
+	last_ok = kube_clock_mono(e->clock);
 	while (!atomic_load(&e->stop)) {
 		double left;
 
-		if (!kube_sleep(e->retry_period, &e->stop))
+		if (!kube_clock_sleep(e->clock, e->retry_period, &e->stop))
 			break;
-		left = e->renew_deadline - (kube_now_mono() - last_ok);
+		left = e->renew_deadline - (kube_clock_mono(e->clock) - last_ok);
 		e->call_timeout = left > 1 ? left : 1;
 		lp_err_clear(&err);
 		if (kube_elector_try(e, &leader, &err) == 0 && leader) {
-			last_ok = kube_now_mono();
+			last_ok = kube_clock_mono(e->clock);
 			continue;
 		}
 		if (err.code)
 			logf_(e, "cannot renew lease %s/%s: %s", e->ns, e->name, err.msg);
-		if ((!err.code && !leader) || kube_now_mono() - last_ok >= e->renew_deadline) {
+		if ((!err.code && !leader) ||
+		    kube_clock_mono(e->clock) - last_ok >= e->renew_deadline) {
 			atomic_store(&e->leader, false);
 			logf_(e, "lost lease %s/%s", e->ns, e->name);
 			if (e->cb.stopped_leading)

@@ -15,6 +15,7 @@
 
 #include "common/err.h"
 #include "operator/kube/client.h"
+#include "operator/kube/clock.h"
 
 struct kube_lease_config {
 	const char *ns;        /* namespace of the Lease */
@@ -23,6 +24,10 @@ struct kube_lease_config {
 	double lease_duration; /* default 15 s */
 	double renew_deadline; /* default 10 s */
 	double retry_period;   /* default 2 s */
+	/* borrowed, outlives the elector; the timings above and the Lease's
+	 * times run on it (NULL: the real clock). API calls keep real
+	 * timeouts. */
+	struct kube_clock *clock;
 };
 
 struct kube_elector_callbacks {

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "operator/kube/encoding.h"
+#include "operator/kube/clock.h"
 
 #define NBUCKETS 1024
 
@@ -72,7 +72,7 @@ int workqueue_new(struct workqueue **out, const struct workqueue_config *cfg, st
 	if (q->cfg.burst <= 0)
 		q->cfg.burst = 100;
 	q->tokens = q->cfg.burst;
-	q->tokens_at = kube_now_mono();
+	q->tokens_at = kube_clock_mono(q->cfg.clock);
 	pthread_mutex_init(&q->lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -208,7 +208,7 @@ static void add_after_locked(struct workqueue *q, struct wq_item *it, double sec
 		add_locked(q, it);
 		return;
 	}
-	at = kube_now_mono() + seconds;
+	at = kube_clock_mono(q->cfg.clock) + seconds;
 	if (it->ready_at > 0) {
 		if (at < it->ready_at)
 			it->ready_at = at; /* the earlier wish wins */
@@ -246,7 +246,7 @@ void workqueue_add_after(struct workqueue *q, const char *key, double seconds)
  * until it would have been there. */
 static double bucket_delay(struct workqueue *q)
 {
-	double now = kube_now_mono();
+	double now = kube_clock_mono(q->cfg.clock);
 
 	q->tokens += (now - q->tokens_at) * q->cfg.qps;
 	if (q->tokens > q->cfg.burst)
@@ -306,7 +306,7 @@ int workqueue_failures(struct workqueue *q, const char *key)
  * earliest remaining ready time, or 0 when none is left. */
 static double promote_due(struct workqueue *q)
 {
-	double now = kube_now_mono(), next = 0;
+	double now = kube_clock_mono(q->cfg.clock), next = 0;
 	size_t i = 0;
 
 	while (i < q->ndelayed) {
@@ -328,14 +328,13 @@ static double promote_due(struct workqueue *q)
 
 int workqueue_get(struct workqueue *q, double timeout_s, char **key)
 {
-	double deadline = timeout_s >= 0 ? kube_now_mono() + timeout_s : 0;
+	double deadline = timeout_s >= 0 ? kube_clock_mono(q->cfg.clock) + timeout_s : 0;
 	int rc = 0;
 
 	*key = NULL;
 	pthread_mutex_lock(&q->lock);
 	for (;;) {
 		double next, until;
-		struct timespec ts;
 
 		if (q->shutdown) {
 			rc = -ESHUTDOWN;
@@ -360,7 +359,7 @@ int workqueue_get(struct workqueue *q, double timeout_s, char **key)
 		until = next;
 		if (deadline > 0 && (until == 0 || deadline < until))
 			until = deadline;
-		if (timeout_s >= 0 && kube_now_mono() >= deadline) {
+		if (timeout_s >= 0 && kube_clock_mono(q->cfg.clock) >= deadline) {
 			rc = -ETIMEDOUT;
 			break;
 		}
@@ -368,13 +367,7 @@ int workqueue_get(struct workqueue *q, double timeout_s, char **key)
 			pthread_cond_wait(&q->cond, &q->lock);
 			continue;
 		}
-		ts.tv_sec = (time_t)until;
-		ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
-		if (ts.tv_nsec >= 1000000000L) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000L;
-		}
-		pthread_cond_timedwait(&q->cond, &q->lock, &ts);
+		kube_clock_cond_wait_until(q->cfg.clock, &q->cond, &q->lock, until);
 	}
 	pthread_mutex_unlock(&q->lock);
 	return rc;

@@ -15,12 +15,16 @@
 #include <stddef.h>
 
 #include "common/err.h"
+#include "operator/kube/clock.h"
 
 struct workqueue_config {
 	double base_delay; /* first per-item retry delay, seconds (default 0.1) */
 	double max_delay;  /* cap of the per-item delay (default 60) */
 	double qps;        /* token bucket refill rate (default 10) */
 	int burst;         /* token bucket size (default 100) */
+	/* borrowed; delays, the bucket and get's timeout run on it (NULL:
+	 * the real clock) */
+	struct kube_clock *clock;
 };
 
 struct workqueue;
@@ -40,7 +44,8 @@ int workqueue_failures(struct workqueue *q, const char *key);
 /* Blocks until a key is ready and hands it over: *key is malloc'ed, the
  * caller frees it after calling workqueue_done. Returns -ESHUTDOWN once
  * the queue is shut down (keys still queued are dropped). timeout_s < 0
- * waits forever; otherwise -ETIMEDOUT after that long. */
+ * waits forever; otherwise -ETIMEDOUT after that long on the queue's
+ * clock (0: only what is ready now). */
 int workqueue_get(struct workqueue *q, double timeout_s, char **key);
 /* Ends the processing of key (borrowed); re-queues it if it was added
  * meanwhile. */

@@ -3,8 +3,10 @@
 stream completions (base model and adapters), adapter directories are
 added, replaced in place, removed, unloaded through the API (and come
 back), and a broken one appears. Every stream must complete ([DONE], a
-finish reason); /v1/models must follow the directory within about one
-refresh interval. Prints one PASS/FAIL line per test."""
+finish reason); /v1/models must follow the directory. Every wait is for a
+condition, with a generous deadline against hangs only: nothing asserts how
+long a change took, so a loaded machine cannot fail the test. Prints one
+PASS/FAIL line per test."""
 
 import http.client
 import json
@@ -18,8 +20,8 @@ import time
 import harness as A  # noqa: E402
 
 INTERVAL = 0.5
-# scheduling slack on a shared, busy machine on top of one interval
-SLACK = 1.5
+# hang guard for every wait: far longer than a scan takes on a busy machine
+WAIT_S = 60
 TMP = tempfile.mkdtemp(prefix="lp-agent-watch-")
 LORAS = os.path.join(TMP, "loras")
 _agent = None
@@ -42,16 +44,15 @@ def model_ids(a):
     return [m["id"] for m in obj["data"]]
 
 
-def wait_until(cond, what, limit):
-    """Polls cond() until true; returns the seconds it took."""
-    t0 = time.time()
-    while time.time() - t0 < limit + 10:
+def wait_until(cond, what, limit=WAIT_S):
+    """Polls cond() until true; returns the seconds it took (reported, not
+    asserted)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
         if cond():
-            took = time.time() - t0
-            assert took <= limit, f"{what} took {took:.2f}s, more than {limit:.2f}s"
-            return took
+            return time.monotonic() - t0
         time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {limit + 10:.0f}s")
+    raise AssertionError(f"{what}: not within {limit:.0f}s")
 
 
 class Clients:
@@ -108,6 +109,10 @@ class Clients:
                     self.errors.append(f"{type(e).__name__}: {e}")
             time.sleep(0.01)
 
+    def completed(self, model):
+        with self.lock:
+            return self.done[model]
+
     def finish(self):
         self.stop.set()
         for t in self.threads:
@@ -121,13 +126,14 @@ def directory_changes_while_8_clients_stream():
     clients = Clients(a)
     timings = {}
     try:
-        time.sleep(1.0)
+        # every model streams before anything changes
+        wait_until(lambda: all(clients.completed(m) >= 1 for m in ("tiny-llama", "alpha", "beta", "doomed")),
+                   "a stream of every model")
         # a new directory, prepared under a hidden name and renamed in
         tmp = os.path.join(LORAS, ".gamma.tmp")
         A.copy_adapter(os.path.join(A.TINY_LORAS, "r8-pattern"), tmp)
         os.rename(tmp, os.path.join(LORAS, "gamma"))
-        timings["add"] = wait_until(lambda: "gamma" in model_ids(a), "a new directory",
-                                    INTERVAL + SLACK)
+        timings["add"] = wait_until(lambda: "gamma" in model_ids(a), "a new directory")
         # new weights for beta, file by file (each replaced whole)
         src = os.path.join(A.TINY_LORAS, "r16-attn")
         for f in ("adapter_model.safetensors", "adapter_config.json"):
@@ -137,25 +143,27 @@ def directory_changes_while_8_clients_stream():
         def beta_rank():
             status, obj = a.json("GET", "/v1/loras/beta", admin=True)
             return status == 200 and obj["rank"] == 16
-        timings["replace"] = wait_until(beta_rank, "an in-place reload", INTERVAL + SLACK)
+        timings["replace"] = wait_until(beta_rank, "an in-place reload")
         a.wait_log(r"reloaded adapter 'beta'")
         # a directory goes away
         shutil.rmtree(os.path.join(LORAS, "doomed"))
         timings["remove"] = wait_until(lambda: "doomed" not in model_ids(a),
-                                       "a removed directory", INTERVAL + SLACK)
+                                       "a removed directory")
         a.wait_log(r"unloaded adapter 'doomed': its directory .* is gone")
         # unloaded through the API while its directory stays: it comes back
         status, obj = a.json("DELETE", "/v1/loras/alpha", admin=True)
         assert status == 200, obj
         timings["comeback"] = wait_until(lambda: "alpha" in model_ids(a),
-                                         "an API-unloaded adapter coming back", INTERVAL + SLACK)
+                                         "an API-unloaded adapter coming back")
         # a broken directory is skipped with its reason; nothing else changes
         bad = A.copy_adapter(os.path.join(A.TINY_LORAS, "r4-qv"), os.path.join(LORAS, ".bad"))
         f = os.path.join(bad, "adapter_model.safetensors")
         open(f, "r+b").truncate(os.path.getsize(f) - 500)
         os.rename(bad, os.path.join(LORAS, "broken"))
-        a.wait_log(r"skipped adapter 'broken' .*", timeout=INTERVAL + SLACK + 5)
-        time.sleep(1.0)
+        a.wait_log(r"skipped adapter 'broken' .*", timeout=WAIT_S)
+        # streams go on after all that, the new adapter included
+        wait_until(lambda: clients.completed("tiny-llama") >= 5 and clients.completed("beta") >= 5
+                   and clients.completed("gamma") >= 1, "streams after the changes")
     finally:
         clients.finish()
     assert not clients.errors, f"{len(clients.errors)} failed streams: {clients.errors[:5]}"
@@ -180,7 +188,7 @@ def a_fixed_broken_directory_loads_at_the_next_scan():
                 os.path.join(bad, "adapter_model.safetensors.new"))
     os.replace(os.path.join(bad, "adapter_model.safetensors.new"),
                os.path.join(bad, "adapter_model.safetensors"))
-    wait_until(lambda: "broken" in model_ids(a), "a repaired directory", INTERVAL + SLACK)
+    wait_until(lambda: "broken" in model_ids(a), "a repaired directory")
     r = a.json("POST", "/v1/completions", {"model": "broken", "prompt": "x", "max_tokens": 2})
     assert r[0] == 200, r
 
@@ -198,7 +206,11 @@ def a_name_taken_by_another_source_is_left_alone():
         b.wait_log(r"skipped adapter 'alpha' .*already loaded from another source")
         status, obj = b.json("GET", "/v1/loras/alpha", admin=True)
         assert status == 200 and obj["source"] == "file://" + os.path.realpath(other), obj
-        time.sleep(2 * INTERVAL)
+        # two more scans (each picks up a new directory), then count again
+        for probe in ("probe-1", "probe-2"):
+            A.copy_adapter(os.path.join(A.TINY_LORAS, "r4-qv"), os.path.join(TMP, "." + probe))
+            os.rename(os.path.join(TMP, "." + probe), os.path.join(LORAS, probe))
+            wait_until(lambda: probe in model_ids(b), f"a scan that loads '{probe}'")
         assert b.log().count("skipped adapter 'alpha'") == 1
         assert b.json("GET", "/v1/loras/alpha", admin=True)[1]["rank"] == 8
 

@@ -10,6 +10,7 @@ Prints one PASS/FAIL line per test (counted by tests/run.sh)."""
 import http.client
 import json
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -25,28 +26,24 @@ os.chdir(ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "kube"))
 
 import apiserver  # noqa: E402
+import harness as H  # noqa: E402
 
 CRD = "crds/loraplane.io_loraadapters.yaml"
 SAMPLE = "tests/kube/sample-loraadapter.yaml"
 TOKEN = "t0ken-for-tests"
 LORA = "/apis/loraplane.io/v1alpha1"
-failures = 0
 TMP = tempfile.mkdtemp(prefix="kube-apiserver-test-")
+# Hang guard for waits on the server's threads: far longer than anything
+# takes even on a loaded machine; reaching it is a failure.
+WAIT_S = 60
 
 
-def test(fn):
-    global failures
-    t0 = time.monotonic()
-    try:
-        fn()
-        print(f"PASS test-kube-apiserver:{fn.__name__} ({time.monotonic() - t0:.1f}s)", flush=True)
-    except AssertionError as e:
-        failures += 1
-        print(f"FAIL test-kube-apiserver:{fn.__name__}: {e}", flush=True)
-    except Exception as e:  # a broken test is a failure too
-        failures += 1
-        print(f"FAIL test-kube-apiserver:{fn.__name__}: {type(e).__name__}: {e}", flush=True)
-    return fn
+def wait_until(pred, what, timeout=WAIT_S):
+    """Polls pred() until it is true; fails naming what it waited for."""
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.02)
 
 
 # ------------------------------------------------------------ setup
@@ -196,7 +193,7 @@ def events(resp, n=None, until=None):
             return out
 
 
-H = Http(PLAIN)
+API = Http(PLAIN)
 
 
 def lora(name, ns="default", base="base/model", uri="s3://b/a", **spec):
@@ -227,7 +224,7 @@ load_crd_plain()
 
 # ------------------------------------------------------------ kubectl
 
-@test
+@H.test
 def kubectl_version_and_discovery():
     p = kubectl("version", "-o", "json")
     v = json.loads(p.stdout)
@@ -236,7 +233,7 @@ def kubectl_version_and_discovery():
     assert "leases" in p.stdout, p.stdout
 
 
-@test
+@H.test
 def kubectl_rejects_bad_token():
     p = kubectl("get", "namespaces", config=KCFG_BAD, check=False)
     assert p.returncode != 0, "a wrong token was accepted"
@@ -247,13 +244,13 @@ def kubectl_rejects_bad_token():
     assert code == 200, code
 
 
-@test
+@H.test
 def kubectl_client_certificate():
     p = kubectl("get", "namespace", "default", "-o", "name", config=KCFG_CERT)
     assert p.stdout.strip() == "namespace/default", p.stdout
 
 
-@test
+@H.test
 def kubectl_apply_crd_and_wait_established():
     kubectl("apply", "-f", CRD)
     kubectl("wait", "--for", "condition=established", "crd/loraadapters.loraplane.io", "--timeout=10s")
@@ -262,7 +259,7 @@ def kubectl_apply_crd_and_wait_established():
     assert line and "lora,loras" in line[0] and "LoraAdapter" in line[0], p.stdout
 
 
-@test
+@H.test
 def kubectl_apply_sample_and_get_columns():
     kubectl("create", "namespace", "team-a")  # a protobuf body, as kubectl sends it
     p = kubectl("apply", "-f", SAMPLE)
@@ -272,14 +269,14 @@ def kubectl_apply_sample_and_get_columns():
     assert out[1].split()[:2] == ["sql", "meta-llama/Llama-3.2-3B-Instruct"], out
 
 
-@test
+@H.test
 def kubectl_short_names():
     for name in ("lora", "loras", "loraadapter"):
         out = kubectl("get", name, "-A").stdout.splitlines()
         assert out[0].split()[:2] == ["NAMESPACE", "NAME"] and out[1].split()[:2] == ["team-a", "sql"], (name, out)
 
 
-@test
+@H.test
 def kubectl_get_json_has_defaults():
     items = json.loads(kubectl("get", "loraadapters", "-n", "team-a", "-o", "json").stdout)["items"]
     assert len(items) == 1, items
@@ -289,7 +286,7 @@ def kubectl_get_json_has_defaults():
     assert "status" not in o, "status set on create"
 
 
-@test
+@H.test
 def kubectl_describe_shows_spec_and_events():
     h = Http(TLS, TOKEN)
     uid = h.ok("GET", f"{LORA}/namespaces/team-a/loraadapters/sql")["metadata"]["uid"]
@@ -305,7 +302,7 @@ def kubectl_describe_shows_spec_and_events():
     assert "Loaded" in out and "adapter loaded on 2 of 2 pods" in out, out
 
 
-@test
+@H.test
 def kubectl_status_subresource_shows_in_columns():
     st = {"status": {"observedGeneration": 1, "totalEndpoints": 4, "readyEndpoints": 3,
                      "conditions": [{"type": "Ready", "status": "False", "reason": "PartiallyReady",
@@ -322,7 +319,7 @@ def kubectl_status_subresource_shows_in_columns():
     assert bad.returncode != 0 and "must be of type integer" in bad.stderr, bad.stderr
 
 
-@test
+@H.test
 def kubectl_rejects_immutable_changes():
     p = kubectl("apply", "-f", "-", stdin=sample({"meta-llama/Llama-3.2-3B-Instruct": "other/base"}), check=False)
     assert p.returncode != 0 and "baseModelName is immutable" in p.stderr, p.stderr
@@ -334,7 +331,7 @@ def kubectl_rejects_immutable_changes():
     assert o["metadata"]["generation"] == 2 and o["spec"]["source"]["uri"] == "s3://loras/sql/v4", o
 
 
-@test
+@H.test
 def kubectl_schema_rejects_invalid():
     cases = [({"name: sql": "name: bad1", "enabled: true": "enabled: \"yes\""},
               "spec.service.enabled in body must be of type boolean"),
@@ -357,7 +354,7 @@ def kubectl_schema_rejects_invalid():
     assert names == ["loraadapter.loraplane.io/sql"], names
 
 
-@test
+@H.test
 def kubectl_server_side_apply_and_diff():
     text = sample({"name: sql": "name: ssa"})
     p = kubectl("apply", "--server-side", "-f", "-", stdin=text)
@@ -373,7 +370,7 @@ def kubectl_server_side_apply_and_diff():
     assert o["spec"]["source"]["uri"] == "s3://loras/sql/v9", o["spec"]
 
 
-@test
+@H.test
 def kubectl_get_watch():
     proc = subprocess.Popen(["kubectl", "--kubeconfig", KCFG, "--cache-dir", CACHE, "get", "lora", "-n", "team-a",
                              "-w", "--output-watch-events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -381,7 +378,7 @@ def kubectl_get_watch():
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + WAIT_S
         while not lines and time.monotonic() < deadline:  # the initial list is out: the watch follows it
             time.sleep(0.05)
         kubectl("label", "lora", "sql", "-n", "team-a", "watched=yes")
@@ -395,7 +392,7 @@ def kubectl_get_watch():
     assert any(ln.split()[:2] == ["MODIFIED", "sql"] for ln in lines), lines
 
 
-@test
+@H.test
 def kubectl_delete_with_finalizer():
     kubectl("patch", "lora", "ssa", "-n", "team-a", "--type=json", "-p",
             '[{"op":"add","path":"/metadata/finalizers","value":["loraplane.io/unload"]}]')
@@ -413,7 +410,7 @@ def kubectl_delete_with_finalizer():
     assert "No resources found" in p.stderr, (p.stdout, p.stderr)
 
 
-@test
+@H.test
 def kubectl_delete_crd_removes_resources():
     kubectl("apply", "-f", SAMPLE)
     kubectl("delete", "crd", "loraadapters.loraplane.io", "--timeout=10s")
@@ -426,113 +423,113 @@ def kubectl_delete_crd_removes_resources():
 
 # ------------------------------------------------------------ HTTP rules
 
-@test
+@H.test
 def create_sets_server_fields():
-    o = H.ok("POST", f"{LORA}/namespaces/default/loraadapters", lora("c1"))
+    o = API.ok("POST", f"{LORA}/namespaces/default/loraadapters", lora("c1"))
     m = o["metadata"]
     assert m["uid"] and m["creationTimestamp"].endswith("Z") and int(m["resourceVersion"]) > 0, m
     assert m["generation"] == 1 and o["spec"]["modelType"] == "lora", o
-    g = H.ok("POST", "/api/v1/namespaces/default/configmaps",
+    g = API.ok("POST", "/api/v1/namespaces/default/configmaps",
              {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "gen-"}})
     assert g["metadata"]["name"].startswith("gen-") and len(g["metadata"]["name"]) == 9, g["metadata"]
-    code, st, _ = H.post(f"{LORA}/namespaces/default/loraadapters", lora("c1"))
+    code, st, _ = API.post(f"{LORA}/namespaces/default/loraadapters", lora("c1"))
     assert code == 409 and st["reason"] == "AlreadyExists", st
     assert st["message"] == 'loraadapters.loraplane.io "c1" already exists', st["message"]
     assert st["details"] == {"name": "c1", "group": "loraplane.io", "kind": "loraadapters"}, st["details"]
-    code, st, _ = H.get(f"{LORA}/namespaces/default/loraadapters/nope")
+    code, st, _ = API.get(f"{LORA}/namespaces/default/loraadapters/nope")
     assert code == 404 and st == {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                                   "message": 'loraadapters.loraplane.io "nope" not found', "reason": "NotFound",
                                   "details": {"name": "nope", "group": "loraplane.io", "kind": "loraadapters"},
                                   "code": 404}, st
-    code, st, _ = H.post("/api/v1/namespaces/missing/configmaps", cm("x", ns="missing"))
+    code, st, _ = API.post("/api/v1/namespaces/missing/configmaps", cm("x", ns="missing"))
     assert code == 404 and st["message"] == 'namespaces "missing" not found', st
-    code, st, _ = H.post(f"{LORA}/namespaces/default/loraadapters", dict(lora("c2"), metadata={"name": "c2", "resourceVersion": "5"}))
+    code, st, _ = API.post(f"{LORA}/namespaces/default/loraadapters", dict(lora("c2"), metadata={"name": "c2", "resourceVersion": "5"}))
     assert code == 400, (code, st)
 
 
-@test
+@H.test
 def stale_update_gets_409():
-    o = H.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1")
+    o = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1")
     o1 = json.loads(json.dumps(o))
     o1["spec"]["source"]["uri"] = "s3://b/v2"
-    H.ok("PUT", f"{LORA}/namespaces/default/loraadapters/c1", o1)
+    API.ok("PUT", f"{LORA}/namespaces/default/loraadapters/c1", o1)
     o["spec"]["source"]["uri"] = "s3://b/v3"
-    code, st, _ = H.put(f"{LORA}/namespaces/default/loraadapters/c1", o)
+    code, st, _ = API.put(f"{LORA}/namespaces/default/loraadapters/c1", o)
     assert code == 409 and st["reason"] == "Conflict", st
     assert "the object has been modified; please apply your changes to the latest version" in st["message"], st
     del o["metadata"]["resourceVersion"]
-    code, st, _ = H.put(f"{LORA}/namespaces/default/loraadapters/c1", o)
+    code, st, _ = API.put(f"{LORA}/namespaces/default/loraadapters/c1", o)
     assert code == 422 and "must be specified for an update" in st["message"], st
     # a built-in kind allows an unconditional update
-    H.ok("POST", "/api/v1/namespaces/default/configmaps", cm("u1"))
-    H.ok("PUT", "/api/v1/namespaces/default/configmaps/u1", cm("u1", data={"a": "b"}))
+    API.ok("POST", "/api/v1/namespaces/default/configmaps", cm("u1"))
+    API.ok("PUT", "/api/v1/namespaces/default/configmaps/u1", cm("u1", data={"a": "b"}))
 
 
-@test
+@H.test
 def generation_bumps_on_spec_only():
     p = f"{LORA}/namespaces/default/loraadapters/c1"
-    g0 = H.ok("GET", p)["metadata"]["generation"]
-    o = H.ok("PATCH", p, {"metadata": {"labels": {"x": "y"}}}, ctype="application/merge-patch+json")
+    g0 = API.ok("GET", p)["metadata"]["generation"]
+    o = API.ok("PATCH", p, {"metadata": {"labels": {"x": "y"}}}, ctype="application/merge-patch+json")
     assert o["metadata"]["generation"] == g0, "label change bumped generation"
-    o = H.ok("PATCH", p + "/status", {"status": {"totalEndpoints": 1}}, ctype="application/merge-patch+json")
+    o = API.ok("PATCH", p + "/status", {"status": {"totalEndpoints": 1}}, ctype="application/merge-patch+json")
     assert o["metadata"]["generation"] == g0 and o["status"]["totalEndpoints"] == 1, o
     rv = o["metadata"]["resourceVersion"]
-    o = H.ok("PATCH", p, {"spec": {"source": {"uri": "s3://b/v5"}}}, ctype="application/merge-patch+json")
+    o = API.ok("PATCH", p, {"spec": {"source": {"uri": "s3://b/v5"}}}, ctype="application/merge-patch+json")
     assert o["metadata"]["generation"] == g0 + 1 and int(o["metadata"]["resourceVersion"]) > int(rv), o["metadata"]
-    same = H.ok("PATCH", p, {"spec": {"source": {"uri": "s3://b/v5"}}}, ctype="application/merge-patch+json")
+    same = API.ok("PATCH", p, {"spec": {"source": {"uri": "s3://b/v5"}}}, ctype="application/merge-patch+json")
     assert same["metadata"]["resourceVersion"] == o["metadata"]["resourceVersion"], "a no-op patch wrote"
 
 
-@test
+@H.test
 def status_subresource_semantics():
     p = f"{LORA}/namespaces/default/loraadapters/c1"
-    o = H.ok("GET", p)
+    o = API.ok("GET", p)
     o["spec"]["source"]["uri"] = "s3://changed/by-status"
     o["status"] = {"totalEndpoints": 2, "readyEndpoints": 2}
-    s = H.ok("PUT", p + "/status", o)
+    s = API.ok("PUT", p + "/status", o)
     assert s["status"]["readyEndpoints"] == 2 and s["spec"]["source"]["uri"] != "s3://changed/by-status", s
     s["status"] = {"totalEndpoints": 7}
     s["spec"]["source"]["uri"] = "s3://b/v6"
-    m = H.ok("PUT", p, s)
+    m = API.ok("PUT", p, s)
     assert m["status"] == {"totalEndpoints": 2, "readyEndpoints": 2} and m["spec"]["source"]["uri"] == "s3://b/v6", m
-    got = H.ok("GET", p + "/status")
+    got = API.ok("GET", p + "/status")
     assert got["status"]["totalEndpoints"] == 2, got
-    code, st, _ = H.call("POST", p + "/status", {})
+    code, st, _ = API.call("POST", p + "/status", {})
     assert code == 405, (code, st)
 
 
-@test
+@H.test
 def finalizers_and_deletion_timestamp():
-    H.ok("POST", f"{LORA}/namespaces/default/loraadapters",
+    API.ok("POST", f"{LORA}/namespaces/default/loraadapters",
          dict(lora("fin"), metadata={"name": "fin", "namespace": "default", "finalizers": ["loraplane.io/unload"]}))
-    start = H.ok("GET", f"{LORA}/namespaces/default/loraadapters/fin")["metadata"]["resourceVersion"]
-    resp, c = H.watch(f"{LORA}/namespaces/default/loraadapters?watch=1&resourceVersion={start}&fieldSelector=metadata.name%3Dfin&timeoutSeconds=5")
-    d = H.ok("DELETE", f"{LORA}/namespaces/default/loraadapters/fin")
+    start = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/fin")["metadata"]["resourceVersion"]
+    resp, c = API.watch(f"{LORA}/namespaces/default/loraadapters?watch=1&resourceVersion={start}&fieldSelector=metadata.name%3Dfin&timeoutSeconds=5")
+    d = API.ok("DELETE", f"{LORA}/namespaces/default/loraadapters/fin")
     assert d["metadata"]["deletionTimestamp"] and d["metadata"]["generation"] == 2, d["metadata"]
-    again = H.ok("DELETE", f"{LORA}/namespaces/default/loraadapters/fin")
+    again = API.ok("DELETE", f"{LORA}/namespaces/default/loraadapters/fin")
     assert again["metadata"]["resourceVersion"] == d["metadata"]["resourceVersion"], "second delete wrote"
-    code, st, _ = H.patch(f"{LORA}/namespaces/default/loraadapters/fin",
+    code, st, _ = API.patch(f"{LORA}/namespaces/default/loraadapters/fin",
                           {"metadata": {"finalizers": ["loraplane.io/unload", "other.io/x"]}})
     assert code == 422 and "no new finalizers can be added" in st["message"], st
-    H.ok("PATCH", f"{LORA}/namespaces/default/loraadapters/fin",
+    API.ok("PATCH", f"{LORA}/namespaces/default/loraadapters/fin",
          [{"op": "test", "path": "/metadata/finalizers/0", "value": "loraplane.io/unload"},
           {"op": "remove", "path": "/metadata/finalizers/0"}], ctype="application/json-patch+json")
     evs = events(resp, n=2)
     c.close()
     assert [e["type"] for e in evs] == ["MODIFIED", "DELETED"], evs
     assert evs[0]["object"]["metadata"]["deletionTimestamp"], evs[0]
-    code, _, _ = H.get(f"{LORA}/namespaces/default/loraadapters/fin")
+    code, _, _ = API.get(f"{LORA}/namespaces/default/loraadapters/fin")
     assert code == 404, code
 
 
-@test
+@H.test
 def label_selectors():
     for i, labels in enumerate([{"app": "a", "tier": "web"}, {"app": "a", "tier": "db"}, {"app": "b"}, {}]):
-        H.ok("POST", "/api/v1/namespaces/default/configmaps", cm(f"sel-{i}", labels=labels))
+        API.ok("POST", "/api/v1/namespaces/default/configmaps", cm(f"sel-{i}", labels=labels))
 
     def names(sel):
         q = urllib.parse.urlencode({"labelSelector": sel})
-        items = H.ok("GET", f"/api/v1/namespaces/default/configmaps?{q}")["items"]
+        items = API.ok("GET", f"/api/v1/namespaces/default/configmaps?{q}")["items"]
         return sorted(o["metadata"]["name"] for o in items if o["metadata"]["name"].startswith("sel-"))
 
     assert names("app=a") == ["sel-0", "sel-1"], names("app=a")
@@ -542,66 +539,66 @@ def label_selectors():
     assert names("app notin (a)") == ["sel-2", "sel-3"], names("app notin (a)")
     assert names("tier") == ["sel-0", "sel-1"], names("tier")
     assert names("!app") == ["sel-3"], names("!app")
-    code, st, _ = H.get("/api/v1/namespaces/default/configmaps?labelSelector=" + urllib.parse.quote("app in (a"))
+    code, st, _ = API.get("/api/v1/namespaces/default/configmaps?labelSelector=" + urllib.parse.quote("app in (a"))
     assert code == 400 and st["reason"] == "BadRequest", st
 
 
-@test
+@H.test
 def field_selectors():
-    items = H.ok("GET", "/api/v1/configmaps?fieldSelector=metadata.name%3Dsel-1")["items"]
+    items = API.ok("GET", "/api/v1/configmaps?fieldSelector=metadata.name%3Dsel-1")["items"]
     assert [o["metadata"]["name"] for o in items] == ["sel-1"], items
-    items = H.ok("GET", "/api/v1/namespaces?fieldSelector=metadata.name!%3Ddefault")["items"]
+    items = API.ok("GET", "/api/v1/namespaces?fieldSelector=metadata.name!%3Ddefault")["items"]
     assert "default" not in [o["metadata"]["name"] for o in items], items
-    code, st, _ = H.get(f"{LORA}/loraadapters?fieldSelector=spec.baseModelName%3Dx")
+    code, st, _ = API.get(f"{LORA}/loraadapters?fieldSelector=spec.baseModelName%3Dx")
     assert code == 400 and "spec.baseModelName" in st["message"], st
     PLAIN.run_pod("fs-run", ip="10.1.0.1")
     PLAIN.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fs-pend", "namespace": "default"},
                   "spec": {"containers": [{"name": "c", "image": "x"}]}})
-    items = H.ok("GET", "/api/v1/namespaces/default/pods?fieldSelector=status.phase%3DRunning")["items"]
+    items = API.ok("GET", "/api/v1/namespaces/default/pods?fieldSelector=status.phase%3DRunning")["items"]
     assert [o["metadata"]["name"] for o in items] == ["fs-run"], items
 
 
-@test
+@H.test
 def pagination_is_a_consistent_snapshot():
-    H.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pages"}})
+    API.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pages"}})
     for i in range(5):
-        H.ok("POST", "/api/v1/namespaces/pages/configmaps", cm(f"p{i}", ns="pages"))
-    first = H.ok("GET", "/api/v1/namespaces/pages/configmaps?limit=2")
+        API.ok("POST", "/api/v1/namespaces/pages/configmaps", cm(f"p{i}", ns="pages"))
+    first = API.ok("GET", "/api/v1/namespaces/pages/configmaps?limit=2")
     rv = first["metadata"]["resourceVersion"]
     assert [o["metadata"]["name"] for o in first["items"]] == ["p0", "p1"], first
     assert first["metadata"]["remainingItemCount"] == 3 and first["metadata"]["continue"], first["metadata"]
     # changes between pages do not show up in the rest of the list
-    H.ok("DELETE", "/api/v1/namespaces/pages/configmaps/p3")
-    H.ok("POST", "/api/v1/namespaces/pages/configmaps", cm("p9", ns="pages"))
-    H.ok("PUT", "/api/v1/namespaces/pages/configmaps/p4", cm("p4", ns="pages", data={"changed": "yes"}))
+    API.ok("DELETE", "/api/v1/namespaces/pages/configmaps/p3")
+    API.ok("POST", "/api/v1/namespaces/pages/configmaps", cm("p9", ns="pages"))
+    API.ok("PUT", "/api/v1/namespaces/pages/configmaps/p4", cm("p4", ns="pages", data={"changed": "yes"}))
     seen, token = [], first["metadata"]["continue"]
     while token:
-        page = H.ok("GET", "/api/v1/namespaces/pages/configmaps?limit=2&continue=" + urllib.parse.quote(token))
+        page = API.ok("GET", "/api/v1/namespaces/pages/configmaps?limit=2&continue=" + urllib.parse.quote(token))
         assert page["metadata"]["resourceVersion"] == rv, page["metadata"]
         seen += page["items"]
         token = page["metadata"].get("continue")
     assert [o["metadata"]["name"] for o in seen] == ["p2", "p3", "p4"], [o["metadata"]["name"] for o in seen]
     assert "data" not in seen[2] or seen[2]["data"] == {}, seen[2]
-    now = H.ok("GET", "/api/v1/namespaces/pages/configmaps")
+    now = API.ok("GET", "/api/v1/namespaces/pages/configmaps")
     assert [o["metadata"]["name"] for o in now["items"]] == ["p0", "p1", "p2", "p4", "p9"], now
-    exact = H.ok("GET", f"/api/v1/namespaces/pages/configmaps?resourceVersion={rv}&resourceVersionMatch=Exact")
+    exact = API.ok("GET", f"/api/v1/namespaces/pages/configmaps?resourceVersion={rv}&resourceVersionMatch=Exact")
     assert len(exact["items"]) == 5, exact
-    code, st, _ = H.get("/api/v1/namespaces/pages/configmaps?continue=" + urllib.parse.quote(first["metadata"]["continue"]) + "&resourceVersion=1")
+    code, st, _ = API.get("/api/v1/namespaces/pages/configmaps?continue=" + urllib.parse.quote(first["metadata"]["continue"]) + "&resourceVersion=1")
     assert code == 422, (code, st)
 
 
-@test
+@H.test
 def watch_initial_events_and_selector_transitions():
-    H.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "w1"}})
-    H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("a", ns="w1", labels={"team": "x"}))
-    resp, c = H.watch("/api/v1/namespaces/w1/configmaps?watch=true&labelSelector=team%3Dx&timeoutSeconds=5")
+    API.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "w1"}})
+    API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("a", ns="w1", labels={"team": "x"}))
+    resp, c = API.watch("/api/v1/namespaces/w1/configmaps?watch=true&labelSelector=team%3Dx&timeoutSeconds=5")
     first = events(resp, n=1)
     assert first[0]["type"] == "ADDED" and first[0]["object"]["metadata"]["name"] == "a", first
     assert first[0]["object"]["kind"] == "ConfigMap", first
-    H.ok("PATCH", "/api/v1/namespaces/w1/configmaps/a", {"metadata": {"labels": {"team": "y"}}})
-    H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("b", ns="w1", labels={"team": "x"}))
-    H.ok("PATCH", "/api/v1/namespaces/w1/configmaps/a", {"metadata": {"labels": {"team": "x"}}})
-    H.ok("DELETE", "/api/v1/namespaces/w1/configmaps/b")
+    API.ok("PATCH", "/api/v1/namespaces/w1/configmaps/a", {"metadata": {"labels": {"team": "y"}}})
+    API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("b", ns="w1", labels={"team": "x"}))
+    API.ok("PATCH", "/api/v1/namespaces/w1/configmaps/a", {"metadata": {"labels": {"team": "x"}}})
+    API.ok("DELETE", "/api/v1/namespaces/w1/configmaps/b")
     evs = events(resp, n=4)
     c.close()
     got = [(e["type"], e["object"]["metadata"]["name"]) for e in evs]
@@ -610,12 +607,12 @@ def watch_initial_events_and_selector_transitions():
     assert rvs == sorted(rvs) and len(set(rvs)) == 4, rvs
 
 
-@test
+@H.test
 def watch_from_version_bookmarks_and_timeout():
-    rv = H.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
-    H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("c", ns="w1"))
+    rv = API.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
+    API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("c", ns="w1"))
     t0 = time.monotonic()
-    resp, c = H.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1")
+    resp, c = API.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1")
     evs = events(resp)  # until the server ends the stream
     took = time.monotonic() - t0
     c.close()
@@ -624,8 +621,8 @@ def watch_from_version_bookmarks_and_timeout():
     assert len(marks) >= 2, f"expected periodic and final bookmarks, got {evs}"
     assert evs[-1]["type"] == "BOOKMARK" and marks[-1]["object"]["kind"] == "ConfigMap", evs[-1]
     assert int(marks[-1]["object"]["metadata"]["resourceVersion"]) >= int(evs[0]["object"]["metadata"]["resourceVersion"])
-    assert 0.9 <= took < 3.0, f"watch with timeoutSeconds=1 lasted {took:.2f}s"
-    resp, c = H.watch("/api/v1/namespaces/w1/configmaps?watch=1&sendInitialEvents=true&allowWatchBookmarks=true"
+    assert took >= 0.9, f"watch with timeoutSeconds=1 ended after {took:.2f}s"  # and it did end
+    resp, c = API.watch("/api/v1/namespaces/w1/configmaps?watch=1&sendInitialEvents=true&allowWatchBookmarks=true"
                       "&resourceVersionMatch=NotOlderThan&resourceVersion=&timeoutSeconds=1")
     evs = events(resp, until=lambda e: e["type"] == "BOOKMARK")
     c.close()
@@ -633,139 +630,139 @@ def watch_from_version_bookmarks_and_timeout():
     assert evs[-1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}, evs[-1]
 
 
-@test
+@H.test
 def watch_410_after_compaction():
-    old = H.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
+    old = API.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
     PLAIN.configure(history_events=3)
     try:
         for i in range(5):
-            H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm(f"h{i}", ns="w1"))
-        resp, c = H.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={old}&timeoutSeconds=5")
+            API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm(f"h{i}", ns="w1"))
+        resp, c = API.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={old}&timeoutSeconds=5")
         evs = events(resp)
         c.close()
         assert resp.status == 200 and len(evs) == 1 and evs[0]["type"] == "ERROR", evs
         st = evs[0]["object"]
         assert st["code"] == 410 and st["reason"] == "Expired" and "too old resource version" in st["message"], st
         PLAIN.configure(watch_gone_mode="http")
-        code, st, _ = H.get(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={old}")
+        code, st, _ = API.get(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={old}")
         assert code == 410 and st["reason"] == "Expired", (code, st)
-        code, st, _ = H.get(f"/api/v1/namespaces/w1/configmaps?resourceVersion={old}&resourceVersionMatch=Exact")
+        code, st, _ = API.get(f"/api/v1/namespaces/w1/configmaps?resourceVersion={old}&resourceVersionMatch=Exact")
         assert code == 410, (code, st)
     finally:
         PLAIN.configure(history_events=10000, watch_gone_mode="event")
 
 
-@test
+@H.test
 def patches_merge_json_strategic():
     p = f"{LORA}/namespaces/default/loraadapters/c1"
-    o = H.ok("PATCH", p, {"metadata": {"finalizers": ["a.io/x", "b.io/y"]}})
-    o = H.ok("PATCH", p, {"metadata": {"finalizers": ["b.io/y"]}})
+    o = API.ok("PATCH", p, {"metadata": {"finalizers": ["a.io/x", "b.io/y"]}})
+    o = API.ok("PATCH", p, {"metadata": {"finalizers": ["b.io/y"]}})
     assert o["metadata"]["finalizers"] == ["b.io/y"], "a merge patch must replace lists"
-    o = H.ok("PATCH", p, {"spec": {"modelName": None}})
+    o = API.ok("PATCH", p, {"spec": {"modelName": None}})
     assert "modelName" not in o["spec"], o["spec"]
     rv = o["metadata"]["resourceVersion"]
-    code, st, _ = H.patch(p, [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+    code, st, _ = API.patch(p, [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
                               {"op": "replace", "path": "/spec/source/uri", "value": "s3://b/t"}],
                           ctype="application/json-patch+json")
     assert code == 422 and "test failed" in st["message"], (code, st)
-    o = H.ok("PATCH", p, [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+    o = API.ok("PATCH", p, [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
                           {"op": "remove", "path": "/metadata/finalizers"},
                           {"op": "add", "path": "/spec/modelName", "value": "c1-model"}],
              ctype="application/json-patch+json")
     assert "finalizers" not in o["metadata"] and o["spec"]["modelName"] == "c1-model", o
-    code, st, _ = H.patch(p, {"spec": {}}, ctype="application/strategic-merge-patch+json")
+    code, st, _ = API.patch(p, {"spec": {}}, ctype="application/strategic-merge-patch+json")
     assert code == 415 and st["reason"] == "UnsupportedMediaType", (code, st)
-    code, st, _ = H.patch(p, {"metadata": {"resourceVersion": "1"}, "spec": {"modelName": "x"}})
+    code, st, _ = API.patch(p, {"metadata": {"resourceVersion": "1"}, "spec": {"modelName": "x"}})
     assert code == 409, (code, st)
     PLAIN.run_pod("smp", ip="10.1.0.9")
-    o = H.ok("PATCH", "/api/v1/namespaces/default/pods/smp",
+    o = API.ok("PATCH", "/api/v1/namespaces/default/pods/smp",
              {"spec": {"containers": [{"name": "agent", "image": "loraplane-agent:v2"}]}},
              ctype="application/strategic-merge-patch+json")
     c = o["spec"]["containers"]
     assert len(c) == 1 and c[0]["image"] == "loraplane-agent:v2" and c[0]["imagePullPolicy"], c
 
 
-@test
+@H.test
 def leases_for_leader_election():
     base = "/apis/coordination.k8s.io/v1/namespaces/default/leases"
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "loraplane-operator"},
              "spec": {"holderIdentity": "op-a", "leaseDurationSeconds": 15,
                       "acquireTime": "2025-01-01T00:00:00Z", "renewTime": "2025-01-01T00:00:00.5Z",
                       "leaseTransitions": 0}}
-    o = H.ok("POST", base, lease)
+    o = API.ok("POST", base, lease)
     assert o["spec"]["acquireTime"] == "2025-01-01T00:00:00.000000Z", o["spec"]
     assert o["spec"]["renewTime"] == "2025-01-01T00:00:00.500000Z", o["spec"]
     a = json.loads(json.dumps(o))
     b = json.loads(json.dumps(o))
     a["spec"]["renewTime"] = "2025-01-01T00:00:10.000000Z"
-    H.ok("PUT", base + "/loraplane-operator", a)
+    API.ok("PUT", base + "/loraplane-operator", a)
     b["spec"].update(holderIdentity="op-b", leaseTransitions=1)
-    code, st, _ = H.put(base + "/loraplane-operator", b)
+    code, st, _ = API.put(base + "/loraplane-operator", b)
     assert code == 409, "two candidates both took the lease"
     bad = json.loads(json.dumps(lease))
     bad["metadata"]["name"] = "bad"
     bad["spec"]["leaseDurationSeconds"] = 0
-    code, st, _ = H.post(base, bad)
+    code, st, _ = API.post(base, bad)
     assert code == 422 and "spec.leaseDurationSeconds" in st["message"], st
     bad["spec"]["leaseDurationSeconds"] = 5
     bad["spec"]["renewTime"] = "yesterday"
-    code, st, _ = H.post(base, bad)
+    code, st, _ = API.post(base, bad)
     assert code == 422 and "spec.renewTime" in st["message"], st
 
 
-@test
+@H.test
 def events_core_and_events_k8s_io():
     ev = {"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "c1.abc", "namespace": "default"},
           "eventTime": "2025-01-01T00:00:00.123Z", "reportingController": "loraplane.io/operator",
           "reportingInstance": "op-a", "action": "Load", "reason": "AllEndpointsReady", "type": "Normal",
           "note": "2/2 ready", "regarding": {"apiVersion": "loraplane.io/v1alpha1", "kind": "LoraAdapter",
                                               "name": "c1", "namespace": "default"}}
-    o = H.ok("POST", "/apis/events.k8s.io/v1/namespaces/default/events", ev)
+    o = API.ok("POST", "/apis/events.k8s.io/v1/namespaces/default/events", ev)
     assert o["eventTime"] == "2025-01-01T00:00:00.123000Z" and o["note"] == "2/2 ready", o
-    core = H.ok("GET", "/api/v1/namespaces/default/events/c1.abc")
+    core = API.ok("GET", "/api/v1/namespaces/default/events/c1.abc")
     assert core["message"] == "2/2 ready" and core["involvedObject"]["name"] == "c1", core
     assert core["reportingComponent"] == "loraplane.io/operator", core
-    items = H.ok("GET", "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dc1,involvedObject.kind%3DLoraAdapter")["items"]
+    items = API.ok("GET", "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dc1,involvedObject.kind%3DLoraAdapter")["items"]
     assert [i["metadata"]["name"] for i in items] == ["c1.abc"], items
     bad = dict(ev, metadata={"name": "c1.bad", "namespace": "default"})
     del bad["reportingController"]
-    code, st, _ = H.post("/apis/events.k8s.io/v1/namespaces/default/events", bad)
+    code, st, _ = API.post("/apis/events.k8s.io/v1/namespaces/default/events", bad)
     assert code == 422 and "reportingController" in st["message"], st
     wrong = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "x.1", "namespace": "default"},
              "involvedObject": {"kind": "Pod", "name": "p", "namespace": "other"}, "reason": "R", "message": "m"}
-    code, st, _ = H.post("/api/v1/namespaces/default/events", wrong)
+    code, st, _ = API.post("/api/v1/namespaces/default/events", wrong)
     assert code == 422 and "does not match event.namespace" in st["message"], st
 
 
-@test
+@H.test
 def endpointslices_and_services():
-    svc = H.ok("POST", "/api/v1/namespaces/default/services",
+    svc = API.ok("POST", "/api/v1/namespaces/default/services",
                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sql-lora"},
                 "spec": {"ports": [{"name": "http", "port": 8000}]}})
     assert svc["spec"]["clusterIP"].startswith("10.96.") and svc["spec"]["ports"][0]["targetPort"] == 8000, svc
     svc["spec"]["clusterIP"] = "10.96.99.99"
-    code, st, _ = H.put("/api/v1/namespaces/default/services/sql-lora", svc)
+    code, st, _ = API.put("/api/v1/namespaces/default/services/sql-lora", svc)
     assert code == 422 and "may not change once set" in st["message"], st
     base = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
     es = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
           "metadata": {"name": "sql-lora-1", "labels": {"kubernetes.io/service-name": "sql-lora"}},
           "addressType": "IPv4", "ports": [{"name": "http", "port": 8000}],
           "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": "p1"}}]}
-    o = H.ok("POST", base, es)
+    o = API.ok("POST", base, es)
     assert o["ports"][0]["protocol"] == "TCP", o
-    items = H.ok("GET", base + "?labelSelector=kubernetes.io%2Fservice-name%3Dsql-lora")["items"]
+    items = API.ok("GET", base + "?labelSelector=kubernetes.io%2Fservice-name%3Dsql-lora")["items"]
     assert [i["metadata"]["name"] for i in items] == ["sql-lora-1"], items
     o["addressType"] = "IPv6"
-    code, st, _ = H.put(base + "/sql-lora-1", o)
+    code, st, _ = API.put(base + "/sql-lora-1", o)
     assert code == 422 and "addressType" in st["message"], st
     bad = json.loads(json.dumps(es))
     bad["metadata"]["name"] = "bad"
     bad["endpoints"][0]["addresses"] = ["not-an-ip"]
-    code, st, _ = H.post(base, bad)
+    code, st, _ = API.post(base, bad)
     assert code == 422 and "must be a valid IPv4 address" in st["message"], st
 
 
-@test
+@H.test
 def pods_status_and_termination():
     p = PLAIN.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-0", "namespace": "default"},
                       "spec": {"nodeName": "n1", "terminationGracePeriodSeconds": 30,
@@ -774,247 +771,245 @@ def pods_status_and_termination():
     assert p["status"]["phase"] == "Pending" and "podIP" not in p["status"], "status taken on create"
     run = PLAIN.set_pod_status("agent-0", ip="10.1.2.3")
     assert run["status"]["phase"] == "Running" and run["status"]["podIPs"] == [{"ip": "10.1.2.3"}], run["status"]
-    t = H.ok("GET", "/api/v1/namespaces/default/pods", accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    t = API.ok("GET", "/api/v1/namespaces/default/pods", accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     row = [r["cells"] for r in t["rows"] if r["cells"][0] == "agent-0"][0]
     assert row[1:4] == ["1/1", "Running", 0], row
     PLAIN.configure(pod_termination_s=0.5)
-    d = H.ok("DELETE", "/api/v1/namespaces/default/pods/agent-0")
+    d = API.ok("DELETE", "/api/v1/namespaces/default/pods/agent-0")
     assert d["metadata"]["deletionTimestamp"] and d["metadata"]["deletionGracePeriodSeconds"] == 30, d["metadata"]
-    for _ in range(40):
-        code, _, _ = H.get("/api/v1/namespaces/default/pods/agent-0")
-        if code == 404:
-            break
-        time.sleep(0.1)
-    assert code == 404, "terminating pod never went away"
-    code, st, _ = H.post("/api/v1/namespaces/default/pods", {"apiVersion": "v1", "kind": "Pod",
+    wait_until(lambda: API.get("/api/v1/namespaces/default/pods/agent-0")[0] == 404, "the terminating pod to go away")
+    code, st, _ = API.post("/api/v1/namespaces/default/pods", {"apiVersion": "v1", "kind": "Pod",
                                                             "metadata": {"name": "nocontainers"}, "spec": {}})
     assert code == 422 and "spec.containers: Required value" in st["message"], st
 
 
-@test
+@H.test
 def garbage_collection_and_namespace_deletion():
-    H.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gc"}})
-    owner = H.ok("POST", f"{LORA}/namespaces/gc/loraadapters", lora("own", ns="gc"))
+    API.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gc"}})
+    owner = API.ok("POST", f"{LORA}/namespaces/gc/loraadapters", lora("own", ns="gc"))
     ref = {"apiVersion": "loraplane.io/v1alpha1", "kind": "LoraAdapter", "name": "own",
            "uid": owner["metadata"]["uid"], "controller": True}
     dep = cm("own-svc", ns="gc")
     dep["metadata"]["ownerReferences"] = [ref]
-    H.ok("POST", "/api/v1/namespaces/gc/configmaps", dep)
-    H.ok("DELETE", f"{LORA}/namespaces/gc/loraadapters/own")
-    for _ in range(40):
-        if H.get("/api/v1/namespaces/gc/configmaps/own-svc")[0] == 404:
-            break
-        time.sleep(0.05)
-    assert H.get("/api/v1/namespaces/gc/configmaps/own-svc")[0] == 404, "owned object survived its owner"
-    H.ok("POST", f"{LORA}/namespaces/gc/loraadapters",
+    API.ok("POST", "/api/v1/namespaces/gc/configmaps", dep)
+    API.ok("DELETE", f"{LORA}/namespaces/gc/loraadapters/own")
+    wait_until(lambda: API.get("/api/v1/namespaces/gc/configmaps/own-svc")[0] == 404,
+               "the owned object to go with its owner")
+    API.ok("POST", f"{LORA}/namespaces/gc/loraadapters",
          dict(lora("held", ns="gc"), metadata={"name": "held", "namespace": "gc", "finalizers": ["loraplane.io/unload"]}))
-    ns = H.ok("DELETE", "/api/v1/namespaces/gc")
+    ns = API.ok("DELETE", "/api/v1/namespaces/gc")
     assert ns["status"]["phase"] == "Terminating", ns
-    code, st, _ = H.post("/api/v1/namespaces/gc/configmaps", cm("late", ns="gc"))
+    code, st, _ = API.post("/api/v1/namespaces/gc/configmaps", cm("late", ns="gc"))
     assert code == 403 and "being terminated" in st["message"], st
-    time.sleep(0.3)
-    held = H.ok("GET", f"{LORA}/namespaces/gc/loraadapters/held")
-    assert held["metadata"]["deletionTimestamp"], "namespace deletion did not delete content"
-    H.ok("PATCH", f"{LORA}/namespaces/gc/loraadapters/held", {"metadata": {"finalizers": None}})
-    for _ in range(40):
-        if H.get("/api/v1/namespaces/gc")[0] == 404:
-            break
-        time.sleep(0.05)
-    assert H.get("/api/v1/namespaces/gc")[0] == 404, "namespace never went away"
+    wait_until(lambda: API.ok("GET", f"{LORA}/namespaces/gc/loraadapters/held")["metadata"].get("deletionTimestamp"),
+               "namespace deletion to delete its content")
+    API.ok("PATCH", f"{LORA}/namespaces/gc/loraadapters/held", {"metadata": {"finalizers": None}})
+    wait_until(lambda: API.get("/api/v1/namespaces/gc")[0] == 404, "the namespace to go away")
 
 
-@test
+@H.test
 def deletecollection_dry_run_and_propagation():
-    H.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dc"}})
-    dry = H.ok("POST", "/api/v1/namespaces/dc/configmaps?dryRun=All", cm("dry", ns="dc"))
-    assert dry["metadata"]["uid"] and H.get("/api/v1/namespaces/dc/configmaps/dry")[0] == 404, "dry run stored"
+    API.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dc"}})
+    dry = API.ok("POST", "/api/v1/namespaces/dc/configmaps?dryRun=All", cm("dry", ns="dc"))
+    assert dry["metadata"]["uid"] and API.get("/api/v1/namespaces/dc/configmaps/dry")[0] == 404, "dry run stored"
     for i in range(3):
-        H.ok("POST", "/api/v1/namespaces/dc/configmaps", cm(f"d{i}", ns="dc", labels={"batch": "x" if i < 2 else "y"}))
-    gone = H.ok("DELETE", "/api/v1/namespaces/dc/configmaps?labelSelector=batch%3Dx")
+        API.ok("POST", "/api/v1/namespaces/dc/configmaps", cm(f"d{i}", ns="dc", labels={"batch": "x" if i < 2 else "y"}))
+    gone = API.ok("DELETE", "/api/v1/namespaces/dc/configmaps?labelSelector=batch%3Dx")
     assert sorted(o["metadata"]["name"] for o in gone["items"]) == ["d0", "d1"], gone
-    left = H.ok("GET", "/api/v1/namespaces/dc/configmaps")["items"]
+    left = API.ok("GET", "/api/v1/namespaces/dc/configmaps")["items"]
     assert [o["metadata"]["name"] for o in left] == ["d2"], left
-    st = H.ok("DELETE", "/api/v1/namespaces/dc/configmaps/d2")
+    st = API.ok("DELETE", "/api/v1/namespaces/dc/configmaps/d2")
     assert st["kind"] == "Status" and st["status"] == "Success" and st["details"]["name"] == "d2", st
 
     def owned(owner, name):
         o = cm(name, ns="dc")
         o["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": owner["metadata"]["name"],
                                              "uid": owner["metadata"]["uid"]}]
-        return H.ok("POST", "/api/v1/namespaces/dc/configmaps", o)
+        return API.ok("POST", "/api/v1/namespaces/dc/configmaps", o)
 
-    orphan_owner = H.ok("POST", "/api/v1/namespaces/dc/configmaps", cm("oo", ns="dc"))
+    orphan_owner = API.ok("POST", "/api/v1/namespaces/dc/configmaps", cm("oo", ns="dc"))
     owned(orphan_owner, "oo-child")
-    H.ok("DELETE", "/api/v1/namespaces/dc/configmaps/oo", {"propagationPolicy": "Orphan"})
-    fg_owner = H.ok("POST", "/api/v1/namespaces/dc/configmaps", cm("fg", ns="dc"))
+    API.ok("DELETE", "/api/v1/namespaces/dc/configmaps/oo", {"propagationPolicy": "Orphan"})
+    fg_owner = API.ok("POST", "/api/v1/namespaces/dc/configmaps", cm("fg", ns="dc"))
     owned(fg_owner, "fg-child")
-    d = H.ok("DELETE", "/api/v1/namespaces/dc/configmaps/fg", {"propagationPolicy": "Foreground"})
+    d = API.ok("DELETE", "/api/v1/namespaces/dc/configmaps/fg", {"propagationPolicy": "Foreground"})
     assert "foregroundDeletion" in d["metadata"]["finalizers"], d["metadata"]
-    for _ in range(60):
-        if H.get("/api/v1/namespaces/dc/configmaps/fg")[0] == 404 and H.get("/api/v1/namespaces/dc/configmaps/oo")[0] == 404:
-            break
-        time.sleep(0.05)
-    assert H.get("/api/v1/namespaces/dc/configmaps/fg-child")[0] == 404, "foreground deletion left the dependent"
-    assert H.get("/api/v1/namespaces/dc/configmaps/fg")[0] == 404, "foreground owner stayed"
-    child = H.ok("GET", "/api/v1/namespaces/dc/configmaps/oo-child")
+    wait_until(lambda: API.get("/api/v1/namespaces/dc/configmaps/fg")[0] == 404
+               and API.get("/api/v1/namespaces/dc/configmaps/oo")[0] == 404, "both owners to go away")
+    assert API.get("/api/v1/namespaces/dc/configmaps/fg-child")[0] == 404, "foreground deletion left the dependent"
+    assert API.get("/api/v1/namespaces/dc/configmaps/fg")[0] == 404, "foreground owner stayed"
+    child = API.ok("GET", "/api/v1/namespaces/dc/configmaps/oo-child")
     assert "ownerReferences" not in child["metadata"], "orphaned dependent kept its owner reference"
 
 
-@test
+@H.test
 def table_output():
-    H.ok("PATCH", f"{LORA}/namespaces/default/loraadapters/c1/status",
+    API.ok("PATCH", f"{LORA}/namespaces/default/loraadapters/c1/status",
          {"status": {"totalEndpoints": 3, "readyEndpoints": 2}})
-    t = H.ok("GET", f"{LORA}/namespaces/default/loraadapters?limit=500",
+    t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters?limit=500",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
     assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1", t
     assert [c["name"] for c in t["columnDefinitions"]] == ["Name", "BASE", "TOTAL", "READY", "AGE"], t
     row = [r for r in t["rows"] if r["cells"][0] == "c1"][0]
     assert row["cells"][1:4] == ["base/model", 3, 2] and row["cells"][4].endswith("s"), row
     assert row["object"]["kind"] == "PartialObjectMetadata", row["object"]
-    t = H.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1?includeObject=Object",
+    t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1?includeObject=Object",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert t["rows"][0]["object"]["spec"]["baseModelName"] == "base/model", t
 
 
-@test
+@H.test
 def discovery_and_openapi():
     agg = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
-    code, body, resp = H.get("/apis", accept=agg)
+    code, body, resp = API.get("/apis", accept=agg)
     assert code == 200 and body["kind"] == "APIGroupDiscoveryList", body
     assert "as=APIGroupDiscoveryList" in resp.getheader("Content-Type"), resp.getheader("Content-Type")
     lp = [g for g in body["items"] if g["metadata"]["name"] == "loraplane.io"][0]
     res = lp["versions"][0]["resources"][0]
     assert res["resource"] == "loraadapters" and res["shortNames"] == ["lora", "loras"], res
     assert res["subresources"][0]["subresource"] == "status" and res["scope"] == "Namespaced", res
-    groups = H.ok("GET", "/apis")
+    groups = API.ok("GET", "/apis")
     assert groups["kind"] == "APIGroupList" and any(g["name"] == "loraplane.io" for g in groups["groups"]), groups
-    rl = H.ok("GET", LORA)
+    rl = API.ok("GET", LORA)
     names = {r["name"]: r for r in rl["resources"]}
     assert names["loraadapters"]["kind"] == "LoraAdapter" and "loraadapters/status" in names, rl
     assert "watch" in names["loraadapters"]["verbs"] and names["loraadapters"]["categories"] == ["loraplane"], rl
-    core = H.ok("GET", "/api/v1")
+    core = API.ok("GET", "/api/v1")
     assert {"pods", "services", "events", "secrets", "namespaces", "pods/status"} <= {r["name"] for r in core["resources"]}
-    v3 = H.ok("GET", "/openapi/v3")
+    v3 = API.ok("GET", "/openapi/v3")
     url = v3["paths"]["apis/loraplane.io/v1alpha1"]["serverRelativeURL"]
-    doc = H.ok("GET", url)
+    doc = API.ok("GET", url)
     assert "io.loraplane.v1alpha1.LoraAdapter" in doc["components"]["schemas"], doc["components"]
-    assert H.get("/openapi/v2")[0] == 404
-    assert H.ok("GET", "/version")["gitVersion"] == "v1.32.4"
-    code, body, _ = H.get("/healthz")
+    assert API.get("/openapi/v2")[0] == 404
+    assert API.ok("GET", "/version")["gitVersion"] == "v1.32.4"
+    code, body, _ = API.get("/healthz")
     assert code == 200 and body == "ok", body
 
 
 # ------------------------------------------------------------ faults
 
 def admin(method, path, body=None):
-    code, obj, _ = H.call(method, path, body)
+    code, obj, _ = API.call(method, path, body)
     assert code == 200, f"{method} {path}: {code} {obj}"
     return obj
 
 
-@test
+@H.test
 def fault_status_count_and_filters():
     admin("POST", "/_faults", {"status": 500, "count": 2, "verbs": ["list"], "path_regex": "/configmaps"})
-    codes = [H.get("/api/v1/namespaces/default/configmaps")[0] for _ in range(3)]
+    codes = [API.get("/api/v1/namespaces/default/configmaps")[0] for _ in range(3)]
     assert codes == [500, 500, 200], codes
-    assert H.get("/api/v1/namespaces/default/pods")[0] == 200
-    admin("POST", "/_faults", {"status": 503, "for_seconds": 0.4, "methods": ["PUT", "PATCH"]})
-    code, st, _ = H.patch(f"{LORA}/namespaces/default/loraadapters/c1", {"metadata": {"labels": {"f": "1"}}})
+    assert API.get("/api/v1/namespaces/default/pods")[0] == 200
+    admin("POST", "/_faults", {"status": 503, "for_seconds": 30, "methods": ["PUT", "PATCH"]})
+    code, st, _ = API.patch(f"{LORA}/namespaces/default/loraadapters/c1", {"metadata": {"labels": {"f": "1"}}})
     assert code == 503 and st["reason"] == "ServiceUnavailable", st
-    assert H.get(f"{LORA}/namespaces/default/loraadapters/c1")[0] == 200
-    time.sleep(0.5)
-    assert H.patch(f"{LORA}/namespaces/default/loraadapters/c1", {"metadata": {"labels": {"f": "1"}}})[0] == 200
+    assert API.get(f"{LORA}/namespaces/default/loraadapters/c1")[0] == 200
+    assert 29 < admin("GET", "/_faults")["remaining_s"] <= 30
+    admin("POST", "/_clock", {"advance_s": 29.9})
+    assert admin("GET", "/_faults")["remaining_s"] <= 0.1
+    assert API.patch(f"{LORA}/namespaces/default/loraadapters/c1", {"metadata": {"labels": {"f": "2"}}})[0] == 503
+    admin("POST", "/_clock", {"advance_s": 0.2})  # the fault's time is up
+    assert API.patch(f"{LORA}/namespaces/default/loraadapters/c1", {"metadata": {"labels": {"f": "1"}}})[0] == 200
     snap = admin("GET", "/_faults")
     assert "status" not in snap, snap
 
 
-@test
+@H.test
 def fault_429_and_latency():
     admin("POST", "/_faults", {"rate_429": 1.0, "retry_after_s": 2, "count": 1, "path_regex": "^/api/v1/namespaces$"})
-    code, st, resp = H.get("/api/v1/namespaces")
+    code, st, resp = API.get("/api/v1/namespaces")
     assert code == 429 and resp.getheader("Retry-After") == "2" and st["details"]["retryAfterSeconds"] == 2, st
-    admin("POST", "/_faults", {"latency_ms": 300, "for_seconds": 5})
+    admin("POST", "/_faults", {"latency_ms": 300, "for_seconds": 60})
+    n = admin("GET", "/_requests")["next"]
     t0 = time.monotonic()
-    H.get("/api/v1/namespaces")
+    API.get("/api/v1/namespaces")
     assert time.monotonic() - t0 >= 0.3, "no latency"
     admin("DELETE", "/_faults")
-    t0 = time.monotonic()
-    H.get("/api/v1/namespaces")
-    assert time.monotonic() - t0 < 0.25, "latency stayed after DELETE /_faults"
+    API.get("/api/v1/namespaces")
+    log = [r for r in admin("GET", f"/_requests?since={n}")["requests"] if r["path"] == "/api/v1/namespaces"]
+    assert [r["faultLatencyMs"] for r in log] == [300.0, 0.0], f"latency stayed after DELETE /_faults: {log}"
 
 
-@test
+@H.test
 def fault_drop_connection():
     admin("POST", "/_faults", {"drop_connection_rate": 1.0, "verbs": ["get"], "path_regex": "configmaps"})
     try:
-        H.get("/api/v1/namespaces/default/configmaps/u1")
+        API.get("/api/v1/namespaces/default/configmaps/u1")
         raise AssertionError("the connection was not dropped")
     except (http.client.HTTPException, ConnectionError, OSError):
         pass
     finally:
         admin("DELETE", "/_faults")
-    assert H.get("/api/v1/namespaces/default/configmaps/u1")[0] == 200
+    assert API.get("/api/v1/namespaces/default/configmaps/u1")[0] == 200
 
 
-@test
+@H.test
 def fault_watch_drops_gone_and_stalls():
-    resp, c = H.watch("/api/v1/namespaces/w1/configmaps?watch=1&timeoutSeconds=10")
+    # timeoutSeconds far beyond the read timeout: the stream ends only if dropped
+    resp, c = API.watch("/api/v1/namespaces/w1/configmaps?watch=1&timeoutSeconds=3600", timeout=WAIT_S)
     events(resp, n=1)
-    t0 = time.monotonic()
     admin("POST", "/_faults", {"drop_watches": True})
     rest = events(resp)
     c.close()
-    assert time.monotonic() - t0 < 2 and all(e["type"] == "ADDED" for e in rest), rest
-    resp, c = H.watch("/api/v1/namespaces/w1/configmaps?watch=1&timeoutSeconds=10&resourceVersion=0")
+    assert all(e["type"] == "ADDED" for e in rest), rest
+    resp, c = API.watch("/api/v1/namespaces/w1/configmaps?watch=1&timeoutSeconds=10&resourceVersion=0")
     events(resp, n=1)
     admin("POST", "/_faults", {"gone_watches": True})
     evs = events(resp, until=lambda e: e["type"] == "ERROR")
     c.close()
     assert evs[-1]["type"] == "ERROR" and evs[-1]["object"]["code"] == 410, evs[-1]
-    rv = H.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
-    resp, c = H.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=10")
-    admin("POST", "/_faults", {"stall_watches": True, "for_seconds": 0.6})
-    H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("stalled", ns="w1"))
-    t0 = time.monotonic()
+    rv = API.ok("GET", "/api/v1/namespaces/w1/configmaps")["metadata"]["resourceVersion"]
+    resp, c = API.watch(f"/api/v1/namespaces/w1/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=10")
+    admin("POST", "/_faults", {"stall_watches": True, "for_seconds": 30})
+    API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("stalled", ns="w1"))
+    assert admin("GET", "/_faults")["stall_watches"] is True
+    # held back (a check that can miss on a slow machine but never fails wrongly)
+    assert not select.select([c.sock], [], [], 0.3)[0], "an event came through a stalled watch"
+    PLAIN.advance_clock(31)  # the stall's time is up
     evs = events(resp, n=1)
     c.close()
-    assert evs[0]["object"]["metadata"]["name"] == "stalled" and time.monotonic() - t0 >= 0.4, evs
-    page = H.ok("GET", "/api/v1/namespaces/w1/configmaps?limit=1")
-    H.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("after-page", ns="w1"))
+    assert evs[0]["object"]["metadata"]["name"] == "stalled", evs
+    page = API.ok("GET", "/api/v1/namespaces/w1/configmaps?limit=1")
+    API.ok("POST", "/api/v1/namespaces/w1/configmaps", cm("after-page", ns="w1"))
     admin("POST", "/_faults", {"expire_versions": True})
-    code, st, _ = H.get(f"/api/v1/namespaces/w1/configmaps?resourceVersion={rv}&resourceVersionMatch=Exact")
+    code, st, _ = API.get(f"/api/v1/namespaces/w1/configmaps?resourceVersion={rv}&resourceVersionMatch=Exact")
     assert code == 410, (code, st)
-    code, st, _ = H.get("/api/v1/namespaces/w1/configmaps?limit=1&continue=" + urllib.parse.quote(page["metadata"]["continue"]))
+    code, st, _ = API.get("/api/v1/namespaces/w1/configmaps?limit=1&continue=" + urllib.parse.quote(page["metadata"]["continue"]))
     assert code == 410 and st["reason"] == "Expired" and "continue parameter is too old" in st["message"], (code, st)
-    code, st, _ = H.call("POST", "/_faults", {"status": 200})
+    code, st, _ = API.call("POST", "/_faults", {"status": 200})
     assert code == 400 and "status" in st["error"], (code, st)
     stats = admin("GET", "/_stats")
     assert stats["compactedResourceVersion"] == stats["resourceVersion"], stats
 
 
-@test
+@H.test
 def fault_server_down_and_back():
-    admin("POST", "/_faults", {"down_for_seconds": 0.8})
-    time.sleep(0.3)
-    try:
-        H.get("/version")
-        raise AssertionError("the server answered while down")
-    except (ConnectionError, OSError, http.client.HTTPException):
-        pass
-    time.sleep(1.0)
-    assert H.ok("GET", "/api/v1/namespaces/default/configmaps/u1")["metadata"]["name"] == "u1", "state lost"
+    def answers():
+        try:
+            API.get("/version")
+            return True
+        except (ConnectionError, OSError, http.client.HTTPException):
+            return False
+
+    admin("POST", "/_faults", {"down_for_seconds": 30})
+    wait_until(lambda: not answers(), "the server to go down")
+    PLAIN.advance_clock(29)
+    assert not answers(), "the server came back before its time"
+    PLAIN.advance_clock(1.5)
+    wait_until(answers, "the server to come back")
+    assert API.ok("GET", "/api/v1/namespaces/default/configmaps/u1")["metadata"]["name"] == "u1", "state lost"
 
 
-@test
+@H.test
 def request_log():
     n = admin("GET", "/_requests")["next"]
-    H.get("/api/v1/namespaces/default/configmaps?limit=1")
+    API.get("/api/v1/namespaces/default/configmaps?limit=1")
     log = admin("GET", f"/_requests?since={n}")["requests"]
     mine = [r for r in log if r["path"] == "/api/v1/namespaces/default/configmaps"]
     assert mine and mine[0]["verb"] == "list" and mine[0]["code"] == 200 and mine[0]["query"] == "limit=1", log
 
 
-@test
+@H.test
 def command_line_server():
     p = subprocess.Popen([sys.executable, "tests/kube/apiserver.py", "--port", "0", "--token", "abc"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1039,6 +1034,7 @@ def command_line_server():
     assert bad.returncode == 2 and "--tls-cert and --tls-key go together" in bad.stderr, bad.stderr
 
 
+failures = H.run_tests("test-kube-apiserver")
 TLS.stop()
 PLAIN.stop()
 shutil.rmtree(TMP, ignore_errors=True)

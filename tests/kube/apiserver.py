@@ -176,7 +176,7 @@ class Faults:
         standing = {k: v for k, v in spec.items() if k in self.STANDING and v not in (None, False)}
         with self.lock:
             self.spec = standing
-            self.until = time.monotonic() + float(spec["for_seconds"]) if spec.get("for_seconds") else None
+            self.until = self.app.now() + float(spec["for_seconds"]) if spec.get("for_seconds") else None
             self.injected = 0
             if "seed" in spec:
                 self.rng.seed(spec["seed"])
@@ -220,12 +220,12 @@ class Faults:
             self._expire()
             out = dict(self.spec)
             if self.until is not None:
-                out["remaining_s"] = round(max(0.0, self.until - time.monotonic()), 3)
+                out["remaining_s"] = round(max(0.0, self.until - self.app.now()), 3)
             out["injected"] = self.injected
             return out
 
     def _expire(self):
-        if self.until is not None and time.monotonic() >= self.until:
+        if self.until is not None and self.app.now() >= self.until:
             self.spec = {}
             self.until = None
 
@@ -480,6 +480,7 @@ class App:
         self.requests = deque(maxlen=20000)
         self.request_seq = 0
         self.server = None  # the HttpFrontend, for down_for_seconds
+        self.clock_offset = 0.0  # seconds advance_clock() added to the real monotonic clock
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.create_internal({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         self._stop = threading.Event()
@@ -488,6 +489,21 @@ class App:
 
     def close(self):
         self._stop.set()
+
+    def now(self):
+        """The clock faults' for_seconds and down_for_seconds run on: the
+        real monotonic clock plus whatever advance_clock() added, so that a
+        test can end a fault without waiting for it (watch timeouts,
+        bookmarks and latency stay on real time)."""
+        return time.monotonic() + self.clock_offset
+
+    def advance_clock(self, seconds):
+        if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0):
+            raise ValueError("'advance_s' must be a non-negative number")
+        with self.store.lock:
+            self.clock_offset += float(seconds)
+            self.store.cond.notify_all()
+        return {"advanced_s": float(seconds), "offset_s": self.clock_offset}
 
     def _alloc_ip(self):
         n = self._ip_next
@@ -1537,12 +1553,12 @@ class App:
 
     # ------------------------------------------------------------ admin
 
-    def record(self, method, path, query, verb, code, agent, seconds):
+    def record(self, method, path, query, verb, code, agent, seconds, latency_s=0.0):
         with self.store.lock:
             self.request_seq += 1
             self.requests.append({"seq": self.request_seq, "time": time.time(), "method": method, "path": path,
                                   "query": query, "verb": verb, "code": code, "userAgent": agent,
-                                  "ms": round(seconds * 1000, 1)})
+                                  "ms": round(seconds * 1000, 1), "faultLatencyMs": round(latency_s * 1000, 1)})
 
     def request_log(self, since=0):
         with self.store.lock:
@@ -1853,6 +1869,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = url.path, url.query
         code = 0
         verb = ""
+        latency = 0.0
         started = time.monotonic()
         try:
             body = self._read_body()
@@ -1908,7 +1925,8 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
         finally:
-            app.record(method, path, query, verb, code, self.headers.get("User-Agent", ""), time.monotonic() - started)
+            app.record(method, path, query, verb, code, self.headers.get("User-Agent", ""), time.monotonic() - started,
+                       latency)
 
     def _watch(self, app, r, req):
         try:
@@ -1987,6 +2005,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(200, {"requests": [], "next": app.request_seq})
             if path == "/_stats" and method == "GET":
                 return self._send(200, app.stats())
+            if path == "/_clock" and method == "POST":
+                return self._send(200, app.advance_clock(data.get("advance_s")))
             return self._send(404, {"error": f"no admin endpoint {method} {path}"})
         except (ValueError, TypeError, re.error) as e:
             return self._send(400, {"error": str(e)})
@@ -2073,7 +2093,13 @@ class HttpFrontend:
             except OSError:
                 pass
         if seconds:
-            threading.Timer(seconds, self.come_up).start()
+            up_at = self.app.now() + seconds
+            threading.Thread(target=self._come_up_at, args=(up_at,), daemon=True).start()
+
+    def _come_up_at(self, up_at):
+        while self.app.now() < up_at:
+            time.sleep(0.02)
+        self.come_up()
 
     def come_up(self):
         if self.httpd is None:
@@ -2145,6 +2171,10 @@ class KubeApiServer:
 
     def come_up(self):
         self.frontend.come_up()
+
+    def advance_clock(self, seconds):
+        """Moves the clock of faults (for_seconds, down_for_seconds) forward."""
+        return self.app.advance_clock(seconds)
 
     def configure(self, **kw):
         self.app.configure(**kw)

@@ -224,6 +224,36 @@ static void test_base64(void)
 	CHECK(out == NULL);
 	CHECK_EQ_INT(kube_base64_decode("aGk=x", 5, &out, &n, &err), -EINVAL);
 	CHECK_EQ_INT(kube_base64_decode("a", 1, &out, &n, &err), -EINVAL);
+	/* lengths exclude the padding, given or not (the decoder counts a
+	 * zero byte per '=') */
+	{
+		static const struct {
+			const char *in, *want;
+			size_t n;
+		} cases[] = {
+		    {"aGVs", "hel", 3},       {"aGVsbA==", "hell", 4},
+		    {"aGVsbA", "hell", 4},    {"aGVsbG8=", "hello", 5},
+		    {"aGVsbG8", "hello", 5},  {"AGI=", "\0b", 2}, /* a real zero byte is kept */
+		    {"aGVsbG8h", "hello!", 6}};
+		size_t i;
+
+		for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+			CHECK_OK(
+			    kube_base64_decode(cases[i].in, strlen(cases[i].in), &out, &n, &err),
+			    &err);
+			CHECK_EQ_INT(n, cases[i].n);
+			if (cases[i].want[0] == '\0')
+				CHECK(out[0] == 0 && out[1] == 'b');
+			else
+				CHECK_EQ_STR((char *)out, cases[i].want);
+			free(out);
+		}
+	}
+	CHECK_EQ_INT(kube_base64_decode("aG=k", 4, &out, &n, &err), -EINVAL); /* '=' inside */
+	CHECK(strstr(err.msg, "offset 3") != NULL);
+	CHECK_EQ_INT(kube_base64_decode("aGk===", 6, &out, &n, &err), -EINVAL);
+	CHECK_EQ_INT(kube_base64_decode("aGk\0", 4, &out, &n, &err), -EINVAL);
+	CHECK(out == NULL);
 }
 
 int main(void)

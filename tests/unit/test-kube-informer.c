@@ -4,7 +4,10 @@
  * makes it relist, and the relist's differences reach the handlers as
  * updates and deletes. Leases: one of two candidates leads; the standby
  * takes over at once when the leader releases, and after the lease
- * duration when a holder stops renewing; transitions are counted. */
+ * duration when a holder stops renewing; transitions are counted. The
+ * electors run on a fake clock the test advances, and every wait is for
+ * a condition (with a generous deadline against hangs), so nothing here
+ * depends on how fast the machine is. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -14,12 +17,28 @@
 
 #include <curl/curl.h>
 
-#include "operator/kube/backoff.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/informer.h"
 #include "operator/kube/lease.h"
 #include "tests/test.h"
 #include "tests/unit/kube-fake-server.h"
+
+/* Hang guard for waits on other threads: far longer than any of them
+ * takes, even on a loaded machine; reaching it is a failure. */
+#define WAIT_S 60.0
+
+static bool wait_for(bool (*cond)(void *), void *arg)
+{
+	double end = kube_now_mono() + WAIT_S;
+
+	while (!cond(arg)) {
+		if (kube_now_mono() > end)
+			return false;
+		usleep(2000);
+	}
+	return true;
+}
 
 static struct kube_client *local_client(int port)
 {
@@ -132,6 +151,27 @@ static void on_delete(void *u, json_t *o)
 	ilog_add(u, "delete", o);
 }
 
+struct iwait {
+	struct iscript *s;
+	struct ilog *log;
+	const char *want;
+};
+
+/* the third watch is open and every event before it was handled */
+static bool informer_settled(void *arg)
+{
+	struct iwait *w = arg;
+	bool done;
+
+	pthread_mutex_lock(&w->s->lock);
+	done = w->s->watches >= 3;
+	pthread_mutex_unlock(&w->s->lock);
+	pthread_mutex_lock(&w->log->lock);
+	done = done && strcmp(w->log->text, w->want) == 0;
+	pthread_mutex_unlock(&w->log->lock);
+	return done;
+}
+
 static void test_informer_list_watch_relist(void)
 {
 	struct iscript s = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -145,26 +185,19 @@ static void test_informer_list_watch_relist(void)
 	struct kube_client *c;
 	struct lp_err err = {0};
 	json_t *all, *obj;
-	double t0 = kube_now_mono();
+	const char *want = "add n/a@1;add n/b@2;"
+	                   "update n/a@11;add n/c@12;delete n/b@13;"
+	                   "add n/d@31;delete n/c@12;";
+	struct iwait iw = {&s, &log, want};
 
 	CHECK(fake_server_start(&srv, ihandler, &s) == 0);
 	c = local_client(srv.port);
 	CHECK_OK(kube_informer_new(&inf, c, &o, &h, &err), &err);
 	CHECK(!kube_informer_synced(inf));
 	CHECK_OK(kube_informer_start(inf, &err), &err);
-	while (kube_now_mono() - t0 < 5) {
-		pthread_mutex_lock(&s.lock);
-		int w = s.watches;
-		pthread_mutex_unlock(&s.lock);
-		if (w >= 3)
-			break;
-		usleep(10000);
-	}
-	usleep(50000);
+	CHECK(wait_for(informer_settled, &iw));
 	CHECK(kube_informer_synced(inf));
-	CHECK_EQ_STR(log.text, "add n/a@1;add n/b@2;"
-	                       "update n/a@11;add n/c@12;delete n/b@13;"
-	                       "add n/d@31;delete n/c@12;");
+	CHECK_EQ_STR(log.text, want);
 	CHECK_EQ_STR(s.watch_rv[0], "10"); /* from the list */
 	CHECK_EQ_STR(s.watch_rv[1], "20"); /* from the bookmark */
 	CHECK_EQ_STR(s.watch_rv[2], "40"); /* from the relist */
@@ -263,54 +296,78 @@ static int transitions(struct lstore *s)
 	return n;
 }
 
-static bool wait_leader(struct kube_elector *e, double seconds)
+static bool is_leader(void *e)
 {
-	double end = kube_now_mono() + seconds;
+	return kube_elector_is_leader(e);
+}
 
-	while (kube_now_mono() < end) {
-		if (kube_elector_is_leader(e))
-			return true;
-		usleep(20000);
-	}
-	return false;
+struct clock_wait {
+	struct kube_fake_clock *fc;
+	int n;
+};
+
+static bool parked(void *arg)
+{
+	struct clock_wait *w = arg;
+
+	return kube_fake_clock_waiters(w->fc) == w->n;
+}
+
+/* Advances the clock by seconds, then waits until the n elector threads
+ * have done what that woke them for and sleep again. */
+static bool step(struct kube_fake_clock *fc, double seconds, int n)
+{
+	struct clock_wait w = {fc, n};
+
+	kube_fake_clock_advance(fc, seconds);
+	return wait_for(parked, &w);
 }
 
 static void test_lease_failover(void)
 {
 	struct lstore s = {.lock = PTHREAD_MUTEX_INITIALIZER};
+	struct kube_fake_clock fc;
 	struct fake_server srv;
 	struct kube_client *c;
 	struct kube_elector *a, *b, *g;
 	struct lp_err err = {0};
-	struct kube_lease_config ca = {.ns = "sys",
-	                               .name = "op",
-	                               .identity = "a",
-	                               .lease_duration = 1.5,
-	                               .renew_deadline = 1.0,
-	                               .retry_period = 0.2};
+	/* the operator's defaults: 15 s lease, 10 s renew deadline, 2 s retry */
+	struct kube_lease_config ca = {
+	    .ns = "sys", .name = "op", .identity = "a", .clock = &fc.clock};
 	struct kube_lease_config cb = ca, cg = ca;
+	struct clock_wait one = {&fc, 1}, two = {&fc, 2};
 	bool leader;
-	double t0;
+	int i;
 
 	cb.identity = "b";
 	cg.identity = "g";
+	kube_fake_clock_init(&fc, 1700000000);
 	CHECK(fake_server_start(&srv, lhandler, &s) == 0);
 	c = local_client(srv.port);
 	CHECK_OK(kube_elector_new(&a, c, &ca, NULL, &err), &err);
 	CHECK_OK(kube_elector_new(&b, c, &cb, NULL, &err), &err);
 	CHECK_OK(kube_elector_start(a, &err), &err);
-	CHECK(wait_leader(a, 3));
+	CHECK(wait_for(is_leader, a));
+	CHECK(wait_for(parked, &one)); /* a waits to renew */
 	CHECK_EQ_STR(holder(&s), "a");
 	CHECK_OK(kube_elector_start(b, &err), &err);
-	CHECK(!wait_leader(b, 1.0)); /* a keeps renewing */
-	CHECK(kube_elector_is_leader(a));
+	CHECK(wait_for(parked, &two)); /* b tried once and waits to retry */
+	/* a keeps renewing every retry period: b does not take over even
+	 * after well over the lease duration */
+	for (i = 0; i < 12; i++) {
+		CHECK(step(&fc, 2.0, 2));
+		CHECK(!kube_elector_is_leader(b));
+		CHECK(kube_elector_is_leader(a));
+	}
+	CHECK_EQ_STR(holder(&s), "a");
 
-	/* a leaves and releases: b takes over within a retry period or two */
-	t0 = kube_now_mono();
+	/* a leaves and releases: b takes over at its next retry (at most
+	 * 2 s * 2.2 of jitter), long before the 15 s lease would expire */
 	kube_elector_stop(a);
 	CHECK(!kube_elector_is_leader(a));
-	CHECK(wait_leader(b, 2));
-	CHECK_MSG(kube_now_mono() - t0 < 1.0, "takeover took %.2fs", kube_now_mono() - t0);
+	for (i = 0; i < 3 && !kube_elector_is_leader(b); i++)
+		CHECK(step(&fc, 2.0, 1));
+	CHECK_MSG(kube_elector_is_leader(b), "b did not take over within %d retry periods", i);
 	CHECK_EQ_STR(holder(&s), "b");
 
 	/* b stops renewing without releasing (stop the thread by hand): a new
@@ -320,14 +377,17 @@ static void test_lease_failover(void)
 	pthread_mutex_lock(&s.lock);
 	json_object_set_new(json_object_get(s.lease, "spec"), "holderIdentity", json_string("b"));
 	json_object_set_new(json_object_get(s.lease, "spec"), "leaseDurationSeconds",
-	                    json_integer(2));
+	                    json_integer(15));
 	pthread_mutex_unlock(&s.lock);
 	CHECK_OK(kube_elector_try(g, &leader, &err), &err);
 	CHECK(!leader);
-	usleep(1000000);
+	kube_fake_clock_advance(&fc, 10);
 	CHECK_OK(kube_elector_try(g, &leader, &err), &err);
-	CHECK(!leader); /* 1 s of 2 */
-	usleep(1100000);
+	CHECK(!leader); /* 10 s of 15 */
+	kube_fake_clock_advance(&fc, 4.9);
+	CHECK_OK(kube_elector_try(g, &leader, &err), &err);
+	CHECK(!leader); /* 14.9 s of 15 */
+	kube_fake_clock_advance(&fc, 0.2);
 	CHECK_OK(kube_elector_try(g, &leader, &err), &err);
 	CHECK(leader);
 	CHECK_EQ_STR(holder(&s), "g");
@@ -337,6 +397,7 @@ static void test_lease_failover(void)
 	json_decref(s.lease);
 	kube_client_free(c);
 	fake_server_stop(&srv);
+	kube_fake_clock_release(&fc);
 }
 
 static void test_lease_config_checked(void)

@@ -2,7 +2,8 @@
  * a key is never processed by two workers at once and is processed again
  * when it was added meanwhile; failures back off exponentially per key
  * and forget resets them; the token bucket spreads bursts; delayed adds
- * wait; shutdown wakes every worker. */
+ * wait; shutdown wakes every worker. Delays run on a fake clock that the
+ * tests advance: nothing here depends on how fast the machine is. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -11,7 +12,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "operator/kube/encoding.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/workqueue.h"
 #include "tests/test.h"
 
@@ -49,7 +50,7 @@ static void test_dirty_while_processing(void)
 	workqueue_add(q, "a"); /* changed while being reconciled */
 	workqueue_add(q, "a");
 	CHECK_EQ_INT(workqueue_len(q), 0); /* not handed to a second worker */
-	CHECK_EQ_INT(workqueue_get(q, 0.05, &key2), -ETIMEDOUT);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key2), -ETIMEDOUT);
 	workqueue_done(q, key);
 	free(key);
 	CHECK_EQ_INT(workqueue_len(q), 1); /* processed once more, once */
@@ -74,76 +75,121 @@ static void test_backoff_delays(void)
 
 static void test_rate_limited_and_forget(void)
 {
+	struct kube_fake_clock fc;
 	struct workqueue_config cfg = {
-	    .base_delay = 0.05, .max_delay = 10, .qps = 1000, .burst = 100};
+	    .base_delay = 0.05, .max_delay = 10, .qps = 1000, .burst = 100, .clock = &fc.clock};
 	struct workqueue *q;
-	double t0, d;
 	char *key;
 
+	kube_fake_clock_init(&fc, 1700000000);
 	CHECK_OK(workqueue_new(&q, &cfg, NULL), &(struct lp_err){0});
 	CHECK_NEAR(workqueue_add_rate_limited(q, "x"), 0.05, 1e-9);
 	CHECK_EQ_INT(workqueue_failures(q, "x"), 1);
 	CHECK_EQ_INT(workqueue_len(q), 0);
 	CHECK_EQ_INT(workqueue_delayed(q), 1);
-	t0 = kube_now_mono();
-	CHECK_EQ_INT(workqueue_get(q, 2, &key), 0);
-	d = kube_now_mono() - t0;
-	CHECK_MSG(d >= 0.045 && d < 0.5, "waited %.3fs for a 0.05s delay", d);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), -ETIMEDOUT); /* not before its delay */
+	kube_fake_clock_advance(&fc, 0.049);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), -ETIMEDOUT);
+	kube_fake_clock_advance(&fc, 0.002);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), 0);
+	CHECK_EQ_STR(key, "x");
 	workqueue_done(q, key);
 	free(key);
 	CHECK_NEAR(workqueue_add_rate_limited(q, "x"), 0.1, 1e-9);
 	CHECK_NEAR(workqueue_add_rate_limited(q, "x"), 0.2, 1e-9);
 	CHECK_EQ_INT(workqueue_failures(q, "x"), 3);
-	/* the earlier of two delayed adds wins: only one entry */
+	/* the earlier of two delayed adds wins: only one entry, due at 0.1 */
 	CHECK_EQ_INT(workqueue_delayed(q), 1);
+	kube_fake_clock_advance(&fc, 0.099);
+	CHECK_EQ_INT(workqueue_len(q), 0);
+	kube_fake_clock_advance(&fc, 0.002);
+	CHECK_EQ_INT(workqueue_len(q), 1);
 	workqueue_forget(q, "x");
 	CHECK_EQ_INT(workqueue_failures(q, "x"), 0);
 	CHECK_NEAR(workqueue_add_rate_limited(q, "y"), 0.05, 1e-9);
 	workqueue_free(q);
+	kube_fake_clock_release(&fc);
 }
 
 static void test_token_bucket(void)
 {
-	struct workqueue_config cfg = {.base_delay = 0.001, .max_delay = 1, .qps = 10, .burst = 2};
+	struct kube_fake_clock fc;
+	struct workqueue_config cfg = {
+	    .base_delay = 0.001, .max_delay = 1, .qps = 10, .burst = 2, .clock = &fc.clock};
 	struct workqueue *q;
-	double d1, d2, d3;
 
+	kube_fake_clock_init(&fc, 1700000000);
 	CHECK_OK(workqueue_new(&q, &cfg, NULL), &(struct lp_err){0});
-	d1 = workqueue_add_rate_limited(q, "a");
-	d2 = workqueue_add_rate_limited(q, "b");
-	d3 = workqueue_add_rate_limited(q, "c");
-	CHECK_NEAR(d1, 0.001, 1e-6);
-	CHECK_NEAR(d2, 0.001, 1e-6);
-	CHECK_NEAR(d3, 0.1, 0.01); /* the burst is spent: one token per 1/qps */
+	CHECK_NEAR(workqueue_add_rate_limited(q, "a"), 0.001, 1e-9);
+	CHECK_NEAR(workqueue_add_rate_limited(q, "b"), 0.001, 1e-9);
+	/* the burst is spent: one token per 1/qps */
+	CHECK_NEAR(workqueue_add_rate_limited(q, "c"), 0.1, 1e-9);
+	CHECK_NEAR(workqueue_add_rate_limited(q, "d"), 0.2, 1e-9);
+	/* 0.4 s bring four tokens: the two owed and a full burst again */
+	kube_fake_clock_advance(&fc, 0.4);
+	CHECK_NEAR(workqueue_add_rate_limited(q, "e"), 0.001, 1e-9);
+	CHECK_NEAR(workqueue_add_rate_limited(q, "f"), 0.001, 1e-9);
+	CHECK_NEAR(workqueue_add_rate_limited(q, "g"), 0.1, 1e-9);
 	workqueue_free(q);
+	kube_fake_clock_release(&fc);
+}
+
+struct getter {
+	struct workqueue *q;
+	char *key;
+	int rc;
+};
+
+static void *getter_main(void *arg)
+{
+	struct getter *g = arg;
+
+	g->rc = workqueue_get(g->q, -1, &g->key);
+	return NULL;
 }
 
 static void test_add_after(void)
 {
+	struct kube_fake_clock fc;
+	struct workqueue_config cfg = {.clock = &fc.clock};
 	struct workqueue *q;
-	double t0, d;
+	struct getter g = {0};
+	pthread_t th;
 	char *key;
 
-	CHECK_OK(workqueue_new(&q, NULL, NULL), &(struct lp_err){0});
+	kube_fake_clock_init(&fc, 1700000000);
+	CHECK_OK(workqueue_new(&q, &cfg, NULL), &(struct lp_err){0});
 	workqueue_add_after(q, "later", 0.15);
 	workqueue_add_after(q, "sooner", 0.05);
 	CHECK_EQ_INT(workqueue_len(q), 0);
-	t0 = kube_now_mono();
-	CHECK_EQ_INT(workqueue_get(q, 2, &key), 0);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), -ETIMEDOUT);
+	kube_fake_clock_advance(&fc, 0.05);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), 0);
 	CHECK_EQ_STR(key, "sooner");
 	workqueue_done(q, key);
 	free(key);
-	CHECK_EQ_INT(workqueue_get(q, 2, &key), 0);
-	d = kube_now_mono() - t0;
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), -ETIMEDOUT); /* 'later' is not due yet */
+	kube_fake_clock_advance(&fc, 0.1);
+	CHECK_EQ_INT(workqueue_get(q, 0, &key), 0);
 	CHECK_EQ_STR(key, "later");
-	CHECK_MSG(d >= 0.14 && d < 1.0, "'later' came after %.3fs", d);
 	workqueue_done(q, key);
 	free(key);
+	/* a worker blocked in get wakes when the clock reaches a delayed key */
+	workqueue_add_after(q, "t", 30);
+	g.q = q;
+	pthread_create(&th, NULL, getter_main, &g);
+	kube_fake_clock_advance(&fc, 30);
+	pthread_join(th, NULL);
+	CHECK_EQ_INT(g.rc, 0);
+	CHECK_EQ_STR(g.key, "t");
+	workqueue_done(q, g.key);
+	free(g.key);
 	/* a plain add of a delayed key queues it now */
 	workqueue_add_after(q, "k", 30);
 	workqueue_add(q, "k");
 	CHECK_EQ_INT(workqueue_len(q), 1);
 	workqueue_free(q);
+	kube_fake_clock_release(&fc);
 }
 
 struct stress {
