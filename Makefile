@@ -43,7 +43,7 @@ PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/lorap
 	$(if $(wildcard operator/main.c),$(BIN)/loraplane-operator)
 TOOLS := $(BUILD)/tools/bench
 
-.PHONY: all test unit check asan tsan bench deps run clean help format
+.PHONY: all test unit check asan tsan bench deps run clean help format fuzz fuzz-build
 all: $(PROGRAMS)
 
 help:
@@ -53,6 +53,7 @@ help:
 	@echo "make check      formatting and banned-call checks"
 	@echo "make asan       the tests under AddressSanitizer + UBSan"
 	@echo "make tsan       the unit tests under ThreadSanitizer"
+	@echo "make fuzz       build the libFuzzer targets and run each FUZZ_SECONDS (docs/fuzzing.md)"
 	@echo "make bench      speed and memory figures on the default model"
 	@echo "make run        start the agent on the default model with the sample adapters"
 
@@ -84,6 +85,14 @@ $(BUILD)/tests/%: tests/unit/%.c $(LIB) $(OPERATOR_OBJS) tests/test.h
 	$(if $(Q),@echo "  CC      $<")
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(OPERATOR_OBJS) $(LIB) $(LDLIBS)
 
+# Helper programs of the integration tests, built with the same flags.
+INTEGRATION_BINS := $(BUILD)/tests/integration/source-fetch
+
+$(BUILD)/tests/integration/%: tests/integration/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CC      $<")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
 $(BUILD)/tools/%: hack/%.c $(LIB)
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
@@ -93,7 +102,7 @@ $(BUILD)/tools/%: hack/%.c $(LIB)
 deps:
 	$(Q)bash hack/deps.sh
 
-test: deps $(PROGRAMS) $(UNIT_BINS)
+test: deps $(PROGRAMS) $(UNIT_BINS) $(INTEGRATION_BINS)
 	$(Q)BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
 
 # The unit test programs alone.
@@ -117,6 +126,29 @@ asan: deps
 tsan: deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan BIN=build-tsan/bin \
 		OPT="-O1 -g -fsanitize=thread" LDFLAGS="-fsanitize=thread" unit
+
+# libFuzzer targets (clang), one per untrusted-input parser, in their own
+# build directory; see docs/fuzzing.md. FUZZ_TARGETS="gguf npy" picks some,
+# FUZZ_JOBS runs that many targets at once.
+FUZZ_CC ?= clang
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 20
+FUZZ_JOBS ?= 1
+FUZZ_TARGETS ?= $(patsubst tests/fuzz/fuzz-%.c,%,$(wildcard tests/fuzz/fuzz-*.c))
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+fuzz: fuzz-build
+	$(Q)FUZZ_BUILD=$(FUZZ_BUILD) bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_JOBS) $(FUZZ_TARGETS)
+
+fuzz-build:
+	$(Q)$(MAKE) --no-print-directory CC=$(FUZZ_CC) BUILD=$(FUZZ_BUILD) BIN=$(FUZZ_BUILD)/bin \
+		OPT="-O1 -g -fsanitize=fuzzer-no-link $(FUZZ_SAN)" LDFLAGS="-fsanitize=fuzzer $(FUZZ_SAN)" \
+		$(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz/fuzz-%)
+
+$(BUILD)/fuzz/fuzz-%: tests/fuzz/fuzz-%.c tests/fuzz/fuzz.h $(API_OBJS) $(LIB)
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  FUZZ    $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(API_OBJS) $(LIB) $(LDLIBS) -lcivetweb
 
 bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)

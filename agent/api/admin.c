@@ -107,64 +107,76 @@ static int read_credentials(json_t *src, struct lp_source_credentials *cr, bool 
 	return 0;
 }
 
+int lp_admin_loras_parse(json_t *body, struct lp_lora_load_args *a,
+                         struct lp_source_credentials *cr, struct lp_api_error *e)
+{
+	json_t *v, *src;
+	bool has_creds;
+
+	memset(a, 0, sizeof(*a));
+	v = json_object_get(body, "lora_name");
+	if (!json_is_string(v)) {
+		lp_api_errorf(e, 400, v ? "invalid_type" : "missing_required_parameter",
+		              "lora_name", "'lora_name' %s",
+		              v ? "must be a string" : "is required");
+		return -e->status;
+	}
+	a->name = json_string_value(v);
+	src = json_object_get(body, "source");
+	if (!json_is_object(src)) {
+		lp_api_errorf(e, 400, src ? "invalid_type" : "missing_required_parameter", "source",
+		              "'source' %s",
+		              src ? "must be an object {\"uri\", \"sha256\"?}" : "is required");
+		return -e->status;
+	}
+	v = json_object_get(src, "uri");
+	if (!json_is_string(v)) {
+		lp_api_errorf(e, 400, v ? "invalid_type" : "missing_required_parameter",
+		              "source.uri", "'source.uri' %s",
+		              v ? "must be a string" : "is required");
+		return -e->status;
+	}
+	a->uri = json_string_value(v);
+	v = json_object_get(src, "sha256");
+	if (v && !json_is_null(v)) {
+		if (!json_is_string(v)) {
+			lp_api_errorf(e, 400, "invalid_type", "source.sha256",
+			              "'source.sha256' must be a string");
+			return -e->status;
+		}
+		a->sha256 = json_string_value(v);
+	}
+	v = json_object_get(body, "load_inplace");
+	if (v && !json_is_null(v) && !json_is_boolean(v)) {
+		lp_api_errorf(e, 400, "invalid_type", "load_inplace",
+		              "'load_inplace' must be a boolean");
+		return -e->status;
+	}
+	a->inplace = json_is_true(v);
+	a->from_api = true;
+	if (read_credentials(src, cr, &has_creds, e))
+		return -e->status;
+	if (has_creds)
+		a->creds = cr;
+	return 0;
+}
+
 int lp_admin_loras_load(struct lp_call *c)
 {
 	struct lp_source_credentials creds = {0};
 	struct lp_lora_load_args args;
 	struct lp_adapter_summary sum;
 	struct lp_api_error e;
-	json_t *body = NULL, *v, *src, *out;
-	bool already = false, existed, has_creds;
+	json_t *body = NULL, *out;
+	bool already = false, existed;
 
 	if (not_ready(c))
 		return c->status;
 	memset(&args, 0, sizeof(args));
 	if (lp_call_read_json(c, &body, &e))
 		goto fail;
-	v = json_object_get(body, "lora_name");
-	if (!json_is_string(v)) {
-		lp_api_errorf(&e, 400, v ? "invalid_type" : "missing_required_parameter",
-		              "lora_name", "'lora_name' %s",
-		              v ? "must be a string" : "is required");
+	if (lp_admin_loras_parse(body, &args, &creds, &e))
 		goto fail;
-	}
-	args.name = json_string_value(v);
-	src = json_object_get(body, "source");
-	if (!json_is_object(src)) {
-		lp_api_errorf(&e, 400, src ? "invalid_type" : "missing_required_parameter",
-		              "source", "'source' %s",
-		              src ? "must be an object {\"uri\", \"sha256\"?}" : "is required");
-		goto fail;
-	}
-	v = json_object_get(src, "uri");
-	if (!json_is_string(v)) {
-		lp_api_errorf(&e, 400, v ? "invalid_type" : "missing_required_parameter",
-		              "source.uri", "'source.uri' %s",
-		              v ? "must be a string" : "is required");
-		goto fail;
-	}
-	args.uri = json_string_value(v);
-	v = json_object_get(src, "sha256");
-	if (v && !json_is_null(v)) {
-		if (!json_is_string(v)) {
-			lp_api_errorf(&e, 400, "invalid_type", "source.sha256",
-			              "'source.sha256' must be a string");
-			goto fail;
-		}
-		args.sha256 = json_string_value(v);
-	}
-	v = json_object_get(body, "load_inplace");
-	if (v && !json_is_null(v) && !json_is_boolean(v)) {
-		lp_api_errorf(&e, 400, "invalid_type", "load_inplace",
-		              "'load_inplace' must be a boolean");
-		goto fail;
-	}
-	args.inplace = json_is_true(v);
-	args.from_api = true;
-	if (read_credentials(src, &creds, &has_creds, &e))
-		goto fail;
-	if (has_creds)
-		args.creds = &creds;
 	existed = lp_registry_get(c->s->loras, args.name, NULL, 0);
 	if (lp_api_lora_load(c->s, &args, &already, &sum, &e)) {
 		lp_log(LP_LOG_WARN, c->id, "cannot load adapter '%.130s' from '%.300s': %s",
@@ -292,37 +304,43 @@ static int vllm_text(struct lp_call *c, const char *fmt, const char *name)
 	                    n > 0 && (size_t)n < sizeof(msg) ? (size_t)n : strlen(msg), NULL);
 }
 
+int lp_admin_vllm_load_parse(json_t *body, struct lp_lora_load_args *a, struct lp_api_error *e)
+{
+	json_t *name = json_object_get(body, "lora_name"),
+	       *path = json_object_get(body, "lora_path");
+	json_t *inplace = json_object_get(body, "load_inplace");
+
+	memset(a, 0, sizeof(*a));
+	if (!json_is_string(name) || !json_is_string(path) || !json_string_length(name) ||
+	    !json_string_length(path))
+		return lp_api_errorf(e, 400, NULL, NULL,
+		                     "Both 'lora_name' and 'lora_path' must be provided.");
+	if (inplace && !json_is_null(inplace) && !json_is_boolean(inplace))
+		return lp_api_errorf(e, 400, NULL, NULL, "'load_inplace' must be a boolean");
+	a->name = json_string_value(name);
+	a->uri = json_string_value(path);
+	a->inplace = json_is_true(inplace);
+	a->from_api = true;
+	return 0;
+}
+
 int lp_admin_vllm_load(struct lp_call *c)
 {
 	struct lp_lora_load_args args;
 	struct lp_adapter_summary sum;
 	struct lp_api_error e;
-	json_t *body = NULL, *name, *path, *inplace;
+	json_t *body = NULL;
 	bool already;
 	int status;
 
 	if (not_ready(c))
 		return c->status;
-	memset(&args, 0, sizeof(args));
 	if (lp_call_read_json(c, &body, &e))
 		return lp_call_send_error(c, &e);
-	name = json_object_get(body, "lora_name");
-	path = json_object_get(body, "lora_path");
-	inplace = json_object_get(body, "load_inplace");
-	if (!json_is_string(name) || !json_is_string(path) || !json_string_length(name) ||
-	    !json_string_length(path)) {
+	if (lp_admin_vllm_load_parse(body, &args, &e)) {
 		json_decref(body);
-		return vllm_error(c, 400, "InvalidUserInput",
-		                  "Both 'lora_name' and 'lora_path' must be provided.");
+		return vllm_error(c, 400, "InvalidUserInput", "%s", e.message);
 	}
-	if (inplace && !json_is_null(inplace) && !json_is_boolean(inplace)) {
-		json_decref(body);
-		return vllm_error(c, 400, "InvalidUserInput", "'load_inplace' must be a boolean");
-	}
-	args.name = json_string_value(name);
-	args.uri = json_string_value(path);
-	args.inplace = json_is_true(inplace);
-	args.from_api = true;
 	if (!args.inplace && lp_registry_get(c->s->loras, args.name, NULL, 0)) {
 		status =
 		    vllm_error(c, 400, "InvalidUserInput",

@@ -7,6 +7,7 @@
 
 #if LP_CPU_X86
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 
@@ -15,9 +16,13 @@
 
 bool lp_cpu_has_avx2(void)
 {
+	unsigned a, b, c, d;
+
+	/* F16C from CPUID leaf 1 (ECX bit 29): clang before 16 has no "f16c"
+	 * for __builtin_cpu_supports, and `make fuzz` builds with clang */
 	__builtin_cpu_init();
 	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-	       __builtin_cpu_supports("f16c");
+	       __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 
 AVX2_INLINE float hsum(__m256 v)
@@ -47,13 +52,6 @@ AVX2_INLINE __m256 load_bf16(const uint16_t *p)
 AVX2_INLINE uint32_t load_u32(const void *p)
 {
 	uint32_t v;
-	memcpy(&v, p, sizeof(v));
-	return v;
-}
-
-AVX2_INLINE uint16_t load_u16(const void *p)
-{
-	uint16_t v;
 	memcpy(&v, p, sizeof(v));
 	return v;
 }
