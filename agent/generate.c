@@ -662,8 +662,11 @@ int main(int argc, char **argv)
 		}
 	}
 	t_end = now_s();
-	if (stream)
+	if (stream) {
+		/* end the completion's line before the statistics on stderr */
 		fputc('\n', stdout);
+		fflush(stdout);
+	}
 	for (size_t i = 0; i < n_prompts; i++) {
 		total_gen += (size_t)jobs[i].n_generated;
 		if (!stream && print_json_result(i, &jobs[i])) {

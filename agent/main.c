@@ -23,6 +23,7 @@
 
 #include "agent/adapters/source.h"
 #include "agent/adapters/watcher.h"
+#include "agent/api/gate.h"
 #include "agent/api/loras.h"
 #include "agent/api/registry.h"
 #include "agent/api/server.h"
@@ -52,6 +53,8 @@ struct options {
 	const char *lora_modules[MAX_LORA_MODULES]; /* NAME=URI */
 	int n_lora_modules;
 	const char *lora_cache_dir;
+	long lora_cache_max_bytes; /* 0: the sources' default */
+	bool allow_insecure_source_endpoints;
 	const char *roots[MAX_ROOTS];
 	int n_roots;
 	int threads;
@@ -64,6 +67,9 @@ struct options {
 	const char *log_level;
 	const char *chat_template;
 	int http_threads;
+	double http_header_timeout_s;
+	double http_body_timeout_s;
+	int http_max_connections;
 	double drain_s;
 	long max_request_bytes;
 	int max_queued; /* 0: the worker's default */
@@ -102,10 +108,15 @@ enum {
 	OPT_LOG_LEVEL,
 	OPT_CHAT_TEMPLATE,
 	OPT_HTTP_THREADS,
+	OPT_HTTP_HEADER_TIMEOUT,
+	OPT_HTTP_BODY_TIMEOUT,
+	OPT_HTTP_MAX_CONNECTIONS,
 	OPT_DRAIN,
 	OPT_MAX_REQUEST_BYTES,
 	OPT_MAX_QUEUED,
 	OPT_ALLOW_BASE_MISMATCH,
+	OPT_LORA_CACHE_MAX_BYTES,
+	OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS,
 	OPT_HELP,
 };
 
@@ -150,10 +161,15 @@ static const struct opt_spec specs[] = {
     {"log-level", required_argument, OPT_LOG_LEVEL, {NULL}},
     {"chat-template", required_argument, OPT_CHAT_TEMPLATE, {NULL}},
     {"http-threads", required_argument, OPT_HTTP_THREADS, {NULL}},
+    {"http-header-timeout", required_argument, OPT_HTTP_HEADER_TIMEOUT, {NULL}},
+    {"http-body-timeout", required_argument, OPT_HTTP_BODY_TIMEOUT, {NULL}},
+    {"http-max-connections", required_argument, OPT_HTTP_MAX_CONNECTIONS, {NULL}},
     {"drain-timeout", required_argument, OPT_DRAIN, {NULL}},
     {"max-request-bytes", required_argument, OPT_MAX_REQUEST_BYTES, {NULL}},
     {"max-queued-requests", required_argument, OPT_MAX_QUEUED, {NULL}},
     {"allow-base-mismatch", no_argument, OPT_ALLOW_BASE_MISMATCH, {NULL}},
+    {"lora-cache-max-bytes", required_argument, OPT_LORA_CACHE_MAX_BYTES, {NULL}},
+    {"allow-insecure-source-endpoints", no_argument, OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS, {NULL}},
     {"help", no_argument, OPT_HELP, {NULL}},
 };
 #define N_SPECS (sizeof(specs) / sizeof(specs[0]))
@@ -173,7 +189,12 @@ static void usage(FILE *f)
 	    "  --lora-refresh-interval S     rescan --lora-dir every S seconds (default: never)\n"
 	    "  --lora-modules NAME=URI ...   static adapters (file://, /abs, s3://, hf://, "
 	    "https://)\n"
-	    "  --lora-cache-dir DIR          where downloaded adapters go\n"
+	    "  --lora-cache-dir DIR          where downloaded adapters go (this user's alone;\n"
+	    "                                default $TMPDIR/loraplane-lora-cache-<uid>, 0700)\n"
+	    "  --lora-cache-max-bytes N      bytes of downloaded adapters kept; least recently\n"
+	    "                                used ones not loaded are evicted (default 32 GiB)\n"
+	    "  --allow-insecure-source-endpoints  accept http:// AWS_ENDPOINT_URL / HF_ENDPOINT\n"
+	    "                                in a load request's credentials (trusted networks)\n"
 	    "  --allowed-local-roots DIRS    file:// loads through the API only below these\n"
 	    "                                (comma or colon separated, repeatable)\n"
 	    "  --max-loras N --max-cpu-loras N --max-lora-rank R   adapter tiers and limit\n"
@@ -187,6 +208,9 @@ static void usage(FILE *f)
 	    "  --chat-template NAME          chatml, llama3, llama2 or mistral instead of "
 	    "detecting\n"
 	    "  --http-threads N              HTTP worker threads per port (default 64)\n"
+	    "  --http-header-timeout S       time to receive a request head (default 5)\n"
+	    "  --http-body-timeout S         time to receive a body after its head (default 30)\n"
+	    "  --http-max-connections N      open connections per port (default 1024)\n"
 	    "  --drain-timeout S             on SIGTERM, wait this long for running requests\n"
 	    "                                (default 30)\n"
 	    "  --max-request-bytes N         largest request body (default 4194304)\n"
@@ -395,6 +419,21 @@ static int apply(struct options *o, int id, const char *v, bool from_env)
 			return -1;
 		o->http_threads = (int)n;
 		break;
+	case OPT_HTTP_HEADER_TIMEOUT:
+		if (parse_double("http-header-timeout", v, 0.1, 3600, &d))
+			return -1;
+		o->http_header_timeout_s = d;
+		break;
+	case OPT_HTTP_BODY_TIMEOUT:
+		if (parse_double("http-body-timeout", v, 0.1, 86400, &d))
+			return -1;
+		o->http_body_timeout_s = d;
+		break;
+	case OPT_HTTP_MAX_CONNECTIONS:
+		if (parse_long("http-max-connections", v, 4, 1 << 20, &n))
+			return -1;
+		o->http_max_connections = (int)n;
+		break;
 	case OPT_DRAIN:
 		if (parse_double("drain-timeout", v, 0, 3600, &d))
 			return -1;
@@ -409,6 +448,14 @@ static int apply(struct options *o, int id, const char *v, bool from_env)
 		if (parse_long("max-queued-requests", v, 1, 1 << 20, &n))
 			return -1;
 		o->max_queued = (int)n;
+		break;
+	case OPT_LORA_CACHE_MAX_BYTES:
+		if (parse_long("lora-cache-max-bytes", v, 1, LONG_MAX, &n))
+			return -1;
+		o->lora_cache_max_bytes = n;
+		break;
+	case OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS:
+		o->allow_insecure_source_endpoints = !from_env || env_true(v);
 		break;
 	case OPT_ALLOW_BASE_MISMATCH:
 		o->ec.allow_base_mismatch = !from_env || env_true(v);
@@ -441,6 +488,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->admin_port = 8001;
 	o->drain_s = 30;
 	o->http_threads = 64;
+	o->http_header_timeout_s = LP_GATE_HEADER_TIMEOUT_DEFAULT;
+	o->http_body_timeout_s = LP_GATE_BODY_TIMEOUT_DEFAULT;
+	o->http_max_connections = LP_GATE_MAX_CONNS_DEFAULT;
 	o->max_request_bytes = LP_API_MAX_BODY_DEFAULT;
 	lp_engine_config_default(&o->ec);
 
@@ -636,7 +686,8 @@ static int watch_load(void *ctx, const char *name, const char *dir, bool inplace
 	struct lp_server *s = ctx;
 	struct lp_lora_load_args a = {0};
 	struct lp_api_error e;
-	char uri[PATH_MAX + NAME_MAX + 16];
+	char uri[PATH_MAX + NAME_MAX + 16], root[PATH_MAX];
+	const char *slash = strrchr(dir, '/');
 	bool already;
 
 	uri_of_adapter_dir(dir, uri, sizeof(uri));
@@ -644,6 +695,11 @@ static int watch_load(void *ctx, const char *name, const char *dir, bool inplace
 	a.uri = uri;
 	a.inplace = inplace;
 	a.from_api = false;
+	/* the adapter's files stay in the lora directory (dir's parent) */
+	if (slash && (size_t)(slash - dir) < sizeof(root)) {
+		snprintf(root, sizeof(root), "%.*s", slash == dir ? 1 : (int)(slash - dir), dir);
+		a.root = root;
+	}
 	if (lp_api_lora_load(s, &a, &already, NULL, &e))
 		return lp_errf(err, -EINVAL, "%s", e.message);
 	return 0;
@@ -866,6 +922,9 @@ int main(int argc, char **argv)
 	sc.model_source = o.model;
 	sc.max_body = (size_t)o.max_request_bytes;
 	sc.http_threads = o.http_threads;
+	sc.http_header_timeout_s = o.http_header_timeout_s;
+	sc.http_body_timeout_s = o.http_body_timeout_s;
+	sc.http_max_connections = o.http_max_connections;
 	server_inited = true; /* release is safe after a partial init */
 	if (lp_server_init(&srv, &sc, &err))
 		goto fail;
@@ -943,6 +1002,10 @@ int main(int argc, char **argv)
 		scfg.allowed_roots = roots;
 		scfg.progress = log_download_progress;
 		scfg.progress_interval_ms = 5000;
+		scfg.max_cache_bytes = (uint64_t)o.lora_cache_max_bytes;
+		scfg.allow_insecure_endpoints = o.allow_insecure_source_endpoints;
+		scfg.in_use = lp_api_source_in_use;
+		scfg.in_use_arg = &srv;
 		if (lp_source_cache_new(&sources, &scfg, &err)) {
 			lp_err_prefix(&err, "adapter sources");
 			goto fail;

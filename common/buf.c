@@ -1,11 +1,14 @@
 /* Capped growable buffer; see buf.h. */
 #include "common/buf.h"
 
+#include "common/file.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 void lp_buf_init(struct lp_buf *b, size_t max)
 {
@@ -86,29 +89,38 @@ int lp_buf_appendf(struct lp_buf *b, struct lp_err *err, const char *fmt, ...)
 
 int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max, struct lp_err *err)
 {
+	return lp_buf_read_file_in(b, NULL, path, max, err);
+}
+
+int lp_buf_read_file_in(struct lp_buf *b, const char *root, const char *path, size_t max,
+                        struct lp_err *err)
+{
 	char chunk[65536];
-	size_t n;
-	FILE *f;
-	int rc = 0;
+	ssize_t n;
+	int fd, rc = 0;
 
 	b->max = max;
 	lp_buf_reset(b);
-	f = fopen(path, "rb");
-	if (!f)
-		return lp_errf(err, -errno, "cannot open '%s': %s", path, strerror(errno));
-	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
-		rc = lp_buf_append(b, chunk, n, err);
+	fd = lp_file_open(root, path, NULL, err);
+	if (fd < 0)
+		return fd;
+	while ((n = read(fd, chunk, sizeof(chunk))) != 0) {
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			rc = lp_errf(err, -EIO, "cannot read '%s': %s", path, strerror(errno));
+			goto out_close;
+		}
+		rc = lp_buf_append(b, chunk, (size_t)n, err);
 		if (rc) {
 			lp_err_prefix(err, "'%s'", path);
 			goto out_close;
 		}
 	}
-	if (ferror(f))
-		rc = lp_errf(err, -EIO, "cannot read '%s'", path);
-	else if (!b->data)
+	if (!b->data)
 		rc = lp_buf_append(b, "", 0, err);
 out_close:
-	fclose(f);
+	close(fd);
 	return rc;
 }
 

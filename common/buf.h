@@ -27,8 +27,13 @@ int lp_buf_append(struct lp_buf *b, const void *p, size_t n, struct lp_err *err)
 int lp_buf_appendf(struct lp_buf *b, struct lp_err *err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Reads a whole file of at most max bytes into b (which is reset first). */
+/* Reads a whole file of at most max bytes into b (which is reset first).
+ * The file is opened with lp_file_open() (common/file.h): a FIFO, device
+ * or directory is refused at once (-EINVAL); with the _in variant the file
+ * must stay below root (borrowed; NULL or "" for none), else -EACCES. */
 int lp_buf_read_file(struct lp_buf *b, const char *path, size_t max, struct lp_err *err);
+int lp_buf_read_file_in(struct lp_buf *b, const char *root, const char *path, size_t max,
+                        struct lp_err *err);
 
 /* Hands the contents to the caller (free() them) and empties b. */
 char *lp_buf_detach(struct lp_buf *b, size_t *len);

@@ -1,6 +1,8 @@
 /* Read-only file mapping; see mapped-file.h. */
 #include "common/mapped-file.h"
 
+#include "common/file.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -11,22 +13,20 @@
 
 int lp_mapped_file_open(struct lp_mapped_file *mf, const char *path, struct lp_err *err)
 {
+	return lp_mapped_file_open_in(mf, NULL, path, err);
+}
+
+int lp_mapped_file_open_in(struct lp_mapped_file *mf, const char *root, const char *path,
+                           struct lp_err *err)
+{
 	struct stat st;
 	void *p = NULL;
 	int fd, rc;
 
 	memset(mf, 0, sizeof(*mf));
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = lp_file_open(root, path, &st, err);
 	if (fd < 0)
-		return lp_errf(err, -errno, "cannot open '%s': %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0) {
-		rc = lp_errf(err, -errno, "cannot stat '%s': %s", path, strerror(errno));
-		goto out_close;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		rc = lp_errf(err, -EINVAL, "'%s' is not a regular file", path);
-		goto out_close;
-	}
+		return fd;
 	if (st.st_size > 0) {
 		p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
 		if (p == MAP_FAILED) {

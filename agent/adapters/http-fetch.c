@@ -292,6 +292,9 @@ static int setup_try(struct lp_http_client *c, const struct lp_http_get *g, stru
 	SET(CURLOPT_REDIR_PROTOCOLS_STR, https ? "https" : "http,https");
 	SET(CURLOPT_FOLLOWLOCATION, g->follow_redirects ? 1L : 0L);
 	SET(CURLOPT_MAXREDIRS, 10L);
+	/* Authorization (an HF token, a SigV4 signature) never follows a
+	 * redirect to another host, port or scheme (curl's default, stated) */
+	SET(CURLOPT_UNRESTRICTED_AUTH, 0L);
 	SET(CURLOPT_CONNECTTIMEOUT, p->connect_timeout_s > 0 ? p->connect_timeout_s : 10L);
 	if (p->low_speed_time_s > 0 && p->low_speed_bytes > 0) {
 		SET(CURLOPT_LOW_SPEED_LIMIT, p->low_speed_bytes);

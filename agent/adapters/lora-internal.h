@@ -21,6 +21,12 @@
  * that sizes computed from ranks cannot overflow. */
 #define LORA_RANK_LIMIT 65536
 
+/* Largest scale * |B|_F * |A|_F (an upper bound of the spectral norm of
+ * the update scale * B·A) of any pair: far above every real adapter
+ * measured (docs/lora-formats.md), far below weights like 1e18 that load
+ * as finite numbers and push activations towards overflow. */
+#define LORA_NORM_LIMIT 1e5
+
 /* A tensor read from some file, in the format readers' common terms. The
  * dtype uses safetensors' enum, which names every dtype the readers meet. */
 struct lora_tensor {
@@ -62,7 +68,8 @@ static inline struct lora_plan_pair *lora_plan_at(struct lora_plan *p, int layer
 }
 
 /* Checks every pair's rank against s->max_rank, allocates the adapter,
- * converts every A and B to f32 (rejecting NaN and inf) and folds each
+ * converts every A and B to f32 (rejecting NaN and inf, and pairs whose
+ * scale * |B|_F * |A|_F exceeds LORA_NORM_LIMIT) and folds each
  * pair's scale into B. Borrows p, format (a string literal) and
  * base_model (copied). On success *out is the caller's (lp_lora_free). */
 int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const struct lp_lora_shape *s,
@@ -90,13 +97,14 @@ int lora_check_base_model(const char *base, const struct lp_lora_shape *s, struc
 /* "q_proj" ... as text to put in messages listing what is supported. */
 #define LORA_SUPPORTED_TEXT "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
-/* The format readers. dir or file is the adapter's path; each returns 0
- * with *out set, or a negative code with err set. */
-int lora_load_peft(struct lp_lora **out, const char *dir, const struct lp_lora_shape *s,
-                   struct lp_err *err);
-int lora_load_trtllm(struct lp_lora **out, const char *dir, const struct lp_lora_shape *s,
-                     struct lp_err *err);
-int lora_load_nemo(struct lp_lora **out, const char *file, const struct lp_lora_shape *s,
-                   struct lp_err *err);
+/* The format readers. dir or file is the adapter's path; every file they
+ * read is opened below root (NULL or "" for none; common/file.h). Each
+ * returns 0 with *out set, or a negative code with err set. */
+int lora_load_peft(struct lp_lora **out, const char *root, const char *dir,
+                   const struct lp_lora_shape *s, struct lp_err *err);
+int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
+                     const struct lp_lora_shape *s, struct lp_err *err);
+int lora_load_nemo(struct lp_lora **out, const char *root, const char *file,
+                   const struct lp_lora_shape *s, struct lp_err *err);
 
 #endif

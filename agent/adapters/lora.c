@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 
 #include "agent/adapters/lora-internal.h"
+#include "common/file.h"
 #include "kernels/backend.h"
 #include "kernels/dtype.h"
 
@@ -281,6 +282,17 @@ static int convert_checked(float *dst, const struct lora_src *src, int64_t rows,
 	               (double)scale, bad / (size_t)cols, bad % (size_t)cols);
 }
 
+/* Sum of squares of x[0, n), in double: f32 values up to 3.4e38 square
+ * without overflow. */
+static double sum_squares(const float *x, size_t n)
+{
+	double s = 0;
+
+	for (size_t i = 0; i < n; i++)
+		s += (double)x[i] * (double)x[i];
+	return s;
+}
+
 /* The storage type of values of source dtype dt: its own when half. */
 static enum lp_dtype half_type(enum lp_st_dtype dt)
 {
@@ -356,6 +368,7 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 	size_t n_stacks = (size_t)p->n_layers * LP_LORA_N_GROUPS;
 	size_t total = 0, off = 0, max_a = 0, max_b = 0;
 	float *a_tmp = NULL, *b_tmp = NULL;
+	double a_norm[LP_LORA_N_TARGETS] = {0}, norm; /* |A|_F of the layer's pairs */
 	struct lp_lora *l;
 	int rc;
 
@@ -460,6 +473,7 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			rc = convert_checked(a_tmp, &pp->a, pp->rank, in, 1.0f, err);
 			if (rc)
 				goto out_free;
+			a_norm[t] = sqrt(sum_squares(a_tmp, n));
 			if (lp->a_type == LP_DTYPE_F32)
 				memcpy(lp->a, a_tmp, n * sizeof(float));
 			else /* the file's own values */
@@ -485,6 +499,17 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 			rc = convert_checked(b_tmp, &pp->b, o, pp->rank, (float)pp->scale, err);
 			if (rc)
 				goto out_free;
+			/* scale * |B|_F * |A|_F bounds the update's spectral norm */
+			norm = sqrt(sum_squares(b_tmp, (size_t)o * (size_t)pp->rank)) * a_norm[t];
+			if (norm > LORA_NORM_LIMIT) {
+				rc = lp_errf(err, -EINVAL,
+				             "layer %d '%s': scale * |B| * |A| (Frobenius norms of "
+				             "'%s' and '%s') is %.3g, over the limit of %g: the "
+				             "weights are absurd",
+				             layer, target_names[t], pp->b.name ? pp->b.name : "?",
+				             pp->a.name ? pp->a.name : "?", norm, LORA_NORM_LIMIT);
+				goto out_free;
+			}
 			/* transposed, [rank, out], in panels; a half type holds every
 			 * scaled value exactly (b_type) */
 			for (int oo = 0; oo < o; oo++)
@@ -613,6 +638,12 @@ static int check_shape_arg(const struct lp_lora_shape *s, struct lp_err *err)
 int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_shape *s,
                  struct lp_err *err)
 {
+	return lp_lora_load_in(out, NULL, path, s, err);
+}
+
+int lp_lora_load_in(struct lp_lora **out, const char *root, const char *path,
+                    const struct lp_lora_shape *s, struct lp_err *err)
+{
 	struct stat st;
 	bool has_cfg, has_w;
 	int rc;
@@ -627,13 +658,15 @@ int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_sh
 		return lp_errf(err, -errno, "cannot access adapter path '%s': %s", path,
 		               strerror(errno));
 	}
+	if (!lp_file_below(root, path))
+		return lp_errf(err, -EACCES, "adapter path '%s' is not below '%s'", path, root);
 	if (S_ISDIR(st.st_mode)) {
 		if (is_file(path, "adapter_config.json"))
-			return lora_load_peft(out, path, s, err);
+			return lora_load_peft(out, root, path, s, err);
 		has_cfg = is_file(path, "model.lora_config.npy");
 		has_w = is_file(path, "model.lora_weights.npy");
 		if (has_cfg && has_w)
-			return lora_load_trtllm(out, path, s, err);
+			return lora_load_trtllm(out, root, path, s, err);
 		if (has_cfg || has_w)
 			return lp_errf(
 			    err, -ENOENT,
@@ -647,7 +680,7 @@ int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_sh
 		               path);
 	}
 	if (S_ISREG(st.st_mode) && ends_with(path, ".nemo"))
-		return lora_load_nemo(out, path, s, err);
+		return lora_load_nemo(out, root, path, s, err);
 	return lp_errf(err, -EINVAL,
 	               "'%s' is not a lora adapter: expected a directory (HF PEFT or "
 	               "TensorRT-LLM) or a .nemo file",

@@ -106,10 +106,20 @@ struct lp_lora {
 
 /* Loads and validates the adapter at path for a model of shape s. Errors:
  * -ENOENT when path (or the files a format needs) does not exist, -EINVAL
- * for an invalid adapter (the message says exactly what), -ENOMEM. Free
- * with lp_lora_free(). */
+ * for an invalid adapter (the message says exactly what; a file that is a
+ * FIFO, socket, device or directory is one), -ENOMEM. Free with
+ * lp_lora_free().
+ *
+ * lp_lora_load_in() opens every file of the adapter below root (borrowed:
+ * the allowed root of an API file:// load, the cache directory of a remote
+ * source, the --lora-dir of its adapters) with lp_file_open()
+ * (common/file.h): a path or symbolic link that leads outside root is
+ * -EACCES, and no message quotes a file outside root. root NULL or ""
+ * (lp_lora_load: adapters the operator names) means no root. */
 int lp_lora_load(struct lp_lora **out, const char *path, const struct lp_lora_shape *s,
                  struct lp_err *err);
+int lp_lora_load_in(struct lp_lora **out, const char *root, const char *path,
+                    const struct lp_lora_shape *s, struct lp_err *err);
 void lp_lora_free(struct lp_lora *l);
 
 static inline struct lp_lora_pair *lp_lora_pair_at(const struct lp_lora *l, int layer,

@@ -36,6 +36,14 @@
 
 #define YAML_MAX_BYTES (4u << 20)
 #define INTERP_DEPTH   8
+/* libyaml's loader costs the square of the nesting depth (100k levels take
+ * half a minute), so deeper documents are refused while streaming events,
+ * before anything is built; a NeMo config nests a few levels. */
+#define YAML_MAX_DEPTH 64
+/* Mapping entries that key lookups may visit in all (an alias that puts a
+ * large mapping inside itself would make every interpolation walk it again
+ * and again). */
+#define YAML_MAX_VISITS (1u << 24)
 
 enum nemo_kind { NK_QKV, NK_DENSE, NK_FC1, NK_FC2, NK_N };
 
@@ -61,6 +69,7 @@ struct nemo {
 	bool *layer_sel; /* [n_layers], 0-based */
 	int heads, groups, head_dim;
 	const char *base_model; /* inside doc */
+	size_t visits;          /* mapping entries map_get has looked at */
 	float **scratch;        /* converted and split matrices */
 	size_t n_scratch, cap_scratch;
 };
@@ -73,7 +82,11 @@ static yaml_node_t *map_get(struct nemo *x, yaml_node_t *map, const char *key)
 		return NULL;
 	for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
 	     p++) {
-		yaml_node_t *k = yaml_document_get_node(&x->doc, p->key);
+		yaml_node_t *k;
+
+		if (++x->visits > YAML_MAX_VISITS)
+			return NULL; /* reported by lora_load_nemo */
+		k = yaml_document_get_node(&x->doc, p->key);
 		if (k && k->type == YAML_SCALAR_NODE &&
 		    !strcmp((const char *)k->data.scalar.value, key))
 			return yaml_document_get_node(&x->doc, p->value);
@@ -199,6 +212,52 @@ static int read_targets(struct nemo *x, yaml_node_t *seq, struct lp_err *err)
 	return 0;
 }
 
+/* Streams the first document's events and refuses nesting deeper than
+ * YAML_MAX_DEPTH (libyaml stops at the first bad level, so this costs
+ * little whatever the file holds). Syntax errors are reported here too. */
+static int check_yaml_depth(struct nemo *x, const struct lp_tar_member *m, struct lp_err *err)
+{
+	yaml_parser_t parser;
+	yaml_event_t ev;
+	int depth = 0, rc = 0;
+	bool done = false;
+
+	if (!yaml_parser_initialize(&parser))
+		return lp_errf(err, -ENOMEM, "out of memory");
+	yaml_parser_set_input_string(&parser, m->data, m->size);
+	while (!done && !rc) {
+		if (!yaml_parser_parse(&parser, &ev)) {
+			rc = lp_errf(err, -EINVAL, "'%s': model_config.yaml: %s at line %zu",
+			             x->path, parser.problem ? parser.problem : "invalid yaml",
+			             parser.problem_mark.line + 1);
+			break;
+		}
+		switch (ev.type) {
+		case YAML_SEQUENCE_START_EVENT:
+		case YAML_MAPPING_START_EVENT:
+			if (++depth > YAML_MAX_DEPTH)
+				rc = lp_errf(err, -EINVAL,
+				             "'%s': model_config.yaml nests deeper than %d levels "
+				             "(line %zu)",
+				             x->path, YAML_MAX_DEPTH, ev.start_mark.line + 1);
+			break;
+		case YAML_SEQUENCE_END_EVENT:
+		case YAML_MAPPING_END_EVENT:
+			depth--;
+			break;
+		case YAML_DOCUMENT_END_EVENT:
+		case YAML_STREAM_END_EVENT:
+			done = true;
+			break;
+		default:
+			break;
+		}
+		yaml_event_delete(&ev);
+	}
+	yaml_parser_delete(&parser);
+	return rc;
+}
+
 static int read_config(struct nemo *x, const struct lp_tar_member *m, const struct lp_lora_shape *s,
                        struct lp_err *err)
 {
@@ -211,6 +270,8 @@ static int read_config(struct nemo *x, const struct lp_tar_member *m, const stru
 	if (m->size > YAML_MAX_BYTES)
 		return lp_errf(err, -EINVAL, "'%s': model_config.yaml of %zu bytes is too large",
 		               x->path, m->size);
+	if ((rc = check_yaml_depth(x, m, err)))
+		return rc;
 	if (!yaml_parser_initialize(&parser))
 		return lp_errf(err, -ENOMEM, "out of memory");
 	yaml_parser_set_input_string(&parser, m->data, m->size);
@@ -615,8 +676,8 @@ out:
 	return rc;
 }
 
-int lora_load_nemo(struct lp_lora **out, const char *file, const struct lp_lora_shape *s,
-                   struct lp_err *err)
+int lora_load_nemo(struct lp_lora **out, const char *root, const char *file,
+                   const struct lp_lora_shape *s, struct lp_err *err)
 {
 	struct lp_mapped_file mf = {0};
 	struct lp_tar tar = {0};
@@ -631,7 +692,7 @@ int lora_load_nemo(struct lp_lora **out, const char *file, const struct lp_lora_
 	x.layer_sel = calloc((size_t)s->n_layers, sizeof(bool));
 	if (!x.layer_sel)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	if ((rc = lp_mapped_file_open(&mf, file, err)) ||
+	if ((rc = lp_mapped_file_open_in(&mf, root, file, err)) ||
 	    (rc = lp_tar_read(&tar, mf.data, mf.size, file, err)))
 		goto out;
 	cfg = lp_tar_find(&tar, "model_config.yaml");
@@ -656,7 +717,13 @@ int lora_load_nemo(struct lp_lora **out, const char *file, const struct lp_lora_
 		rc = lp_errf(err, -ENOENT, "'%s' holds no model_weights.ckpt", file);
 		goto out;
 	}
-	if ((rc = read_config(&x, cfg, s, err)))
+	rc = read_config(&x, cfg, s, err);
+	if (x.visits > YAML_MAX_VISITS) /* whatever read_config concluded without them */
+		rc = lp_errf(err, -EINVAL,
+		             "'%s': model_config.yaml: key lookups visit more than %u mapping "
+		             "entries (an alias loop?)",
+		             file, YAML_MAX_VISITS);
+	if (rc)
 		goto out;
 	if ((rc = lora_check_base_model(x.base_model, s, err)))
 		goto out;

@@ -32,8 +32,18 @@
 #include "common/buf.h"
 
 #define CONFIG_MAX_BYTES (1u << 20)
-#define MAX_PATTERNS     1024
 #define KEY_MAX          128
+/* What a config's regular expressions may cost. Each is matched against
+ * module names of at most KEY_MAX bytes, so the limits are generous for
+ * any sane expression, and a load runs at most (keys + 3) * modules
+ * matches: a catastrophic one is refused (422) on its first module. */
+#define MAX_PATTERNS   256  /* keys of rank_pattern, and of alpha_pattern */
+#define MAX_LIST       1024 /* entries of target_modules / exclude_modules */
+#define MAX_LAYER_RES  16   /* layers_pattern entries */
+#define REGEX_MAX      4096 /* bytes of a target_modules / exclude_modules regex */
+#define RE_MATCH_LIMIT 100000
+#define RE_DEPTH_LIMIT 1000
+#define RE_HEAP_LIMIT  1024 /* KiB */
 
 struct pattern {
 	const char *key; /* borrowed from the json */
@@ -59,10 +69,12 @@ struct peft_config {
 	bool has_layers; /* layers_to_transform given and not empty */
 	int *layers;     /* its indices */
 	size_t n_layers;
-	pcre2_code **layer_re; /* one per layers_pattern, or the default */
+	pcre2_code **layer_re;  /* one per layers_pattern, or the default */
+	const char **layer_src; /* their layers_pattern entries, borrowed */
 	size_t n_layer_re;
 	const char *base_model;
 	pcre2_match_data *md;
+	pcre2_match_context *mctx; /* the match limits */
 };
 
 static void config_release(struct peft_config *c)
@@ -76,10 +88,12 @@ static void config_release(struct peft_config *c)
 	free(c->rank_pat);
 	free(c->alpha_pat);
 	free(c->layer_re);
+	free(c->layer_src);
 	free(c->layers);
 	pcre2_code_free(c->target_re);
 	pcre2_code_free(c->exclude_re);
 	pcre2_match_data_free(c->md);
+	pcre2_match_context_free(c->mctx);
 	json_decref(c->root);
 }
 
@@ -100,11 +114,31 @@ static int compile_re(const struct peft_config *c, const char *what, const char 
 	               c->path, what, src, (const char *)msg);
 }
 
-/* re.match (anchored at the start) or re.fullmatch. */
-static bool re_match(const struct peft_config *c, const pcre2_code *re, const char *s, bool full)
+/* re.match (anchored at the start) or re.fullmatch of re, the config's
+ * field what (pattern src), against s: 1 on a match, 0 on none, -EINVAL
+ * naming the pattern when it hits a match limit. */
+static int re_match(const struct peft_config *c, const pcre2_code *re, const char *s, bool full,
+                    const char *what, const char *src, struct lp_err *err)
 {
 	uint32_t opts = PCRE2_ANCHORED | (full ? PCRE2_ENDANCHORED : 0);
-	return pcre2_match(re, (PCRE2_SPTR)s, PCRE2_ZERO_TERMINATED, 0, opts, c->md, NULL) >= 0;
+	int rc = pcre2_match(re, (PCRE2_SPTR)s, PCRE2_ZERO_TERMINATED, 0, opts, c->md, c->mctx);
+	PCRE2_UCHAR msg[128];
+
+	if (rc >= 0)
+		return 1;
+	if (rc == PCRE2_ERROR_NOMATCH)
+		return 0;
+	if (rc == PCRE2_ERROR_NOMEMORY)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	pcre2_get_error_message(rc, msg, sizeof(msg));
+	if (rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
+	    rc == PCRE2_ERROR_HEAPLIMIT)
+		return lp_errf(err, -EINVAL,
+		               "'%s': %s '%.200s' is too costly to match against '%s' (%s): "
+		               "simplify the regular expression",
+		               c->path, what, src, s, (const char *)msg);
+	return lp_errf(err, -EINVAL, "'%s': %s '%.200s' cannot be matched against '%s': %s",
+	               c->path, what, src, s, (const char *)msg);
 }
 
 /* A key of rank_pattern or alpha_pattern, compiled as PEFT builds it. */
@@ -123,8 +157,8 @@ static int read_patterns(struct peft_config *c, const char *field, bool integer,
 	if (!json_is_object(obj))
 		return lp_errf(err, -EINVAL, "'%s': '%s' is not an object", c->path, field);
 	if (json_object_size(obj) > MAX_PATTERNS)
-		return lp_errf(err, -EINVAL, "'%s': '%s' has more than %d keys", c->path, field,
-		               MAX_PATTERNS);
+		return lp_errf(err, -EINVAL, "'%s': '%s' has %zu keys, more than %d", c->path,
+		               field, json_object_size(obj), MAX_PATTERNS);
 	*out = calloc(json_object_size(obj) + 1, sizeof(**out));
 	if (!*out)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -151,15 +185,22 @@ static int read_patterns(struct peft_config *c, const char *field, bool integer,
 	return 0;
 }
 
-/* The first pattern, in file order, matching name, as get_pattern_key. */
-static const struct pattern *find_pattern(const struct peft_config *c, const struct pattern *p,
-                                          size_t n, const char *name)
+/* The first pattern of field, in file order, matching name, as
+ * get_pattern_key: *out is it, or NULL. */
+static int find_pattern(const struct peft_config *c, const char *field, const struct pattern *p,
+                        size_t n, const char *name, const struct pattern **out, struct lp_err *err)
 {
+	*out = NULL;
 	for (size_t i = 0; i < n; i++) {
-		if (re_match(c, p[i].re, name, false))
-			return &p[i];
+		int rc = re_match(c, p[i].re, name, false, field, p[i].key, err);
+		if (rc < 0)
+			return rc;
+		if (rc) {
+			*out = &p[i];
+			return 0;
+		}
 	}
-	return NULL;
+	return 0;
 }
 
 static bool json_false_or_absent(json_t *v)
@@ -178,11 +219,17 @@ static int read_string_or_list(struct peft_config *c, const char *field, const c
 		return 0;
 	if (json_is_string(v)) {
 		*str = json_string_value(v);
+		if (strlen(*str) > REGEX_MAX)
+			return lp_errf(err, -EINVAL, "'%s': '%s' is longer than %d bytes", c->path,
+			               field, REGEX_MAX);
 		return re ? compile_re(c, field, *str, *str, re, err) : 0;
 	}
 	if (json_is_array(v)) {
 		size_t i;
 		json_t *e;
+		if (json_array_size(v) > MAX_LIST)
+			return lp_errf(err, -EINVAL, "'%s': '%s' has %zu entries, more than %d",
+			               c->path, field, json_array_size(v), MAX_LIST);
 		json_array_foreach(v, i, e)
 		{
 			if (!json_is_string(e))
@@ -258,14 +305,22 @@ static int read_layers(struct peft_config *c, int n_model_layers, struct lp_err 
 	else
 		return lp_errf(err, -EINVAL, "'%s': layers_pattern must be a string or a list",
 		               c->path);
+	if (pat && json_array_size(pat) > MAX_LAYER_RES) {
+		rc = lp_errf(err, -EINVAL, "'%s': 'layers_pattern' has %zu entries, more than %d",
+		             c->path, json_array_size(pat), MAX_LAYER_RES);
+		json_decref(pat);
+		return rc;
+	}
 	c->layer_re = calloc(pat ? json_array_size(pat) : 1, sizeof(*c->layer_re));
-	if (!c->layer_re) {
+	c->layer_src = calloc(pat ? json_array_size(pat) : 1, sizeof(*c->layer_src));
+	if (!c->layer_re || !c->layer_src) {
 		json_decref(pat);
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
 	if (!pat) {
 		rc = compile_re(c, "layers_pattern", "", ".*\\.[^.]*\\.(\\d+)\\.", &c->layer_re[0],
 		                err);
+		c->layer_src[0] = ".*\\.[^.]*\\.(\\d+)\\.";
 		c->n_layer_re = rc ? 0 : 1;
 		return rc;
 	}
@@ -283,7 +338,7 @@ static int read_layers(struct peft_config *c, int n_model_layers, struct lp_err 
 		                &c->layer_re[c->n_layer_re], err);
 		if (rc)
 			break;
-		c->n_layer_re++;
+		c->layer_src[c->n_layer_re++] = json_string_value(e);
 	}
 	json_decref(pat);
 	return rc;
@@ -306,8 +361,8 @@ static const struct {
     {"kasa_config", "KaSA adapters"},
 };
 
-static int read_config(struct peft_config *c, const char *dir, char *path, size_t path_cap,
-                       const struct lp_lora_shape *s, struct lp_err *err)
+static int read_config(struct peft_config *c, const char *root, const char *dir, char *path,
+                       size_t path_cap, const struct lp_lora_shape *s, struct lp_err *err)
 {
 	struct lp_buf b;
 	json_error_t jerr;
@@ -318,19 +373,32 @@ static int read_config(struct peft_config *c, const char *dir, char *path, size_
 	snprintf(path, path_cap, "%s/adapter_config.json", dir);
 	c->path = path;
 	c->md = pcre2_match_data_create(16, NULL);
-	if (!c->md)
+	c->mctx = pcre2_match_context_create(NULL);
+	if (!c->md || !c->mctx)
 		return lp_errf(err, -ENOMEM, "out of memory");
+	pcre2_set_match_limit(c->mctx, RE_MATCH_LIMIT);
+	pcre2_set_depth_limit(c->mctx, RE_DEPTH_LIMIT);
+	pcre2_set_heap_limit(c->mctx, RE_HEAP_LIMIT);
 	lp_buf_init(&b, CONFIG_MAX_BYTES);
-	rc = lp_buf_read_file(&b, path, CONFIG_MAX_BYTES, err);
+	rc = lp_buf_read_file_in(&b, root, path, CONFIG_MAX_BYTES, err);
+	if (rc == -E2BIG) /* an invalid adapter (422), not a server error */
+		rc = lp_errf(err, -EINVAL, "'%s' is larger than the limit of %u bytes (1 MiB)",
+		             path, CONFIG_MAX_BYTES);
 	if (rc) {
 		lp_buf_release(&b);
 		return rc;
 	}
 	c->root = json_loadb(b.data ? b.data : "", b.len, JSON_REJECT_DUPLICATES, &jerr);
 	lp_buf_release(&b);
-	if (!c->root)
+	if (!c->root) {
+		/* jansson quotes the text "near" the error: keep the file's
+		 * content out of the message */
+		char *near = strstr(jerr.text, " near ");
+		if (near)
+			*near = '\0';
 		return lp_errf(err, -EINVAL, "'%s': not valid json: %s (line %d column %d)", path,
 		               jerr.text, jerr.line, jerr.column);
+	}
 	if (!json_is_object(c->root))
 		return lp_errf(err, -EINVAL, "'%s': not a json object", path);
 
@@ -439,20 +507,23 @@ static bool in_list_or_suffix(json_t *list, const char *name)
 	return false;
 }
 
-/* check_target_module_exists for one module name. */
-static bool is_targeted(const struct peft_config *c, const char *name)
+/* check_target_module_exists for one module name: 1 or 0, or a negative
+ * code when a regular expression hits a match limit. */
+static int is_targeted(const struct peft_config *c, const char *name, struct lp_err *err)
 {
 	PCRE2_SIZE *ov;
 	bool found;
+	int rc;
 
-	if (c->exclude_re && re_match(c, c->exclude_re, name, true))
-		return false;
+	if (c->exclude_re &&
+	    (rc = re_match(c, c->exclude_re, name, true, "exclude_modules", c->exclude_str, err)))
+		return rc < 0 ? rc : 0;
 	if (c->exclude_list && in_list_or_suffix(c->exclude_list, name))
 		return false;
 	if (c->all_linear)
 		return true;
 	if (c->target_re)
-		return re_match(c, c->target_re, name, true);
+		return re_match(c, c->target_re, name, true, "target_modules", c->target_str, err);
 	if (!c->target_list)
 		return false;
 	for (size_t i = 0; i < json_array_size(c->target_list); i++) {
@@ -466,7 +537,11 @@ static bool is_targeted(const struct peft_config *c, const char *name)
 		long idx;
 		char *end;
 
-		if (!re_match(c, c->layer_re[i], name, false))
+		rc = re_match(c, c->layer_re[i], name, false, "layers_pattern", c->layer_src[i],
+		              err);
+		if (rc < 0)
+			return rc;
+		if (!rc)
 			continue;
 		ov = pcre2_get_ovector_pointer(c->md);
 		if (pcre2_get_ovector_count(c->md) < 2 || ov[2] == PCRE2_UNSET)
@@ -501,16 +576,23 @@ static int check_targets(const struct peft_config *c, const char *prefix,
 		return 0;
 	if (c->target_re) {
 		for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
-			if (re_match(c, c->target_re, others[i], true))
+			int rc = re_match(c, c->target_re, others[i], true, "target_modules",
+			                  c->target_str, err);
+			if (rc < 0)
+				return rc;
+			if (rc)
 				return lp_errf(err, -EINVAL,
 				               "module '%s' is not supported (lora targets: %s)",
 				               others[i], LORA_SUPPORTED_TEXT);
 		}
 		for (int l = 0; l < s->n_layers; l++) {
 			for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+				int rc;
 				module_name(name, sizeof(name), prefix, l, (enum lp_lora_target)t);
-				if (re_match(c, c->target_re, name, true))
-					return 0;
+				rc = re_match(c, c->target_re, name, true, "target_modules",
+				              c->target_str, err);
+				if (rc)
+					return rc < 0 ? rc : 0;
 			}
 		}
 		return lp_errf(err, -EINVAL,
@@ -724,7 +806,10 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 			double alpha;
 
 			module_name(name, sizeof(name), prefix, l, (enum lp_lora_target)t);
-			if (!is_targeted(c, name)) {
+			rc = is_targeted(c, name, err);
+			if (rc < 0)
+				goto out;
+			if (!rc) {
 				if (a || b) {
 					rc = lp_errf(
 					    err, -EINVAL,
@@ -748,8 +833,13 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 				             (a ? a : b)->name, a ? "B" : "A", tl->file);
 				goto out;
 			}
-			pr = find_pattern(c, c->rank_pat, c->n_rank_pat, name);
-			pa = find_pattern(c, c->alpha_pat, c->n_alpha_pat, name);
+			rc = find_pattern(c, "rank_pattern", c->rank_pat, c->n_rank_pat, name, &pr,
+			                  err);
+			if (!rc)
+				rc = find_pattern(c, "alpha_pattern", c->alpha_pat, c->n_alpha_pat,
+				                  name, &pa, err);
+			if (rc)
+				goto out;
 			r = pr ? (int)pr->value : c->r;
 			alpha = pa ? pa->value : c->alpha;
 			lp_lora_target_dims(s, (enum lp_lora_target)t, &in, &out);
@@ -782,8 +872,8 @@ static bool file_exists(const char *path)
 	return stat(path, &st) == 0;
 }
 
-int lora_load_peft(struct lp_lora **out, const char *dir, const struct lp_lora_shape *s,
-                   struct lp_err *err)
+int lora_load_peft(struct lp_lora **out, const char *root, const char *dir,
+                   const struct lp_lora_shape *s, struct lp_err *err)
 {
 	char cfg_path[4096], wpath[4096];
 	struct peft_config c;
@@ -797,7 +887,7 @@ int lora_load_peft(struct lp_lora **out, const char *dir, const struct lp_lora_s
 	*out = NULL;
 	if (strlen(dir) > sizeof(wpath) - 64)
 		return lp_errf(err, -ENAMETOOLONG, "adapter path '%.100s...' is too long", dir);
-	rc = read_config(&c, dir, cfg_path, sizeof(cfg_path), s, err);
+	rc = read_config(&c, root, dir, cfg_path, sizeof(cfg_path), s, err);
 	if (rc)
 		goto out;
 	rc = lora_check_base_model(c.base_model, s, err);
@@ -807,7 +897,7 @@ int lora_load_peft(struct lp_lora **out, const char *dir, const struct lp_lora_s
 	snprintf(wpath, sizeof(wpath), "%s/adapter_model.safetensors", dir);
 	if (file_exists(wpath)) {
 		format = "peft";
-		rc = lp_safetensors_open_file(&st, wpath, err);
+		rc = lp_safetensors_open_file_in(&st, root, wpath, err);
 		if (rc)
 			goto out;
 		tl.n = lp_safetensors_count(st);
@@ -822,7 +912,7 @@ int lora_load_peft(struct lp_lora **out, const char *dir, const struct lp_lora_s
 			goto out;
 		}
 		format = "peft-bin";
-		rc = lp_torch_ckpt_open(&ck, wpath, err);
+		rc = lp_torch_ckpt_open_in(&ck, root, wpath, err);
 		if (rc)
 			goto out;
 		tl.n = lp_torch_ckpt_count(ck);

@@ -127,7 +127,9 @@ int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name
                  uint64_t announced_size, struct lp_http_result *res, struct lp_err *err)
 {
 	struct lp_source_cache *c = d->cache;
-	uint64_t room = c->max_total_bytes - d->bytes;
+	bool budget;
+	uint64_t limit = src_adapter_limit(c, &budget);
+	uint64_t room = limit - d->bytes;
 	char path[PATH_MAX];
 	int rc, n;
 
@@ -144,6 +146,11 @@ int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name
 		return lp_errf(
 		    err, -EFBIG, "'%.200s' is %llu bytes, over the limit of %llu per file", name,
 		    (unsigned long long)announced_size, (unsigned long long)c->max_file_bytes);
+	if (announced_size > room && budget)
+		return lp_errf(err, -ENOSPC,
+		               "'%.200s' would bring the adapter over the adapter cache's "
+		               "budget of %llu bytes",
+		               name, (unsigned long long)limit);
 	if (announced_size > room)
 		return lp_errf(err, -EFBIG,
 		               "'%.200s' would bring the adapter over the limit of %llu "
@@ -161,6 +168,11 @@ int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name
 	g->progress_arg = d;
 	rc = lp_http_get(&d->http, g, res, err);
 	g->path = NULL;
+	if (rc == -EFBIG && budget && g->max_bytes == room && room < c->max_file_bytes)
+		return lp_errf(err, -ENOSPC,
+		               "'%.200s' exceeds the %llu bytes left of the adapter cache's "
+		               "budget of %llu bytes",
+		               name, (unsigned long long)g->max_bytes, (unsigned long long)limit);
 	if (rc == -EFBIG)
 		return lp_errf(err, -EFBIG, "'%.200s' exceeds the limit of %llu bytes%s", name,
 		               (unsigned long long)g->max_bytes,

@@ -55,10 +55,23 @@ struct src_env {
 
 struct src_inflight;
 
+/* What the process knows of one cache entry: fetches holding it and when
+ * it was last used (a counter, for LRU order). */
+struct src_entry {
+	char name[64]; /* lp_source_cache_name() */
+	int holds;
+	uint64_t gen;      /* bumped by every hold: an eviction check went stale */
+	uint64_t last_use; /* 0: not used by this process */
+};
+
 struct lp_source_cache {
 	char dir[PATH_MAX];
 	uint64_t max_file_bytes;
 	uint64_t max_total_bytes;
+	uint64_t max_cache_bytes;
+	bool allow_insecure_endpoints;
+	bool (*in_use)(void *arg, const char *entry_name);
+	void *in_use_arg;
 	int max_files;
 	int s3_list_page_size;
 	struct lp_http_policy policy; /* ca_bundle set per scheme */
@@ -68,10 +81,20 @@ struct lp_source_cache {
 	void *progress_arg;
 	long progress_interval_ms;
 	struct src_env env;
-	pthread_mutex_t lock; /* guards inflight and tmp_counter */
+	pthread_mutex_t lock; /* guards inflight, tmp_counter and entries */
 	struct src_inflight *inflight;
 	unsigned long tmp_counter;
+	struct src_entry *entries;
+	int n_entries;
+	uint64_t use_clock;
+	/* taken around making room and installing an entry, so that two
+	 * downloads finishing together do not both count the same room */
+	pthread_mutex_t budget_lock;
 };
+
+/* The per-adapter byte limit of a download and whether it is the cache's
+ * budget (max_cache_bytes) rather than max_total_bytes. */
+uint64_t src_adapter_limit(const struct lp_source_cache *c, bool *is_cache_budget);
 
 /* One file stored by a download. */
 struct src_file {

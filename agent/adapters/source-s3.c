@@ -477,6 +477,14 @@ int src_s3_fetch(struct src_download *d, struct lp_err *err)
 		             u->bucket, u->prefix, files, c->max_files);
 		goto out;
 	}
+	if (total > c->max_cache_bytes) {
+		rc = lp_errf(err, -ENOSPC,
+		             "s3://%s/%s holds %llu bytes, more than the adapter cache's budget "
+		             "of %llu",
+		             u->bucket, u->prefix, (unsigned long long)total,
+		             (unsigned long long)c->max_cache_bytes);
+		goto out;
+	}
 	if (total > c->max_total_bytes) {
 		rc = lp_errf(err, -EFBIG, "s3://%s/%s holds %llu bytes, over the limit of %llu",
 		             u->bucket, u->prefix, (unsigned long long)total,

@@ -24,10 +24,12 @@
 #include "agent/adapters/sigv4.h"
 #include "agent/adapters/source-internal.h"
 #include "common/credentials.h"
+#include "common/file.h"
 
 #define DEFAULT_MAX_FILE_BYTES  (8ULL << 30)
 #define DEFAULT_MAX_TOTAL_BYTES (16ULL << 30)
 #define DEFAULT_MAX_FILES       64
+#define DEFAULT_MAX_CACHE_BYTES (32ULL << 30)
 #define META_MAX_BYTES          (4u << 20)
 /* A .tmp directory of a dead process is removed once it is this old, in
  * case the pid belongs to another namespace sharing the cache. */
@@ -318,7 +320,8 @@ static int mkdir_p(const char *dir, struct lp_err *err)
 			continue;
 		char c = p[i];
 		p[i] = '\0';
-		if (mkdir(p, 0755) < 0 && errno != EEXIST) {
+		/* the cache itself is private; parents are ordinary directories */
+		if (mkdir(p, c == '\0' ? 0700 : 0755) < 0 && errno != EEXIST) {
 			int e = errno;
 			return lp_errf(err, -e, "cannot create '%s': %s", p, strerror(e));
 		}
@@ -340,8 +343,8 @@ static int fsync_path(const char *path)
 	return rc;
 }
 
-/* Hex SHA-256 of a file into out[65]. */
-static int hash_file(const char *path, char *out, struct lp_err *err)
+/* Hex SHA-256 of a file (opened below root, NULL for none) into out[65]. */
+static int hash_file(const char *root, const char *path, char *out, struct lp_err *err)
 {
 	static const char digits[] = "0123456789abcdef";
 	unsigned char md[EVP_MAX_MD_SIZE];
@@ -351,11 +354,9 @@ static int hash_file(const char *path, char *out, struct lp_err *err)
 	ssize_t n;
 	int fd, rc = 0;
 
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		int e = errno;
-		return lp_errf(err, -e, "cannot open '%s': %s", path, strerror(e));
-	}
+	fd = lp_file_open(root, path, NULL, err);
+	if (fd < 0)
+		return fd;
 	buf = malloc(1 << 20);
 	ctx = EVP_MD_CTX_new();
 	if (!buf || !ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
@@ -546,7 +547,8 @@ static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const 
 	} else {
 		return lp_errf(err, -EINVAL, "'%.200s' is neither a directory nor a file", u->path);
 	}
-	if (weights && (rc = hash_file(weights, res->sha256, err)) < 0)
+	if (weights &&
+	    (rc = hash_file(from_api ? root_of(c, real) : NULL, weights, res->sha256, err)) < 0)
 		return rc;
 	if ((rc = check_pin(pin, res->sha256, uri, err)) < 0)
 		return rc;
@@ -632,16 +634,26 @@ out:
 	return rc;
 }
 
+static bool is_hex64(const char *s)
+{
+	return s && strlen(s) == 64 && strspn(s, "0123456789abcdef") == 64;
+}
+
 /* Uses the complete entry at dir when it is for uri, its files are all
- * there with their sizes and (with a pin) its weights hash to the pin.
- * Returns 1 when used, 0 when the entry must be (re)downloaded. */
+ * there, regular, with the sizes and sha256 digests its metadata records
+ * (the weights' too), and (with a pin) its weights hash to the pin.
+ * Returns 1 when used, 0 when the entry must be (re)downloaded (*intact
+ * says whether it is whole and only another pin's). Every byte is hashed:
+ * an entry changed behind the agent's back (another user, a disk error) is
+ * never served. */
 static int entry_use(const char *dir, const char *uri, const char *pin, char *out, size_t cap,
-                     struct lp_source_result *res, struct lp_err *err)
+                     struct lp_source_result *res, bool *intact, struct lp_err *err)
 {
 	char path[PATH_MAX], sha[65];
 	struct lp_buf text;
 	json_t *root = NULL, *files, *f;
 	const char *rel, *weights, *msha, *muri;
+	bool weights_seen = false;
 	size_t i;
 	int used = 0;
 
@@ -655,7 +667,7 @@ static int entry_use(const char *dir, const char *uri, const char *pin, char *ou
 	weights = json_string_value(json_object_get(root, "weights"));
 	msha = json_string_value(json_object_get(root, "sha256"));
 	files = json_object_get(root, "files");
-	if (!muri || strcmp(muri, uri) != 0 || !rel || !msha || strlen(msha) > 64 ||
+	if (!muri || strcmp(muri, uri) != 0 || !rel || !msha || (msha[0] && !is_hex64(msha)) ||
 	    !json_is_array(files) || json_array_size(files) == 0)
 		goto out;
 	if ((rel[0] && !src_name_ok(rel)) || (weights && !src_name_ok(weights)))
@@ -663,21 +675,28 @@ static int entry_use(const char *dir, const char *uri, const char *pin, char *ou
 	json_array_foreach(files, i, f)
 	{
 		const char *name = json_string_value(json_object_get(f, "name"));
+		const char *fsha = json_string_value(json_object_get(f, "sha256"));
 		json_t *size = json_object_get(f, "size");
 		struct stat st;
-		if (!name || !src_name_ok(name) || !json_is_integer(size))
+		if (!name || !src_name_ok(name) || !json_is_integer(size) || !is_hex64(fsha))
 			goto out;
-		if (!path_fmt(path, sizeof(path), "%s/%s", dir, name) || stat(path, &st) < 0 ||
+		if (!path_fmt(path, sizeof(path), "%s/%s", dir, name) || lstat(path, &st) < 0 ||
 		    !S_ISREG(st.st_mode) || (json_int_t)st.st_size != json_integer_value(size))
 			goto out;
+		if (hash_file(dir, path, sha, NULL) < 0 || strcmp(sha, fsha) != 0)
+			goto out;
+		if (weights && strcmp(name, weights) == 0) {
+			if (strcmp(sha, msha) != 0)
+				goto out;
+			weights_seen = true;
+		}
 	}
-	if (pin) {
-		/* a pin is checked against the bytes on disk, not the record */
-		if (!weights)
-			goto out;
-		if (!path_fmt(path, sizeof(path), "%s/%s", dir, weights) ||
-		    hash_file(path, sha, NULL) < 0 || strcmp(sha, pin) != 0)
-			goto out;
+	if (weights ? !weights_seen : msha[0] != '\0')
+		goto out;
+	/* a pin is checked against the bytes on disk, hashed above */
+	if (pin && (!weights || strcmp(msha, pin) != 0)) {
+		*intact = true;
+		goto out;
 	}
 	if (copy_out(out, cap, dir, rel, err) < 0) {
 		used = err ? err->code : -ENAMETOOLONG;
@@ -735,6 +754,232 @@ out_fail:
 	return lp_errf(err, -EIO, "cannot move the download into '%s': %s", final, strerror(e));
 }
 
+/* ---- holds, LRU and the budget ---- */
+
+uint64_t src_adapter_limit(const struct lp_source_cache *c, bool *is_cache_budget)
+{
+	*is_cache_budget = c->max_cache_bytes < c->max_total_bytes;
+	return *is_cache_budget ? c->max_cache_bytes : c->max_total_bytes;
+}
+
+/* The record of entry name; created when create is set (NULL when out of
+ * memory or absent). Called with c->lock held. */
+static struct src_entry *entry_rec(struct lp_source_cache *c, const char *name, bool create)
+{
+	struct src_entry *grown;
+
+	for (int i = 0; i < c->n_entries; i++)
+		if (strcmp(c->entries[i].name, name) == 0)
+			return &c->entries[i];
+	if (!create || strlen(name) >= sizeof(c->entries[0].name))
+		return NULL;
+	grown = realloc(c->entries, (size_t)(c->n_entries + 1) * sizeof(*c->entries));
+	if (!grown)
+		return NULL;
+	c->entries = grown;
+	memset(&grown[c->n_entries], 0, sizeof(*grown));
+	memcpy(grown[c->n_entries].name, name, strlen(name) + 1);
+	return &grown[c->n_entries++];
+}
+
+/* Marks entry name used now and, with hold, held by one more fetch. */
+static int entry_touch(struct lp_source_cache *c, const char *name, bool hold, struct lp_err *err)
+{
+	struct src_entry *e;
+
+	pthread_mutex_lock(&c->lock);
+	e = entry_rec(c, name, true);
+	if (e) {
+		e->last_use = ++c->use_clock;
+		if (hold) {
+			e->holds++;
+			e->gen++;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return e ? 0 : lp_errf(err, -ENOMEM, "out of memory");
+}
+
+static void entry_unhold(struct lp_source_cache *c, const char *name)
+{
+	struct src_entry *e;
+
+	pthread_mutex_lock(&c->lock);
+	e = entry_rec(c, name, false);
+	if (e && e->holds > 0)
+		e->holds--;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Moves the directory at path aside and removes it (readers that opened
+ * its files keep them). */
+static int remove_dir(struct lp_source_cache *c, const char *path, struct lp_err *err)
+{
+	char gone[PATH_MAX];
+	unsigned long n;
+
+	pthread_mutex_lock(&c->lock);
+	n = c->tmp_counter++;
+	pthread_mutex_unlock(&c->lock);
+	if (!path_fmt(gone, sizeof(gone), "%s.old.%ld.%lu", path, (long)getpid(), n))
+		return lp_errf(err, -ENAMETOOLONG, "cache directory path is too long");
+	if (rename(path, gone) < 0) {
+		int e = errno;
+		if (e == ENOENT)
+			return 0;
+		return lp_errf(err, -EIO, "cannot remove cache entry '%s': %s", path, strerror(e));
+	}
+	rm_rf(gone);
+	return 0;
+}
+
+/* Removes entry name unless a fetch holds it or a loaded adapter uses it;
+ * true when it is gone. */
+static bool entry_drop_unused(struct lp_source_cache *c, const char *name)
+{
+	char path[PATH_MAX], gone[PATH_MAX];
+	struct src_entry *e;
+	uint64_t gen = 0;
+	bool ok = false;
+
+	pthread_mutex_lock(&c->lock);
+	e = entry_rec(c, name, false);
+	if (e)
+		gen = e->gen;
+	pthread_mutex_unlock(&c->lock);
+	if (c->in_use && c->in_use(c->in_use_arg, name))
+		return false;
+	if (!path_fmt(path, sizeof(path), "%s/%s", c->dir, name))
+		return false;
+	pthread_mutex_lock(&c->lock);
+	e = entry_rec(c, name, false);
+	/* no hold now and none taken since in_use() answered */
+	if (!e || (e->holds == 0 && e->gen == gen)) {
+		ok = path_fmt(gone, sizeof(gone), "%s.old.%ld.%lu", path, (long)getpid(),
+		              c->tmp_counter++) &&
+		     rename(path, gone) == 0;
+		if (e && ok)
+			e->last_use = 0;
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (ok)
+		rm_rf(gone);
+	return ok;
+}
+
+static bool is_entry_name(const char *n)
+{
+	const char *dash = strchr(n, '-');
+
+	if (!dash || strlen(dash + 1) != 32 || strspn(dash + 1, "0123456789abcdef") != 32)
+		return false;
+	return !strncmp(n, "s3-", 3) || !strncmp(n, "hf-", 3) || !strncmp(n, "https-", 6);
+}
+
+static uint64_t du_total;
+
+static int du_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)path;
+	(void)ftw;
+	if (flag == FTW_F && S_ISREG(st->st_mode))
+		du_total += (uint64_t)st->st_size;
+	return 0;
+}
+
+/* Bytes of the regular files below path. Called with budget_lock held
+ * (du_total is shared). */
+static uint64_t dir_bytes(const char *path)
+{
+	du_total = 0;
+	nftw(path, du_one, 16, FTW_PHYS);
+	return du_total;
+}
+
+struct lru_item {
+	char name[64];
+	uint64_t bytes;
+	uint64_t last_use; /* this process's use counter, 0: none */
+	time_t mtime;      /* before any use by this process */
+};
+
+static int lru_cmp(const void *pa, const void *pb)
+{
+	const struct lru_item *a = pa, *b = pb;
+
+	if (a->last_use != b->last_use)
+		return a->last_use < b->last_use ? -1 : 1;
+	if (a->mtime != b->mtime)
+		return a->mtime < b->mtime ? -1 : 1;
+	return strcmp(a->name, b->name);
+}
+
+/* Makes room for an entry of need bytes replacing entry keep: evicts the
+ * least recently used entries that nothing uses until the complete
+ * entries fit in max_cache_bytes. Called with budget_lock held. -ENOSPC
+ * when they cannot. */
+static int make_room(struct lp_source_cache *c, const char *keep, uint64_t need, const char *uri,
+                     struct lp_err *err)
+{
+	struct lru_item *items = NULL, *grown;
+	uint64_t used = 0;
+	int n = 0, rc = 0;
+	struct dirent *de;
+	DIR *d;
+
+	if (need > c->max_cache_bytes)
+		return lp_errf(err, -ENOSPC,
+		               "'%.200s' is %llu bytes, more than the adapter cache's budget of "
+		               "%llu bytes",
+		               uri, (unsigned long long)need,
+		               (unsigned long long)c->max_cache_bytes);
+	if (!(d = opendir(c->dir)))
+		return lp_errf(err, -EIO, "cannot read the cache directory '%s': %s", c->dir,
+		               strerror(errno));
+	while ((de = readdir(d))) {
+		char path[PATH_MAX];
+		struct stat st;
+		if (!is_entry_name(de->d_name) || strcmp(de->d_name, keep) == 0 ||
+		    !path_fmt(path, sizeof(path), "%s/%s", c->dir, de->d_name) ||
+		    lstat(path, &st) < 0 || !S_ISDIR(st.st_mode))
+			continue;
+		if (!(grown = realloc(items, (size_t)(n + 1) * sizeof(*items)))) {
+			rc = lp_errf(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		items = grown;
+		memset(&items[n], 0, sizeof(*items));
+		memcpy(items[n].name, de->d_name, strlen(de->d_name) + 1);
+		items[n].bytes = dir_bytes(path);
+		items[n].mtime = st.st_mtime;
+		used += items[n].bytes;
+		n++;
+	}
+	pthread_mutex_lock(&c->lock);
+	for (int i = 0; i < n; i++) {
+		struct src_entry *e = entry_rec(c, items[i].name, false);
+		items[i].last_use = e ? e->last_use : 0;
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (n > 1)
+		qsort(items, (size_t)n, sizeof(*items), lru_cmp);
+	for (int i = 0; i < n && used + need > c->max_cache_bytes; i++)
+		if (entry_drop_unused(c, items[i].name))
+			used -= items[i].bytes;
+	if (used + need > c->max_cache_bytes)
+		rc =
+		    lp_errf(err, -ENOSPC,
+		            "no room for '%.200s' (%llu bytes) in the adapter cache: its budget is "
+		            "%llu bytes and %llu are in entries that loaded adapters or running "
+		            "downloads use",
+		            uri, (unsigned long long)need, (unsigned long long)c->max_cache_bytes,
+		            (unsigned long long)used);
+out:
+	closedir(d);
+	free(items);
+	return rc;
+}
+
 /* The work of the one caller that downloads uri. */
 static int fetch_remote(struct lp_source_cache *c, const struct src_env *env,
                         const struct src_uri *u, const char *uri, const char *pin, char *out,
@@ -743,6 +988,7 @@ static int fetch_remote(struct lp_source_cache *c, const struct src_env *env,
 	struct src_download d;
 	char name[64], final[PATH_MAX], tmp[PATH_MAX];
 	const char *rel, *weights, *ca;
+	bool intact = false;
 	unsigned long n;
 	int rc;
 
@@ -750,9 +996,15 @@ static int fetch_remote(struct lp_source_cache *c, const struct src_env *env,
 		return rc;
 	if (!path_fmt(final, sizeof(final), "%s/%s", c->dir, name) || strlen(final) > PATH_MAX - 64)
 		return lp_errf(err, -ENAMETOOLONG, "cache directory path is too long");
-	rc = entry_use(final, uri, pin, out, cap, res, err);
+	rc = entry_use(final, uri, pin, out, cap, res, &intact, err);
+	if (rc > 0)
+		utimensat(AT_FDCWD, final, NULL, 0); /* LRU order across restarts */
 	if (rc != 0)
 		return rc < 0 ? rc : 0;
+	/* a damaged entry is never served: drop it now (one only another pin's
+	 * stays until a download replaces it) */
+	if (!intact && access(final, F_OK) == 0 && (rc = remove_dir(c, final, err)) < 0)
+		return rc;
 
 	pthread_mutex_lock(&c->lock);
 	n = c->tmp_counter++;
@@ -804,7 +1056,12 @@ static int fetch_remote(struct lp_source_cache *c, const struct src_env *env,
 	if ((rc = write_meta(&d, rel, weights, res->sha256, err)) < 0)
 		goto out;
 	fsync_path(tmp);
-	if ((rc = entry_install(c, tmp, final, err)) < 0)
+	pthread_mutex_lock(&c->budget_lock);
+	rc = make_room(c, name, dir_bytes(tmp), uri, err);
+	if (rc == 0)
+		rc = entry_install(c, tmp, final, err);
+	pthread_mutex_unlock(&c->budget_lock);
+	if (rc < 0)
 		goto out;
 	src_progress_final(&d);
 	res->bytes_downloaded = d.bytes;
@@ -922,7 +1179,7 @@ static int fetch_shared(struct lp_source_cache *c, const struct src_env *env, ui
 }
 
 static int env_with(struct src_env *e, const struct src_env *base,
-                    const struct lp_source_credentials *cr, struct lp_err *err);
+                    const struct lp_source_credentials *cr, bool allow_http, struct lp_err *err);
 static void env_release(struct src_env *e);
 
 /* The fields of c, in the order of lp_credential_keys. */
@@ -973,7 +1230,7 @@ int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha2
 	struct lp_source_result scratch;
 	struct src_uri *u;
 	struct src_env own = {0};
-	char pin[65];
+	char pin[65], name[64];
 	const char *pinp = NULL;
 	int rc;
 
@@ -996,15 +1253,27 @@ int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha2
 		return lp_errf(err, -ENOMEM, "out of memory");
 	if ((rc = src_uri_parse(u, uri, err)) < 0)
 		goto out;
-	if (u->scheme == SRC_FILE)
+	if (u->scheme == SRC_FILE) {
 		rc = fetch_file(c, u, uri, pinp, from_api, local_path, cap, res, err);
-	else if (!creds)
+		goto out;
+	}
+	if (creds && (rc = env_with(&own, &c->env, creds, c->allow_insecure_endpoints, err)) < 0)
+		goto out;
+	/* held from here, so that no eviction removes it under this fetch */
+	if ((rc = lp_source_cache_name(uri, name, sizeof(name), err)) < 0 ||
+	    (rc = entry_touch(c, name, true, err)) < 0)
+		goto out;
+	if (!creds)
 		rc = fetch_shared(c, &c->env, 0, u, uri, pinp, local_path, cap, res, err);
-	else if ((rc = env_with(&own, &c->env, creds, err)) == 0)
+	else
 		rc = fetch_shared(c, &own, creds_fingerprint(creds), u, uri, pinp, local_path, cap,
 		                  res, err);
-	if (rc == 0 && u->scheme != SRC_FILE)
-		snprintf(res->root, sizeof(res->root), "%s", c->dir);
+	if (rc < 0) {
+		entry_unhold(c, name);
+		goto out;
+	}
+	res->held = true;
+	snprintf(res->root, sizeof(res->root), "%s", c->dir);
 out:
 	env_release(&own);
 	free(u);
@@ -1015,26 +1284,35 @@ out:
 
 int lp_source_evict(struct lp_source_cache *c, const char *uri, struct lp_err *err)
 {
-	char name[64], final[PATH_MAX], gone[PATH_MAX];
-	unsigned long n;
+	char name[64], final[PATH_MAX];
 	int rc;
 
 	if ((rc = lp_source_cache_name(uri, name, sizeof(name), err)) < 0)
 		return rc;
-	pthread_mutex_lock(&c->lock);
-	n = c->tmp_counter++;
-	pthread_mutex_unlock(&c->lock);
-	if (!path_fmt(final, sizeof(final), "%s/%s", c->dir, name) ||
-	    !path_fmt(gone, sizeof(gone), "%s.old.%ld.%lu", final, (long)getpid(), n))
+	if (!path_fmt(final, sizeof(final), "%s/%s", c->dir, name))
 		return lp_errf(err, -ENAMETOOLONG, "cache directory path is too long");
-	if (rename(final, gone) < 0) {
-		if (errno == ENOENT)
-			return 0;
-		int e = errno;
-		return lp_errf(err, -EIO, "cannot remove cache entry '%s': %s", final, strerror(e));
-	}
-	rm_rf(gone);
-	return 0;
+	return remove_dir(c, final, err);
+}
+
+void lp_source_release(struct lp_source_cache *c, const char *uri, bool discard)
+{
+	char name[64];
+
+	if (!c || lp_source_cache_name(uri, name, sizeof(name), NULL) < 0)
+		return;
+	entry_unhold(c, name);
+	if (discard)
+		entry_drop_unused(c, name);
+}
+
+int lp_source_credentials_check(const struct lp_source_cache *c,
+                                const struct lp_source_credentials *creds, struct lp_err *err)
+{
+	struct src_env e;
+	int rc = env_with(&e, &c->env, creds, c->allow_insecure_endpoints, err);
+
+	env_release(&e);
+	return rc;
 }
 
 /* ---- the cache object ---- */
@@ -1163,9 +1441,75 @@ static char *dup_or_null(const char *s)
 	return s ? strdup(s) : NULL;
 }
 
-/* *e = base with the fields cr gives replaced; release with env_release(). */
+/* True for an AWS region name (us-east-1, eu-central-2, us-gov-west-1,
+ * cn-north-1): a region from a request that derives the endpoint
+ * s3.<region>.amazonaws.com can only name AWS's own hosts. */
+static bool aws_region_shaped(const char *r)
+{
+	const char *p = r;
+	int words = 0;
+
+	while (*p >= 'a' && *p <= 'z') {
+		const char *w = p;
+		while (*p >= 'a' && *p <= 'z')
+			p++;
+		if (p - w < 2 || *p != '-')
+			return false;
+		p++;
+		words++;
+	}
+	if (words < 2 || !(*p >= '1' && *p <= '9'))
+		return false;
+	while (*p >= '0' && *p <= '9')
+		p++;
+	return *p == '\0' && p - r <= 32;
+}
+
+/* An endpoint from a request: an http(s) url without credentials, query
+ * or fragment; plain http only when allowed. */
+static int endpoint_check(const char *name, const char *url, bool allow_http, struct lp_err *err)
+{
+	CURLU *h = curl_url();
+	char *scheme = NULL, *host = NULL, *part = NULL;
+	int rc = 0;
+
+	if (!h)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	if (curl_url_set(h, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK || !host[0] ||
+	    (strcmp(scheme, "https") != 0 && strcmp(scheme, "http") != 0)) {
+		rc = lp_errf(err, -EINVAL, "credential %s '%.200s' is not an https url", name, url);
+		goto out;
+	}
+	if (curl_url_get(h, CURLUPART_USER, &part, 0) == CURLUE_OK ||
+	    curl_url_get(h, CURLUPART_QUERY, &part, 0) == CURLUE_OK ||
+	    curl_url_get(h, CURLUPART_FRAGMENT, &part, 0) == CURLUE_OK) {
+		rc = lp_errf(err, -EINVAL,
+		             "credential %s '%.200s' must not carry a user, query or fragment",
+		             name, url);
+		goto out;
+	}
+	if (strcmp(scheme, "http") == 0 && !allow_http)
+		rc = lp_errf(err, -EINVAL,
+		             "credential %s '%.200s' is plain http; endpoints given with a "
+		             "request must be https unless the agent runs with "
+		             "--allow-insecure-source-endpoints",
+		             name, url);
+out:
+	curl_free(part);
+	curl_free(host);
+	curl_free(scheme);
+	curl_url_cleanup(h);
+	return rc;
+}
+
+/* *e = base with the fields cr gives replaced; release with env_release().
+ * An endpoint cr gives goes with cr's secrets only (none: anonymous),
+ * never with the environment's: a request cannot send the agent's own
+ * keys or token to a host it chose. */
 static int env_with(struct src_env *e, const struct src_env *base,
-                    const struct lp_source_credentials *cr, struct lp_err *err)
+                    const struct lp_source_credentials *cr, bool allow_http, struct lp_err *err)
 {
 	int rc;
 
@@ -1178,9 +1522,24 @@ static int env_with(struct src_env *e, const struct src_env *base,
 		return lp_errf(err, -EINVAL,
 		               "credentials with AWS_SESSION_TOKEN need AWS_ACCESS_KEY_ID and "
 		               "AWS_SECRET_ACCESS_KEY");
+	if (cr->aws_endpoint_url &&
+	    (rc = endpoint_check("AWS_ENDPOINT_URL", cr->aws_endpoint_url, allow_http, err)) < 0)
+		return rc;
+	if (cr->hf_endpoint &&
+	    (rc = endpoint_check("HF_ENDPOINT", cr->hf_endpoint, allow_http, err)) < 0)
+		return rc;
+	if (cr->aws_region && (rc = region_check(cr->aws_region, err)) < 0)
+		return rc;
+	if (cr->aws_region && !cr->aws_endpoint_url && !base->s3_endpoint_set &&
+	    !aws_region_shaped(cr->aws_region))
+		return lp_errf(err, -EINVAL,
+		               "AWS_REGION '%.64s' is not an AWS region name (like us-east-1); "
+		               "give AWS_ENDPOINT_URL for another S3 service",
+		               cr->aws_region);
 	e->s3_endpoint_set = base->s3_endpoint_set;
-	/* keys given replace the environment's whole: its session token goes */
-	if (!cr->aws_access_key_id) {
+	/* keys given replace the environment's whole: its session token
+	 * goes; an endpoint given takes none of the environment's */
+	if (!cr->aws_access_key_id && !cr->aws_endpoint_url) {
 		e->aws_access_key = dup_or_null(base->aws_access_key);
 		e->aws_secret_key = dup_or_null(base->aws_secret_key);
 		e->aws_session_token = dup_or_null(base->aws_session_token);
@@ -1188,10 +1547,9 @@ static int env_with(struct src_env *e, const struct src_env *base,
 	e->aws_region = dup_or_null(base->aws_region);
 	e->aws_ca_bundle = dup_or_null(base->aws_ca_bundle);
 	e->hf_endpoint = dup_or_null(base->hf_endpoint);
-	e->hf_token = dup_or_null(base->hf_token);
+	if (!cr->hf_endpoint)
+		e->hf_token = dup_or_null(base->hf_token);
 	e->curl_ca_bundle = dup_or_null(base->curl_ca_bundle);
-	if (cr->aws_region && (rc = region_check(cr->aws_region, err)) < 0)
-		return rc;
 	if ((rc = env_set(&e->aws_access_key, cr->aws_access_key_id, err)) < 0 ||
 	    (rc = env_set(&e->aws_secret_key, cr->aws_secret_access_key, err)) < 0 ||
 	    (rc = env_set(&e->aws_session_token, cr->aws_session_token, err)) < 0 ||
@@ -1250,6 +1608,39 @@ static void sweep_stale(struct lp_source_cache *c)
 	closedir(d);
 }
 
+/* The cache directory (given: as configured, real: resolved) must be
+ * this user's alone: another local user who could write there could plant
+ * an entry that the agent serves as a remote adapter. */
+static int cache_dir_check(const char *given, const char *real, struct lp_err *err)
+{
+	uid_t me = geteuid();
+	struct stat st;
+
+	if (lstat(given, &st) == 0 && S_ISLNK(st.st_mode) && st.st_uid != me && st.st_uid != 0)
+		return lp_errf(err, -EPERM,
+		               "cache directory '%.200s' is a symbolic link owned by uid %u, not "
+		               "by this agent's uid %u",
+		               given, (unsigned)st.st_uid, (unsigned)me);
+	if (stat(real, &st) < 0) {
+		int e = errno;
+		return lp_errf(err, -e, "cannot stat cache directory '%.200s': %s", real,
+		               strerror(e));
+	}
+	if (!S_ISDIR(st.st_mode))
+		return lp_errf(err, -ENOTDIR, "cache directory '%.200s' is not a directory", real);
+	if (st.st_uid != me)
+		return lp_errf(err, -EPERM,
+		               "cache directory '%.200s' is owned by uid %u, not by this agent's "
+		               "uid %u; remove it or choose another with --lora-cache-dir",
+		               real, (unsigned)st.st_uid, (unsigned)me);
+	if (st.st_mode & (S_IWGRP | S_IWOTH))
+		return lp_errf(err, -EPERM,
+		               "cache directory '%.200s' is writable by group or others (mode "
+		               "%04o); make it 0700 or choose another with --lora-cache-dir",
+		               real, (unsigned)(st.st_mode & 07777));
+	return 0;
+}
+
 int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_config *cfg,
                         struct lp_err *err)
 {
@@ -1266,6 +1657,7 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 	if (!c)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	pthread_mutex_init(&c->lock, NULL);
+	pthread_mutex_init(&c->budget_lock, NULL);
 	if ((rc = mkdir_p(cfg->cache_dir, err)) < 0)
 		goto out_fail;
 	if (!realpath(cfg->cache_dir, c->dir)) {
@@ -1278,12 +1670,18 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 		             c->dir);
 		goto out_fail;
 	}
+	if ((rc = cache_dir_check(cfg->cache_dir, c->dir, err)) < 0)
+		goto out_fail;
 	if (access(c->dir, W_OK | X_OK) < 0) {
 		rc = lp_errf(err, -EACCES, "cache directory '%.200s' is not writable", c->dir);
 		goto out_fail;
 	}
 	c->max_file_bytes = cfg->max_file_bytes ? cfg->max_file_bytes : DEFAULT_MAX_FILE_BYTES;
 	c->max_total_bytes = cfg->max_total_bytes ? cfg->max_total_bytes : DEFAULT_MAX_TOTAL_BYTES;
+	c->max_cache_bytes = cfg->max_cache_bytes ? cfg->max_cache_bytes : DEFAULT_MAX_CACHE_BYTES;
+	c->allow_insecure_endpoints = cfg->allow_insecure_endpoints;
+	c->in_use = cfg->in_use;
+	c->in_use_arg = cfg->in_use_arg;
 	c->max_files = cfg->max_files ? cfg->max_files : DEFAULT_MAX_FILES;
 	c->s3_list_page_size = cfg->s3_list_page_size ? cfg->s3_list_page_size : 1000;
 	c->policy.max_attempts = cfg->max_attempts ? cfg->max_attempts : 4;
@@ -1335,6 +1733,8 @@ void lp_source_cache_free(struct lp_source_cache *c)
 		free(c->roots[i]);
 	free(c->roots);
 	env_release(&c->env);
+	free(c->entries);
 	pthread_mutex_destroy(&c->lock);
+	pthread_mutex_destroy(&c->budget_lock);
 	free(c);
 }

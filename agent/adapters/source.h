@@ -13,8 +13,14 @@
  * A download lands in <cache>/<scheme>-<32 hex of sha256(uri)>.tmp.<pid>.<n>
  * and is renamed to <cache>/<scheme>-<hash> whole, so a cache entry is
  * complete or absent. A complete entry is reused without any network
- * request unless a sha256 pin does not match it. Callers fetching the same
- * URI at once share one download (the others wait for it).
+ * request when every file still has the size and sha256 its metadata
+ * records (and a sha256 pin matches); otherwise it is removed and
+ * downloaded again. Callers fetching the same URI at once share one
+ * download (the others wait for it). The cache directory must belong to
+ * this process's user and be writable by no one else (it is created
+ * 0700). Complete entries together stay below max_cache_bytes: the least
+ * recently used entries that no fetch holds and no loaded adapter uses
+ * (in_use) are removed to make room.
  *
  * Environment, read once by lp_source_cache_new(): AWS_ACCESS_KEY_ID,
  * AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION (or
@@ -61,14 +67,30 @@ struct lp_source_config {
 	lp_source_progress_fn progress; /* optional */
 	void *progress_arg;
 	long progress_interval_ms; /* [1000] */
+	uint64_t max_cache_bytes;  /* all complete entries together [32 GiB] */
+	/* Plain http:// endpoints in a fetch's credentials (AWS_ENDPOINT_URL,
+	 * HF_ENDPOINT) are refused unless this is set; the environment's
+	 * endpoints are the administrator's and are never refused. */
+	bool allow_insecure_endpoints;
+	/* Optional: whether a loaded adapter uses the cache entry name
+	 * (lp_source_cache_name); such an entry is never evicted. Called
+	 * without any lock of the cache held, from fetching threads. */
+	bool (*in_use)(void *arg, const char *entry_name);
+	void *in_use_arg;
 };
 
 /* Credentials and endpoints for one fetch, named as the environment
  * variables they replace (what a Kubernetes Secret of the operator's
- * spec.source.secretRef holds); NULL fields keep the environment's value.
- * An access key id and a secret key come together. A region without an
- * endpoint derives the endpoint when the environment set none. Borrowed
- * for the call; never stored, logged or written into the cache. */
+ * spec.source.secretRef holds); NULL fields keep the environment's value,
+ * except that an endpoint given here is used only with the secrets given
+ * here: with AWS_ENDPOINT_URL the environment's AWS keys and session
+ * token are dropped, with HF_ENDPOINT its HF_TOKEN (requests without
+ * secrets of their own go anonymously). Such an endpoint must be https://
+ * (http:// only with allow_insecure_endpoints). An access key id and a
+ * secret key come together. A region without an endpoint derives the
+ * endpoint (s3.<region>.amazonaws.com, so it must look like an AWS region
+ * name) when the environment set none. Borrowed for the call; never
+ * stored, logged or written into the cache. */
 struct lp_source_credentials {
 	const char *aws_access_key_id;     /* AWS_ACCESS_KEY_ID */
 	const char *aws_secret_access_key; /* AWS_SECRET_ACCESS_KEY */
@@ -93,6 +115,7 @@ struct lp_source_result {
 	int files;                 /* files in the local copy */
 	bool from_cache;           /* a complete cache entry was used, no network */
 	bool joined;               /* waited for another caller's download */
+	bool held;                 /* the entry is held: call lp_source_release() */
 	int http_status;           /* status of the remote response behind an error, else 0 */
 	/* The directory every file of the adapter must be opened below
 	 * (lp_lora_load's root): the allowed root that holds a file://
@@ -104,15 +127,23 @@ struct lp_source_result {
 
 struct lp_source_cache;
 
-/* Creates a cache (mkdir -p cache_dir, resolve the allowed roots, read the
- * environment, remove leftover .tmp directories of dead processes).
- * -EINVAL for a bad config, -ENOENT for a missing root, -errno for the
- * cache directory. Free with lp_source_cache_free(). */
+/* Creates a cache (mkdir -p cache_dir, the last directory 0700; resolve the
+ * allowed roots, read the environment, remove leftover .tmp directories of
+ * dead processes). -EINVAL for a bad config, -ENOENT for a missing root,
+ * -EPERM for a cache directory owned by another user or writable by group
+ * or others, -errno for other cache directory errors. Free with
+ * lp_source_cache_free(). */
 int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_config *cfg,
                         struct lp_err *err);
 
 /* Frees c; no fetch may be running. NULL is fine. */
 void lp_source_cache_free(struct lp_source_cache *c);
+
+/* Checks creds (borrowed) as lp_source_fetch() would before any request:
+ * values, pairs, region, endpoints (https://, or http:// when allowed).
+ * 0 or -EINVAL with a message naming the variable. */
+int lp_source_credentials_check(const struct lp_source_cache *c,
+                                const struct lp_source_credentials *creds, struct lp_err *err);
 
 /* Resolves uri (borrowed) to a local path written into local_path (cap
  * bytes), downloading into the cache when remote. sha256_or_null pins the
@@ -132,11 +163,22 @@ void lp_source_cache_free(struct lp_source_cache *c);
  *             status (res->http_status), cache I/O
  *   -EFBIG    a size or file-count limit
  *   -EBADMSG  the weights file does not match the pin
+ *   -ENOSPC   the download does not fit in max_cache_bytes even after
+ *             evicting every entry not in use
  *   -ENAMETOOLONG  local_path is too small
- * res (may be NULL) is cleared and then filled. */
+ * res (may be NULL) is cleared and then filled. On success with a remote
+ * uri the cache entry is held (never evicted) until lp_source_release();
+ * res->held says so. */
 int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
                     bool from_api, const struct lp_source_credentials *creds, char *local_path,
                     size_t cap, struct lp_source_result *res, struct lp_err *err);
+
+/* Ends the hold of a successful lp_source_fetch() of uri (call it once per
+ * such fetch with res->held, after the adapter is loaded or its load
+ * failed). discard removes the entry too (its adapter failed to load) when
+ * no other fetch holds it and no loaded adapter uses it. NULL c or a file
+ * uri: nothing. */
+void lp_source_release(struct lp_source_cache *c, const char *uri, bool discard);
 
 /* Removes the cache entry of uri, if any, so that the next fetch
  * downloads again (an adapter reloaded in place from a changed source).

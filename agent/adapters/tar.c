@@ -104,6 +104,38 @@ static char *normalize(const char *s, size_t n)
 	return out;
 }
 
+/* A member name that would leave the directory an extracting tool writes
+ * to: absolute, or with a ".." component. */
+static bool name_escapes(const char *s)
+{
+	if (*s == '/')
+		return true;
+	for (const char *p = s; *p; p = strchr(p, '/') ? strchr(p, '/') + 1 : p + strlen(p)) {
+		if (p[0] == '.' && p[1] == '.' && (p[2] == '/' || !p[2]))
+			return true;
+	}
+	return false;
+}
+
+/* The name of the member whose header is h: the pending long name (taken),
+ * else prefix / name from the header. */
+static char *member_name(const unsigned char *h, char **long_name)
+{
+	char full[TAR_MAX_NAME];
+	size_t nl = field_len(h, 100), pl = 0;
+	char *name = *long_name;
+
+	if (name) {
+		*long_name = NULL;
+		return name;
+	}
+	if (!memcmp(h + 257, "ustar\0", 6))
+		pl = field_len(h + 345, 155);
+	snprintf(full, sizeof(full), "%.*s%s%.*s", (int)pl, (const char *)h + 345, pl ? "/" : "",
+	         (int)nl, (const char *)h);
+	return normalize(full, strlen(full));
+}
+
 /* pax extended header records "LEN key=value\n": picks path and size. */
 static int parse_pax(const unsigned char *p, size_t n, char **path, uint64_t *size, bool *has_size,
                      const char *label, struct lp_err *err)
@@ -228,8 +260,22 @@ int lp_tar_read(struct lp_tar *t, const void *data, size_t n, const char *label,
 		case '\0':
 		case '7': {
 			struct lp_tar_member *m;
+			char *name = member_name(h, &long_name);
 
+			if (!name) {
+				rc = lp_errf(err, -ENOMEM, "out of memory");
+				goto out;
+			}
+			if (name_escapes(name)) {
+				rc = lp_errf(err, -EINVAL,
+				             "'%s': tar member '%.200s' is an absolute path or "
+				             "leads out of the archive with '..'",
+				             label, name);
+				free(name);
+				goto out;
+			}
 			if (t->n == LP_TAR_MAX_MEMBERS) {
+				free(name);
 				rc = lp_errf(err, -EINVAL, "'%s': more than %d tar members", label,
 				             LP_TAR_MAX_MEMBERS);
 				goto out;
@@ -238,6 +284,7 @@ int lp_tar_read(struct lp_tar *t, const void *data, size_t n, const char *label,
 				size_t nc = cap ? cap * 2 : 8;
 				m = realloc(t->members, nc * sizeof(*m));
 				if (!m) {
+					free(name);
 					rc = lp_errf(err, -ENOMEM, "out of memory");
 					goto out;
 				}
@@ -245,23 +292,7 @@ int lp_tar_read(struct lp_tar *t, const void *data, size_t n, const char *label,
 				cap = nc;
 			}
 			m = &t->members[t->n];
-			if (long_name) {
-				m->name = long_name;
-				long_name = NULL;
-			} else {
-				char full[TAR_MAX_NAME];
-				size_t nl = field_len(h, 100), pl = 0;
-				if (!memcmp(h + 257, "ustar\0", 6))
-					pl = field_len(h + 345, 155);
-				snprintf(full, sizeof(full), "%.*s%s%.*s", (int)pl,
-				         (const char *)h + 345, pl ? "/" : "", (int)nl,
-				         (const char *)h);
-				m->name = normalize(full, strlen(full));
-				if (!m->name) {
-					rc = lp_errf(err, -ENOMEM, "out of memory");
-					goto out;
-				}
-			}
+			m->name = name;
 			m->data = p + data_off;
 			m->size = (size_t)size;
 			t->n++;
@@ -272,12 +303,36 @@ int lp_tar_read(struct lp_tar *t, const void *data, size_t n, const char *label,
 		case '2':
 		case '3':
 		case '4':
-		case '5':
-		case '6':
-			free(long_name);
-			long_name = NULL;
+		case '6': { /* a link or device could stand in for a member read */
+			static const char *const kinds[] = {"hard link",        "symbolic link",
+			                                    "character device", "block device",
+			                                    "directory",        "fifo"};
+			char *name = member_name(h, &long_name);
+
+			rc = lp_errf(
+			    err, -EINVAL,
+			    "'%s': tar member '%.200s' is a %s; a .nemo holds regular files "
+			    "and directories only",
+			    label, name ? name : "?", kinds[type - '1']);
+			free(name);
+			goto out;
+		}
+		case '5': {
+			char *name = member_name(h, &long_name);
+			bool bad = name && name_escapes(name);
+
+			if (bad)
+				rc = lp_errf(
+				    err, -EINVAL,
+				    "'%s': tar member '%.200s' is an absolute path or leads "
+				    "out of the archive with '..'",
+				    label, name);
+			free(name);
+			if (bad)
+				goto out;
 			has_pax_size = false;
 			break;
+		}
 		default:
 			rc = lp_errf(err, -EINVAL,
 			             "'%s': tar member type '%c' at offset %zu is not "

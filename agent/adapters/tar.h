@@ -1,8 +1,10 @@
 /* A read-only tar reader for archives held in memory (a mapped .nemo file):
  * POSIX ustar and GNU headers, GNU long names ('L') and pax 'path' / 'size'
  * records; every header checksum is verified and every member must lie
- * inside the bytes given. Only regular files are listed; directories and
- * links are skipped. Compressed archives are not read. */
+ * inside the bytes given. Only regular files are listed; directories are
+ * skipped; links and devices, absolute names and names with a ".."
+ * component are refused (-EINVAL naming the member). Compressed archives
+ * are not read. */
 #ifndef LP_ADAPTERS_TAR_H
 #define LP_ADAPTERS_TAR_H
 

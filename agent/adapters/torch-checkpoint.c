@@ -1174,6 +1174,12 @@ int lp_torch_ckpt_open_mem(struct lp_torch_ckpt **out, const void *data, size_t 
 
 int lp_torch_ckpt_open(struct lp_torch_ckpt **out, const char *path, struct lp_err *err)
 {
+	return lp_torch_ckpt_open_in(out, NULL, path, err);
+}
+
+int lp_torch_ckpt_open_in(struct lp_torch_ckpt **out, const char *root, const char *path,
+                          struct lp_err *err)
+{
 	struct lp_torch_ckpt *c;
 	int rc;
 
@@ -1181,7 +1187,7 @@ int lp_torch_ckpt_open(struct lp_torch_ckpt **out, const char *path, struct lp_e
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	rc = lp_mapped_file_open(&c->mf, path, err);
+	rc = lp_mapped_file_open_in(&c->mf, root, path, err);
 	if (rc) {
 		free(c);
 		return rc;

@@ -31,8 +31,12 @@ struct lp_torch_tensor {
 
 struct lp_torch_ckpt;
 
-/* Maps the file at path and reads it. Free with lp_torch_ckpt_free(). */
+/* Maps the file at path and reads it. Free with lp_torch_ckpt_free(). With
+ * the _in variant the file must stay below root (borrowed; NULL or "" for
+ * none; common/file.h), else -EACCES; a FIFO or device is refused at once. */
 int lp_torch_ckpt_open(struct lp_torch_ckpt **out, const char *path, struct lp_err *err);
+int lp_torch_ckpt_open_in(struct lp_torch_ckpt **out, const char *root, const char *path,
+                          struct lp_err *err);
 
 /* Reads a checkpoint held in memory (a tar member, say). Borrows data,
  * which must outlive the checkpoint; label names it in messages. */

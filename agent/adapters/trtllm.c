@@ -97,8 +97,8 @@ static bool rows_of(const struct lp_npy *a, int64_t *rows, int64_t *cols)
 	return false;
 }
 
-int lora_load_trtllm(struct lp_lora **out, const char *dir, const struct lp_lora_shape *s,
-                     struct lp_err *err)
+int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
+                     const struct lp_lora_shape *s, struct lp_err *err)
 {
 	char cpath[4096], wpath[4096];
 	struct lp_mapped_file cf = {0}, wf = {0};
@@ -114,8 +114,8 @@ int lora_load_trtllm(struct lp_lora **out, const char *dir, const struct lp_lora
 	if (snprintf(cpath, sizeof(cpath), "%s/model.lora_config.npy", dir) >= (int)sizeof(cpath) ||
 	    snprintf(wpath, sizeof(wpath), "%s/model.lora_weights.npy", dir) >= (int)sizeof(wpath))
 		return lp_errf(err, -ENAMETOOLONG, "adapter path '%.100s...' is too long", dir);
-	if ((rc = lp_mapped_file_open(&cf, cpath, err)) ||
-	    (rc = lp_mapped_file_open(&wf, wpath, err)))
+	if ((rc = lp_mapped_file_open_in(&cf, root, cpath, err)) ||
+	    (rc = lp_mapped_file_open_in(&wf, root, wpath, err)))
 		goto out;
 	if ((rc = lp_npy_parse(&cfg, cf.data, cf.size, cpath, err)) ||
 	    (rc = lp_npy_parse(&w, wf.data, wf.size, wpath, err)))

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -57,9 +58,41 @@ static int map_source_error(const struct lp_err *err, struct lp_api_error *e)
 		return lp_api_error_from(e, 422, "adapter_too_large", "source.uri", err);
 	case -EIO:
 		return lp_api_error_from(e, 502, "source_failed", "source.uri", err);
+	case -ENOSPC: /* over --lora-cache-max-bytes with every other entry in use */
+		return lp_api_error_from(e, 507, "no_room", "source.uri", err);
 	default:
 		return lp_api_error_from(e, 500, NULL, NULL, err);
 	}
+}
+
+bool lp_api_source_in_use(void *server, const char *entry_name)
+{
+	struct lp_server *s = server;
+	struct lp_adapter_summary *a = NULL;
+	size_t n = 0, cap = 16;
+	bool used = false;
+
+	if (!s->w)
+		return false;
+	for (;;) {
+		struct lp_adapter_summary *grown = realloc(a, cap * sizeof(*a));
+		if (!grown) {
+			free(a);
+			return true; /* out of memory: keep the entry */
+		}
+		a = grown;
+		n = lp_worker_lora_list(s->w, a, cap);
+		if (n <= cap)
+			break;
+		cap = n + 16;
+	}
+	for (size_t i = 0; i < n && !used; i++) {
+		char name[64];
+		used = lp_source_cache_name(a[i].source, name, sizeof(name), NULL) == 0 &&
+		       strcmp(name, entry_name) == 0;
+	}
+	free(a);
+	return used;
 }
 
 static int map_load_error(const struct lp_err *err, struct lp_api_error *e)
@@ -73,7 +106,10 @@ static int map_load_error(const struct lp_err *err, struct lp_api_error *e)
 	case -ENOENT:
 		return lp_api_error_from(e, 404, "source_not_found", "source.uri", err);
 	case -EINVAL:
+	case -E2BIG: /* a file of the adapter over its format's size limit */
 		return lp_api_error_from(e, 422, "invalid_adapter", "source.uri", err);
+	case -EACCES: /* a file of the adapter leads outside its root */
+		return lp_api_error_from(e, 403, "source_refused", "source.uri", err);
 	case -EAGAIN:
 		lp_api_error_from(e, 429, "adapter_tier_full", NULL, err);
 		e->retry_after = 1;
@@ -91,6 +127,7 @@ int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, boo
 	char path[PATH_MAX], pin[65];
 	const char *digest;
 	struct lp_err err;
+	int rc;
 
 	*already = false;
 	if (!out)
@@ -123,14 +160,22 @@ int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, boo
 		*out = cur;
 		return 0;
 	}
+	if (a->creds && lp_source_credentials_check(s->sources, a->creds, &err))
+		return lp_api_error_from(e, 400, "invalid_credentials", "source.credentials", &err);
 	if (a->inplace) /* fresh weights: a remote source is downloaded again */
 		lp_source_evict(s->sources, a->uri, NULL);
 	if (lp_source_fetch(s->sources, a->uri, a->sha256 ? pin : NULL, a->from_api, a->creds, path,
 	                    sizeof(path), &res, &err))
 		return map_source_error(&err, e);
 	digest = a->sha256 ? pin : res.sha256;
-	if (lp_worker_lora_load(s->w, a->name, path, a->uri, digest, a->inplace, already, out,
-	                        &err))
+	rc = lp_worker_lora_load(s->w, a->name, path, res.root[0] ? res.root : a->root, a->uri,
+	                         digest, a->inplace, already, out, &err);
+	/* a download that is no adapter leaves no cache entry behind (unless
+	 * it is in use); a busy tier or a name conflict says nothing of it */
+	if (res.held)
+		lp_source_release(s->sources, a->uri,
+		                  rc < 0 && err.code != -EAGAIN && err.code != -EEXIST);
+	if (rc)
 		return map_load_error(&err, e);
 	if (lp_registry_put(s->loras, a->name, out->source, &err))
 		return lp_api_error_from(e, 500, NULL, NULL, &err);

@@ -25,6 +25,11 @@ struct lp_lora_load_args {
 	const char *sha256; /* pin of the weights file, or NULL */
 	bool inplace;       /* replace a loaded version from another source */
 	bool from_api;      /* file:// only below --allowed-local-roots */
+	/* every file of an operator-named local source is opened below this
+	 * directory (the --lora-dir of its adapters), or NULL; API file://
+	 * loads stay below their allowed root and remote ones below the cache
+	 * whatever this says (lp_source_result.root) */
+	const char *root;
 	/* credentials for this download (NULL: the agent's environment) */
 	const struct lp_source_credentials *creds;
 };
@@ -34,11 +39,20 @@ struct lp_lora_load_args {
  * NULL) describes the adapter. Errors, as a negative status with e:
  * 400 bad name/uri/pin (or the base model's name), 403 file:// outside the allowed roots, 404
  * source not found, 409 loaded from another source, 422 invalid adapter or digest mismatch, 429
- * busy, 502 remote source failed, 507 no room. */
+ * busy, 502 remote source failed, 507 no room (in the engine, or in the download cache's
+ * --lora-cache-max-bytes). 400 invalid_credentials for credentials the sources refuse (a
+ * plain http endpoint without --allow-insecure-source-endpoints). A failed load of a
+ * downloaded adapter removes its cache entry unless something else uses it. */
 int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, bool *already,
                      struct lp_adapter_summary *out, struct lp_api_error *e);
 /* 400 bad name, 404 not loaded. */
 int lp_api_lora_unload(struct lp_server *s, const char *name, struct lp_api_error *e);
+
+/* lp_source_config's in_use for the agent: whether an adapter loaded in
+ * server's worker (a struct lp_server *) comes from cache entry
+ * entry_name, so that the cache never evicts it (the disk tier reloads
+ * from it). */
+bool lp_api_source_in_use(void *server, const char *entry_name);
 
 /* The JSON description of a loaded adapter (DESIGN 3.3's body fields). */
 json_t *lp_api_lora_json(const struct lp_adapter_summary *a);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "agent/api/admin.h"
+#include "agent/api/gate.h"
 #include "agent/api/metrics.h"
 #include "agent/api/openai.h"
 #include "agent/api/registry.h"
@@ -181,12 +182,20 @@ int lp_call_read_body(struct lp_call *c, struct lp_api_error *e)
 
 	c->body_read = true;
 	if (cl > (long long)max) {
-		if (cl <= (long long)DISCARD_MAX)
+		/* a client waiting for the 100 has not sent the body */
+		if (cl <= (long long)DISCARD_MAX && !c->expect_100)
 			discard_body(c);
 		mg_disable_keep_alive(c->conn);
 		return lp_api_errorf(e, 413, "request_too_large", NULL,
 		                     "the request body is %lld bytes, more than the limit of %zu",
 		                     cl, max);
+	}
+	if (c->expect_100) {
+		c->expect_100 = false;
+		if (mg_write(c->conn, "HTTP/1.1 100 Continue\r\n\r\n", 25) != 25) {
+			mg_disable_keep_alive(c->conn);
+			return lp_api_errorf(e, 400, NULL, NULL, "cannot read the request body");
+		}
 	}
 	lp_buf_reset(&c->body);
 	while ((n = mg_read(c->conn, chunk, sizeof(chunk))) > 0) {
@@ -217,6 +226,33 @@ int lp_call_read_body(struct lp_call *c, struct lp_api_error *e)
 	return 0;
 }
 
+/* The fields that name a model or an adapter: a NUL in one is an invalid
+ * name (it would otherwise be cut short to another name), not just bad
+ * JSON. */
+static const char *const name_fields[] = {"lora_name", "model", "name"};
+
+/* Called when jansson refused a "\u0000": 400 invalid_name when it is in a
+ * name field at the top level, else 0 (the caller's invalid_json stands). */
+static int nul_in_name(const struct lp_buf *body, struct lp_api_error *e)
+{
+	json_t *j = json_loadb(body->data, body->len, JSON_ALLOW_NUL, NULL);
+	int rc = 0;
+
+	if (!json_is_object(j))
+		goto out;
+	for (size_t i = 0; i < sizeof(name_fields) / sizeof(name_fields[0]); i++) {
+		json_t *v = json_object_get(j, name_fields[i]);
+		if (json_is_string(v) && strlen(json_string_value(v)) != json_string_length(v)) {
+			rc = lp_api_errorf(e, 400, "invalid_name", name_fields[i],
+			                   "'%s' contains a NUL character", name_fields[i]);
+			break;
+		}
+	}
+out:
+	json_decref(j);
+	return rc;
+}
+
 int lp_call_read_json(struct lp_call *c, json_t **out, struct lp_api_error *e)
 {
 	json_error_t je;
@@ -232,6 +268,8 @@ int lp_call_read_json(struct lp_call *c, json_t **out, struct lp_api_error *e)
 		                     "the request body is empty: a JSON object is required");
 	j = json_loadb(c->body.data, c->body.len, 0, &je);
 	if (!j) {
+		if (strstr(je.text, "JSON_ALLOW_NUL") && (rc = nul_in_name(&c->body, e)))
+			return rc;
 		lp_api_utf8_sanitize(je.text);
 		if (strstr(je.text, "UTF-8") || strstr(je.text, "decode byte"))
 			return lp_api_errorf(e, 400, "invalid_json", NULL,
@@ -267,7 +305,7 @@ int lp_call_send(struct lp_call *c, int status, const char *content_type, const 
 	          "%s\r\n",
 	          status, mg_get_response_code_text(c->conn, status), content_type, len, c->id,
 	          extra_headers ? extra_headers : "");
-	if (len)
+	if (len && !c->head)
 		mg_write(c->conn, body, len);
 	return status;
 }
@@ -395,7 +433,8 @@ static int dispatch(struct mg_connection *conn, struct lp_server *s, bool admin)
 {
 	struct lp_call c;
 	const struct route *r = NULL;
-	char allow[64] = "";
+	const char *expect;
+	char allow[96] = "";
 	bool path_known = false;
 
 	memset(&c, 0, sizeof(c));
@@ -408,21 +447,32 @@ static int dispatch(struct mg_connection *conn, struct lp_server *s, bool admin)
 	c.path = c.ri->local_uri_raw ? c.ri->local_uri_raw : "";
 	lp_buf_init(&c.body, s->cfg.max_body);
 	set_request_id(&c);
+	/* HEAD is GET without the body (RFC 9110 9.3.2) */
+	c.head = !strcmp(c.method, "HEAD");
+	expect = mg_get_header(conn, "Expect");
+	c.expect_100 = expect && !strcasecmp(expect, "100-continue") &&
+	               (c.ri->content_length > 0 ||
+	                (c.ri->content_length < 0 && mg_get_header(conn, "Transfer-Encoding")));
 
 	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
 		const struct route *cand = &routes[i];
 		if (!route_on_port(s, cand, admin) || !route_path_matches(cand, c.path))
 			continue;
 		path_known = true;
-		if (!strcmp(cand->method, c.method)) {
+		if (!strcmp(cand->method, c.method) || (c.head && !strcmp(cand->method, "GET"))) {
 			r = cand;
 			break;
 		}
 		size_t n = strlen(allow);
-		snprintf(allow + n, sizeof(allow) - n, "%s%s", n ? ", " : "", cand->method);
+		snprintf(allow + n, sizeof(allow) - n, "%s%s%s", n ? ", " : "", cand->method,
+		         strcmp(cand->method, "GET") ? "" : ", HEAD");
 	}
-	if (!r && path_known) {
-		char extra[96];
+	if (expect && strcasecmp(expect, "100-continue")) {
+		/* RFC 9110 10.1.1: an expectation we cannot meet */
+		lp_call_errorf(&c, 417, "expectation_failed", NULL,
+		               "the only expectation served is '100-continue'");
+	} else if (!r && path_known) {
+		char extra[128];
 		snprintf(extra, sizeof(extra), "Allow: %s\r\n", allow);
 		struct lp_api_error e;
 		lp_api_errorf(&e, 405, "method_not_allowed", NULL,
@@ -445,7 +495,9 @@ static int dispatch(struct mg_connection *conn, struct lp_server *s, bool admin)
 		lp_call_errorf(&c, 500, NULL, NULL, "no response was produced");
 	/* a body nobody read (an early error) is drained, so that closing or
 	 * reusing the connection does not reset it under the client */
-	if (!c.body_read)
+	if (!c.body_read && c.expect_100)
+		mg_disable_keep_alive(conn); /* refused before the 100: the body never comes */
+	else if (!c.body_read)
 		discard_body(&c);
 	lp_log(c.quiet && c.status < 400 ? LP_LOG_DEBUG : LP_LOG_INFO, c.id,
 	       "%s %s %s -> %d in %.1f ms%s%s", admin ? "admin" : "api", c.method, c.path, c.status,
@@ -511,6 +563,65 @@ static int civetweb_log(const struct mg_connection *conn, const char *message)
 {
 	lp_log(LP_LOG_WARN, NULL, "http: %s", message);
 	return 1;
+}
+
+/* ---- probes answered by the front door --------------------------------- */
+
+/* GET/HEAD /health and /ready without a civetweb worker, so that they
+ * answer while slow or many connections hold every worker (gate.h). The
+ * responses are the handlers' (admin.c). A request this does not answer
+ * (another route, a missing or wrong token for /ready on the admin port)
+ * goes on to civetweb. */
+static bool gate_local(void *ud, const struct lp_gate_request *rq, struct lp_buf *out)
+{
+	const struct lp_server_side *side = ud;
+	struct lp_server *s = side->s;
+	bool head = !strcmp(rq->method, "HEAD");
+	char id[72], h[600];
+	const char *body;
+	int status = 200;
+	double t0 = lp_now();
+
+	if (!head && strcmp(rq->method, "GET"))
+		return false;
+	if (!strcmp(rq->path, "/health")) {
+		body = "{\"status\":\"ok\"}";
+	} else if (!strcmp(rq->path, "/ready")) {
+		if (side->admin && s->cfg.admin_token) {
+			const char *t = h + 7;
+			if (!lp_gate_header(rq, "Authorization", h, sizeof(h)) ||
+			    strncasecmp(h, "Bearer ", 7))
+				return false;
+			while (*t == ' ')
+				t++;
+			if (!secret_equal(t, s->cfg.admin_token))
+				return false;
+		}
+		if (atomic_load(&s->draining)) {
+			status = 503;
+			body = "{\"status\":\"not_ready\",\"reason\":\"shutting down\"}";
+		} else if (!atomic_load(&s->ready)) {
+			status = 503;
+			body = "{\"status\":\"not_ready\",\"reason\":\"the model is loading\"}";
+		} else {
+			body = "{\"status\":\"ready\"}";
+		}
+	} else {
+		return false;
+	}
+	if (!lp_gate_header(rq, "X-Request-Id", id, sizeof(id)) || !request_id_ok(id))
+		snprintf(id, sizeof(id), "req-%llu",
+		         (unsigned long long)atomic_fetch_add(&s->next_id, 1));
+	if (lp_buf_appendf(out, NULL,
+	                   "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+	                   "Content-Length: %zu\r\nX-Request-Id: %s\r\n"
+	                   "Cache-Control: no-store\r\n\r\n%s",
+	                   status, status == 200 ? "OK" : "Service Unavailable", strlen(body), id,
+	                   head ? "" : body))
+		return false;
+	lp_log(status < 400 ? LP_LOG_DEBUG : LP_LOG_INFO, id, "%s %s %s -> %d in %.1f ms",
+	       side->admin ? "admin" : "api", rq->method, rq->path, status, (lp_now() - t0) * 1e3);
+	return true;
 }
 
 /* ---- start and stop ---------------------------------------------------- */
@@ -585,35 +696,63 @@ static int start_one(struct lp_server *s, bool admin, const char *host, int port
 	return 0;
 }
 
+/* Starts the front door of one port in front of civetweb's backend_port. */
+static int start_gate(struct lp_server *s, bool admin, const char *host, int port, int backend_port,
+                      struct lp_gate **out, struct lp_err *err)
+{
+	struct lp_gate_config gc = {s->cfg.http_header_timeout_s, s->cfg.http_body_timeout_s,
+	                            s->cfg.http_max_connections};
+	struct lp_server_side *side = admin ? &s->side_adm : &s->side_pub;
+	struct lp_err e;
+	int rc;
+
+	side->s = s;
+	side->admin = admin;
+	rc = lp_gate_start(out, host, port, backend_port, &gc, gate_local, side, &e);
+	if (rc)
+		return lp_errf(err, rc, "cannot start the %s server on '%s:%d': %s",
+		               admin ? "admin" : "public", host ? host : "*", port, e.msg);
+	return 0;
+}
+
 int lp_server_start(struct lp_server *s, struct lp_err *err)
 {
 	const char *host = s->cfg.host && *s->cfg.host ? s->cfg.host : NULL;
 	bool tls = s->cfg.tls_cert || s->cfg.tls_key;
-	int pub_backend, adm_backend, rc;
+	int maxc = s->cfg.http_max_connections, pub_backend, adm_backend, rc;
 
 	if (tls && !(s->cfg.tls_cert && s->cfg.tls_key))
 		return lp_errf(err, -EINVAL, "'--tls-cert' and '--tls-key' go together");
 	mg_init_library(0);
-	if (!tls) {
-		rc = start_one(s, false, host, s->cfg.port, &s->pub, &s->pub_port, err);
-		if (!rc &&
-		    (rc = start_one(s, true, host, s->cfg.admin_port, &s->adm, &s->adm_port, err)))
-			lp_server_stop(s);
-		return rc;
-	}
-	/* HTTPS: civetweb on loopback ports, the TLS terminators outside */
+	/* civetweb on loopback ports; the gates (and the TLS terminators)
+	 * outside */
 	if ((rc = start_one(s, false, "127.0.0.1", 0, &s->pub, &pub_backend, err)) ||
-	    (rc = start_one(s, true, "127.0.0.1", 0, &s->adm, &adm_backend, err)) ||
-	    (rc = lp_tls_proxy_start(&s->tls_pub, host, s->cfg.port, pub_backend, s->cfg.tls_cert,
-	                             s->cfg.tls_key, err)) ||
-	    (rc = lp_tls_proxy_start(&s->tls_adm, host, s->cfg.admin_port, adm_backend,
-	                             s->cfg.tls_cert, s->cfg.tls_key, err))) {
-		lp_server_stop(s);
-		return rc;
+	    (rc = start_one(s, true, "127.0.0.1", 0, &s->adm, &adm_backend, err)))
+		goto fail;
+	if (!tls) {
+		if ((rc =
+		         start_gate(s, false, host, s->cfg.port, pub_backend, &s->gate_pub, err)) ||
+		    (rc = start_gate(s, true, host, s->cfg.admin_port, adm_backend, &s->gate_adm,
+		                     err)))
+			goto fail;
+		s->pub_port = lp_gate_port(s->gate_pub);
+		s->adm_port = lp_gate_port(s->gate_adm);
+		return 0;
 	}
+	if ((rc = start_gate(s, false, "127.0.0.1", 0, pub_backend, &s->gate_pub, err)) ||
+	    (rc = start_gate(s, true, "127.0.0.1", 0, adm_backend, &s->gate_adm, err)) ||
+	    (rc = lp_tls_proxy_start(&s->tls_pub, host, s->cfg.port, lp_gate_port(s->gate_pub),
+	                             maxc, s->cfg.tls_cert, s->cfg.tls_key, err)) ||
+	    (rc =
+	         lp_tls_proxy_start(&s->tls_adm, host, s->cfg.admin_port, lp_gate_port(s->gate_adm),
+	                            maxc, s->cfg.tls_cert, s->cfg.tls_key, err)))
+		goto fail;
 	s->pub_port = lp_tls_proxy_port(s->tls_pub);
 	s->adm_port = lp_tls_proxy_port(s->tls_adm);
 	return 0;
+fail:
+	lp_server_stop(s);
+	return rc;
 }
 
 static void *stop_context(void *arg)
@@ -630,9 +769,15 @@ void lp_server_stop(struct lp_server *s)
 	/* TLS listeners close first; their relays end as civetweb closes the
 	 * plain side below */
 	struct lp_tls_proxy *tp = s->tls_pub, *ta = s->tls_adm;
+	struct lp_gate *gp = s->gate_pub, *ga = s->gate_adm;
 	s->tls_pub = s->tls_adm = NULL;
+	s->gate_pub = s->gate_adm = NULL;
 	lp_tls_proxy_close(tp);
 	lp_tls_proxy_close(ta);
+	/* the gates stop accepting and drop connections that relay nothing;
+	 * the rest end as civetweb closes their backend side */
+	lp_gate_close(gp);
+	lp_gate_close(ga);
 
 	/* both ports stop accepting at once; each mg_stop then waits for its
 	 * handlers */
@@ -649,6 +794,8 @@ void lp_server_stop(struct lp_server *s)
 	s->pub = s->adm = NULL;
 	lp_tls_proxy_free(tp, 2000);
 	lp_tls_proxy_free(ta, 2000);
+	lp_gate_free(gp, 2000);
+	lp_gate_free(ga, 2000);
 }
 
 void lp_server_release(struct lp_server *s)

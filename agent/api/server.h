@@ -6,7 +6,11 @@
  * parse, validate and tokenize, submit to the engine worker, read the
  * request's channel and write the response. They never touch engine
  * state except through worker.h's thread-safe functions. Adapter loads run
- * on the HTTP thread that asked for them. */
+ * on the HTTP thread that asked for them.
+ *
+ * Each port is a front door (gate.h: request heads with a deadline, the
+ * probes answered without a civetweb worker) in front of civetweb on
+ * 127.0.0.1; with TLS, the terminator (tls.h) sits in front of the gate. */
 #ifndef LP_API_SERVER_H
 #define LP_API_SERVER_H
 
@@ -27,6 +31,7 @@ struct mg_request_info;
 struct lp_metrics;
 struct lp_source_cache;
 struct lp_tls_proxy;
+struct lp_gate;
 struct lp_registry;
 
 /* Largest request body accepted (413 above it). */
@@ -45,6 +50,15 @@ struct lp_server_config {
 	const char *model_source;         /* the base model's "root" in /v1/models */
 	size_t max_body;                  /* bytes; 0: LP_API_MAX_BODY_DEFAULT */
 	int http_threads;                 /* civetweb worker threads per port */
+	double http_header_timeout_s;     /* a request head; 0: LP_GATE_HEADER_TIMEOUT_DEFAULT */
+	double http_body_timeout_s;       /* a body after its head; 0: the default */
+	int http_max_connections;         /* open client connections per port; 0: the default */
+};
+
+/* What a port's front door (gate.h) needs to answer probes itself. */
+struct lp_server_side {
+	struct lp_server *s;
+	bool admin;
 };
 
 struct lp_server {
@@ -63,8 +77,10 @@ struct lp_server {
 	atomic_int in_flight;  /* generation requests being served */
 	atomic_ullong next_id; /* request ids */
 	struct mg_context *pub, *adm;
-	int pub_port, adm_port;                 /* the ports actually bound */
-	struct lp_tls_proxy *tls_pub, *tls_adm; /* HTTPS in front of pub/adm */
+	int pub_port, adm_port;              /* the ports actually bound */
+	struct lp_gate *gate_pub, *gate_adm; /* the front doors of pub/adm */
+	struct lp_server_side side_pub, side_adm;
+	struct lp_tls_proxy *tls_pub, *tls_adm; /* HTTPS in front of the gates */
 };
 
 /* Fills s's fields that need no threads (metrics, counters). w, model,
@@ -93,6 +109,8 @@ struct lp_call {
 	bool streaming;   /* a chunked response is open */
 	bool quiet;       /* access log at debug level (health, metrics) */
 	bool body_read;   /* the request body was consumed */
+	bool head;        /* a HEAD request: headers only */
+	bool expect_100;  /* the client waits for "100 Continue" before its body */
 	char model[260];  /* model label for metrics, "" if none */
 	struct lp_buf body;
 };
@@ -100,7 +118,8 @@ struct lp_call {
 double lp_now(void);
 
 /* Reads the whole body (at most cfg.max_body bytes) into c->body, NUL
- * terminated. 413 in e when it is larger. */
+ * terminated; sends "100 Continue" first when the client asked for it.
+ * 413 in e when it is larger (by Content-Length: without a 100). */
 int lp_call_read_body(struct lp_call *c, struct lp_api_error *e);
 /* Reads the body and parses it as one JSON object (new reference in
  * *out). 400 for malformed JSON or invalid UTF-8, 413 for size. */

@@ -112,6 +112,7 @@ struct lp_tls_proxy {
 	int lfd;
 	int port;
 	int backend_port;
+	int max_conns;
 	int stop_pipe[2];
 	pthread_t acceptor;
 	bool acceptor_started;
@@ -306,6 +307,10 @@ static void *acceptor_main(void *arg)
 			}
 			continue;
 		}
+		if (atomic_load(&p->conns) >= p->max_conns) {
+			close(fd); /* no TLS yet: nothing can be said to it */
+			continue;
+		}
 		c = malloc(sizeof(*c));
 		if (!c) {
 			close(fd);
@@ -368,7 +373,7 @@ static int listen_on(const char *host, int port, int *fd_out, int *port_out, str
 }
 
 int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, int backend_port,
-                       const char *cert, const char *key, struct lp_err *err)
+                       int max_conns, const char *cert, const char *key, struct lp_err *err)
 {
 	struct lp_tls_proxy *p;
 	char ebuf[256];
@@ -383,6 +388,7 @@ int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, in
 		return lp_errf(err, -ENOMEM, "out of memory");
 	p->lfd = p->stop_pipe[0] = p->stop_pipe[1] = -1;
 	p->backend_port = backend_port;
+	p->max_conns = max_conns > 0 ? max_conns : 1024;
 	atomic_init(&p->conns, 0);
 	p->ctx = ssl.ctx_new(ssl.server_method());
 	if (!p->ctx) {

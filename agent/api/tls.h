@@ -21,9 +21,11 @@ struct lp_tls_proxy;
 
 /* Loads the certificate chain and key (PEM files), binds host:port (host
  * NULL: every interface; port 0: any free port) and starts relaying to
- * 127.0.0.1:backend_port. Free with lp_tls_proxy_free(). */
+ * 127.0.0.1:backend_port. At most max_conns connections are open at once
+ * (handshaking or relaying); one more is closed at once. Free with
+ * lp_tls_proxy_free(). */
 int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, int backend_port,
-                       const char *cert, const char *key, struct lp_err *err);
+                       int max_conns, const char *cert, const char *key, struct lp_err *err);
 /* The port actually bound. */
 int lp_tls_proxy_port(const struct lp_tls_proxy *p);
 /* Stops accepting new connections; those relaying go on. */

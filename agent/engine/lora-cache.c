@@ -90,6 +90,7 @@ static void adapter_free(struct lp_lora_cache *c, struct lp_adapter *a)
 	free(a->b);
 	free(a->name);
 	free(a->path);
+	free(a->root);
 	free(a->source);
 	free(a->sha256);
 	free(a);
@@ -187,8 +188,9 @@ static char *dup_or_empty(const char *s)
 }
 
 int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char *path,
-                          const char *source, const char *sha256, struct lp_lora *w, double load_ms,
-                          bool inplace, bool *already, struct lp_err *err)
+                          const char *root, const char *source, const char *sha256,
+                          struct lp_lora *w, double load_ms, bool inplace, bool *already,
+                          struct lp_err *err)
 {
 	struct lp_adapter *old = lp_lora_cache_find(c, name), *a;
 	size_t n_pairs = (size_t)c->shape.n_layers * LP_LORA_N_TARGETS;
@@ -226,11 +228,12 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 	a->w = w;
 	a->name = strdup(name);
 	a->path = strdup(path);
+	a->root = dup_or_empty(root);
 	a->source = dup_or_empty(source);
 	a->sha256 = dup_or_empty(sha256);
 	a->a = calloc((size_t)w->n_layers * LP_LORA_N_GROUPS, sizeof(*a->a));
 	a->b = calloc(n_pairs, sizeof(*a->b));
-	if (!a->name || !a->path || !a->source || !a->sha256 || !a->a || !a->b) {
+	if (!a->name || !a->path || !a->root || !a->source || !a->sha256 || !a->a || !a->b) {
 		adapter_free(c, a);
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
@@ -273,7 +276,7 @@ int lp_lora_cache_load(struct lp_lora_cache *c, const char *name, const char *pa
 	rc = lp_lora_load(&w, path, &c->shape, err);
 	if (rc)
 		return rc;
-	return lp_lora_cache_install(c, name, path, source, sha256, w, now_ms() - t0, inplace,
+	return lp_lora_cache_install(c, name, path, NULL, source, sha256, w, now_ms() - t0, inplace,
 	                             already, err);
 }
 
@@ -311,7 +314,7 @@ int lp_lora_cache_acquire(struct lp_lora_cache *c, const char *name, struct lp_a
 			               "hold adapters that requests need",
 			               name, c->max_cpu_loras);
 		t0 = now_ms();
-		rc = lp_lora_load(&w, a->path, &c->shape, err);
+		rc = lp_lora_load_in(&w, a->root, a->path, &c->shape, err);
 		if (rc)
 			return lp_err_prefix(err, "reloading adapter '%s'", name);
 		a->w = w;

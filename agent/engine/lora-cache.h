@@ -26,6 +26,7 @@
 struct lp_adapter {
 	char *name;
 	char *path;       /* local file or directory its weights are read from */
+	char *root;       /* every file of path is opened below it ("" for none) */
 	char *source;     /* as the user named it (uri); defaults to path */
 	char *sha256;     /* hex digest the user pinned, or "" */
 	int32_t lora_id;  /* lp_lora_id(name) */
@@ -71,14 +72,17 @@ int lp_lora_cache_new(struct lp_lora_cache **out, struct lp_backend *be,
 void lp_lora_cache_free(struct lp_lora_cache *c);
 const struct lp_lora_shape *lp_lora_cache_shape(const struct lp_lora_cache *c);
 
-/* Registers w (taken, even on failure) under name. If name is registered
+/* Registers w (taken, even on failure) under name; path (read again below
+ * root, NULL for none, when the weights were evicted from host memory),
+ * source and sha256 are copied. If name is registered
  * from the same source and digest, nothing changes and *already is set. If
  * it is registered from another source: -EEXIST unless inplace, which
  * retires the old version. -ENOSPC when the host tier is full of adapters
  * that requests need. */
 int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char *path,
-                          const char *source, const char *sha256, struct lp_lora *w, double load_ms,
-                          bool inplace, bool *already, struct lp_err *err);
+                          const char *root, const char *source, const char *sha256,
+                          struct lp_lora *w, double load_ms, bool inplace, bool *already,
+                          struct lp_err *err);
 /* Parses path (lp_lora_load) and installs it. */
 int lp_lora_cache_load(struct lp_lora_cache *c, const char *name, const char *path,
                        const char *source, const char *sha256, bool inplace, bool *already,

@@ -256,8 +256,9 @@ static int check_overlap(struct lp_safetensors *st, size_t first, const char *pa
 	return rc;
 }
 
-/* Maps path and appends its tensors to st. */
-static int add_file(struct lp_safetensors *st, const char *path, struct lp_err *err)
+/* Maps path (below base unless base is NULL) and appends its tensors to st. */
+static int add_file(struct lp_safetensors *st, const char *base, const char *path,
+                    struct lp_err *err)
 {
 	struct lp_mapped_file *mf, *files;
 	json_error_t jerr;
@@ -272,7 +273,7 @@ static int add_file(struct lp_safetensors *st, const char *path, struct lp_err *
 		return lp_errf(err, -ENOMEM, "out of memory");
 	st->files = files;
 	mf = &st->files[st->n_files];
-	rc = lp_mapped_file_open(mf, path, err);
+	rc = lp_mapped_file_open_in(mf, base, path, err);
 	if (rc)
 		return rc;
 	st->n_files++;
@@ -364,6 +365,12 @@ static int build_index(struct lp_safetensors *st, struct lp_err *err)
 
 int lp_safetensors_open_file(struct lp_safetensors **out, const char *path, struct lp_err *err)
 {
+	return lp_safetensors_open_file_in(out, NULL, path, err);
+}
+
+int lp_safetensors_open_file_in(struct lp_safetensors **out, const char *root, const char *path,
+                                struct lp_err *err)
+{
 	struct lp_safetensors *st;
 	int rc;
 
@@ -371,7 +378,7 @@ int lp_safetensors_open_file(struct lp_safetensors **out, const char *path, stru
 	st = calloc(1, sizeof(*st));
 	if (!st)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	rc = add_file(st, path, err);
+	rc = add_file(st, root, path, err);
 	if (!rc)
 		rc = build_index(st, err);
 	if (rc) {
@@ -494,7 +501,7 @@ static int open_index(struct lp_safetensors *st, const char *dir, const char *in
 			rc = lp_errf(err, -ENOMEM, "out of memory");
 			goto out_free;
 		}
-		rc = add_file(st, path, err);
+		rc = add_file(st, NULL, path, err);
 		free(path);
 		if (rc) {
 			lp_err_prefix(err, "'%s'", index_path);
@@ -604,7 +611,7 @@ int lp_safetensors_open_dir(struct lp_safetensors **out, const char *dir, struct
 		if (rc)
 			goto out_free;
 	}
-	rc = add_file(st, single, err);
+	rc = add_file(st, NULL, single, err);
 	if (!rc)
 		rc = build_index(st, err);
 out_free:

@@ -39,8 +39,12 @@ struct lp_st_tensor {
 
 struct lp_safetensors;
 
-/* Opens one .safetensors file. */
+/* Opens one .safetensors file; with the _in variant it must stay below
+ * root (borrowed; NULL or "" for none; common/file.h), else -EACCES. A
+ * FIFO, device or directory is refused at once (-EINVAL). */
 int lp_safetensors_open_file(struct lp_safetensors **out, const char *path, struct lp_err *err);
+int lp_safetensors_open_file_in(struct lp_safetensors **out, const char *root, const char *path,
+                                struct lp_err *err);
 /* Opens a model directory: dir/model.safetensors.index.json when present
  * (every shard it names, each opened once), else dir/model.safetensors, else
  * the single *.safetensors file in dir. */

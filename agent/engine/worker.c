@@ -560,8 +560,8 @@ static void summarize(const struct lp_adapter *a, struct lp_adapter_summary *s)
 	s->load_ms = a->load_ms;
 }
 
-int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *source,
-                        const char *sha256, bool inplace, bool *already,
+int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *root,
+                        const char *source, const char *sha256, bool inplace, bool *already,
                         struct lp_adapter_summary *out, struct lp_err *err)
 {
 	struct lp_lora_cache *c = lp_engine_loras(w->e);
@@ -588,7 +588,7 @@ int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
 
 	/* the slow part, outside the engine's lock */
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	rc = lp_lora_load(&l, path, lp_lora_cache_shape(c), err);
+	rc = lp_lora_load_in(&l, root, path, lp_lora_cache_shape(c), err);
 	if (rc)
 		return rc;
 	clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -596,7 +596,8 @@ int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path,
 	    (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
 
 	lock_engine(w);
-	rc = lp_lora_cache_install(c, name, path, source, sha256, l, ms, inplace, already, err);
+	rc = lp_lora_cache_install(c, name, path, root, source, sha256, l, ms, inplace, already,
+	                           err);
 	if (!rc && out)
 		summarize(lp_lora_cache_find(c, name), out);
 	pthread_mutex_unlock(&w->lock);

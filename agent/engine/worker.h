@@ -96,8 +96,10 @@ void lp_request_cancel(struct lp_request *r);
 void lp_request_free(struct lp_request *r);
 uint64_t lp_request_id(const struct lp_request *r);
 
-/* Adapters. load parses path on the calling thread, then installs it under
- * the engine's lock (see lp_lora_cache_install for codes). */
+/* Adapters. load parses path on the calling thread, opening its files
+ * below root (borrowed; NULL or "" for none: lp_lora_load_in), then
+ * installs it under the engine's lock (see lp_lora_cache_install for
+ * codes). */
 struct lp_adapter_summary {
 	char name[256];
 	char source[1024];
@@ -111,8 +113,8 @@ struct lp_adapter_summary {
 	double load_ms;
 };
 
-int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *source,
-                        const char *sha256, bool inplace, bool *already,
+int lp_worker_lora_load(struct lp_worker *w, const char *name, const char *path, const char *root,
+                        const char *source, const char *sha256, bool inplace, bool *already,
                         struct lp_adapter_summary *out, struct lp_err *err);
 int lp_worker_lora_unload(struct lp_worker *w, const char *name, struct lp_err *err);
 /* Fills up to cap summaries of registered adapters in load order; returns

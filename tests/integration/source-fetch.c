@@ -6,11 +6,15 @@
  *                [--max-file-bytes N] [--max-total-bytes N] [--max-files N]
  *                [--attempts N] [--backoff-ms N] [--backoff-max-ms N] [--page N]
  *                [--threads N] [--cred KEY=VALUE]... [--cred-thread0 KEY=VALUE]...
- *                [--evict] URI...
+ *                [--max-cache-bytes N] [--allow-insecure-endpoints] [--hold]
+ *                [--discard] [--evict] URI...
  *
  * --cred gives every fetch credentials of its own (struct
  * lp_source_credentials; KEY is the environment variable it replaces);
- * --cred-thread0 gives thread 0 other ones.
+ * --cred-thread0 gives thread 0 other ones. After each fetch its hold on
+ * the cache entry ends (lp_source_release), as after an adapter load;
+ * --hold keeps it (a loaded adapter uses the entry), --discard ends it
+ * with discard (the adapter failed to load).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -92,6 +96,8 @@ static const char *code_name(int rc)
 		return "EBADMSG";
 	case ENAMETOOLONG:
 		return "ENAMETOOLONG";
+	case ENOSPC:
+		return "ENOSPC";
 	default:
 		return "OTHER";
 	}
@@ -160,7 +166,7 @@ int main(int argc, char **argv)
 	struct lp_source_cache *cache = NULL;
 	struct lp_err err = {0};
 	int n_roots = 0, threads = 1, first_uri = argc;
-	bool api = false, evict = false;
+	bool api = false, evict = false, hold = false, discard = false;
 
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -174,6 +180,15 @@ int main(int argc, char **argv)
 			api = true;
 		} else if (strcmp(a, "--evict") == 0) {
 			evict = true;
+		} else if (strcmp(a, "--hold") == 0) {
+			hold = true;
+		} else if (strcmp(a, "--discard") == 0) {
+			discard = true;
+		} else if (strcmp(a, "--allow-insecure-endpoints") == 0) {
+			cfg.allow_insecure_endpoints = true;
+		} else if (strcmp(a, "--max-cache-bytes") == 0) {
+			cfg.max_cache_bytes = (uint64_t)num_arg(a, v);
+			i++;
 		} else if (strcmp(a, "--sha256") == 0 && v) {
 			pin = v;
 			i++;
@@ -252,6 +267,8 @@ int main(int argc, char **argv)
 			if (threads > 1)
 				pthread_join(tid[t], NULL);
 			print_job(&jobs[t]);
+			if (jobs[t].res.held && !hold)
+				lp_source_release(cache, argv[u], discard);
 		}
 		pthread_barrier_destroy(&start);
 	}

@@ -130,8 +130,9 @@ def main():
             # an agent with no AWS variables at all: the load carries them
             # (what the operator sends from a LoraAdapter's secretRef)
             env = {k: v for k, v in s3_env(url, "x", "x").items() if not k.startswith("AWS_")}
+            # moto is plain http: an endpoint from a request needs the flag
             a = at.Agent(*at.TINY_ARGS, "--lora-cache-dir", tempfile.mkdtemp(prefix="lp-s3-"),
-                         env=env)
+                         "--allow-insecure-source-endpoints", env=env)
             agents.append(a)
             creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
                      "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}

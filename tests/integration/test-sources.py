@@ -2,9 +2,10 @@
 """Adapter sources against real servers: moto's S3 server (with IAM
 authentication switched on, so every SigV4 signature is verified), a fake
 Hugging Face hub with a CDN it redirects to, and an HTTPS server with a
-self-signed certificate. Drives tests/integration/source-fetch.c (built
-here with cc into a temporary directory), which prints one JSON line per
-fetch. Prints one PASS/FAIL line per test (counted by tests/run.sh)."""
+self-signed certificate. Drives tests/integration/source-fetch.c (the
+Makefile's $(BUILD)/tests/integration/source-fetch, built with make when
+missing), which prints one JSON line per fetch. Prints one PASS/FAIL line
+per test (counted by tests/run.sh)."""
 
 import hashlib
 import http.server
@@ -25,20 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 os.chdir(ROOT)
 BUILD = os.environ.get("BUILD", "build")
 TMP = tempfile.mkdtemp(prefix="lp-sources-")
-DRIVER = os.path.join(TMP, "source-fetch")
-SOURCES = [
-    "tests/integration/source-fetch.c",
-    "agent/adapters/source.c",
-    "agent/adapters/source-download.c",
-    "agent/adapters/source-s3.c",
-    "agent/adapters/source-hf.c",
-    "agent/adapters/source-https.c",
-    "agent/adapters/http-fetch.c",
-    "agent/adapters/sigv4.c",
-    "common/err.c",
-    "common/buf.c",
-    "common/credentials.c",
-]
+DRIVER = os.path.join(BUILD, "tests", "integration", "source-fetch")
 
 failures = 0
 TESTS = []
@@ -192,7 +180,8 @@ class HubHandler(Handler):
                         # large files live on the CDN, like the real hub's
                         key = sha(files[name])
                         CDN_BLOBS[key] = files[name]
-                        return self.send(302, b"", {"Location": f"{CDN_URL}/blobs/{key}"})
+                        cdn = getattr(self.server, "cdn_url", None) or CDN_URL
+                        return self.send(302, b"", {"Location": f"{cdn}/blobs/{key}"})
                     return self.send(200, files[name])
             return self.send(404, b'{"error":"Revision not found"}')
         self.send(404, b"not found")
@@ -223,6 +212,18 @@ class CdnHandler(Handler):
         self.send(404, b"no such blob")
 
 
+TLS_CDN = Recorder()
+
+
+class TlsCdnHandler(CdnHandler):
+    def do_GET(self):
+        TLS_CDN.add(self.path, self.headers.get("Authorization"))
+        key = self.path.rsplit("/", 1)[-1]
+        if key in CDN_BLOBS:
+            return self.send(200, CDN_BLOBS[key])
+        self.send(404, b"no such blob")
+
+
 # --- the HTTPS file server
 
 WEB = Recorder()
@@ -239,6 +240,9 @@ WEB_FILES = {
     "/down/sql/": PEFT,
     "/changing/sql/": dict(PEFT),
     "/dl/": {"sql.nemo": NEMO},
+    "/lru/a/": make_adapter_files("lru-a", 50_000),
+    "/lru/b/": make_adapter_files("lru-b", 50_000),
+    "/lru/c/": make_adapter_files("lru-c", 50_000),
 }
 WEB_FAILS = {}  # path -> failures left
 
@@ -270,16 +274,15 @@ class WebHandler(Handler):
 # ---------------------------------------------------------------- setup
 
 def build_driver():
-    cc = os.environ.get("CC", "cc")
-    flags = ["-std=c11", "-O1", "-g", "-I.", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wvla",
-             "-Wstrict-prototypes", "-Wno-unused-parameter", "-Werror", "-pthread"]
-    if "asan" in BUILD:
-        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer"]
-    cmd = [cc, *flags, "-o", DRIVER, *SOURCES, "-lcurl", "-lcrypto", "-ljansson"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    """`make test` builds the driver with the build's own flags (the
+    sanitizers of `make asan` too); run alone, this asks make for it."""
+    if os.path.exists(DRIVER):
+        return
+    p = subprocess.run(["make", "--no-print-directory", f"BUILD={BUILD}",
+                        f"BIN={os.environ.get('BIN', 'bin')}", DRIVER],
+                       capture_output=True, text=True)
     if p.returncode != 0:
-        raise RuntimeError("cannot build the driver:\n" + p.stderr)
+        raise RuntimeError(f"cannot build {DRIVER}:\n" + p.stdout + p.stderr)
 
 
 def make_cert():
@@ -480,8 +483,8 @@ def credentials_of_one_fetch_replace_the_environment():
         keys = {k: S3_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         # no AWS_ variable at all: the fetch's own credentials and endpoint
         bare = {k: None for k in S3_ENV}
-        r = ok(one("s3://flat-lora", env=bare, args=cred_args(
-            {**keys, "AWS_ENDPOINT_URL": MOTO_URL, "AWS_REGION": "us-east-1"})))
+        r = ok(one("s3://flat-lora", env=bare, args=["--allow-insecure-endpoints", *cred_args(
+            {**keys, "AWS_ENDPOINT_URL": MOTO_URL, "AWS_REGION": "us-east-1"})]))
         assert local_files(r["path"]) == FLAT_FILES
         # they win over the environment's, both ways
         ok(one("s3://flat-lora", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
@@ -823,10 +826,199 @@ def retries_on_503_and_429():
     fails(one(f"https://127.0.0.1:{port}/x/", args=["--attempts", "2"]), "EIO", "after 2 tries")
 
 
+# ---------------------------------------------------------------- issue 9: endpoints, cache
+
+CAPTURE = Recorder()  # (path, every header) of requests to a request-chosen endpoint
+
+
+class CaptureHandler(Handler):
+    """An endpoint a load request names: records everything, serves nothing."""
+
+    def do_GET(self):
+        CAPTURE.add(self.path, dict(self.headers.items()))
+        self.send(404, b'{"error":"Repository not found"}')
+
+
+def captured():
+    with CAPTURE.lock:
+        return list(CAPTURE.requests)
+
+
+SECRET_HEADERS = ("authorization", "x-amz-security-token", "x-amz-date", "x-amz-content-sha256")
+
+
+def assert_no_secrets(reqs):
+    assert reqs, "the endpoint saw no request"
+    for path, headers in reqs:
+        low = {k.lower(): v for k, v in headers.items()}
+        leaked = [h for h in SECRET_HEADERS if h in low]
+        assert not leaked, f"{path}: the environment's {leaked} reached the endpoint: {low}"
+        for v in low.values():
+            assert HF_TOKEN not in v and TEMP_CREDS["AWS_SESSION_TOKEN"] not in v, low
+
+
+@test
+def request_endpoint_gets_no_environment_secrets():
+    # the agent's own HF token and AWS keys (with a session token) in the
+    # environment; the request names the endpoint and nothing else
+    env = {**TEMP_CREDS, "HF_TOKEN": HF_TOKEN}
+    CAPTURE.clear()
+    fails(one("hf://team/private-lora@v1", env=env,
+              args=["--allow-insecure-endpoints", "--cred", f"HF_ENDPOINT={CAPTURE_URL}"]),
+          "ENOENT")
+    assert_no_secrets(captured())
+    CAPTURE.clear()
+    fails(one("s3://flat-lora", env=env,
+              args=["--allow-insecure-endpoints", "--cred", f"AWS_ENDPOINT_URL={CAPTURE_URL}"]),
+          "ENOENT")
+    assert_no_secrets(captured())
+    # a region from the request that derives the endpoint names AWS only
+    CAPTURE.clear()
+    fails(one("s3://flat-lora", env={**env, "AWS_ENDPOINT_URL": None},
+              args=["--cred", "AWS_REGION=localhost"]), "EINVAL", "not an AWS region name")
+    assert captured() == []
+
+
+@test
+def request_endpoint_plain_http_needs_the_flag():
+    CAPTURE.clear()
+    for key, uri in (("HF_ENDPOINT", "hf://team/sql-lora"), ("AWS_ENDPOINT_URL", "s3://loras/x")):
+        fails(one(uri, args=["--cred", f"{key}={CAPTURE_URL}", "--cred", f"HF_TOKEN={HF_TOKEN}"]),
+              "EINVAL", key, "plain http", "--allow-insecure-source-endpoints")
+        fails(one(uri, args=["--cred", f"{key}=https://user:pw@127.0.0.1:1/"]), "EINVAL", key)
+    assert captured() == [], "a refused endpoint was contacted"
+
+
+@test
+def request_endpoint_https_with_own_credentials():
+    HUB.clear()
+    # https hub named by the request, with the request's token: no flag needed
+    r = ok(one("hf://team/private-lora@v1", env={"HF_TOKEN": "env-token-not-sent"},
+               args=["--cred", f"HF_ENDPOINT={TLS_HUB_URL}", "--cred", f"HF_TOKEN={HF_TOKEN}"]))
+    assert local_files(r["path"]) == PEFT_V1
+    with HUB.lock:
+        assert HUB.requests and all(a == f"Bearer {HF_TOKEN}" for _, a in HUB.requests)
+    # without a token of its own the request is anonymous: refused
+    HUB.clear()
+    fails(one("hf://team/private-lora@v1", env={"HF_TOKEN": HF_TOKEN},
+              args=["--cred", f"HF_ENDPOINT={TLS_HUB_URL}"]), "EACCES")
+    with HUB.lock:
+        assert HUB.requests and all(a is None for _, a in HUB.requests), HUB.requests
+
+
+@test
+def redirects_carry_no_credentials_away():
+    # https hub -> https CDN on another port: followed without the token
+    TLS_CDN.clear()
+    ok(one("hf://team/private-lora", args=["--cred", f"HF_ENDPOINT={TLS_HUB_URL}",
+                                            "--cred", f"HF_TOKEN={HF_TOKEN}"]))
+    with TLS_CDN.lock:
+        assert len(TLS_CDN.requests) == 1 and TLS_CDN.requests[0][1] is None, TLS_CDN.requests
+    # https hub -> plain http: not followed at all
+    CDN.clear()
+    fails(one("hf://team/sql-lora", args=["--cred", f"HF_ENDPOINT={TLS_HUB_DOWN_URL}",
+                                          "--cred", f"HF_TOKEN={HF_TOKEN}"]), "EIO")
+    assert CDN.count("") == 0, "an https download was redirected to plain http"
+
+
+def driver_refuses(cache, *needles):
+    e = {**BASE_ENV, **S3_ENV, **HUB_ENV}
+    p = subprocess.run([DRIVER, "--cache", cache, f"{WEB_URL}/adapters/sql/"],
+                       capture_output=True, text=True, env=e, timeout=60)
+    assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
+    for n in needles:
+        assert n in p.stderr, f"'{n}' not in '{p.stderr}'"
+
+
+@test
+def cache_directory_private_to_the_agent():
+    cache = os.path.join(TMP, "new-cache", "sub")
+    ok(one(f"{WEB_URL}/adapters/sql/", cache=cache))
+    assert os.stat(cache).st_mode & 0o777 == 0o700, oct(os.stat(cache).st_mode)
+    for mode in (0o777, 0o770, 0o722):
+        os.chmod(cache, mode)
+        driver_refuses(cache, "writable by group or others", oct(mode)[2:])
+    os.chmod(cache, 0o700)
+    if os.geteuid() == 0:  # another user's directory (only root can make one)
+        os.chown(cache, 12345, 12345)
+        driver_refuses(cache, "owned by uid 12345")
+        os.chown(cache, 0, 0)
+        link = os.path.join(TMP, "cache-link")
+        os.symlink(cache, link)
+        os.lchown(link, 12345, 12345)
+        driver_refuses(link, "symbolic link owned by uid 12345")
+    ok(one(f"{WEB_URL}/adapters/sql/", cache=cache))
+
+
+def entry_of(uri):
+    return "https-" + sha(uri.encode())[:32]
+
+
+@test
+def tampered_entry_is_not_served():
+    cache = tempfile.mkdtemp(dir=TMP)
+    uri = f"{WEB_URL}/adapters/sql/"
+    ok(one(uri, cache=cache))
+    d = os.path.join(cache, entry_of(uri))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        path = os.path.join(d, name)
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # same size, other bytes
+        open(path, "wb").write(data)
+        WEB.clear()
+        r = ok(one(uri, cache=cache))
+        assert not r["from_cache"] and WEB.count(name) == 1, (r, WEB.requests)
+        assert local_files(r["path"]) == PEFT
+        assert r["sha256"] == sha(PEFT["adapter_model.safetensors"])
+    # a planted entry whose record matches its own (wrong) weights is
+    # still that uri's entry: it is served only as what it is, and a pin
+    # of the real weights replaces it
+    meta = json.load(open(os.path.join(d, ".loraplane-source.json")))
+    evil = b"planted weights"
+    open(os.path.join(d, "adapter_model.safetensors"), "wb").write(evil)
+    for f in meta["files"]:
+        if f["name"] == "adapter_model.safetensors":
+            f["size"], f["sha256"] = len(evil), sha(evil)
+    meta["sha256"] = sha(evil)
+    json.dump(meta, open(os.path.join(d, ".loraplane-source.json"), "w"))
+    r = ok(one(uri, cache=cache, args=["--sha256", sha(PEFT["adapter_model.safetensors"])]))
+    assert not r["from_cache"] and local_files(r["path"]) == PEFT
+
+
+@test
+def discarded_entry_leaves_nothing():
+    cache = tempfile.mkdtemp(dir=TMP)
+    uri = f"{WEB_URL}/adapters/config-only/"
+    ok(one(f"{WEB_URL}/adapters/sql/", cache=cache, args=["--discard"]))
+    assert entries(cache) == [], entries(cache)
+
+
+@test
+def cache_budget_evicts_least_recently_used():
+    a, b, c = (f"{WEB_URL}/lru/{x}/" for x in "abc")
+    budget = ["--max-cache-bytes", "120000"]  # two of the ~50 kB adapters
+    cache = tempfile.mkdtemp(dir=TMP)
+    rs = fetch(a, b, a, c, cache=cache, args=budget)
+    assert [r["code"] for r in rs] == ["OK"] * 4, rs
+    assert entries(cache) == sorted([entry_of(a), entry_of(c)]), entries(cache)
+    assert local_files(rs[3]["path"]) == WEB_FILES["/lru/c/"]
+    # held entries (a loaded adapter's) are never evicted: no room
+    cache = tempfile.mkdtemp(dir=TMP)
+    rs = fetch(a, b, c, cache=cache, args=[*budget, "--hold"])
+    assert [r["code"] for r in rs] == ["OK", "OK", "ENOSPC"], rs
+    assert "no room" in rs[2]["error"] and "120000" in rs[2]["error"], rs[2]
+    assert entries(cache) == sorted([entry_of(a), entry_of(b)]), entries(cache)
+    # one adapter larger than the whole budget
+    cache = tempfile.mkdtemp(dir=TMP)
+    fails(one(a, cache=cache, args=["--max-cache-bytes", "30000"]), "ENOSPC", "budget")
+    assert entries(cache) == []
+
+
 # ---------------------------------------------------------------- main
 
 def main():
     global TLS, CERT, WEB_URL, CDN_URL, S3_ENV, HUB_ENV, MOTO_URL
+    global CAPTURE_URL, TLS_HUB_URL, TLS_HUB_DOWN_URL
     moto = None
     try:
         build_driver()
@@ -837,6 +1029,14 @@ def main():
         CDN_URL = f"http://127.0.0.1:{cdn.server_address[1]}"
         hub = start(HubHandler)
         HUB_ENV = {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}
+        CAPTURE_URL = f"http://127.0.0.1:{start(CaptureHandler).server_address[1]}"
+        tls_cdn = start(TlsCdnHandler, TLS)
+        tls_hub = start(HubHandler, TLS)
+        tls_hub.cdn_url = f"https://127.0.0.1:{tls_cdn.server_address[1]}"
+        TLS_HUB_URL = f"https://127.0.0.1:{tls_hub.server_address[1]}"
+        down_hub = start(HubHandler, TLS)
+        down_hub.cdn_url = CDN_URL
+        TLS_HUB_DOWN_URL = f"https://127.0.0.1:{down_hub.server_address[1]}"
         moto, MOTO_URL = start_moto()
         key, secret = setup_s3(MOTO_URL)
         S3_ENV = {"AWS_ENDPOINT_URL": MOTO_URL, "AWS_ACCESS_KEY_ID": key,
@@ -857,6 +1057,7 @@ def main():
 
 
 TLS = CERT = WEB_URL = CDN_URL = MOTO_URL = None
+CAPTURE_URL = TLS_HUB_URL = TLS_HUB_DOWN_URL = None
 S3_ENV = HUB_ENV = {}
 TEMP_CREDS = {}
 

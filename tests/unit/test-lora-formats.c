@@ -2837,7 +2837,7 @@ static void test_tar_reader(void)
 	snprintf(pax, sizeof(pax), "29 path=./dir/pax-named.yaml\n");
 	tar_add(&b, "PaxHeader", 'x', pax, strlen(pax));
 	tar_add(&b, "short", '0', "hello", 5);
-	tar_add(&b, "link", '2', NULL, 0);
+	tar_add(&b, "dir/", '5', NULL, 0); /* skipped; links are refused */
 	tar_add(&b, "./model_config.yaml", '0', "x: 1\n", 5);
 	tar_end(&b);
 	rc = lp_tar_read(&t, b.data, b.len, "t.tar", &e);
@@ -2865,6 +2865,312 @@ static void test_tar_reader(void)
 	lp_tar_release(&t);
 	lp_buf_release(&b);
 	CHECK(rc == -EINVAL && strstr(e.msg, "tar member type 'S' at offset 0 is not supported"));
+}
+
+/* ---- hostile adapter contents (issue 9: findings 6, 8, 11, 12) ---- */
+
+/* A .nemo at path holding model_config.yaml (the text yaml, under the
+ * member name cfg_name with tar type cfg_type) and model_weights.ckpt of l. */
+static int write_nemo_raw(const char *path, const char *cfg_name, char cfg_type, const char *yaml,
+                          const struct tensors *l)
+{
+	struct lp_buf pick, ckpt, tar;
+	int rc;
+
+	lp_buf_init(&pick, BUF_MAX);
+	lp_buf_init(&ckpt, BUF_MAX);
+	lp_buf_init(&tar, BUF_MAX);
+	pk_state_dict(&pick, l);
+	ckpt_write(&ckpt, &pick, l, true);
+	tar_add(&tar, cfg_name, cfg_type, yaml, cfg_type == '0' ? strlen(yaml) : 0);
+	tar_add(&tar, "./model_weights.ckpt", '0', ckpt.data, ckpt.len);
+	tar_end(&tar);
+	rc = write_file(path, NULL, tar.data, tar.len);
+	lp_buf_release(&pick);
+	lp_buf_release(&ckpt);
+	lp_buf_release(&tar);
+	return rc;
+}
+
+static const char nemo_yaml[] =
+    "restore_from_path: /models/tiny-llama.nemo\nnum_layers: 2\nhidden_size: 64\n"
+    "ffn_hidden_size: 160\nnum_attention_heads: 4\nnum_query_groups: 2\n"
+    "peft:\n  peft_scheme: lora\n  lora_tuning:\n    variant: nemo\n"
+    "    target_modules: [attention_qkv, attention_dense, mlp_fc1]\n"
+    "    adapter_dim: 4\n    alpha: 8\n";
+
+/* nemo_yaml followed by extra. */
+static char *yaml_with(const char *extra)
+{
+	size_t n = strlen(nemo_yaml) + strlen(extra) + 1;
+	char *y = malloc(n);
+
+	if (!y)
+		abort();
+	snprintf(y, n, "%s%s", nemo_yaml, extra);
+	return y;
+}
+
+/* "key: " + depth '[' + depth ']' + "\n" */
+static char *nested(const char *key, size_t depth)
+{
+	size_t k = strlen(key), n = k + 2 + 2 * depth + 2;
+	char *s = malloc(n);
+
+	if (!s)
+		abort();
+	memcpy(s, key, k);
+	memcpy(s + k, ": ", 2);
+	memset(s + k + 2, '[', depth);
+	memset(s + k + 2 + depth, ']', depth);
+	memcpy(s + k + 2 + 2 * depth, "\n", 2);
+	return s;
+}
+
+/* A deeply nested model_config.yaml is refused while it is streamed, at
+ * level 65 (libyaml's loader would take minutes over 2M levels); 64 levels
+ * (the root mapping and 63 lists) still load. */
+static void test_nemo_yaml_depth(void)
+{
+	struct lp_lora_shape s = tiny_shape(16);
+	struct tensors l = {0};
+	struct lp_lora *x = NULL;
+	char dir[200], path[300], *deep, *y;
+
+	nemo_tensors(&l);
+	new_dir(dir, sizeof(dir));
+	snprintf(path, sizeof(path), "%s/a.nemo", dir);
+	deep = nested("deep", 63);
+	y = yaml_with(deep);
+	CHECK(write_nemo_raw(path, "./model_config.yaml", '0', y, &l) == 0);
+	CHECK_LOADS(x, path, &s);
+	lp_lora_free(x);
+	free(deep);
+	free(y);
+	deep = nested("deep", 64);
+	y = yaml_with(deep);
+	CHECK(write_nemo_raw(path, "./model_config.yaml", '0', y, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "model_config.yaml nests deeper than 64 levels (line 14)");
+	free(deep);
+	free(y);
+	deep = nested("deep", 1000000);
+	y = yaml_with(deep);
+	CHECK(write_nemo_raw(path, "./model_config.yaml", '0', y, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "model_config.yaml nests deeper than 64 levels");
+	free(deep);
+	free(y);
+	tensors_free(&l);
+}
+
+/* A mapping that holds itself through an alias makes every interpolation
+ * walk it again per path component: the lookups are bounded in all. */
+static void test_nemo_yaml_alias_loop(void)
+{
+	struct lp_lora_shape s = tiny_shape(16);
+	struct tensors l = {0};
+	struct lp_buf y;
+	char dir[200], path[300], ref[300];
+	size_t n = 0;
+
+	nemo_tensors(&l);
+	new_dir(dir, sizeof(dir));
+	snprintf(path, sizeof(path), "%s/a.nemo", dir);
+	n += (size_t)snprintf(ref + n, sizeof(ref) - n, "${big");
+	for (int i = 0; i < 120; i++)
+		n += (size_t)snprintf(ref + n, sizeof(ref) - n, ".a");
+	snprintf(ref + n, sizeof(ref) - n, ".v}");
+	lp_buf_init(&y, BUF_MAX);
+	if (lp_buf_appendf(&y, NULL, "big: &r\n") < 0)
+		abort();
+	for (int i = 0; i < 60000; i++)
+		if (lp_buf_appendf(&y, NULL, "  k%d: 0\n", i) < 0)
+			abort();
+	if (lp_buf_appendf(&y, NULL,
+	                   "  a: *r\npeft:\n  peft_scheme: '%s'\n  lora_tuning:\n"
+	                   "    variant: '%s'\n    adapter_dim: '%s'\n    alpha: 8\n"
+	                   "    target_modules: [all]\n",
+	                   ref, ref, ref) < 0)
+		abort();
+	CHECK(write_nemo_raw(path, "./model_config.yaml", '0', y.data, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL,
+	            "model_config.yaml: key lookups visit more than 16777216 mapping entries");
+	lp_buf_release(&y);
+	tensors_free(&l);
+}
+
+/* .nemo members that leave the archive, and links or devices that could
+ * stand in for model_config.yaml, are invalid adapters (-EINVAL: 422), not
+ * a missing file (-ENOENT: 404). */
+static void test_nemo_unsafe_members(void)
+{
+	struct lp_lora_shape s = tiny_shape(16);
+	struct tensors l = {0};
+	char dir[200], path[300];
+
+	nemo_tensors(&l);
+	new_dir(dir, sizeof(dir));
+	snprintf(path, sizeof(path), "%s/a.nemo", dir);
+	CHECK(write_nemo_raw(path, "../model_config.yaml", '0', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL,
+	            "tar member '../model_config.yaml' is an absolute path or leads out of the "
+	            "archive with '..'");
+	CHECK(write_nemo_raw(path, "./a/../../model_config.yaml", '0', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "tar member 'a/../../model_config.yaml' is an absolute");
+	CHECK(write_nemo_raw(path, "/etc/model_config.yaml", '0', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "tar member '/etc/model_config.yaml' is an absolute");
+	CHECK(write_nemo_raw(path, "../x/", '5', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "tar member '../x' is an absolute path");
+	CHECK(write_nemo_raw(path, "./model_config.yaml", '2', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL,
+	            "tar member 'model_config.yaml' is a symbolic link; a .nemo holds regular "
+	            "files and directories only");
+	CHECK(write_nemo_raw(path, "model_config.yaml", '1', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "tar member 'model_config.yaml' is a hard link");
+	CHECK(write_nemo_raw(path, "model_config.yaml", '6', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -EINVAL, "tar member 'model_config.yaml' is a fifo");
+	/* names with dots that stay inside are fine */
+	CHECK(write_nemo_raw(path, "./..model_config.yaml", '0', nemo_yaml, &l) == 0);
+	CHECK_FAILS(path, &s, -ENOENT, "holds no model_config.yaml");
+	tensors_free(&l);
+}
+
+/* Regular expressions in adapter_config.json run under PCRE2 match limits:
+ * a catastrophic one is refused naming its key, not run for seconds per
+ * module; the number of keys and entries is capped. */
+static void test_peft_regex_limits(void)
+{
+	struct lp_lora_shape s = tiny_shape(64);
+	struct tensors l = {0};
+	struct lp_buf cfg;
+	char dir[200];
+
+	tiny_tensors(&l, QV_MASK, 8);
+	CHECK(write_peft(dir, sizeof(dir), &l,
+	                 "{'target_modules': '(([a-z_.0-9])+)+[A-Z]|.*[.][qv]_proj'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "target_modules '(([a-z_.0-9])+)+[A-Z]|.*[.][qv]_proj' is too costly to match "
+	            "against '");
+	CHECK_FAILS(dir, &s, -EINVAL, "(match limit exceeded): simplify the regular expression");
+	CHECK(write_config(dir, "{'rank_pattern': {'q_proj': 8, '(([a-z_.0-9])+)+[A-Z]': 4}}") ==
+	      0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "rank_pattern '(([a-z_.0-9])+)+[A-Z]' is too costly to match against "
+	            "'model.layers.0.self_attn.v_proj'");
+	CHECK(write_config(dir, "{'alpha_pattern': {'(([a-z_.0-9])+)+[A-Z]': 4}}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "alpha_pattern '(([a-z_.0-9])+)+[A-Z]' is too costly");
+	CHECK(write_config(dir, "{'exclude_modules': '(([a-z_.0-9])+)+[A-Z]'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "exclude_modules '(([a-z_.0-9])+)+[A-Z]' is too costly");
+	CHECK(write_config(dir, "{'layers_to_transform': [0, 1], 'layers_pattern': "
+	                        "'(([a-z_.0-9])+)+[A-Z]'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "layers_pattern '(([a-z_.0-9])+)+[A-Z]' is too costly");
+
+	/* 256 keys load; 257 do not */
+	lp_buf_init(&cfg, BUF_MAX);
+	for (int n = 256; n <= 257; n++) {
+		lp_buf_reset(&cfg);
+		if (lp_buf_appendf(&cfg, NULL, "{'rank_pattern': {") < 0)
+			abort();
+		for (int i = 0; i < n; i++)
+			if (lp_buf_appendf(&cfg, NULL, "%s'layers.%d.self_attn.q_proj': 8",
+			                   i ? ", " : "", i + 2) < 0)
+				abort();
+		if (lp_buf_appendf(&cfg, NULL, "}}") < 0)
+			abort();
+		CHECK(write_config(dir, cfg.data) == 0);
+		if (n == 256) {
+			struct lp_lora *x = NULL;
+			CHECK_LOADS(x, dir, &s);
+			lp_lora_free(x);
+		} else {
+			CHECK_FAILS(dir, &s, -EINVAL, "'rank_pattern' has 257 keys, more than 256");
+		}
+	}
+	lp_buf_reset(&cfg);
+	if (lp_buf_appendf(&cfg, NULL, "{'target_modules': [") < 0)
+		abort();
+	for (int i = 0; i < 1025; i++)
+		if (lp_buf_appendf(&cfg, NULL, "%s'q_proj'", i ? ", " : "") < 0)
+			abort();
+	if (lp_buf_appendf(&cfg, NULL, "]}") < 0)
+		abort();
+	CHECK(write_config(dir, cfg.data) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "'target_modules' has 1025 entries, more than 1024");
+	CHECK(write_config(dir, "{'layers_to_transform': [0], 'layers_pattern': ['a', 'b', 'c', "
+	                        "'d', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o', 'p', "
+	                        "'q']}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "'layers_pattern' has 17 entries, more than 16");
+	lp_buf_release(&cfg);
+	tensors_free(&l);
+}
+
+/* An adapter_config.json over 1 MiB is an invalid adapter (-EINVAL, which
+ * the API maps to 422), not -E2BIG (a 500). */
+static void test_peft_config_too_large(void)
+{
+	struct lp_lora_shape s = tiny_shape(64);
+	struct tensors l = {0};
+	char dir[200];
+	size_t n = (1u << 20) + 1;
+	char *big = malloc(n);
+
+	CHECK(big != NULL);
+	tiny_tensors(&l, QV_MASK, 8);
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	memset(big, ' ', n);
+	memcpy(big, base_config, strlen(base_config));
+	CHECK(write_file(dir, "adapter_config.json", big, n) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "adapter_config.json' is larger than the limit of 1048576 bytes");
+	/* exactly 1 MiB still loads */
+	CHECK(write_file(dir, "adapter_config.json", big, n - 1) == 0);
+	{
+		struct lp_lora *x = NULL;
+		CHECK_LOADS(x, dir, &s);
+		lp_lora_free(x);
+	}
+	free(big);
+	tensors_free(&l);
+}
+
+/* Finite but absurd weights (1e18 in B, 1e30 in A) are refused naming the
+ * layer, the module and the value; so is a huge alpha. */
+static void test_reject_absurd_weights(void)
+{
+	struct lp_lora_shape s = tiny_shape(64);
+	struct tensors l = {0};
+	struct tensor *t;
+	char dir[200];
+
+	tiny_tensors(&l, QV_MASK, 8);
+	t = find_tensor(&l, "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight");
+	for (size_t i = 0; i < (size_t)(t->rows * t->cols); i++)
+		set_f32(t, i, 1e18f);
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "layer 1 'v_proj': scale * |B| * |A| (Frobenius norms of "
+	            "'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' and "
+	            "'base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight') is ");
+	CHECK_FAILS(dir, &s, -EINVAL, "over the limit of 100000: the weights are absurd");
+	tensors_free(&l);
+
+	tiny_tensors(&l, QV_MASK, 8);
+	set_f32(find_tensor(&l, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+	        5, 1e30f);
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "layer 0 'q_proj': scale * |B| * |A|");
+	/* the scale counts: lora_alpha 1e7 on weights that load with 16 */
+	tensors_free(&l);
+	tiny_tensors(&l, QV_MASK, 8);
+	CHECK(write_peft(dir, sizeof(dir), &l, "{'lora_alpha': 1e7}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "layer 0 'q_proj': scale * |B| * |A|");
+	/* and the same weights with lora_alpha 16 load */
+	CHECK(write_config(dir, NULL) == 0);
+	{
+		struct lp_lora *x = NULL;
+		CHECK_LOADS(x, dir, &s);
+		lp_lora_free(x);
+	}
+	tensors_free(&l);
 }
 
 /* ---- size ---- */
@@ -2949,6 +3255,12 @@ int main(void)
 	RUN(test_nemo_rejections);
 	RUN(test_nemo_truncated_and_corrupted);
 	RUN(test_tar_reader);
+	RUN(test_nemo_yaml_depth);
+	RUN(test_nemo_yaml_alias_loop);
+	RUN(test_nemo_unsafe_members);
+	RUN(test_peft_regex_limits);
+	RUN(test_peft_config_too_large);
+	RUN(test_reject_absurd_weights);
 	RUN(test_load_smollm2_r16);
 	nftw(tmp_root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 	TEST_MAIN_END();
