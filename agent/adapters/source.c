@@ -332,7 +332,8 @@ static int mkdir_p(const char *dir, struct lp_err *err)
 
 static int fsync_path(const char *path)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* only paths the agent made itself; still never a link or a FIFO */
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	int rc = 0;
 
 	if (fd < 0)
@@ -491,7 +492,7 @@ static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const 
                       struct lp_source_result *res, struct lp_err *err)
 {
 	char real[PATH_MAX], lex[PATH_MAX], p[PATH_MAX];
-	const char *weights = NULL;
+	const char *weights = NULL, *res_root;
 	struct stat st;
 	int rc;
 
@@ -515,6 +516,7 @@ static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const 
 		return lp_errf(err, -EACCES, "'%.200s' is outside the allowed local roots%s",
 		               u->path,
 		               strcmp(real, u->path) ? " (after resolving '..' and links)" : "");
+	res_root = from_api ? root_of(c, real) : NULL;
 	if (stat(real, &st) < 0)
 		return lp_errf(err, -ENOENT, "'%.200s' does not exist", u->path);
 	if (S_ISREG(st.st_mode)) {
@@ -530,8 +532,10 @@ static int fetch_file(struct lp_source_cache *c, const struct src_uri *u, const 
 		while ((e = readdir(d))) {
 			struct stat fs;
 			int n = snprintf(p, sizeof(p), "%s/%s", real, e->d_name);
+			/* a link leading out of the root counts for nothing: its
+			 * size would tell what lies outside */
 			if (n > 0 && (size_t)n < sizeof(p) && stat(p, &fs) == 0 &&
-			    S_ISREG(fs.st_mode)) {
+			    S_ISREG(fs.st_mode) && (!from_api || lp_file_below(res_root, p))) {
 				res->files++;
 				res->bytes_total += (uint64_t)fs.st_size;
 			}
@@ -659,7 +663,7 @@ static int entry_use(const char *dir, const char *uri, const char *pin, char *ou
 
 	lp_buf_init(&text, META_MAX_BYTES);
 	if (!path_fmt(path, sizeof(path), "%s/%s", dir, SRC_META_NAME) || access(dir, F_OK) < 0 ||
-	    lp_buf_read_file(&text, path, META_MAX_BYTES, NULL) < 0)
+	    lp_buf_read_file_in(&text, dir, path, META_MAX_BYTES, NULL) < 0)
 		goto out;
 	root = json_loadb(text.data, text.len, JSON_REJECT_DUPLICATES, NULL);
 	muri = json_string_value(json_object_get(root, "uri"));

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -213,5 +214,5 @@ json_t *lp_api_lora_json(const struct lp_adapter_summary *a)
 	                 "lora_id", (int)a->lora_id, "source", source, "sha256", a->sha256, "rank",
 	                 a->rank, "modules", mods, "format", a->format ? a->format : "", "tier",
 	                 a->tier ? a->tier : "", "requests_running", a->requests_running, "load_ms",
-	                 a->load_ms);
+	                 round(a->load_ms * 1000.0) / 1000.0);
 }

@@ -312,7 +312,11 @@ int lp_call_send(struct lp_call *c, int status, const char *content_type, const 
 
 int lp_call_send_json(struct lp_call *c, int status, json_t *body)
 {
-	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+	/* The admin port's numbers are durations and counts: 15 digits print
+	 * 0.791366 ms as that, not as 0.79136600000000001. The public port
+	 * keeps full precision (logprobs equal the streamed ones bit for bit). */
+	size_t flags = JSON_COMPACT | (c->admin ? JSON_REAL_PRECISION(15) : 0);
+	char *text = body ? json_dumps(body, flags) : NULL;
 	int rc;
 
 	json_decref(body);

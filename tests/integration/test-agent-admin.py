@@ -11,6 +11,7 @@ metrics of adapter loads, and HTTPS with a self-signed certificate made by
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,23 @@ def load_201_repeat_200_conflict_409_inplace_201():
     # a plain absolute path is a file:// source too
     status, obj = load("plain", os.path.join(ROOT_DIR, "r16-attn"))
     assert status == 201 and obj["rank"] == 16, (status, obj)
+
+
+@A.test
+def load_ms_prints_at_most_microseconds():
+    a = agent()
+    src = os.path.join(ROOT_DIR, "r16-attn")
+    body = {"lora_name": "timed", "source": {"uri": uri(src)}}
+    for method, path, data in (("POST", "/v1/loras", body), ("GET", "/v1/loras/timed", None),
+                               ("GET", "/v1/loras", None)):
+        status, hdrs, raw = a.request(method, path, data, admin=True, token=TOKEN)
+        assert status in (200, 201), (status, raw)
+        values = re.findall(rb'"load_ms":([^,}]+)', raw)
+        assert values, raw
+        for v in values:
+            assert re.fullmatch(rb"\d+(\.\d{1,3})?", v), (path, v)
+    status, _ = curl("DELETE", "/v1/loras/timed")
+    assert status == 200, status
 
 
 @A.test
