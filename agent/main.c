@@ -1,10 +1,10 @@
 /* loraplane-agent: loads a base model, serves the OpenAI API on one port
  * and adapter management, metrics and health on another, and loads LoRA
  * adapters from --lora-modules, --lora-dir (optionally watched) and the
- * admin API at run time (DESIGN 3).
+ * admin API at run time (docs/api.md).
  *
  * Every flag can also come from the environment: LORAPLANE_<FLAG> (upper
- * case, '-' as '_'), plus the names DESIGN 3.1 lists (NIM_*, VLLM_*).
+ * case, '-' as '_'), plus the names docs/api.md lists (NIM_*, VLLM_*).
  * Flags win over the environment. Exit status: 0 after a clean shutdown
  * (SIGTERM or SIGINT), 1 on a startup error, 2 for bad usage. */
 #include <dirent.h>

@@ -1,5 +1,5 @@
 /* loraplane-operator: watches LoraAdapter resources and makes every agent
- * pod of their base model load them (DESIGN 4). This file parses flags,
+ * pod of their base model load them (docs/operator.md). This file parses flags,
  * logs, serves /metrics, /healthz and /readyz, runs leader election, and
  * starts and stops the controller. */
 #include <errno.h>

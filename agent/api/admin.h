@@ -1,4 +1,4 @@
-/* The admin API (DESIGN 3.3): adapter management (/v1/loras and vLLM's
+/* The admin API (docs/api.md, section 5): adapter management (/v1/loras and vLLM's
  * /v1/load_lora_adapter, /v1/unload_lora_adapter), Prometheus metrics,
  * health and readiness. Each handler returns the HTTP status it sent. */
 #ifndef LP_API_ADMIN_H

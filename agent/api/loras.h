@@ -1,8 +1,8 @@
 /* Adapter management shared by the admin API, vLLM's endpoints, the
- * startup flags and the lora-dir watcher: name rules (DESIGN 3.4),
+ * startup flags and the lora-dir watcher: name rules (docs/api.md, section 4),
  * source resolution (agent/adapters/source.h) and the load itself on the
  * calling thread (lp_worker_lora_load), with every outcome mapped to the
- * HTTP status DESIGN 3.3 gives it. */
+ * HTTP status docs/api.md section 5.1 gives it. */
 #ifndef LP_API_LORAS_H
 #define LP_API_LORAS_H
 
@@ -54,7 +54,7 @@ int lp_api_lora_unload(struct lp_server *s, const char *name, struct lp_api_erro
  * from it). */
 bool lp_api_source_in_use(void *server, const char *entry_name);
 
-/* The JSON description of a loaded adapter (DESIGN 3.3's body fields). */
+/* The JSON description of a loaded adapter (docs/api.md 5.1's body fields). */
 json_t *lp_api_lora_json(const struct lp_adapter_summary *a);
 
 #endif

@@ -1,4 +1,4 @@
-/* The public OpenAI-compatible API (DESIGN 3.2): GET /v1/models,
+/* The public OpenAI-compatible API (docs/api.md, section 3): GET /v1/models,
  * POST /v1/completions and POST /v1/chat/completions, streamed as
  * server-sent events or answered whole. Each handler returns the HTTP
  * status it sent. */

@@ -2,7 +2,7 @@
  * admin API, their shared state, routing, authentication, TLS, body
  * limits, request ids and the access log.
  *
- * Threads (DESIGN 3.6): civetweb's worker threads run the handlers; they
+ * Threads (docs/api.md, section 8): civetweb's worker threads run the handlers; they
  * parse, validate and tokenize, submit to the engine worker, read the
  * request's channel and write the response. They never touch engine
  * state except through worker.h's thread-safe functions. Adapter loads run

@@ -1,4 +1,4 @@
-/* The engine thread and the thread-safe doors into it (DESIGN 3.6).
+/* The engine thread and the thread-safe doors into it (docs/architecture.md, threads).
  *
  * HTTP threads submit requests through a bounded queue and read each
  * request's own bounded channel of events (tokens with their logprobs, then

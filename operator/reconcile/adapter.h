@@ -1,4 +1,4 @@
-/* The pure parts of reconciling a LoraAdapter (DESIGN 4.1-4.3): reading
+/* The pure parts of reconciling a LoraAdapter (docs/operator.md): reading
  * the resource and agent pods out of their JSON, deciding which pods
  * serve a resource, naming the per-adapter Service, and building the
  * status, Ready condition, Service and EndpointSlices from what the

@@ -1,4 +1,4 @@
-/* The operator's client for the agents' HTTP APIs (DESIGN 3.2, 3.3):
+/* The operator's client for the agents' HTTP APIs (docs/api.md, sections 3 and 5):
  * GET /v1/models on the public port (which base model a pod serves),
  * POST/GET/DELETE /v1/loras on the admin port. Every call has a connect
  * timeout and an overall timeout; bodies are capped at 4 MiB. Thread-safe:

@@ -1,4 +1,4 @@
-/* The LoraAdapter controller (DESIGN 4.3): informers on LoraAdapters and
+/* The LoraAdapter controller (docs/operator.md, Reconcile): informers on LoraAdapters and
  * agent Pods feed a rate-limited work queue keyed by namespace/name;
  * workers reconcile one resource at a time — finalizer first, then make
  * every running agent pod of the base model hold the adapter (bounded

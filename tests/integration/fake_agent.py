@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for loraplane-agent's management API in operator tests.
 
-Serves, like the agent (DESIGN 3.2 and 3.3):
+Serves, like the agent (docs/api.md, sections 3 and 5):
   public port:  GET /v1/models (base model first with "parent": null, then
                 each loaded adapter), GET /health
   admin port:   POST /v1/loras {"lora_name", "source": {"uri", "sha256"?},
