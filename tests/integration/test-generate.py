@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+from harness import run_tests, test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.chdir(ROOT)
 BIN = os.path.join(os.environ.get("BIN", "bin"), "loraplane-generate")
@@ -23,26 +25,10 @@ FIX = os.environ.get("LP_FIXTURES", "tests/fixtures")
 TINY = os.path.join(FIX, "tiny-llama")
 TIMEOUT = 600
 
-failures = 0
-
 
 def run(*args, stdin=None):
     p = subprocess.run([BIN, *args], capture_output=True, timeout=TIMEOUT, input=stdin)
     return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
-def test(fn):
-    global failures
-    try:
-        fn()
-        print(f"PASS test-generate:{fn.__name__}", flush=True)
-    except AssertionError as e:
-        failures += 1
-        print(f"FAIL test-generate:{fn.__name__}: {e}", flush=True)
-    except Exception as e:  # a broken test is a failure too
-        failures += 1
-        print(f"FAIL test-generate:{fn.__name__}: {type(e).__name__}: {e}", flush=True)
-    return fn
 
 
 def sp_decode(ids, tokenizer_json):
@@ -325,4 +311,5 @@ def corrupted_models_fail_cleanly():
         assert n >= 8
 
 
-sys.exit(1 if failures else 0)
+if __name__ == "__main__":
+    sys.exit(1 if run_tests("test-generate") else 0)

@@ -22,34 +22,13 @@ import threading
 import time
 import urllib.request
 
+from harness import run_tests, test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.chdir(ROOT)
 BUILD = os.environ.get("BUILD", "build")
 TMP = tempfile.mkdtemp(prefix="lp-sources-")
 DRIVER = os.path.join(BUILD, "tests", "integration", "source-fetch")
-
-failures = 0
-TESTS = []
-
-
-def test(fn):
-    """Registers fn; main() runs the tests once the servers are up."""
-    TESTS.append(fn)
-    return fn
-
-
-def run_test(fn):
-    global failures
-    try:
-        fn()
-        print(f"PASS test-sources:{fn.__name__}", flush=True)
-    except AssertionError as e:
-        failures += 1
-        print(f"FAIL test-sources:{fn.__name__}: {e}", flush=True)
-    except Exception as e:  # a broken test is a failure too
-        failures += 1
-        print(f"FAIL test-sources:{fn.__name__}: {type(e).__name__}: {e}", flush=True)
-
 
 def free_port():
     with socket.socket() as s:
@@ -1047,8 +1026,7 @@ def main():
             moto.kill()
         return 1
     try:
-        for t in TESTS:
-            run_test(t)
+        failures = run_tests("test-sources")
     finally:
         moto.terminate()
         moto.wait(timeout=10)
