@@ -15,7 +15,7 @@ endif
 OPT ?= -O2 -g
 CPPFLAGS += -I. -D_GNU_SOURCE -MMD -MP
 CFLAGS += -std=c11 $(OPT) $(WARN) -pthread -fno-strict-aliasing
-LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 yaml-0.1 libcurl libcrypto 2>/dev/null || echo -ljansson -lpcre2-8 -lyaml -lcurl -lcrypto)
+LDLIBS += -lm -pthread $(shell pkg-config --libs jansson libpcre2-8 yaml-0.1 libcurl libcrypto zlib 2>/dev/null || echo -ljansson -lpcre2-8 -lyaml -lcurl -lcrypto -lz)
 
 ifeq ($(V),1)
 Q :=
@@ -25,7 +25,8 @@ endif
 
 COMMON_SRCS := $(wildcard common/*.c)
 KERNEL_SRCS := $(wildcard kernels/*.c kernels/cpu/*.c)
-ENGINE_SRCS := $(wildcard agent/engine/*.c agent/adapters/*.c)
+FORMAT_SRCS := $(wildcard agent/formats/*.c)
+ENGINE_SRCS := $(FORMAT_SRCS) $(wildcard agent/engine/*.c agent/adapters/*.c)
 LIB_SRCS := $(COMMON_SRCS) $(KERNEL_SRCS) $(ENGINE_SRCS)
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
 LIB := $(BUILD)/libloraplane.a

@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 #include "agent/adapters/lora.h"
-#include "agent/engine/safetensors.h"
+#include "agent/formats/tensor.h"
 #include "common/err.h"
 
 /* Largest rank any format may declare, whatever --max-lora-rank says, so
@@ -27,22 +27,11 @@
  * as finite numbers and push activations towards overflow. */
 #define LORA_NORM_LIMIT 1e5
 
-/* A tensor read from some file, in the format readers' common terms. The
- * dtype uses safetensors' enum, which names every dtype the readers meet. */
-struct lora_tensor {
-	const char *name; /* borrowed from the reader that owns the file */
-	enum lp_st_dtype dtype;
-	int n_dims;
-	int64_t shape[LP_ST_MAX_DIMS];
-	const void *data; /* inside a mapping, little-endian, row-major */
-	size_t nbytes;
-};
-
 /* A run of values in a file: f32, f16 or bf16, row-major. How many values
  * it holds follows from the pair's rank and the target's dims. */
 struct lora_src {
 	const void *data;
-	enum lp_st_dtype dtype;
+	enum lp_fmt_type dtype;
 	const char *name; /* tensor it comes from, for messages; borrowed */
 };
 
@@ -76,7 +65,7 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
                      const char *format, const char *base_model, struct lp_err *err);
 
 /* dst[i] = src[i] as f32 for n values of a float dtype (f32, f16, bf16). */
-void lora_to_f32(float *dst, const void *src, enum lp_st_dtype dtype, size_t n);
+void lora_to_f32(float *dst, const void *src, enum lp_fmt_type dtype, size_t n);
 
 /* -EINVAL naming name and the [row, col] of the first NaN or inf among the
  * rows × cols values at x. */
@@ -84,11 +73,11 @@ int lora_check_finite(const float *x, size_t rows, size_t cols, const char *name
                       struct lp_err *err);
 
 /* -EINVAL unless t holds f32, f16 or bf16 values. */
-int lora_check_float(const struct lora_tensor *t, struct lp_err *err);
+int lora_check_float(const struct lp_fmt_tensor *t, struct lp_err *err);
 
 /* Checks that t is 2-D with the given shape; the message names t and both
  * shapes. */
-int lora_check_shape(const struct lora_tensor *t, int64_t rows, int64_t cols, struct lp_err *err);
+int lora_check_shape(const struct lp_fmt_tensor *t, int64_t rows, int64_t cols, struct lp_err *err);
 
 /* Checks the adapter's base model name against s->base_names (see lora.h);
  * a NULL or empty base, or no base names, passes. */

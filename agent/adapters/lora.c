@@ -140,12 +140,12 @@ void lora_plan_release(struct lora_plan *p)
 	p->pairs = NULL;
 }
 
-int lora_check_float(const struct lora_tensor *t, struct lp_err *err)
+int lora_check_float(const struct lp_fmt_tensor *t, struct lp_err *err)
 {
-	if (t->dtype == LP_ST_F32 || t->dtype == LP_ST_F16 || t->dtype == LP_ST_BF16)
+	if (t->type == LP_FMT_F32 || t->type == LP_FMT_F16 || t->type == LP_FMT_BF16)
 		return 0;
 	return lp_errf(err, -EINVAL, "'%s' has dtype %s; lora weights must be F32, F16 or BF16",
-	               t->name, lp_st_dtype_name(t->dtype));
+	               t->name, lp_fmt_type_name(t->type));
 }
 
 static void format_shape(char *buf, size_t cap, const int64_t *shape, int n)
@@ -166,7 +166,7 @@ static void format_shape(char *buf, size_t cap, const int64_t *shape, int n)
 		snprintf(buf + len, cap - len, "]");
 }
 
-int lora_check_shape(const struct lora_tensor *t, int64_t rows, int64_t cols, struct lp_err *err)
+int lora_check_shape(const struct lp_fmt_tensor *t, int64_t rows, int64_t cols, struct lp_err *err)
 {
 	char have[128], need[64];
 	int64_t want[2] = {rows, cols};
@@ -180,17 +180,17 @@ int lora_check_shape(const struct lora_tensor *t, int64_t rows, int64_t cols, st
 }
 
 /* Element size of the three float dtypes. */
-static size_t float_size(enum lp_st_dtype dt)
+static size_t float_size(enum lp_fmt_type dt)
 {
-	return dt == LP_ST_F32 ? 4 : 2;
+	return dt == LP_FMT_F32 ? 4 : 2;
 }
 
 /* dst[i] = src[i] * scale for n values of dtype dt. */
-static void convert(float *dst, const void *src, enum lp_st_dtype dt, size_t n, float scale)
+static void convert(float *dst, const void *src, enum lp_fmt_type dt, size_t n, float scale)
 {
 	const unsigned char *p = src;
 
-	if (dt == LP_ST_F32) {
+	if (dt == LP_FMT_F32) {
 		memcpy(dst, src, n * sizeof(float));
 		if (scale != 1.0f) {
 			for (size_t i = 0; i < n; i++)
@@ -201,7 +201,7 @@ static void convert(float *dst, const void *src, enum lp_st_dtype dt, size_t n, 
 	for (size_t i = 0; i < n; i++) {
 		uint16_t h;
 		memcpy(&h, p + 2 * i, 2);
-		dst[i] = (dt == LP_ST_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h)) * scale;
+		dst[i] = (dt == LP_FMT_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h)) * scale;
 	}
 }
 
@@ -229,7 +229,7 @@ static size_t first_nonfinite(const float *x, size_t n)
 	return n;
 }
 
-void lora_to_f32(float *dst, const void *src, enum lp_st_dtype dtype, size_t n)
+void lora_to_f32(float *dst, const void *src, enum lp_fmt_type dtype, size_t n)
 {
 	convert(dst, src, dtype, n, 1.0f);
 }
@@ -294,9 +294,9 @@ static double sum_squares(const float *x, size_t n)
 }
 
 /* The storage type of values of source dtype dt: its own when half. */
-static enum lp_dtype half_type(enum lp_st_dtype dt)
+static enum lp_dtype half_type(enum lp_fmt_type dt)
 {
-	return dt == LP_ST_F16 ? LP_DTYPE_F16 : dt == LP_ST_BF16 ? LP_DTYPE_BF16 : LP_DTYPE_F32;
+	return dt == LP_FMT_F16 ? LP_DTYPE_F16 : dt == LP_FMT_BF16 ? LP_DTYPE_BF16 : LP_DTYPE_F32;
 }
 
 static uint16_t to_half(float v, enum lp_dtype t)

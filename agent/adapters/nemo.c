@@ -30,8 +30,8 @@
 #include <yaml.h>
 
 #include "agent/adapters/lora-internal.h"
-#include "agent/adapters/tar.h"
-#include "agent/adapters/torch-checkpoint.h"
+#include "agent/formats/tar.h"
+#include "agent/formats/torch-checkpoint.h"
 #include "common/mapped-file.h"
 
 #define YAML_MAX_BYTES (4u << 20)
@@ -472,8 +472,8 @@ static int qkv_row(const struct nemo *x, int part, int j)
 /* Adds the pair for one part of a fused adapter: rows [out] of lout (each
  * given by row_of), with the rank columns that are non-zero there. */
 static int add_part(struct nemo *x, struct lora_plan *plan, int layer, enum lp_lora_target t,
-                    const float *lin, const float *lout, const struct lp_torch_tensor *tin,
-                    const struct lp_torch_tensor *tout, int in, int out, int kind, int part,
+                    const float *lin, const float *lout, const struct lp_fmt_tensor *tin,
+                    const struct lp_fmt_tensor *tout, int in, int out, int kind, int part,
                     int row_base, struct lp_err *err)
 {
 	int d = x->adapter_dim, r = 0;
@@ -512,8 +512,8 @@ static int add_part(struct nemo *x, struct lora_plan *plan, int layer, enum lp_l
 			b[(size_t)i * r + k] = lout[(size_t)rows[i] * d + keep[k]];
 	pp = lora_plan_at(plan, layer, t);
 	pp->rank = r;
-	pp->a = (struct lora_src){a, LP_ST_F32, tin->name};
-	pp->b = (struct lora_src){b, LP_ST_F32, tout->name};
+	pp->a = (struct lora_src){a, LP_FMT_F32, tin->name};
+	pp->b = (struct lora_src){b, LP_FMT_F32, tout->name};
 	pp->scale = x->alpha / (double)d;
 out:
 	free(keep);
@@ -521,20 +521,17 @@ out:
 	return rc;
 }
 
-static int check_tensor(const struct lp_torch_tensor *t, int64_t rows, int64_t cols,
+static int check_tensor(const struct lp_fmt_tensor *t, int64_t rows, int64_t cols,
                         struct lp_err *err)
 {
-	struct lora_tensor lt = {.name = t->name, .dtype = t->dtype, .n_dims = t->n_dims};
-	int rc;
+	int rc = lora_check_float(t, err);
 
-	memcpy(lt.shape, t->shape, sizeof(lt.shape));
-	rc = lora_check_float(&lt, err);
-	return rc ? rc : lora_check_shape(&lt, rows, cols, err);
+	return rc ? rc : lora_check_shape(t, rows, cols, err);
 }
 
 static int add_adapter(struct nemo *x, struct lora_plan *plan, const struct lp_lora_shape *s,
-                       int layer, int kind, const struct lp_torch_tensor *tin,
-                       const struct lp_torch_tensor *tout, struct lp_err *err)
+                       int layer, int kind, const struct lp_fmt_tensor *tin,
+                       const struct lp_fmt_tensor *tout, struct lp_err *err)
 {
 	int d = x->adapter_dim, in, out, rc;
 	float *lin, *lout;
@@ -559,8 +556,8 @@ static int add_adapter(struct nemo *x, struct lora_plan *plan, const struct lp_l
 	lout = lin ? scratch_alloc(x, (size_t)out * d, err) : NULL;
 	if (!lout)
 		return err->code;
-	lora_to_f32(lin, tin->data, tin->dtype, (size_t)d * in);
-	lora_to_f32(lout, tout->data, tout->dtype, (size_t)out * d);
+	lora_to_f32(lin, tin->data, tin->type, (size_t)d * in);
+	lora_to_f32(lout, tout->data, tout->type, (size_t)out * d);
 	if ((rc = lora_check_finite(lin, (size_t)d, (size_t)in, tin->name, err)) ||
 	    (rc = lora_check_finite(lout, (size_t)out, (size_t)d, tout->name, err)))
 		return rc;
@@ -592,16 +589,16 @@ static int build_plan(struct nemo *x, const struct lp_torch_ckpt *ck, const stru
                       struct lora_plan *plan, struct lp_err *err)
 {
 	size_t n_slots = (size_t)s->n_layers * NK_N * 2;
-	const struct lp_torch_tensor **slots;
+	const struct lp_fmt_tensor **slots;
 	int rc = 0;
 
 	slots = calloc(n_slots, sizeof(*slots));
 	if (!slots)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	for (size_t i = 0; i < lp_torch_ckpt_count(ck); i++) {
-		const struct lp_torch_tensor *t = lp_torch_ckpt_at(ck, i);
+		const struct lp_fmt_tensor *t = lp_torch_ckpt_at(ck, i);
 		int layer, kind, is_out;
-		const struct lp_torch_tensor **slot;
+		const struct lp_fmt_tensor **slot;
 
 		if (parse_key(t->name, &layer, &kind, &is_out)) {
 			rc = lp_errf(
@@ -644,8 +641,8 @@ static int build_plan(struct nemo *x, const struct lp_torch_ckpt *ck, const stru
 	}
 	for (int l = 0; l < s->n_layers; l++) {
 		for (int k = 0; k < NK_N; k++) {
-			const struct lp_torch_tensor *tin = slots[((size_t)l * NK_N + k) * 2];
-			const struct lp_torch_tensor *tout = slots[((size_t)l * NK_N + k) * 2 + 1];
+			const struct lp_fmt_tensor *tin = slots[((size_t)l * NK_N + k) * 2];
+			const struct lp_fmt_tensor *tout = slots[((size_t)l * NK_N + k) * 2 + 1];
 
 			if (!tin && !tout)
 				continue;

@@ -27,8 +27,8 @@
 #include <sys/stat.h>
 
 #include "agent/adapters/lora-internal.h"
-#include "agent/adapters/torch-checkpoint.h"
-#include "agent/engine/safetensors.h"
+#include "agent/formats/torch-checkpoint.h"
+#include "agent/formats/safetensors.h"
 #include "common/buf.h"
 
 #define CONFIG_MAX_BYTES (1u << 20)
@@ -665,7 +665,7 @@ static int parse_layer_module(const char *m, size_t len, int *layer, enum lp_lor
 }
 
 struct tensor_list {
-	struct lora_tensor *t;
+	struct lp_fmt_tensor *t;
 	size_t n;
 	const char *file;
 };
@@ -797,8 +797,8 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 	for (int l = 0; l < s->n_layers; l++) {
 		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
 			size_t *sl = &slots[((size_t)l * LP_LORA_N_TARGETS + t) * 2];
-			const struct lora_tensor *a = sl[0] ? &tl->t[sl[0] - 1] : NULL;
-			const struct lora_tensor *b = sl[1] ? &tl->t[sl[1] - 1] : NULL;
+			const struct lp_fmt_tensor *a = sl[0] ? &tl->t[sl[0] - 1] : NULL;
+			const struct lp_fmt_tensor *b = sl[1] ? &tl->t[sl[1] - 1] : NULL;
 			const struct pattern *pr, *pa;
 			struct lora_plan_pair *pp;
 			char name[KEY_MAX];
@@ -856,8 +856,8 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 				goto out;
 			pp = lora_plan_at(plan, l, (enum lp_lora_target)t);
 			pp->rank = r;
-			pp->a = (struct lora_src){a->data, a->dtype, a->name};
-			pp->b = (struct lora_src){b->data, b->dtype, b->name};
+			pp->a = (struct lora_src){a->data, a->type, a->name};
+			pp->b = (struct lora_src){b->data, b->type, b->name};
 			pp->scale = c->rslora ? alpha / sqrt((double)r) : alpha / (double)r;
 		}
 	}
@@ -923,26 +923,8 @@ int lora_load_peft(struct lp_lora **out, const char *root, const char *dir,
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto out;
 	}
-	for (size_t i = 0; i < tl.n; i++) {
-		struct lora_tensor *t = &tl.t[i];
-		if (st) {
-			const struct lp_st_tensor *x = lp_safetensors_at(st, i);
-			t->name = x->name;
-			t->dtype = x->dtype;
-			t->n_dims = x->n_dims;
-			memcpy(t->shape, x->shape, sizeof(t->shape));
-			t->data = x->data;
-			t->nbytes = x->nbytes;
-		} else {
-			const struct lp_torch_tensor *x = lp_torch_ckpt_at(ck, i);
-			t->name = x->name;
-			t->dtype = x->dtype;
-			t->n_dims = x->n_dims;
-			memcpy(t->shape, x->shape, sizeof(t->shape));
-			t->data = x->data;
-			t->nbytes = x->nbytes;
-		}
-	}
+	for (size_t i = 0; i < tl.n; i++)
+		tl.t[i] = st ? *lp_safetensors_at(st, i) : *lp_torch_ckpt_at(ck, i);
 	rc = lora_plan_init(&plan, s->n_layers, err);
 	if (rc)
 		goto out;

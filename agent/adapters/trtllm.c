@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "agent/adapters/lora-internal.h"
-#include "agent/adapters/npy.h"
+#include "agent/formats/npy.h"
 #include "common/mapped-file.h"
 #include "kernels/dtype.h"
 
@@ -50,11 +50,11 @@ static int module_targets(int id, const struct lp_lora_shape *s, enum lp_lora_ta
 	return 1;
 }
 
-static int64_t config_value(const struct lp_npy *c, size_t i)
+static int64_t config_value(const struct lp_fmt_tensor *c, size_t i)
 {
 	const unsigned char *p = (const unsigned char *)c->data;
 
-	if (c->dtype == LP_ST_I32) {
+	if (c->type == LP_FMT_I32) {
 		int32_t v;
 		memcpy(&v, p + 4 * i, 4);
 		return v;
@@ -64,11 +64,11 @@ static int64_t config_value(const struct lp_npy *c, size_t i)
 	return v;
 }
 
-static bool is_zero(const struct lp_npy *w, const unsigned char *p, size_t n)
+static bool is_zero(const struct lp_fmt_tensor *w, const unsigned char *p, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		float f;
-		if (w->dtype == LP_ST_F32) {
+		if (w->type == LP_FMT_F32) {
 			memcpy(&f, p + 4 * i, 4);
 		} else {
 			uint16_t h;
@@ -82,7 +82,7 @@ static bool is_zero(const struct lp_npy *w, const unsigned char *p, size_t n)
 }
 
 /* Rows and row length of a [1, N, M] or [N, M] array. */
-static bool rows_of(const struct lp_npy *a, int64_t *rows, int64_t *cols)
+static bool rows_of(const struct lp_fmt_tensor *a, int64_t *rows, int64_t *cols)
 {
 	if (a->n_dims == 3 && a->shape[0] == 1) {
 		*rows = a->shape[1];
@@ -120,21 +120,21 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 	if ((rc = lp_npy_parse(&cfg, cf.data, cf.size, cpath, err)) ||
 	    (rc = lp_npy_parse(&w, wf.data, wf.size, wpath, err)))
 		goto out;
-	if ((cfg.dtype != LP_ST_I32 && cfg.dtype != LP_ST_I64) || !rows_of(&cfg, &n_rows, &ncol) ||
-	    (ncol != 3 && ncol != 4)) {
+	if ((cfg.t.type != LP_FMT_I32 && cfg.t.type != LP_FMT_I64) ||
+	    !rows_of(&cfg.t, &n_rows, &ncol) || (ncol != 3 && ncol != 4)) {
 		rc = lp_errf(err, -EINVAL,
 		             "'%s' must be an int32 array of shape [1, N, 3] (module id, layer, "
 		             "rank), not %s with %d dimensions",
-		             cpath, cfg.descr, cfg.n_dims);
+		             cpath, cfg.descr, cfg.t.n_dims);
 		goto out;
 	}
-	if (w.dtype != LP_ST_F32 && w.dtype != LP_ST_F16) {
+	if (w.t.type != LP_FMT_F32 && w.t.type != LP_FMT_F16) {
 		rc = lp_errf(err, -EINVAL,
 		             "'%s' has dtype '%s'; lora weights must be float32 or float16", wpath,
 		             w.descr);
 		goto out;
 	}
-	if (!rows_of(&w, &w_rows, &row_len) || w_rows != n_rows) {
+	if (!rows_of(&w.t, &w_rows, &row_len) || w_rows != n_rows) {
 		rc = lp_errf(err, -EINVAL, "'%s' must have shape [1, %lld, max_row] to match '%s'",
 		             wpath, (long long)n_rows, cpath);
 		goto out;
@@ -144,7 +144,7 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 		             cpath, (long long)n_rows, s->n_layers, s->n_layers * 8);
 		goto out;
 	}
-	esize = w.dtype == LP_ST_F32 ? 4 : 2;
+	esize = w.t.type == LP_FMT_F32 ? 4 : 2;
 	names = calloc((size_t)n_rows, ROW_NAME_LEN);
 	owner = calloc((size_t)s->n_layers * LP_LORA_N_TARGETS, sizeof(*owner));
 	if (!names || !owner) {
@@ -155,10 +155,10 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 		goto out;
 	for (int64_t i = 0; i < n_rows; i++) {
 		size_t c0 = (size_t)i * (size_t)ncol;
-		int64_t id = config_value(&cfg, c0), layer = config_value(&cfg, c0 + 1),
-		        rank = config_value(&cfg, c0 + 2);
+		int64_t id = config_value(&cfg.t, c0), layer = config_value(&cfg.t, c0 + 1),
+		        rank = config_value(&cfg.t, c0 + 2);
 		const unsigned char *row =
-		    (const unsigned char *)w.data + (size_t)i * (size_t)row_len * esize;
+		    (const unsigned char *)w.t.data + (size_t)i * (size_t)row_len * esize;
 		enum lp_lora_target t[3];
 		int row0[3], in, o, n;
 		int64_t need;
@@ -172,7 +172,7 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 			             cpath, (long long)i, (long long)id);
 			goto out;
 		}
-		if (ncol == 4 && config_value(&cfg, c0 + 3) != 0) {
+		if (ncol == 4 && config_value(&cfg.t, c0 + 3) != 0) {
 			rc = lp_errf(err, -EINVAL,
 			             "'%s' row %lld (%s): DoRA rows (is_dora 1) are not supported",
 			             cpath, (long long)i, module_names[id]);
@@ -212,7 +212,7 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 			    (long long)rank, (long long)need, (long long)row_len);
 			goto out;
 		}
-		if (!is_zero(&w, row + (size_t)need * esize, (size_t)(row_len - need))) {
+		if (!is_zero(&w.t, row + (size_t)need * esize, (size_t)(row_len - need))) {
 			rc = lp_errf(
 			    err, -EINVAL,
 			    "'%s' row %lld (%s, layer %lld, rank %lld): values past the %lld "
@@ -237,11 +237,11 @@ int lora_load_trtllm(struct lp_lora **out, const char *root, const char *dir,
 			}
 			*own = (int)i;
 			pp->rank = (int)rank;
-			pp->a = (struct lora_src){row, w.dtype, name};
+			pp->a = (struct lora_src){row, w.t.type, name};
 			pp->b = (struct lora_src){
 			    row + ((size_t)rank * (size_t)in + (size_t)row0[k] * (size_t)rank) *
 			              esize,
-			    w.dtype, name};
+			    w.t.type, name};
 			pp->scale = 1.0;
 		}
 	}

@@ -14,8 +14,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "agent/engine/gguf.h"
-#include "agent/engine/safetensors.h"
+#include "agent/formats/gguf.h"
+#include "agent/formats/safetensors.h"
 #include "agent/engine/tokenizer.h"
 #include "common/buf.h"
 
@@ -266,25 +266,25 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 
 /* ---- GGUF ---- */
 
-static int gguf_dtype(uint32_t t, enum lp_dtype *out)
+static int gguf_dtype(enum lp_fmt_type t, enum lp_dtype *out)
 {
 	switch (t) {
-	case LP_GGML_F32:
+	case LP_FMT_F32:
 		*out = LP_DTYPE_F32;
 		return 0;
-	case LP_GGML_F16:
+	case LP_FMT_F16:
 		*out = LP_DTYPE_F16;
 		return 0;
-	case LP_GGML_BF16:
+	case LP_FMT_BF16:
 		*out = LP_DTYPE_BF16;
 		return 0;
-	case LP_GGML_Q8_0:
+	case LP_FMT_Q8_0:
 		*out = LP_DTYPE_Q8_0;
 		return 0;
-	case LP_GGML_Q4_0:
+	case LP_FMT_Q4_0:
 		*out = LP_DTYPE_Q4_0;
 		return 0;
-	case LP_GGML_Q4_1:
+	case LP_FMT_Q4_1:
 		*out = LP_DTYPE_Q4_1;
 		return 0;
 	default:
@@ -295,7 +295,7 @@ static int gguf_dtype(uint32_t t, enum lp_dtype *out)
 static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struct raw_weight *w,
                        struct lp_err *err)
 {
-	const struct lp_gguf_tensor *t = lp_gguf_find_tensor(g, name);
+	const struct lp_fmt_tensor *t = lp_gguf_find_tensor(g, name);
 
 	memset(w, 0, sizeof(*w));
 	if (!t) {
@@ -304,17 +304,18 @@ static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struc
 		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
 	}
 	if (t->n_dims > 2)
-		return lp_errf(err, -EINVAL, "tensor '%s' has %u dimensions, expected at most 2",
+		return lp_errf(err, -EINVAL, "tensor '%s' has %d dimensions, expected at most 2",
 		               name, t->n_dims);
 	if (gguf_dtype(t->type, &w->type))
 		return lp_errf(err, -ENOTSUP,
 		               "tensor '%s' has type %s, which loraplane does not load (supported: "
 		               "F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-		               name, lp_ggml_type_name(t->type));
+		               name, lp_fmt_type_name(t->type));
 	w->name = name;
 	w->data = t->data;
-	w->cols = (int64_t)t->dims[0];
-	w->rows = t->n_dims == 2 ? (int64_t)t->dims[1] : 1;
+	/* shape is row-major: [rows, cols] or [cols] */
+	w->cols = t->shape[t->n_dims - 1];
+	w->rows = t->n_dims == 2 ? t->shape[0] : 1;
 	return 0;
 }
 
@@ -352,7 +353,7 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 {
 	struct lp_model_config *c = &m->cfg;
 	struct lp_gguf_str arch, scaling;
-	const struct lp_gguf_tensor *emb;
+	const struct lp_fmt_tensor *emb;
 	int rot_dim, key_len, val_len, vocab, eos, bos, rc;
 
 	rc = lp_gguf_get_str(g, "general.architecture", &arch, err);
@@ -408,10 +409,10 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 	if (!emb || emb->n_dims != 2)
 		return lp_errf(err, -EINVAL,
 		               "tensor 'token_embd.weight' is missing or not a matrix");
-	if (emb->dims[1] > MAX_VOCAB)
+	if (emb->shape[0] > MAX_VOCAB) /* [vocab, dim] */
 		return lp_errf(err, -EINVAL, "vocabulary size %llu out of range",
-		               (unsigned long long)emb->dims[1]);
-	c->vocab_size = (int)emb->dims[1];
+		               (unsigned long long)emb->shape[0]);
+	c->vocab_size = (int)emb->shape[0];
 	if ((rc = gguf_int(g, "llama.vocab_size", &vocab, true, c->vocab_size, err)))
 		return rc;
 	if (vocab != c->vocab_size)
@@ -672,25 +673,25 @@ out:
 static int st_weight(struct lp_safetensors *st, const char *name, struct raw_weight *w,
                      struct lp_err *err)
 {
-	const struct lp_st_tensor *t = lp_safetensors_find(st, name);
+	const struct lp_fmt_tensor *t = lp_safetensors_find(st, name);
 
 	memset(w, 0, sizeof(*w));
 	if (!t)
 		return lp_errf(err, -EINVAL, "tensor '%s' is missing", name);
-	switch (t->dtype) {
-	case LP_ST_F32:
+	switch (t->type) {
+	case LP_FMT_F32:
 		w->type = LP_DTYPE_F32;
 		break;
-	case LP_ST_F16:
+	case LP_FMT_F16:
 		w->type = LP_DTYPE_F16;
 		break;
-	case LP_ST_BF16:
+	case LP_FMT_BF16:
 		w->type = LP_DTYPE_BF16;
 		break;
 	default:
 		return lp_errf(err, -ENOTSUP,
 		               "tensor '%s' in '%s' has dtype %s (supported: F32, F16, BF16)", name,
-		               t->file, lp_st_dtype_name(t->dtype));
+		               t->file, lp_fmt_type_name(t->type));
 	}
 	if (t->n_dims < 1 || t->n_dims > 2)
 		return lp_errf(err, -EINVAL, "tensor '%s' has %d dimensions, expected 1 or 2", name,

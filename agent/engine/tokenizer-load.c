@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "agent/engine/gguf.h"
+#include "agent/formats/gguf.h"
 #include "agent/engine/tokenizer-internal.h"
 #include "agent/engine/unicode-utf8.h"
 

@@ -4,7 +4,7 @@
 #include "tests/fuzz/fuzz.h"
 
 #include "agent/engine/chat-template.h"
-#include "agent/engine/gguf.h"
+#include "agent/formats/gguf.h"
 
 static void try_chat_template(const struct lp_tokenizer *tok)
 {
@@ -41,10 +41,10 @@ static void touch_all(const struct lp_gguf *g)
 				fuzz_touch(kv->arr_strs[k].s, kv->arr_strs[k].len);
 	}
 	for (size_t i = 0; i < lp_gguf_tensor_count(g); i++) {
-		const struct lp_gguf_tensor *t = lp_gguf_tensor_at(g, i);
-		fuzz_touch(t->name.s, t->name.len);
-		fuzz_touch(t->data, t->nbytes);
-		(void)lp_ggml_type_name(t->type);
+		const struct lp_fmt_tensor *t = lp_gguf_tensor_at(g, i);
+		FUZZ_ASSERT(t->n_dims >= 1 && t->n_dims <= 4);
+		fuzz_check_tensor(t);
+		(void)lp_fmt_type_name(t->type);
 	}
 	(void)lp_gguf_get_str(g, "general.architecture", &str, &err);
 	(void)lp_gguf_get_u32(g, "llama.block_count", &u, &err);

@@ -7,7 +7,7 @@
 #include "tests/fuzz/fuzz.h"
 
 #include "agent/adapters/lora.h"
-#include "agent/adapters/tar.h"
+#include "agent/formats/tar.h"
 
 static unsigned char *ckpt; /* model_weights.ckpt of the fixture */
 static size_t ckpt_size;

@@ -3,7 +3,7 @@
  * maps a path. */
 #include "tests/fuzz/fuzz.h"
 
-#include "agent/engine/safetensors.h"
+#include "agent/formats/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -15,10 +15,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (lp_safetensors_open_file(&st, path, &err))
 		return 0;
 	for (size_t i = 0; i < lp_safetensors_count(st); i++) {
-		const struct lp_st_tensor *t = lp_safetensors_at(st, i);
-		fuzz_check_tensor(t->dtype, t->n_dims, t->shape, t->data, t->nbytes);
+		const struct lp_fmt_tensor *t = lp_safetensors_at(st, i);
+		fuzz_check_tensor(t);
 		FUZZ_ASSERT(lp_safetensors_find(st, t->name) != NULL);
-		(void)lp_st_dtype_name(t->dtype);
+		FUZZ_ASSERT(t->file != NULL);
 	}
 	lp_safetensors_free(st);
 	return 0;

@@ -3,7 +3,7 @@
  * memory. */
 #include "tests/fuzz/fuzz.h"
 
-#include "agent/adapters/torch-checkpoint.h"
+#include "agent/formats/torch-checkpoint.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -13,9 +13,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (lp_torch_ckpt_open_mem(&c, data, size, "fuzz.bin", &err))
 		return 0;
 	for (size_t i = 0; i < lp_torch_ckpt_count(c); i++) {
-		const struct lp_torch_tensor *t = lp_torch_ckpt_at(c, i);
-		FUZZ_ASSERT(t->name != NULL);
-		fuzz_check_tensor(t->dtype, t->n_dims, t->shape, t->data, t->nbytes);
+		const struct lp_fmt_tensor *t = lp_torch_ckpt_at(c, i);
+		fuzz_check_tensor(t);
 		FUZZ_ASSERT(t->nbytes == 0 ||
 		            ((const uint8_t *)t->data >= data &&
 		             (const uint8_t *)t->data + t->nbytes <= data + size));

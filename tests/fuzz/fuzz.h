@@ -17,7 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "agent/engine/safetensors.h"
+#include "agent/formats/tensor.h"
 #include "agent/engine/tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -183,22 +183,22 @@ FUZZ_FN void fuzz_touch(const void *p, uint64_t n)
 		fuzz_sink += ((const unsigned char *)p)[0] + ((const unsigned char *)p)[n - 1];
 }
 
-/* Checks what every tensor reader promises: a known dtype, 0..max dims,
- * no negative dim, and nbytes = product of the shape x the dtype's size,
- * all readable. */
-FUZZ_FN void fuzz_check_tensor(enum lp_st_dtype dtype, int n_dims, const int64_t *shape,
-                               const void *data, size_t nbytes)
+/* Checks what every tensor reader promises (agent/formats/tensor.h): a
+ * name, a known type, 0..max dims, no negative dim, nbytes = the shape's
+ * element count (whole blocks) x the type's block size, all readable. */
+FUZZ_FN void fuzz_check_tensor(const struct lp_fmt_tensor *t)
 {
 	uint64_t numel = 1;
-	size_t esize = lp_st_dtype_size(dtype);
+	size_t esize = lp_fmt_type_size(t->type), block = lp_fmt_type_block(t->type);
 
-	FUZZ_ASSERT(esize > 0 && n_dims >= 0 && n_dims <= LP_ST_MAX_DIMS);
-	for (int i = 0; i < n_dims; i++) {
-		FUZZ_ASSERT(shape[i] >= 0);
-		FUZZ_ASSERT(!__builtin_mul_overflow(numel, (uint64_t)shape[i], &numel));
+	FUZZ_ASSERT(t->name != NULL);
+	FUZZ_ASSERT(esize > 0 && block > 0 && t->n_dims >= 0 && t->n_dims <= LP_FMT_MAX_DIMS);
+	for (int i = 0; i < t->n_dims; i++) {
+		FUZZ_ASSERT(t->shape[i] >= 0);
+		FUZZ_ASSERT(!__builtin_mul_overflow(numel, (uint64_t)t->shape[i], &numel));
 	}
-	FUZZ_ASSERT(numel * esize == nbytes);
-	fuzz_touch(data, nbytes);
+	FUZZ_ASSERT(numel % block == 0 && numel / block * esize == t->nbytes);
+	fuzz_touch(t->data, t->nbytes);
 }
 
 /* Encodes text (and, with extra, the n bytes at extra as text too) both

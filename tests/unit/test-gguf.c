@@ -8,7 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "agent/engine/gguf.h"
+#include "agent/formats/gguf.h"
 #include "kernels/dtype.h"
 #include "tests/test.h"
 
@@ -414,29 +414,32 @@ static void test_model_tensors(void)
 {
 	struct lp_gguf *g;
 	struct lp_err err;
-	const struct lp_gguf_tensor *emb, *q, *norm, *t;
+	const struct lp_fmt_tensor *emb, *q, *norm, *t;
 	const unsigned char *lo = NULL, *hi = NULL;
 
 	CHECK_OK(lp_gguf_open(&g, model_path(), &err), &err);
 	emb = lp_gguf_find_tensor(g, "token_embd.weight");
 	CHECK(emb != NULL);
-	CHECK_EQ_INT(emb->type, LP_GGML_Q8_0);
+	CHECK_EQ_INT(emb->type, LP_FMT_Q8_0);
 	CHECK_EQ_INT(emb->n_dims, 2);
-	CHECK_EQ_INT(emb->dims[0], 576);
-	CHECK_EQ_INT(emb->dims[1], 49152);
+	CHECK_EQ_INT(emb->shape[0], 49152); /* row-major: the file's dims reversed */
+	CHECK_EQ_INT(emb->shape[1], 576);
+	CHECK_EQ_STR(emb->name, "token_embd.weight");
+	CHECK_EQ_STR(emb->file, model_path());
 	CHECK_EQ_INT(emb->nbytes, 576ull * 49152 / 32 * 34);
 	q = lp_gguf_find_tensor(g, "blk.0.attn_q.weight");
 	CHECK(q != NULL);
-	CHECK_EQ_INT(q->type, LP_GGML_Q4_1);
+	CHECK_EQ_INT(q->type, LP_FMT_Q4_1);
 	CHECK_EQ_INT(q->n_dims, 2);
-	CHECK_EQ_INT(q->dims[0], 576);
-	CHECK_EQ_INT(q->dims[1], 576);
+	CHECK_EQ_INT(q->shape[0], 576);
+	CHECK_EQ_INT(q->shape[1], 576);
 	CHECK_EQ_INT(q->nbytes, 576ull * 576 / 32 * 20);
 	norm = lp_gguf_find_tensor(g, "blk.0.attn_norm.weight");
 	CHECK(norm != NULL);
-	CHECK_EQ_INT(norm->type, LP_GGML_F32);
+	CHECK_EQ_INT(norm->type, LP_FMT_F32);
 	CHECK_EQ_INT(norm->n_dims, 1);
-	CHECK_EQ_INT(norm->dims[1], 1);
+	CHECK_EQ_INT(norm->shape[0], 576);
+	CHECK_EQ_INT(norm->shape[1], 0);
 	/* the embedding is first in the data section, the norm right after */
 	CHECK((const unsigned char *)norm->data - (const unsigned char *)emb->data ==
 	      (ptrdiff_t)emb->nbytes);
@@ -477,7 +480,7 @@ static void test_model_tensors(void)
 static void check_small(struct lp_gguf *g, uint64_t align)
 {
 	const struct lp_gguf_kv *kv;
-	const struct lp_gguf_tensor *t0, *t1;
+	const struct lp_fmt_tensor *t0, *t1;
 	struct lp_err err;
 	struct lp_gguf_str s;
 	uint32_t u;
@@ -569,18 +572,19 @@ static void check_small(struct lp_gguf *g, uint64_t align)
 	t0 = lp_gguf_find_tensor(g, "tok.weight");
 	t1 = lp_gguf_find_tensor(g, "out.weight");
 	CHECK(t0 && t1 && t0 == lp_gguf_tensor_at(g, 0) && t1 == lp_gguf_tensor_at(g, 1));
-	CHECK_EQ_INT(t0->type, LP_GGML_F32);
+	CHECK_EQ_INT(t0->type, LP_FMT_F32);
 	CHECK_EQ_INT(t0->n_dims, 2);
-	CHECK_EQ_INT(t0->dims[0], 4);
-	CHECK_EQ_INT(t0->dims[1], 3);
-	CHECK_EQ_INT(t0->dims[2], 1);
+	CHECK_EQ_INT(t0->shape[0], 3); /* the file's dims [4, 3], dims[0] fastest */
+	CHECK_EQ_INT(t0->shape[1], 4);
+	CHECK_EQ_INT(t0->shape[2], 0);
+	CHECK_EQ_STR(t0->name, "tok.weight");
 	CHECK_EQ_INT(t0->nbytes, 48);
 	for (int i = 0; i < 12; i++) {
 		float w;
 		memcpy(&w, (const char *)t0->data + 4 * i, 4);
 		CHECK_NEAR(w, i * 0.5, 0.0);
 	}
-	CHECK_EQ_INT(t1->type, LP_GGML_Q8_0);
+	CHECK_EQ_INT(t1->type, LP_FMT_Q8_0);
 	CHECK_EQ_INT(t1->nbytes, 68);
 	{
 		float row[64];
@@ -621,7 +625,7 @@ static void test_small_default_and_wide_alignment(void)
 
 	for (size_t i = 0; i < sizeof(aligns) / sizeof(aligns[0]); i++) {
 		struct opts o = {.alignment = aligns[i]};
-		const struct lp_gguf_tensor *t1;
+		const struct lp_fmt_tensor *t1;
 		build(&b, &m, &o);
 		CHECK(write_file(path, sizeof(path), "align.gguf", b.d, b.len) == 0);
 		gb_free(&b);

@@ -20,10 +20,10 @@
 #include <unistd.h>
 
 #include "agent/adapters/lora.h"
-#include "agent/adapters/npy.h"
-#include "agent/adapters/tar.h"
-#include "agent/adapters/torch-checkpoint.h"
-#include "agent/engine/safetensors.h"
+#include "agent/formats/npy.h"
+#include "agent/formats/tar.h"
+#include "agent/formats/torch-checkpoint.h"
+#include "agent/formats/safetensors.h"
 #include "common/buf.h"
 #include "kernels/dtype.h"
 #include "tests/test.h"
@@ -703,7 +703,7 @@ static void test_fixture_scales(void)
 			for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
 				const struct lp_lora_pair *p = lp_lora_pair_at(l, layer, t);
 				bool want = (k->layer_mask >> layer & 1) && (k->targets >> t & 1);
-				const struct lp_st_tensor *a, *b;
+				const struct lp_fmt_tensor *a, *b;
 				char name[200];
 				int r, in, out;
 				double alpha;
@@ -795,7 +795,7 @@ static void test_converted_variants_match(void)
 					snprintf(w, sizeof(w), "%s/model.lora_weights.npy", path);
 					bytes = read_all(w, &len);
 					if (bytes && !lp_npy_parse(&npy, bytes, len, w, NULL) &&
-					    npy.dtype == LP_ST_F16)
+					    npy.t.type == LP_FMT_F16)
 						tol = 1.0 / 1024;
 					free(bytes);
 				}
@@ -2164,7 +2164,7 @@ static int npy_case(int version, const char *dict, size_t data_bytes, const char
 	} else {
 		rc = 0;
 	}
-	if (!want && !rc && memcmp(out->data, vals, out->nbytes))
+	if (!want && !rc && memcmp(out->t.data, vals, out->t.nbytes))
 		rc = -1;
 	lp_buf_release(&b);
 	return rc;
@@ -2203,9 +2203,9 @@ static void test_npy_headers(void)
 		CHECK_MSG(rc == 0, "case %zu: %s", i, msg);
 	}
 	CHECK_EQ_INT(npy_case(1, cases[0].dict, 24, NULL, &npy, msg, sizeof(msg)), 0);
-	CHECK_EQ_INT(npy.n_dims, 2);
-	CHECK_EQ_INT(npy.shape[1], 3);
-	CHECK_EQ_INT(npy.dtype, LP_ST_F32);
+	CHECK_EQ_INT(npy.t.n_dims, 2);
+	CHECK_EQ_INT(npy.t.shape[1], 3);
+	CHECK_EQ_INT(npy.t.type, LP_FMT_F32);
 	CHECK(lp_npy_parse(&npy, "\x93NUMPY\x01", 7, "x.npy", NULL) == -EINVAL);
 }
 
@@ -2409,9 +2409,9 @@ static void test_trtllm_four_columns(void)
 
 	fixture(src, sizeof(src), "tiny/r8-all-trtllm/model.lora_config.npy");
 	d = read_all(src, &n);
-	CHECK(d && lp_npy_parse(&cfg, d, n, src, NULL) == 0 && cfg.shape[1] <= 64);
-	for (int64_t i = 0; i < cfg.shape[1]; i++) {
-		memcpy(rows[i], (const int32_t *)cfg.data + 3 * i, 12);
+	CHECK(d && lp_npy_parse(&cfg, d, n, src, NULL) == 0 && cfg.t.shape[1] <= 64);
+	for (int64_t i = 0; i < cfg.t.shape[1]; i++) {
+		memcpy(rows[i], (const int32_t *)cfg.t.data + 3 * i, 12);
 		rows[i][3] = 0;
 	}
 	new_dir(dir, sizeof(dir));
@@ -2419,11 +2419,11 @@ static void test_trtllm_four_columns(void)
 	CHECK(copy_file(src, dir, "model.lora_weights.npy", SIZE_MAX) == 0);
 	snprintf(dict, sizeof(dict),
 	         "{'descr': '<i4', 'fortran_order': False, 'shape': (1, %lld, 4), }",
-	         (long long)cfg.shape[1]);
+	         (long long)cfg.t.shape[1]);
 	for (int dora = 0; dora < 2; dora++) {
 		rows[3][3] = dora;
 		lp_buf_init(&b, BUF_MAX);
-		npy_bytes(&b, 1, dict, rows, (size_t)cfg.shape[1] * 16);
+		npy_bytes(&b, 1, dict, rows, (size_t)cfg.t.shape[1] * 16);
 		CHECK(write_file(dir, "model.lora_config.npy", b.data, b.len) == 0);
 		lp_buf_release(&b);
 		if (dora)
@@ -2433,7 +2433,7 @@ static void test_trtllm_four_columns(void)
 	}
 	rows[3][3] = 0;
 	lp_buf_init(&b, BUF_MAX);
-	npy_bytes(&b, 1, dict, rows, (size_t)cfg.shape[1] * 16);
+	npy_bytes(&b, 1, dict, rows, (size_t)cfg.t.shape[1] * 16);
 	CHECK(write_file(dir, "model.lora_config.npy", b.data, b.len) == 0);
 	lp_buf_release(&b);
 	free(d);

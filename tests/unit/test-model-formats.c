@@ -26,7 +26,7 @@
 
 #include "agent/engine/engine.h"
 #include "agent/engine/model.h"
-#include "agent/engine/safetensors.h"
+#include "agent/formats/safetensors.h"
 #include "agent/engine/tokenizer.h"
 #include "common/buf.h"
 #include "kernels/dtype.h"
@@ -479,16 +479,16 @@ static void test_gguf_qk_rows_equal_hf(void)
 
 /* ---- single-file HF directories written here ---- */
 
-static float st_elem_f32(const struct lp_st_tensor *t, size_t i)
+static float st_elem_f32(const struct lp_fmt_tensor *t, size_t i)
 {
 	uint16_t h;
 	float f;
 
-	switch (t->dtype) {
-	case LP_ST_F32:
+	switch (t->type) {
+	case LP_FMT_F32:
 		memcpy(&f, (const char *)t->data + 4 * i, 4);
 		return f;
-	case LP_ST_F16:
+	case LP_FMT_F16:
 		memcpy(&h, (const char *)t->data + 2 * i, 2);
 		return lp_f16_to_f32(h);
 	default: /* BF16, checked by the caller */
@@ -499,7 +499,7 @@ static float st_elem_f32(const struct lp_st_tensor *t, size_t i)
 
 static int by_name(const void *a, const void *b)
 {
-	const struct lp_st_tensor *const *x = a, *const *y = b;
+	const struct lp_fmt_tensor *const *x = a, *const *y = b;
 	return strcmp((*x)->name, (*y)->name);
 }
 
@@ -516,7 +516,7 @@ static int write_safetensors(const char *path, const struct lp_safetensors *src,
                              struct f16_stats *stats, char *why, size_t why_len)
 {
 	size_t n = lp_safetensors_count(src), off = 0, esize = to_f16 ? 2 : 4;
-	const struct lp_st_tensor **ts = calloc(n ? n : 1, sizeof(*ts));
+	const struct lp_fmt_tensor **ts = calloc(n ? n : 1, sizeof(*ts));
 	json_t *hdr = json_object(), *meta = json_object();
 	char *text = NULL;
 	FILE *f = NULL;
@@ -534,13 +534,13 @@ static int write_safetensors(const char *path, const struct lp_safetensors *src,
 		ts[i] = lp_safetensors_at(src, i);
 	qsort(ts, n, sizeof(*ts), by_name);
 	for (size_t i = 0; i < n; i++) {
-		const struct lp_st_tensor *t = ts[i];
+		const struct lp_fmt_tensor *t = ts[i];
 		json_t *shape = json_array(), *desc = json_object();
-		size_t count = t->nbytes / lp_st_dtype_size(t->dtype);
+		size_t count = t->nbytes / lp_fmt_type_size(t->type);
 
-		if (t->dtype != LP_ST_BF16 && t->dtype != LP_ST_F16 && t->dtype != LP_ST_F32) {
+		if (t->type != LP_FMT_BF16 && t->type != LP_FMT_F16 && t->type != LP_FMT_F32) {
 			fmt(why, why_len, "tensor '%s' has dtype %s", t->name,
-			    lp_st_dtype_name(t->dtype));
+			    lp_fmt_type_name(t->type));
 			json_decref(shape);
 			json_decref(desc);
 			goto out;
@@ -572,8 +572,8 @@ static int write_safetensors(const char *path, const struct lp_safetensors *src,
 			fputc(' ', f);
 	}
 	for (size_t i = 0; i < n; i++) {
-		const struct lp_st_tensor *t = ts[i];
-		size_t count = t->nbytes / lp_st_dtype_size(t->dtype);
+		const struct lp_fmt_tensor *t = ts[i];
+		size_t count = t->nbytes / lp_fmt_type_size(t->type);
 		for (size_t k = 0; k < count; k++) {
 			float v = st_elem_f32(t, k);
 			if (to_f16) {

@@ -10,7 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "agent/engine/safetensors.h"
+#include "agent/formats/safetensors.h"
 #include "kernels/dtype.h"
 #include "tests/test.h"
 
@@ -185,11 +185,11 @@ static void valid_data(unsigned char *d)
 	d[77] = 9;
 }
 
-static const struct lp_st_tensor *find_checked(const struct lp_safetensors *st, const char *name,
-                                               enum lp_st_dtype dtype, int n_dims, size_t nbytes)
+static const struct lp_fmt_tensor *find_checked(const struct lp_safetensors *st, const char *name,
+                                                enum lp_fmt_type dtype, int n_dims, size_t nbytes)
 {
-	const struct lp_st_tensor *t = lp_safetensors_find(st, name);
-	if (!t || t->dtype != dtype || t->n_dims != n_dims || t->nbytes != nbytes ||
+	const struct lp_fmt_tensor *t = lp_safetensors_find(st, name);
+	if (!t || t->type != dtype || t->n_dims != n_dims || t->nbytes != nbytes ||
 	    strcmp(t->name, name) != 0)
 		return NULL;
 	return t;
@@ -197,7 +197,7 @@ static const struct lp_st_tensor *find_checked(const struct lp_safetensors *st, 
 
 static void check_valid_set(const struct lp_safetensors *st, const char *path)
 {
-	const struct lp_st_tensor *t;
+	const struct lp_fmt_tensor *t;
 	float f;
 	double d;
 	int64_t i64;
@@ -217,7 +217,7 @@ static void check_valid_set(const struct lp_safetensors *st, const char *path)
 		CHECK_EQ_STR(t->file, path);
 	}
 
-	t = find_checked(st, "w.f32", LP_ST_F32, 2, 24);
+	t = find_checked(st, "w.f32", LP_FMT_F32, 2, 24);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(t->shape[0], 2);
 	CHECK_EQ_INT(t->shape[1], 3);
@@ -225,47 +225,47 @@ static void check_valid_set(const struct lp_safetensors *st, const char *path)
 		memcpy(&f, (const char *)t->data + 4 * i, 4);
 		CHECK_NEAR(f, i * 1.5, 0.0);
 	}
-	t = find_checked(st, "w.f16", LP_ST_F16, 1, 8);
+	t = find_checked(st, "w.f16", LP_FMT_F16, 1, 8);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(t->shape[0], 4);
 	for (int i = 0; i < 4; i++) {
 		memcpy(&h, (const char *)t->data + 2 * i, 2);
 		CHECK_NEAR(lp_f16_to_f32(h), i - 1.5, 0.0);
 	}
-	t = find_checked(st, "w.bf16", LP_ST_BF16, 2, 8);
+	t = find_checked(st, "w.bf16", LP_FMT_BF16, 2, 8);
 	CHECK(t != NULL);
 	memcpy(&h, (const char *)t->data + 6, 2);
 	CHECK_NEAR(lp_bf16_to_f32(h), 768.0, 0.0);
-	t = find_checked(st, "w.i64", LP_ST_I64, 0, 8); /* a 0-dim scalar */
+	t = find_checked(st, "w.i64", LP_FMT_I64, 0, 8); /* a 0-dim scalar */
 	CHECK(t != NULL);
 	memcpy(&i64, t->data, 8);
 	CHECK_EQ_INT(i64, -7);
-	t = find_checked(st, "w.u8", LP_ST_U8, 1, 3);
+	t = find_checked(st, "w.u8", LP_FMT_U8, 1, 3);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(((const unsigned char *)t->data)[2], 255);
-	t = find_checked(st, "w.bool", LP_ST_BOOL, 1, 1);
+	t = find_checked(st, "w.bool", LP_FMT_BOOL, 1, 1);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(((const unsigned char *)t->data)[0], 1);
-	t = find_checked(st, "w.empty", LP_ST_F32, 2, 0);
+	t = find_checked(st, "w.empty", LP_FMT_F32, 2, 0);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(t->shape[0], 0);
 	CHECK_EQ_INT(t->shape[1], 4);
-	t = find_checked(st, "w.i32", LP_ST_I32, 8, 8);
+	t = find_checked(st, "w.i32", LP_FMT_I32, 8, 8);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(t->shape[7], 2);
 	memcpy(&i32, t->data, 4);
 	CHECK_EQ_INT(i32, -100000);
 	memcpy(&i32, (const char *)t->data + 4, 4);
 	CHECK_EQ_INT(i32, 42);
-	t = find_checked(st, "w.f64", LP_ST_F64, 1, 8);
+	t = find_checked(st, "w.f64", LP_FMT_F64, 1, 8);
 	CHECK(t != NULL);
 	memcpy(&d, t->data, 8);
 	CHECK_NEAR(d, 3.25, 0.0);
-	t = find_checked(st, "w.i16", LP_ST_I16, 1, 4);
+	t = find_checked(st, "w.i16", LP_FMT_I16, 1, 4);
 	CHECK(t != NULL);
 	memcpy(&i16, (const char *)t->data + 2, 2);
 	CHECK_EQ_INT(i16, 300);
-	t = find_checked(st, "w.i8", LP_ST_I8, 1, 2);
+	t = find_checked(st, "w.i8", LP_FMT_I8, 1, 2);
 	CHECK(t != NULL);
 	CHECK_EQ_INT(((const int8_t *)t->data)[0], -3);
 }
@@ -301,15 +301,15 @@ static void test_valid_file(void)
 
 static void test_dtype_table(void)
 {
-	CHECK_EQ_INT(lp_st_dtype_size(LP_ST_F64), 8);
-	CHECK_EQ_INT(lp_st_dtype_size(LP_ST_F32), 4);
-	CHECK_EQ_INT(lp_st_dtype_size(LP_ST_BF16), 2);
-	CHECK_EQ_INT(lp_st_dtype_size(LP_ST_I16), 2);
-	CHECK_EQ_INT(lp_st_dtype_size(LP_ST_BOOL), 1);
-	CHECK_EQ_STR(lp_st_dtype_name(LP_ST_BF16), "BF16");
-	CHECK_EQ_STR(lp_st_dtype_name(LP_ST_U8), "U8");
-	CHECK_EQ_INT(lp_st_dtype_size((enum lp_st_dtype)99), 0);
-	CHECK_EQ_STR(lp_st_dtype_name((enum lp_st_dtype)99), "invalid");
+	CHECK_EQ_INT(lp_fmt_type_size(LP_FMT_F64), 8);
+	CHECK_EQ_INT(lp_fmt_type_size(LP_FMT_F32), 4);
+	CHECK_EQ_INT(lp_fmt_type_size(LP_FMT_BF16), 2);
+	CHECK_EQ_INT(lp_fmt_type_size(LP_FMT_I16), 2);
+	CHECK_EQ_INT(lp_fmt_type_size(LP_FMT_BOOL), 1);
+	CHECK_EQ_STR(lp_fmt_type_name(LP_FMT_BF16), "BF16");
+	CHECK_EQ_STR(lp_fmt_type_name(LP_FMT_U8), "U8");
+	CHECK_EQ_INT(lp_fmt_type_size((enum lp_fmt_type)99), 0);
+	CHECK_EQ_STR(lp_fmt_type_name((enum lp_fmt_type)99), "invalid");
 }
 
 static void test_empty_header_object(void)
@@ -367,7 +367,7 @@ static void test_sharded_dir(void)
 {
 	struct lp_safetensors *st;
 	struct lp_err err;
-	const struct lp_st_tensor *a, *b, *c;
+	const struct lp_fmt_tensor *a, *b, *c;
 	char dir[512];
 	float f;
 

@@ -8,7 +8,7 @@
 #include <jansson.h>
 #include <stdint.h>
 
-#include "agent/engine/gguf.h"
+#include "agent/formats/gguf.h"
 #include "agent/engine/tokenizer.h"
 #include "agent/engine/unicode-utf8.h"
 #include "common/buf.h"

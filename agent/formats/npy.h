@@ -5,28 +5,24 @@
  *   padded with spaces and a newline, then the data, row-major.
  * Little-endian (or byte-sized) descrs only, C order only; the data must be
  * exactly what the shape describes. */
-#ifndef LP_ADAPTERS_NPY_H
-#define LP_ADAPTERS_NPY_H
+#ifndef LP_FORMATS_NPY_H
+#define LP_FORMATS_NPY_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "agent/engine/safetensors.h"
+#include "agent/formats/tensor.h"
 #include "common/err.h"
-
-#define LP_NPY_MAX_DIMS 8
 
 struct lp_npy {
 	char descr[16];         /* as written, e.g. "<f4" */
-	enum lp_st_dtype dtype; /* what descr means */
-	int n_dims;
-	int64_t shape[LP_NPY_MAX_DIMS];
-	const void *data; /* inside the bytes given */
-	size_t nbytes;
+	struct lp_fmt_tensor t; /* type is what descr means; name and file are
+	                           the label given */
 };
 
 /* Parses the n bytes at p (a mapped file, say) into *out, whose data
- * points into p. label names the file in messages. */
+ * points into p. label names the file in messages; it is borrowed and
+ * must outlive out (out->t.name and out->t.file point at it). */
 int lp_npy_parse(struct lp_npy *out, const void *p, size_t n, const char *label,
                  struct lp_err *err);
 

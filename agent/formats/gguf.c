@@ -8,7 +8,7 @@
  *                    u64 offset }
  *   padding to general.alignment, then the data section (offsets are
  *   relative to its start). */
-#include "agent/engine/gguf.h"
+#include "agent/formats/gguf.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -34,7 +34,9 @@ struct lp_gguf {
 	size_t n_kv;
 	struct lp_gguf_kv *kvs; /* n_kv */
 	size_t n_tensors;
-	struct lp_gguf_tensor *tensors; /* n_tensors */
+	struct lp_fmt_tensor *tensors;    /* n_tensors */
+	struct lp_gguf_str *tensor_names; /* n_tensors: as in the file, indexed */
+	char *name_buf;                   /* the tensors' NUL-terminated names */
 	/* open-addressing tables of indices + 1 (0 = empty), sizes powers of 2 */
 	uint32_t *kv_index;
 	size_t kv_index_size;
@@ -223,44 +225,26 @@ static bool is_float_type(uint32_t t)
 	return t == LP_GGUF_F32 || t == LP_GGUF_F64;
 }
 
-/* ggml type info: weights per block and bytes per block, 0 if unknown. */
-static void ggml_type_info(uint32_t t, uint64_t *block, uint64_t *bytes, const char **name)
+/* The tensor type a ggml type code stands for; false if unknown. */
+static bool ggml_type(uint32_t code, enum lp_fmt_type *out)
 {
 	static const struct {
-		uint32_t type;
-		uint32_t block;
-		uint32_t bytes;
-		const char *name;
-	} info[] = {
-	    {LP_GGML_F32, 1, 4, "F32"},       {LP_GGML_F16, 1, 2, "F16"},
-	    {LP_GGML_BF16, 1, 2, "BF16"},     {LP_GGML_Q4_0, 32, 18, "Q4_0"},
-	    {LP_GGML_Q4_1, 32, 20, "Q4_1"},   {LP_GGML_Q5_0, 32, 22, "Q5_0"},
-	    {LP_GGML_Q5_1, 32, 24, "Q5_1"},   {LP_GGML_Q8_0, 32, 34, "Q8_0"},
-	    {LP_GGML_Q8_1, 32, 36, "Q8_1"},   {LP_GGML_Q2_K, 256, 84, "Q2_K"},
-	    {LP_GGML_Q3_K, 256, 110, "Q3_K"}, {LP_GGML_Q4_K, 256, 144, "Q4_K"},
-	    {LP_GGML_Q5_K, 256, 176, "Q5_K"}, {LP_GGML_Q6_K, 256, 210, "Q6_K"},
-	    {LP_GGML_Q8_K, 256, 292, "Q8_K"},
+		uint32_t code;
+		enum lp_fmt_type type;
+	} map[] = {
+	    {LP_GGML_F32, LP_FMT_F32},   {LP_GGML_F16, LP_FMT_F16},   {LP_GGML_BF16, LP_FMT_BF16},
+	    {LP_GGML_Q4_0, LP_FMT_Q4_0}, {LP_GGML_Q4_1, LP_FMT_Q4_1}, {LP_GGML_Q5_0, LP_FMT_Q5_0},
+	    {LP_GGML_Q5_1, LP_FMT_Q5_1}, {LP_GGML_Q8_0, LP_FMT_Q8_0}, {LP_GGML_Q8_1, LP_FMT_Q8_1},
+	    {LP_GGML_Q2_K, LP_FMT_Q2_K}, {LP_GGML_Q3_K, LP_FMT_Q3_K}, {LP_GGML_Q4_K, LP_FMT_Q4_K},
+	    {LP_GGML_Q5_K, LP_FMT_Q5_K}, {LP_GGML_Q6_K, LP_FMT_Q6_K}, {LP_GGML_Q8_K, LP_FMT_Q8_K},
 	};
-	for (size_t i = 0; i < sizeof(info) / sizeof(info[0]); i++) {
-		if (info[i].type == t) {
-			*block = info[i].block;
-			*bytes = info[i].bytes;
-			*name = info[i].name;
-			return;
+	for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {
+		if (map[i].code == code) {
+			*out = map[i].type;
+			return true;
 		}
 	}
-	*block = 0;
-	*bytes = 0;
-	*name = "unknown";
-}
-
-const char *lp_ggml_type_name(uint32_t t)
-{
-	uint64_t block, bytes;
-	const char *name;
-
-	ggml_type_info(t, &block, &bytes, &name);
-	return name;
+	return false;
 }
 
 static uint64_t hash_str(const char *s, size_t len)
@@ -295,7 +279,7 @@ static const struct lp_gguf_str *kv_name(const void *items, size_t i)
 
 static const struct lp_gguf_str *tensor_name(const void *items, size_t i)
 {
-	return &((const struct lp_gguf_tensor *)items)[i].name;
+	return &((const struct lp_gguf_str *)items)[i];
 }
 
 /* Looks name up; returns the item index or SIZE_MAX. */
@@ -429,55 +413,86 @@ static int parse_kv(struct rd *r, struct lp_gguf_kv *kv, size_t idx)
 	return 0;
 }
 
-static int parse_tensor_info(struct rd *r, struct lp_gguf_tensor *t, size_t idx, uint64_t *offset)
+/* Reads one tensor info into t (name aside: *raw_name is the file's). The
+ * file's dims go into t->shape reversed; a dim above INT64_MAX makes
+ * nbytes larger than any file, which parse() then rejects. */
+static int parse_tensor_info(struct rd *r, struct lp_fmt_tensor *t, struct lp_gguf_str *raw_name,
+                             size_t idx, uint64_t *offset)
 {
 	char name[80];
-	uint64_t block, bytes, ne = 1;
-	const char *tname;
+	uint64_t block, bytes, ne = 1, dims[4];
+	uint32_t n_dims, code;
 	int rc;
 
 	snprintf(r->ctx, sizeof(r->ctx), "tensor info %zu", idx);
-	rc = rd_str(r, &t->name, "the tensor name");
+	rc = rd_str(r, raw_name, "the tensor name");
 	if (rc)
 		return rc;
-	snprintf(r->ctx, sizeof(r->ctx), "tensor '%s'", show(name, sizeof(name), &t->name));
-	rc = rd_u32(r, &t->n_dims, "the dimension count");
+	snprintf(r->ctx, sizeof(r->ctx), "tensor '%s'", show(name, sizeof(name), raw_name));
+	rc = rd_u32(r, &n_dims, "the dimension count");
 	if (rc)
 		return rc;
-	if (t->n_dims < 1 || t->n_dims > 4)
+	if (n_dims < 1 || n_dims > 4)
 		return lp_errf(r->err, -EINVAL, "'%s': %s: %u dimensions (must be 1 to 4)", r->path,
-		               r->ctx, t->n_dims);
-	for (uint32_t d = 0; d < t->n_dims; d++) {
-		rc = rd_u64(r, &t->dims[d], "a dimension");
+		               r->ctx, n_dims);
+	for (uint32_t d = 0; d < n_dims; d++) {
+		rc = rd_u64(r, &dims[d], "a dimension");
 		if (rc)
 			return rc;
-		if (t->dims[d] == 0)
+		if (dims[d] == 0)
 			return lp_errf(r->err, -EINVAL, "'%s': %s: dimension %u is 0", r->path,
 			               r->ctx, d);
-		if (t->dims[d] > UINT64_MAX / ne)
+		if (dims[d] > UINT64_MAX / ne)
 			return lp_errf(r->err, -EINVAL, "'%s': %s: element count overflows",
 			               r->path, r->ctx);
-		ne *= t->dims[d];
+		ne *= dims[d];
 	}
-	for (uint32_t d = t->n_dims; d < 4; d++)
-		t->dims[d] = 1;
-	rc = rd_u32(r, &t->type, "the tensor type");
+	rc = rd_u32(r, &code, "the tensor type");
 	if (rc)
 		return rc;
-	ggml_type_info(t->type, &block, &bytes, &tname);
-	if (!block)
+	if (!ggml_type(code, &t->type))
 		return lp_errf(r->err, -EINVAL, "'%s': %s: unknown ggml type %u", r->path, r->ctx,
-		               t->type);
-	if (t->dims[0] % block)
+		               code);
+	block = lp_fmt_type_block(t->type);
+	bytes = lp_fmt_type_size(t->type);
+	if (dims[0] % block)
 		return lp_errf(r->err, -EINVAL,
 		               "'%s': %s: first dimension %llu is not a multiple of the %s block "
 		               "size %llu",
-		               r->path, r->ctx, (unsigned long long)t->dims[0], tname,
-		               (unsigned long long)block);
+		               r->path, r->ctx, (unsigned long long)dims[0],
+		               lp_fmt_type_name(t->type), (unsigned long long)block);
 	if (ne / block > UINT64_MAX / bytes)
 		return lp_errf(r->err, -EINVAL, "'%s': %s: byte size overflows", r->path, r->ctx);
-	t->nbytes = ne / block * bytes;
+	t->n_dims = (int)n_dims;
+	for (uint32_t d = 0; d < n_dims; d++)
+		t->shape[n_dims - 1 - d] = (int64_t)dims[d];
+	t->nbytes = (size_t)(ne / block * bytes);
 	return rd_u64(r, offset, "the data offset");
+}
+
+/* Gives every tensor a NUL-terminated copy of its name, all in one block
+ * (the names' total length is bounded by the file size). */
+static int copy_names(struct lp_gguf *g, struct lp_err *err)
+{
+	size_t total = 0;
+	char *p;
+
+	for (size_t i = 0; i < g->n_tensors; i++)
+		total += (size_t)g->tensor_names[i].len + 1;
+	g->name_buf = malloc(total);
+	if (!g->name_buf)
+		return lp_errf(err, -ENOMEM, "'%s': out of memory", g->mf.path);
+	p = g->name_buf;
+	for (size_t i = 0; i < g->n_tensors; i++) {
+		size_t len = (size_t)g->tensor_names[i].len;
+
+		memcpy(p, g->tensor_names[i].s, len);
+		p[len] = '\0';
+		g->tensors[i].name = p;
+		g->tensors[i].file = g->mf.path;
+		p += len + 1;
+	}
+	return 0;
 }
 
 /* Checks the general.alignment entry, if any. */
@@ -511,8 +526,8 @@ static int read_alignment(struct lp_gguf *g, struct lp_err *err)
 
 static int cmp_by_offset(const void *a, const void *b)
 {
-	const struct lp_gguf_tensor *x = *(const struct lp_gguf_tensor *const *)a;
-	const struct lp_gguf_tensor *y = *(const struct lp_gguf_tensor *const *)b;
+	const struct lp_fmt_tensor *x = *(const struct lp_fmt_tensor *const *)a;
+	const struct lp_fmt_tensor *y = *(const struct lp_fmt_tensor *const *)b;
 	const unsigned char *px = x->data, *py = y->data;
 	return px < py ? -1 : px > py;
 }
@@ -521,7 +536,7 @@ static int cmp_by_offset(const void *a, const void *b)
  * other, and overlapping data means a corrupted offset. */
 static int check_overlap(struct lp_gguf *g, struct lp_err *err)
 {
-	const struct lp_gguf_tensor **sorted;
+	const struct lp_fmt_tensor **sorted;
 	char n1[80], n2[80];
 	int rc = 0;
 
@@ -537,9 +552,10 @@ static int check_overlap(struct lp_gguf *g, struct lp_err *err)
 		const unsigned char *prev_end =
 		    (const unsigned char *)sorted[i - 1]->data + sorted[i - 1]->nbytes;
 		if ((const unsigned char *)sorted[i]->data < prev_end) {
-			rc = lp_errf(err, -EINVAL, "'%s': tensors '%s' and '%s' overlap",
-			             g->mf.path, show(n1, sizeof(n1), &sorted[i - 1]->name),
-			             show(n2, sizeof(n2), &sorted[i]->name));
+			rc = lp_errf(
+			    err, -EINVAL, "'%s': tensors '%s' and '%s' overlap", g->mf.path,
+			    show(n1, sizeof(n1), &g->tensor_names[sorted[i - 1] - g->tensors]),
+			    show(n2, sizeof(n2), &g->tensor_names[sorted[i] - g->tensors]));
 			break;
 		}
 	}
@@ -609,25 +625,29 @@ static int parse(struct lp_gguf *g, struct lp_err *err)
 	if (!n_tensors)
 		return 0;
 	g->tensors = calloc(g->n_tensors, sizeof(*g->tensors));
+	g->tensor_names = calloc(g->n_tensors, sizeof(*g->tensor_names));
 	offsets = calloc(g->n_tensors, sizeof(*offsets));
 	g->tensor_index_size = index_size_for(g->n_tensors);
 	g->tensor_index = calloc(g->tensor_index_size, sizeof(*g->tensor_index));
-	if (!g->tensors || !offsets || !g->tensor_index) {
+	if (!g->tensors || !g->tensor_names || !offsets || !g->tensor_index) {
 		rc = lp_errf(err, -ENOMEM, "'%s': out of memory", g->mf.path);
 		goto out_free_offsets;
 	}
 	for (size_t i = 0; i < g->n_tensors; i++) {
-		rc = parse_tensor_info(&r, &g->tensors[i], i, &offsets[i]);
+		rc = parse_tensor_info(&r, &g->tensors[i], &g->tensor_names[i], i, &offsets[i]);
 		if (rc)
 			goto out_free_offsets;
-		dup =
-		    index_insert(g->tensor_index, g->tensor_index_size, g->tensors, tensor_name, i);
+		dup = index_insert(g->tensor_index, g->tensor_index_size, g->tensor_names,
+		                   tensor_name, i);
 		if (dup != SIZE_MAX) {
 			rc = lp_errf(err, -EINVAL, "'%s': duplicate tensor name '%s'", g->mf.path,
-			             show(name, sizeof(name), &g->tensors[i].name));
+			             show(name, sizeof(name), &g->tensor_names[i]));
 			goto out_free_offsets;
 		}
 	}
+	rc = copy_names(g, err);
+	if (rc)
+		goto out_free_offsets;
 
 	/* r.pos <= size, and alignment is a power of two that may be huge */
 	g->data_offset = ((uint64_t)r.pos + g->alignment - 1) & ~(g->alignment - 1);
@@ -641,14 +661,14 @@ static int parse(struct lp_gguf *g, struct lp_err *err)
 		goto out_free_offsets;
 	}
 	for (size_t i = 0; i < g->n_tensors; i++) {
-		struct lp_gguf_tensor *t = &g->tensors[i];
+		struct lp_fmt_tensor *t = &g->tensors[i];
 		uint64_t avail = r.size - g->data_offset;
 
 		if (offsets[i] % g->alignment) {
 			rc = lp_errf(err, -EINVAL,
 			             "'%s': tensor '%s' data offset %llu is not a multiple of the "
 			             "alignment %llu",
-			             g->mf.path, show(name, sizeof(name), &t->name),
+			             g->mf.path, show(name, sizeof(name), &g->tensor_names[i]),
 			             (unsigned long long)offsets[i],
 			             (unsigned long long)g->alignment);
 			goto out_free_offsets;
@@ -658,7 +678,7 @@ static int parse(struct lp_gguf *g, struct lp_err *err)
 			    err, -EINVAL,
 			    "'%s': tensor '%s' data (offset %llu, %llu bytes) runs past the "
 			    "end of the file (size %zu)",
-			    g->mf.path, show(name, sizeof(name), &t->name),
+			    g->mf.path, show(name, sizeof(name), &g->tensor_names[i]),
 			    (unsigned long long)offsets[i], (unsigned long long)t->nbytes, r.size);
 			goto out_free_offsets;
 		}
@@ -702,6 +722,8 @@ void lp_gguf_free(struct lp_gguf *g)
 	free(g->kvs);
 	free(g->kv_index);
 	free(g->tensors);
+	free(g->tensor_names);
+	free(g->name_buf);
 	free(g->tensor_index);
 	lp_mapped_file_release(&g->mf);
 	free(g);
@@ -738,15 +760,15 @@ size_t lp_gguf_tensor_count(const struct lp_gguf *g)
 	return g->n_tensors;
 }
 
-const struct lp_gguf_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i)
+const struct lp_fmt_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i)
 {
 	return i < g->n_tensors ? &g->tensors[i] : NULL;
 }
 
-const struct lp_gguf_tensor *lp_gguf_find_tensor(const struct lp_gguf *g, const char *name)
+const struct lp_fmt_tensor *lp_gguf_find_tensor(const struct lp_gguf *g, const char *name)
 {
-	size_t i = index_find(g->tensor_index, g->tensor_index_size, g->tensors, tensor_name, name,
-	                      strlen(name));
+	size_t i = index_find(g->tensor_index, g->tensor_index_size, g->tensor_names, tensor_name,
+	                      name, strlen(name));
 	return i == SIZE_MAX ? NULL : &g->tensors[i];
 }
 

@@ -7,7 +7,7 @@
  * bit set. The checksum is the sum of the header's bytes with the checksum
  * field read as spaces. Data follows, padded to 512; the archive ends with
  * a zero block. */
-#include "agent/adapters/tar.h"
+#include "agent/formats/tar.h"
 
 #include <errno.h>
 #include <stdbool.h>

@@ -5,8 +5,8 @@
  * skipped; links and devices, absolute names and names with a ".."
  * component are refused (-EINVAL naming the member). Compressed archives
  * are not read. */
-#ifndef LP_ADAPTERS_TAR_H
-#define LP_ADAPTERS_TAR_H
+#ifndef LP_FORMATS_TAR_H
+#define LP_FORMATS_TAR_H
 
 #include <stddef.h>
 

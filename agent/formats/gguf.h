@@ -5,13 +5,14 @@
  * file size before use; a truncated or corrupted file is an error that names
  * the file and the reason. Pointers returned below point into the mapping
  * and stay valid until lp_gguf_free(). */
-#ifndef LP_ENGINE_GGUF_H
-#define LP_ENGINE_GGUF_H
+#ifndef LP_FORMATS_GGUF_H
+#define LP_FORMATS_GGUF_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "agent/formats/tensor.h"
 #include "common/err.h"
 
 enum lp_gguf_type {
@@ -30,7 +31,8 @@ enum lp_gguf_type {
 	LP_GGUF_F64 = 12,
 };
 
-/* ggml tensor types that may appear in a file (only some are loadable). */
+/* ggml tensor type codes as the file writes them; the reader accepts
+ * these and reports each as its enum lp_fmt_type (only some are loadable). */
 enum lp_ggml_type {
 	LP_GGML_F32 = 0,
 	LP_GGML_F16 = 1,
@@ -71,15 +73,6 @@ struct lp_gguf_kv {
 	struct lp_gguf_str *arr_strs; /* type ARRAY of STRING: arr_len entries */
 };
 
-struct lp_gguf_tensor {
-	struct lp_gguf_str name;
-	uint32_t n_dims;
-	uint64_t dims[4]; /* dims[0] varies fastest */
-	uint32_t type;    /* enum lp_ggml_type */
-	const void *data; /* inside the mapping */
-	uint64_t nbytes;
-};
-
 struct lp_gguf;
 
 /* Opens and validates path. On failure *out is NULL and err names the
@@ -108,13 +101,14 @@ int lp_gguf_get_str(const struct lp_gguf *g, const char *key, struct lp_gguf_str
 int lp_gguf_get_arr(const struct lp_gguf *g, const char *key, enum lp_gguf_type elem,
                     const struct lp_gguf_kv **out, struct lp_err *err);
 
+/* Tensors (tensor.h): 1 to 4 dimensions, shape in row-major order (the
+ * file's dims reversed: shape[n_dims - 1] is the file's dims[0], the
+ * contiguous one), name a NUL-terminated copy of the file's, file the
+ * path. */
 size_t lp_gguf_tensor_count(const struct lp_gguf *g);
-const struct lp_gguf_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i);
+const struct lp_fmt_tensor *lp_gguf_tensor_at(const struct lp_gguf *g, size_t i);
 /* The tensor named name, or NULL. */
-const struct lp_gguf_tensor *lp_gguf_find_tensor(const struct lp_gguf *g, const char *name);
-
-/* "Q4_1", "F32", ...; "unknown" for a type the reader does not know. */
-const char *lp_ggml_type_name(uint32_t t);
+const struct lp_fmt_tensor *lp_gguf_find_tensor(const struct lp_gguf *g, const char *name);
 
 /* Reads element i of a fixed-size array entry as the given C type
  * (caller checks kv->arr_type and i < kv->arr_len). */

@@ -6,7 +6,7 @@
  *   {"name": {"dtype": "F16", "shape": [..], "data_offsets": [begin, end]},
  *    "__metadata__": {...}}
  * then the data section; offsets are relative to its first byte. */
-#include "agent/engine/safetensors.h"
+#include "agent/formats/safetensors.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -30,39 +30,23 @@ struct lp_safetensors {
 	struct lp_mapped_file *files; /* n_files; each path is stable */
 	size_t n;
 	size_t cap;
-	struct lp_st_tensor *tensors; /* n; names strdup'd */
-	uint64_t *begins;             /* n; data offset of each, for sorting */
-	uint32_t *index;              /* open addressing, index + 1, 0 = empty */
+	struct lp_fmt_tensor *tensors; /* n; names strdup'd */
+	uint64_t *begins;              /* n; data offset of each, for sorting */
+	uint32_t *index;               /* open addressing, index + 1, 0 = empty */
 	size_t index_size;
 };
 
-static const struct {
-	const char *name;
-	size_t size;
-} dtypes[] = {
-    [LP_ST_F64] = {"F64", 8},   [LP_ST_F32] = {"F32", 4}, [LP_ST_F16] = {"F16", 2},
-    [LP_ST_BF16] = {"BF16", 2}, [LP_ST_I64] = {"I64", 8}, [LP_ST_I32] = {"I32", 4},
-    [LP_ST_I16] = {"I16", 2},   [LP_ST_I8] = {"I8", 1},   [LP_ST_U8] = {"U8", 1},
-    [LP_ST_BOOL] = {"BOOL", 1},
+/* The dtypes a safetensors header may name (all plain types). */
+static const enum lp_fmt_type dtypes[] = {
+    LP_FMT_F64, LP_FMT_F32, LP_FMT_F16, LP_FMT_BF16, LP_FMT_I64,
+    LP_FMT_I32, LP_FMT_I16, LP_FMT_I8,  LP_FMT_U8,   LP_FMT_BOOL,
 };
 
-#define N_DTYPES (sizeof(dtypes) / sizeof(dtypes[0]))
-
-size_t lp_st_dtype_size(enum lp_st_dtype t)
+static int dtype_from_name(const char *s, enum lp_fmt_type *out)
 {
-	return (unsigned)t < N_DTYPES ? dtypes[t].size : 0;
-}
-
-const char *lp_st_dtype_name(enum lp_st_dtype t)
-{
-	return (unsigned)t < N_DTYPES ? dtypes[t].name : "invalid";
-}
-
-static int dtype_from_name(const char *s, enum lp_st_dtype *out)
-{
-	for (size_t i = 0; i < N_DTYPES; i++) {
-		if (strcmp(s, dtypes[i].name) == 0) {
-			*out = (enum lp_st_dtype)i;
+	for (size_t i = 0; i < sizeof(dtypes) / sizeof(dtypes[0]); i++) {
+		if (strcmp(s, lp_fmt_type_name(dtypes[i])) == 0) {
+			*out = dtypes[i];
 			return 0;
 		}
 	}
@@ -101,7 +85,7 @@ void lp_safetensors_free(struct lp_safetensors *st)
 
 static int grow_tensors(struct lp_safetensors *st, size_t extra, struct lp_err *err)
 {
-	struct lp_st_tensor *t;
+	struct lp_fmt_tensor *t;
 	uint64_t *b;
 	size_t cap = st->cap ? st->cap : 64;
 
@@ -137,7 +121,7 @@ static bool json_nonneg(const json_t *v, uint64_t *out)
 
 /* Checks one header entry and fills t (except name and file). */
 static int parse_entry(const char *path, const char *name, json_t *e, uint64_t data_size,
-                       struct lp_st_tensor *t, uint64_t *begin_out, struct lp_err *err)
+                       struct lp_fmt_tensor *t, uint64_t *begin_out, struct lp_err *err)
 {
 	json_t *dtype, *shape, *offs, *v;
 	uint64_t numel = 1, begin, end, dim, nbytes;
@@ -152,15 +136,15 @@ static int parse_entry(const char *path, const char *name, json_t *e, uint64_t d
 	if (!json_is_string(dtype))
 		return lp_errf(err, -EINVAL, "'%s': tensor '%s': missing or non-string 'dtype'",
 		               path, name);
-	if (dtype_from_name(json_string_value(dtype), &t->dtype) != 0)
+	if (dtype_from_name(json_string_value(dtype), &t->type) != 0)
 		return lp_errf(err, -EINVAL, "'%s': tensor '%s': unknown dtype '%.32s'", path, name,
 		               json_string_value(dtype));
 	if (!json_is_array(shape))
 		return lp_errf(err, -EINVAL, "'%s': tensor '%s': missing or non-array 'shape'",
 		               path, name);
-	if (json_array_size(shape) > LP_ST_MAX_DIMS)
+	if (json_array_size(shape) > LP_FMT_MAX_DIMS)
 		return lp_errf(err, -EINVAL, "'%s': tensor '%s': %zu dimensions (at most %d)", path,
-		               name, json_array_size(shape), LP_ST_MAX_DIMS);
+		               name, json_array_size(shape), LP_FMT_MAX_DIMS);
 	t->n_dims = (int)json_array_size(shape);
 	json_array_foreach(shape, i, v)
 	{
@@ -175,7 +159,7 @@ static int parse_entry(const char *path, const char *name, json_t *e, uint64_t d
 			               path, name);
 		numel *= dim;
 	}
-	for (i = (size_t)t->n_dims; i < LP_ST_MAX_DIMS; i++)
+	for (i = (size_t)t->n_dims; i < LP_FMT_MAX_DIMS; i++)
 		t->shape[i] = 0;
 	if (!json_is_array(offs) || json_array_size(offs) != 2 ||
 	    !json_nonneg(json_array_get(offs, 0), &begin) ||
@@ -187,16 +171,16 @@ static int parse_entry(const char *path, const char *name, json_t *e, uint64_t d
 		return lp_errf(err, -EINVAL,
 		               "'%s': tensor '%s': data_offsets [%llu, %llu] end before they begin",
 		               path, name, (unsigned long long)begin, (unsigned long long)end);
-	if (numel > UINT64_MAX / dtypes[t->dtype].size)
+	if (numel > UINT64_MAX / lp_fmt_type_size(t->type))
 		return lp_errf(err, -EINVAL, "'%s': tensor '%s': byte size overflows", path, name);
-	nbytes = numel * dtypes[t->dtype].size;
+	nbytes = numel * lp_fmt_type_size(t->type);
 	if (end - begin != nbytes)
 		return lp_errf(err, -EINVAL,
 		               "'%s': tensor '%s': data_offsets [%llu, %llu] hold %llu bytes but "
 		               "%llu elements of %s need %llu",
 		               path, name, (unsigned long long)begin, (unsigned long long)end,
 		               (unsigned long long)(end - begin), (unsigned long long)numel,
-		               dtypes[t->dtype].name, (unsigned long long)nbytes);
+		               lp_fmt_type_name(t->type), (unsigned long long)nbytes);
 	if (end > data_size)
 		return lp_errf(err, -EINVAL,
 		               "'%s': tensor '%s': data_offsets [%llu, %llu] run past the end of "
@@ -312,7 +296,7 @@ static int add_file(struct lp_safetensors *st, const char *base, const char *pat
 	}
 	json_object_foreach(root, name, e)
 	{
-		struct lp_st_tensor *t = &st->tensors[st->n];
+		struct lp_fmt_tensor *t = &st->tensors[st->n];
 
 		if (strcmp(name, "__metadata__") == 0)
 			continue;
@@ -352,7 +336,7 @@ static int build_index(struct lp_safetensors *st, struct lp_err *err)
 	for (size_t i = 0; i < st->n; i++) {
 		size_t h = (size_t)hash_name(st->tensors[i].name) & mask;
 		while (st->index[h]) {
-			const struct lp_st_tensor *o = &st->tensors[st->index[h] - 1];
+			const struct lp_fmt_tensor *o = &st->tensors[st->index[h] - 1];
 			if (strcmp(o->name, st->tensors[i].name) == 0)
 				return lp_errf(err, -EINVAL, "tensor '%s' is in both '%s' and '%s'",
 				               o->name, o->file, st->tensors[i].file);
@@ -513,7 +497,7 @@ static int open_index(struct lp_safetensors *st, const char *dir, const char *in
 	if (rc)
 		goto out_free;
 	for (size_t i = 0; i < n; i++) {
-		const struct lp_st_tensor *t = lp_safetensors_find(st, entries[i].tensor);
+		const struct lp_fmt_tensor *t = lp_safetensors_find(st, entries[i].tensor);
 		const char *shard_path = st->files[entries[i].file].path;
 
 		if (!t || t->file != shard_path) {
@@ -630,12 +614,12 @@ size_t lp_safetensors_count(const struct lp_safetensors *st)
 	return st->n;
 }
 
-const struct lp_st_tensor *lp_safetensors_at(const struct lp_safetensors *st, size_t i)
+const struct lp_fmt_tensor *lp_safetensors_at(const struct lp_safetensors *st, size_t i)
 {
 	return i < st->n ? &st->tensors[i] : NULL;
 }
 
-const struct lp_st_tensor *lp_safetensors_find(const struct lp_safetensors *st, const char *name)
+const struct lp_fmt_tensor *lp_safetensors_find(const struct lp_safetensors *st, const char *name)
 {
 	size_t mask, h;
 
@@ -644,7 +628,7 @@ const struct lp_st_tensor *lp_safetensors_find(const struct lp_safetensors *st, 
 	mask = st->index_size - 1;
 	h = (size_t)hash_name(name) & mask;
 	while (st->index[h]) {
-		const struct lp_st_tensor *t = &st->tensors[st->index[h] - 1];
+		const struct lp_fmt_tensor *t = &st->tensors[st->index[h] - 1];
 		if (strcmp(t->name, name) == 0)
 			return t;
 		h = (h + 1) & mask;

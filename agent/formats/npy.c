@@ -1,5 +1,5 @@
 /* NumPy .npy reader; see npy.h. */
-#include "agent/adapters/npy.h"
+#include "agent/formats/npy.h"
 
 #include <errno.h>
 #include <stdbool.h>
@@ -61,7 +61,7 @@ static bool read_word(struct cursor *c, const char *w)
 	return true;
 }
 
-static bool read_shape(struct cursor *c, struct lp_npy *out)
+static bool read_shape(struct cursor *c, struct lp_fmt_tensor *out)
 {
 	if (!eat(c, '('))
 		return false;
@@ -72,7 +72,7 @@ static bool read_shape(struct cursor *c, struct lp_npy *out)
 
 		if (eat(c, ')'))
 			return true;
-		if (out->n_dims == LP_NPY_MAX_DIMS)
+		if (out->n_dims == LP_FMT_MAX_DIMS)
 			return false;
 		skip_ws(c);
 		while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
@@ -96,12 +96,11 @@ static bool read_shape(struct cursor *c, struct lp_npy *out)
 
 static const struct {
 	const char *descr;
-	enum lp_st_dtype dtype;
-	size_t size;
+	enum lp_fmt_type type;
 } descrs[] = {
-    {"<f4", LP_ST_F32, 4}, {"<f2", LP_ST_F16, 2}, {"<f8", LP_ST_F64, 8},
-    {"<i4", LP_ST_I32, 4}, {"<i8", LP_ST_I64, 8}, {"<i2", LP_ST_I16, 2},
-    {"|i1", LP_ST_I8, 1},  {"|u1", LP_ST_U8, 1},  {"|b1", LP_ST_BOOL, 1},
+    {"<f4", LP_FMT_F32}, {"<f2", LP_FMT_F16}, {"<f8", LP_FMT_F64},
+    {"<i4", LP_FMT_I32}, {"<i8", LP_FMT_I64}, {"<i2", LP_FMT_I16},
+    {"|i1", LP_FMT_I8},  {"|u1", LP_FMT_U8},  {"|b1", LP_FMT_BOOL},
 };
 
 int lp_npy_parse(struct lp_npy *out, const void *data, size_t n, const char *label,
@@ -115,6 +114,8 @@ int lp_npy_parse(struct lp_npy *out, const void *data, size_t n, const char *lab
 	char key[32];
 
 	memset(out, 0, sizeof(*out));
+	out->t.name = label;
+	out->t.file = label;
 	if (n < 10 || memcmp(p, "\x93NUMPY", 6) != 0)
 		return lp_errf(err, -EINVAL, "'%s': not a .npy file (no \\x93NUMPY magic)", label);
 	if (p[6] == 1) {
@@ -156,7 +157,7 @@ int lp_npy_parse(struct lp_npy *out, const void *data, size_t n, const char *lab
 				goto bad_header;
 			have_fo = true;
 		} else if (!strcmp(key, "shape") && !have_shape) {
-			if (!read_shape(&c, out))
+			if (!read_shape(&c, &out->t))
 				goto bad_header;
 			have_shape = true;
 		} else {
@@ -181,17 +182,17 @@ int lp_npy_parse(struct lp_npy *out, const void *data, size_t n, const char *lab
 		return lp_errf(err, -EINVAL, "'%s': fortran-order arrays are not supported", label);
 	for (size_t i = 0; i < sizeof(descrs) / sizeof(descrs[0]); i++) {
 		if (!strcmp(out->descr, descrs[i].descr)) {
-			out->dtype = descrs[i].dtype;
-			esize = descrs[i].size;
+			out->t.type = descrs[i].type;
+			esize = lp_fmt_type_size(descrs[i].type);
 		}
 	}
 	if (!esize)
 		return lp_errf(err, -EINVAL, "'%s': .npy dtype '%s' is not supported%s", label,
 		               out->descr, out->descr[0] == '>' ? " (big-endian)" : "");
-	for (int i = 0; i < out->n_dims; i++) {
-		if (out->shape[i] && numel > UINT64_MAX / 8 / (uint64_t)out->shape[i])
+	for (int i = 0; i < out->t.n_dims; i++) {
+		if (out->t.shape[i] && numel > UINT64_MAX / 8 / (uint64_t)out->t.shape[i])
 			return lp_errf(err, -EINVAL, "'%s': .npy shape is too large", label);
-		numel *= (uint64_t)out->shape[i];
+		numel *= (uint64_t)out->t.shape[i];
 	}
 	hoff += hlen;
 	if (numel * esize != n - hoff)
@@ -200,8 +201,8 @@ int lp_npy_parse(struct lp_npy *out, const void *data, size_t n, const char *lab
 		    "'%s': .npy data is %zu bytes, the header describes %llu (truncated or "
 		    "corrupted?)",
 		    label, n - hoff, (unsigned long long)(numel * esize));
-	out->data = p + hoff;
-	out->nbytes = n - hoff;
+	out->t.data = p + hoff;
+	out->t.nbytes = n - hoff;
 	return 0;
 bad_header:
 	return lp_errf(err, -EINVAL, "'%s': malformed .npy header near offset %zu", label,

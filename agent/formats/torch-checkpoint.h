@@ -1,8 +1,7 @@
 /* PyTorch checkpoints as torch.save writes them (the zip format, torch 1.6
- * and later), read without Python: a zip reader for stored entries
- * (zip64 records and extra fields included, every offset bounds-checked,
- * CRC-32 verified) and a small pickle machine for the opcodes torch.save
- * emits for a state dict of tensors.
+ * and later), read without Python: zip.h's reader for the stored entries
+ * (CRC-32 verified for every entry used) and pickle.h's restricted machine
+ * for the pickled state dict.
  *
  * Archive layout: <archive>/data.pkl, the pickled dict
  *   {name: torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
@@ -11,23 +10,14 @@
  *   ('storage', torch.<Type>Storage, key, location, numel)
  * whose bytes are <archive>/data/<key>, raw little-endian. Only contiguous
  * tensors are accepted; any other global, opcode or shape is an error. */
-#ifndef LP_ADAPTERS_TORCH_CHECKPOINT_H
-#define LP_ADAPTERS_TORCH_CHECKPOINT_H
+#ifndef LP_FORMATS_TORCH_CHECKPOINT_H
+#define LP_FORMATS_TORCH_CHECKPOINT_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "agent/engine/safetensors.h"
+#include "agent/formats/tensor.h"
 #include "common/err.h"
-
-struct lp_torch_tensor {
-	const char *name; /* state dict key, NUL-terminated, owned by the checkpoint */
-	enum lp_st_dtype dtype;
-	int n_dims;
-	int64_t shape[LP_ST_MAX_DIMS];
-	const void *data; /* inside the checkpoint's bytes */
-	size_t nbytes;
-};
 
 struct lp_torch_ckpt;
 
@@ -46,8 +36,9 @@ int lp_torch_ckpt_open_mem(struct lp_torch_ckpt **out, const void *data, size_t 
 void lp_torch_ckpt_free(struct lp_torch_ckpt *c);
 
 size_t lp_torch_ckpt_count(const struct lp_torch_ckpt *c);
-/* Tensors in the order the dict holds them. */
-const struct lp_torch_tensor *lp_torch_ckpt_at(const struct lp_torch_ckpt *c, size_t i);
+/* Tensors (tensor.h) in the order the dict holds them: name the state
+ * dict key, file the checkpoint's label, data inside its bytes. */
+const struct lp_fmt_tensor *lp_torch_ckpt_at(const struct lp_torch_ckpt *c, size_t i);
 /* The file path or label given when opening. */
 const char *lp_torch_ckpt_label(const struct lp_torch_ckpt *c);
 
