@@ -42,9 +42,9 @@ OPERATOR_OBJS := $(OPERATOR_SRCS:%.c=$(BUILD)/%.o)
 
 PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/loraplane-agent) \
 	$(if $(wildcard operator/main.c),$(BIN)/loraplane-operator)
-TOOLS := $(BUILD)/tools/bench
+TOOLS := $(BUILD)/tools/bench $(BUILD)/tools/bench-kernels
 
-.PHONY: all test unit check asan tsan bench deps run clean help format fuzz fuzz-build
+.PHONY: all test unit check asan tsan bench bench-kernels deps run clean help format fuzz fuzz-build
 all: $(PROGRAMS)
 
 help:
@@ -56,6 +56,7 @@ help:
 	@echo "make tsan       the unit tests under ThreadSanitizer"
 	@echo "make fuzz       build the libFuzzer targets and run each FUZZ_SECONDS (docs/fuzzing.md)"
 	@echo "make bench      speed and memory figures on the default model"
+	@echo "make bench-kernels  the CPU kernels alone (matvec/GEMM per weight type, attention, dispatch)"
 	@echo "make run        start the agent on the default model with the sample adapters"
 
 $(BUILD)/%.o: %.c
@@ -155,6 +156,9 @@ bench: deps $(TOOLS) $(PROGRAMS)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
 	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
 	$(Q)python3 hack/bench-operator.py --bin $(BIN)
+
+bench-kernels: $(BUILD)/tools/bench-kernels
+	$(Q)$(BUILD)/tools/bench-kernels
 
 run: deps $(PROGRAMS)
 	$(Q)BIN=$(BIN) MODEL=$(MODEL) bash hack/run-agent.sh

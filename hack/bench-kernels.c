@@ -12,11 +12,8 @@
  *   - GEMM GFLOP/s at n = 512 (prefill),
  *   - thread-pool dispatch overhead per op.
  *
- * Build and run (from the repository root):
- *   cc -std=c11 -O2 -I. -D_GNU_SOURCE -pthread -o /tmp/bench-kernels \
- *      hack/bench-kernels.c kernels/backend.c kernels/dtype.c common/err.c \
- *      $(ls kernels/cpu/[a-z]*.c) -lm
- *   /tmp/bench-kernels [--threads N]
+ * Build and run: `make bench-kernels` (build/tools/bench-kernels
+ * [--threads N]).
  * The machine's other load shows in every figure: run it when it is idle,
  * or compare variants run in turn. */
 #include <errno.h>
