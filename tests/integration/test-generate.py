@@ -108,6 +108,18 @@ def greedy_text_matches_reference():
 
 
 @test
+def statistics_start_on_their_own_line_in_a_merged_log():
+    # stdout and stderr into one pipe (a log collector): the completion's
+    # line ends before the statistics begin
+    p = subprocess.run([BIN, "--model", TINY, "--prompt", "hi", "--max-tokens", "4", "--threads",
+                        "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout
+    lines = p.stdout.decode("utf-8", "replace").split("\n")
+    assert any(line.startswith("prompt: ") for line in lines), lines
+    assert any(line.startswith("generation: ") for line in lines), lines
+
+
+@test
 def seed_reproducible():
     args = ["--model", TINY, "--prompt", "Once upon a time", "--max-tokens", "24",
             "--temperature", "1.0", "--top-p", "0.95", "--ignore-eos"]
