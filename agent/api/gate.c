@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "agent/api/errors.h"
+#include "agent/api/socket.h"
 
 #define CONN_STACK        (256u << 10)
 #define SEND_TIMEOUT_S    60
@@ -284,20 +285,6 @@ struct rx {
 	struct lp_buf out;
 };
 
-static bool send_all(int fd, const char *b, size_t n)
-{
-	while (n) {
-		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return false;
-		b += w;
-		n -= (size_t)w;
-	}
-	return true;
-}
-
 /* Sends a JSON error and asks for the connection to be closed. */
 static void send_refusal(int fd, const struct refusal *r)
 {
@@ -320,28 +307,7 @@ static void send_refusal(int fd, const struct refusal *r)
 	                                : "Service Unavailable",
 	             bn, body);
 	if (n > 0 && (size_t)n < sizeof(resp))
-		send_all(fd, resp, (size_t)n);
-}
-
-static int connect_backend(int port)
-{
-	struct sockaddr_in a;
-	struct timeval tv = {SEND_TIMEOUT_S, 0};
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
-
-	if (fd < 0)
-		return -1;
-	memset(&a, 0, sizeof(a));
-	a.sin_family = AF_INET;
-	a.sin_port = htons((uint16_t)port);
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		close(fd);
-		return -1;
-	}
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-	return fd;
+		lp_socket_send_all(fd, resp, (size_t)n);
 }
 
 static void consume(struct rx *rx, size_t n)
@@ -353,7 +319,7 @@ static void consume(struct rx *rx, size_t n)
 /* Forwards n bytes from the front of rx->buf to the backend. */
 static bool forward(struct rx *rx, int bfd, size_t n)
 {
-	if (!send_all(bfd, rx->buf, n))
+	if (!lp_socket_send_all(bfd, rx->buf, n))
 		return false;
 	consume(rx, n);
 	return true;
@@ -393,14 +359,14 @@ static enum step on_head(struct gconn *c, struct rx *rx, int *bfd, size_t end)
 	body = rx->hd.chunked || rx->hd.content_length > 0;
 	lp_buf_reset(&rx->out);
 	if (*bfd < 0 && !body && g->local && g->local(g->ud, &rq, &rx->out)) {
-		if (!send_all(c->fd, rx->out.data, rx->out.len) || rx->hd.close)
+		if (!lp_socket_send_all(c->fd, rx->out.data, rx->out.len) || rx->hd.close)
 			return STEP_CLOSE;
 		consume(rx, end);
 		rx->deadline = now_s() + g->cfg.header_timeout_s;
 		return STEP_AGAIN;
 	}
 	if (*bfd < 0) {
-		*bfd = connect_backend(g->backend_port);
+		*bfd = lp_socket_connect_loopback(g->backend_port, SEND_TIMEOUT_S);
 		if (*bfd < 0) {
 			struct refusal busy = {503, "server_busy", "cannot reach the HTTP server"};
 			send_refusal(c->fd, &busy);
@@ -575,7 +541,7 @@ static void serve(struct gconn *c, struct rx *rx)
 			ssize_t n = recv(bfd, tmp, RELAY_BUF, MSG_DONTWAIT);
 			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
 				break;
-			if (n > 0 && !send_all(c->fd, tmp, (size_t)n))
+			if (n > 0 && !lp_socket_send_all(c->fd, tmp, (size_t)n))
 				break;
 		}
 		if (pf[0].revents && rx->len < LP_GATE_MAX_HEAD) {
@@ -717,45 +683,6 @@ static void *acceptor_main(void *arg)
 
 /* ---- setup ---- */
 
-static int listen_on(const char *host, int port, int *fd_out, int *port_out, struct lp_err *err)
-{
-	struct addrinfo hints, *res = NULL;
-	char service[16];
-	int fd, one = 1, rc;
-	struct sockaddr_storage ss;
-	socklen_t len = sizeof(ss);
-
-	memset(&hints, 0, sizeof(hints));
-	hints.ai_family = AF_INET;
-	hints.ai_socktype = SOCK_STREAM;
-	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-	snprintf(service, sizeof(service), "%d", port);
-	rc = getaddrinfo(host, service, &hints, &res);
-	if (rc)
-		return lp_errf(err, -EINVAL, "cannot resolve '%s': %s", host ? host : "*",
-		               gai_strerror(rc));
-	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0) {
-		freeaddrinfo(res);
-		return lp_errf(err, -errno, "socket: %s", strerror(errno));
-	}
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 511) < 0) {
-		int e = errno;
-		freeaddrinfo(res);
-		close(fd);
-		return lp_errf(err, e == EADDRINUSE ? -EADDRINUSE : -e,
-		               "cannot listen on %s:%d: %s", host ? host : "*", port, strerror(e));
-	}
-	freeaddrinfo(res);
-	if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && ss.ss_family == AF_INET)
-		*port_out = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-	else
-		*port_out = port;
-	*fd_out = fd;
-	return 0;
-}
-
 int lp_gate_start(struct lp_gate **out, const char *host, int port, int backend_port,
                   const struct lp_gate_config *cfg, lp_gate_local_fn local, void *ud,
                   struct lp_err *err)
@@ -779,7 +706,7 @@ int lp_gate_start(struct lp_gate **out, const char *host, int port, int backend_
 	g->backend_port = backend_port;
 	g->lfd = g->stop_pipe[0] = g->stop_pipe[1] = -1;
 	pthread_mutex_init(&g->mu, NULL);
-	if ((rc = listen_on(host, port, &g->lfd, &g->port, err)))
+	if ((rc = lp_socket_listen(host, port, 511, &g->lfd, &g->port, err)))
 		goto fail;
 	if (pipe2(g->stop_pipe, O_CLOEXEC) < 0) {
 		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));

@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "agent/api/socket.h"
+
 #define HANDSHAKE_TIMEOUT_S 10
 #define WRITE_TIMEOUT_MS    60000
 #define RELAY_BUF           16384
@@ -126,20 +128,6 @@ struct conn {
 
 /* ---- relaying ---- */
 
-static bool write_all(int fd, const char *b, size_t n)
-{
-	while (n) {
-		ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return false;
-		b += w;
-		n -= (size_t)w;
-	}
-	return true;
-}
-
 static bool wait_fd(int fd, short events, int timeout_ms)
 {
 	struct pollfd pf = {fd, events, 0};
@@ -176,25 +164,6 @@ static bool ssl_write_all(SSL *s, int fd, const char *b, int n)
 	return true;
 }
 
-static int connect_backend(int port)
-{
-	struct sockaddr_in a;
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
-
-	if (fd < 0)
-		return -1;
-	memset(&a, 0, sizeof(a));
-	a.sin_family = AF_INET;
-	a.sin_port = htons((uint16_t)port);
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		close(fd);
-		return -1;
-	}
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	return fd;
-}
-
 /* Moves bytes both ways until either side closes. */
 static void relay(SSL *s, int cfd, int bfd)
 {
@@ -218,7 +187,7 @@ static void relay(SSL *s, int cfd, int bfd)
 			for (;;) {
 				int n = ssl.read(s, buf, RELAY_BUF);
 				if (n > 0) {
-					if (!write_all(bfd, buf, (size_t)n)) {
+					if (!lp_socket_send_all(bfd, buf, (size_t)n)) {
 						closed = true;
 						break;
 					}
@@ -266,7 +235,7 @@ static void *conn_main(void *arg)
 	setsockopt(cfd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
 	setsockopt(cfd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
 	fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
-	bfd = connect_backend(p->backend_port);
+	bfd = lp_socket_connect_loopback(p->backend_port, 0);
 	if (bfd >= 0)
 		relay(s, cfd, bfd);
 	ssl.shutdown(s);
@@ -333,45 +302,6 @@ static void *acceptor_main(void *arg)
 
 /* ---- setup ---- */
 
-static int listen_on(const char *host, int port, int *fd_out, int *port_out, struct lp_err *err)
-{
-	struct addrinfo hints, *res = NULL;
-	char service[16];
-	int fd, one = 1, rc;
-	struct sockaddr_storage ss;
-	socklen_t len = sizeof(ss);
-
-	memset(&hints, 0, sizeof(hints));
-	hints.ai_family = AF_INET;
-	hints.ai_socktype = SOCK_STREAM;
-	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-	snprintf(service, sizeof(service), "%d", port);
-	rc = getaddrinfo(host, service, &hints, &res);
-	if (rc)
-		return lp_errf(err, -EINVAL, "cannot resolve '%s': %s", host ? host : "*",
-		               gai_strerror(rc));
-	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0) {
-		freeaddrinfo(res);
-		return lp_errf(err, -errno, "socket: %s", strerror(errno));
-	}
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 128) < 0) {
-		int e = errno;
-		freeaddrinfo(res);
-		close(fd);
-		return lp_errf(err, -e, "cannot listen on %s:%d: %s", host ? host : "*", port,
-		               strerror(e));
-	}
-	freeaddrinfo(res);
-	if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && ss.ss_family == AF_INET)
-		*port_out = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-	else
-		*port_out = port;
-	*fd_out = fd;
-	return 0;
-}
-
 int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, int backend_port,
                        int max_conns, const char *cert, const char *key, struct lp_err *err)
 {
@@ -414,7 +344,7 @@ int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, in
 		             cert);
 		goto fail;
 	}
-	if ((rc = listen_on(host, port, &p->lfd, &p->port, err)))
+	if ((rc = lp_socket_listen(host, port, 128, &p->lfd, &p->port, err)))
 		goto fail;
 	if (pipe2(p->stop_pipe, O_CLOEXEC) < 0) {
 		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));

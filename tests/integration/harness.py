@@ -328,3 +328,33 @@ class Stream:
         self.thread.join(timeout)
         assert self.done.is_set() and self.error is None, self.error
         return self.status, self.data
+
+
+def stop_agent(agent, label):
+    """Stops agent (SIGTERM, then waits) if it is not None; prints
+    `FAIL label: why` when it exited non-zero or left a sanitizer report.
+    Returns the number of failures, 0 or 1."""
+    if agent is None:
+        return 0
+    try:
+        rc = agent.stop()
+        if rc != 0:
+            print(f"FAIL {label}: agent exited with {rc}", flush=True)
+            return 1
+        return 0
+    except AssertionError as e:
+        print(f"FAIL {label}: {e}", flush=True)
+        return 1
+    finally:
+        agent.kill()
+
+
+def main(program, cleanup):
+    """Runs the registered tests as `program`, then cleanup() (which
+    returns its own number of failures), and exits non-zero on any."""
+    failed = 0
+    try:
+        failed = run_tests(program)
+    finally:
+        failed += cleanup()
+    sys.exit(1 if failed else 0)

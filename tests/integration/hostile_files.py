@@ -182,25 +182,11 @@ def cleanup():
     for name, a in (("api", _api), ("lora-dir", _dir)):
         if a is None:
             continue
-        try:
-            rc = a.stop()
-            if rc != 0:
-                print(f"FAIL hostile_files:shutdown-{name}: agent exited with {rc}", flush=True)
-                failures += 1
-        except AssertionError as e:
-            print(f"FAIL hostile_files:shutdown-{name}: {e}", flush=True)
-            failures += 1
-        finally:
-            a.kill()
+        failures += H.stop_agent(a, f"hostile_files:shutdown-{name}")
     if TMP:
         shutil.rmtree(TMP, ignore_errors=True)
     return failures
 
 
 if __name__ == "__main__":
-    failed = 0
-    try:
-        failed = H.run_tests("hostile_files")
-    finally:
-        failed += cleanup()
-    sys.exit(1 if failed else 0)
+    H.main("hostile_files", cleanup)

@@ -164,21 +164,12 @@ def cleanup():
     """Stops the agent; the number of failures found at shutdown."""
     global _agent
     failures = 0
-    if _agent is not None:
-        try:
-            rc = _agent.stop()
-            assert rc == 0, f"agent exited with {rc}; log:\n{_agent.log()[-2000:]}"
-        except AssertionError as e:
-            failures += 1
-            print(f"FAIL hostile_formats:cleanup: {e}", flush=True)
-        finally:
-            _agent.kill()
-            _agent = None
+    failures += H.stop_agent(_agent, "hostile_formats:shutdown")
+    _agent = None
     if _root:
         shutil.rmtree(_root, ignore_errors=True)
     return failures
 
 
 if __name__ == "__main__":
-    failed = H.run_tests("hostile_formats") + cleanup()
-    sys.exit(1 if failed else 0)
+    H.main("hostile_formats", cleanup)

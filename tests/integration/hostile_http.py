@@ -325,26 +325,11 @@ def http_chunked_bodies_and_keep_alive_pass_the_gate():
 
 def cleanup():
     failures = 0
-    if _agent is not None:
-        try:
-            rc = _agent.stop()
-            if rc != 0:
-                print(f"FAIL hostile_http:shutdown: agent exited with {rc}", flush=True)
-                failures += 1
-        except AssertionError as e:
-            print(f"FAIL hostile_http:shutdown: {e}", flush=True)
-            failures += 1
-        finally:
-            _agent.kill()
+    failures += H.stop_agent(_agent, "hostile_http:shutdown")
     if TMP:
         shutil.rmtree(TMP, ignore_errors=True)
     return failures
 
 
 if __name__ == "__main__":
-    failed = 0
-    try:
-        failed = H.run_tests("hostile_http")
-    finally:
-        failed += cleanup()
-    sys.exit(1 if failed else 0)
+    H.main("hostile_http", cleanup)

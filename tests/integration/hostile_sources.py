@@ -258,17 +258,8 @@ def sources_cache_dir_of_others_refused_at_start():
 
 def cleanup():
     failed = 0
-    for a, _ in _agents.values():
-        try:
-            rc = a.stop()
-            if rc != 0:
-                print(f"FAIL hostile_sources: agent exited {rc}", flush=True)
-                failed += 1
-        except AssertionError as e:
-            print(f"FAIL hostile_sources: {e}", flush=True)
-            failed += 1
-        finally:
-            a.kill()
+    for name, (a, _) in _agents.items():
+        failed += H.stop_agent(a, f"hostile_sources:shutdown-{name}")
     _agents.clear()
     for s in _servers:
         s.shutdown()
@@ -280,9 +271,4 @@ def cleanup():
 
 
 if __name__ == "__main__":
-    failed = 0
-    try:
-        failed = H.run_tests("hostile_sources")
-    finally:
-        failed += cleanup()
-    sys.exit(1 if failed else 0)
+    H.main("hostile_sources", cleanup)

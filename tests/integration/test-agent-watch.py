@@ -221,15 +221,6 @@ if __name__ == "__main__":
         failed = A.run_tests("test-agent-watch")
     finally:
         if _agent is not None:
-            try:
-                rc = _agent.stop()
-                if rc != 0:
-                    print(f"FAIL test-agent-watch:shutdown: agent exited with {rc}", flush=True)
-                    failed += 1
-            except AssertionError as e:
-                print(f"FAIL test-agent-watch:shutdown: {e}", flush=True)
-                failed += 1
-            finally:
-                _agent.kill()
+            failed += A.stop_agent(_agent, "test-agent-watch:shutdown")
         shutil.rmtree(TMP, ignore_errors=True)
     sys.exit(1 if failed else 0)

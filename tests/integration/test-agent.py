@@ -724,17 +724,7 @@ if __name__ == "__main__":
         failed = run_tests("test-agent")
     finally:
         for agent in (_main, _smol):
-            if agent is not None:
-                try:
-                    rc = agent.stop()
-                    if rc != 0:
-                        print(f"FAIL test-agent:shutdown: agent exited with {rc}", flush=True)
-                        failed += 1
-                except AssertionError as e:
-                    print(f"FAIL test-agent:shutdown: {e}", flush=True)
-                    failed += 1
-                finally:
-                    agent.kill()
+            failed += stop_agent(agent, "test-agent:shutdown")
         if _tmp:
             shutil.rmtree(_tmp, ignore_errors=True)
     sys.exit(1 if failed else 0)
