@@ -926,8 +926,15 @@ def fault_429_and_latency():
     assert time.monotonic() - t0 >= 0.3, "no latency"
     admin("DELETE", "/_faults")
     API.get("/api/v1/namespaces")
-    log = [r for r in admin("GET", f"/_requests?since={n}")["requests"] if r["path"] == "/api/v1/namespaces"]
-    assert [r["faultLatencyMs"] for r in log] == [300.0, 0.0], f"latency stayed after DELETE /_faults: {log}"
+
+    def log():
+        # the server records a request after its response is sent
+        return [r for r in admin("GET", f"/_requests?since={n}")["requests"]
+                if r["path"] == "/api/v1/namespaces"]
+
+    wait_until(lambda: len(log()) >= 2, "both requests in the request log")
+    got = log()
+    assert [r["faultLatencyMs"] for r in got] == [300.0, 0.0], f"latency stayed after DELETE /_faults: {got}"
 
 
 @H.test
@@ -1004,9 +1011,15 @@ def fault_server_down_and_back():
 def request_log():
     n = admin("GET", "/_requests")["next"]
     API.get("/api/v1/namespaces/default/configmaps?limit=1")
-    log = admin("GET", f"/_requests?since={n}")["requests"]
-    mine = [r for r in log if r["path"] == "/api/v1/namespaces/default/configmaps"]
-    assert mine and mine[0]["verb"] == "list" and mine[0]["code"] == 200 and mine[0]["query"] == "limit=1", log
+
+    def mine():
+        # the server records a request after its response is sent
+        log = admin("GET", f"/_requests?since={n}")["requests"]
+        return [r for r in log if r["path"] == "/api/v1/namespaces/default/configmaps"]
+
+    wait_until(mine, "the list request in the request log")
+    got = mine()
+    assert got[0]["verb"] == "list" and got[0]["code"] == 200 and got[0]["query"] == "limit=1", got
 
 
 @H.test
