@@ -2,10 +2,7 @@
  * probes answered here, the rest relayed to civetweb; see gate.h. */
 #include "agent/api/gate.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -22,15 +19,14 @@
 #include "agent/api/errors.h"
 #include "agent/api/socket.h"
 
-#define CONN_STACK        (256u << 10)
-#define SEND_TIMEOUT_S    60
-#define RELAY_BUF         16384
-#define CHUNK_LINE_MAX    1024
-#define MAX_METHOD        16
-#define CONTENT_LEN_MAX   (1ull << 53)
-#define ACCEPT_BACKOFF_NS 100000000L
-#define LINGER_S          1.0
-#define LINGER_MAX        (256u << 10)
+#define CONN_STACK      (256u << 10)
+#define SEND_TIMEOUT_S  60
+#define RELAY_BUF       16384
+#define CHUNK_LINE_MAX  1024
+#define MAX_METHOD      16
+#define CONTENT_LEN_MAX (1ull << 53)
+#define LINGER_S        1.0
+#define LINGER_MAX      (256u << 10)
 
 struct gconn {
 	struct lp_gate *g;
@@ -44,12 +40,8 @@ struct lp_gate {
 	struct lp_gate_config cfg;
 	lp_gate_local_fn local;
 	void *ud;
-	int lfd;
-	int port;
+	struct lp_listener listener;
 	int backend_port;
-	int stop_pipe[2];
-	pthread_t acceptor;
-	bool acceptor_started;
 	pthread_mutex_t mu;
 	struct gconn *conns; /* every open client connection, newest first */
 	int n_conns;
@@ -618,76 +610,56 @@ static bool evict_one(struct lp_gate *g)
 	return true;
 }
 
-static void *acceptor_main(void *arg)
+/* The listener's callback: admits the connection (evicting the oldest one
+ * still waiting for its head when the cap is reached) and gives it a
+ * thread of its own. */
+static void on_accept(void *arg, int fd)
 {
 	struct lp_gate *g = arg;
+	pthread_attr_t attr;
+	pthread_t th;
+	struct gconn *c;
+	bool room;
 
-	for (;;) {
-		struct pollfd pf[2] = {{g->lfd, POLLIN, 0}, {g->stop_pipe[0], POLLIN, 0}};
-		pthread_attr_t attr;
-		pthread_t th;
-		struct gconn *c;
-		bool room;
-		int fd;
-
-		if (poll(pf, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		if (pf[1].revents)
-			break;
-		fd = accept4(g->lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (errno == EMFILE || errno == ENFILE || errno == ENOMEM ||
-			    errno == ENOBUFS) {
-				struct timespec ts = {0, ACCEPT_BACKOFF_NS};
-				nanosleep(&ts, NULL);
-			}
-			continue;
-		}
-		pthread_mutex_lock(&g->mu);
-		/* evicted connections count until their threads end: allow a
-		 * second cap's worth of them, then refuse */
-		room = g->n_conns < g->cfg.max_conns ||
-		       (g->n_conns < 2 * g->cfg.max_conns && evict_one(g));
-		pthread_mutex_unlock(&g->mu);
-		c = room ? calloc(1, sizeof(*c)) : NULL;
-		if (!c) {
-			struct refusal r = {503, "too_many_connections",
-			                    "too many open connections; retry later"};
-			struct timeval tv = {0, 100000};
-			setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-			send_refusal(fd, &r);
-			close(fd);
-			continue;
-		}
-		c->g = g;
-		c->fd = fd;
-		c->since = now_s();
-		pthread_mutex_lock(&g->mu);
-		c->next = g->conns;
-		if (g->conns)
-			g->conns->prev = c;
-		g->conns = c;
-		g->n_conns++;
-		pthread_mutex_unlock(&g->mu);
-		pthread_attr_init(&attr);
-		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-		pthread_attr_setstacksize(&attr, CONN_STACK);
-		if (pthread_create(&th, &attr, conn_main, c)) {
-			pthread_mutex_lock(&g->mu);
-			if (c->next)
-				c->next->prev = NULL;
-			g->conns = c->next;
-			g->n_conns--;
-			pthread_mutex_unlock(&g->mu);
-			close(fd);
-			free(c);
-		}
-		pthread_attr_destroy(&attr);
+	pthread_mutex_lock(&g->mu);
+	/* evicted connections count until their threads end: allow a second
+	 * cap's worth of them, then refuse */
+	room = g->n_conns < g->cfg.max_conns || (g->n_conns < 2 * g->cfg.max_conns && evict_one(g));
+	pthread_mutex_unlock(&g->mu);
+	c = room ? calloc(1, sizeof(*c)) : NULL;
+	if (!c) {
+		struct refusal r = {503, "too_many_connections",
+		                    "too many open connections; retry later"};
+		struct timeval tv = {0, 100000};
+		setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+		send_refusal(fd, &r);
+		close(fd);
+		return;
 	}
-	return NULL;
+	c->g = g;
+	c->fd = fd;
+	c->since = now_s();
+	pthread_mutex_lock(&g->mu);
+	c->next = g->conns;
+	if (g->conns)
+		g->conns->prev = c;
+	g->conns = c;
+	g->n_conns++;
+	pthread_mutex_unlock(&g->mu);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, CONN_STACK);
+	if (pthread_create(&th, &attr, conn_main, c)) {
+		pthread_mutex_lock(&g->mu);
+		if (c->next)
+			c->next->prev = NULL;
+		g->conns = c->next;
+		g->n_conns--;
+		pthread_mutex_unlock(&g->mu);
+		close(fd);
+		free(c);
+	}
+	pthread_attr_destroy(&attr);
 }
 
 /* ---- setup ---- */
@@ -713,19 +685,10 @@ int lp_gate_start(struct lp_gate **out, const char *host, int port, int backend_
 	g->local = local;
 	g->ud = ud;
 	g->backend_port = backend_port;
-	g->lfd = g->stop_pipe[0] = g->stop_pipe[1] = -1;
+	lp_listener_init(&g->listener);
 	pthread_mutex_init(&g->mu, NULL);
-	if ((rc = lp_socket_listen(host, port, 511, &g->lfd, &g->port, err)))
+	if ((rc = lp_listener_start(&g->listener, host, port, 511, on_accept, g, "HTTP", err)))
 		goto fail;
-	if (pipe2(g->stop_pipe, O_CLOEXEC) < 0) {
-		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));
-		goto fail;
-	}
-	if (pthread_create(&g->acceptor, NULL, acceptor_main, g)) {
-		rc = lp_errf(err, -EAGAIN, "cannot start the HTTP listener thread");
-		goto fail;
-	}
-	g->acceptor_started = true;
 	*out = g;
 	return 0;
 fail:
@@ -735,22 +698,14 @@ fail:
 
 int lp_gate_port(const struct lp_gate *g)
 {
-	return g->port;
+	return g->listener.port;
 }
 
 void lp_gate_close(struct lp_gate *g)
 {
 	if (!g)
 		return;
-	if (g->acceptor_started) {
-		if (write(g->stop_pipe[1], "x", 1) != 1)
-			pthread_cancel(g->acceptor);
-		pthread_join(g->acceptor, NULL);
-		g->acceptor_started = false;
-	}
-	if (g->lfd >= 0)
-		close(g->lfd);
-	g->lfd = -1;
+	lp_listener_stop(&g->listener);
 	pthread_mutex_lock(&g->mu);
 	for (struct gconn *c = g->conns; c; c = c->next)
 		if (!c->relaying)
@@ -776,10 +731,6 @@ void lp_gate_free(struct lp_gate *g, int wait_ms)
 	}
 	if (n > 0)
 		return; /* connections still hold g: leave it to the process exit */
-	if (g->stop_pipe[0] >= 0)
-		close(g->stop_pipe[0]);
-	if (g->stop_pipe[1] >= 0)
-		close(g->stop_pipe[1]);
 	pthread_mutex_destroy(&g->mu);
 	free(g);
 }

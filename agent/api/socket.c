@@ -2,14 +2,17 @@
 #include "agent/api/socket.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 int lp_socket_listen(const char *host, int port, int backlog, int *fd_out, int *port_out,
@@ -87,4 +90,86 @@ bool lp_socket_send_all(int fd, const char *b, size_t n)
 		n -= (size_t)w;
 	}
 	return true;
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+void lp_listener_init(struct lp_listener *l)
+{
+	l->fd = l->stop_pipe[0] = l->stop_pipe[1] = -1;
+	l->port = 0;
+	l->started = false;
+}
+
+static void *listener_main(void *arg)
+{
+	struct lp_listener *l = arg;
+
+	for (;;) {
+		struct pollfd pf[2] = {{l->fd, POLLIN, 0}, {l->stop_pipe[0], POLLIN, 0}};
+		int fd;
+
+		if (poll(pf, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (pf[1].revents)
+			break;
+		fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			/* out of descriptors or memory: let some connections end */
+			if (errno == EMFILE || errno == ENFILE || errno == ENOMEM ||
+			    errno == ENOBUFS) {
+				struct timespec ts = {0, 100000000L};
+				nanosleep(&ts, NULL);
+			}
+			continue;
+		}
+		l->on_accept(l->arg, fd);
+	}
+	return NULL;
+}
+
+int lp_listener_start(struct lp_listener *l, const char *host, int port, int backlog,
+                      lp_accept_fn on_accept, void *arg, const char *what, struct lp_err *err)
+{
+	int rc;
+
+	lp_listener_init(l);
+	l->on_accept = on_accept;
+	l->arg = arg;
+	if ((rc = lp_socket_listen(host, port, backlog, &l->fd, &l->port, err)))
+		goto fail;
+	if (pipe2(l->stop_pipe, O_CLOEXEC) < 0) {
+		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));
+		goto fail;
+	}
+	if (pthread_create(&l->thread, NULL, listener_main, l)) {
+		rc = lp_errf(err, -EAGAIN, "cannot start the %s listener thread", what);
+		goto fail;
+	}
+	l->started = true;
+	return 0;
+fail:
+	lp_listener_stop(l);
+	return rc;
+}
+
+void lp_listener_stop(struct lp_listener *l)
+{
+	if (l->started) {
+		if (write(l->stop_pipe[1], "x", 1) != 1)
+			pthread_cancel(l->thread);
+		pthread_join(l->thread, NULL);
+		l->started = false;
+	}
+	close_fd(&l->fd);
+	close_fd(&l->stop_pipe[0]);
+	close_fd(&l->stop_pipe[1]);
 }

@@ -1,11 +1,9 @@
 /* TLS termination in front of civetweb; see tls.h. */
 #include "agent/api/tls.h"
 
-#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
@@ -111,13 +109,9 @@ static const char *ssl_error_text(char *buf, size_t cap)
 
 struct lp_tls_proxy {
 	SSL_CTX *ctx;
-	int lfd;
-	int port;
+	struct lp_listener listener;
 	int backend_port;
 	int max_conns;
-	int stop_pipe[2];
-	pthread_t acceptor;
-	bool acceptor_started;
 	atomic_int conns;
 };
 
@@ -250,54 +244,34 @@ out:
 	return NULL;
 }
 
-static void *acceptor_main(void *arg)
+/* The listener's callback: a thread per connection, up to the cap. */
+static void on_accept(void *arg, int fd)
 {
 	struct lp_tls_proxy *p = arg;
+	pthread_attr_t attr;
+	pthread_t th;
+	struct conn *c;
 
-	for (;;) {
-		struct pollfd pf[2] = {{p->lfd, POLLIN, 0}, {p->stop_pipe[0], POLLIN, 0}};
-		pthread_attr_t attr;
-		pthread_t th;
-		struct conn *c;
-		int fd;
-
-		if (poll(pf, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		if (pf[1].revents)
-			break;
-		fd = accept4(p->lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (errno == EMFILE || errno == ENFILE || errno == ENOMEM) {
-				struct timespec ts = {0, 100000000L};
-				nanosleep(&ts, NULL);
-			}
-			continue;
-		}
-		if (atomic_load(&p->conns) >= p->max_conns) {
-			close(fd); /* no TLS yet: nothing can be said to it */
-			continue;
-		}
-		c = malloc(sizeof(*c));
-		if (!c) {
-			close(fd);
-			continue;
-		}
-		c->p = p;
-		c->fd = fd;
-		atomic_fetch_add(&p->conns, 1);
-		pthread_attr_init(&attr);
-		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-		if (pthread_create(&th, &attr, conn_main, c)) {
-			atomic_fetch_sub(&p->conns, 1);
-			close(fd);
-			free(c);
-		}
-		pthread_attr_destroy(&attr);
+	if (atomic_load(&p->conns) >= p->max_conns) {
+		close(fd); /* no TLS yet: nothing can be said to it */
+		return;
 	}
-	return NULL;
+	c = malloc(sizeof(*c));
+	if (!c) {
+		close(fd);
+		return;
+	}
+	c->p = p;
+	c->fd = fd;
+	atomic_fetch_add(&p->conns, 1);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&th, &attr, conn_main, c)) {
+		atomic_fetch_sub(&p->conns, 1);
+		close(fd);
+		free(c);
+	}
+	pthread_attr_destroy(&attr);
 }
 
 /* ---- setup ---- */
@@ -316,7 +290,7 @@ int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, in
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	p->lfd = p->stop_pipe[0] = p->stop_pipe[1] = -1;
+	lp_listener_init(&p->listener);
 	p->backend_port = backend_port;
 	p->max_conns = max_conns > 0 ? max_conns : 1024;
 	atomic_init(&p->conns, 0);
@@ -344,17 +318,8 @@ int lp_tls_proxy_start(struct lp_tls_proxy **out, const char *host, int port, in
 		             cert);
 		goto fail;
 	}
-	if ((rc = lp_socket_listen(host, port, 128, &p->lfd, &p->port, err)))
+	if ((rc = lp_listener_start(&p->listener, host, port, 128, on_accept, p, "TLS", err)))
 		goto fail;
-	if (pipe2(p->stop_pipe, O_CLOEXEC) < 0) {
-		rc = lp_errf(err, -errno, "pipe: %s", strerror(errno));
-		goto fail;
-	}
-	if (pthread_create(&p->acceptor, NULL, acceptor_main, p)) {
-		rc = lp_errf(err, -EAGAIN, "cannot start the TLS listener thread");
-		goto fail;
-	}
-	p->acceptor_started = true;
 	*out = p;
 	return 0;
 fail:
@@ -364,22 +329,14 @@ fail:
 
 int lp_tls_proxy_port(const struct lp_tls_proxy *p)
 {
-	return p->port;
+	return p->listener.port;
 }
 
 void lp_tls_proxy_close(struct lp_tls_proxy *p)
 {
 	if (!p)
 		return;
-	if (p->acceptor_started) {
-		if (write(p->stop_pipe[1], "x", 1) != 1)
-			pthread_cancel(p->acceptor);
-		pthread_join(p->acceptor, NULL);
-		p->acceptor_started = false;
-	}
-	if (p->lfd >= 0)
-		close(p->lfd);
-	p->lfd = -1;
+	lp_listener_stop(&p->listener);
 }
 
 void lp_tls_proxy_free(struct lp_tls_proxy *p, int wait_ms)
@@ -393,10 +350,6 @@ void lp_tls_proxy_free(struct lp_tls_proxy *p, int wait_ms)
 	}
 	if (atomic_load(&p->conns) > 0)
 		return; /* relays still hold p: leave it to the process exit */
-	if (p->stop_pipe[0] >= 0)
-		close(p->stop_pipe[0]);
-	if (p->stop_pipe[1] >= 0)
-		close(p->stop_pipe[1]);
 	if (p->ctx)
 		ssl.ctx_free(p->ctx);
 	free(p);

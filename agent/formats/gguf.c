@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "agent/formats/le.h"
 #include "common/mapped-file.h"
 
 #define GGUF_MAGIC             "GGUF"
@@ -63,30 +64,12 @@ static int rd_need(struct rd *r, size_t n, const char *what)
 	               r->path, r->ctx, r->ctx[0] ? ": " : "", r->size, what, n);
 }
 
-static uint64_t le64(const unsigned char *p)
-{
-	uint64_t v = 0;
-	for (int i = 7; i >= 0; i--)
-		v = (v << 8) | p[i];
-	return v;
-}
-
-static uint32_t le32(const unsigned char *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint16_t le16(const unsigned char *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
 static int rd_u32(struct rd *r, uint32_t *v, const char *what)
 {
 	int rc = rd_need(r, 4, what);
 	if (rc)
 		return rc;
-	*v = le32(r->p + r->pos);
+	*v = lp_le32(r->p + r->pos);
 	r->pos += 4;
 	return 0;
 }
@@ -96,7 +79,7 @@ static int rd_u64(struct rd *r, uint64_t *v, const char *what)
 	int rc = rd_need(r, 8, what);
 	if (rc)
 		return rc;
-	*v = le64(r->p + r->pos);
+	*v = lp_le64(r->p + r->pos);
 	r->pos += 8;
 	return 0;
 }
@@ -109,7 +92,7 @@ static int rd_str(struct rd *r, struct lp_gguf_str *s, const char *what)
 	rc = rd_need(r, GGUF_STR_LEN_BYTES, what);
 	if (rc)
 		return rc;
-	len = le64(r->p + r->pos);
+	len = lp_le64(r->p + r->pos);
 	if (len > r->size - r->pos - GGUF_STR_LEN_BYTES)
 		return lp_errf(r->err, -EINVAL,
 		               "'%s': %s%s%s has length %llu but only %zu bytes are left in "
@@ -178,30 +161,30 @@ static void decode_scalar(struct lp_gguf_kv *kv, uint32_t t, const unsigned char
 		kv->v.i = (int8_t)p[0];
 		break;
 	case LP_GGUF_U16:
-		kv->v.u = le16(p);
+		kv->v.u = lp_le16(p);
 		break;
 	case LP_GGUF_I16:
-		kv->v.i = (int16_t)le16(p);
+		kv->v.i = (int16_t)lp_le16(p);
 		break;
 	case LP_GGUF_U32:
-		kv->v.u = le32(p);
+		kv->v.u = lp_le32(p);
 		break;
 	case LP_GGUF_I32:
-		kv->v.i = (int32_t)le32(p);
+		kv->v.i = (int32_t)lp_le32(p);
 		break;
 	case LP_GGUF_F32:
-		u32 = le32(p);
+		u32 = lp_le32(p);
 		memcpy(&f32, &u32, sizeof(f32));
 		kv->v.f = f32;
 		break;
 	case LP_GGUF_U64:
-		kv->v.u = le64(p);
+		kv->v.u = lp_le64(p);
 		break;
 	case LP_GGUF_I64:
-		kv->v.i = (int64_t)le64(p);
+		kv->v.i = (int64_t)lp_le64(p);
 		break;
 	case LP_GGUF_F64:
-		u64 = le64(p);
+		u64 = lp_le64(p);
 		memcpy(&f64, &u64, sizeof(f64));
 		kv->v.f = f64;
 		break;

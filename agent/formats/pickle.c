@@ -12,26 +12,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "agent/formats/le.h"
+
 #define PKL_MAX_NODES (1u << 21)
 #define PKL_MAX_STACK (1u << 20)
 #define PKL_MAX_MARKS 4096u
 #define PKL_MAX_MEMO  (1u << 21)
 #define PKL_MAX_KIDS  (1u << 22) /* children of all containers together */
-
-static uint16_t rd16(const unsigned char *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
-static uint32_t rd32(const unsigned char *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t rd64(const unsigned char *p)
-{
-	return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32;
-}
 
 struct pk_vm {
 	const char *label;  /* the file, for messages */
@@ -456,7 +443,7 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 'B': /* BINBYTES */
 			if ((rc = vm_need(vm, 4)))
 				return rc;
-			l1 = rd32(vm->p + vm->pos);
+			l1 = lp_le32(vm->p + vm->pos);
 			vm->pos += 4;
 			rc = vm_str(vm, l1);
 			break;
@@ -471,9 +458,9 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 0x8d: /* BINUNICODE8 */
 			if ((rc = vm_need(vm, 8)))
 				return rc;
-			if (rd64(vm->p + vm->pos) > vm->n)
+			if (lp_le64(vm->p + vm->pos) > vm->n)
 				return vm_fail(vm, "truncated pickle");
-			l1 = (size_t)rd64(vm->p + vm->pos);
+			l1 = (size_t)lp_le64(vm->p + vm->pos);
 			vm->pos += 8;
 			rc = vm_str(vm, l1);
 			break;
@@ -497,7 +484,7 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 'J': /* BININT */
 			if ((rc = vm_need(vm, 4)))
 				return rc;
-			rc = vm_int(vm, (int32_t)rd32(vm->p + vm->pos));
+			rc = vm_int(vm, (int32_t)lp_le32(vm->p + vm->pos));
 			vm->pos += 4;
 			break;
 		case 'K': /* BININT1 */
@@ -509,7 +496,7 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 'M': /* BININT2 */
 			if ((rc = vm_need(vm, 2)))
 				return rc;
-			rc = vm_int(vm, rd16(vm->p + vm->pos));
+			rc = vm_int(vm, lp_le16(vm->p + vm->pos));
 			vm->pos += 2;
 			break;
 		case 0x8a: { /* LONG1 */
@@ -598,7 +585,7 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 'r': /* LONG_BINPUT */
 			if ((rc = vm_need(vm, 4)))
 				return rc;
-			rc = vm_memo_put(vm, rd32(vm->p + vm->pos));
+			rc = vm_memo_put(vm, lp_le32(vm->p + vm->pos));
 			vm->pos += 4;
 			break;
 		case 0x94: /* MEMOIZE */
@@ -612,7 +599,7 @@ static int vm_run(struct pk_vm *vm, uint32_t *result)
 		case 'j': /* LONG_BINGET */
 			if ((rc = vm_need(vm, 4)))
 				return rc;
-			rc = vm_memo_get(vm, rd32(vm->p + vm->pos));
+			rc = vm_memo_get(vm, lp_le32(vm->p + vm->pos));
 			vm->pos += 4;
 			break;
 		case '.': /* STOP */

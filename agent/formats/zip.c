@@ -8,22 +8,9 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "agent/formats/le.h"
+
 #define ZIP_MAX_ENTRIES 1000000u
-
-static uint16_t rd16(const unsigned char *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
-static uint32_t rd32(const unsigned char *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t rd64(const unsigned char *p)
-{
-	return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32;
-}
 
 static int cmp_entry(const void *a, const void *b)
 {
@@ -70,7 +57,7 @@ static int zip_find_directory(struct lp_zip *c, uint64_t *cd_off, uint64_t *cd_s
 		               c->label, n);
 	lim = n - 22 > 65535 ? n - 22 - 65535 : 0;
 	for (size_t i = n - 22 + 1; i-- > lim;) {
-		if (rd32(d + i) == 0x06054b50u && i + 22 + rd16(d + i + 20) == n) {
+		if (lp_le32(d + i) == 0x06054b50u && i + 22 + lp_le16(d + i + 20) == n) {
 			eocd = i;
 			break;
 		}
@@ -80,28 +67,28 @@ static int zip_find_directory(struct lp_zip *c, uint64_t *cd_off, uint64_t *cd_s
 		               "'%s': no zip end-of-central-directory record (truncated or not a "
 		               "zip archive)",
 		               c->label);
-	if (rd16(d + eocd + 4) != 0 || rd16(d + eocd + 6) != 0)
+	if (lp_le16(d + eocd + 4) != 0 || lp_le16(d + eocd + 6) != 0)
 		return lp_errf(err, -EINVAL, "'%s': multi-disk zip archives are not supported",
 		               c->label);
-	*count = rd16(d + eocd + 10);
-	*cd_size = rd32(d + eocd + 12);
-	*cd_off = rd32(d + eocd + 16);
-	if (eocd >= 20 && rd32(d + eocd - 20) == 0x07064b50u) {
-		uint64_t z = rd64(d + eocd - 20 + 8);
+	*count = lp_le16(d + eocd + 10);
+	*cd_size = lp_le32(d + eocd + 12);
+	*cd_off = lp_le32(d + eocd + 16);
+	if (eocd >= 20 && lp_le32(d + eocd - 20) == 0x07064b50u) {
+		uint64_t z = lp_le64(d + eocd - 20 + 8);
 
 		if (n < 56 || z > n - 56)
 			return lp_errf(err, -EINVAL,
 			               "'%s': zip64 end record offset %llu is out of range",
 			               c->label, (unsigned long long)z);
-		if (rd32(d + z) != 0x06064b50u)
+		if (lp_le32(d + z) != 0x06064b50u)
 			return lp_errf(err, -EINVAL, "'%s': zip64 end record is missing at %llu",
 			               c->label, (unsigned long long)z);
-		if (rd32(d + z + 16) != 0 || rd32(d + z + 20) != 0)
+		if (lp_le32(d + z + 16) != 0 || lp_le32(d + z + 20) != 0)
 			return lp_errf(err, -EINVAL,
 			               "'%s': multi-disk zip archives are not supported", c->label);
-		*count = rd64(d + z + 32);
-		*cd_size = rd64(d + z + 40);
-		*cd_off = rd64(d + z + 48);
+		*count = lp_le64(d + z + 32);
+		*cd_size = lp_le64(d + z + 40);
+		*cd_off = lp_le64(d + z + 48);
 		if (*cd_off > z || *cd_size > z - *cd_off)
 			return lp_errf(err, -EINVAL,
 			               "'%s': zip central directory [%llu, +%llu) overlaps its end "
@@ -136,7 +123,7 @@ static int zip64_extra(const struct lp_zip *c, const unsigned char *x, size_t xl
 	if (!need_u && !need_c && !need_o)
 		return 0;
 	while (i + 4 <= xlen) {
-		uint16_t id = rd16(x + i), len = rd16(x + i + 2);
+		uint16_t id = lp_le16(x + i), len = lp_le16(x + i + 2);
 		const unsigned char *f = x + i + 4;
 		size_t need = 8 * ((size_t)need_u + need_c + need_o), k = 0;
 
@@ -147,11 +134,11 @@ static int zip64_extra(const struct lp_zip *c, const unsigned char *x, size_t xl
 				return lp_errf(err, -EINVAL, "'%s': zip64 extra field is too short",
 				               c->label);
 			if (need_u)
-				*usize = rd64(f + 8 * k++);
+				*usize = lp_le64(f + 8 * k++);
 			if (need_c)
-				*csize = rd64(f + 8 * k++);
+				*csize = lp_le64(f + 8 * k++);
 			if (need_o)
-				*loff = rd64(f + 8 * k++);
+				*loff = lp_le64(f + 8 * k++);
 			return 0;
 		}
 		i += 4 + (size_t)len;
@@ -183,18 +170,18 @@ int lp_zip_read(struct lp_zip *c, const void *p, size_t n, const char *label, st
 		uint64_t end = cd_off + cd_size, usize, csize, loff, data_off;
 		uint16_t flags, method, nlen, xlen, clen, lnlen, lxlen;
 
-		if (end - pos < 46 || rd32(h) != 0x02014b50u)
+		if (end - pos < 46 || lp_le32(h) != 0x02014b50u)
 			return lp_errf(err, -EINVAL, "'%s': zip central header %llu is malformed",
 			               c->label, (unsigned long long)i);
-		flags = rd16(h + 8);
-		method = rd16(h + 10);
-		e->crc = rd32(h + 16);
-		csize = rd32(h + 20);
-		usize = rd32(h + 24);
-		nlen = rd16(h + 28);
-		xlen = rd16(h + 30);
-		clen = rd16(h + 32);
-		loff = rd32(h + 42);
+		flags = lp_le16(h + 8);
+		method = lp_le16(h + 10);
+		e->crc = lp_le32(h + 16);
+		csize = lp_le32(h + 20);
+		usize = lp_le32(h + 24);
+		nlen = lp_le16(h + 28);
+		xlen = lp_le16(h + 30);
+		clen = lp_le16(h + 32);
+		loff = lp_le32(h + 42);
 		if (end - pos - 46 < (uint64_t)nlen + xlen + clen)
 			return lp_errf(err, -EINVAL,
 			               "'%s': zip central header %llu runs past the "
@@ -216,12 +203,12 @@ int lp_zip_read(struct lp_zip *c, const void *p, size_t n, const char *label, st
 		if (memchr(e->name, '\0', nlen))
 			return lp_errf(err, -EINVAL, "'%s': zip entry name holds a NUL byte",
 			               c->label);
-		if (loff > c->size || c->size - loff < 30 || rd32(d + loff) != 0x04034b50u)
+		if (loff > c->size || c->size - loff < 30 || lp_le32(d + loff) != 0x04034b50u)
 			return lp_errf(err, -EINVAL,
 			               "'%s': zip entry '%.*s' has no local header at %llu",
 			               c->label, (int)nlen, e->name, (unsigned long long)loff);
-		lnlen = rd16(d + loff + 26);
-		lxlen = rd16(d + loff + 28);
+		lnlen = lp_le16(d + loff + 26);
+		lxlen = lp_le16(d + loff + 28);
 		data_off = loff + 30 + lnlen + lxlen;
 		if (lnlen != nlen || c->size - loff - 30 < nlen ||
 		    memcmp(d + loff + 30, e->name, nlen) != 0 || data_off > c->size)

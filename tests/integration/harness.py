@@ -330,6 +330,14 @@ class Stream:
         return self.status, self.data
 
 
+def assert_healthy(agent):
+    """Asserts that agent still answers /health and serves a completion
+    (after a hostile input)."""
+    status, _ = agent.json("GET", "/health")
+    assert status == 200, f"/health answered {status}"
+    assert agent.serving(), "the agent stopped serving completions"
+
+
 def stop_agent(agent, label):
     """Stops agent (SIGTERM, then waits) if it is not None; prints
     `FAIL label: why` when it exited non-zero or left a sanitizer report.

@@ -70,18 +70,12 @@ def agent():
     return _agent
 
 
-def healthy(a):
-    status, _ = a.json("GET", "/health")
-    assert status == 200, f"/health answered {status}"
-    assert a.serving(), "the agent stopped serving completions"
-
-
 def expect(a, method, path, body, status, code=None, admin=True):
     got, obj = a.json(method, path, body, admin=admin)
     assert got == status, f"{method} {path} {str(body)[:120]}: {got} {obj}, want {status}"
     if code is not None:
         assert isinstance(obj, dict) and obj["error"]["code"] == code, obj
-    healthy(a)
+    H.assert_healthy(a)
     return obj
 
 
@@ -146,7 +140,7 @@ def classic_lying_content_length_does_not_hang_or_crash():
     s.close()
     assert data.startswith(b"HTTP/1.1 400"), data[:200]
     assert data.count(b"HTTP/1.1") == 1, data
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -192,8 +186,7 @@ def classic_invalid_utf8_is_400():
 
 
 def cleanup():
-    failures = 0
-    failures += H.stop_agent(_agent, "hostile_classic:shutdown")
+    failures = H.stop_agent(_agent, "hostile_classic:shutdown")
     if TMP:
         shutil.rmtree(TMP, ignore_errors=True)
     return failures

@@ -71,12 +71,6 @@ def api_agent():
     return _api
 
 
-def healthy(a):
-    status, _ = a.json("GET", "/health")
-    assert status == 200, f"/health answered {status}"
-    assert a.serving(), "the agent stopped serving completions"
-
-
 def load(a, name, uri, status, code=None):
     got, _, data = a.request("POST", "/v1/loras", {"lora_name": name, "source": {"uri": uri}},
                              admin=True)
@@ -84,7 +78,7 @@ def load(a, name, uri, status, code=None):
     assert got == status, f"{uri}: {got} {text}, want {status}"
     if code is not None:
         assert f'"code":"{code}"' in text.replace(" ", ""), text
-    healthy(a)
+    H.assert_healthy(a)
     return text
 
 
@@ -161,7 +155,7 @@ def files_lora_dir_with_a_fifo_loads_the_others_and_keeps_watching():
     tmp = _peft(os.path.join(LDIR, ".b-tmp"))
     os.rename(tmp, os.path.join(LDIR, "b"))
     wait_for(lambda: loaded(_dir, "b"), "adapter 'b' from the watched directory")
-    healthy(_dir)
+    H.assert_healthy(_dir)
     rc = _dir.stop(signal.SIGTERM, timeout=60)
     _dir = None
     assert rc == 0, f"agent exited with {rc}"

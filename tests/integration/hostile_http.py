@@ -38,12 +38,6 @@ def agent():
     return _agent
 
 
-def healthy(a):
-    status, _ = a.json("GET", "/health")
-    assert status == 200, f"/health answered {status}"
-    assert a.serving(), "the agent stopped serving completions"
-
-
 def raw(port, data, timeout=10):
     """Sends data on a fresh connection and reads until the server closes
     or the deadline passes: the bytes received."""
@@ -145,7 +139,7 @@ def http_slow_heads_do_not_starve_health_and_ready():
     finally:
         for s in slow:
             s.close()
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -168,7 +162,7 @@ def http_late_and_oversized_heads_are_refused():
                          (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505)):
         resp = raw(a.port, data)
         assert status_of(resp) == status, (data, resp[:300])
-    healthy(a)
+    H.assert_healthy(a)
 
 
 # ---- names -------------------------------------------------------------------
@@ -203,7 +197,7 @@ def http_nul_and_control_characters_in_names_are_400_invalid_name():
             obj["error"]["param"] == "model", (route, status, obj)
     status, obj = a.json("DELETE", "/v1/loras/a", admin=True)
     assert status == 200, (status, obj)
-    healthy(a)
+    H.assert_healthy(a)
 
 
 # ---- Expect: 100-continue ----------------------------------------------------
@@ -271,7 +265,7 @@ def http_expect_100_continue_is_answered():
                        capture_output=True, text=True, timeout=120)
     assert p.stdout == "201", (p.stdout, p.stderr[-2000:])
     assert "< HTTP/1.1 100 Continue" in p.stderr, p.stderr[-2000:]
-    healthy(a)
+    H.assert_healthy(a)
 
 
 # ---- HEAD, chunked bodies, keep-alive ----------------------------------------
@@ -293,7 +287,7 @@ def http_head_on_get_routes_answers_headers_only():
     assert status == 405 and "POST" in hdrs["allow"], (status, hdrs)
     status, hdrs, _ = a.request("PUT", "/health")
     assert status == 405 and hdrs["allow"] == "GET, HEAD", (status, hdrs)
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -320,12 +314,11 @@ def http_chunked_bodies_and_keep_alive_pass_the_gate():
             assert r.status == 200, (path, r.status)
     finally:
         c.close()
-    healthy(a)
+    H.assert_healthy(a)
 
 
 def cleanup():
-    failures = 0
-    failures += H.stop_agent(_agent, "hostile_http:shutdown")
+    failures = H.stop_agent(_agent, "hostile_http:shutdown")
     if TMP:
         shutil.rmtree(TMP, ignore_errors=True)
     return failures

@@ -145,12 +145,6 @@ def refused(status, obj, code, etype, param, *needles):
         assert n in err["message"], (n, obj)
 
 
-def healthy(a):
-    status, _, _ = a.request("GET", "/health", admin=True)
-    assert status == 200, status
-    assert a.serving(), "the agent no longer serves a completion"
-
-
 def seen(srv):
     with srv.lock:
         out = list(srv.seen)
@@ -175,7 +169,7 @@ def sources_http_request_endpoint_refused_without_flag():
         refused(status, obj, 400, "invalid_credentials", "source.credentials", key,
                 "plain http", "--allow-insecure-source-endpoints")
     assert seen(OTHER) == [], "a refused endpoint was contacted"
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -200,7 +194,7 @@ def sources_request_endpoint_gets_no_agent_secrets():
     assert status == 201, (status, obj)
     assert all(h.get("authorization") == f"Bearer {REQ_TOKEN}" for _, h in seen(OTHER))
     unload(a, "own-token")
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -209,7 +203,7 @@ def sources_invalid_download_leaves_no_entry():
     status, obj = load(a, "bad", "hf://team/bad")
     refused(status, obj, 422, "invalid_adapter", "source.uri")
     assert entry_of("hf://team/bad") not in entries(cache), entries(cache)
-    healthy(a)
+    H.assert_healthy(a)
 
 
 @H.test
@@ -230,7 +224,7 @@ def sources_cache_budget_spares_loaded_adapters():
     assert status == 201, (status, obj)
     assert entries(cache) == [entry_of("hf://team/good2")], entries(cache)
     unload(a, "two")
-    healthy(a)
+    H.assert_healthy(a)
 
 
 def _start_refused(cache, *needles):
