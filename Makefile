@@ -1,7 +1,13 @@
 # loraplane: one entry point. `make help` lists the targets.
 
 CC ?= cc
-CUDA ?= /usr/local/cuda
+CXX ?= g++
+# The CUDA backend: built when nvcc is found (CUDA=0 skips it, CUDA=1
+# insists); see docs/cuda.md.
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
+CUDA ?= $(if $(NVCC_FOUND),1,0)
 CUDA_ARCHS ?= 80 86 89 90
 PYTHON ?= python3
 BUILD ?= build
@@ -34,6 +40,53 @@ LIB := $(BUILD)/libloraplane.a
 UNIT_SRCS := $(wildcard tests/unit/test-*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
+# The CUDA sources built for the CPU through our emulation layer
+# (kernels/cuda/emu/): every kernel runs in the unit tests of tests/cuda/,
+# compared with the CPU backend. Needs CUDA's headers only (cuda_fp16.h,
+# cuda_bf16.h), not its libraries or a driver.
+CUDA_SRCS := $(wildcard kernels/cuda/*.cu)
+EMU_SRCS := $(wildcard kernels/cuda/emu/*.cc)
+EMU_OBJS := $(CUDA_SRCS:kernels/cuda/%.cu=$(BUILD)/emu/%.o) $(EMU_SRCS:kernels/cuda/emu/%.cc=$(BUILD)/emu/emu/%.o)
+EMU_LIB := $(BUILD)/libloraplane-cuda-emu.a
+# nvcc contracts a * b + c into one fused multiply-add by default; -mfma
+# -ffp-contract=fast lets g++ do the same so that the emulation rounds much
+# as the GPU does (the two compilers may still contract different pairs).
+EMU_FMA ?= -mfma -ffp-contract=fast
+EMU_CXXFLAGS := -std=c++17 $(OPT) $(filter-out -Wstrict-prototypes -Wvla,$(WARN)) -Wno-unknown-pragmas \
+	-pthread -fno-strict-aliasing $(EMU_FMA) -DLP_CUDA_EMU -isystem $(CUDA_HOME)/include
+CUDA_TEST_SRCS := $(wildcard tests/cuda/test-*.cc)
+CUDA_TEST_BINS := $(if $(wildcard $(CUDA_HOME)/include/cuda_fp16.h),$(CUDA_TEST_SRCS:tests/cuda/%.cc=$(BUILD)/tests/cuda/%))
+
+# The real CUDA backend (CUDA=1): every kernels/cuda/*.cu compiled by nvcc
+# for each of CUDA_ARCHS, plus PTX of the newest for GPUs after it, linked
+# with the C it uses into $(BIN)/libloraplane-cuda.so. The programs load it
+# at run time (kernels/cuda-loader.c) and never link CUDA themselves. Each
+# object's ptxas report (registers, spills, stack) is kept beside it for
+# make cuda-check. See docs/cuda.md.
+NVCCFLAGS ?= -O3
+CUDA_PTX_ARCH := $(lastword $(shell printf '%s\n' $(CUDA_ARCHS) | sort -n))
+CUDA_GENCODE := $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+	-gencode arch=compute_$(CUDA_PTX_ARCH),code=compute_$(CUDA_PTX_ARCH)
+CUDA_OBJS := $(CUDA_SRCS:kernels/cuda/%.cu=$(BUILD)/cuda/%.o)
+CUDA_C_OBJS := $(patsubst %.c,$(BUILD)/cuda/c/%.o,common/err.c kernels/dtype.c)
+CUDA_SO := $(BIN)/libloraplane-cuda.so
+# cudart static (it finds the driver's libcuda.so.1 itself at run time);
+# cuBLAS through the loader's path, with no rpath (docs/cuda.md)
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -ldl -lrt -lpthread
+ifeq ($(CUDA),1)
+ifeq ($(NVCC_FOUND),)
+$(error CUDA=1 but there is no nvcc at '$(NVCC)': install the CUDA toolkit, set CUDA_HOME or NVCC, or build with CUDA=0)
+endif
+CUDA_TARGETS := $(CUDA_SO)
+endif
+# The tests of tests/cuda/ built against the nvcc objects instead of the
+# emulation, for make test-gpu (test-emu.cc tests the emulation itself).
+GPU_TEST_SRCS := $(filter-out tests/cuda/test-emu.cc,$(CUDA_TEST_SRCS))
+GPU_TEST_BINS := $(GPU_TEST_SRCS:tests/cuda/%.cc=$(BUILD)/tests/gpu/%)
+GPU_CXXFLAGS := -std=c++17 $(OPT) $(filter-out -Wstrict-prototypes -Wvla,$(WARN)) -Wno-unknown-pragmas \
+	-Wno-attributes -pthread -fno-strict-aliasing -isystem $(CUDA_HOME)/include
+HAVE_GPU = nvidia-smi -L 2>/dev/null | grep -q '^GPU'
+
 API_SRCS := $(wildcard agent/api/*.c)
 API_OBJS := $(API_SRCS:%.c=$(BUILD)/%.o)
 
@@ -44,8 +97,9 @@ PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/lorap
 	$(if $(wildcard operator/main.c),$(BIN)/loraplane-operator)
 TOOLS := $(BUILD)/tools/bench $(BUILD)/tools/bench-kernels
 
-.PHONY: all test unit check asan tsan bench bench-kernels deps run clean help format fuzz fuzz-build
-all: $(PROGRAMS)
+.PHONY: all test test-cuda-emu unit check asan tsan bench bench-kernels deps run clean help format fuzz fuzz-build \
+	cuda-check test-gpu bench-gpu
+all: $(PROGRAMS) $(CUDA_TARGETS)
 
 help:
 	@echo "make            build bin/loraplane-agent, -generate and -operator"
@@ -58,6 +112,9 @@ help:
 	@echo "make bench      speed and memory figures on the default model"
 	@echo "make bench-kernels  the CPU kernels alone (matvec/GEMM per weight type, attention, dispatch)"
 	@echo "make run        start the agent on the default model with the sample adapters"
+	@echo "make cuda-check ptxas report of every CUDA kernel: no spills, no stack in hot kernels"
+	@echo "make test-gpu   the CUDA tests on a real GPU (prints 'no GPU' without one)"
+	@echo "make bench-gpu  hack/bench-gpu.c on a real GPU, CUDA Graphs on and off"
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -66,6 +123,47 @@ $(BUILD)/%.o: %.c
 
 $(LIB): $(LIB_OBJS)
 	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/emu/%.o: kernels/cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  EMU     $<")
+	$(Q)$(CXX) $(CPPFLAGS) $(EMU_CXXFLAGS) -x c++ -c -o $@ $<
+
+$(BUILD)/emu/emu/%.o: kernels/cuda/emu/%.cc
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  EMU     $<")
+	$(Q)$(CXX) $(CPPFLAGS) $(EMU_CXXFLAGS) -c -o $@ $<
+
+$(EMU_LIB): $(EMU_OBJS)
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/tests/cuda/%: tests/cuda/%.cc $(EMU_LIB) $(LIB) tests/test.h
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CXX     $<")
+	$(Q)$(CXX) $(CPPFLAGS) $(EMU_CXXFLAGS) $(LDFLAGS) -o $@ $< $(EMU_LIB) $(LIB) $(LDLIBS)
+
+$(BUILD)/cuda/%.o: kernels/cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  NVCC    $<")
+	$(Q)$(NVCC) -std=c++17 $(NVCCFLAGS) $(CPPFLAGS) -Xcompiler -fPIC,-fvisibility=hidden \
+		$(CUDA_GENCODE) -Xptxas -v -c -o $@ $< 2>$(@:.o=.ptxas) || { cat $(@:.o=.ptxas) >&2; exit 1; }
+	$(Q)grep -v -e '^ptxas info' -e '^ *[0-9]* bytes stack frame' $(@:.o=.ptxas) >&2 || true
+
+# the C the shared object needs, its own copy: position-independent, hidden
+$(BUILD)/cuda/c/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CC      $< (cuda)")
+	$(Q)$(CC) $(CPPFLAGS) -std=c11 -O2 -g $(WARN) -fPIC -fvisibility=hidden -c -o $@ $<
+
+$(CUDA_SO): $(CUDA_OBJS) $(CUDA_C_OBJS)
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  LD      $@")
+	$(Q)$(CXX) -shared -o $@ $^ $(CUDA_LIBS) -Wl,--no-undefined -Wl,--exclude-libs,ALL
+
+$(BUILD)/tests/gpu/%: tests/cuda/%.cc $(CUDA_OBJS) $(LIB) tests/test.h
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  CXX     $< (gpu)")
+	$(Q)$(CXX) $(CPPFLAGS) $(GPU_CXXFLAGS) $(LDFLAGS) -o $@ $< $(CUDA_OBJS) $(LIB) $(CUDA_LIBS) $(LDLIBS)
 
 $(BIN)/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
 	@mkdir -p $(BIN)
@@ -104,12 +202,43 @@ $(BUILD)/tools/%: hack/%.c $(LIB)
 deps:
 	$(Q)bash hack/deps.sh
 
-test: deps $(PROGRAMS) $(UNIT_BINS) $(INTEGRATION_BINS)
-	$(Q)BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
+test: deps $(PROGRAMS) $(CUDA_TARGETS) $(UNIT_BINS) $(CUDA_TEST_BINS) $(INTEGRATION_BINS)
+	$(Q)BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS) $(CUDA_TEST_BINS)
 
 # The unit test programs alone.
-unit: deps $(UNIT_BINS)
-	$(Q)UNIT_ONLY=1 BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS)
+unit: deps $(UNIT_BINS) $(CUDA_TEST_BINS)
+	$(Q)UNIT_ONLY=1 BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(UNIT_BINS) $(CUDA_TEST_BINS)
+
+# The emulated CUDA tests alone (tests/cuda/).
+test-cuda-emu: $(CUDA_TEST_BINS)
+	$(Q)UNIT_ONLY=1 BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(CUDA_TEST_BINS)
+
+# ptxas's report of every kernel for every arch (hack/cuda-check.sh).
+cuda-check: $(if $(filter 1,$(CUDA)),$(CUDA_OBJS))
+	$(Q)NVCC=$(NVCC) CUDA_ARCHS="$(CUDA_ARCHS)" bash hack/cuda-check.sh $(if $(filter 1,$(CUDA)),$(BUILD)/cuda)
+
+# The CUDA tests and the device selection on a real GPU; without one, a
+# line saying so and success.
+test-gpu:
+	$(Q)if ! $(HAVE_GPU); then echo "no GPU: nvidia-smi lists none; make test-gpu has nothing to run"; exit 0; fi; \
+	$(MAKE) --no-print-directory CUDA=1 $(PROGRAMS) $(CUDA_SO) $(GPU_TEST_BINS) && \
+	UNIT_ONLY=1 BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) bash tests/run.sh $(GPU_TEST_BINS) && \
+	BUILD=$(BUILD) BIN=$(BIN) MODEL=$(MODEL) python3 tests/integration/test-device.py
+
+# hack/bench-gpu.c on a real GPU, with CUDA Graphs on and then off
+# (LORAPLANE_CUDA_GRAPHS=0); it links the emulated backend too, for its
+# --emulated mode.
+$(BUILD)/tools/bench-gpu: hack/bench-gpu.c $(EMU_LIB) $(LIB)
+	@mkdir -p $(dir $@)
+	$(if $(Q),@echo "  LD      $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(EMU_LIB) $(LIB) $(LDLIBS) -lstdc++
+
+bench-gpu:
+	$(Q)if ! $(HAVE_GPU); then echo "no GPU: nvidia-smi lists none; make bench-gpu has nothing to run"; exit 0; fi; \
+	$(MAKE) --no-print-directory CUDA=1 $(CUDA_SO) $(BUILD)/tools/bench-gpu && \
+	for graphs in 1 0; do echo "bench-gpu: LORAPLANE_CUDA_GRAPHS=$$graphs"; \
+		LORAPLANE_CUDA_GRAPHS=$$graphs LORAPLANE_CUDA_LIB=$(abspath $(CUDA_SO)) \
+		$(BUILD)/tools/bench-gpu --model $(MODEL) $$([ $$graphs = 0 ] && echo --no-8b) || exit 1; done
 
 check:
 	$(Q)bash hack/check.sh
@@ -152,8 +281,10 @@ $(BUILD)/fuzz/fuzz-%: tests/fuzz/fuzz-%.c tests/fuzz/fuzz.h $(API_OBJS) $(LIB)
 	$(if $(Q),@echo "  FUZZ    $@")
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(API_OBJS) $(LIB) $(LDLIBS) -lcivetweb
 
-bench: deps $(TOOLS) $(PROGRAMS)
+bench: deps $(TOOLS) $(PROGRAMS) $(if $(CUDA_TEST_BINS),$(BUILD)/tools/bench-gpu)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
+	$(Q)$(if $(CUDA_TEST_BINS),echo "CUDA backend, emulated on the CPU: kernel launches and bytes uploaded per decode step (speeds meaningless)" && \
+		$(BUILD)/tools/bench-gpu --emulated --model $(MODEL))
 	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
 	$(Q)python3 hack/bench-operator.py --bin $(BIN)
 

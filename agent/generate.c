@@ -20,6 +20,7 @@
 #include "agent/engine/tokenizer.h"
 #include "common/buf.h"
 #include "common/err.h"
+#include "kernels/cuda-loader.h"
 
 #define MAX_STOPS        16
 #define MAX_LORAS        256
@@ -40,6 +41,7 @@ struct options {
 	const char *loras[MAX_LORAS]; /* NAME=PATH */
 	int n_loras;
 	const char *adapter;
+	const char *device;
 	struct lp_sampling_params sp;
 	struct lp_engine_config ec;
 };
@@ -85,6 +87,8 @@ static void usage(FILE *f)
 	    "  --stop TEXT             stop string (repeatable, up to 16)\n"
 	    "  --ignore-eos            keep going past end-of-sequence tokens\n"
 	    "  --threads N             compute threads (default: all CPUs)\n"
+	    "  --device cpu|cuda[:N]|auto  where the model runs (default cpu); auto: CUDA\n"
+	    "                          device 0 when usable, else the CPU\n"
 	    "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n"
 	    "  --lora NAME=PATH        load an adapter (a PEFT, TensorRT-LLM or NeMo directory,\n"
 	    "                          or a .nemo file); repeatable\n"
@@ -155,6 +159,7 @@ enum {
 	OPT_MAX_LORAS,
 	OPT_MAX_CPU_LORAS,
 	OPT_ALLOW_BASE_MISMATCH,
+	OPT_DEVICE,
 	OPT_HELP,
 };
 
@@ -189,14 +194,18 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"max-loras", required_argument, NULL, OPT_MAX_LORAS},
 	    {"max-cpu-loras", required_argument, NULL, OPT_MAX_CPU_LORAS},
 	    {"allow-base-mismatch", no_argument, NULL, OPT_ALLOW_BASE_MISMATCH},
+	    {"device", required_argument, NULL, OPT_DEVICE},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {NULL, 0, NULL, 0},
 	};
+	enum lp_device_kind kind;
+	struct lp_err err;
 	long v;
-	int c;
+	int c, dev;
 
 	memset(o, 0, sizeof(*o));
 	o->max_tokens = 128;
+	o->device = "cpu";
 	lp_sampling_params_default(&o->sp);
 	o->sp.temperature = 0;
 	lp_engine_config_default(&o->ec);
@@ -330,6 +339,13 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_ALLOW_BASE_MISMATCH:
 			o->ec.allow_base_mismatch = true;
+			break;
+		case OPT_DEVICE:
+			if (lp_device_parse(optarg, &kind, &dev, &err)) {
+				fprintf(stderr, "loraplane-generate: '--device': %s\n", err.msg);
+				return -1;
+			}
+			o->device = optarg;
 			break;
 		case OPT_KV_BYTES:
 			if (parse_long("kv-cache-bytes", optarg, 1, __LONG_MAX__, &v))
@@ -533,6 +549,7 @@ int main(int argc, char **argv)
 	struct lp_tokens ids = {0};
 	double t0, t_loaded, t_first = 0, t_end;
 	size_t total_prompt = 0, total_gen = 0;
+	char note[LP_ERR_MSG_MAX + 64];
 	int status = 1, rc;
 
 	if (parse_args(argc, argv, &o))
@@ -546,8 +563,18 @@ int main(int argc, char **argv)
 		n_prompts = 1;
 	}
 	t0 = now_s();
-	if ((rc = lp_backend_cpu_new(&be, o.threads, &err)) ||
-	    (rc = lp_model_load(&m, o.model, be, &err)))
+	if ((rc = lp_backend_open(o.device, o.threads, &be, note, sizeof(note), &err))) {
+		lp_err_prefix(&err, "'--device %s'", o.device);
+		goto fail;
+	}
+	if (strcmp(o.device, "cpu")) {
+		struct lp_backend_info bi;
+
+		be->ops->info(be->ctx, &bi);
+		fprintf(stderr, "device: %s, %s%s%s%s\n", bi.name, bi.device, note[0] ? " (" : "",
+		        note, note[0] ? ")" : "");
+	}
+	if ((rc = lp_model_load(&m, o.model, be, &err)))
 		goto fail;
 	if (o.chat) {
 		const char *tmpl = lp_tokenizer_chat_template(m->tok);

@@ -35,6 +35,8 @@
 #include "common/buf.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "kernels/cuda-loader.h"
+#include "kernels/fault.h"
 
 #define PROG             "loraplane-agent"
 #define MAX_LORA_MODULES 256
@@ -98,6 +100,8 @@ enum {
 	OPT_MAX_MODEL_LEN,
 	OPT_MAX_BATCHED,
 	OPT_KV_BYTES,
+	OPT_GPU_MEM_UTIL,
+	OPT_KV_DTYPE,
 	OPT_THREADS,
 	OPT_API_KEY_FILE,
 	OPT_ADMIN_TOKEN_FILE,
@@ -148,6 +152,8 @@ static const struct opt_spec specs[] = {
     {"max-model-len", required_argument, OPT_MAX_MODEL_LEN, {NULL}},
     {"max-batched-tokens", required_argument, OPT_MAX_BATCHED, {NULL}},
     {"kv-cache-bytes", required_argument, OPT_KV_BYTES, {NULL}},
+    {"gpu-memory-utilization", required_argument, OPT_GPU_MEM_UTIL, {NULL}},
+    {"kv-cache-dtype", required_argument, OPT_KV_DTYPE, {NULL}},
     {"threads", required_argument, OPT_THREADS, {NULL}},
     {"api-key-file", required_argument, OPT_API_KEY_FILE, {NULL}},
     {"admin-token-file", required_argument, OPT_ADMIN_TOKEN_FILE, {NULL}},
@@ -199,6 +205,11 @@ static void usage(FILE *f)
 	    "                                (comma or colon separated, repeatable)\n"
 	    "  --max-loras N --max-cpu-loras N --max-lora-rank R   adapter tiers and limit\n"
 	    "  --max-num-seqs N --max-model-len N --max-batched-tokens N --kv-cache-bytes N\n"
+	    "  --gpu-memory-utilization F    on a GPU, the KV cache takes what F of its memory\n"
+	    "                                leaves after weights, LoRA slots and workspaces "
+	    "(0.9)\n"
+	    "  --kv-cache-dtype auto|float32|float16|bfloat16   (auto: f32 on the CPU, f16 on "
+	    "CUDA)\n"
 	    "  --threads N                   compute threads (default: every CPU)\n"
 	    "  --api-key-file F              bearer token required on the public /v1/ routes\n"
 	    "  --admin-token-file F          bearer token required on the admin port\n"
@@ -384,6 +395,30 @@ static int apply(struct options *o, int id, const char *v, bool from_env)
 		if (parse_long("kv-cache-bytes", v, 1, LONG_MAX, &n))
 			return -1;
 		o->ec.kv_cache_bytes = (size_t)n;
+		break;
+	case OPT_GPU_MEM_UTIL:
+		if (parse_double("gpu-memory-utilization", v, 0.01, 1,
+		                 &o->ec.gpu_memory_utilization))
+			return -1;
+		break;
+	case OPT_KV_DTYPE:
+		/* vLLM's values; "auto" is the device's preferred type */
+		if (!strcmp(v, "auto")) {
+			o->ec.kv_type = LP_DTYPE_COUNT;
+		} else if (!strcmp(v, "float32") || !strcmp(v, "f32")) {
+			o->ec.kv_type = LP_DTYPE_F32;
+		} else if (!strcmp(v, "float16") || !strcmp(v, "f16") || !strcmp(v, "half")) {
+			o->ec.kv_type = LP_DTYPE_F16;
+		} else if (!strcmp(v, "bfloat16") || !strcmp(v, "bf16")) {
+			o->ec.kv_type = LP_DTYPE_BF16;
+		} else {
+			fprintf(stderr,
+			        PROG
+			        ": '--kv-cache-dtype' must be auto, float32, float16 or bfloat16, "
+			        "got '%s'\n",
+			        v);
+			return -1;
+		}
 		break;
 	case OPT_THREADS:
 		if (parse_long("threads", v, 0, 4096, &n))
@@ -885,22 +920,47 @@ int main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
 
-	if (!strcmp(o.device, "auto")) {
-		lp_log_info("device: cpu ('--device auto': this build has no CUDA backend, so the "
-		            "CPU runs the model)");
-	} else if (!strcmp(o.device, "cuda") || !strncmp(o.device, "cuda:", 5)) {
-		lp_errf(&err, -ENODEV,
-		        "'--device %s': this build has no CUDA backend; use '--device cpu' or "
-		        "'--device auto'",
-		        o.device);
-		goto fail;
-	} else if (!strcmp(o.device, "cpu")) {
-		lp_log_info("device: cpu");
-	} else {
-		fprintf(stderr, PROG ": '--device' must be cpu, cuda[:N] or auto, got '%s'\n",
-		        o.device);
-		status = 2;
-		goto out;
+	/* the backend opens before the ports: a device that cannot be used
+	 * is a startup error (or, under auto, the CPU with the reason) */
+	{
+		char note[LP_ERR_MSG_MAX + 64];
+		struct lp_backend_info bi;
+		enum lp_device_kind kind;
+		int dev;
+
+		if (lp_device_parse(o.device, &kind, &dev, &err)) {
+			fprintf(stderr, PROG ": '--device': %s\n", err.msg);
+			status = 2;
+			goto out;
+		}
+		if (lp_backend_open(o.device, o.threads, &be, note, sizeof(note), &err)) {
+			char why[LP_ERR_MSG_MAX];
+
+			snprintf(why, sizeof(why), "%s", err.msg);
+			lp_errf(&err, err.code, "'--device %s': %s%s", o.device, why,
+			        err.code == -ENODEV ? " ('--device cpu' or 'auto' runs on the CPU)"
+			                            : "");
+			goto fail;
+		}
+		be->ops->info(be->ctx, &bi);
+		lp_log_info("device: %s, %s%s%s%s", bi.name, bi.device, note[0] ? " (" : "", note,
+		            note[0] ? ")" : "");
+	}
+	{
+		/* the tests' way to make a device fail (kernels/fault.h) */
+		const char *v = getenv("LORAPLANE_TEST_BACKEND_FAIL_AFTER");
+		if (v && *v) {
+			char *end;
+			long n = strtol(v, &end, 10);
+			if (*end || lp_backend_fault_wrap(be, n, &err)) {
+				lp_errf(&err, -EINVAL,
+				        "LORAPLANE_TEST_BACKEND_FAIL_AFTER='%s' must be a "
+				        "step count",
+				        v);
+				goto fail;
+			}
+			lp_log_warn("test hook: the backend fails after %ld steps", n);
+		}
 	}
 	if (o.api_key_file && read_token(o.api_key_file, &api_key, &err))
 		goto fail;
@@ -945,7 +1005,7 @@ int main(int argc, char **argv)
 		            "reach port %d can load and unload adapters",
 		            srv.adm_port);
 	t0 = lp_now();
-	if (lp_backend_cpu_new(&be, o.threads, &err) || lp_model_load(&m, o.model, be, &err))
+	if (lp_model_load(&m, o.model, be, &err))
 		goto fail;
 	if (!o.served_name)
 		o.served_name = m->name;
@@ -968,10 +1028,16 @@ int main(int argc, char **argv)
 		goto fail;
 	lp_engine_stats(e, &es);
 	const struct lp_engine_config *eff = lp_engine_config(e);
-	lp_log_info("kv cache: %d blocks of %d tokens (%.1f MiB budget); max-model-len %d, "
-	            "max-num-seqs %d, max-batched-tokens %d; adapters: %d device slots, %d in host "
-	            "memory, rank <= %d",
-	            es.kv_blocks_total, eff->block_size, (double)eff->kv_cache_bytes / (1 << 20),
+	const struct lp_engine_memory *mem = lp_engine_memory(e);
+	lp_log_info("memory on %s (%.1f GiB): weights %.1f MiB, LoRA slots and workspaces %.1f "
+	            "MiB, activations %.1f MiB, kv cache %.1f MiB (%s, %d blocks of %d tokens = "
+	            "%d tokens)",
+	            lp_engine_backend_info(e)->name, mem->total / 1073741824.0,
+	            mem->weights / 1048576.0, mem->workspaces / 1048576.0,
+	            mem->activations / 1048576.0, mem->kv / 1048576.0, lp_dtype_name(eff->kv_type),
+	            mem->kv_blocks, eff->block_size, mem->kv_tokens);
+	lp_log_info("limits: max-model-len %d, max-num-seqs %d, max-batched-tokens %d; adapters: "
+	            "%d device slots, %d in host memory, rank <= %d",
 	            eff->max_model_len, eff->max_num_seqs, eff->max_batched_tokens, eff->max_loras,
 	            eff->max_cpu_loras, eff->max_lora_rank);
 	int max_model_len = eff->max_model_len;

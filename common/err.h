@@ -8,6 +8,10 @@
 
 #include <stdarg.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define LP_ERR_MSG_MAX 512
 
 struct lp_err {
@@ -25,5 +29,9 @@ int lp_errf(struct lp_err *err, int code, const char *fmt, ...)
 int lp_err_prefix(struct lp_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 void lp_err_clear(struct lp_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

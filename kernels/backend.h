@@ -1,14 +1,23 @@
 /* The compute backend interface: device buffers, transfers and the ops of
- * one forward pass. The CPU backend (kernels/cpu/) is the reference; the CUDA
- * backend implements the same table.
+ * one forward pass. The CPU backend (kernels/cpu/) is the reference; the
+ * CUDA backend (kernels/cuda/, loaded at run time by kernels/cuda-loader.c)
+ * implements the same table.
  *
  * Everything the engine and scheduler hold is a device address inside a
  * buffer (struct lp_tensor.data); they never dereference it. Host data
- * crosses only through lp_backend_upload() / lp_backend_download().
+ * crosses only through upload / download (and the imports and the LoRA
+ * slot fill).
  *
  * Ops are queued in order on the backend's one stream and may run
- * asynchronously; lp_backend_download() and lp_backend_synchronize() wait
- * for everything queued before them. Ops never allocate.
+ * asynchronously; download and synchronize wait for everything queued before
+ * them. Ops never allocate: reserve() sizes every workspace once.
+ *
+ * Errors are sticky: an op or transfer that fails (a CUDA error, an index
+ * from device memory that would reach outside a buffer) records the first
+ * failure, with the statement, file and line where it has them, and the
+ * backend does no more work; status() reports it. The engine checks once per
+ * step and fails the step's requests; nothing ever crashes or continues on
+ * garbage.
  *
  * Shapes are given as [rows, cols] with cols contiguous. Activations are f32.
  * "i32" arguments are device arrays of int32_t. */
@@ -21,6 +30,11 @@
 
 #include "common/err.h"
 #include "kernels/dtype.h"
+#include "kernels/lora-layout.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /* A 2-D tensor view in device memory: rows x cols of type, rows contiguous
  * (row r starts at data + r * lp_dtype_row_bytes(type, cols)). */
@@ -38,97 +52,219 @@ struct lp_buffer {
 	bool owned; /* false when it aliases host memory (lp_backend_import) */
 };
 
+/* What a backend is and has. */
+struct lp_backend_info {
+	char name[16];           /* "cpu", "cuda", "cuda-emu" */
+	char device[128];        /* "NVIDIA H100 80GB HBM3 (sm_90, device 0)", "16 threads, AVX2" */
+	size_t total_bytes;      /* device memory (host RAM for the CPU) */
+	size_t free_bytes;       /* free now */
+	enum lp_dtype kv_type;   /* preferred KV cache type */
+	enum lp_dtype lora_type; /* what the LoRA slots hold (F32 on the CPU: the
+	                            adapter's own precision, aliased) */
+	uint32_t weight_types;   /* 1u << t for each t import_weight keeps as it is */
+	bool host_memory;        /* device addresses are host addresses */
+	int token_buckets;       /* > 0: begin_step pads token counts to buckets */
+	double peak_bandwidth;   /* bytes/s the device memory moves at best; 0: unknown */
+	/* counters since creation, for make bench: kernels launched (a graph
+	 * replay counts its kernels), bytes uploaded, steps replayed from a
+	 * captured graph */
+	uint64_t launches, upload_bytes, graph_replays;
+};
+
+/* Everything a step can ask for, given once to reserve(). */
+struct lp_backend_limits {
+	int n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
+	int max_tokens;          /* rows of a step (padding included) */
+	int max_seqs;            /* sequences of a step */
+	int max_out;             /* rows of logits of a step */
+	int block_size;          /* KV positions per block */
+	int max_blocks_per_seq;  /* block-table columns at most */
+	enum lp_dtype kv_type;   /* f32, f16 or bf16 */
+	int max_loras;           /* LoRA slots */
+	int max_lora_rank;       /* largest rank of any target of a slot */
+	enum lp_dtype lora_type; /* what a device backend's slots hold (f32, f16
+	                            or bf16; usually info.lora_type); the CPU
+	                            keeps each adapter's own precision */
+	int max_logprobs;        /* top-N of the sample op at most */
+};
+
+/* One step's shape, for begin_step. */
+struct lp_step_shape {
+	int n_tokens; /* rows before padding */
+	int n_seqs;
+	int n_out;
+	bool decode; /* every sequence computes one token */
+	bool lora;   /* some row uses an adapter */
+};
+
 /* Paged attention for a flattened batch of tokens. Token t belongs to the
- * sequence whose block table is row tok_seq[t] of block_tables, sits at
- * position tok_pos[t] and attends to positions 0..tok_pos[t] of that
- * sequence, whose keys and values are already in the cache (the step stores
- * the batch's own K/V with kv_store first, so one op serves prefill, chunked
- * prefill and decode). Position p of a sequence lives in cache row
+ * sequence whose block table is row tok_seq[t] of block_tables (tok_seq[t] <
+ * 0: a padding row, whose output is zero), sits at position tok_pos[t] and
+ * attends to positions 0..tok_pos[t] of that sequence, whose keys and values
+ * are already in the cache (the step stores the batch's own K/V with
+ * kv_store first, so one op serves prefill, chunked prefill and decode).
+ * Position p of a sequence lives in cache row
  * block_tables[s][p / block_size] * block_size + p % block_size. */
 struct lp_attention_args {
 	int n_tokens;
 	int n_heads, n_kv_heads, head_dim;
 	int block_size;
-	int max_blocks_per_seq;          /* columns of block_tables */
+	int max_blocks_per_seq;          /* columns of block_tables this step */
+	int max_context;                 /* no tok_pos exceeds max_context - 1 */
 	float scale;                     /* usually 1 / sqrt(head_dim) */
 	const struct lp_tensor *q;       /* f32 [n_tokens, n_heads * head_dim] */
 	const struct lp_tensor *k_cache; /* [n_blocks * block_size, n_kv_heads * head_dim] */
-	const struct lp_tensor *v_cache; /* same shape as k_cache */
+	const struct lp_tensor *v_cache; /* same shape and type as k_cache */
 	const int32_t *tok_seq;          /* i32 [n_tokens] */
 	const int32_t *tok_pos;          /* i32 [n_tokens] */
 	const int32_t *block_tables;     /* i32 [n_seqs, max_blocks_per_seq] */
 	struct lp_tensor *out;           /* f32 [n_tokens, n_heads * head_dim] */
 };
 
-/* LoRA (SGMV): for the targets that read one input x (q, k and v; gate and
- * up; o; down), rows [row0, row0 + rows) of the batch that use an adapter
- * get out_i[row] += (x[row] . A_i^T) . B_i^T for every target i the adapter
- * has, with the adapter's scale already folded into B_i.
+/* LoRA of one group of targets (enum lp_lora_group: q, k and v; o; gate
+ * and up; down) in one layer: rows of the batch that use the adapter in
+ * slot s get out_i[row] += (x[row] . A_i^T) . B_i^T for every target i of
+ * the group the adapter has on that layer (scale folded into B).
  *
- * a holds the A of the adapter's targets stacked in target order, f32, f16
- * or bf16 (the adapter file's precision) [sum of their ranks, in]; b[i]
- * holds B_i transposed, f32, or half when the scale folds in exactly,
- * [rank_i, out_i]
- * (rows = rank, cols = out), cut into panels of LP_LORA_PANEL output
- * columns stored one after another, each row-major [rank_i, width]; the
- * last panel is narrower when out_i is not a multiple of the panel (see
- * lp_lora_b_index). b[i] is NULL where the adapter leaves target i out.
- * Segments do not overlap; rows in no segment get nothing. Ranks may differ
- * between segments and targets. */
-#define LP_LORA_MAX_OUTS 3
-#define LP_LORA_PANEL    64
-
+ * Which rows use which slot comes twice, in device memory, and the backend
+ * picks the form it runs best: segs, the rows grouped by adapter (SGMV,
+ * segments do not overlap, empty ones allowed), and tok_slot, the slot of
+ * every row (BGMV). Rows in no segment (tok_slot -1) get nothing. A row's
+ * result does not depend on the other rows. */
 struct lp_lora_seg {
 	int32_t row0;
 	int32_t rows;
-	const struct lp_tensor *a;
-	const struct lp_tensor *b[LP_LORA_MAX_OUTS];
+	int32_t slot;
 };
 
 struct lp_lora_args {
+	int layer;
+	enum lp_lora_group group;
 	const struct lp_tensor *x;               /* f32 [n, in] */
-	int n_outs;                              /* 1 .. LP_LORA_MAX_OUTS */
-	struct lp_tensor *out[LP_LORA_MAX_OUTS]; /* f32 [n, out_i], added to */
-	struct lp_tensor *tmp;                   /* f32 [n, >= every segment's a->rows] */
-	const struct lp_lora_seg *segs;          /* host metadata; tensors in device memory */
+	struct lp_tensor *out[LP_LORA_MAX_OUTS]; /* f32 [n, out_i], the group's targets in order */
+	struct lp_tensor *tmp;                   /* f32 [n, >= LP_LORA_MAX_OUTS * max_lora_rank] */
+	const struct lp_lora_seg *segs;          /* device [n_segs] */
 	int n_segs;
+	const int32_t *tok_slot; /* device i32 [n] */
+	bool decode;             /* one row per sequence (BGMV suits) */
 };
 
-/* Index of element (k, o) of a B transposed [rank, out] in panel layout. */
-static inline size_t lp_lora_b_index(int rank, int out, int k, int o)
-{
-	int p0 = o / LP_LORA_PANEL * LP_LORA_PANEL;
-	int width = out - p0 < LP_LORA_PANEL ? out - p0 : LP_LORA_PANEL;
+/* Sampling of one token per row of logits, on the device, with the host
+ * sampler's distribution (agent/engine/sampler.c) for a row without
+ * penalties. Candidates rank by logit, ties to the lower id; temperature 0
+ * is greedy (the first in rank). Else the logits are divided by the
+ * temperature, p_i = exp(l_i - l_max), and the candidates are cut by top-k
+ * (the k first), then top-p (the shortest prefix of the ranking whose mass
+ * reaches top_p times the mass of what top-k left), then min-p (p_i >=
+ * min_p); the token is the first candidate in rank order at which the
+ * running sum of p_i exceeds u times the kept candidates' sum. The CPU
+ * backend's sample op computes exactly this, and is what device kernels are
+ * compared with. logprobs are log-softmax of the logits as given. */
+struct lp_sample_row {
+	float temperature;  /* 0: greedy */
+	float top_p;        /* 1: off */
+	float min_p;        /* 0: off */
+	int32_t top_k;      /* <= 0: off */
+	float u;            /* uniform in [0, 1) */
+	int32_t n_logprobs; /* top-N wanted, 0 .. max_logprobs */
+};
 
-	return (size_t)p0 * (size_t)rank + (size_t)k * (size_t)width + (size_t)(o - p0);
-}
+struct lp_sample_args {
+	const struct lp_tensor *logits;   /* f32 [n, vocab]; may be overwritten */
+	const struct lp_sample_row *rows; /* device [n] */
+	int n;
+	int max_logprobs;    /* columns of top_ids / top_logprobs */
+	int32_t *tokens;     /* device i32 [n] */
+	float *logprob;      /* device f32 [n]: log-softmax of the chosen token */
+	int32_t *top_ids;    /* device i32 [n, max_logprobs], best first */
+	float *top_logprobs; /* device f32 [n, max_logprobs] */
+};
 
 struct lp_backend_ops {
 	const char *name;
 	void (*destroy)(void *ctx);
+	void (*info)(void *ctx, struct lp_backend_info *out);
+	/* 0, or the first error recorded (sticky), with err filled. */
+	int (*status)(void *ctx, struct lp_err *err);
+	/* Sizes and allocates every workspace and the LoRA slots for steps
+	 * within lim, before the first op; *bytes: what it took. The engine
+	 * holds the reservation: one at a time per backend (-EBUSY while
+	 * another holds it); reserve(NULL) releases it. */
+	int (*reserve)(void *ctx, const struct lp_backend_limits *lim, size_t *bytes,
+	               struct lp_err *err);
 
 	/* Memory. alloc returns zeroed memory. import returns a buffer holding
-	 * the given host bytes: the CPU backend aliases them (the caller keeps
-	 * them alive and unchanged until the buffer is freed), a device
-	 * backend allocates and copies. */
+	 * the given host bytes as they are: the CPU backend aliases them (the
+	 * caller keeps them alive and unchanged until the buffer is freed), a
+	 * device backend allocates and copies. */
 	int (*alloc)(void *ctx, size_t size, struct lp_buffer *out, struct lp_err *err);
 	int (*import)(void *ctx, const void *host, size_t size, struct lp_buffer *out,
 	              struct lp_err *err);
+	/* A weight matrix, rows x cols of type in host memory, stored in the
+	 * format the backend chooses (the CPU keeps the type and aliases the
+	 * host bytes like import; CUDA keeps f16, or bf16 for bf16 sources,
+	 * on the device). *out describes it, *buf owns it. */
+	int (*import_weight)(void *ctx, const void *host, enum lp_dtype type, int64_t rows,
+	                     int64_t cols, struct lp_tensor *out, struct lp_buffer *buf,
+	                     struct lp_err *err);
 	void (*free)(void *ctx, struct lp_buffer *buf);
+	/* Host memory that transfers run from fastest (pinned on CUDA). */
+	int (*host_alloc)(void *ctx, size_t size, void **out, struct lp_err *err);
+	void (*host_free)(void *ctx, void *p);
+	/* upload from host_alloc memory may return before the copy is done:
+	 * the source stays unchanged until the next download or synchronize. */
 	void (*upload)(void *ctx, void *dst, const void *src, size_t n);
 	void (*download)(void *ctx, void *dst, const void *src, size_t n);
 	void (*synchronize)(void *ctx);
 
+	/* LoRA slots (reserve made max_loras of them). fill copies an
+	 * adapter's weights into a slot, converting them to info.lora_type;
+	 * ops queued after it that use the slot see them. A device backend
+	 * copies on a side stream, so that the upload overlaps compute, and w
+	 * may be freed when fill returns; the CPU backend aliases w, which then
+	 * stays alive and unchanged until the slot is cleared or refilled. */
+	int (*lora_fill)(void *ctx, int slot, const struct lp_lora_weights *w, struct lp_err *err);
+	void (*lora_clear)(void *ctx, int slot);
+
+	/* The ops of one forward pass come between begin_step and end_step.
+	 * begin_step returns the row count the step's tensors must have: the
+	 * token count padded to a bucket when info.token_buckets (so that a
+	 * device backend can capture a decode step in a graph once and replay
+	 * it), else n_tokens. Padding rows carry id 0, position 0, tok_seq -1,
+	 * slot -1 and LoRA slot -1.
+	 *
+	 * A captured decode step replays every op with the arguments it was
+	 * captured with; only device memory may differ. So in decode steps
+	 * every argument passed by value must follow from (padded n_tokens,
+	 * lora) alone: the step's metadata (ids, positions, tok_seq, slots,
+	 * block tables, tok_slot, sample rows) and outputs sit in fixed device
+	 * buffers at fixed addresses; views have the padded row count; n of
+	 * get_rows and sample (n_out) is the padded n_tokens; attention's
+	 * max_blocks_per_seq and max_context are the engine's maxima, not this
+	 * step's; lora runs with decode set and reads tok_slot only (segs and
+	 * n_segs may vary); max_logprobs is fixed. Transfers come before the
+	 * step's first op (the metadata of the padded rows may go up right
+	 * after begin_step) or after end_step: from the first op on, only ops
+	 * (no upload, download, synchronize, status, alloc or free), and no
+	 * lora_fill/clear anywhere inside the step. A step that breaks the
+	 * rule still computes the right thing (the CUDA backend compares each
+	 * call with the captured one and runs such a step eagerly), but its
+	 * key is never replayed again. docs/cuda.md. */
+	int (*begin_step)(void *ctx, const struct lp_step_shape *shape);
+	void (*end_step)(void *ctx);
+
 	/* out[i, :] = f32(table[ids[i], :]) for i < n; table of any dtype.
-	 * Serves the embedding lookup and gathering rows for the logits. */
+	 * Serves the embedding lookup and gathering rows for the logits. An id
+	 * outside the table is an error. */
 	void (*get_rows)(void *ctx, struct lp_tensor *out, const struct lp_tensor *table,
 	                 const int32_t *ids, int n);
 	/* out = x / sqrt(mean(x^2) + eps) * w, row by row; w f32 [1, cols].
 	 * out may equal x. */
 	void (*rmsnorm)(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
 	                const struct lp_tensor *w, float eps);
-	/* out (+)= x . w^T: x f32 [n, k], w [m, k] of any dtype, out f32
-	 * [n, m]. With accumulate the product is added to out. */
+	/* out (+)= x . w^T: x f32 [n, k], w [m, k] as import_weight stored it,
+	 * out f32 [n, m]. With accumulate the product is added to out. Row i of
+	 * out does not depend on the other rows of x. */
 	void (*matmul)(void *ctx, struct lp_tensor *out, const struct lp_tensor *x,
 	               const struct lp_tensor *w, bool accumulate);
 	/* x[i, :] += bias[0, :]; bias f32 [1, cols]. */
@@ -140,18 +276,23 @@ struct lp_backend_ops {
 	                 const struct lp_tensor *up);
 	/* Rotary embedding in place, "rotate half" layout: within each head of
 	 * head_dim, element i (i < head_dim/2) pairs with i + head_dim/2 and
-	 * rotates by angle pos[t] * inv_freq[i]. x f32 [n, n_heads * head_dim];
-	 * inv_freq f32 [1, head_dim / 2]; pos i32 [n]. */
+	 * rotates by the angle of position pos[t]: cos_sin f32 [n_pos,
+	 * head_dim] holds cos of the head_dim/2 angles, then their sin, per
+	 * position. x f32 [n, n_heads * head_dim]; pos i32 [n]. A position
+	 * outside the table is an error. */
 	void (*rope)(void *ctx, struct lp_tensor *x, int n_heads, int head_dim, const int32_t *pos,
-	             const struct lp_tensor *inv_freq);
-	/* cache row slots[t] of k_cache/v_cache = row t of k/v, t < k->rows. */
+	             const struct lp_tensor *cos_sin);
+	/* cache row slots[t] of k_cache/v_cache = row t of k/v (converted to
+	 * the cache's type: f32, f16 or bf16), t < k->rows; slot -1 is
+	 * padding and skipped, any other slot outside the cache an error. */
 	void (*kv_store)(void *ctx, struct lp_tensor *k_cache, struct lp_tensor *v_cache,
 	                 const struct lp_tensor *k, const struct lp_tensor *v,
 	                 const int32_t *slots);
 	void (*attention)(void *ctx, const struct lp_attention_args *args);
-	/* The LoRA of one input for every segment (see struct lp_lora_args);
-	 * tmp is scratch. A row's result does not depend on the other rows. */
+	/* The LoRA of one group (see struct lp_lora_args); tmp is scratch. */
 	void (*lora)(void *ctx, const struct lp_lora_args *args);
+	/* One token per row (see struct lp_sample_args). */
+	void (*sample)(void *ctx, const struct lp_sample_args *args);
 };
 
 struct lp_backend {
@@ -163,8 +304,18 @@ struct lp_backend {
  * Free with lp_backend_destroy(). */
 int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *err);
 
+/* The CUDA backend on device `device`, from the shared object loaded at
+ * run time (kernels/cuda-loader.c): -ENODEV with the reason (no shared
+ * object, missing CUDA libraries, no driver, no such device). */
+int lp_backend_cuda_new(struct lp_backend **out, int device, struct lp_err *err);
+
 /* Frees the backend; every buffer must have been freed before. NULL-safe. */
 void lp_backend_destroy(struct lp_backend *be);
+
+static inline int lp_backend_status(struct lp_backend *be, struct lp_err *err)
+{
+	return be->ops->status(be->ctx, err);
+}
 
 static inline int lp_backend_alloc(struct lp_backend *be, size_t size, struct lp_buffer *out,
                                    struct lp_err *err)
@@ -211,5 +362,9 @@ static inline size_t lp_tensor_bytes(const struct lp_tensor *t)
 {
 	return (size_t)t->rows * lp_dtype_row_bytes(t->type, t->cols);
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -16,6 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef __cplusplus
+extern "C" {
+#define _Static_assert static_assert
+#endif
+
 enum lp_dtype {
 	LP_DTYPE_F32,
 	LP_DTYPE_F16,
@@ -138,5 +143,10 @@ static inline uint16_t lp_f32_to_bf16(float f)
 
 /* Expands n weights (a multiple of the block size) of type t to f32. */
 void lp_dequantize_row(enum lp_dtype t, const void *src, float *dst, int64_t n);
+
+#ifdef __cplusplus
+#undef _Static_assert
+}
+#endif
 
 #endif

@@ -58,16 +58,6 @@ void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, i
 	}
 }
 
-void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count)
-{
-	static const int firsts[LP_LORA_N_GROUPS] = {LP_LORA_Q, LP_LORA_O, LP_LORA_GATE,
-	                                             LP_LORA_DOWN};
-	static const int counts[LP_LORA_N_GROUPS] = {3, 1, 2, 1};
-
-	*first = firsts[g];
-	*count = counts[g];
-}
-
 static float from_half(uint16_t h, enum lp_dtype t)
 {
 	return t == LP_DTYPE_F16 ? lp_f16_to_f32(h) : lp_bf16_to_f32(h);

@@ -3,7 +3,7 @@
  * f32 or the file's half precision (see struct lp_lora_pair), with the scale (alpha / r, or alpha /
  * sqrt(r) with rsLoRA, per module with rank_pattern / alpha_pattern) folded into B once at load.
  *
- * The layout is the one the backends' LoRA op reads (kernels/backend.h):
+ * The layout is the one the backends' LoRA op reads (kernels/lora-layout.h):
  * per layer, the A of every target in target order, so that the A of the
  * targets sharing an input (a group) form one stacked matrix, then the B of
  * every target, transposed ([rank, out]) and cut into panels of
@@ -25,50 +25,10 @@
 
 #include "common/err.h"
 #include "kernels/dtype.h"
-
-enum lp_lora_target {
-	LP_LORA_Q,
-	LP_LORA_K,
-	LP_LORA_V,
-	LP_LORA_O,
-	LP_LORA_GATE,
-	LP_LORA_UP,
-	LP_LORA_DOWN,
-	LP_LORA_N_TARGETS
-};
+#include "kernels/lora-layout.h"
 
 /* "q_proj", "k_proj", ... as HF names them. */
 const char *lp_lora_target_name(enum lp_lora_target t);
-
-/* Weights keep the file's half precision (f16 or bf16) where it has one:
- * A always, B when the scale folds into it exactly (a power of two); else
- * they are f32. */
-struct lp_lora_pair {
-	int rank;                     /* 0: no adapter on this layer and module */
-	void *a;                      /* [rank, in], inside lp_lora.data */
-	void *b;                      /* B transposed, [rank, out] in panels, scaled */
-	enum lp_dtype a_type, b_type; /* f32, f16 or bf16 */
-};
-
-/* Targets that read the same input: q, k and v; o; gate and up; down. */
-enum lp_lora_group {
-	LP_LORA_GROUP_QKV,
-	LP_LORA_GROUP_O,
-	LP_LORA_GROUP_GATE_UP,
-	LP_LORA_GROUP_DOWN,
-	LP_LORA_N_GROUPS
-};
-
-/* Group g is targets first .. first + count - 1. */
-void lp_lora_group_targets(enum lp_lora_group g, int *first, int *count);
-
-/* The A of a group's targets in one layer, stacked: rows are the targets'
- * ranks in target order. */
-struct lp_lora_stack {
-	int rank;           /* sum of the ranks; 0: the adapter has none of the group here */
-	void *a;            /* [rank, in], inside lp_lora.data */
-	enum lp_dtype type; /* of every A in it */
-};
 
 /* What the base model looks like, for validation. */
 struct lp_lora_shape {

@@ -31,6 +31,14 @@ int lp_admin_ready(struct lp_call *c)
 		return lp_call_send_json(c, 503,
 		                         json_pack("{s:s, s:s}", "status", "not_ready", "reason",
 		                                   "the model is loading"));
+	{
+		struct lp_err err;
+		if (lp_worker_failure(c->s->w, &err))
+			return lp_call_send_json(c, 503,
+			                         json_pack("{s:s, s:s+}", "status", "not_ready",
+			                                   "reason",
+			                                   "the engine failed: ", err.msg));
+	}
 	return lp_call_send_json(c, 200, json_pack("{s:s}", "status", "ready"));
 }
 

@@ -38,6 +38,8 @@ struct choice {
 	bool done;
 	bool stopped; /* a stop string matched */
 	bool cancelled;
+	bool failed; /* the engine failed under it (failure says why) */
+	struct lp_err failure;
 	bool role_sent;
 	bool has_pending; /* pending holds the first event */
 	struct lp_event pending;
@@ -418,9 +420,10 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 	int n;
 
 	if (ev->kind == LP_EVENT_ERROR) {
-		/* only possible as a first event, handled before; be safe */
+		/* after the first event: the engine failed (its device) */
 		ch->done = true;
-		ch->cancelled = true;
+		ch->failed = true;
+		ch->failure = ev->err;
 		return 0;
 	}
 	if (ev->kind == LP_EVENT_END) {
@@ -542,8 +545,18 @@ static long completion_tokens(const struct gen *g)
 	return n;
 }
 
+/* The first choice the engine failed under, or NULL. */
+static const struct choice *failed_choice(const struct gen *g)
+{
+	for (size_t i = 0; i < g->n_ch; i++)
+		if (g->ch[i].failed)
+			return &g->ch[i];
+	return NULL;
+}
+
 static int respond_stream(struct gen *g)
 {
+	const struct choice *bad;
 	int rc;
 
 	if (lp_call_stream_start(g->c))
@@ -565,11 +578,19 @@ static int respond_stream(struct gen *g)
 	rc = pump(g);
 	if (rc)
 		return rc;
-	if (g->req.include_usage &&
-	    send_chunk(g, json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", g->id, "object",
-	                            g->req.chat ? "chat.completion.chunk" : "text_completion",
-	                            "created", (json_int_t)g->created, "model", g->req.model,
-	                            "choices", "usage", usage_json(g, completion_tokens(g)))))
+	if ((bad = failed_choice(g))) {
+		/* the stream has begun: the error goes in it, as vLLM does */
+		cancel_all(g);
+		if (send_chunk(g,
+		               json_pack("{s:{s:s, s:s, s:i}}", "error", "message",
+		                         bad->failure.msg, "type", "internal_error", "code", 500)))
+			return -EPIPE;
+	} else if (g->req.include_usage &&
+	           send_chunk(g,
+	                      json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", g->id, "object",
+	                                g->req.chat ? "chat.completion.chunk" : "text_completion",
+	                                "created", (json_int_t)g->created, "model", g->req.model,
+	                                "choices", "usage", usage_json(g, completion_tokens(g)))))
 		return -EPIPE;
 	if (lp_call_stream_write(g->c, "data: [DONE]\n\n", 14) || lp_call_stream_end(g->c)) {
 		g->gone = true;
@@ -597,6 +618,15 @@ static int respond_whole(struct gen *g)
 	if (rc) {
 		json_decref(choices);
 		return rc;
+	}
+	if (failed_choice(g)) {
+		struct lp_api_error e;
+
+		json_decref(choices);
+		cancel_all(g);
+		lp_api_error_from(&e, 500, "internal_error", NULL, &failed_choice(g)->failure);
+		lp_call_send_error(g->c, &e);
+		return 0;
 	}
 	for (size_t i = 0; i < g->n_ch; i++) {
 		struct choice *ch = &g->ch[i];
@@ -676,7 +706,7 @@ static int generate(struct lp_call *c, bool chat)
 		respond_stream(&g);
 	else
 		respond_whole(&g);
-	status = g.gone ? 499 : 200;
+	status = g.gone ? 499 : failed_choice(&g) ? 500 : 200;
 	lp_metrics_request(s->metrics, g.req.model, status, g.prompt_tokens, completion_tokens(&g));
 	gen_release(&g);
 	json_decref(body);

@@ -583,8 +583,10 @@ static bool gate_local(void *ud, const struct lp_gate_request *rq, struct lp_buf
 	bool head = !strcmp(rq->method, "HEAD");
 	char id[72], h[600];
 	const char *body;
+	char *dumped = NULL;
 	int status = 200;
 	double t0 = lp_now();
+	struct lp_err err;
 
 	if (!head && strcmp(rq->method, "GET"))
 		return false;
@@ -607,6 +609,13 @@ static bool gate_local(void *ud, const struct lp_gate_request *rq, struct lp_buf
 		} else if (!atomic_load(&s->ready)) {
 			status = 503;
 			body = "{\"status\":\"not_ready\",\"reason\":\"the model is loading\"}";
+		} else if (lp_worker_failure(s->w, &err)) {
+			json_t *j = json_pack("{s:s, s:s+}", "status", "not_ready", "reason",
+			                      "the engine failed: ", err.msg);
+			status = 503;
+			dumped = j ? json_dumps(j, JSON_COMPACT) : NULL;
+			json_decref(j);
+			body = dumped ? dumped : "{\"status\":\"not_ready\"}";
 		} else {
 			body = "{\"status\":\"ready\"}";
 		}
@@ -621,8 +630,11 @@ static bool gate_local(void *ud, const struct lp_gate_request *rq, struct lp_buf
 	                   "Content-Length: %zu\r\nX-Request-Id: %s\r\n"
 	                   "Cache-Control: no-store\r\n\r\n%s",
 	                   status, status == 200 ? "OK" : "Service Unavailable", strlen(body), id,
-	                   head ? "" : body))
+	                   head ? "" : body)) {
+		free(dumped);
 		return false;
+	}
+	free(dumped);
 	lp_log(status < 400 ? LP_LOG_DEBUG : LP_LOG_INFO, id, "%s %s %s -> %d in %.1f ms",
 	       side->admin ? "admin" : "api", rq->method, rq->path, status, (lp_now() - t0) * 1e3);
 	return true;

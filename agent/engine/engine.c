@@ -1,12 +1,18 @@
-/* The engine: scheduler, batched forward pass and sampling; see engine.h.
+/* The engine: scheduler, step staging and sampling; see engine.h.
  *
  * A step, top to bottom:
- *   schedule()   pick tokens: decodes first, then prefill chunks, under the
- *                token budget; grow block tables, preempting if needed
- *   forward()    embeddings -> n_layers x (attention, MLP) -> final norm
- *                -> logits for the last token of each finished sequence
- *   sample       per sequence, on the host, from the downloaded logits */
-#include "agent/engine/engine.h"
+ *   schedule()        pick tokens: decodes first, then prefill chunks, under
+ *                     the token budget; grow block tables, preempting if
+ *                     needed
+ *   stage             the step's metadata (token ids, positions, sequence of
+ *                     each row, cache slots, LoRA slot of each row, output
+ *                     rows, adapter segments, block tables) into one host
+ *                     buffer, uploaded in one copy (struct step_layout)
+ *   lp_engine_forward embeddings -> layers -> logits (forward.c), between
+ *                     the backend's begin_step and end_step
+ *   sample            per sequence, on the host, from the downloaded logits;
+ *                     then the backend's sticky status is checked once */
+#include "agent/engine/engine-internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -14,67 +20,16 @@
 #include <string.h>
 
 #define DEFAULT_KV_BYTES ((size_t)512 << 20)
-/* Columns of the LoRA scratch: the stacked ranks of the largest group
- * (q, k and v). */
-#define LORA_TMP_COLS(e) ((size_t)3 * (size_t)(e)->cfg.max_lora_rank)
-
-/* Device tensors and host staging for one step, sized for the maxima. */
-struct step_bufs {
-	/* i32 device arrays */
-	struct lp_buffer ids, pos, tok_seq, slots, out_rows, block_tables;
-	/* f32 activations */
-	struct lp_buffer x, xn, q, k, v, att, gate, up, h, logits;
-	struct lp_buffer lora_tmp; /* f32 [max_batched_tokens, 3 * max_lora_rank] */
-};
-
-/* Rows of a step that share one adapter. */
-struct step_seg {
-	int row0, rows;
-	struct lp_adapter *adapter;
-};
-
-struct lp_engine {
-	struct lp_model *model;
-	struct lp_backend *be;
-	struct lp_engine_config cfg;
-	struct lp_kv_cache kv;
-	int max_blocks_per_seq;
-	uint64_t next_id;
-
-	struct lp_seq *waiting; /* FIFO */
-	struct lp_seq *running; /* in admission order */
-	int n_running, n_waiting;
-
-	struct step_bufs d;
-	/* host staging [max_batched_tokens] or [max_num_seqs] */
-	int32_t *h_ids, *h_pos, *h_tok_seq, *h_slots, *h_out_rows, *h_block_tables;
-	struct lp_seq **step_seqs;   /* scheduled this step */
-	int *step_take;              /* tokens each computes this step */
-	struct lp_seq **sample_seqs; /* sampled this step */
-	float *h_logits;             /* [max_num_seqs, vocab] raw */
-	float *h_scratch;            /* [vocab] for the sampler */
-	struct lp_step_output *outs;
-
-	struct lp_lora_cache *loras;
-	struct step_seg *segs; /* [max_num_seqs] this step's adapter segments */
-	int n_segs;
-	struct lp_lora_seg *op_segs; /* [max_num_seqs] for one LoRA op */
-	struct lp_tensor lora_tmp;
-
-	struct lp_engine_stats stats;
-};
-
-static struct lp_tensor view(struct lp_buffer *b, enum lp_dtype t, int64_t rows, int64_t cols)
-{
-	return (struct lp_tensor){b->data, t, rows, cols};
-}
 
 void lp_engine_config_default(struct lp_engine_config *c)
 {
 	c->max_num_seqs = 32;
 	c->max_model_len = 0;
 	c->max_batched_tokens = 512;
-	c->kv_cache_bytes = DEFAULT_KV_BYTES;
+	c->kv_cache_bytes = 0;
+	c->gpu_memory_utilization = 0.9;
+	c->kv_type = LP_DTYPE_COUNT;
+	c->lora_type = LP_DTYPE_COUNT;
 	c->block_size = 16;
 	c->max_loras = 8;
 	c->max_cpu_loras = 16;
@@ -96,6 +51,16 @@ struct lp_lora_cache *lp_engine_loras(struct lp_engine *e)
 const struct lp_engine_config *lp_engine_config(const struct lp_engine *e)
 {
 	return &e->cfg;
+}
+
+const struct lp_engine_memory *lp_engine_memory(const struct lp_engine *e)
+{
+	return &e->mem;
+}
+
+const struct lp_backend_info *lp_engine_backend_info(const struct lp_engine *e)
+{
+	return &e->info;
 }
 
 /* ---- lists ---- */
@@ -130,21 +95,25 @@ static void list_push_front(struct lp_seq **head, struct lp_seq *s)
 
 static int alloc_dev(struct lp_engine *e, struct lp_buffer *b, size_t bytes, struct lp_err *err)
 {
-	return lp_backend_alloc(e->be, bytes ? bytes : 4, b, err);
+	int rc = lp_backend_alloc(e->be, bytes ? bytes : 4, b, err);
+
+	if (!rc)
+		e->mem.activations += b->size;
+	return rc;
 }
 
 static void free_step_bufs(struct lp_engine *e)
 {
-	struct lp_buffer *all[] = {
-	    &e->d.ids,  &e->d.pos, &e->d.tok_seq, &e->d.slots,  &e->d.out_rows, &e->d.block_tables,
-	    &e->d.x,    &e->d.xn,  &e->d.q,       &e->d.k,      &e->d.v,        &e->d.att,
-	    &e->d.gate, &e->d.up,  &e->d.h,       &e->d.logits, &e->d.lora_tmp};
+	struct lp_buffer *all[] = {&e->d_meta,   &e->d_x,        &e->d_xn,   &e->d_q,     &e->d_k,
+	                           &e->d_v,      &e->d_att,      &e->d_gate, &e->d_up,    &e->d_h,
+	                           &e->d_logits, &e->d_lora_tmp, &e->d_rope, &e->d_sample};
 
 	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
 		lp_backend_free(e->be, all[i]);
 }
 
-static int check_config(struct lp_engine_config *c, const struct lp_model *m, struct lp_err *err)
+static int check_config(struct lp_engine_config *c, const struct lp_model *m,
+                        const struct lp_backend_info *info, struct lp_err *err)
 {
 	if (c->max_model_len <= 0)
 		c->max_model_len = m->cfg.max_pos;
@@ -167,6 +136,80 @@ static int check_config(struct lp_engine_config *c, const struct lp_model *m, st
 	if (c->max_lora_rank < 1 || c->max_lora_rank > 4096)
 		return lp_errf(err, -EINVAL, "max-lora-rank %d out of range (1..4096)",
 		               c->max_lora_rank);
+	if (!(c->gpu_memory_utilization > 0 && c->gpu_memory_utilization <= 1))
+		return lp_errf(err, -EINVAL, "gpu-memory-utilization %g must be in (0, 1]",
+		               c->gpu_memory_utilization);
+	if (c->kv_type == LP_DTYPE_COUNT)
+		c->kv_type = info->kv_type;
+	if (c->kv_type != LP_DTYPE_F32 && c->kv_type != LP_DTYPE_F16 && c->kv_type != LP_DTYPE_BF16)
+		return lp_errf(err, -EINVAL, "kv cache type must be f32, f16 or bf16, not %s",
+		               lp_dtype_name(c->kv_type));
+	if (c->lora_type == LP_DTYPE_COUNT)
+		c->lora_type = info->lora_type;
+	if (c->lora_type != LP_DTYPE_F32 && c->lora_type != LP_DTYPE_F16 &&
+	    c->lora_type != LP_DTYPE_BF16)
+		return lp_errf(err, -EINVAL, "lora slot type must be f32, f16 or bf16, not %s",
+		               lp_dtype_name(c->lora_type));
+	return 0;
+}
+
+/* The step metadata's regions for a step of n rows (padding included) whose
+ * block tables are `width` wide: each region n long (segments 3n), 16-byte
+ * aligned, the block tables last. The same n gives the same offsets, so a
+ * captured decode step of a bucket finds its data where it left it. */
+static void plan_layout(struct step_layout *L, int n, int n_bt_rows, int width)
+{
+	size_t r = ((size_t)n + 3) & ~(size_t)3;
+
+	L->ids = 0;
+	L->pos = r;
+	L->tok_seq = 2 * r;
+	L->slots = 3 * r;
+	L->tok_slot = 4 * r;
+	L->out_rows = 5 * r;
+	L->segs = 6 * r;
+	L->block_tables = 9 * r;
+	L->total = 9 * r + (size_t)n_bt_rows * (size_t)width;
+}
+
+/* The KV cache in what is left: its own setting, 512 MiB on the CPU, or
+ * gpu_memory_utilization of the device less what is in use now. */
+static int size_kv(struct lp_engine *e, size_t block_bytes, size_t *n_blocks, struct lp_err *err)
+{
+	size_t bytes = e->cfg.kv_cache_bytes;
+
+	if (!bytes && e->info.host_memory) {
+		bytes = DEFAULT_KV_BYTES;
+	} else if (!bytes) {
+		struct lp_backend_info now;
+		double budget;
+
+		e->be->ops->info(e->be->ctx, &now);
+		budget = e->cfg.gpu_memory_utilization * (double)now.total_bytes -
+		         (double)(now.total_bytes - now.free_bytes);
+		if (budget < (double)block_bytes * e->max_blocks_per_seq)
+			return lp_errf(
+			    err, -ENOMEM,
+			    "no room for the KV cache: %.2f of %.1f GiB is allowed "
+			    "(gpu-memory-utilization), %.1f GiB is in use (weights "
+			    "%.1f GiB, LoRA slots and workspaces %.1f GiB, activations "
+			    "%.2f GiB), and one sequence of max-model-len %d needs %.2f GiB",
+			    e->cfg.gpu_memory_utilization, now.total_bytes / 1073741824.0,
+			    (now.total_bytes - now.free_bytes) / 1073741824.0,
+			    e->mem.weights / 1073741824.0, e->mem.workspaces / 1073741824.0,
+			    e->mem.activations / 1073741824.0, e->cfg.max_model_len,
+			    (double)block_bytes * e->max_blocks_per_seq / 1073741824.0);
+		bytes = (size_t)budget;
+	}
+	*n_blocks = bytes / block_bytes;
+	if (*n_blocks < (size_t)e->max_blocks_per_seq)
+		return lp_errf(err, -EINVAL,
+		               "kv-cache-bytes %zu holds %zu tokens, fewer than max-model-len %d "
+		               "(needs %zu bytes)",
+		               bytes, *n_blocks * (size_t)e->cfg.block_size, e->cfg.max_model_len,
+		               (size_t)e->max_blocks_per_seq * block_bytes);
+	if (*n_blocks > INT32_MAX / (size_t)e->cfg.block_size)
+		*n_blocks = INT32_MAX / (size_t)e->cfg.block_size;
 	return 0;
 }
 
@@ -175,8 +218,9 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 {
 	const struct lp_model_config *mc = &model->cfg;
 	struct lp_engine *e;
-	size_t block_bytes, n_blocks;
-	int T, S, rc;
+	struct lp_backend_limits lim;
+	size_t block_bytes, n_blocks = 0, f = sizeof(float);
+	int T, S, O, rc;
 	int qdim = mc->n_heads * mc->head_dim, kvdim = mc->n_kv_heads * mc->head_dim;
 
 	*out = NULL;
@@ -187,35 +231,52 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	e->be = model->be;
 	e->cfg = *cfg;
 	e->next_id = 1;
-	rc = check_config(&e->cfg, model, err);
+	e->be->ops->info(e->be->ctx, &e->info);
+	e->mem.total = e->info.total_bytes;
+	e->mem.weights = model->weight_bytes;
+	rc = check_config(&e->cfg, model, &e->info, err);
 	if (rc)
 		goto fail;
 	T = e->cfg.max_batched_tokens;
 	S = e->cfg.max_num_seqs;
+	/* a padded decode step at most doubles its rows (backend.h) */
+	O = e->info.token_buckets ? (2 * S < T ? 2 * S : T) : S;
+	e->mem_max_out = O;
 	e->max_blocks_per_seq = (e->cfg.max_model_len + e->cfg.block_size - 1) / e->cfg.block_size;
-	block_bytes = lp_kv_cache_block_bytes(mc->n_layers, kvdim, e->cfg.block_size, LP_DTYPE_F32);
-	n_blocks = e->cfg.kv_cache_bytes / block_bytes;
-	if (n_blocks < (size_t)e->max_blocks_per_seq) {
-		rc = lp_errf(err, -EINVAL,
-		             "kv-cache-bytes %zu holds %zu tokens, fewer than max-model-len %d "
-		             "(needs %zu bytes)",
-		             e->cfg.kv_cache_bytes, n_blocks * (size_t)e->cfg.block_size,
-		             e->cfg.max_model_len, (size_t)e->max_blocks_per_seq * block_bytes);
-		goto fail;
-	}
-	if (n_blocks > INT32_MAX / (size_t)e->cfg.block_size)
-		n_blocks = INT32_MAX / (size_t)e->cfg.block_size;
-	rc = lp_kv_cache_init(&e->kv, e->be, mc->n_layers, kvdim, e->cfg.block_size, (int)n_blocks,
-	                      LP_DTYPE_F32, err);
+
+	lim = (struct lp_backend_limits){
+	    .n_layers = mc->n_layers,
+	    .dim = mc->dim,
+	    .n_heads = mc->n_heads,
+	    .n_kv_heads = mc->n_kv_heads,
+	    .head_dim = mc->head_dim,
+	    .ffn_dim = mc->ffn_dim,
+	    .vocab = mc->vocab_size,
+	    .max_tokens = T,
+	    .max_seqs = S,
+	    .max_out = O,
+	    .block_size = e->cfg.block_size,
+	    .max_blocks_per_seq = e->max_blocks_per_seq,
+	    .kv_type = e->cfg.kv_type,
+	    .max_loras = e->cfg.max_loras,
+	    .max_lora_rank = e->cfg.max_lora_rank,
+	    .lora_type = e->cfg.lora_type,
+	    .max_logprobs = LP_ENGINE_MAX_LOGPROBS,
+	};
+	rc = e->be->ops->reserve(e->be->ctx, &lim, &e->mem.workspaces, err);
 	if (rc)
 		goto fail;
+	e->reserved = true;
 
-	e->h_ids = calloc((size_t)T, sizeof(int32_t));
-	e->h_pos = calloc((size_t)T, sizeof(int32_t));
-	e->h_tok_seq = calloc((size_t)T, sizeof(int32_t));
-	e->h_slots = calloc((size_t)T, sizeof(int32_t));
-	e->h_out_rows = calloc((size_t)S, sizeof(int32_t));
-	e->h_block_tables = calloc((size_t)S * (size_t)e->max_blocks_per_seq, sizeof(int32_t));
+	/* the largest step: every row, and block tables for as many rows
+	 * as a padded decode step may have */
+	plan_layout(&e->lay, T, O > S ? O : S, e->max_blocks_per_seq);
+	e->meta_cap = e->lay.total;
+	rc = e->be->ops->host_alloc(e->be->ctx, e->meta_cap * sizeof(int32_t), (void **)&e->h_meta,
+	                            err);
+	if (rc)
+		goto fail;
+	memset(e->h_meta, 0, e->meta_cap * sizeof(int32_t));
 	e->step_seqs = calloc((size_t)S, sizeof(*e->step_seqs));
 	e->step_take = calloc((size_t)S, sizeof(*e->step_take));
 	e->sample_seqs = calloc((size_t)S, sizeof(*e->sample_seqs));
@@ -223,33 +284,57 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	e->h_scratch = calloc((size_t)mc->vocab_size, sizeof(float));
 	e->outs = calloc((size_t)S, sizeof(*e->outs));
 	e->segs = calloc((size_t)S, sizeof(*e->segs));
-	e->op_segs = calloc((size_t)S, sizeof(*e->op_segs));
-	if (!e->h_ids || !e->h_pos || !e->h_tok_seq || !e->h_slots || !e->h_out_rows ||
-	    !e->h_block_tables || !e->step_seqs || !e->step_take || !e->sample_seqs ||
-	    !e->h_logits || !e->h_scratch || !e->outs || !e->segs || !e->op_segs) {
+	e->h_rope = malloc((size_t)e->cfg.max_model_len * (size_t)mc->head_dim * sizeof(float));
+	if (!e->step_seqs || !e->step_take || !e->sample_seqs || !e->h_logits || !e->h_scratch ||
+	    !e->outs || !e->segs || !e->h_rope) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	size_t f = sizeof(float), i4 = sizeof(int32_t);
-	if ((rc = alloc_dev(e, &e->d.ids, (size_t)T * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.pos, (size_t)T * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.tok_seq, (size_t)T * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.slots, (size_t)T * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.out_rows, (size_t)S * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.block_tables, (size_t)S * e->max_blocks_per_seq * i4, err)) ||
-	    (rc = alloc_dev(e, &e->d.x, (size_t)T * mc->dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.xn, (size_t)T * mc->dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.q, (size_t)T * qdim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.k, (size_t)T * kvdim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.v, (size_t)T * kvdim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.att, (size_t)T * qdim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.gate, (size_t)T * mc->ffn_dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.up, (size_t)T * mc->ffn_dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.h, (size_t)S * mc->dim * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.logits, (size_t)S * mc->vocab_size * f, err)) ||
-	    (rc = alloc_dev(e, &e->d.lora_tmp, (size_t)T * LORA_TMP_COLS(e) * f, err)))
+	lp_model_rope_table(model, e->cfg.max_model_len, e->h_rope);
+	rc = lp_backend_import(e->be, e->h_rope,
+	                       (size_t)e->cfg.max_model_len * (size_t)mc->head_dim * f, &e->d_rope,
+	                       err);
+	if (rc)
 		goto fail;
-	e->lora_tmp = view(&e->d.lora_tmp, LP_DTYPE_F32, T, LORA_TMP_COLS(e));
+	e->mem.activations += e->d_rope.size;
+	e->rope = lp_engine_view(&e->d_rope, LP_DTYPE_F32, e->cfg.max_model_len, mc->head_dim);
+	if ((rc = alloc_dev(e, &e->d_meta, e->meta_cap * sizeof(int32_t), err)) ||
+	    (rc = alloc_dev(e, &e->d_x, (size_t)T * mc->dim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_xn, (size_t)T * mc->dim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_q, (size_t)T * qdim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_k, (size_t)T * kvdim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_v, (size_t)T * kvdim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_att, (size_t)T * qdim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_gate, (size_t)T * mc->ffn_dim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_up, (size_t)T * mc->ffn_dim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_h, (size_t)O * mc->dim * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_logits, (size_t)O * mc->vocab_size * f, err)) ||
+	    (rc = alloc_dev(e, &e->d_lora_tmp,
+	                    (size_t)T * LP_LORA_MAX_OUTS * (size_t)e->cfg.max_lora_rank * f, err)))
+		goto fail;
+	if (!e->info.host_memory) {
+		size_t bytes;
+
+		e->sample_out = ((size_t)O * sizeof(struct lp_sample_row) + 63) & ~(size_t)63;
+		bytes =
+		    e->sample_out + (2 + 2 * (size_t)LP_ENGINE_MAX_LOGPROBS) * O * sizeof(int32_t);
+		if ((rc = alloc_dev(e, &e->d_sample, bytes, err)) ||
+		    (rc = e->be->ops->host_alloc(e->be->ctx, bytes, (void **)&e->h_sample, err)))
+			goto fail;
+	}
+
+	block_bytes =
+	    lp_kv_cache_block_bytes(mc->n_layers, kvdim, e->cfg.block_size, e->cfg.kv_type);
+	rc = size_kv(e, block_bytes, &n_blocks, err);
+	if (rc)
+		goto fail;
+	rc = lp_kv_cache_init(&e->kv, e->be, mc->n_layers, kvdim, e->cfg.block_size, (int)n_blocks,
+	                      e->cfg.kv_type, err);
+	if (rc)
+		goto fail;
+	e->mem.kv = n_blocks * block_bytes;
+	e->mem.kv_blocks = (int)n_blocks;
+	e->mem.kv_tokens = (int)n_blocks * e->cfg.block_size;
 	{
 		const char *names[64];
 		size_t n = 0;
@@ -302,23 +387,27 @@ void lp_engine_free(struct lp_engine *e)
 		next = s->next;
 		seq_free(s);
 	}
-	if (e->be)
-		free_step_bufs(e);
-	lp_kv_cache_release(&e->kv);
+	/* adapters leave their slots before the reservation goes */
 	lp_lora_cache_free(e->loras);
+	if (e->be) {
+		free_step_bufs(e);
+		lp_kv_cache_release(&e->kv);
+		if (e->h_meta)
+			e->be->ops->host_free(e->be->ctx, e->h_meta);
+		if (e->h_sample)
+			e->be->ops->host_free(e->be->ctx, e->h_sample);
+		if (e->reserved) {
+			size_t none;
+			e->be->ops->reserve(e->be->ctx, NULL, &none, NULL);
+		}
+	}
 	free(e->segs);
-	free(e->op_segs);
-	free(e->h_ids);
-	free(e->h_pos);
-	free(e->h_tok_seq);
-	free(e->h_slots);
-	free(e->h_out_rows);
-	free(e->h_block_tables);
 	free(e->step_seqs);
 	free(e->step_take);
 	free(e->sample_seqs);
 	free(e->h_logits);
 	free(e->h_scratch);
+	free(e->h_rope);
 	free(e->outs);
 	free(e);
 }
@@ -349,6 +438,9 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 	rc = lp_sampling_params_check(&p->sampling, err);
 	if (rc)
 		return rc;
+	if (p->top_logprobs < 0 || p->top_logprobs > LP_ENGINE_MAX_LOGPROBS)
+		return lp_errf(err, -EINVAL, "top logprobs %d out of range (0..%d)",
+		               p->top_logprobs, LP_ENGINE_MAX_LOGPROBS);
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -376,6 +468,8 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 	s->n_tokens = (int)p->n_prompt;
 	s->max_tokens = p->max_tokens;
 	s->ignore_eos = p->ignore_eos;
+	s->logprobs = p->logprobs;
+	s->top_logprobs = p->logprobs ? p->top_logprobs : 0;
 	s->id = e->next_id++;
 	s->state = LP_SEQ_WAITING;
 	list_append(&e->waiting, s);
@@ -580,122 +674,6 @@ static void group_by_adapter(struct lp_engine *e, int n)
 	}
 }
 
-/* out += LoRA(x) for target t of layer l, per adapter segment. */
-/* The LoRA of group g of layer l: outs are the group's targets' outputs in
- * target order, x their common input. */
-static void apply_lora(struct lp_engine *e, int l, enum lp_lora_group g, const struct lp_tensor *x,
-                       struct lp_tensor *out0, struct lp_tensor *out1, struct lp_tensor *out2)
-{
-	struct lp_lora_args args = {.x = x, .out = {out0, out1, out2}, .segs = e->op_segs};
-	struct lp_tensor tmp = e->lora_tmp;
-	int first, count;
-
-	lp_lora_group_targets(g, &first, &count);
-	args.n_outs = count;
-	for (int i = 0; i < e->n_segs; i++) {
-		const struct step_seg *sg = &e->segs[i];
-		const struct lp_tensor *a =
-		    &sg->adapter->a[(size_t)l * LP_LORA_N_GROUPS + (size_t)g];
-		struct lp_lora_seg *o = &e->op_segs[args.n_segs];
-		if (!a->rows)
-			continue;
-		*o = (struct lp_lora_seg){sg->row0, sg->rows, a, {NULL, NULL, NULL}};
-		for (int t = 0; t < count; t++) {
-			const struct lp_tensor *b =
-			    &sg->adapter->b[(size_t)l * LP_LORA_N_TARGETS + (size_t)(first + t)];
-			o->b[t] = b->rows ? b : NULL;
-		}
-		args.n_segs++;
-	}
-	if (!args.n_segs)
-		return;
-	tmp.rows = x->rows;
-	args.tmp = &tmp;
-	e->be->ops->lora(e->be->ctx, &args);
-}
-
-/* ---- forward pass ---- */
-
-/* Runs the model over the n_tok staged tokens and leaves the logits of the
- * n_out staged output rows in d.logits. */
-static void forward(struct lp_engine *e, int n_tok, int n_seqs, int n_out)
-{
-	const struct lp_model *m = e->model;
-	const struct lp_model_config *c = &m->cfg;
-	const struct lp_backend_ops *ops = e->be->ops;
-	void *ctx = e->be->ctx;
-	int qdim = c->n_heads * c->head_dim, kvdim = c->n_kv_heads * c->head_dim;
-	struct lp_tensor x = view(&e->d.x, LP_DTYPE_F32, n_tok, c->dim);
-	struct lp_tensor xn = view(&e->d.xn, LP_DTYPE_F32, n_tok, c->dim);
-	struct lp_tensor q = view(&e->d.q, LP_DTYPE_F32, n_tok, qdim);
-	struct lp_tensor k = view(&e->d.k, LP_DTYPE_F32, n_tok, kvdim);
-	struct lp_tensor v = view(&e->d.v, LP_DTYPE_F32, n_tok, kvdim);
-	struct lp_tensor att = view(&e->d.att, LP_DTYPE_F32, n_tok, qdim);
-	struct lp_tensor gate = view(&e->d.gate, LP_DTYPE_F32, n_tok, c->ffn_dim);
-	struct lp_tensor up = view(&e->d.up, LP_DTYPE_F32, n_tok, c->ffn_dim);
-	struct lp_tensor h = view(&e->d.h, LP_DTYPE_F32, n_out, c->dim);
-	struct lp_tensor logits = view(&e->d.logits, LP_DTYPE_F32, n_out, c->vocab_size);
-	const int32_t *ids = e->d.ids.data, *pos = e->d.pos.data;
-	struct lp_attention_args aa = {
-	    .n_tokens = n_tok,
-	    .n_heads = c->n_heads,
-	    .n_kv_heads = c->n_kv_heads,
-	    .head_dim = c->head_dim,
-	    .block_size = e->cfg.block_size,
-	    .max_blocks_per_seq = e->max_blocks_per_seq,
-	    .scale = 1.0f / sqrtf((float)c->head_dim),
-	    .q = &q,
-	    .tok_seq = e->d.tok_seq.data,
-	    .tok_pos = pos,
-	    .block_tables = e->d.block_tables.data,
-	    .out = &att,
-	};
-	(void)n_seqs;
-
-	ops->get_rows(ctx, &x, &m->tok_embd, ids, n_tok);
-	for (int l = 0; l < c->n_layers; l++) {
-		const struct lp_layer_weights *L = &m->layers[l];
-
-		ops->rmsnorm(ctx, &xn, &x, &L->attn_norm, c->rms_eps);
-		ops->matmul(ctx, &q, &xn, &L->wq, false);
-		ops->matmul(ctx, &k, &xn, &L->wk, false);
-		ops->matmul(ctx, &v, &xn, &L->wv, false);
-		if (e->n_segs) {
-			apply_lora(e, l, LP_LORA_GROUP_QKV, &xn, &q, &k, &v);
-		}
-		if (c->attn_bias) {
-			ops->add_bias(ctx, &q, &L->bq);
-			ops->add_bias(ctx, &k, &L->bk);
-			ops->add_bias(ctx, &v, &L->bv);
-		}
-		ops->rope(ctx, &q, c->n_heads, c->head_dim, pos, &m->inv_freq);
-		ops->rope(ctx, &k, c->n_kv_heads, c->head_dim, pos, &m->inv_freq);
-		ops->kv_store(ctx, &e->kv.k[l], &e->kv.v[l], &k, &v, e->d.slots.data);
-		aa.k_cache = &e->kv.k[l];
-		aa.v_cache = &e->kv.v[l];
-		ops->attention(ctx, &aa);
-		ops->matmul(ctx, &x, &att, &L->wo, true);
-		if (e->n_segs)
-			apply_lora(e, l, LP_LORA_GROUP_O, &att, &x, NULL, NULL);
-
-		ops->rmsnorm(ctx, &xn, &x, &L->ffn_norm, c->rms_eps);
-		ops->matmul(ctx, &gate, &xn, &L->w_gate, false);
-		ops->matmul(ctx, &up, &xn, &L->w_up, false);
-		if (e->n_segs) {
-			apply_lora(e, l, LP_LORA_GROUP_GATE_UP, &xn, &gate, &up, NULL);
-		}
-		ops->silu_mul(ctx, &gate, &gate, &up);
-		if (e->n_segs)
-			apply_lora(e, l, LP_LORA_GROUP_DOWN, &gate, &x, NULL, NULL);
-		ops->matmul(ctx, &x, &gate, &L->w_down, true);
-	}
-	if (n_out == 0)
-		return;
-	ops->get_rows(ctx, &h, &x, e->d.out_rows.data, n_out);
-	ops->rmsnorm(ctx, &h, &h, &m->out_norm, c->rms_eps);
-	ops->matmul(ctx, &logits, &h, &m->output, false);
-}
-
 static bool seq_done(const struct lp_engine *e, struct lp_seq *s, int32_t tok)
 {
 	if (!s->ignore_eos && lp_model_is_eos(e->model, tok)) {
@@ -710,95 +688,290 @@ static bool seq_done(const struct lp_engine *e, struct lp_seq *s, int32_t tok)
 	return false;
 }
 
-int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
-                   struct lp_err *err)
+/* The backend's sticky status, checked once per step: once it reports a
+ * failure the engine stops running steps and every later step reports
+ * it too. */
+static int check_backend(struct lp_engine *e, struct lp_err *err)
 {
-	int vocab = e->model->cfg.vocab_size, mb = e->max_blocks_per_seq, bs = e->cfg.block_size;
-	int n_seqs, n_tok = 0, n_out = 0;
-
-	*outs = e->outs;
-	*n_outs = 0;
-	n_seqs = schedule(e);
-	if (n_seqs == 0)
+	if (!e->failure.code && !lp_backend_status(e->be, &e->failure))
 		return 0;
-	group_by_adapter(e, n_seqs);
+	if (!e->failure.code)
+		e->failure.code = -EIO;
+	return lp_errf(err, e->failure.code, "%s", e->failure.msg);
+}
 
-	/* stage the step's tokens, positions, cache slots and block tables */
-	e->n_segs = 0;
+/* Stages the step's rows (n_pad of them, padding included) into h_meta;
+ * fills plan. */
+static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
+                  struct step_plan *plan)
+{
+	const struct step_layout *L = &e->lay;
+	int32_t *ids, *pos, *tok_seq, *slots, *tok_slot, *out_rows, *bt;
+	struct lp_lora_seg *segs;
+	int bs = e->cfg.block_size, n_tok = 0, n_out = 0, width = 0, max_ctx = 1;
+
+	plan->n_segs = 0;
+	for (int j = 0; j < n_seqs; j++)
+		if (e->step_seqs[j]->n_blocks > width)
+			width = e->step_seqs[j]->n_blocks;
+	if (graphable)
+		width = e->max_blocks_per_seq;
+	plan_layout(&e->lay, n_pad, graphable ? n_pad : n_seqs, width);
+	ids = e->h_meta + L->ids;
+	pos = e->h_meta + L->pos;
+	tok_seq = e->h_meta + L->tok_seq;
+	slots = e->h_meta + L->slots;
+	tok_slot = e->h_meta + L->tok_slot;
+	out_rows = e->h_meta + L->out_rows;
+	segs = (struct lp_lora_seg *)(e->h_meta + L->segs);
+	bt = e->h_meta + L->block_tables;
 	for (int j = 0; j < n_seqs; j++) {
 		struct lp_seq *s = e->step_seqs[j];
-		int take = e->step_take[j];
+		int take = e->step_take[j], lslot = s->adapter ? s->adapter->slot : -1;
 
 		if (s->adapter) {
-			struct step_seg *g = e->n_segs ? &e->segs[e->n_segs - 1] : NULL;
+			struct step_seg *g = plan->n_segs ? &e->segs[plan->n_segs - 1] : NULL;
 			if (!g || g->adapter != s->adapter) {
-				g = &e->segs[e->n_segs++];
+				g = &e->segs[plan->n_segs++];
 				g->row0 = n_tok;
 				g->rows = 0;
 				g->adapter = s->adapter;
 			}
 			g->rows += take;
 		}
-		memcpy(e->h_block_tables + (size_t)j * mb, s->blocks,
-		       (size_t)s->n_blocks * sizeof(int32_t));
+		memcpy(bt + (size_t)j * width, s->blocks, (size_t)s->n_blocks * sizeof(int32_t));
+		memset(bt + (size_t)j * width + s->n_blocks, 0,
+		       (size_t)(width - s->n_blocks) * sizeof(int32_t));
 		for (int t = 0; t < take; t++) {
 			int p = s->n_computed + t;
-			e->h_ids[n_tok] = s->tokens[p];
-			e->h_pos[n_tok] = p;
-			e->h_tok_seq[n_tok] = j;
-			e->h_slots[n_tok] = s->blocks[p / bs] * bs + p % bs;
+			ids[n_tok] = s->tokens[p];
+			pos[n_tok] = p;
+			tok_seq[n_tok] = j;
+			slots[n_tok] = s->blocks[p / bs] * bs + p % bs;
+			tok_slot[n_tok] = lslot;
 			if (p < s->n_prompt)
 				e->stats.prompt_tokens++;
+			if (p + 1 > max_ctx)
+				max_ctx = p + 1;
 			n_tok++;
 		}
 		s->n_computed += take;
 		if (s->n_computed == s->n_tokens) {
-			e->h_out_rows[n_out] = n_tok - 1;
+			out_rows[n_out] = n_tok - 1;
 			e->sample_seqs[n_out++] = s;
 		}
 	}
-	lp_backend_upload(e->be, e->d.ids.data, e->h_ids, (size_t)n_tok * 4);
-	lp_backend_upload(e->be, e->d.pos.data, e->h_pos, (size_t)n_tok * 4);
-	lp_backend_upload(e->be, e->d.tok_seq.data, e->h_tok_seq, (size_t)n_tok * 4);
-	lp_backend_upload(e->be, e->d.slots.data, e->h_slots, (size_t)n_tok * 4);
-	lp_backend_upload(e->be, e->d.block_tables.data, e->h_block_tables,
-	                  (size_t)n_seqs * mb * 4);
-	lp_backend_upload(e->be, e->d.out_rows.data, e->h_out_rows, (size_t)n_out * 4);
-
-	if (n_out == 0) {
-		/* only prefill chunks: no logits needed yet */
-		forward(e, n_tok, n_seqs, 0);
-		e->be->ops->synchronize(e->be->ctx);
-		e->stats.steps++;
-		return 0;
+	for (int i = 0; i < plan->n_segs; i++)
+		segs[i] = (struct lp_lora_seg){e->segs[i].row0, e->segs[i].rows,
+		                               e->segs[i].adapter->slot};
+	plan->n_out = n_out;
+	/* padding rows: token 0 at position 0 of no sequence, stored nowhere */
+	for (int r = n_tok; r < n_pad; r++) {
+		ids[r] = 0;
+		pos[r] = 0;
+		tok_seq[r] = -1;
+		slots[r] = -1;
+		tok_slot[r] = -1;
 	}
-	forward(e, n_tok, n_seqs, n_out);
-	lp_backend_download(e->be, e->h_logits, e->d.logits.data,
-	                    (size_t)n_out * vocab * sizeof(float));
-	e->stats.steps++;
+	if (graphable) {
+		/* every padding row has a logits row too, and a block-table
+		 * row, so that the step's shapes are those of its bucket */
+		for (int r = n_tok; r < n_pad; r++) {
+			out_rows[r] = r;
+			memset(bt + (size_t)r * width, 0, (size_t)width * sizeof(int32_t));
+		}
+		plan->n_out = n_pad;
+		max_ctx = e->cfg.max_model_len;
+	}
+	plan->n_tok = n_pad;
+	plan->bt_width = width;
+	plan->max_context = max_ctx;
+}
 
-	for (int i = 0; i < n_out; i++) {
+/* ---- sampling ---- */
+
+/* Row i of h_logits into outs[i] with the host sampler. */
+static void host_sample_row(struct lp_engine *e, int i)
+{
+	int vocab = e->model->cfg.vocab_size;
+	struct lp_seq *s = e->sample_seqs[i];
+	const float *row = e->h_logits + (size_t)i * vocab;
+	struct lp_step_output *o = &e->outs[i];
+
+	memcpy(e->h_scratch, row, (size_t)vocab * sizeof(float));
+	o->token = lp_sampler_sample(&s->sampler, e->h_scratch);
+	o->logits = row;
+	o->n_top = 0;
+	o->logprob = 0;
+	if (s->logprobs)
+		lp_logprobs(row, vocab, o->token, s->top_logprobs, &o->logprob, o->top_ids,
+		            o->top_logprobs, &o->n_top);
+}
+
+/* The CPU: the logits are in host memory already (download is a copy). */
+static int sample_on_host(struct lp_engine *e, int n, struct lp_err *err)
+{
+	int rc;
+
+	lp_backend_download(e->be, e->h_logits, e->d_logits.data,
+	                    (size_t)n * e->model->cfg.vocab_size * sizeof(float));
+	if ((rc = check_backend(e, err)))
+		return rc;
+	for (int i = 0; i < n; i++)
+		host_sample_row(e, i);
+	return 0;
+}
+
+/* A device: its sample op picks the tokens and computes the logprobs, and
+ * a few bytes per row come back; rows whose penalties need the host
+ * sampler's counts (and every row with cfg.return_logits) also bring their
+ * logits back. */
+static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
+{
+	int vocab = e->model->cfg.vocab_size, M = LP_ENGINE_MAX_LOGPROBS, max_top = 0, rc;
+	int O = e->mem_max_out;
+	struct lp_sample_row *rows = (struct lp_sample_row *)e->h_sample;
+	char *d = e->d_sample.data;
+	int32_t *h_tok = (int32_t *)(e->h_sample + e->sample_out);
+	float *h_lp = (float *)(h_tok + O);
+	int32_t *h_ids = (int32_t *)(h_lp + O);
+	float *h_tlp = (float *)(h_ids + (size_t)O * M);
+	bool host_rows = false;
+	struct lp_tensor logits = lp_engine_view(&e->d_logits, LP_DTYPE_F32, n, vocab);
+
+	for (int i = 0; i < n; i++) {
 		struct lp_seq *s = e->sample_seqs[i];
-		const float *row = e->h_logits + (size_t)i * vocab;
-		struct lp_step_output *o = &e->outs[i];
-		int32_t tok;
+		const struct lp_sampling_params *p = &s->sampler.p;
+		bool host = lp_sampler_has_penalties(&s->sampler);
 
-		memcpy(e->h_scratch, row, (size_t)vocab * sizeof(float));
-		tok = lp_sampler_sample(&s->sampler, e->h_scratch);
-		lp_sampler_accept(&s->sampler, tok);
-		s->tokens[s->n_tokens++] = tok;
+		host_rows |= host;
+		rows[i] = (struct lp_sample_row){
+		    .temperature = host ? 0.0f : p->temperature,
+		    .top_p = p->top_p,
+		    .min_p = p->min_p,
+		    .top_k = p->top_k,
+		    .u =
+		        !host && p->temperature > 0 ? (float)lp_sampler_uniform(&s->sampler) : 0.0f,
+		    .n_logprobs = s->top_logprobs,
+		};
+		if (s->top_logprobs > max_top)
+			max_top = s->top_logprobs;
+	}
+	if (host_rows || e->cfg.return_logits)
+		/* before the sample op, which may overwrite them */
+		lp_backend_download(e->be, e->h_logits, e->d_logits.data,
+		                    (size_t)n * vocab * sizeof(float));
+	lp_backend_upload(e->be, d, rows, (size_t)n * sizeof(*rows));
+	{
+		struct lp_sample_args a = {
+		    .logits = &logits,
+		    .rows = (const struct lp_sample_row *)d,
+		    .n = n,
+		    .max_logprobs = M,
+		    .tokens = (int32_t *)(d + e->sample_out),
+		    .logprob = (float *)(d + e->sample_out) + O,
+		    .top_ids = (int32_t *)(d + e->sample_out) + 2 * (size_t)O,
+		    .top_logprobs = (float *)(d + e->sample_out) + 2 * (size_t)O + (size_t)O * M,
+		};
+		e->be->ops->sample(e->be->ctx, &a);
+	}
+	/* tokens and logprobs; the alternatives only when asked for */
+	lp_backend_download(e->be, h_tok, d + e->sample_out,
+	                    (max_top ? (2 + 2 * (size_t)M) * O : 2 * (size_t)O) * sizeof(int32_t));
+	if ((rc = check_backend(e, err)))
+		return rc;
+	for (int i = 0; i < n; i++) {
+		struct lp_seq *s = e->sample_seqs[i];
+		struct lp_step_output *o = &e->outs[i];
+
+		if (lp_sampler_has_penalties(&s->sampler)) {
+			host_sample_row(e, i);
+			continue;
+		}
+		o->token = h_tok[i];
+		o->logits = e->cfg.return_logits ? e->h_logits + (size_t)i * vocab : NULL;
+		o->logprob = s->logprobs ? h_lp[i] : 0;
+		o->n_top = s->top_logprobs;
+		for (int k = 0; k < o->n_top; k++) {
+			o->top_ids[k] = h_ids[(size_t)i * M + k];
+			o->top_logprobs[k] = h_tlp[(size_t)i * M + k];
+		}
+		if (o->token < 0 || o->token >= vocab)
+			return lp_errf(err, -EIO,
+			               "the device sampled token %d, outside the vocabulary",
+			               o->token);
+	}
+	return 0;
+}
+
+int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
+                   struct lp_err *err)
+{
+	int n_seqs, n_tok = 0, n_pad, n_real_out, rc;
+	struct lp_step_shape shape;
+	struct step_plan plan;
+	bool graphable;
+
+	*outs = e->outs;
+	*n_outs = 0;
+	if ((rc = check_backend(e, err)))
+		return rc;
+	n_seqs = schedule(e);
+	if (n_seqs == 0)
+		return 0;
+	group_by_adapter(e, n_seqs);
+	for (int j = 0; j < n_seqs; j++)
+		n_tok += e->step_take[j];
+
+	shape = (struct lp_step_shape){
+	    .n_tokens = n_tok,
+	    .n_seqs = n_seqs,
+	    .n_out = 0,
+	    .decode = n_tok == n_seqs,
+	    .lora = false,
+	};
+	for (int j = 0; j < n_seqs; j++) {
+		struct lp_seq *s = e->step_seqs[j];
+		shape.lora |= s->adapter != NULL;
+		shape.n_out += s->n_computed + e->step_take[j] == s->n_tokens;
+	}
+	graphable = e->info.token_buckets > 0 && shape.decode;
+	n_pad = e->be->ops->begin_step(e->be->ctx, &shape);
+	if (n_pad < n_tok || n_pad > e->cfg.max_batched_tokens ||
+	    (graphable && n_pad > e->mem_max_out))
+		n_pad = n_tok; /* a backend bug; never pad past the buffers */
+	stage(e, n_seqs, n_pad, graphable, &plan);
+	n_real_out = graphable ? n_seqs : plan.n_out;
+	e->be->ops->upload(e->be->ctx, e->d_meta.data, e->h_meta, e->lay.total * sizeof(int32_t));
+	lp_engine_forward(e, &plan);
+	e->be->ops->end_step(e->be->ctx);
+	e->stats.steps++;
+	if (n_real_out == 0) {
+		/* only prefill chunks: no logits needed yet */
+		e->be->ops->synchronize(e->be->ctx);
+		return check_backend(e, err);
+	}
+	if (e->info.host_memory)
+		rc = sample_on_host(e, n_real_out, err);
+	else
+		rc = sample_on_device(e, n_real_out, err);
+	if (rc)
+		return rc;
+	for (int i = 0; i < n_real_out; i++) {
+		struct lp_seq *s = e->sample_seqs[i];
+		struct lp_step_output *o = &e->outs[i];
+
+		lp_sampler_accept(&s->sampler, o->token);
+		s->tokens[s->n_tokens++] = o->token;
 		e->stats.generated_tokens++;
 		o->seq = s;
-		o->token = tok;
-		o->logits = row;
-		o->finished = seq_done(e, s, tok);
+		o->finished = seq_done(e, s, o->token);
 		if (o->finished) {
 			enum lp_finish_reason why = s->finish;
 			lp_engine_finish(e, s);
 			s->finish = why;
 		}
 	}
-	*n_outs = n_out;
-	(void)err;
+	*n_outs = n_real_out;
 	return 0;
 }

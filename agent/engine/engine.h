@@ -1,5 +1,6 @@
 /* The engine: a model, its paged KV cache and a continuous-batching
- * scheduler. Each lp_engine_step() decodes one token for every running
+ * scheduler (engine.c), and the forward pass it runs on the backend
+ * (forward.c). Each lp_engine_step() decodes one token for every running
  * sequence and spends the rest of max_batched_tokens on (chunked) prefill of
  * the others, runs one batched forward pass on the backend, and samples one
  * token for every sequence whose known tokens are all computed. When the
@@ -22,20 +23,35 @@
 #include "agent/engine/sampler.h"
 #include "common/err.h"
 
+/* Most top logprobs a step returns per token. */
+#define LP_ENGINE_MAX_LOGPROBS 20
+
 struct lp_engine_config {
 	int max_num_seqs;       /* sequences running at once (default 32) */
 	int max_model_len;      /* prompt + output tokens (default: the model's context) */
 	int max_batched_tokens; /* tokens per step (default 512) */
-	size_t kv_cache_bytes;  /* default 512 MiB */
-	int block_size;         /* default 16 */
-	int max_loras;          /* device slots = distinct adapters running at once (default 8) */
-	int max_cpu_loras;      /* adapters kept in host memory (default 16) */
-	int max_lora_rank;      /* largest rank accepted (default 64) */
+	/* KV cache size; 0 (the default): 512 MiB on the CPU, and on a device
+	 * what gpu_memory_utilization of its memory leaves after the weights,
+	 * the LoRA slots, the workspaces and the activations (vLLM's rule) */
+	size_t kv_cache_bytes;
+	double gpu_memory_utilization; /* fraction of device memory (default 0.9) */
+	enum lp_dtype kv_type;         /* f32, f16 or bf16; LP_DTYPE_COUNT (default): the
+	                                  backend's preferred (f32 on the CPU) */
+	enum lp_dtype lora_type;       /* device LoRA slots; LP_DTYPE_COUNT: the backend's */
+	int block_size;                /* default 16 */
+	int max_loras;     /* device slots = distinct adapters running at once (default 8) */
+	int max_cpu_loras; /* adapters kept in host memory (default 16) */
+	int max_lora_rank; /* largest rank accepted (default 64) */
 	/* names the base model answers to, for adapters' base_model_name_or_path
 	 * (NULL-terminated, may be NULL; the model's file or directory stem is
 	 * always one) */
 	const char *const *base_names;
 	bool allow_base_mismatch;
+	/* A device backend samples on the device (its sample op) and downloads
+	 * only the tokens and the logprobs asked for; with return_logits every
+	 * step output also has its raw logits (tests, debugging). The CPU
+	 * always returns them, and samples on the host. */
+	bool return_logits;
 };
 
 void lp_engine_config_default(struct lp_engine_config *c);
@@ -60,6 +76,10 @@ struct lp_seq_params {
 	int max_tokens; /* new tokens at most; <= 0: up to the model length */
 	bool ignore_eos;
 	struct lp_sampling_params sampling;
+	/* each step output carries the chosen token's logprob and
+	 * top_logprobs (<= LP_ENGINE_MAX_LOGPROBS) alternatives */
+	bool logprobs;
+	int top_logprobs;
 };
 
 struct lp_seq {
@@ -73,6 +93,8 @@ struct lp_seq {
 	int max_tokens;
 	bool ignore_eos;
 	struct lp_sampler sampler;
+	bool logprobs; /* as asked in lp_seq_params */
+	int top_logprobs;
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
 	int n_preempted;            /* times its cache was dropped for recompute */
@@ -85,9 +107,26 @@ struct lp_seq {
 struct lp_step_output {
 	struct lp_seq *seq;
 	int32_t token;
-	const float *logits; /* [vocab] raw logits it was sampled from; valid
-	                        until the next step */
-	bool finished;       /* seq->finish says why */
+	/* [vocab] raw logits it was sampled from, valid until the next step;
+	 * NULL when a device sampled it and cfg.return_logits is off */
+	const float *logits;
+	bool finished; /* seq->finish says why */
+	/* when seq->logprobs: log-softmax of the raw logits */
+	float logprob;
+	int n_top;
+	int32_t top_ids[LP_ENGINE_MAX_LOGPROBS];
+	float top_logprobs[LP_ENGINE_MAX_LOGPROBS];
+};
+
+/* Where the device memory went, measured at lp_engine_new. */
+struct lp_engine_memory {
+	size_t total;       /* device (host RAM on the CPU) */
+	size_t weights;     /* the model's weights as stored */
+	size_t workspaces;  /* the backend's reserve: LoRA slots, op workspaces */
+	size_t activations; /* the step's tensors and metadata */
+	size_t kv;          /* the KV cache */
+	int kv_blocks;
+	int kv_tokens; /* kv_blocks * block_size */
 };
 
 struct lp_engine;
@@ -98,6 +137,8 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 void lp_engine_free(struct lp_engine *e);
 const struct lp_engine_config *lp_engine_config(const struct lp_engine *e);
 const struct lp_model *lp_engine_model(const struct lp_engine *e);
+const struct lp_engine_memory *lp_engine_memory(const struct lp_engine *e);
+const struct lp_backend_info *lp_engine_backend_info(const struct lp_engine *e);
 
 /* Queues a new sequence. -EINVAL (with the reason) for an empty prompt, a
  * token id out of range, a prompt that leaves no room under max_model_len,
@@ -118,7 +159,10 @@ void lp_engine_release(struct lp_engine *e, struct lp_seq *s);
 bool lp_engine_has_work(const struct lp_engine *e);
 
 /* Runs one step. *outs (owned by the engine, valid until the next step)
- * lists the sampled tokens, *n_outs of them. */
+ * lists the sampled tokens, *n_outs of them. When the backend reports an
+ * error (its sticky status, checked once per step) the step fails with it,
+ * and so does every later step: the engine is broken and the caller fails
+ * its requests. */
 int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int *n_outs,
                    struct lp_err *err);
 

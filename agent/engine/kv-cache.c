@@ -17,8 +17,8 @@ int lp_kv_cache_init(struct lp_kv_cache *kv, struct lp_backend *be, int n_layers
 	int rc;
 
 	memset(kv, 0, sizeof(*kv));
-	if (type != LP_DTYPE_F32 && type != LP_DTYPE_F16)
-		return lp_errf(err, -EINVAL, "kv cache type must be f32 or f16");
+	if (type != LP_DTYPE_F32 && type != LP_DTYPE_F16 && type != LP_DTYPE_BF16)
+		return lp_errf(err, -EINVAL, "kv cache type must be f32, f16 or bf16");
 	if (n_blocks < 1 || block_size < 1 || n_layers < 1 || kv_dim < 1)
 		return lp_errf(err, -EINVAL, "kv cache needs at least one block");
 	kv->be = be;

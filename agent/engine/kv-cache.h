@@ -17,7 +17,7 @@ struct lp_kv_cache {
 	int block_size; /* positions per block */
 	int n_blocks;
 	int kv_dim;           /* n_kv_heads * head_dim */
-	enum lp_dtype type;   /* f32 or f16 */
+	enum lp_dtype type;   /* f32, f16 or bf16 */
 	struct lp_buffer buf; /* all layers' K and V */
 	struct lp_tensor *k;  /* [n_layers] views [n_blocks * block_size, kv_dim] */
 	struct lp_tensor *v;  /* [n_layers] likewise */

@@ -77,17 +77,15 @@ static void drop_slot(struct lp_lora_cache *c, struct lp_adapter *a)
 {
 	if (a->slot < 0)
 		return;
+	c->be->ops->lora_clear(c->be->ctx, a->slot);
 	c->slots[a->slot] = NULL;
 	a->slot = -1;
-	lp_backend_free(c->be, &a->dev);
 }
 
 static void adapter_free(struct lp_lora_cache *c, struct lp_adapter *a)
 {
 	drop_slot(c, a);
 	lp_lora_free(a->w);
-	free(a->a);
-	free(a->b);
 	free(a->name);
 	free(a->path);
 	free(a->root);
@@ -193,7 +191,6 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
                           struct lp_err *err)
 {
 	struct lp_adapter *old = lp_lora_cache_find(c, name), *a;
-	size_t n_pairs = (size_t)c->shape.n_layers * LP_LORA_N_TARGETS;
 
 	*already = false;
 	if (!source)
@@ -231,9 +228,7 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 	a->root = dup_or_empty(root);
 	a->source = dup_or_empty(source);
 	a->sha256 = dup_or_empty(sha256);
-	a->a = calloc((size_t)w->n_layers * LP_LORA_N_GROUPS, sizeof(*a->a));
-	a->b = calloc(n_pairs, sizeof(*a->b));
-	if (!a->name || !a->path || !a->root || !a->source || !a->sha256 || !a->a || !a->b) {
+	if (!a->name || !a->path || !a->root || !a->source || !a->sha256) {
 		adapter_free(c, a);
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
@@ -334,42 +329,17 @@ void lp_lora_cache_release(struct lp_lora_cache *c, struct lp_adapter *a)
 	maybe_free(c, a);
 }
 
-/* Puts a's weights into slot s of the device tier. */
+/* Puts a's weights into slot s of the device tier: the backend copies them
+ * (a device) or records where they are (the CPU, whose slot then aliases
+ * a->w until drop_slot, which comes before any free of a->w). */
 static bool fill_slot(struct lp_lora_cache *c, struct lp_adapter *a, int s)
 {
 	const struct lp_lora *w = a->w;
+	struct lp_lora_weights lw = {w->n_layers, w->pairs, w->stacks};
 	struct lp_err err;
 
-	if (lp_backend_import(c->be, w->data, w->data_bytes, &a->dev, &err))
+	if (c->be->ops->lora_fill(c->be->ctx, s, &lw, &err))
 		return false;
-	/* same offsets inside the device copy as in the host one */
-	for (int l = 0; l < c->shape.n_layers; l++) {
-		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
-			const struct lp_lora_pair *p =
-			    lp_lora_pair_at(w, l, (enum lp_lora_target)t);
-			size_t i = (size_t)l * LP_LORA_N_TARGETS + (size_t)t;
-			int in, out;
-			lp_lora_target_dims(&c->shape, (enum lp_lora_target)t, &in, &out);
-			memset(&a->b[i], 0, sizeof(a->b[i]));
-			if (p->rank)
-				a->b[i] = (struct lp_tensor){(char *)a->dev.data +
-				                                 ((char *)p->b - (char *)w->data),
-				                             p->b_type, p->rank, out};
-		}
-		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
-			const struct lp_lora_stack *st =
-			    lp_lora_stack_at(w, l, (enum lp_lora_group)g);
-			size_t i = (size_t)l * LP_LORA_N_GROUPS + (size_t)g;
-			int first, count, in, out;
-			lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
-			lp_lora_target_dims(&c->shape, (enum lp_lora_target)first, &in, &out);
-			memset(&a->a[i], 0, sizeof(a->a[i]));
-			if (st->rank)
-				a->a[i] = (struct lp_tensor){(char *)a->dev.data +
-				                                 ((char *)st->a - (char *)w->data),
-				                             st->type, st->rank, in};
-		}
-	}
 	a->slot = s;
 	c->slots[s] = a;
 	return true;

@@ -1,8 +1,8 @@
-/* The adapter cache of one engine, two tiers in memory: a registry of named adapters,
- * the host tier (parsed weights, at most max_cpu_loras resident, LRU) and
- * the device tier (max_loras slots, LRU). Disk is the tier below: an
- * adapter evicted from host memory is read again from its path when a
- * request needs it.
+/* The adapter cache of one engine, in three tiers: a registry of named
+ * adapters over the disk tier (an adapter evicted from host memory is read
+ * again from its path when a request needs it), the host tier (parsed
+ * weights, at most max_cpu_loras resident, LRU) and the device tier (the
+ * backend's max_loras LoRA slots, filled with lora_fill, LRU).
  *
  * Pinning: an adapter needed by a waiting or running request stays in host
  * memory; one used by a running request keeps its device slot. A name maps
@@ -35,12 +35,7 @@ struct lp_adapter {
 	const char *format;
 	double load_ms;                 /* time the last parse took */
 	struct lp_lora *w;              /* host tier; NULL when evicted to disk */
-	struct lp_buffer dev;           /* device copy while it holds a slot */
-	struct lp_tensor *a;            /* [n_layers * LP_LORA_N_GROUPS] stacked A,
-	                                   views in dev; rows == 0 where absent */
-	struct lp_tensor *b;            /* [n_layers * LP_LORA_N_TARGETS] B views in
-	                                   dev; rows == 0 where the pair is absent */
-	int slot;                       /* device slot, or -1 */
+	int slot;                       /* the backend's LoRA slot, or -1 */
 	int seq_refs;                   /* waiting or running requests using this version */
 	int running_refs;               /* running requests (pin the slot) */
 	bool registered;                /* the current version of its name */

@@ -108,7 +108,27 @@ static int check_shape(const struct raw_weight *w, int64_t rows, int64_t cols, s
 	return 0;
 }
 
-/* A matrix weight, used as stored. */
+/* Hands a weight matrix to the backend, which stores it in the format it
+ * chooses (import_weight); host stays alive with the model. */
+static int place_weight(struct lp_model *m, const void *host, enum lp_dtype type, int64_t rows,
+                        int64_t cols, struct lp_tensor *t, struct lp_err *err)
+{
+	struct lp_buffer b;
+	int rc;
+
+	rc = m->be->ops->import_weight(m->be->ctx, host, type, rows, cols, t, &b, err);
+	if (rc)
+		return rc;
+	rc = res_push_buf(m->res, b, err);
+	if (rc) {
+		lp_backend_free(m->be, &b);
+		return rc;
+	}
+	m->weight_bytes += lp_tensor_bytes(t);
+	return 0;
+}
+
+/* A matrix weight. */
 static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t rows, int64_t cols,
                        struct lp_tensor *t, struct lp_err *err)
 {
@@ -122,7 +142,7 @@ static int load_matrix(struct lp_model *m, const struct raw_weight *w, int64_t r
 		return lp_errf(err, -EINVAL,
 		               "tensor '%s': %lld columns is not a multiple of the %s block",
 		               w->name, (long long)cols, lp_dtype_name(w->type));
-	return place_tensor(m, w->data, w->type, rows, cols, t, err);
+	return place_weight(m, w->data, w->type, rows, cols, t, err);
 }
 
 /* A vector (norm weight or bias), converted to f32. */
@@ -181,7 +201,7 @@ static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n
 	rc = res_push_host(m->res, dst, err);
 	if (rc)
 		return rc;
-	return place_tensor(m, dst, w->type, rows, cols, t, err);
+	return place_weight(m, dst, w->type, rows, cols, t, err);
 }
 
 static int check_config(const struct lp_model_config *c, struct lp_err *err)
@@ -261,7 +281,26 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 	rc = res_push_host(m->res, f, err);
 	if (rc)
 		return rc;
+	m->rope_inv_freq = f;
 	return place_tensor(m, f, LP_DTYPE_F32, 1, half, &m->inv_freq, err);
+}
+
+void lp_model_rope_table(const struct lp_model *m, int n_pos, float *out)
+{
+	int hd = m->cfg.head_dim, half = hd / 2;
+
+	for (int p = 0; p < n_pos; p++) {
+		float *row = out + (size_t)p * hd;
+
+		for (int i = 0; i < half; i++) {
+			/* the angle rounded to f32 first, as the forward pass
+			 * computed it before the table existed */
+			float angle = (float)p * m->rope_inv_freq[i];
+
+			row[i] = cosf(angle);
+			row[half + i] = sinf(angle);
+		}
+	}
 }
 
 /* ---- GGUF ---- */
@@ -852,6 +891,108 @@ fail_prefix:
 	/* errors from the format readers already name the file */
 	if (!strstr(err->msg, path))
 		lp_err_prefix(err, "model '%s'", path);
+fail:
+	lp_model_free(m);
+	return rc;
+}
+
+/* ---- random weights ---- */
+
+/* n f16 values uniform in [-scale, scale), from a splitmix64 stream. */
+static void random_f16(uint16_t *out, size_t n, float scale, uint64_t *state)
+{
+	for (size_t i = 0; i < n; i += 4) {
+		uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+		z ^= z >> 31;
+		for (size_t j = 0; j < 4 && i + j < n; j++) {
+			float u = (float)((z >> (16 * j)) & 0xffff) / 32768.0f - 1.0f;
+			out[i + j] = lp_f32_to_f16(u * scale);
+		}
+	}
+}
+
+/* A random f16 matrix (or an f32 vector of ones) handed to the backend;
+ * the host copy stays only where the backend aliases it. */
+static int random_weight(struct lp_model *m, bool keep_host, int64_t rows, int64_t cols,
+                         bool vector, uint64_t *state, struct lp_tensor *t, struct lp_err *err)
+{
+	size_t n = (size_t)rows * (size_t)cols;
+	void *host = malloc(n * (vector ? sizeof(float) : sizeof(uint16_t)));
+	int rc;
+
+	if (!host)
+		return lp_errf(err, -ENOMEM, "out of memory for a [%lld, %lld] weight",
+		               (long long)rows, (long long)cols);
+	if (vector) {
+		for (size_t i = 0; i < n; i++)
+			((float *)host)[i] = 1.0f;
+		rc = place_tensor(m, host, LP_DTYPE_F32, rows, cols, t, err);
+	} else {
+		random_f16(host, n, 1.0f / sqrtf((float)cols), state);
+		rc = place_weight(m, host, LP_DTYPE_F16, rows, cols, t, err);
+	}
+	if (rc || !keep_host) {
+		free(host);
+		return rc;
+	}
+	return res_push_host(m->res, host, err);
+}
+
+int lp_model_random(struct lp_model **out, const struct lp_model_config *cfg, uint64_t seed,
+                    struct lp_backend *be, struct lp_err *err)
+{
+	struct lp_backend_info info;
+	struct lp_model *m;
+	uint64_t st = seed;
+	int rc, q, kv;
+
+	*out = NULL;
+	be->ops->info(be->ctx, &info);
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	m->be = be;
+	m->cfg = *cfg;
+	m->res = calloc(1, sizeof(*m->res));
+	m->path = strdup("random");
+	m->name = strdup("random");
+	if (!m->res || !m->path || !m->name) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	if ((rc = check_config(&m->cfg, err)) || (rc = alloc_layers(m, err)))
+		goto fail;
+	q = m->cfg.n_heads * m->cfg.head_dim;
+	kv = m->cfg.n_kv_heads * m->cfg.head_dim;
+	if ((rc = random_weight(m, info.host_memory, m->cfg.vocab_size, m->cfg.dim, false, &st,
+	                        &m->tok_embd, err)) ||
+	    (rc = random_weight(m, true, 1, m->cfg.dim, true, &st, &m->out_norm, err)) ||
+	    (rc = random_weight(m, info.host_memory, m->cfg.vocab_size, m->cfg.dim, false, &st,
+	                        &m->output, err)) ||
+	    (rc = make_inv_freq(m, NULL, err)))
+		goto fail;
+	for (int l = 0; l < m->cfg.n_layers; l++) {
+		struct lp_layer_weights *L = &m->layers[l];
+		bool h = info.host_memory;
+
+		if ((rc = random_weight(m, true, 1, m->cfg.dim, true, &st, &L->attn_norm, err)) ||
+		    (rc = random_weight(m, true, 1, m->cfg.dim, true, &st, &L->ffn_norm, err)) ||
+		    (rc = random_weight(m, h, q, m->cfg.dim, false, &st, &L->wq, err)) ||
+		    (rc = random_weight(m, h, kv, m->cfg.dim, false, &st, &L->wk, err)) ||
+		    (rc = random_weight(m, h, kv, m->cfg.dim, false, &st, &L->wv, err)) ||
+		    (rc = random_weight(m, h, m->cfg.dim, q, false, &st, &L->wo, err)) ||
+		    (rc = random_weight(m, h, m->cfg.ffn_dim, m->cfg.dim, false, &st, &L->w_gate,
+		                        err)) ||
+		    (rc = random_weight(m, h, m->cfg.ffn_dim, m->cfg.dim, false, &st, &L->w_up,
+		                        err)) ||
+		    (rc = random_weight(m, h, m->cfg.dim, m->cfg.ffn_dim, false, &st, &L->w_down,
+		                        err)))
+			goto fail;
+	}
+	*out = m;
+	return 0;
 fail:
 	lp_model_free(m);
 	return rc;

@@ -71,6 +71,7 @@ struct lp_model {
 	struct lp_tensor out_norm;       /* f32 [1, dim] */
 	struct lp_tensor output;         /* [vocab, dim]; aliases tok_embd when tied */
 	struct lp_tensor inv_freq;       /* f32 [1, head_dim / 2], scaling applied */
+	const float *rope_inv_freq;      /* the same in host memory */
 	struct lp_layer_weights *layers; /* [n_layers] */
 	struct lp_tokenizer *tok;
 	size_t weight_bytes;      /* bytes of all weights, each counted once */
@@ -83,8 +84,17 @@ struct lp_model {
 int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
                   struct lp_err *err);
 void lp_model_free(struct lp_model *m);
+/* A model of the given shape (cfg as a config.json would give it) with
+ * random f16 weights and no tokenizer, for benchmarks of shapes whose
+ * weights are not at hand (make bench-gpu's Llama-3-8B). */
+int lp_model_random(struct lp_model **out, const struct lp_model_config *cfg, uint64_t seed,
+                    struct lp_backend *be, struct lp_err *err);
 
 bool lp_model_is_eos(const struct lp_model *m, int32_t id);
+/* The rotary table of positions 0 .. n_pos - 1 that the rope op reads:
+ * row p holds cos of p * inv_freq[i] for i < head_dim / 2, then their sin
+ * (out: [n_pos, head_dim] floats). */
+void lp_model_rope_table(const struct lp_model *m, int n_pos, float *out);
 /* Bytes of weights one token's forward pass reads (every matrix once). */
 size_t lp_model_bytes_per_token(const struct lp_model *m);
 

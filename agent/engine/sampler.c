@@ -663,6 +663,55 @@ int32_t lp_sampler_sample(struct lp_sampler *s, float *logits)
 	return draw(s, idx, kept);
 }
 
+bool lp_sampler_has_penalties(const struct lp_sampler *s)
+{
+	return s->p.repetition_penalty != 1.0f || s->p.frequency_penalty != 0.0f ||
+	       s->p.presence_penalty != 0.0f;
+}
+
+double lp_sampler_uniform(struct lp_sampler *s)
+{
+	return rng_uniform(s->rng);
+}
+
+void lp_logprobs(const float *logits, int vocab, int32_t tok, int n, float *logprob,
+                 int32_t *top_ids, float *top_logprobs, int *n_top)
+{
+	float mx = -INFINITY, lse;
+	double sum = 0;
+	int k;
+
+	for (int i = 0; i < vocab; i++)
+		if (logits[i] > mx)
+			mx = logits[i];
+	for (int i = 0; i < vocab; i++)
+		sum += exp((double)(logits[i] - mx));
+	lse = mx + (float)log(sum);
+	*logprob = logits[tok] - lse;
+	/* the n best by insertion into a short sorted list; a later token
+	 * with an equal logit never displaces an earlier one */
+	*n_top = 0;
+	for (int i = 0; i < vocab && n > 0; i++) {
+		float v = logits[i];
+		k = *n_top;
+		if (k == n && v <= top_logprobs[k - 1])
+			continue;
+		if (k < n)
+			(*n_top)++;
+		else
+			k--;
+		while (k > 0 && top_logprobs[k - 1] < v) {
+			top_logprobs[k] = top_logprobs[k - 1];
+			top_ids[k] = top_ids[k - 1];
+			k--;
+		}
+		top_logprobs[k] = v;
+		top_ids[k] = i;
+	}
+	for (k = 0; k < *n_top; k++)
+		top_logprobs[k] -= lse;
+}
+
 /* ---- stop strings ------------------------------------------------------- */
 
 /* Bounds on what a request may ask for; the hold-back search is quadratic

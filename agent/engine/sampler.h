@@ -52,6 +52,16 @@ void lp_sampler_set_prompt(struct lp_sampler *s, const int32_t *ids, size_t n);
 void lp_sampler_accept(struct lp_sampler *s, int32_t id);
 /* Picks the next token; logits [vocab] are modified in place. */
 int32_t lp_sampler_sample(struct lp_sampler *s, float *logits);
+/* True when the request's penalties need its token counts, which only the
+ * host sampler keeps: a device's sample op cannot take it. */
+bool lp_sampler_has_penalties(const struct lp_sampler *s);
+/* The uniform number in [0, 1) that lp_sampler_sample would draw next
+ * (advancing the generator), for a device's sample op. */
+double lp_sampler_uniform(struct lp_sampler *s);
+/* The log-softmax of logits[tok] and the n (<= the arrays' size) most
+ * likely tokens, best first (ties: lower id), with theirs. */
+void lp_logprobs(const float *logits, int vocab, int32_t tok, int n, float *logprob,
+                 int32_t *top_ids, float *top_logprobs, int *n_top);
 
 /* Stop strings over streamed text: feed the generated text piece by piece;
  * the matcher says how much of it can be emitted now (text that may be the

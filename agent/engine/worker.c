@@ -32,13 +32,11 @@ struct lp_request {
 	bool final_read;   /* ... and was read */
 	bool cancel;       /* asked by the reader */
 	int refs;          /* reader + engine side */
-	/* engine side */
+	/* engine side: what lp_engine_add takes, by pointer, over the
+	 * request's own copies of the adapter name and the prompt */
 	char *adapter;
 	int32_t *prompt;
-	size_t n_prompt;
-	int max_tokens;
-	bool ignore_eos;
-	struct lp_sampling_params sampling;
+	struct lp_seq_params params;
 	int logprobs;
 	struct lp_seq *seq;
 	int n_generated;
@@ -62,6 +60,7 @@ struct lp_worker {
 	bool closing, stopping;
 	bool wake; /* a cancel or submit since the last look */
 	uint64_t next_id;
+	struct lp_err failure; /* under qmu: the engine failed (code != 0) */
 };
 
 void lp_worker_config_default(struct lp_worker_config *c)
@@ -213,6 +212,17 @@ uint64_t lp_request_id(const struct lp_request *r)
 	return r->id;
 }
 
+int lp_worker_failure(struct lp_worker *w, struct lp_err *err)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&w->qmu);
+	if (w->failure.code)
+		rc = lp_errf(err, w->failure.code, "%s", w->failure.msg);
+	pthread_mutex_unlock(&w->qmu);
+	return rc;
+}
+
 int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
                      struct lp_request **out, struct lp_err *err)
 {
@@ -245,16 +255,24 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 	pthread_mutex_init(&r->mu, NULL);
 	cond_init_monotonic(&r->cv);
 	memcpy(r->prompt, p->prompt, p->n_prompt * sizeof(int32_t));
-	r->n_prompt = p->n_prompt;
-	r->max_tokens = p->max_tokens;
-	r->ignore_eos = p->ignore_eos;
-	r->sampling = p->sampling;
+	r->params = (struct lp_seq_params){
+	    .adapter = r->adapter,
+	    .prompt = r->prompt,
+	    .n_prompt = p->n_prompt,
+	    .max_tokens = p->max_tokens,
+	    .ignore_eos = p->ignore_eos,
+	    .sampling = p->sampling,
+	    .logprobs = p->logprobs >= 0,
+	    .top_logprobs = p->logprobs > 0 ? p->logprobs : 0,
+	};
 	r->logprobs = p->logprobs;
 	r->refs = 2;
 
 	pthread_mutex_lock(&w->qmu);
 	if (w->closing) {
 		rc = lp_errf(err, -ESHUTDOWN, "the server is shutting down");
+	} else if (w->failure.code) {
+		rc = lp_errf(err, w->failure.code, "%s", w->failure.msg);
 	} else if (w->q_len >= w->cfg.queue_capacity) {
 		rc = lp_errf(err, -EAGAIN, "%d request%s already queued", w->q_len,
 		             w->q_len == 1 ? " is" : "s are");
@@ -282,42 +300,6 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 
 /* ---- the engine thread ---- */
 
-/* Logprob of tok and the top n alternatives, from raw logits. */
-static void fill_logprobs(const float *logits, int vocab, int32_t tok, int n, struct lp_event *ev)
-{
-	float mx = -INFINITY;
-	double sum = 0;
-
-	for (int i = 0; i < vocab; i++)
-		if (logits[i] > mx)
-			mx = logits[i];
-	for (int i = 0; i < vocab; i++)
-		sum += exp((double)(logits[i] - mx));
-	float lse = mx + (float)log(sum);
-	ev->logprob = logits[tok] - lse;
-	ev->n_top = 0;
-	/* top n by insertion into a small sorted list */
-	for (int i = 0; i < vocab && n > 0; i++) {
-		float v = logits[i];
-		int k = ev->n_top;
-		if (k == n && v <= ev->top_logprobs[k - 1])
-			continue;
-		if (k < n)
-			ev->n_top++;
-		else
-			k--;
-		while (k > 0 && ev->top_logprobs[k - 1] < v) {
-			ev->top_logprobs[k] = ev->top_logprobs[k - 1];
-			ev->top_ids[k] = ev->top_ids[k - 1];
-			k--;
-		}
-		ev->top_logprobs[k] = v;
-		ev->top_ids[k] = i;
-	}
-	for (int k = 0; k < ev->n_top; k++)
-		ev->top_logprobs[k] -= lse;
-}
-
 static void push_end(struct lp_request *r, bool cancelled)
 {
 	struct lp_event ev;
@@ -326,7 +308,7 @@ static void push_end(struct lp_request *r, bool cancelled)
 	ev.kind = LP_EVENT_END;
 	ev.finish = r->seq ? r->seq->finish : LP_FINISH_ABORT;
 	ev.cancelled = cancelled;
-	ev.prompt_tokens = (int)r->n_prompt;
+	ev.prompt_tokens = (int)r->params.n_prompt;
 	ev.completion_tokens = r->n_generated;
 	request_push(r, &ev);
 }
@@ -353,21 +335,18 @@ static void admit(struct lp_worker *w, struct lp_request *batch)
 {
 	while (batch) {
 		struct lp_request *r = batch;
-		struct lp_seq_params p = {0};
 		struct lp_event ev;
 
 		batch = r->next;
 		r->next = NULL;
-		p.adapter = r->adapter;
-		p.prompt = r->prompt;
-		p.n_prompt = r->n_prompt;
-		p.max_tokens = r->max_tokens;
-		p.ignore_eos = r->ignore_eos;
-		p.sampling = r->sampling;
 		memset(&ev, 0, sizeof(ev));
 		if (request_cancelled(r)) {
 			push_end(r, true);
-		} else if (lp_engine_add(w->e, &p, &r->seq, &ev.err)) {
+		} else if (w->failure.code) {
+			ev.kind = LP_EVENT_ERROR;
+			lp_errf(&ev.err, w->failure.code, "%s", w->failure.msg);
+			request_push(r, &ev);
+		} else if (lp_engine_add(w->e, &r->params, &r->seq, &ev.err)) {
 			ev.kind = LP_EVENT_ERROR;
 			request_push(r, &ev);
 		} else {
@@ -385,11 +364,32 @@ static void admit(struct lp_worker *w, struct lp_request *batch)
 	}
 }
 
+/* The engine failed (its backend's sticky error): every request in it
+ * ends with that error, and so will every later one (admit). */
+static void fail_all(struct lp_worker *w, const struct lp_err *err)
+{
+	pthread_mutex_lock(&w->qmu);
+	if (!w->failure.code)
+		w->failure = *err;
+	pthread_mutex_unlock(&w->qmu);
+	for (struct lp_request **pp = &w->active; *pp;) {
+		struct lp_request *r = *pp;
+		struct lp_event ev;
+
+		memset(&ev, 0, sizeof(ev));
+		ev.kind = LP_EVENT_ERROR;
+		ev.err = *err;
+		request_push(r, &ev);
+		lp_engine_finish(w->e, r->seq);
+		retire(w, r, pp);
+	}
+}
+
 /* One round: cancellations, then a step; engine lock held. */
 static int run_step(struct lp_worker *w)
 {
 	const struct lp_step_output *outs;
-	int n_outs, vocab = lp_worker_model(w)->cfg.vocab_size;
+	int n_outs;
 	struct lp_err err;
 
 	for (struct lp_request **pp = &w->active; *pp;) {
@@ -404,18 +404,21 @@ static int run_step(struct lp_worker *w)
 	}
 	if (!lp_engine_has_work(w->e))
 		return 0;
-	if (lp_engine_step(w->e, &outs, &n_outs, &err))
+	if (lp_engine_step(w->e, &outs, &n_outs, &err)) {
+		fail_all(w, &err);
 		return -1;
+	}
 	for (int i = 0; i < n_outs; i++) {
 		struct lp_request *r = outs[i].seq->user;
 		struct lp_event ev;
 
 		ev.kind = LP_EVENT_TOKEN;
 		ev.token = outs[i].token;
-		ev.n_top = 0;
-		ev.logprob = 0;
-		if (r->logprobs >= 0)
-			fill_logprobs(outs[i].logits, vocab, ev.token, r->logprobs, &ev);
+		ev.n_top = outs[i].n_top;
+		ev.logprob = outs[i].logprob;
+		memcpy(ev.top_ids, outs[i].top_ids, (size_t)ev.n_top * sizeof(ev.top_ids[0]));
+		memcpy(ev.top_logprobs, outs[i].top_logprobs,
+		       (size_t)ev.n_top * sizeof(ev.top_logprobs[0]));
 		r->n_generated++;
 		if (!request_push(r, &ev)) {
 			/* the reader fell a whole channel behind: stop this one */

@@ -21,7 +21,7 @@
 #include "agent/engine/engine.h"
 #include "common/err.h"
 
-#define LP_MAX_TOP_LOGPROBS 20
+#define LP_MAX_TOP_LOGPROBS LP_ENGINE_MAX_LOGPROBS
 
 struct lp_worker_config {
 	int queue_capacity;   /* requests waiting to enter the engine (default 1024) */
@@ -81,6 +81,11 @@ void lp_worker_close(struct lp_worker *w);
  * adapter, host tier full, prompt too long) arrive as the request's first
  * event. The caller reads events with lp_request_next() and frees the
  * request with lp_request_free(). */
+/* 0 while the engine works; once a step failed (the backend's sticky
+ * error: the device is unusable) its error, for good: requests then fail
+ * with it and the agent reports itself not ready. */
+int lp_worker_failure(struct lp_worker *w, struct lp_err *err);
+
 int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
                      struct lp_request **out, struct lp_err *err);
 /* Waits up to timeout_ms (-1: no limit) for the next event: 0 with *ev

@@ -6,7 +6,11 @@
  * same in any batch. Its positions 0 .. n - 1 go in chunks of ATTN_CHUNK:
  * [0, 64), [64, 128), ...; the rows of a chunk are the cache rows of its
  * positions, in order, leaving out positions whose block-table entry points
- * outside the cache. A chunk of k >= 1 rows gives
+ * outside the cache (recorded in the backend's sticky status: the engine
+ * never hands out such a block). A padding row (tok_seq < 0) attends to no
+ * position. A row without positions comes out zero. The cache holds f32,
+ * f16 or bf16; its elements are read as the f32 they are exactly, so the
+ * three types take the same arithmetic. A chunk of k >= 1 rows gives
  *
  *   s_j = scale * q . k_j,  m = max s_j,  e_j = exp(s_j - m),
  *   l = sum of the e_j,  o = e_0 v_0 + e_1 v_1 + ...  (in j order, from 0)
@@ -40,7 +44,7 @@
  *   runs (prefill: the tokens of a sequence come in runs of two or more on
  *     average): a unit is a block of ATTN_TILE consecutive tokens, each run
  *     of one sequence in it going through its context once: a chunk's K
- *     and V rows, copied to scratch (f16 ones converted to f32), serve
+ *     and V rows, copied to scratch (16-bit ones converted to f32), serve
  *     every token and head of the run from cache, each token taking the
  *     rows of the positions it attends to.
  *
@@ -50,6 +54,7 @@
 #include "kernels/cpu/cpu.h"
 
 #include <assert.h>
+#include <errno.h>
 #include <math.h>
 
 /* Positions per chunk: the step of every row's arithmetic (above). */
@@ -85,32 +90,36 @@ struct attention_task {
 	int64_t n_chunks;    /* split: chunk states per (token, head) */
 	int64_t n_units;
 	float *parts; /* split: [n_tokens][n_heads][n_chunks][head_dim + 2] */
-	bool gather;  /* a chunk's rows copied (f16: converted) to scratch */
+	bool gather;  /* a chunk's rows copied (16-bit: converted) to scratch */
 	float *gbuf;  /* that scratch: NULL for the threads' own, else gbuf + thread * gstride */
 	size_t gstride;
 };
 
 /* Where a kv group's K and V rows are: row r at k + r * stride and v + r *
- * stride, f32 or f16. */
+ * stride, of type F32, F16 or BF16. */
 struct attention_kv {
 	const char *k, *v;
 	size_t stride;
-	bool f16;
+	enum lp_dtype type;
 };
 
-/* ---- the portable kernels: the steps of lp_cpu_attn_chunk_avx2 and
- * lp_cpu_attn_fold_avx2 (cpu.h) in C, l summed in order ---- */
+/* ---- the portable kernels: the steps of lp_cpu_attn_chunk_kv_avx2
+ * (cpu.h) and lp_cpu_attn_fold_avx2 (cpu.h) in C, l summed in
+ * order ---- */
 
 static void scores_c(const float *q, const char *kbase, size_t stride, const int64_t *rows, int cnt,
-                     int hd, bool f16, float scale, float *s)
+                     int hd, enum lp_dtype kt, float scale, float *s)
 {
 	for (int j = 0; j < cnt; j++) {
 		const char *k = kbase + (size_t)rows[j] * stride;
 		float acc = 0.0f;
 
-		if (f16) {
+		if (kt == LP_DTYPE_F16) {
 			for (int i = 0; i < hd; i++)
 				acc += q[i] * lp_f16_to_f32(((const uint16_t *)k)[i]);
+		} else if (kt == LP_DTYPE_BF16) {
+			for (int i = 0; i < hd; i++)
+				acc += q[i] * lp_bf16_to_f32(((const uint16_t *)k)[i]);
 		} else {
 			for (int i = 0; i < hd; i++)
 				acc += q[i] * ((const float *)k)[i];
@@ -125,7 +134,7 @@ static void scores_c(const float *q, const char *kbase, size_t stride, const int
 /* acc = sum over j of e[j] v_j from zero; o = acc (ab NULL) or acc * ab[1]
  * + o * ab[0]. */
 static void accum_c(float *o, const char *vbase, size_t stride, const int64_t *rows, const float *e,
-                    int cnt, int hd, bool f16, const float *ab)
+                    int cnt, int hd, enum lp_dtype kt, const float *ab)
 {
 	float acc[ACCUM_STRIP];
 
@@ -136,10 +145,14 @@ static void accum_c(float *o, const char *vbase, size_t stride, const int64_t *r
 		for (int j = 0; j < cnt; j++) {
 			const char *v = vbase + (size_t)rows[j] * stride;
 
-			if (f16) {
+			if (kt == LP_DTYPE_F16) {
 				const uint16_t *vh = (const uint16_t *)v + d0;
 				for (int i = 0; i < w; i++)
 					acc[i] += e[j] * lp_f16_to_f32(vh[i]);
+			} else if (kt == LP_DTYPE_BF16) {
+				const uint16_t *vh = (const uint16_t *)v + d0;
+				for (int i = 0; i < w; i++)
+					acc[i] += e[j] * lp_bf16_to_f32(vh[i]);
 			} else {
 				const float *vf = (const float *)v + d0;
 				for (int i = 0; i < w; i++)
@@ -162,13 +175,13 @@ static void fold_ml_c(float *ml, float m, float l, float ab[2])
 	ml[0] = mn;
 }
 
-static void chunk_c(const float *q, const char *kbase, const char *vbase, size_t stride, bool f16,
-                    const int64_t *rows, int cnt, int hd, float scale, float *o, float *ml,
-                    float *part)
+static void chunk_c(const float *q, const char *kbase, const char *vbase, size_t stride,
+                    enum lp_dtype kt, const int64_t *rows, int cnt, int hd, float scale, float *o,
+                    float *ml, float *part)
 {
 	float s[LP_CPU_ATTN_CHUNK], m = -INFINITY, l = 0.0f, ab[2];
 
-	scores_c(q, kbase, stride, rows, cnt, hd, f16, scale, s);
+	scores_c(q, kbase, stride, rows, cnt, hd, kt, scale, s);
 	for (int j = 0; j < cnt; j++)
 		m = s[j] > m ? s[j] : m;
 	for (int j = 0; j < cnt; j++) {
@@ -176,13 +189,13 @@ static void chunk_c(const float *q, const char *kbase, const char *vbase, size_t
 		l += s[j];
 	}
 	if (part) {
-		accum_c(part, vbase, stride, rows, s, cnt, hd, f16, NULL);
+		accum_c(part, vbase, stride, rows, s, cnt, hd, kt, NULL);
 		part[hd] = m;
 		part[hd + 1] = l;
 		return;
 	}
 	fold_ml_c(ml, m, l, ab);
-	accum_c(o, vbase, stride, rows, s, cnt, hd, f16, ab);
+	accum_c(o, vbase, stride, rows, s, cnt, hd, kt, ab);
 }
 
 static void fold_c(float *o, float *ml, const float *part, int hd)
@@ -195,37 +208,42 @@ static void fold_c(float *o, float *ml, const float *part, int hd)
 }
 
 static void gather_c(float *dst, const char *base, size_t stride, const int64_t *rows, int cnt,
-                     int hd, bool f16)
+                     int hd, enum lp_dtype kt)
 {
 	for (int j = 0; j < cnt; j++) {
 		const char *row = base + (size_t)rows[j] * stride;
+		const uint16_t *h = (const uint16_t *)row;
+		float *d = dst + (size_t)j * hd;
 
-		if (!f16) {
-			memcpy(dst + (size_t)j * hd, row, (size_t)hd * sizeof(float));
-			continue;
+		if (kt == LP_DTYPE_F16) {
+			for (int i = 0; i < hd; i++)
+				d[i] = lp_f16_to_f32(h[i]);
+		} else if (kt == LP_DTYPE_BF16) {
+			for (int i = 0; i < hd; i++)
+				d[i] = lp_bf16_to_f32(h[i]);
+		} else {
+			memcpy(d, row, (size_t)hd * sizeof(float));
 		}
-		for (int i = 0; i < hd; i++)
-			dst[(size_t)j * hd + i] = lp_f16_to_f32(((const uint16_t *)row)[i]);
 	}
 }
 
 /* ---- the backend's kernel set ---- */
 
 /* One chunk of nq (1 or 2) rows against the same rows (see
- * lp_cpu_attn_chunk_avx2). */
+ * lp_cpu_attn_chunk_kv_avx2). */
 static void k_chunk(bool avx2, int nq, const float *const q[], const struct attention_kv *kv,
                     const int64_t *rows, int cnt, int hd, float scale, float *const o[],
                     float *const ml[], float *const part[])
 {
 #if LP_CPU_X86
 	if (avx2) {
-		lp_cpu_attn_chunk_avx2(nq, q, kv->k, kv->v, kv->stride, kv->f16, rows, cnt, hd,
-		                       scale, o, ml, part);
+		lp_cpu_attn_chunk_kv_avx2(nq, q, kv->k, kv->v, kv->stride, kv->type, rows, cnt, hd,
+		                          scale, o, ml, part);
 		return;
 	}
 #endif
 	for (int x = 0; x < nq; x++)
-		chunk_c(q[x], kv->k, kv->v, kv->stride, kv->f16, rows, cnt, hd, scale, o[x], ml[x],
+		chunk_c(q[x], kv->k, kv->v, kv->stride, kv->type, rows, cnt, hd, scale, o[x], ml[x],
 		        part[x]);
 }
 
@@ -242,15 +260,15 @@ static void k_fold(bool avx2, float *o, float *ml, const float *part, int hd)
 
 /* dst[j * hd + i] = element i of cache row rows[j] as f32. */
 static void k_gather(bool avx2, float *dst, const char *base, size_t stride, const int64_t *rows,
-                     int cnt, int hd, bool f16)
+                     int cnt, int hd, enum lp_dtype kt)
 {
 #if LP_CPU_X86
 	if (avx2) {
-		lp_cpu_attn_gather_avx2(dst, base, stride, rows, cnt, hd, f16);
+		lp_cpu_attn_gather_kv_avx2(dst, base, stride, rows, cnt, hd, kt);
 		return;
 	}
 #endif
-	gather_c(dst, base, stride, rows, cnt, hd, f16);
+	gather_c(dst, base, stride, rows, cnt, hd, kt);
 }
 
 /* out row = O / L, or zero (as it stands) when the row saw no position. */
@@ -264,12 +282,14 @@ static void attention_finish(float *o, float l, int hd)
 }
 
 /* Positions token t attends to: 0 .. its position, at most the block
- * table's reach. */
+ * table's reach; none for a padding row. */
 static int64_t attention_positions(const struct lp_attention_args *a, int t)
 {
 	int64_t n = (int64_t)a->tok_pos[t] + 1,
 	        cap = (int64_t)a->max_blocks_per_seq * a->block_size;
 
+	if (a->tok_seq[t] < 0 || n < 0)
+		return 0;
 	return n < cap ? n : cap;
 }
 
@@ -306,8 +326,9 @@ static void attention_prefetch(const struct attention_kv *kv, const int32_t *tab
  * mode) the state of each chunk c goes to part + c * (hd + 2), part_stride
  * floats from one head's chunks to the next's; a chunk without rows gets l
  * = 0. buf, when not NULL, holds 2 * ATTN_CHUNK * hd floats of scratch:
- * each chunk's K and V rows are copied there (f16 ones converted to f32,
- * the same values), read from the cache once for all the unit's rows. */
+ * each chunk's K and V rows are copied there (16-bit ones converted to
+ * f32, the same values), read from the cache once for all the unit's
+ * rows. */
 static void attention_unit(const struct attention_task *task, int t0, int nt, int h0, int nh,
                            int64_t pb, int64_t pe, float *part, size_t part_stride, float *buf)
 {
@@ -315,22 +336,26 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 	bool avx2 = task->cpu->avx2;
 	int hd = a->head_dim, bs = a->block_size;
 	int kvh = h0 / (a->n_heads / a->n_kv_heads);
-	bool f16 = a->k_cache->type == LP_DTYPE_F16;
-	size_t es = f16 ? sizeof(uint16_t) : sizeof(float);
+	enum lp_dtype kt = a->k_cache->type;
+	size_t es = kt == LP_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
 	int64_t cache_rows = a->k_cache->rows;
 	const struct attention_kv cache = {
 	    .k = (const char *)a->k_cache->data + (size_t)kvh * hd * es,
 	    .v = (const char *)a->v_cache->data + (size_t)kvh * hd * es,
 	    .stride = lp_dtype_row_bytes(a->k_cache->type, a->k_cache->cols),
-	    .f16 = f16,
+	    .type = kt,
 	};
 	const struct attention_kv wide = {
 	    .k = (const char *)buf,
 	    .v = (const char *)(buf + (size_t)ATTN_CHUNK * hd),
 	    .stride = (size_t)hd * sizeof(float),
-	    .f16 = false,
+	    .type = LP_DTYPE_F32,
 	};
-	const int32_t *table = a->block_tables + (size_t)a->tok_seq[t0] * a->max_blocks_per_seq;
+	/* a padding row has no table; it attends to nothing (end stays pb) */
+	const int32_t *table =
+	    a->tok_seq[t0] < 0 ? NULL
+	                       : a->block_tables + (size_t)a->tok_seq[t0] * a->max_blocks_per_seq;
+	bool reported = false;
 	float ml[ATTN_TILE][ATTN_MAX_GROUP][2]; /* rows' (M, L) */
 	int64_t rows[ATTN_CHUNK], ppos[ATTN_CHUNK], idx[ATTN_CHUNK], n[ATTN_TILE], end = pb;
 	int c[ATTN_TILE];
@@ -367,6 +392,13 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 			if (table[blk] >= 0 && row < cache_rows) {
 				rows[cnt] = row;
 				ppos[cnt++] = p;
+			} else if (!reported) {
+				lp_cpu_fail(task->cpu, -EIO,
+				            "attention: block %d of sequence %d (position %lld) is "
+				            "outside the cache of %lld rows",
+				            table[blk], a->tok_seq[t0], (long long)p,
+				            (long long)cache_rows);
+				reported = true;
 			}
 			if (++off == bs) {
 				off = 0;
@@ -386,8 +418,8 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 		if (cnt == 0)
 			continue;
 		if (buf) {
-			k_gather(avx2, (float *)wide.k, cache.k, cache.stride, rows, cnt, hd, f16);
-			k_gather(avx2, (float *)wide.v, cache.v, cache.stride, rows, cnt, hd, f16);
+			k_gather(avx2, (float *)wide.k, cache.k, cache.stride, rows, cnt, hd, kt);
+			k_gather(avx2, (float *)wide.v, cache.v, cache.stride, rows, cnt, hd, kt);
 			kv = &wide;
 			r = idx;
 		}
@@ -521,7 +553,10 @@ void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 	assert(args->n_heads > 0 && args->n_kv_heads > 0 && args->head_dim > 0);
 	assert(args->n_heads % args->n_kv_heads == 0 && args->block_size > 0);
 	assert(args->k_cache->type == args->v_cache->type);
-	assert(args->k_cache->type == LP_DTYPE_F32 || args->k_cache->type == LP_DTYPE_F16);
+	assert(args->k_cache->type == LP_DTYPE_F32 || args->k_cache->type == LP_DTYPE_F16 ||
+	       args->k_cache->type == LP_DTYPE_BF16);
+	assert(args->v_cache->rows == args->k_cache->rows &&
+	       args->v_cache->cols == args->k_cache->cols);
 	assert(args->k_cache->cols == (int64_t)args->n_kv_heads * args->head_dim);
 	assert(args->q->cols == (int64_t)args->n_heads * args->head_dim);
 	assert(args->out->cols == args->q->cols && args->out->data != args->q->data);
@@ -566,9 +601,10 @@ void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 	}
 	task.units_per_token = args->n_heads / task.grain;
 	task.n_units = units * task.units_per_token * (task.mode == ATTENTION_SPLIT ? n_parts : 1);
-	/* A chunk's K and V rows are copied together first (f16 ones
+	/* A chunk's K and V rows are copied together first (16-bit ones
 	 * converted) where several rows read them: in runs mode, and on the
-	 * portable kernels for f16 caches, whose conversion is slow. They go
+	 * portable kernels for f16 caches, whose conversion is slow (bf16's
+	 * is a shift). They go
 	 * to the thread's scratch or, when they do not fit there, to a slice
 	 * of xsum (unused outside split mode). */
 	size_t need = 2 * (size_t)ATTN_CHUNK * args->head_dim;

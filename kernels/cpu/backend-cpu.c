@@ -5,16 +5,19 @@
  * Kernels use AVX2 + FMA + F16C when the CPU has them and LP_CPU_NO_AVX2 is
  * not set to a non-empty value other than "0", portable C otherwise.
  *
- * Ops return nothing, so indices that come from device memory are checked
- * where a bad one would corrupt memory: get_rows writes a zero row for an
- * id outside the table, kv_store skips slots outside the cache and
- * attention skips positions whose block lies outside it. Shape mismatches
- * are caller bugs and assert. */
+ * Ops return nothing; failures go to the sticky status (backend.h): an
+ * index read from "device" memory that would reach outside a buffer (a
+ * get_rows id, a rope position, a kv_store slot, an attention block id, a
+ * LoRA slot) is skipped, its output left zero, and recorded. Shape
+ * mismatches are caller bugs and assert. */
 #include "kernels/cpu/cpu.h"
 
 #include <assert.h>
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -34,12 +37,103 @@ void lp_cpu_parallel(struct lp_cpu *cpu, int64_t work, int64_t units, lp_threadp
 		                  (int)(units < max_chunks ? units : max_chunks));
 }
 
+void lp_cpu_fail(struct lp_cpu *cpu, int code, const char *fmt, ...)
+{
+	int zero = 0;
+	va_list ap;
+
+	/* -EBUSY marks "being written" so that readers see the message whole */
+	if (!atomic_compare_exchange_strong(&cpu->status, &zero, -EBUSY))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(cpu->status_msg, sizeof(cpu->status_msg), fmt, ap);
+	va_end(ap);
+	atomic_store(&cpu->status, code ? code : -EIO);
+}
+
+static int cpu_status(void *ctx, struct lp_err *err)
+{
+	struct lp_cpu *cpu = ctx;
+	int st = atomic_load(&cpu->status);
+
+	if (!st || st == -EBUSY) /* ops run on the caller's thread: never seen busy */
+		return 0;
+	return lp_errf(err, st, "cpu backend: %s", cpu->status_msg);
+}
+
+static size_t meminfo_bytes(const char *key)
+{
+	char line[256];
+	size_t len = strlen(key), kb = 0;
+	FILE *f = fopen("/proc/meminfo", "re");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, key, len) && line[len] == ':') {
+			kb = strtoull(line + len + 1, NULL, 10);
+			break;
+		}
+	fclose(f);
+	return kb * 1024;
+}
+
+static void cpu_info(void *ctx, struct lp_backend_info *out)
+{
+	struct lp_cpu *cpu = ctx;
+
+	memset(out, 0, sizeof(*out));
+	snprintf(out->name, sizeof(out->name), "cpu");
+	snprintf(out->device, sizeof(out->device), "%d threads, %s", cpu->n_threads,
+	         cpu->avx2 ? "AVX2 + FMA + F16C" : "portable C");
+	out->total_bytes = meminfo_bytes("MemTotal");
+	out->free_bytes = meminfo_bytes("MemAvailable");
+	out->kv_type = LP_DTYPE_F32;
+	out->lora_type = LP_DTYPE_F32;
+	for (int t = 0; t < LP_DTYPE_COUNT; t++)
+		if (t != LP_DTYPE_I32)
+			out->weight_types |= 1u << t;
+	out->host_memory = true;
+	out->token_buckets = 0;
+}
+
+static int cpu_reserve(void *ctx, const struct lp_backend_limits *lim, size_t *bytes,
+                       struct lp_err *err)
+{
+	struct lp_cpu *cpu = ctx;
+	int rc;
+
+	*bytes = 0;
+	if (!lim) {
+		lp_cpu_sample_release(cpu);
+		free(cpu->slots);
+		cpu->slots = NULL;
+		cpu->n_slots = 0;
+		return 0;
+	}
+	if (cpu->slots)
+		return lp_errf(err, -EBUSY, "cpu backend: another engine holds its reservation");
+	if (lim->max_loras < 0 || lim->max_loras > 1 << 16)
+		return lp_errf(err, -EINVAL, "cpu backend: %d LoRA slots", lim->max_loras);
+	cpu->slots = calloc((size_t)(lim->max_loras ? lim->max_loras : 1), sizeof(*cpu->slots));
+	if (!cpu->slots)
+		return lp_errf(err, -ENOMEM, "out of memory for %d LoRA slots", lim->max_loras);
+	cpu->n_slots = lim->max_loras;
+	rc = lp_cpu_sample_reserve(cpu, lim, err);
+	if (rc)
+		return rc;
+	*bytes = (size_t)cpu->n_slots * sizeof(*cpu->slots);
+	return 0;
+}
+
 static void cpu_destroy(void *ctx)
 {
 	struct lp_cpu *cpu = ctx;
 
 	if (!cpu)
 		return;
+	lp_cpu_sample_release(cpu);
+	free(cpu->slots);
 	lp_threadpool_free(cpu->pool);
 	free(cpu->scratch);
 	free(cpu->scratch_mem);
@@ -78,10 +172,63 @@ static int cpu_import(void *ctx, const void *host, size_t size, struct lp_buffer
 	return 0;
 }
 
+/* Weights stay in their file's format, aliased like import. */
+static int cpu_import_weight(void *ctx, const void *host, enum lp_dtype type, int64_t rows,
+                             int64_t cols, struct lp_tensor *out, struct lp_buffer *buf,
+                             struct lp_err *err)
+{
+	size_t row = lp_dtype_row_bytes(type, cols);
+	int rc;
+
+	if (type >= LP_DTYPE_COUNT || type == LP_DTYPE_I32 || rows < 0 || !row)
+		return lp_errf(err, -EINVAL, "cannot keep a [%lld, %lld] %s weight",
+		               (long long)rows, (long long)cols, lp_dtype_name(type));
+	rc = cpu_import(ctx, host, (size_t)rows * row, buf, err);
+	if (rc)
+		return rc;
+	*out = (struct lp_tensor){buf->data, type, rows, cols};
+	return 0;
+}
+
 static void cpu_free(void *ctx, struct lp_buffer *buf)
 {
 	if (buf->owned)
 		free(buf->data);
+}
+
+static int cpu_host_alloc(void *ctx, size_t size, void **out, struct lp_err *err)
+{
+	size_t padded = (size + LP_CPU_ALIGN - 1) / LP_CPU_ALIGN * LP_CPU_ALIGN;
+
+	*out = NULL;
+	if (padded < size)
+		return lp_errf(err, -ENOMEM, "host buffer of %zu bytes is too large", size);
+	*out = aligned_alloc(LP_CPU_ALIGN, padded ? padded : LP_CPU_ALIGN);
+	return *out ? 0 : lp_errf(err, -ENOMEM, "out of memory allocating %zu bytes", size);
+}
+
+static void cpu_host_free(void *ctx, void *p)
+{
+	free(p);
+}
+
+static int cpu_begin_step(void *ctx, const struct lp_step_shape *shape)
+{
+	return shape->n_tokens;
+}
+
+static void cpu_end_step(void *ctx)
+{
+}
+
+static int cpu_lora_fill(void *ctx, int slot, const struct lp_lora_weights *w, struct lp_err *err)
+{
+	return lp_cpu_lora_fill(ctx, slot, w, err);
+}
+
+static void cpu_lora_clear(void *ctx, int slot)
+{
+	lp_cpu_lora_clear(ctx, slot);
 }
 
 static void cpu_copy(void *ctx, void *dst, const void *src, size_t n)
@@ -118,6 +265,9 @@ static void get_rows_thread(void *arg, int chunk, int n_chunks, int thread)
 
 		if (id < 0 || id >= t->table->rows) {
 			memset(o, 0, (size_t)cols * sizeof(float));
+			lp_cpu_fail(t->cpu, -EIO,
+			            "get_rows: id %d of row %lld is outside the table of %lld rows",
+			            id, (long long)i, (long long)t->table->rows);
 			continue;
 		}
 		src = (const char *)t->table->data + (size_t)id * stride;
@@ -264,11 +414,13 @@ static void cpu_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tenso
 /* rope */
 
 struct rope_task {
+	struct lp_cpu *cpu;
 	float *x;
 	int64_t rows, cols;
 	int n_heads, head_dim;
 	const int32_t *pos;
-	const float *inv_freq;
+	const float *cos_sin; /* [n_pos, head_dim]: cos, then sin */
+	int64_t n_pos;
 };
 
 static void rope_thread(void *arg, int chunk, int n_chunks, int thread)
@@ -280,11 +432,18 @@ static void rope_thread(void *arg, int chunk, int n_chunks, int thread)
 	lp_cpu_split(t->rows, chunk, n_chunks, &r0, &r1);
 	for (int64_t r = r0; r < r1; r++) {
 		float *row = t->x + r * t->cols;
-		float p = (float)t->pos[r];
+		int32_t p = t->pos[r];
+		const float *cs;
 
+		if (p < 0 || p >= t->n_pos) {
+			lp_cpu_fail(t->cpu, -EIO,
+			            "rope: position %d of row %lld is outside the table of %lld", p,
+			            (long long)r, (long long)t->n_pos);
+			continue;
+		}
+		cs = t->cos_sin + (int64_t)p * t->head_dim;
 		for (int i = 0; i < half; i++) {
-			float angle = p * t->inv_freq[i];
-			float c = cosf(angle), s = sinf(angle);
+			float c = cs[i], s = cs[half + i];
 
 			for (int h = 0; h < t->n_heads; h++) {
 				float *v = row + (int64_t)h * t->head_dim;
@@ -298,12 +457,13 @@ static void rope_thread(void *arg, int chunk, int n_chunks, int thread)
 }
 
 static void cpu_rope(void *ctx, struct lp_tensor *x, int n_heads, int head_dim, const int32_t *pos,
-                     const struct lp_tensor *inv_freq)
+                     const struct lp_tensor *cos_sin)
 {
-	struct rope_task t = {x->data, x->rows, x->cols, n_heads, head_dim, pos, inv_freq->data};
+	struct rope_task t = {ctx,      x->data, x->rows,       x->cols,      n_heads,
+	                      head_dim, pos,     cos_sin->data, cos_sin->rows};
 
 	assert(x->type == LP_DTYPE_F32 && head_dim % 2 == 0);
-	assert((int64_t)n_heads * head_dim <= x->cols && inv_freq->cols >= head_dim / 2);
+	assert((int64_t)n_heads * head_dim <= x->cols && cos_sin->cols == head_dim);
 	lp_cpu_parallel(ctx, x->rows * n_heads * head_dim, x->rows, rope_thread, &t);
 }
 
@@ -320,6 +480,11 @@ static void store_row(bool avx2, enum lp_dtype t, void *dst, const float *src, i
 {
 	if (t == LP_DTYPE_F32) {
 		memcpy(dst, src, (size_t)n * sizeof(float));
+		return;
+	}
+	if (t == LP_DTYPE_BF16) {
+		for (int64_t i = 0; i < n; i++)
+			((uint16_t *)dst)[i] = lp_f32_to_bf16(src[i]);
 		return;
 	}
 #if LP_CPU_X86
@@ -346,8 +511,15 @@ static void kv_store_thread(void *arg, int chunk, int n_chunks, int thread)
 		for (int64_t r = r0; r < r1; r++) {
 			int32_t slot = t->slots[r];
 
-			if (slot < 0 || slot >= cache->rows)
+			if (slot == -1) /* padding */
 				continue;
+			if (slot < 0 || slot >= cache->rows) {
+				lp_cpu_fail(t->cpu, -EIO,
+				            "kv_store: slot %d of row %lld is outside the cache of "
+				            "%lld rows",
+				            slot, (long long)r, (long long)cache->rows);
+				continue;
+			}
 			store_row(t->cpu->avx2, cache->type,
 			          (char *)cache->data + (size_t)slot * stride,
 			          (const float *)src->data + r * src->cols, src->cols);
@@ -361,8 +533,9 @@ static void cpu_kv_store(void *ctx, struct lp_tensor *k_cache, struct lp_tensor 
 	struct kv_store_task t = {ctx, {k_cache, v_cache}, {k, v}, slots};
 
 	assert(k->cols == k_cache->cols && v->cols == v_cache->cols && k->rows == v->rows);
-	assert(k_cache->type == LP_DTYPE_F32 || k_cache->type == LP_DTYPE_F16);
-	assert(v_cache->type == LP_DTYPE_F32 || v_cache->type == LP_DTYPE_F16);
+	assert(k_cache->type == LP_DTYPE_F32 || k_cache->type == LP_DTYPE_F16 ||
+	       k_cache->type == LP_DTYPE_BF16);
+	assert(v_cache->type == k_cache->type);
 	assert(k->type == LP_DTYPE_F32 && v->type == LP_DTYPE_F32);
 	lp_cpu_parallel(ctx, 2 * k->rows * k->cols, k->rows, kv_store_thread, &t);
 }
@@ -383,15 +556,30 @@ static void cpu_lora(void *ctx, const struct lp_lora_args *args)
 	lp_cpu_lora(ctx, args);
 }
 
+static void cpu_sample(void *ctx, const struct lp_sample_args *args)
+{
+	lp_cpu_sample(ctx, args);
+}
+
 static const struct lp_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
+    .info = cpu_info,
+    .status = cpu_status,
+    .reserve = cpu_reserve,
     .alloc = cpu_alloc,
     .import = cpu_import,
+    .import_weight = cpu_import_weight,
     .free = cpu_free,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
     .upload = cpu_copy,
     .download = cpu_copy,
     .synchronize = cpu_synchronize,
+    .lora_fill = cpu_lora_fill,
+    .lora_clear = cpu_lora_clear,
+    .begin_step = cpu_begin_step,
+    .end_step = cpu_end_step,
     .get_rows = cpu_get_rows,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
@@ -402,6 +590,7 @@ static const struct lp_backend_ops cpu_ops = {
     .kv_store = cpu_kv_store,
     .attention = cpu_attention,
     .lora = cpu_lora,
+    .sample = cpu_sample,
 };
 
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be)

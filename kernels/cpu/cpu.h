@@ -82,7 +82,21 @@ struct lp_cpu {
 	 * run concurrently) */
 	float *xsum;
 	float *scratch_mem;
+	/* sticky status (backend.h): the first failure, 0 while none; set
+	 * from the pool's threads too, so the first writer wins by CAS */
+	_Atomic int status;
+	char status_msg[256];
+	/* LoRA slots (lora.c): what lora_fill recorded, aliasing the host
+	 * weights; [max_loras] once reserved */
+	struct lp_lora_weights *slots;
+	int n_slots;
+	void *sample_scratch; /* sample.c's, sized at reserve */
 };
+
+/* Records the first failure (later ones are dropped); safe from any
+ * thread of the pool. */
+void lp_cpu_fail(struct lp_cpu *cpu, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* An op is cut into at most this many chunks per thread (see threadpool.h:
  * more chunks than threads let the running threads take over the share of
@@ -105,8 +119,17 @@ static inline void lp_cpu_split(int64_t total, int ith, int nth, int64_t *begin,
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate);
 void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args);
-/* The LoRA op of backend.h (lora.c). */
+/* The LoRA op of backend.h and its slots (lora.c). */
 void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *args);
+int lp_cpu_lora_fill(struct lp_cpu *cpu, int slot, const struct lp_lora_weights *w,
+                     struct lp_err *err);
+void lp_cpu_lora_clear(struct lp_cpu *cpu, int slot);
+
+/* The sample op of backend.h (sample.c); its scratch is sized at reserve. */
+void lp_cpu_sample(struct lp_cpu *cpu, const struct lp_sample_args *args);
+int lp_cpu_sample_reserve(struct lp_cpu *cpu, const struct lp_backend_limits *lim,
+                          struct lp_err *err);
+void lp_cpu_sample_release(struct lp_cpu *cpu);
 
 /* True when the running CPU has AVX2, FMA and F16C. */
 bool lp_cpu_has_avx2(void);
@@ -160,8 +183,9 @@ void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, int64_
  *
  * chunk: one chunk of nq (1 or 2) rows: query q[a] (hd floats) against the
  * same cnt (1 .. LP_CPU_ATTN_CHUNK) cache rows, row j's K at kbase +
- * rows[j] * stride and its V at vbase + rows[j] * stride (hd elements, f32
- * or f16). Where part[a] is NULL the chunk is folded into row a's state:
+ * rows[j] * stride and its V at vbase + rows[j] * stride (hd elements of
+ * type kt: f32, f16 or bf16, each converted to f32 exactly). Where part[a]
+ * is NULL the chunk is folded into row a's state:
  * o[a] (hd floats) and ml[a] (M, L). Otherwise the chunk's own state goes
  * to part[a]: hd floats of weighted values, then its maximum and sum (o[a]
  * and ml[a] are unused).
@@ -170,13 +194,14 @@ void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, int64_
  * the operations chunk folds it with.
  *
  * gather: dst[j * hd + i] = element i of the row at base + rows[j] *
- * stride (f32 or f16) as f32, for j < cnt and i < hd. */
-void lp_cpu_attn_chunk_avx2(int nq, const float *const q[], const char *kbase, const char *vbase,
-                            size_t stride, bool f16, const int64_t *rows, int cnt, int hd,
-                            float scale, float *const o[], float *const ml[], float *const part[]);
+ * stride (type kt) as f32, for j < cnt and i < hd. */
+void lp_cpu_attn_chunk_kv_avx2(int nq, const float *const q[], const char *kbase, const char *vbase,
+                               size_t stride, enum lp_dtype kt, const int64_t *rows, int cnt,
+                               int hd, float scale, float *const o[], float *const ml[],
+                               float *const part[]);
 void lp_cpu_attn_fold_avx2(float *o, float *ml, const float *part, int hd);
-void lp_cpu_attn_gather_avx2(float *dst, const char *base, size_t stride, const int64_t *rows,
-                             int cnt, int hd, bool f16);
+void lp_cpu_attn_gather_kv_avx2(float *dst, const char *base, size_t stride, const int64_t *rows,
+                                int cnt, int hd, enum lp_dtype kt);
 void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n);
 #endif
 

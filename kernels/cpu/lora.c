@@ -1,5 +1,11 @@
-/* LoRA over adapter segments (SGMV) on the CPU; the contract is in
- * kernels/backend.h (struct lp_lora_args).
+/* LoRA over adapter segments (SGMV) on the CPU, and its slots; the
+ * contract is in kernels/backend.h (struct lp_lora_args, lora_fill).
+ *
+ * A slot is what lora_fill recorded: the adapter's struct lp_lora_weights by
+ * value, its pointers aliasing the host weights (nothing is copied). The op
+ * reads, for each segment, its slot's stacked A and pairs for (layer,
+ * group); a segment naming a slot outside the range or an empty one, or
+ * rows outside the step, is skipped and recorded in the sticky status.
  *
  * Each segment's rows are cut into units of at most LORA_MR rows. When there
  * are at least as many units as threads, a unit is the work of one thread
@@ -14,6 +20,7 @@
  * product in a fixed order, and out[row, o] adds tmp[row, k] * b[k, o] for k
  * in order with fused multiply-adds. So a row's result depends neither on
  * the path nor on the other rows of its unit or batch. */
+#include <errno.h>
 #include <math.h>
 #include <string.h>
 
@@ -257,33 +264,173 @@ AVX2 static void expand_avx2(const float *t, int64_t ldt, int nr, const void *b,
 }
 #endif
 
-/* ---- work units ---- */
+/* ---- slots ---- */
+
+static bool lora_type_ok(enum lp_dtype t)
+{
+	return t == LP_DTYPE_F32 || t == LP_DTYPE_F16 || t == LP_DTYPE_BF16;
+}
+
+int lp_cpu_lora_fill(struct lp_cpu *cpu, int slot, const struct lp_lora_weights *w,
+                     struct lp_err *err)
+{
+	if (slot < 0 || slot >= cpu->n_slots)
+		return lp_errf(err, -EINVAL, "lora slot %d is outside 0 .. %d", slot,
+		               cpu->n_slots - 1);
+	if (!w || w->n_layers <= 0 || !w->pairs || !w->stacks)
+		return lp_errf(err, -EINVAL, "lora slot %d: the adapter has no layers", slot);
+	/* The op trusts what it reads from a slot, so everything it relies on
+	 * is checked here once. */
+	for (int l = 0; l < w->n_layers; l++) {
+		for (int g = 0; g < LP_LORA_N_GROUPS; g++) {
+			const struct lp_lora_stack *st =
+			    &w->stacks[(size_t)l * LP_LORA_N_GROUPS + g];
+			int first, count, sum = 0;
+
+			lp_lora_group_targets((enum lp_lora_group)g, &first, &count);
+			for (int t = first; t < first + count; t++) {
+				const struct lp_lora_pair *pr =
+				    &w->pairs[(size_t)l * LP_LORA_N_TARGETS + t];
+
+				if (pr->rank < 0 || (pr->rank > 0 && (!pr->a || !pr->b ||
+				                                      !lora_type_ok(pr->a_type) ||
+				                                      !lora_type_ok(pr->b_type))))
+					return lp_errf(
+					    err, -EINVAL,
+					    "lora slot %d: layer %d target %d has a bad pair "
+					    "(rank %d)",
+					    slot, l, t, pr->rank);
+				sum += pr->rank;
+			}
+			if (st->rank != sum || (sum > 0 && (!st->a || !lora_type_ok(st->type))))
+				return lp_errf(
+				    err, -EINVAL,
+				    "lora slot %d: layer %d group %d stacks %d rows of A, its "
+				    "targets' ranks add up to %d",
+				    slot, l, g, st->rank, sum);
+		}
+	}
+	cpu->slots[slot] = *w;
+	return 0;
+}
+
+void lp_cpu_lora_clear(struct lp_cpu *cpu, int slot)
+{
+	if (slot >= 0 && slot < cpu->n_slots)
+		memset(&cpu->slots[slot], 0, sizeof(cpu->slots[slot]));
+}
+
+/* ---- segments ---- */
+
+/* What segment s asks of this layer and group, resolved from its slot. */
+struct seg_view {
+	int32_t row0, rows;
+	const struct lp_lora_stack *stack;                 /* the group's A, [rank, in] */
+	const struct lp_lora_pair *pair[LP_LORA_MAX_OUTS]; /* NULL: target absent */
+};
 
 struct lora_job {
+	struct lp_cpu *cpu;
 	const struct lp_lora_args *args;
+	int n_outs;
 	bool avx2;
 	int phase; /* 0: whole units; 1: split shrink; 2: split expand */
 	int n_items;
 };
 
-/* Rows [*row0, *row0 + *nr) of unit u, and its segment. */
-static const struct lp_lora_seg *unit_at(const struct lp_lora_args *p, int u, int32_t *row0,
-                                         int *nr)
+/* Resolves segment s into *v: 1 when it has work, 0 when it adds nothing
+ * (no rows, or no target of the group on this layer), or a negative code
+ * after recording the failure when report (the op runs the check once,
+ * serially, then again without report from the workers). */
+static int seg_resolve(const struct lora_job *j, int s, struct seg_view *v, bool report)
 {
-	for (int s = 0; s < p->n_segs; s++) {
-		const struct lp_lora_seg *g = &p->segs[s];
-		int n = (g->rows + LORA_MR - 1) / LORA_MR;
+	const struct lp_lora_args *p = j->args;
+	const struct lp_lora_seg *g = &p->segs[s];
+	const struct lp_lora_weights *w;
+	int first, count;
+	int64_t n = p->x->rows < p->tmp->rows ? p->x->rows : p->tmp->rows;
+
+	memset(v, 0, sizeof(*v));
+	if (g->slot < 0 || g->slot >= j->cpu->n_slots) {
+		if (report)
+			lp_cpu_fail(j->cpu, -EIO, "lora: segment %d names slot %d, outside 0 .. %d",
+			            s, g->slot, j->cpu->n_slots - 1);
+		return -EIO;
+	}
+	w = &j->cpu->slots[g->slot];
+	if (!w->pairs) {
+		if (report)
+			lp_cpu_fail(j->cpu, -EIO, "lora: segment %d names slot %d, which is empty",
+			            s, g->slot);
+		return -EIO;
+	}
+	for (int i = 0; i < j->n_outs; i++)
+		if (p->out[i] && p->out[i]->rows < n)
+			n = p->out[i]->rows;
+	if (g->row0 < 0 || g->rows < 0 || (int64_t)g->row0 + g->rows > n) {
+		if (report)
+			lp_cpu_fail(
+			    j->cpu, -EIO,
+			    "lora: segment %d covers rows %d .. %lld, outside the %lld rows of "
+			    "the step",
+			    s, g->row0, (long long)g->row0 + g->rows - 1, (long long)n);
+		return -EIO;
+	}
+	if (g->rows == 0 || p->layer >= w->n_layers)
+		return 0;
+	v->row0 = g->row0;
+	v->rows = g->rows;
+	v->stack = &w->stacks[(size_t)p->layer * LP_LORA_N_GROUPS + p->group];
+	if (v->stack->rank == 0)
+		return 0;
+	if (v->stack->rank > p->tmp->cols) {
+		if (report)
+			lp_cpu_fail(j->cpu, -EINVAL,
+			            "lora: slot %d stacks %d rows of A, tmp has %lld columns",
+			            g->slot, v->stack->rank, (long long)p->tmp->cols);
+		return -EINVAL;
+	}
+	lp_lora_group_targets(p->group, &first, &count);
+	for (int i = 0; i < count; i++) {
+		const struct lp_lora_pair *pr =
+		    &w->pairs[(size_t)p->layer * LP_LORA_N_TARGETS + first + i];
+
+		if (pr->rank == 0)
+			continue;
+		if (!p->out[i]) {
+			if (report)
+				lp_cpu_fail(
+				    j->cpu, -EINVAL,
+				    "lora: slot %d has target %d of the group, its output is "
+				    "missing",
+				    g->slot, first + i);
+			return -EINVAL;
+		}
+		v->pair[i] = pr;
+	}
+	return 1;
+}
+
+/* Rows [*row0, *row0 + *nr) of unit u, and its segment in *v. */
+static bool unit_at(const struct lora_job *j, int u, struct seg_view *v, int32_t *row0, int *nr)
+{
+	for (int s = 0; s < j->args->n_segs; s++) {
+		int n;
+
+		if (seg_resolve(j, s, v, false) <= 0)
+			continue;
+		n = (v->rows + LORA_MR - 1) / LORA_MR;
 		if (u < n) {
-			*row0 = g->row0 + u * LORA_MR;
-			*nr = g->rows - u * LORA_MR < LORA_MR ? g->rows - u * LORA_MR : LORA_MR;
-			return g;
+			*row0 = v->row0 + u * LORA_MR;
+			*nr = v->rows - u * LORA_MR < LORA_MR ? v->rows - u * LORA_MR : LORA_MR;
+			return true;
 		}
 		u -= n;
 	}
-	return NULL;
+	return false;
 }
 
-static void do_shrink(const struct lora_job *j, const struct lp_lora_seg *g, int32_t row0, int nr,
+static void do_shrink(const struct lora_job *j, const struct seg_view *v, int32_t row0, int nr,
                       int k0, int k1)
 {
 	const struct lp_lora_args *p = j->args;
@@ -292,49 +439,51 @@ static void do_shrink(const struct lora_job *j, const struct lp_lora_seg *g, int
 
 #if LP_CPU_X86
 	if (j->avx2) {
-		shrink_avx2(x, p->x->cols, nr, g->a->data, g->a->type, g->a->cols, k0, k1, t,
+		shrink_avx2(x, p->x->cols, nr, v->stack->a, v->stack->type, p->x->cols, k0, k1, t,
 		            p->tmp->cols);
 		return;
 	}
 #endif
-	shrink_scalar(x, p->x->cols, nr, g->a->data, g->a->type, g->a->cols, k0, k1, t,
+	shrink_scalar(x, p->x->cols, nr, v->stack->a, v->stack->type, p->x->cols, k0, k1, t,
 	              p->tmp->cols);
 }
 
 /* Output i of the segment, panels at columns [p0, p1); k_off is where its
  * rank's columns start in tmp. */
-static void do_expand(const struct lora_job *j, const struct lp_lora_seg *g, int32_t row0, int nr,
+static void do_expand(const struct lora_job *j, const struct seg_view *v, int32_t row0, int nr,
                       int i, int k_off, int p0, int p1)
 {
 	const struct lp_lora_args *p = j->args;
-	const struct lp_tensor *b = g->b[i];
+	const struct lp_lora_pair *b = v->pair[i];
 	const float *t = (const float *)p->tmp->data + (int64_t)row0 * p->tmp->cols + k_off;
 	float *o = (float *)p->out[i]->data + (int64_t)row0 * p->out[i]->cols;
+	int out = (int)p->out[i]->cols;
 
 #if LP_CPU_X86
 	if (j->avx2) {
-		expand_avx2(t, p->tmp->cols, nr, b->data, b->type, (int)b->rows, (int)b->cols, p0,
-		            p1, o, p->out[i]->cols);
+		expand_avx2(t, p->tmp->cols, nr, b->b, b->b_type, b->rank, out, p0, p1, o,
+		            p->out[i]->cols);
 		return;
 	}
 #endif
-	expand_scalar(t, p->tmp->cols, nr, b->data, b->type, (int)b->rows, (int)b->cols, p0, p1, o,
+	expand_scalar(t, p->tmp->cols, nr, b->b, b->b_type, b->rank, out, p0, p1, o,
 	              p->out[i]->cols);
 }
 
 static void whole_unit(const struct lora_job *j, int u)
 {
-	const struct lp_lora_args *p = j->args;
+	struct seg_view v;
 	int32_t row0;
 	int nr, k_off = 0;
-	const struct lp_lora_seg *g = unit_at(p, u, &row0, &nr);
 
-	do_shrink(j, g, row0, nr, 0, (int)g->a->rows);
-	for (int i = 0; i < p->n_outs; i++) {
-		if (!g->b[i])
+	if (!unit_at(j, u, &v, &row0, &nr))
+		return;
+	do_shrink(j, &v, row0, nr, 0, v.stack->rank);
+	for (int i = 0; i < j->n_outs; i++) {
+		if (!v.pair[i])
 			continue;
-		do_expand(j, g, row0, nr, i, k_off, 0, (int)g->b[i]->cols);
-		k_off += (int)g->b[i]->rows;
+		do_expand(j, &v, row0, nr, i, k_off, 0, (int)j->args->out[i]->cols);
+		k_off += v.pair[i]->rank;
 	}
 }
 
@@ -344,40 +493,37 @@ static void whole_unit(const struct lora_job *j, int u)
 static void split_item(const struct lora_job *j, int item)
 {
 	const struct lp_lora_args *p = j->args;
-	int n_units = 0;
+	struct seg_view v;
+	int32_t row0;
+	int nr;
 
-	for (int s = 0; s < p->n_segs; s++)
-		n_units += (p->segs[s].rows + LORA_MR - 1) / LORA_MR;
-	for (int u = 0; u < n_units; u++) {
-		int32_t row0;
-		int nr, k_off = 0;
-		const struct lp_lora_seg *g = unit_at(p, u, &row0, &nr);
-		int rows_a = (int)g->a->rows;
+	for (int u = 0; unit_at(j, u, &v, &row0, &nr); u++) {
+		int rows_a = v.stack->rank, k_off = 0;
 
 		if (j->phase == 1) {
 			int n = (rows_a + SPLIT_K - 1) / SPLIT_K;
 			if (item < n) {
 				int k0 = item * SPLIT_K;
-				do_shrink(j, g, row0, nr, k0,
+				do_shrink(j, &v, row0, nr, k0,
 				          k0 + SPLIT_K < rows_a ? k0 + SPLIT_K : rows_a);
 				return;
 			}
 			item -= n;
 			continue;
 		}
-		for (int i = 0; i < p->n_outs; i++) {
+		for (int i = 0; i < j->n_outs; i++) {
 			const int span = SPLIT_PANELS * LP_LORA_PANEL;
 			int n;
-			if (!g->b[i])
+			if (!v.pair[i])
 				continue;
-			n = ((int)g->b[i]->cols + span - 1) / span;
+			n = ((int)p->out[i]->cols + span - 1) / span;
 			if (item < n) {
-				do_expand(j, g, row0, nr, i, k_off, item * span,
+				do_expand(j, &v, row0, nr, i, k_off, item * span,
 				          item * span + span);
 				return;
 			}
 			item -= n;
-			k_off += (int)g->b[i]->rows;
+			k_off += v.pair[i]->rank;
 		}
 	}
 }
@@ -397,24 +543,37 @@ static void lora_chunk(void *arg, int chunk, int n_chunks, int thread)
 	}
 }
 
+/* The segments drive the work; tok_slot says the same per row and is not
+ * read (a row's result is the same either way). */
 void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *p)
 {
-	struct lora_job j = {p, cpu->avx2, 0, 0};
+	struct lora_job j = {cpu, p, 0, cpu->avx2, 0, 0};
 	int64_t work = 0;
-	int n_shrink = 0, n_expand = 0;
+	int first, n_shrink = 0, n_expand = 0;
 
+	if (p->layer < 0 || (unsigned)p->group >= LP_LORA_N_GROUPS || p->n_segs < 0 ||
+	    (p->n_segs > 0 && !p->segs)) {
+		lp_cpu_fail(cpu, -EINVAL, "lora: layer %d, group %d, %d segments", p->layer,
+		            (int)p->group, p->n_segs);
+		return;
+	}
+	lp_lora_group_targets(p->group, &first, &j.n_outs);
 	for (int s = 0; s < p->n_segs; s++) {
-		const struct lp_lora_seg *g = &p->segs[s];
-		int units = (g->rows + LORA_MR - 1) / LORA_MR;
-		work += (int64_t)g->rows * g->a->rows * g->a->cols;
+		struct seg_view v;
+		int units;
+
+		if (seg_resolve(&j, s, &v, true) <= 0)
+			continue;
+		units = (v.rows + LORA_MR - 1) / LORA_MR;
+		work += (int64_t)v.rows * v.stack->rank * p->x->cols;
 		j.n_items += units;
-		n_shrink += units * (int)((g->a->rows + SPLIT_K - 1) / SPLIT_K);
-		for (int i = 0; i < p->n_outs; i++) {
+		n_shrink += units * ((v.stack->rank + SPLIT_K - 1) / SPLIT_K);
+		for (int i = 0; i < j.n_outs; i++) {
 			const int span = SPLIT_PANELS * LP_LORA_PANEL;
-			if (!g->b[i])
+			if (!v.pair[i])
 				continue;
-			work += (int64_t)g->rows * g->b[i]->rows * g->b[i]->cols;
-			n_expand += units * (int)((g->b[i]->cols + span - 1) / span);
+			work += (int64_t)v.rows * v.pair[i]->rank * p->out[i]->cols;
+			n_expand += units * (int)((p->out[i]->cols + span - 1) / span);
 		}
 	}
 	if (j.n_items == 0)

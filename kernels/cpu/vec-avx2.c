@@ -729,15 +729,24 @@ AVX2 void lp_cpu_silu_mul_avx2(float *out, const float *gate, const float *up, i
 
 /* ---- attention (attention.c says what a row computes) ---- */
 
-AVX2_INLINE __m256 load_kv(const void *row, int i, bool is_f16)
+/* Cache elements as f32: kt is F32, F16 or BF16, a constant wherever these
+ * are inlined, so that each kernel below is compiled once per cache type. */
+AVX2_INLINE __m256 load_kv(const void *row, int i, const enum lp_dtype kt)
 {
-	return is_f16 ? load_f16((const uint16_t *)row + i)
-	              : _mm256_loadu_ps((const float *)row + i);
+	if (kt == LP_DTYPE_F16)
+		return load_f16((const uint16_t *)row + i);
+	if (kt == LP_DTYPE_BF16)
+		return load_bf16((const uint16_t *)row + i);
+	return _mm256_loadu_ps((const float *)row + i);
 }
 
-AVX2_INLINE float kv_at(const void *row, int i, bool is_f16)
+AVX2_INLINE float kv_at(const void *row, int i, const enum lp_dtype kt)
 {
-	return is_f16 ? f16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+	if (kt == LP_DTYPE_F16)
+		return f16(((const uint16_t *)row)[i]);
+	if (kt == LP_DTYPE_BF16)
+		return lp_bf16_to_f32(((const uint16_t *)row)[i]);
+	return ((const float *)row)[i];
 }
 
 /* Eight sums of eight vectors each: sum p is ((x0 + x1) + (x2 + x3)) + ((x4 +
@@ -771,10 +780,10 @@ AVX2_INLINE __m256 in_reg(__m256 x)
 
 /* t plus q[i] k[i] for the dimensions past the last multiple of 8, in order */
 AVX2_INLINE float dot_tail(float t, const float *q, const char *k, int full, int hd,
-                           const bool is_f16)
+                           const enum lp_dtype kt)
 {
 	for (int i = full; i < hd; i++)
-		t = fmaf(q[i], kv_at(k, i, is_f16), t);
+		t = fmaf(q[i], kv_at(k, i, kt), t);
 	return t;
 }
 
@@ -785,8 +794,8 @@ AVX2_INLINE float dot_tail(float t, const float *q, const char *k, int full, int
  * hsum_tree), then come the tail dimensions and the scale. Blocks of 8 / nq
  * positions share each load of q, and (nq = 2) of k. */
 AVX2_INLINE void attn_scores(const int nq, const float *const *q, const char *kbase, size_t stride,
-                             const int64_t *rows, int cnt, int hd, const bool is_f16, float scale,
-                             float (*s)[LP_CPU_ATTN_CHUNK])
+                             const int64_t *rows, int cnt, int hd, const enum lp_dtype kt,
+                             float scale, float (*s)[LP_CPU_ATTN_CHUNK])
 {
 	const int np = 8 / nq;
 	int full = hd / 8 * 8, j = 0;
@@ -805,14 +814,13 @@ AVX2_INLINE void attn_scores(const int nq, const float *const *q, const char *kb
 				__m256 qv = _mm256_loadu_ps(q[0] + i);
 #pragma GCC unroll 8
 				for (int p = 0; p < 8; p++)
-					acc[p] =
-					    _mm256_fmadd_ps(qv, load_kv(k[p], i, is_f16), acc[p]);
+					acc[p] = _mm256_fmadd_ps(qv, load_kv(k[p], i, kt), acc[p]);
 			} else {
 				__m256 qa = _mm256_loadu_ps(q[0] + i),
 				       qb = _mm256_loadu_ps(q[1] + i);
 #pragma GCC unroll 4
 				for (int p = 0; p < 4; p++) {
-					__m256 kv = in_reg(load_kv(k[p], i, is_f16));
+					__m256 kv = in_reg(load_kv(k[p], i, kt));
 					acc[p] = _mm256_fmadd_ps(qa, kv, acc[p]);
 					acc[4 + p] = _mm256_fmadd_ps(qb, kv, acc[4 + p]);
 				}
@@ -823,7 +831,7 @@ AVX2_INLINE void attn_scores(const int nq, const float *const *q, const char *kb
 			float t[8];
 			_mm256_storeu_ps(t, sv);
 			for (int x = 0; x < 8; x++)
-				t[x] = dot_tail(t[x], q[x / np], k[x % np], full, hd, is_f16);
+				t[x] = dot_tail(t[x], q[x / np], k[x % np], full, hd, kt);
 			sv = _mm256_loadu_ps(t);
 		}
 		sv = _mm256_mul_ps(sv, _mm256_set1_ps(scale));
@@ -839,9 +847,9 @@ AVX2_INLINE void attn_scores(const int nq, const float *const *q, const char *kb
 		for (int a = 0; a < nq; a++) {
 			__m256 acc = _mm256_setzero_ps();
 			for (int i = 0; i < full; i += 8)
-				acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[a] + i),
-				                      load_kv(k, i, is_f16), acc);
-			s[a][j] = scale * dot_tail(hsum_tree(acc), q[a], k, full, hd, is_f16);
+				acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[a] + i), load_kv(k, i, kt),
+				                      acc);
+			s[a][j] = scale * dot_tail(hsum_tree(acc), q[a], k, full, hd, kt);
 		}
 	}
 }
@@ -885,7 +893,8 @@ AVX2_INLINE void attn_softmax(float *s, int cnt, float *m, float *l)
  * v serves the nq queries. */
 AVX2_INLINE void attn_accum_strip(const int nq, float *const *o, const char *vbase, size_t stride,
                                   const int64_t *rows, const float *const *e, int cnt,
-                                  const bool is_f16, const float *const *ab, int d0, const int nv)
+                                  const enum lp_dtype kt, const float *const *ab, int d0,
+                                  const int nv)
 {
 	__m256 acc[2][8];
 
@@ -902,7 +911,7 @@ AVX2_INLINE void attn_accum_strip(const int nq, float *const *o, const char *vba
 			ev[a] = _mm256_set1_ps(e[a][j]);
 #pragma GCC unroll 8
 		for (int v = 0; v < nv; v++) {
-			__m256 x = load_kv(row, d0 + 8 * v, is_f16);
+			__m256 x = load_kv(row, d0 + 8 * v, kt);
 			if (nq > 1)
 				x = in_reg(x);
 #pragma GCC unroll 2
@@ -930,34 +939,34 @@ AVX2_INLINE void attn_accum_strip(const int nq, float *const *o, const char *vba
  * the dimensions past the last multiple of 8 one by one. */
 AVX2_INLINE void attn_accum(const int nq, float *const *o, const char *vbase, size_t stride,
                             const int64_t *rows, const float *const *e, int cnt, int hd,
-                            const bool is_f16, const float *const *ab)
+                            const enum lp_dtype kt, const float *const *ab)
 {
 	const int w = 8 / nq;
 	int d0 = 0;
 
 	for (; d0 + 8 * w <= hd; d0 += 8 * w)
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, w);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, w);
 	switch ((hd - d0) / 8) {
 	case 7:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 7);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 7);
 		break;
 	case 6:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 6);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 6);
 		break;
 	case 5:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 5);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 5);
 		break;
 	case 4:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 4);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 4);
 		break;
 	case 3:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 3);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 3);
 		break;
 	case 2:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 2);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 2);
 		break;
 	case 1:
-		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, is_f16, ab, d0, 1);
+		attn_accum_strip(nq, o, vbase, stride, rows, e, cnt, kt, ab, d0, 1);
 		break;
 	default:
 		break;
@@ -966,8 +975,8 @@ AVX2_INLINE void attn_accum(const int nq, float *const *o, const char *vbase, si
 		for (int i = hd / 8 * 8; i < hd; i++) {
 			float acc = 0.0f;
 			for (int j = 0; j < cnt; j++)
-				acc = fmaf(e[a][j],
-				           kv_at(vbase + (size_t)rows[j] * stride, i, is_f16), acc);
+				acc = fmaf(e[a][j], kv_at(vbase + (size_t)rows[j] * stride, i, kt),
+				           acc);
 			o[a][i] = ab[a] ? fmaf(acc, ab[a][1], o[a][i] * ab[a][0]) : acc;
 		}
 	}
@@ -986,9 +995,9 @@ AVX2_INLINE void fold_ml(float *ml, float m, float l, float ab[2])
 	ml[0] = mn;
 }
 
-/* One chunk of nq rows (lp_cpu_attn_chunk_avx2). */
+/* One chunk of nq rows (lp_cpu_attn_chunk_kv_avx2). */
 AVX2_INLINE void attn_chunk(const int nq, const float *const *q, const char *kbase,
-                            const char *vbase, size_t stride, const bool is_f16,
+                            const char *vbase, size_t stride, const enum lp_dtype kt,
                             const int64_t *rows, int cnt, int hd, float scale, float *const *o,
                             float *const *ml, float *const *part)
 {
@@ -996,7 +1005,7 @@ AVX2_INLINE void attn_chunk(const int nq, const float *const *q, const char *kba
 	float ab[2][2], *dst[2];
 	const float *e[2], *abp[2];
 
-	attn_scores(nq, q, kbase, stride, rows, cnt, hd, is_f16, scale, s);
+	attn_scores(nq, q, kbase, stride, rows, cnt, hd, kt, scale, s);
 	for (int a = 0; a < nq; a++) {
 		float m, l;
 
@@ -1013,37 +1022,45 @@ AVX2_INLINE void attn_chunk(const int nq, const float *const *q, const char *kba
 			abp[a] = ab[a];
 		}
 	}
-	attn_accum(nq, dst, vbase, stride, rows, e, cnt, hd, is_f16, abp);
+	attn_accum(nq, dst, vbase, stride, rows, e, cnt, hd, kt, abp);
 }
 
 /* attn_chunk with the loops of the common head sizes unrolled (the same
  * operations, fewer of their overheads). */
 AVX2_INLINE void attn_chunk_hd(const int nq, const float *const *q, const char *kbase,
-                               const char *vbase, size_t stride, const bool is_f16,
+                               const char *vbase, size_t stride, const enum lp_dtype kt,
                                const int64_t *rows, int cnt, int hd, float scale, float *const *o,
                                float *const *ml, float *const *part)
 {
 	if (hd == 64)
-		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, 64, scale, o, ml, part);
+		attn_chunk(nq, q, kbase, vbase, stride, kt, rows, cnt, 64, scale, o, ml, part);
 	else if (hd == 128)
-		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, 128, scale, o, ml, part);
+		attn_chunk(nq, q, kbase, vbase, stride, kt, rows, cnt, 128, scale, o, ml, part);
 	else
-		attn_chunk(nq, q, kbase, vbase, stride, is_f16, rows, cnt, hd, scale, o, ml, part);
+		attn_chunk(nq, q, kbase, vbase, stride, kt, rows, cnt, hd, scale, o, ml, part);
 }
 
-AVX2 void lp_cpu_attn_chunk_avx2(int nq, const float *const q[], const char *kbase,
-                                 const char *vbase, size_t stride, bool is_f16, const int64_t *rows,
-                                 int cnt, int hd, float scale, float *const o[], float *const ml[],
-                                 float *const part[])
+/* attn_chunk_hd compiled for each row count and cache type. */
+AVX2 void lp_cpu_attn_chunk_kv_avx2(int nq, const float *const q[], const char *kbase,
+                                    const char *vbase, size_t stride, enum lp_dtype kt,
+                                    const int64_t *rows, int cnt, int hd, float scale,
+                                    float *const o[], float *const ml[], float *const part[])
 {
-	if (nq == 2 && is_f16)
-		attn_chunk_hd(2, q, kbase, vbase, stride, true, rows, cnt, hd, scale, o, ml, part);
+#define ATTN_CHUNK_CASE(NQ, KT)                                                                    \
+	attn_chunk_hd(NQ, q, kbase, vbase, stride, KT, rows, cnt, hd, scale, o, ml, part)
+	if (nq == 2 && kt == LP_DTYPE_F16)
+		ATTN_CHUNK_CASE(2, LP_DTYPE_F16);
+	else if (nq == 2 && kt == LP_DTYPE_BF16)
+		ATTN_CHUNK_CASE(2, LP_DTYPE_BF16);
 	else if (nq == 2)
-		attn_chunk_hd(2, q, kbase, vbase, stride, false, rows, cnt, hd, scale, o, ml, part);
-	else if (is_f16)
-		attn_chunk_hd(1, q, kbase, vbase, stride, true, rows, cnt, hd, scale, o, ml, part);
+		ATTN_CHUNK_CASE(2, LP_DTYPE_F32);
+	else if (kt == LP_DTYPE_F16)
+		ATTN_CHUNK_CASE(1, LP_DTYPE_F16);
+	else if (kt == LP_DTYPE_BF16)
+		ATTN_CHUNK_CASE(1, LP_DTYPE_BF16);
 	else
-		attn_chunk_hd(1, q, kbase, vbase, stride, false, rows, cnt, hd, scale, o, ml, part);
+		ATTN_CHUNK_CASE(1, LP_DTYPE_F32);
+#undef ATTN_CHUNK_CASE
 }
 
 /* Per element the same operations as attn_chunk's fold (fold_ml, then the
@@ -1063,7 +1080,7 @@ AVX2 void lp_cpu_attn_fold_avx2(float *o, float *ml, const float *part, int hd)
 }
 
 AVX2_INLINE void attn_gather(float *dst, const char *base, size_t stride, const int64_t *rows,
-                             int cnt, int hd, const bool is_f16)
+                             int cnt, int hd, const enum lp_dtype kt)
 {
 	for (int j = 0; j < cnt; j++) {
 		const char *row = base + (size_t)rows[j] * stride;
@@ -1071,19 +1088,21 @@ AVX2_INLINE void attn_gather(float *dst, const char *base, size_t stride, const 
 		int i = 0;
 
 		for (; i + 8 <= hd; i += 8)
-			_mm256_storeu_ps(d + i, load_kv(row, i, is_f16));
+			_mm256_storeu_ps(d + i, load_kv(row, i, kt));
 		for (; i < hd; i++)
-			d[i] = kv_at(row, i, is_f16);
+			d[i] = kv_at(row, i, kt);
 	}
 }
 
-AVX2 void lp_cpu_attn_gather_avx2(float *dst, const char *base, size_t stride, const int64_t *rows,
-                                  int cnt, int hd, bool is_f16)
+AVX2 void lp_cpu_attn_gather_kv_avx2(float *dst, const char *base, size_t stride,
+                                     const int64_t *rows, int cnt, int hd, enum lp_dtype kt)
 {
-	if (is_f16)
-		attn_gather(dst, base, stride, rows, cnt, hd, true);
+	if (kt == LP_DTYPE_F16)
+		attn_gather(dst, base, stride, rows, cnt, hd, LP_DTYPE_F16);
+	else if (kt == LP_DTYPE_BF16)
+		attn_gather(dst, base, stride, rows, cnt, hd, LP_DTYPE_BF16);
 	else
-		attn_gather(dst, base, stride, rows, cnt, hd, false);
+		attn_gather(dst, base, stride, rows, cnt, hd, LP_DTYPE_F32);
 }
 
 AVX2 void lp_cpu_f32_to_f16_avx2(uint16_t *dst, const float *src, int64_t n)

@@ -67,9 +67,11 @@ def main_agent():
 def startup_logs_device_budget_adapters_addresses():
     a = main_agent()
     log = a.log()
-    assert "device: cpu ('--device auto'" in log, log
-    assert re.search(r"kv cache: \d+ blocks of 16 tokens \(8\.0 MiB budget\); max-model-len 256",
+    assert re.search(r"device: cpu, .*\('auto' chose the CPU: ", log), log
+    assert re.search(r"memory on cpu \([\d.]+ GiB\): weights [\d.]+ MiB, LoRA slots and workspaces [\d.]+ MiB, "
+                     r"activations [\d.]+ MiB, kv cache 8\.0 MiB \(f32, \d+ blocks of 16 tokens",
                      log), log
+    assert re.search(r"limits: max-model-len 256", log), log
     for name in ("r4-qv", "r8-all", "team/attn", "nemo"):
         assert re.search(rf"loaded adapter '{re.escape(name)}' from '[^']+': \w", log), \
             f"no load line for {name}:\n{log}"
@@ -477,11 +479,14 @@ def api_key_required_on_the_public_port():
 
 @test
 def device_and_usage_errors_exit_with_clear_messages():
+    # no GPU here: which reason depends on the build (test-device.py
+    # checks each); every one names the way out
+    reasons = ("no CUDA backend", "no usable NVIDIA driver", "cannot open shared object")
     rc, out = run_agent_once("--model", TINY, "--device", "cuda", "--port", "0",
                              "--admin-port", "0")
-    assert rc == 1 and "no CUDA backend" in out and "--device cpu" in out, (rc, out)
+    assert rc == 1 and any(r in out for r in reasons) and "--device cpu" in out, (rc, out)
     rc, out = run_agent_once("--model", TINY, "--device", "cuda:1")
-    assert rc == 1 and "no CUDA backend" in out, (rc, out)
+    assert rc == 1 and any(r in out for r in reasons), (rc, out)
     rc, out = run_agent_once("--model", TINY, "--device", "tpu")
     assert rc == 2 and "'--device'" in out, (rc, out)
     rc, out = run_agent_once("--port", "0")

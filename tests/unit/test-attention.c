@@ -1,7 +1,8 @@
 /* The CPU backend's paged attention beyond the per-op check of
  * test-backend-cpu: a lone decode token with a long context against a
  * double-precision reference, results that do not depend on the thread
- * count, and rows whose results do not depend on the rest of the call.
+ * count, rows whose results do not depend on the rest of the call, padding
+ * rows, and block ids outside the cache. Caches are f32, f16 or bf16.
  *
  * attention.c picks one of three ways to cut the work from the call's
  * shapes: the split decode path (n_tokens * n_kv_heads < 16 and a context
@@ -47,7 +48,7 @@ static float hash_float(uint64_t key, float lo, float hi)
 }
 
 struct world {
-	enum lp_dtype ct; /* cache type: f32 or f16 */
+	enum lp_dtype ct; /* cache type: f32, f16 or bf16 */
 	int nh, nkv, hd, n_seqs;
 	int64_t rows, cols; /* cache [n_seqs * MAXB * BS, nkv * hd] */
 	void *kb, *vb;      /* the caches as stored */
@@ -70,7 +71,7 @@ static int world_init(struct world *w, enum lp_dtype ct, int nh, int nkv, int hd
                       uint64_t seed)
 {
 	int n_blocks = n_seqs * MAXB;
-	size_t es = ct == LP_DTYPE_F16 ? sizeof(uint16_t) : sizeof(float);
+	size_t es = ct == LP_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
 	size_t n;
 
 	memset(w, 0, sizeof(*w));
@@ -101,6 +102,11 @@ static int world_init(struct world *w, enum lp_dtype ct, int nh, int nkv, int hd
 			((uint16_t *)w->vb)[i] = lp_f32_to_f16(v);
 			w->kf[i] = lp_f16_to_f32(((uint16_t *)w->kb)[i]);
 			w->vf[i] = lp_f16_to_f32(((uint16_t *)w->vb)[i]);
+		} else if (ct == LP_DTYPE_BF16) {
+			((uint16_t *)w->kb)[i] = lp_f32_to_bf16(k);
+			((uint16_t *)w->vb)[i] = lp_f32_to_bf16(v);
+			w->kf[i] = lp_bf16_to_f32(((uint16_t *)w->kb)[i]);
+			w->vf[i] = lp_bf16_to_f32(((uint16_t *)w->vb)[i]);
 		} else {
 			((float *)w->kb)[i] = w->kf[i] = k;
 			((float *)w->vb)[i] = w->vf[i] = v;
@@ -127,13 +133,19 @@ static float query_value(const struct world *w, int seq, int pos, int i)
 	return hash_float(mix64(w->seed ^ 0x71e5) + key, -3, 3);
 }
 
+/* The cache row of (seq, pos), or -1 where its block is outside the cache
+ * (the op skips such positions). */
 static int64_t cache_row(const struct world *w, int seq, int pos)
 {
-	return (int64_t)w->tables[seq * MAXB + pos / BS] * BS + pos % BS;
+	int32_t b = w->tables[seq * MAXB + pos / BS];
+	int64_t row = (int64_t)b * BS + pos % BS;
+
+	return b < 0 || row >= w->rows ? -1 : row;
 }
 
 /* Runs one attention call of n tokens on be; *out is the f32 output [n, nh *
- * hd], malloc'd. */
+ * hd], malloc'd. The output buffer holds NaNs before the call, so that an
+ * element the op leaves unwritten shows. */
 static int run_call(struct lp_backend *be, const struct world *w, int n, const int32_t *seq,
                     const int32_t *pos, float **out, struct lp_err *err)
 {
@@ -152,6 +164,8 @@ static int run_call(struct lp_backend *be, const struct world *w, int n, const i
 	for (int t = 0; t < n; t++)
 		for (int64_t i = 0; i < qcols; i++)
 			q[t * qcols + i] = query_value(w, seq[t], pos[t], (int)i);
+	for (size_t i = 0; i < (size_t)n * (size_t)qcols; i++)
+		(*out)[i] = NAN;
 	if ((rc = lp_backend_alloc(be, qbytes, &bq, err)) ||
 	    (rc = lp_backend_alloc(be, cbytes, &bk, err)) ||
 	    (rc = lp_backend_alloc(be, cbytes, &bv, err)) ||
@@ -166,6 +180,7 @@ static int run_call(struct lp_backend *be, const struct world *w, int n, const i
 	lp_backend_upload(be, bs.data, seq, (size_t)n * 4);
 	lp_backend_upload(be, bp.data, pos, (size_t)n * 4);
 	lp_backend_upload(be, bt.data, w->tables, (size_t)w->n_seqs * MAXB * 4);
+	lp_backend_upload(be, bo.data, *out, qbytes);
 
 	struct lp_tensor tq = {bq.data, LP_DTYPE_F32, n, qcols};
 	struct lp_tensor tk = {bk.data, w->ct, w->rows, w->cols};
@@ -178,6 +193,7 @@ static int run_call(struct lp_backend *be, const struct world *w, int n, const i
 	    .head_dim = w->hd,
 	    .block_size = BS,
 	    .max_blocks_per_seq = MAXB,
+	    .max_context = MAXB * BS,
 	    .scale = 1.0f / sqrtf((float)w->hd),
 	    .q = &tq,
 	    .k_cache = &tk,
@@ -209,8 +225,8 @@ out_free:
 }
 
 /* The largest error of got (the row of the token at (seq, pos)) against a
- * double-precision softmax over positions 0..pos, relative to the largest
- * |v| the row attends to. */
+ * double-precision softmax over positions 0..pos (less those whose block is
+ * outside the cache), relative to the largest |v| the row attends to. */
 static double reference_error(const struct world *w, int seq, int pos, const float *got)
 {
 	int np = pos + 1, group = w->nh / w->nkv;
@@ -223,9 +239,13 @@ static double reference_error(const struct world *w, int seq, int pos, const flo
 		double mx = -INFINITY, l = 0, vmax = 0;
 
 		for (int p = 0; p < np; p++) {
-			const float *k = w->kf + cache_row(w, seq, p) * w->cols + kvh * w->hd;
+			int64_t row = cache_row(w, seq, p);
 			double acc = 0;
 
+			s[p] = -INFINITY;
+			if (row < 0)
+				continue;
+			const float *k = w->kf + row * w->cols + kvh * w->hd;
 			for (int d = 0; d < w->hd; d++)
 				acc += (double)query_value(w, seq, pos, h * w->hd + d) * k[d];
 			s[p] = acc / sqrt((double)w->hd);
@@ -237,6 +257,8 @@ static double reference_error(const struct world *w, int seq, int pos, const flo
 			double want = 0;
 
 			for (int p = 0; p < np; p++) {
+				if (cache_row(w, seq, p) < 0)
+					continue;
 				double v = w->vf[cache_row(w, seq, p) * w->cols + kvh * w->hd + d];
 
 				want += s[p] / l * v;
@@ -295,8 +317,8 @@ static void test_decode_alone_matches_reference(void)
 	static const struct {
 		enum lp_dtype ct;
 		int hd;
-	} shapes[] = {
-	    {LP_DTYPE_F32, 64}, {LP_DTYPE_F16, 64}, {LP_DTYPE_F32, 20}, {LP_DTYPE_F16, 36}};
+	} shapes[] = {{LP_DTYPE_F32, 64}, {LP_DTYPE_F16, 64}, {LP_DTYPE_BF16, 64},
+	              {LP_DTYPE_F32, 20}, {LP_DTYPE_F16, 36}, {LP_DTYPE_BF16, 40}};
 	struct lp_backend *bes[] = {g_avx[2], g_avx[0], g_scalar[1]};
 	const char *names[] = {"avx2 x3", "avx2 x1", "scalar x3"};
 	int32_t seq = 1, pos = 1000;
@@ -407,6 +429,7 @@ static void test_threads_mixed_batch(void)
 	n = add_run(seq, pos, n, 6, 0, 1);
 	check_thread_invariant("mixed batch", LP_DTYPE_F32, 6, 2, 64, n, seq, pos);
 	check_thread_invariant("mixed batch", LP_DTYPE_F16, 6, 2, 64, n, seq, pos);
+	check_thread_invariant("mixed batch", LP_DTYPE_BF16, 6, 2, 64, n, seq, pos);
 }
 
 /* Three decode rows at positions 1000, 530 and 77: 3 tokens x 2 kv heads
@@ -417,6 +440,7 @@ static void test_threads_split_decode(void)
 
 	check_thread_invariant("split decode", LP_DTYPE_F32, 6, 2, 64, 3, seq, pos);
 	check_thread_invariant("split decode", LP_DTYPE_F16, 6, 2, 64, 3, seq, pos);
+	check_thread_invariant("split decode", LP_DTYPE_BF16, 6, 2, 64, 3, seq, pos);
 }
 
 /* Eight decode rows with long and short contexts and one short prefill
@@ -433,6 +457,7 @@ static void test_threads_decode_batch(void)
 	n = add_run(seq, pos, n, 7, 4, 2);
 	check_thread_invariant("decode batch", LP_DTYPE_F32, 6, 2, 64, n, seq, pos);
 	check_thread_invariant("decode batch", LP_DTYPE_F16, 6, 2, 64, n, seq, pos);
+	check_thread_invariant("decode batch", LP_DTYPE_BF16, 6, 2, 64, n, seq, pos);
 }
 
 /* One token with 8 query heads on one kv head and a context of 60
@@ -445,6 +470,7 @@ static void test_threads_group_cut(void)
 
 	check_thread_invariant("one token, 8:1 group", LP_DTYPE_F32, 8, 1, 64, 1, seq, pos);
 	check_thread_invariant("one token, 8:1 group", LP_DTYPE_F16, 8, 1, 64, 1, seq, pos);
+	check_thread_invariant("one token, 8:1 group", LP_DTYPE_BF16, 8, 1, 64, 1, seq, pos);
 }
 
 /* ---- (c) a row's result does not depend on the other rows ---- */
@@ -478,9 +504,9 @@ out:
 static void check_rows_everywhere(const char *what, int n, const int32_t *seq, const int32_t *pos,
                                   int row)
 {
-	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_F16};
+	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_F16, LP_DTYPE_BF16};
 
-	for (int c = 0; c < 2; c++) {
+	for (int c = 0; c < 3; c++) {
 		struct world w;
 
 		if (world_init(&w, cts[c], 6, 2, 64, 8, 99)) {
@@ -530,7 +556,7 @@ static void test_row_in_prefill_batch(void)
  * sequences: each of its rows must come out the same. */
 static void test_prefill_rows_anywhere_in_batch(void)
 {
-	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_F16};
+	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_F16, LP_DTYPE_BF16};
 	struct lp_backend *bes[] = {g_avx[2], g_scalar[1]};
 	const char *names[] = {"avx2 x3", "scalar x3"};
 	int32_t s1[12], p1[12], s2[12], p2[12];
@@ -544,7 +570,7 @@ static void test_prefill_rows_anywhere_in_batch(void)
 	n2 = add_run(s2, p2, n2, 1, 1000, 1);
 	n2 = add_run(s2, p2, n2, 2, 77, 1);
 	n2 = add_run(s2, p2, n2, 3, 700, 9);
-	for (int c = 0; c < 2; c++) {
+	for (int c = 0; c < 3; c++) {
 		struct world w;
 
 		if (world_init(&w, cts[c], 6, 2, 64, 8, 7)) {
@@ -588,6 +614,161 @@ static void test_prefill_rows_anywhere_in_batch(void)
 	}
 }
 
+/* ---- (d) padding rows and block ids outside the cache ---- */
+
+/* Runs the call of n tokens, then the same call with padding rows
+ * (tok_seq -1, position 0) put in wherever pad[i] is set: the padding rows
+ * must come out exactly zero and the others as without them, bitwise. */
+static void check_padding(const char *what, struct lp_backend *be, const char *bname,
+                          const struct world *w, int n, const int32_t *seq, const int32_t *pos,
+                          const bool *pad, int n_padded)
+{
+	struct lp_err err = {0};
+	int32_t ps[64], pp[64];
+	float *plain = NULL, *padded = NULL;
+	int cols = w->nh * w->hd;
+	char msg[256];
+
+	for (int i = 0, t = 0; i < n_padded; i++) {
+		ps[i] = pad[i] ? -1 : seq[t];
+		pp[i] = pad[i] ? 0 : pos[t];
+		t += !pad[i];
+	}
+	if (run_call(be, w, n, seq, pos, &plain, &err) ||
+	    run_call(be, w, n_padded, ps, pp, &padded, &err)) {
+		TEST_FAIL("%s: %s", what, err.msg);
+		goto out;
+	}
+	for (int i = 0, t = 0; i < n_padded; i++) {
+		const float *row = padded + (size_t)i * cols;
+
+		if (!pad[i]) {
+			if (rows_differ(plain + (size_t)t * cols, row, 1, w->nh, w->hd, msg,
+			                sizeof(msg)))
+				TEST_FAIL("%s, %s %s: token %d alone and among padding rows (row "
+				          "%d) differ at %s",
+				          what, bname, lp_dtype_name(w->ct), t, i, msg);
+			t++;
+			continue;
+		}
+		for (int c = 0; c < cols; c++) {
+			if (row[c] != 0.0f) {
+				TEST_FAIL("%s, %s %s: padding row %d element %d is %g, not 0", what,
+				          bname, lp_dtype_name(w->ct), i, c, row[c]);
+				goto out;
+			}
+		}
+	}
+	CHECK_MSG(lp_backend_status(be, &err) == 0, "%s: status: %s", what, err.msg);
+out:
+	free(plain);
+	free(padded);
+}
+
+/* Padding rows (as begin_step pads a step to a token bucket) in each of the
+ * three paths: after a lone decode token (split), after a prefill chunk
+ * (runs) and between decode rows (default). */
+static void test_padding_rows(void)
+{
+	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_BF16};
+	struct lp_backend *bes[] = {g_avx[2], g_scalar[1]};
+	const char *names[] = {"avx2 x3", "scalar x3"};
+	int32_t s1[1] = {1}, p1[1] = {1000};
+	bool pad1[4] = {false, true, true, true};
+	int32_t s2[20], p2[20];
+	bool pad2[32];
+	int32_t s3[8] = {0, 1, 2, 3, 4, 5, 6, 7}, p3[8] = {530, 1000, 77, 1100, 0, 513, 640, 3};
+	bool pad3[16];
+
+	add_run(s2, p2, 0, 0, 600, 20);
+	for (int i = 0; i < 32; i++)
+		pad2[i] = i >= 20;
+	for (int i = 0; i < 16; i++)
+		pad3[i] = i % 2 == 1;
+	for (int c = 0; c < 2; c++) {
+		struct world w;
+
+		if (world_init(&w, cts[c], 6, 2, 64, 8, 5)) {
+			TEST_FAIL("out of memory");
+			return;
+		}
+		for (int b = 0; b < 2; b++) {
+			check_padding("split decode", bes[b], names[b], &w, 1, s1, p1, pad1, 4);
+			check_padding("prefill runs", bes[b], names[b], &w, 20, s2, p2, pad2, 32);
+			check_padding("decode rows", bes[b], names[b], &w, 8, s3, p3, pad3, 16);
+		}
+		world_release(&w);
+	}
+}
+
+/* Sequence 2's block table with entry 3 past the end of the cache and entry
+ * 5 negative. A token whose context covers them (position 200) skips their
+ * positions, matching the reference without them, and the backend reports
+ * the first as an I/O error naming attention; a token whose context stops
+ * short of them (position 40) reads neither and reports nothing. Each call
+ * on a backend of its own (the status is sticky), on both kernel sets, in
+ * the split path (alone) and the runs path (with a prefill chunk). */
+static void test_bad_block_reported(void)
+{
+	static const char *names[] = {"avx2", "scalar"};
+	struct world w;
+
+	CHECK_MSG(world_init(&w, LP_DTYPE_BF16, 6, 2, 64, 4, 21) == 0, "out of memory");
+	w.tables[2 * MAXB + 3] = (int32_t)(w.rows / BS) + 7;
+	w.tables[2 * MAXB + 5] = -3;
+	for (int kset = 0; kset < 2; kset++) {
+		for (int c = 0; c < 3; c++) {
+			struct lp_backend *be = NULL;
+			struct lp_err err = {0};
+			int32_t seq[24], pos[24];
+			int n = 0, row = 0;
+			bool bad = c != 2;
+			float *out = NULL;
+
+			if (c == 1)
+				n = add_run(seq, pos, n, 0, 300, 12);
+			row = n;
+			n = add_run(seq, pos, n, 2, c == 2 ? 40 : 200, 1);
+			if (c == 1)
+				n = add_run(seq, pos, n, 1, 0, 11);
+			if (kset == 1)
+				setenv("LP_CPU_NO_AVX2", "1", 1);
+			int rc = lp_backend_cpu_new(&be, 2, &err);
+			unsetenv("LP_CPU_NO_AVX2");
+			if (rc) {
+				TEST_FAIL("setup: %s", err.msg);
+				break;
+			}
+			if (run_call(be, &w, n, seq, pos, &out, &err)) {
+				TEST_FAIL("%s: %s", names[kset], err.msg);
+			} else {
+				double e = reference_error(&w, seq[row], pos[row],
+				                           out + (size_t)row * w.nh * w.hd);
+				int st = lp_backend_status(be, &err);
+
+				if (!(e <= 2e-6))
+					TEST_FAIL(
+					    "%s call %d: relative error %g against the reference "
+					    "without the bad blocks' positions",
+					    names[kset], c, e);
+				if (bad && (st != -EIO || !strstr(err.msg, "attention")))
+					TEST_FAIL(
+					    "%s call %d: status %d (%s), expected -EIO naming "
+					    "attention",
+					    names[kset], c, st, err.msg);
+				if (!bad && st != 0)
+					TEST_FAIL(
+					    "%s call %d: status %d (%s) for a context short of "
+					    "the bad blocks",
+					    names[kset], c, st, err.msg);
+			}
+			free(out);
+			lp_backend_destroy(be);
+		}
+	}
+	world_release(&w);
+}
+
 int main(void)
 {
 	struct lp_err err = {0};
@@ -620,6 +801,8 @@ int main(void)
 	RUN(test_row_in_large_decode_batch);
 	RUN(test_row_in_prefill_batch);
 	RUN(test_prefill_rows_anywhere_in_batch);
+	RUN(test_padding_rows);
+	RUN(test_bad_block_reported);
 
 	for (int i = 0; i < 3; i++)
 		lp_backend_destroy(g_avx[i]);

@@ -1,0 +1,353 @@
+/* The whole engine on the CUDA backend, run through our CUDA emulation on
+ * the CPU (GEMMs by the reference route), against the CPU backend: the
+ * tiny Llama and SmolLM2, with and without adapters, alone and in mixed
+ * batches.
+ *
+ * What must hold, and why:
+ *   - CUDA alone vs the CPU. CUDA keeps weights in f16 (bf16 for bf16
+ *     files), feeds GEMMs half-precision activations and keeps the KV cache
+ *     in f16, where the CPU keeps the file's blocks and f32 throughout, so
+ *     the logits differ by more than the CPU goldens' 1e-3 of their range:
+ *     TOL_REL of the range is allowed (the figures measured are printed).
+ *     Greedy tokens must be equal up to the first position where the CPU's
+ *     top-2 logit margin is below TOL_REL of the range (there a rounding
+ *     difference may legitimately flip the argmax); from there on the two
+ *     runs follow different texts and are not compared.
+ *   - CUDA mixed batch vs CUDA alone: exactly the same tokens and logits,
+ *     bit for bit (same kernels, every row's arithmetic independent of the
+ *     other rows).
+ *   - The CPU with an f16 KV cache (the CUDA cache type) is compared too,
+ *     to show how much of the difference the cache type alone makes. */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdint.h>
+
+extern "C" {
+#include "agent/engine/engine.h"
+#include "agent/engine/model.h"
+int lp_backend_cuda_emu_new(struct lp_backend **out, struct lp_err *err);
+}
+#include "tests/test.h"
+
+#define TOL_REL  3e-2
+#define N_STEPS  16
+#define MAX_REQ  24
+#define MAX_VOCAB 49152
+
+struct req {
+	char adapter[64]; /* "" for the base model */
+	int32_t ids[256];
+	int n_ids;
+};
+
+struct result {
+	int32_t tokens[N_STEPS];
+	float *logits; /* [N_STEPS][vocab] */
+	int n;
+};
+
+static struct lp_backend *g_cpu, *g_cuda;
+static struct lp_model *g_tiny_cpu, *g_tiny_cuda, *g_smol_cpu, *g_smol_cuda;
+static struct req g_reqs[MAX_REQ];
+static int g_n_reqs;
+
+static void config(struct lp_engine_config *ec, enum lp_dtype kv)
+{
+	lp_engine_config_default(ec);
+	ec->max_model_len = 256;
+	ec->kv_cache_bytes = 32u << 20;
+	ec->max_num_seqs = 32;
+	ec->max_batched_tokens = 512;
+	ec->max_loras = 8;
+	ec->kv_type = kv;
+	ec->lora_type = LP_DTYPE_F32;
+	ec->return_logits = true;
+}
+
+static int load_adapters(struct lp_engine *e, const char *dir, struct req *reqs, int n,
+                         struct lp_err *err)
+{
+	for (int i = 0; i < n; i++) {
+		char path[512];
+		bool already;
+		int rc;
+
+		if (!reqs[i].adapter[0])
+			continue;
+		snprintf(path, sizeof(path), "%s/lora/%s/%s", test_fixtures_dir(), dir,
+		         reqs[i].adapter);
+		rc = lp_lora_cache_load(lp_engine_loras(e), reqs[i].adapter, path, NULL, NULL, false,
+		                        &already, err);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+/* Runs reqs[0..n) as one batch, greedy, N_STEPS tokens each; res[i] gets
+ * tokens and the logits of every step. */
+static int run(struct lp_model *m, enum lp_dtype kv, const char *lora_dir, struct req *reqs,
+               int n, struct result *res, struct lp_err *err)
+{
+	struct lp_engine_config ec;
+	struct lp_engine *e = NULL;
+	struct lp_seq *seqs[MAX_REQ] = {0};
+	int vocab = m->cfg.vocab_size, rc;
+
+	config(&ec, kv);
+	if ((rc = lp_engine_new(&e, m, &ec, err)))
+		return rc;
+	if ((rc = load_adapters(e, lora_dir, reqs, n, err)))
+		goto out;
+	for (int i = 0; i < n; i++) {
+		struct lp_seq_params p;
+
+		memset(&p, 0, sizeof(p));
+		p.adapter = reqs[i].adapter[0] ? reqs[i].adapter : NULL;
+		p.prompt = reqs[i].ids;
+		p.n_prompt = (size_t)reqs[i].n_ids;
+		p.max_tokens = N_STEPS;
+		p.ignore_eos = true;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = 0;
+		res[i].n = 0;
+		if (!res[i].logits)
+			res[i].logits = (float *)calloc((size_t)N_STEPS * vocab, sizeof(float));
+		if (!res[i].logits) {
+			rc = lp_errf(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		if ((rc = lp_engine_add(e, &p, &seqs[i], err)))
+			goto out;
+		seqs[i]->user = (void *)(intptr_t)i;
+	}
+	while (lp_engine_has_work(e)) {
+		const struct lp_step_output *o;
+		int n_o;
+
+		if ((rc = lp_engine_step(e, &o, &n_o, err)))
+			goto out;
+		for (int k = 0; k < n_o; k++) {
+			struct result *r = &res[(intptr_t)o[k].seq->user];
+			if (r->n < N_STEPS) {
+				if (!o[k].logits) {
+					rc = lp_errf(err, -EINVAL, "no logits with return_logits");
+					goto out;
+				}
+				memcpy(r->logits + (size_t)r->n * vocab, o[k].logits,
+				       (size_t)vocab * sizeof(float));
+				r->tokens[r->n++] = o[k].token;
+			}
+		}
+	}
+out:
+	for (int i = 0; i < n; i++)
+		if (seqs[i])
+			lp_engine_release(e, seqs[i]);
+	lp_engine_free(e);
+	return rc;
+}
+
+/* The CPU run is the reference: largest logit difference relative to the
+ * reference's range over the steps both runs share (up to the first
+ * divergence allowed by the margin rule); false (with the reason printed)
+ * when a token differs where the reference's top-2 margin is clear. */
+static bool compare(const char *what, const struct result *ref, const struct result *got, int vocab,
+                    double *worst_rel)
+{
+	*worst_rel = 0;
+	for (int s = 0; s < ref->n && s < got->n; s++) {
+		const float *a = ref->logits + (size_t)s * vocab, *b = got->logits + (size_t)s * vocab;
+		float lo = INFINITY, hi = -INFINITY, top1 = -INFINITY, top2 = -INFINITY;
+		double d = 0;
+
+		for (int t = 0; t < vocab; t++) {
+			lo = fminf(lo, a[t]);
+			hi = fmaxf(hi, a[t]);
+			d = fmax(d, fabs((double)a[t] - (double)b[t]));
+			if (a[t] > top1) {
+				top2 = top1;
+				top1 = a[t];
+			} else if (a[t] > top2) {
+				top2 = a[t];
+			}
+		}
+		if (d / (hi - lo) > *worst_rel)
+			*worst_rel = d / (hi - lo);
+		if (top1 - top2 < TOL_REL * (hi - lo))
+			return true; /* the argmax may flip here: stop comparing */
+		if (ref->tokens[s] != got->tokens[s]) {
+			printf("  %s: step %d: token %d, the CPU's %d (margin %.3g of the range)\n", what,
+			       s, got->tokens[s], ref->tokens[s], (top1 - top2) / (hi - lo));
+			return false;
+		}
+	}
+	return true;
+}
+
+static int read_requests(void)
+{
+	char path[512];
+	json_error_t jerr;
+	json_t *root, *arr, *v;
+	size_t i;
+
+	snprintf(path, sizeof(path), "%s/goldens/lora-tiny-mixed.json", test_fixtures_dir());
+	root = json_load_file(path, 0, &jerr);
+	if (!root)
+		return -1;
+	arr = json_object_get(root, "requests");
+	json_array_foreach(arr, i, v)
+	{
+		const char *a = json_string_value(json_object_get(v, "adapter"));
+		json_t *ids = json_object_get(v, "ids"), *x;
+		size_t j;
+		struct req *r = &g_reqs[g_n_reqs];
+
+		if (g_n_reqs == MAX_REQ || json_array_size(ids) > 256)
+			break;
+		memset(r, 0, sizeof(*r));
+		snprintf(r->adapter, sizeof(r->adapter), "%s", a ? a : "");
+		json_array_foreach(ids, j, x) r->ids[j] = (int32_t)json_integer_value(x);
+		r->n_ids = (int)json_array_size(ids);
+		g_n_reqs++;
+	}
+	json_decref(root);
+	return g_n_reqs >= 8 ? 0 : -1;
+}
+
+static void free_results(struct result *r, int n)
+{
+	for (int i = 0; i < n; i++) {
+		free(r[i].logits);
+		r[i].logits = NULL;
+	}
+}
+
+/* The tiny model, every request alone on both backends (with its
+ * adapter, or none). */
+static void test_tiny_alone_matches_cpu(void)
+{
+	static struct result cpu[MAX_REQ], cuda[MAX_REQ], cpu16[MAX_REQ];
+	struct lp_err err = {};
+	double worst = 0, worst16 = 0, w;
+	bool ok = true;
+	int vocab = g_tiny_cpu->cfg.vocab_size;
+
+	for (int i = 0; i < g_n_reqs && ok; i++) {
+		CHECK_OK(run(g_tiny_cpu, LP_DTYPE_F32, "tiny", &g_reqs[i], 1, &cpu[i], &err), &err);
+		CHECK_OK(run(g_tiny_cpu, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cpu16[i], &err), &err);
+		CHECK_OK(run(g_tiny_cuda, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cuda[i], &err), &err);
+		ok &= compare(g_reqs[i].adapter[0] ? g_reqs[i].adapter : "base", &cpu[i], &cuda[i],
+		              vocab, &w);
+		worst = fmax(worst, w);
+		compare("cpu f16 kv", &cpu[i], &cpu16[i], vocab, &w);
+		worst16 = fmax(worst16, w);
+	}
+	printf("  tiny, %d requests alone: CUDA (emulated) vs CPU: max |logit diff| = %.3g of the "
+	       "range; the CPU with an f16 KV cache alone: %.3g\n",
+	       g_n_reqs, worst, worst16);
+	free_results(cpu, g_n_reqs);
+	free_results(cuda, g_n_reqs);
+	free_results(cpu16, g_n_reqs);
+	CHECK_MSG(ok, "a greedy token differs where the CPU's margin is clear");
+	CHECK_MSG(worst <= TOL_REL, "logits differ by %.3g of the range (tolerance %g)", worst,
+	          TOL_REL);
+}
+
+/* Every request in one batch, base and adapters mixed, on CUDA: the same
+ * bits as each one alone on CUDA. */
+static void test_tiny_mixed_equals_alone(void)
+{
+	static struct result alone[MAX_REQ], mixed[MAX_REQ];
+	struct lp_err err = {};
+	int vocab = g_tiny_cuda->cfg.vocab_size, bad = -1;
+
+	for (int i = 0; i < g_n_reqs; i++)
+		CHECK_OK(run(g_tiny_cuda, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &alone[i], &err),
+		         &err);
+	CHECK_OK(run(g_tiny_cuda, LP_DTYPE_F16, "tiny", g_reqs, g_n_reqs, mixed, &err), &err);
+	for (int i = 0; i < g_n_reqs && bad < 0; i++)
+		if (alone[i].n != mixed[i].n ||
+		    memcmp(alone[i].tokens, mixed[i].tokens, sizeof(alone[i].tokens)) ||
+		    memcmp(alone[i].logits, mixed[i].logits,
+		           (size_t)alone[i].n * vocab * sizeof(float)))
+			bad = i;
+	free_results(alone, g_n_reqs);
+	free_results(mixed, g_n_reqs);
+	CHECK_MSG(bad < 0, "request %d (adapter '%s') differs between alone and mixed", bad,
+	          bad >= 0 ? g_reqs[bad].adapter : "");
+}
+
+/* SmolLM2 (Q4_1 blocks dequantized to f16 on CUDA), base and one adapter,
+ * two short prompts each. */
+static void test_smollm2_matches_cpu(void)
+{
+	static struct result cpu[4], cuda[4];
+	struct req reqs[4];
+	struct lp_err err = {};
+	int vocab = g_smol_cpu->cfg.vocab_size;
+	double worst = 0, w;
+	bool ok = true;
+	static const int32_t p0[] = {1, 9690, 42, 6121, 282, 253, 2354, 30};
+	static const int32_t p1[] = {504, 3575, 282, 4649, 314, 2114};
+
+	memset(reqs, 0, sizeof(reqs));
+	for (int i = 0; i < 4; i++) {
+		const int32_t *p = i % 2 ? p1 : p0;
+		int n = i % 2 ? 6 : 8;
+		memcpy(reqs[i].ids, p, (size_t)n * sizeof(int32_t));
+		reqs[i].n_ids = n;
+		if (i >= 2)
+			snprintf(reqs[i].adapter, sizeof(reqs[i].adapter), "r4-qv");
+	}
+	CHECK_OK(run(g_smol_cpu, LP_DTYPE_F32, "smollm2", reqs, 4, cpu, &err), &err);
+	CHECK_OK(run(g_smol_cuda, LP_DTYPE_F16, "smollm2", reqs, 4, cuda, &err), &err);
+	for (int i = 0; i < 4; i++) {
+		ok &= compare(i >= 2 ? "smollm2 r4-qv" : "smollm2", &cpu[i], &cuda[i], vocab, &w);
+		worst = fmax(worst, w);
+	}
+	printf("  smollm2, 4 requests in one batch: CUDA (emulated) vs CPU: max |logit diff| = "
+	       "%.3g of the range\n",
+	       worst);
+	free_results(cpu, 4);
+	free_results(cuda, 4);
+	CHECK_MSG(ok, "a greedy token differs where the CPU's margin is clear");
+	CHECK_MSG(worst <= TOL_REL, "logits differ by %.3g of the range (tolerance %g)", worst,
+	          TOL_REL);
+}
+
+int main(void)
+{
+	struct lp_err err = {};
+	char path[512];
+	const char *smol = getenv("MODEL");
+
+	TEST_MAIN_BEGIN("test-engine-cuda");
+	snprintf(path, sizeof(path), "%s/tiny-llama", test_fixtures_dir());
+	if (lp_backend_cpu_new(&g_cpu, 0, &err) || lp_backend_cuda_emu_new(&g_cuda, &err) ||
+	    lp_model_load(&g_tiny_cpu, path, g_cpu, &err) ||
+	    lp_model_load(&g_tiny_cuda, path, g_cuda, &err) ||
+	    lp_model_load(&g_smol_cpu, smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf", g_cpu,
+	                  &err) ||
+	    lp_model_load(&g_smol_cuda, smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf",
+	                  g_cuda, &err)) {
+		printf("FAIL test-engine-cuda:setup: %s\n", err.msg);
+		return 1;
+	}
+	if (read_requests()) {
+		printf("FAIL test-engine-cuda:setup: cannot read lora-tiny-mixed.json\n");
+		return 1;
+	}
+	RUN(test_tiny_alone_matches_cpu);
+	RUN(test_tiny_mixed_equals_alone);
+	RUN(test_smollm2_matches_cpu);
+	lp_model_free(g_tiny_cpu);
+	lp_model_free(g_tiny_cuda);
+	lp_model_free(g_smol_cpu);
+	lp_model_free(g_smol_cuda);
+	lp_backend_destroy(g_cpu);
+	lp_backend_destroy(g_cuda);
+	TEST_MAIN_END();
+}
