@@ -150,16 +150,18 @@ struct lp_lora_args {
 };
 
 /* Sampling of one token per row of logits, on the device, with the host
- * sampler's distribution (agent/engine/sampler.c) for a row without
- * penalties. Candidates rank by logit, ties to the lower id; temperature 0
- * is greedy (the first in rank). Else the logits are divided by the
+ * sampler's distribution (agent/engine/sampler.c). The row's penalties
+ * first (struct lp_sample_row). Then candidates rank by logit, ties to the
+ * lower id; temperature 0 is greedy (the first in rank). Else the logits
+ * are divided by the
  * temperature, p_i = exp(l_i - l_max), and the candidates are cut by top-k
  * (the k first), then top-p (the shortest prefix of the ranking whose mass
  * reaches top_p times the mass of what top-k left), then min-p (p_i >=
  * min_p); the token is the first candidate in rank order at which the
  * running sum of p_i exceeds u times the kept candidates' sum. The CPU
  * backend's sample op computes exactly this, and is what device kernels are
- * compared with. logprobs are log-softmax of the logits as given. */
+ * compared with. logprobs are log-softmax of the logits as given, before
+ * the penalties (what the host path returns too). */
 struct lp_sample_row {
 	float temperature;  /* 0: greedy */
 	float top_p;        /* 1: off */
@@ -167,17 +169,37 @@ struct lp_sample_row {
 	int32_t top_k;      /* <= 0: off */
 	float u;            /* uniform in [0, 1) */
 	int32_t n_logprobs; /* top-N wanted, 0 .. max_logprobs */
+	/* Penalties, applied to the row's logits before everything else, as
+	 * the host sampler applies them: for each entry of pen[pen_off ..
+	 * pen_off + pen_n), with c = its count, the repetition penalty (HF /
+	 * vLLM; 1 = off) divides a positive logit and multiplies a negative
+	 * one when c > 0 or in_prompt, and when c > 0 the logit loses
+	 * c * frequency_penalty + presence_penalty (OpenAI; 0 = off). Tokens
+	 * without an entry are left alone. */
+	float repetition_penalty;
+	float frequency_penalty;
+	float presence_penalty;
+	int32_t pen_off, pen_n;
+};
+
+/* One token a sequence has seen: in its prompt, or generated count times. */
+struct lp_sample_penalty {
+	int32_t token;
+	int32_t count;     /* times generated */
+	int32_t in_prompt; /* 0 or 1 */
 };
 
 struct lp_sample_args {
 	const struct lp_tensor *logits;   /* f32 [n, vocab]; may be overwritten */
 	const struct lp_sample_row *rows; /* device [n] */
 	int n;
-	int max_logprobs;    /* columns of top_ids / top_logprobs */
-	int32_t *tokens;     /* device i32 [n] */
-	float *logprob;      /* device f32 [n]: log-softmax of the chosen token */
-	int32_t *top_ids;    /* device i32 [n, max_logprobs], best first */
-	float *top_logprobs; /* device f32 [n, max_logprobs] */
+	int max_logprobs;                    /* columns of top_ids / top_logprobs */
+	const struct lp_sample_penalty *pen; /* device; the rows' entries (may be
+	                                        NULL when every pen_n is 0) */
+	int32_t *tokens;                     /* device i32 [n] */
+	float *logprob;                      /* device f32 [n]: log-softmax of the chosen token */
+	int32_t *top_ids;                    /* device i32 [n, max_logprobs], best first */
+	float *top_logprobs;                 /* device f32 [n, max_logprobs] */
 };
 
 struct lp_backend_ops {

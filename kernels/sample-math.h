@@ -20,8 +20,18 @@
  *   whose weight reaches lp_sample_fraction(top_p, mass), the draw takes the
  *   first kept candidate whose running weight exceeds lp_sample_fraction(u,
  *   kept weight).
+ * - A penalised logit (lp_sample_penalise) is the host sampler's
+ *   apply_penalties (agent/engine/sampler.c) operation for operation: a
+ *   division or a product, then logit - (count * frequency + presence)
+ *   with each of the three rounded on its own, as the host's C (built
+ *   without contraction) rounds them. nvcc and the emulation's g++
+ *   (-ffp-contract=fast) would fuse the product into the sums, so there
+ *   they go through the _rn intrinsics, which are never contracted.
  *
- * Header-only; compiled as C (CPU), CUDA (nvcc) and C++ (emulation). */
+ * Header-only; compiled as C (CPU), CUDA (nvcc) and C++ (emulation). The C
+ * build relies on the Makefile's -std=c11, under which GCC does not
+ * contract (clang contracts within one expression only, and none of the
+ * expressions here holds both a product and a sum). */
 #ifndef LP_KERNELS_SAMPLE_MATH_H
 #define LP_KERNELS_SAMPLE_MATH_H
 
@@ -36,6 +46,22 @@
 #define LP_SAMPLE_FN static __host__ __device__ __forceinline__
 #else
 #define LP_SAMPLE_FN static inline __attribute__((always_inline))
+#endif
+
+/* One rounding per operation, whatever the compiler's contraction (device
+ * code, and the emulation built with -ffp-contract=fast; nvcc's host pass
+ * calls none of this). */
+#if defined(__CUDA_ARCH__) || defined(LP_CUDA_EMU)
+#ifdef LP_CUDA_EMU
+#include "kernels/cuda/emu/emu.h" /* the _rn intrinsics */
+#endif
+#define LP_SAMPLE_MUL(a, b) __fmul_rn((a), (b))
+#define LP_SAMPLE_ADD(a, b) __fadd_rn((a), (b))
+#define LP_SAMPLE_SUB(a, b) __fsub_rn((a), (b))
+#else
+#define LP_SAMPLE_MUL(a, b) ((a) * (b))
+#define LP_SAMPLE_ADD(a, b) ((a) + (b))
+#define LP_SAMPLE_SUB(a, b) ((a) - (b))
 #endif
 
 #define LP_SAMPLE_ONE         (1ull << 40) /* weight of p = 1 */
@@ -140,6 +166,49 @@ LP_SAMPLE_FN bool lp_sample_row_ok(const struct lp_sample_row *r, int max_logpro
 	return r->temperature >= 0.0f && r->temperature <= 3.0e38f && r->top_p > 0.0f &&
 	       r->top_p <= 1.0f && r->min_p >= 0.0f && r->min_p <= 1.0f && r->u >= 0.0f &&
 	       r->u < 1.0f && r->n_logprobs >= 0 && r->n_logprobs <= max_logprobs;
+}
+
+/* Whether a row's penalties are in range, as lp_sampling_params_check
+ * allows them (repetition_penalty finite and > 0, frequency and presence
+ * in [-2, 2]), with a slice of at most vocab entries (they are distinct
+ * tokens) inside int32. A row without entries (pen_n 0) reads none of
+ * them: a zero-initialised row stays valid. */
+LP_SAMPLE_FN bool lp_sample_penalties_ok(const struct lp_sample_row *r, int vocab)
+{
+	if (r->pen_n == 0)
+		return true;
+	return r->pen_n > 0 && r->pen_n <= vocab && r->pen_off >= 0 &&
+	       r->pen_off <= INT32_MAX - r->pen_n && r->repetition_penalty > 0.0f &&
+	       r->repetition_penalty <= 3.4028235e38f && r->frequency_penalty >= -2.0f &&
+	       r->frequency_penalty <= 2.0f && r->presence_penalty >= -2.0f &&
+	       r->presence_penalty <= 2.0f;
+}
+
+/* Whether an entry can belong to a row of vocab tokens. */
+LP_SAMPLE_FN bool lp_sample_entry_ok(const struct lp_sample_penalty *e, int vocab)
+{
+	return e->token >= 0 && e->token < vocab && e->count >= 0;
+}
+
+/* The logit of entry e's token after row r's penalties: the repetition
+ * penalty (HF / vLLM) when the token was generated or is in the prompt,
+ * then the frequency and presence penalties (OpenAI) when it was
+ * generated; each is skipped when it is off, as the host skips it. */
+LP_SAMPLE_FN float lp_sample_penalise(float logit, const struct lp_sample_row *r,
+                                      const struct lp_sample_penalty *e)
+{
+	const float rep = r->repetition_penalty;
+	const float freq = r->frequency_penalty, pres = r->presence_penalty;
+
+	if (rep != 1.0f && (e->count > 0 || e->in_prompt))
+		logit = logit > 0.0f ? logit / rep : LP_SAMPLE_MUL(logit, rep);
+	if ((freq != 0.0f || pres != 0.0f) && e->count > 0) {
+		float d = LP_SAMPLE_MUL((float)e->count, freq);
+
+		d = LP_SAMPLE_ADD(d, pres);
+		logit = LP_SAMPLE_SUB(logit, d);
+	}
+	return logit;
 }
 
 #endif

@@ -20,6 +20,9 @@
 #include <string.h>
 
 #define DEFAULT_KV_BYTES ((size_t)512 << 20)
+/* Penalty entries a step can send to a device's sample op (3 MiB); rows
+ * beyond it take the host sampler. */
+#define SAMPLE_PEN_CAP ((size_t)1 << 18)
 
 void lp_engine_config_default(struct lp_engine_config *c)
 {
@@ -315,9 +318,18 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	if (!e->info.host_memory) {
 		size_t bytes;
 
-		e->sample_out = ((size_t)O * sizeof(struct lp_sample_row) + 63) & ~(size_t)63;
+		/* rows, penalty entries (up to SAMPLE_PEN_CAP), results */
+		e->sample_pen = ((size_t)O * sizeof(struct lp_sample_row) + 63) & ~(size_t)63;
+		e->sample_pen_cap = SAMPLE_PEN_CAP;
+		e->sample_out =
+		    e->sample_pen + e->sample_pen_cap * sizeof(struct lp_sample_penalty);
 		bytes =
 		    e->sample_out + (2 + 2 * (size_t)LP_ENGINE_MAX_LOGPROBS) * O * sizeof(int32_t);
+		e->host_row = calloc((size_t)O, sizeof(*e->host_row));
+		if (!e->host_row) {
+			rc = lp_errf(err, -ENOMEM, "out of memory");
+			goto fail;
+		}
 		if ((rc = alloc_dev(e, &e->d_sample, bytes, err)) ||
 		    (rc = e->be->ops->host_alloc(e->be->ctx, bytes, (void **)&e->h_sample, err)))
 			goto fail;
@@ -408,6 +420,7 @@ void lp_engine_free(struct lp_engine *e)
 	free(e->h_logits);
 	free(e->h_scratch);
 	free(e->h_rope);
+	free(e->host_row);
 	free(e->outs);
 	free(e);
 }
@@ -822,15 +835,18 @@ static int sample_on_host(struct lp_engine *e, int n, struct lp_err *err)
 	return 0;
 }
 
-/* A device: its sample op picks the tokens and computes the logprobs, and
- * a few bytes per row come back; rows whose penalties need the host
- * sampler's counts (and every row with cfg.return_logits) also bring their
- * logits back. */
+/* A device: its sample op picks the tokens (penalties included: each row
+ * brings its sequence's seen tokens, struct lp_sample_penalty) and computes
+ * the logprobs, and a few bytes per row come back. Rows whose penalty
+ * entries do not fit what is left of the step's room, and every row with
+ * cfg.return_logits, also bring their logits back; the former take the
+ * host sampler. */
 static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 {
 	int vocab = e->model->cfg.vocab_size, M = LP_ENGINE_MAX_LOGPROBS, max_top = 0, rc;
-	int O = e->mem_max_out;
+	int O = e->mem_max_out, n_pen = 0;
 	struct lp_sample_row *rows = (struct lp_sample_row *)e->h_sample;
+	struct lp_sample_penalty *pen = (struct lp_sample_penalty *)(e->h_sample + e->sample_pen);
 	char *d = e->d_sample.data;
 	int32_t *h_tok = (int32_t *)(e->h_sample + e->sample_out);
 	float *h_lp = (float *)(h_tok + O);
@@ -842,18 +858,33 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 	for (int i = 0; i < n; i++) {
 		struct lp_seq *s = e->sample_seqs[i];
 		const struct lp_sampling_params *p = &s->sampler.p;
-		bool host = lp_sampler_has_penalties(&s->sampler);
+		int k = 0;
 
-		host_rows |= host;
+		e->host_row[i] = false;
+		if (lp_sampler_has_penalties(&s->sampler)) {
+			k = lp_sampler_penalty_entries(&s->sampler, pen + n_pen,
+			                               (int)(e->sample_pen_cap - (size_t)n_pen));
+			e->host_row[i] = k < 0;
+			host_rows |= k < 0;
+			if (k < 0)
+				k = 0;
+		}
 		rows[i] = (struct lp_sample_row){
-		    .temperature = host ? 0.0f : p->temperature,
+		    .temperature = e->host_row[i] ? 0.0f : p->temperature,
 		    .top_p = p->top_p,
 		    .min_p = p->min_p,
 		    .top_k = p->top_k,
-		    .u =
-		        !host && p->temperature > 0 ? (float)lp_sampler_uniform(&s->sampler) : 0.0f,
+		    .u = !e->host_row[i] && p->temperature > 0
+		             ? (float)lp_sampler_uniform(&s->sampler)
+		             : 0.0f,
 		    .n_logprobs = s->top_logprobs,
+		    .repetition_penalty = k ? p->repetition_penalty : 1.0f,
+		    .frequency_penalty = k ? p->frequency_penalty : 0.0f,
+		    .presence_penalty = k ? p->presence_penalty : 0.0f,
+		    .pen_off = n_pen,
+		    .pen_n = k,
 		};
+		n_pen += k;
 		if (s->top_logprobs > max_top)
 			max_top = s->top_logprobs;
 	}
@@ -861,13 +892,17 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 		/* before the sample op, which may overwrite them */
 		lp_backend_download(e->be, e->h_logits, e->d_logits.data,
 		                    (size_t)n * vocab * sizeof(float));
-	lp_backend_upload(e->be, d, rows, (size_t)n * sizeof(*rows));
+	/* the rows and their penalty entries in one copy */
+	lp_backend_upload(e->be, d, e->h_sample,
+	                  n_pen ? e->sample_pen + (size_t)n_pen * sizeof(*pen)
+	                        : (size_t)n * sizeof(*rows));
 	{
 		struct lp_sample_args a = {
 		    .logits = &logits,
 		    .rows = (const struct lp_sample_row *)d,
 		    .n = n,
 		    .max_logprobs = M,
+		    .pen = n_pen ? (const struct lp_sample_penalty *)(d + e->sample_pen) : NULL,
 		    .tokens = (int32_t *)(d + e->sample_out),
 		    .logprob = (float *)(d + e->sample_out) + O,
 		    .top_ids = (int32_t *)(d + e->sample_out) + 2 * (size_t)O,
@@ -884,7 +919,7 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 		struct lp_seq *s = e->sample_seqs[i];
 		struct lp_step_output *o = &e->outs[i];
 
-		if (lp_sampler_has_penalties(&s->sampler)) {
+		if (e->host_row[i]) {
 			host_sample_row(e, i);
 			continue;
 		}
@@ -909,7 +944,7 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 {
 	int n_seqs, n_tok = 0, n_pad, n_real_out, rc;
 	struct lp_step_shape shape;
-	struct step_plan plan;
+	struct step_plan plan = {0};
 	bool graphable;
 
 	*outs = e->outs;
@@ -941,6 +976,7 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 	    (graphable && n_pad > e->mem_max_out))
 		n_pad = n_tok; /* a backend bug; never pad past the buffers */
 	stage(e, n_seqs, n_pad, graphable, &plan);
+	plan.decode = shape.decode;
 	n_real_out = graphable ? n_seqs : plan.n_out;
 	e->be->ops->upload(e->be->ctx, e->d_meta.data, e->h_meta, e->lay.total * sizeof(int32_t));
 	lp_engine_forward(e, &plan);

@@ -137,9 +137,10 @@ int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, in
 	s->vocab = vocab;
 	s->counts = calloc((size_t)vocab, sizeof(*s->counts));
 	s->in_prompt = calloc((size_t)vocab, sizeof(*s->in_prompt));
+	s->seen = malloc((size_t)vocab * sizeof(*s->seen));
 	s->idx = calloc((size_t)vocab, sizeof(*s->idx));
 	s->probs = calloc((size_t)vocab, sizeof(*s->probs));
-	if (!s->counts || !s->in_prompt || !s->idx || !s->probs) {
+	if (!s->counts || !s->in_prompt || !s->idx || !s->probs || !s->seen) {
 		lp_sampler_release(s);
 		return lp_errf(err, -ENOMEM, "out of memory for a sampler over %d tokens", vocab);
 	}
@@ -155,6 +156,7 @@ void lp_sampler_release(struct lp_sampler *s)
 		return;
 	free(s->counts);
 	free(s->in_prompt);
+	free(s->seen);
 	free(s->idx);
 	free(s->probs);
 	memset(s, 0, sizeof(*s));
@@ -164,15 +166,26 @@ void lp_sampler_release(struct lp_sampler *s)
 void lp_sampler_set_prompt(struct lp_sampler *s, const int32_t *ids, size_t n)
 {
 	memset(s->in_prompt, 0, (size_t)s->vocab);
+	/* seen: the generated tokens (a scan, once per request), then the
+	 * prompt's others */
+	s->n_seen = 0;
+	for (int t = 0; t < s->vocab; t++)
+		if (s->counts[t] > 0)
+			s->seen[s->n_seen++] = t;
 	for (size_t i = 0; i < n; i++)
-		if (ids[i] >= 0 && ids[i] < s->vocab)
+		if (ids[i] >= 0 && ids[i] < s->vocab && !s->in_prompt[ids[i]]) {
 			s->in_prompt[ids[i]] = 1;
+			if (s->counts[ids[i]] == 0)
+				s->seen[s->n_seen++] = ids[i];
+		}
 }
 
 void lp_sampler_accept(struct lp_sampler *s, int32_t id)
 {
-	if (id >= 0 && id < s->vocab && s->counts[id] < INT32_MAX)
-		s->counts[id]++;
+	if (id >= 0 && id < s->vocab && s->counts[id] < INT32_MAX) {
+		if (s->counts[id]++ == 0 && !s->in_prompt[id])
+			s->seen[s->n_seen++] = id;
+	}
 }
 
 static void apply_penalties(const struct lp_sampler *s, float *logits)
@@ -667,6 +680,24 @@ bool lp_sampler_has_penalties(const struct lp_sampler *s)
 {
 	return s->p.repetition_penalty != 1.0f || s->p.frequency_penalty != 0.0f ||
 	       s->p.presence_penalty != 0.0f;
+}
+
+int lp_sampler_penalty_entries(const struct lp_sampler *s, struct lp_sample_penalty *out, int cap)
+{
+	/* without a repetition penalty, tokens only in the prompt change
+	 * nothing */
+	bool prompt_too = s->p.repetition_penalty != 1.0f;
+	int n = 0;
+
+	for (int j = 0; j < s->n_seen; j++) {
+		int32_t t = s->seen[j];
+		if (!prompt_too && s->counts[t] == 0)
+			continue;
+		if (n == cap)
+			return -1;
+		out[n++] = (struct lp_sample_penalty){t, s->counts[t], s->in_prompt[t]};
+	}
+	return n;
 }
 
 double lp_sampler_uniform(struct lp_sampler *s)

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "common/err.h"
+#include "kernels/backend.h"
 
 struct lp_sampling_params {
 	float temperature;        /* 0 = greedy */
@@ -37,8 +38,10 @@ struct lp_sampler {
 	uint64_t rng[4];    /* xoshiro256** state */
 	int32_t *counts;    /* [vocab] occurrences in the generated tokens */
 	uint8_t *in_prompt; /* [vocab] 1 if the token occurs in the prompt */
-	int32_t *idx;       /* [vocab] scratch */
-	float *probs;       /* [vocab] scratch */
+	int32_t *seen;      /* [vocab] the distinct tokens of prompt and output */
+	int n_seen;
+	int32_t *idx; /* [vocab] scratch */
+	float *probs; /* [vocab] scratch */
 };
 
 /* Allocates scratch for a vocabulary of vocab tokens and seeds the
@@ -55,6 +58,10 @@ int32_t lp_sampler_sample(struct lp_sampler *s, float *logits);
 /* True when the request's penalties need its token counts, which only the
  * host sampler keeps: a device's sample op cannot take it. */
 bool lp_sampler_has_penalties(const struct lp_sampler *s);
+/* The entries a device's sample op takes to apply this request's
+ * penalties (kernels/backend.h), at most cap: how many, or -1 when more
+ * than cap are needed. */
+int lp_sampler_penalty_entries(const struct lp_sampler *s, struct lp_sample_penalty *out, int cap);
 /* The uniform number in [0, 1) that lp_sampler_sample would draw next
  * (advancing the generator), for a device's sample op. */
 double lp_sampler_uniform(struct lp_sampler *s);

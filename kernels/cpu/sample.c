@@ -22,6 +22,12 @@
  * bits as the portable path's; only the log-softmax's float sum is added
  * in another order (logprobs differ in the last bits between the paths).
  *
+ * A row's penalties (its entries of args->pen) apply to a copy of the row
+ * in the values scratch, each penalised logit computed by
+ * lp_sample_penalise (the host sampler's arithmetic, which the device uses
+ * too); greedy and the draw read the copy, the logprobs and top-N the row
+ * as given.
+ *
  * Rows run in parallel on the pool, each thread with its own scratch
  * (arrays of the vocabulary's length and the top-N list), sized at reserve
  * so that the op never allocates. */
@@ -527,6 +533,46 @@ struct sample_job {
 	struct sample_scratch *s;
 };
 
+/* Whether row's parameters, penalties and entries are in range
+ * (sample-math.h); records the failure when not. */
+static bool row_ok(struct lp_cpu *cpu, const struct lp_sample_args *a, int row, int vocab)
+{
+	const struct lp_sample_row *r = &a->rows[row];
+	const struct lp_sample_penalty *pen;
+
+	if (!lp_sample_row_ok(r, a->max_logprobs)) {
+		lp_cpu_fail(cpu, -EINVAL,
+		            "sample: row %d: temperature %g, top_p %g, min_p %g, u %g, %d logprobs "
+		            "(at most %d)",
+		            row, (double)r->temperature, (double)r->top_p, (double)r->min_p,
+		            (double)r->u, r->n_logprobs, a->max_logprobs);
+		return false;
+	}
+	if (!lp_sample_penalties_ok(r, vocab)) {
+		lp_cpu_fail(cpu, -EINVAL,
+		            "sample: row %d: repetition_penalty %g, frequency_penalty %g, "
+		            "presence_penalty %g, %d penalty entries at %d (vocabulary %d)",
+		            row, (double)r->repetition_penalty, (double)r->frequency_penalty,
+		            (double)r->presence_penalty, r->pen_n, r->pen_off, vocab);
+		return false;
+	}
+	if (r->pen_n > 0 && !a->pen) {
+		lp_cpu_fail(cpu, -EINVAL, "sample: row %d: %d penalty entries and no pen array",
+		            row, r->pen_n);
+		return false;
+	}
+	pen = r->pen_n > 0 ? a->pen + r->pen_off : NULL;
+	for (int j = 0; j < r->pen_n; j++)
+		if (!lp_sample_entry_ok(&pen[j], vocab)) {
+			lp_cpu_fail(cpu, -EINVAL,
+			            "sample: row %d: penalty entry %d: token %d, count %d "
+			            "(vocabulary %d)",
+			            row, j, pen[j].token, pen[j].count, vocab);
+			return false;
+		}
+	return true;
+}
+
 static void sample_row(const struct sample_job *job, int row, int thread)
 {
 	const struct lp_sample_args *a = job->args;
@@ -539,6 +585,9 @@ static void sample_row(const struct sample_job *job, int row, int thread)
 	    s->top + (size_t)thread * (size_t)(s->max_logprobs > 0 ? s->max_logprobs : 1);
 	int32_t *top_ids = a->top_ids ? a->top_ids + (size_t)row * (size_t)n_top : NULL;
 	float *top_lp = a->top_logprobs ? a->top_logprobs + (size_t)row * (size_t)n_top : NULL;
+	const struct lp_sample_penalty *pen;
+	float *values = s->values + (size_t)thread * (size_t)s->vocab;
+	const float *x = l; /* the row sampled from: l, or values once penalised */
 	int32_t token, n_best = 0;
 	uint32_t raw_key;
 	float m_raw;
@@ -551,20 +600,17 @@ static void sample_row(const struct sample_job *job, int row, int thread)
 		if (top_lp)
 			top_lp[j] = -INFINITY;
 	}
-	if (!lp_sample_row_ok(r, a->max_logprobs)) {
-		lp_cpu_fail(job->cpu, -EINVAL,
-		            "sample: row %d: temperature %g, top_p %g, min_p %g, u %g, %d logprobs "
-		            "(at most %d)",
-		            row, (double)r->temperature, (double)r->top_p, (double)r->min_p,
-		            (double)r->u, r->n_logprobs, a->max_logprobs);
+	if (!row_ok(job->cpu, a, row, vocab)) {
 		a->tokens[row] = 0;
 		if (a->logprob)
 			a->logprob[row] = -INFINITY;
 		return;
 	}
+	pen = r->pen_n > 0 ? a->pen + r->pen_off : NULL;
 
-	/* log-softmax of the raw row: with an infinite best, the candidates
-	 * equal to it share the mass and the others get none */
+	/* log-softmax of the raw row (l, never written: the penalties go to
+	 * a copy below): with an infinite best, the candidates equal to it
+	 * share the mass and the others get none */
 	token = argmax(l, vocab, avx2);
 	raw_key = lp_sample_key(l[token]);
 	m_raw = lp_sample_key_value(raw_key);
@@ -610,16 +656,27 @@ static void sample_row(const struct sample_job *job, int row, int thread)
 			top_lp[j] = LOGPROB(top[j]);
 	}
 
+	/* the penalties, on a copy: the row with its entries' tokens
+	 * penalised, which greedy and the values below read instead of l */
+	if (pen) {
+		memcpy(values, l, (size_t)vocab * sizeof(float));
+		for (int j = 0; j < r->pen_n; j++)
+			values[pen[j].token] = lp_sample_penalise(l[pen[j].token], r, &pen[j]);
+		x = values;
+		if (r->temperature == 0.0f)
+			token = argmax(x, vocab, avx2);
+	}
+
 	if (r->temperature > 0.0f) {
 		struct row_ctx c = {.vocab = vocab};
-		float *values = s->values + (size_t)thread * (size_t)s->vocab;
 
+		/* values may be x itself: each lane reads its logit first */
 #if LP_CPU_X86
 		if (avx2)
-			c.m = values_avx2(l, values, vocab, r->temperature);
+			c.m = values_avx2(x, values, vocab, r->temperature);
 		else
 #endif
-			c.m = values_scalar(l, values, vocab, r->temperature);
+			c.m = values_scalar(x, values, vocab, r->temperature);
 		c.values = values;
 		c.order = s->order + (size_t)thread * (size_t)s->vocab;
 		if (isfinite(c.m))

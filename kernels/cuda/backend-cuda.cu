@@ -286,6 +286,7 @@ static void run_op(struct lp_cuda *cu, const struct step_op *op)
 		a.logits = T(0);
 		a.n = (int)i[0];
 		a.max_logprobs = (int)i[1];
+		a.pen = (const struct lp_sample_penalty *)(uintptr_t)i[2];
 		a.rows = (const struct lp_sample_row *)(uintptr_t)p[0];
 		a.tokens = (int32_t *)(uintptr_t)p[1];
 		a.logprob = (float *)(uintptr_t)p[2];
@@ -694,6 +695,8 @@ static void cuda_sample(void *ctx, const struct lp_sample_args *a)
 	op_tensor(&op, 0, a->logits);
 	op.i[0] = a->n;
 	op.i[1] = a->max_logprobs;
+	/* NULL or not from step to step: compared on replay like the counts */
+	op.i[2] = (int64_t)PTR(a->pen);
 	op.p[0] = PTR(a->rows);
 	op.p[1] = PTR(a->tokens);
 	op.p[2] = PTR(a->logprob);

@@ -22,10 +22,22 @@
  * log-softmax normaliser, then per selection three passes (top-N, top-k,
  * top-p, the draw, as asked) and one for each mass (top-p's base, the
  * kept mass). The values are recomputed (logit / temperature) in every
- * pass: the logits stay as given.
+ * pass.
  *
- * A row with parameters out of range gets token 0 and flags
- * LP_CUDA_BAD_SAMPLE. */
+ * Penalties: once the passes over the raw row (argmax, normaliser, top-N)
+ * are done, the threads take the row's entries in parallel (distinct
+ * tokens, so no two write one logit) and penalise the logits in place
+ * (lp_sample_penalise, the CPU's and the host sampler's arithmetic); a
+ * pass finds the new best, and greedy and the draw read the penalised
+ * row. The chosen token's logprob wants its raw logit, which a penalty
+ * may have overwritten: before writing, each entry's raw logit goes to
+ * the row's part of the workspace, [max_out][vocab] floats (a row may
+ * have up to vocab entries, more than registers or shared memory could
+ * hold), and a last pass over the entries finds the chosen token's.
+ * Without entries the row is only read.
+ *
+ * A row with parameters, penalties or entries out of range gets token 0
+ * and flags LP_CUDA_BAD_SAMPLE. */
 #include "kernels/cuda/ops.cuh"
 #include "kernels/sample-math.h"
 
@@ -51,6 +63,7 @@ struct sample_smem {
 	int best_bin;
 	unsigned long long base;
 	unsigned tie_id, n_gathered;
+	int raw_at; /* the entry of the chosen token, -1: none */
 };
 
 /* The row and the candidates a selection walks: rank >= lo, and p >=
@@ -315,15 +328,31 @@ static __device__ unsigned long long select_rank(struct sample_smem &sm,
 
 /* ---- the kernel ---- */
 
+/* The row is refused: token 0, LP_CUDA_BAD_SAMPLE. */
+static __device__ void refuse_row(int row, int32_t *tokens, float *logprob, unsigned *bad)
+{
+	if (threadIdx.x == 0) {
+		if (bad)
+			atomicOr(bad, LP_CUDA_BAD_SAMPLE);
+		tokens[row] = 0;
+		if (logprob)
+			logprob[row] = -INFINITY;
+	}
+}
+
+/* pen and stash: NULL when no row has entries; stash has ld floats per
+ * row. The logits of rows with entries are overwritten. */
 __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-    sample_kernel(const float *__restrict__ logits, int64_t ld, int vocab,
-                  const struct lp_sample_row *__restrict__ rows, int max_logprobs, int32_t *tokens,
-                  float *logprob, int32_t *top_ids, float *top_logprobs, unsigned *bad)
+    sample_kernel(float *__restrict__ logits, int64_t ld, int vocab,
+                  const struct lp_sample_row *__restrict__ rows,
+                  const struct lp_sample_penalty *__restrict__ pen, float *__restrict__ stash,
+                  int max_logprobs, int32_t *tokens, float *logprob, int32_t *top_ids,
+                  float *top_logprobs, unsigned *bad)
 {
 	__shared__ struct sample_smem sm;
 	const int row = blockIdx.x;
 	const struct lp_sample_row r = rows[row];
-	const float *l = logits + (int64_t)row * ld;
+	float *l = logits + (int64_t)row * ld;
 	struct sample_view v = {l, vocab, 1.0f, 0.0f, 0.0f};
 	unsigned long long best = 0, n_max = 0;
 	float m_raw, sum = 0.0f;
@@ -336,15 +365,25 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 		if (top_logprobs)
 			top_logprobs[(int64_t)row * max_logprobs + j] = -INFINITY;
 	}
-	if (!lp_sample_row_ok(&r, max_logprobs)) {
-		if (threadIdx.x == 0) {
-			if (bad)
-				atomicOr(bad, LP_CUDA_BAD_SAMPLE);
-			tokens[row] = 0;
-			if (logprob)
-				logprob[row] = -INFINITY;
-		}
+	/* r is the block's: every thread returns, or none */
+	if (!lp_sample_row_ok(&r, max_logprobs) || !lp_sample_penalties_ok(&r, vocab) ||
+	    (r.pen_n > 0 && (!pen || !stash))) {
+		refuse_row(row, tokens, logprob, bad);
 		return;
+	}
+	/* (the row's entries and stash are pen + r.pen_off and stash + row *
+	 * ld, computed where used: nothing of them stays live through the
+	 * passes) */
+	if (r.pen_n > 0) {
+		const struct lp_sample_penalty *const ent = pen + r.pen_off;
+		bool wrong = false;
+
+		for (int j = threadIdx.x; j < r.pen_n; j += SAMPLE_THREADS)
+			wrong |= !lp_sample_entry_ok(&ent[j], vocab);
+		if (__syncthreads_or(wrong)) {
+			refuse_row(row, tokens, logprob, bad);
+			return;
+		}
 	}
 
 	/* the raw row: argmax, and the log-softmax normaliser; with an
@@ -368,10 +407,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 		n_max = block_sum(sm, n_max);
 	}
 	const double log_z = isfinite(m_raw) ? log((double)sum) : 0.0;
-#define LOGPROB(id)                                                                                \
-	(isfinite(m_raw)                                                                           \
-	     ? (l[id] == l[id] ? (float)((double)l[id] - (double)m_raw - log_z) : -INFINITY)       \
-	     : (lp_sample_key(l[id]) == raw_key ? (float)-log((double)n_max) : -INFINITY))
+	/* of a raw logit x */
+#define LOGPROB(x)                                                                                 \
+	(isfinite(m_raw) ? ((x) == (x) ? (float)((double)(x) - (double)m_raw - log_z) : -INFINITY) \
+	                 : (lp_sample_key(x) == raw_key ? (float)-log((double)n_max) : -INFINITY))
 
 	/* top-N by the raw logits: the N best gathered, then placed by rank */
 	n_top = r.n_logprobs < vocab ? r.n_logprobs : vocab;
@@ -399,15 +438,43 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 			if (top_ids)
 				top_ids[(int64_t)row * max_logprobs + pos] = id;
 			if (top_logprobs)
-				top_logprobs[(int64_t)row * max_logprobs + pos] = LOGPROB(id);
+				top_logprobs[(int64_t)row * max_logprobs + pos] = LOGPROB(l[id]);
 		}
 		__syncthreads();
+	}
+
+	/* the penalties, in place: every raw logit they change is stashed
+	 * before any is written (so that even repeated tokens, which the
+	 * contract rules out, read raw logits), then the new best */
+	float m_best = m_raw;
+	if (r.pen_n > 0) {
+		const struct lp_sample_penalty *const ent = pen + r.pen_off;
+		float *const raw = stash + (int64_t)row * ld;
+
+		__syncthreads(); /* the raw passes have read the row */
+		for (int j = threadIdx.x; j < r.pen_n; j += SAMPLE_THREADS)
+			raw[j] = l[ent[j].token];
+		__syncthreads();
+		for (int j = threadIdx.x; j < r.pen_n; j += SAMPLE_THREADS) {
+			const struct lp_sample_penalty e = ent[j];
+
+			l[e.token] = lp_sample_penalise(raw[j], &r, &e);
+		}
+		__syncthreads();
+		best = 0;
+		for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+			unsigned long long k = lp_sample_rank(lp_sample_key(l[i]), i);
+			best = k > best ? k : best;
+		}
+		best = block_max(sm, best);
+		token = lp_sample_rank_id(best);
+		m_best = lp_sample_key_value((uint32_t)(best >> 32));
 	}
 
 	if (r.temperature > 0.0f) {
 		v.t = r.temperature;
 		/* division is monotone: the best value is the best logit's */
-		v.m = lp_sample_value(m_raw, r.temperature);
+		v.m = lp_sample_value(m_best, r.temperature);
 		if (!isfinite(v.m)) {
 			/* +inf takes all the mass (ties to the lower id); all -inf
 			 * has none to share */
@@ -436,31 +503,53 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 			    select_rank(sm, v, lo, true, true, lp_sample_fraction(r.u, mass)));
 		}
 	}
+	/* the chosen token's raw logit: stashed if an entry penalised it */
+	float x = 0.0f;
+	if (logprob && r.pen_n > 0) {
+		const struct lp_sample_penalty *const ent = pen + r.pen_off;
+		const float *const raw = stash + (int64_t)row * ld;
+
+		if (threadIdx.x == 0)
+			sm.raw_at = -1;
+		__syncthreads();
+		for (int j = threadIdx.x; j < r.pen_n; j += SAMPLE_THREADS)
+			if (ent[j].token == token)
+				sm.raw_at = j;
+		__syncthreads();
+		x = sm.raw_at >= 0 ? raw[sm.raw_at] : l[token];
+	} else if (logprob) {
+		x = l[token];
+	}
 	if (threadIdx.x == 0) {
 		tokens[row] = token;
 		if (logprob)
-			logprob[row] = LOGPROB(token);
+			logprob[row] = LOGPROB(x);
 	}
 #undef LOGPROB
 }
 
 /* ---- launcher and op entry ---- */
 
-static cudaError_t sample_launch(cudaStream_t stream, const float *logits, int64_t ld, int vocab,
-                                 int n, const struct lp_sample_row *rows, int max_logprobs,
-                                 int32_t *tokens, float *logprob, int32_t *top_ids,
-                                 float *top_logprobs, unsigned *bad)
+static cudaError_t sample_launch(cudaStream_t stream, float *logits, int64_t ld, int vocab, int n,
+                                 const struct lp_sample_row *rows,
+                                 const struct lp_sample_penalty *pen, float *stash,
+                                 int max_logprobs, int32_t *tokens, float *logprob,
+                                 int32_t *top_ids, float *top_logprobs, unsigned *bad)
 {
 	LP_LAUNCH(n, SAMPLE_THREADS, 0, stream, sample_kernel)
-	(logits, ld, vocab, rows, max_logprobs, tokens, logprob, top_ids, top_logprobs, bad);
+	(logits, ld, vocab, rows, pen, stash, max_logprobs, tokens, logprob, top_ids, top_logprobs,
+	 bad);
 	return cudaGetLastError();
 }
 
-/* The selections keep their state in shared memory: no workspace. */
+/* The selections keep their state in shared memory; the workspace holds
+ * the raw logits the penalties overwrite, up to vocab per row (a row's
+ * entries are distinct tokens). */
 size_t lp_cuda_sample_workspace(const struct lp_backend_limits *lim)
 {
-	(void)lim;
-	return 0;
+	if (lim->max_out <= 0 || lim->vocab <= 0)
+		return 0;
+	return (size_t)lim->max_out * (size_t)lim->vocab * sizeof(float);
 }
 
 void lp_cuda_sample(void *ctx, const struct lp_sample_args *args)
@@ -478,9 +567,17 @@ void lp_cuda_sample(void *ctx, const struct lp_sample_args *args)
 	LP_CUDA_REQUIRE(cu, args->rows && args->tokens, "sample");
 	if (args->n == 0)
 		return;
+	/* entries need the workspace's row per logits row */
+	LP_CUDA_REQUIRE(cu,
+	                !args->pen ||
+	                    (cu->ws[LP_CUDA_WS_SAMPLE] &&
+	                     cu->ws_bytes[LP_CUDA_WS_SAMPLE] / sizeof(float) / (size_t)lg->cols >=
+	                         (size_t)args->n),
+	                "sample");
 	cu->launches++;
-	LP_CUDA_CHECK(cu,
-	              sample_launch(cu->stream, (const float *)lg->data, lg->cols, (int)lg->cols,
-	                            args->n, args->rows, args->max_logprobs, args->tokens,
-	                            args->logprob, args->top_ids, args->top_logprobs, cu->bad));
+	LP_CUDA_CHECK(cu, sample_launch(cu->stream, (float *)lg->data, lg->cols, (int)lg->cols,
+	                                args->n, args->rows, args->pen,
+	                                args->pen ? (float *)cu->ws[LP_CUDA_WS_SAMPLE] : NULL,
+	                                args->max_logprobs, args->tokens, args->logprob,
+	                                args->top_ids, args->top_logprobs, cu->bad));
 }

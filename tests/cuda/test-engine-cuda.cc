@@ -25,6 +25,7 @@
 
 extern "C" {
 #include "agent/engine/engine.h"
+#include "agent/engine/sampler.h"
 #include "agent/engine/model.h"
 int lp_backend_cuda_emu_new(struct lp_backend **out, struct lp_err *err);
 }
@@ -318,6 +319,75 @@ static void test_smollm2_matches_cpu(void)
 	          TOL_REL);
 }
 
+/* The device's sample op through the engine: greedy with every penalty
+ * gives, at each step, the argmax of the raw logits (returned by
+ * return_logits) penalised by the host sampler's rule; the logprobs asked
+ * for equal those of the raw logits. */
+static void test_device_sampling_with_penalties(void)
+{
+	struct lp_engine_config ec;
+	struct lp_engine *e = NULL;
+	struct lp_seq *seqs[4] = {0};
+	struct lp_sampler ref[4];
+	struct lp_err err = {};
+	int vocab = g_tiny_cuda->cfg.vocab_size, steps = 0, bad_tok = -1, bad_lp = -1;
+
+	config(&ec, LP_DTYPE_F16);
+	CHECK_OK(lp_engine_new(&e, g_tiny_cuda, &ec, &err), &err);
+	for (int i = 0; i < 4; i++) {
+		struct lp_seq_params p;
+
+		memset(&p, 0, sizeof(p));
+		p.prompt = g_reqs[i].ids;
+		p.n_prompt = (size_t)g_reqs[i].n_ids;
+		p.max_tokens = 24;
+		p.ignore_eos = true;
+		p.logprobs = true;
+		p.top_logprobs = 5;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = 0;
+		p.sampling.repetition_penalty = i & 1 ? 1.5f : 1.0f;
+		p.sampling.frequency_penalty = i & 2 ? 0.7f : 0.0f;
+		p.sampling.presence_penalty = i == 3 ? -0.4f : 0.5f;
+		CHECK_OK(lp_engine_add(e, &p, &seqs[i], &err), &err);
+		seqs[i]->user = (void *)(intptr_t)i;
+		CHECK_OK(lp_sampler_init(&ref[i], &p.sampling, vocab, &err), &err);
+		lp_sampler_set_prompt(&ref[i], p.prompt, p.n_prompt);
+	}
+	float *row = (float *)malloc((size_t)vocab * sizeof(float));
+	CHECK(row != NULL);
+	while (lp_engine_has_work(e) && bad_tok < 0 && bad_lp < 0) {
+		const struct lp_step_output *o;
+		int n_o;
+
+		CHECK_OK(lp_engine_step(e, &o, &n_o, &err), &err);
+		for (int k = 0; k < n_o; k++) {
+			int i = (int)(intptr_t)o[k].seq->user;
+			float lp, tlp[5];
+			int32_t tid[5];
+			int nt;
+
+			memcpy(row, o[k].logits, (size_t)vocab * sizeof(float));
+			lp_logprobs(row, vocab, o[k].token, 5, &lp, tid, tlp, &nt);
+			if (fabsf(lp - o[k].logprob) > 1e-5f || nt != o[k].n_top ||
+			    memcmp(tid, o[k].top_ids, sizeof(tid)))
+				bad_lp = steps;
+			if (lp_sampler_sample(&ref[i], row) != o[k].token)
+				bad_tok = steps;
+			lp_sampler_accept(&ref[i], o[k].token);
+		}
+		steps++;
+	}
+	for (int i = 0; i < 4; i++) {
+		lp_engine_release(e, seqs[i]);
+		lp_sampler_release(&ref[i]);
+	}
+	lp_engine_free(e);
+	free(row);
+	CHECK_MSG(bad_tok < 0, "step %d: the device's token is not the penalised argmax", bad_tok);
+	CHECK_MSG(bad_lp < 0, "step %d: logprobs differ from the raw logits'", bad_lp);
+}
+
 int main(void)
 {
 	struct lp_err err = {};
@@ -343,6 +413,7 @@ int main(void)
 	RUN(test_tiny_alone_matches_cpu);
 	RUN(test_tiny_mixed_equals_alone);
 	RUN(test_smollm2_matches_cpu);
+	RUN(test_device_sampling_with_penalties);
 	lp_model_free(g_tiny_cpu);
 	lp_model_free(g_tiny_cuda);
 	lp_model_free(g_smol_cpu);

@@ -14,8 +14,17 @@
  *
  * logprobs are log-softmax of the raw row, summed in float blocks on the
  * device and in double on the CPU: within 1e-5 absolute. Top-N ids are
- * compared exactly, their logprobs within 1e-5. */
+ * compared exactly, their logprobs within 1e-5.
+ *
+ * Penalties: both sides penalise a logit with lp_sample_penalise
+ * (sample-math.h, no contraction), so the penalised rows are the same bits
+ * and the tokens are compared exactly, as above. The device penalises its
+ * copy of the logits in place and keeps the raw logits it overwrites in
+ * the workspace; the logprobs, of the raw row, are held to the same 1e-5,
+ * and the tests check that rows do choose penalised tokens (whose logprob
+ * needs the kept raw logit). */
 #include "kernels/cuda/ops.cuh"
+#include "kernels/sample-math.h"
 
 #include <errno.h>
 #include <math.h>
@@ -69,13 +78,15 @@ struct result {
 	float top_lp[MAX_ROWS * MAX_LOGPROBS];
 };
 
-/* The device op on n rows of vocab logits. */
+/* The device op on n rows of vocab logits, with n_pen penalty entries
+ * (pen NULL: none passed). */
 static bool run_cuda(const float *logits, int vocab, const struct lp_sample_row *rows, int n,
-                     struct result *res)
+                     const struct lp_sample_penalty *pen, int n_pen, struct result *res)
 {
 	float *dl = NULL, *dlp = NULL, *dtl = NULL;
 	int32_t *dtok = NULL, *dti = NULL;
 	struct lp_sample_row *drows = NULL;
+	struct lp_sample_penalty *dpen = NULL;
 	struct lp_tensor t;
 	struct lp_sample_args a;
 	size_t lbytes = (size_t)n * vocab * sizeof(float);
@@ -87,6 +98,10 @@ static bool run_cuda(const float *logits, int vocab, const struct lp_sample_row 
 	     cudaMalloc((void **)&dlp, n * 4) == cudaSuccess &&
 	     cudaMalloc((void **)&dti, (size_t)n * MAX_LOGPROBS * 4) == cudaSuccess &&
 	     cudaMalloc((void **)&dtl, (size_t)n * MAX_LOGPROBS * 4) == cudaSuccess &&
+	     (!pen ||
+	      (cudaMalloc((void **)&dpen, (n_pen ? n_pen : 1) * sizeof(*pen)) == cudaSuccess &&
+	       cudaMemcpy(dpen, pen, n_pen * sizeof(*pen), cudaMemcpyHostToDevice) ==
+	           cudaSuccess)) &&
 	     cudaMemcpy(dl, logits, lbytes, cudaMemcpyHostToDevice) == cudaSuccess &&
 	     cudaMemcpy(drows, rows, n * sizeof(*rows), cudaMemcpyHostToDevice) == cudaSuccess &&
 	     cudaDeviceSynchronize() == cudaSuccess;
@@ -97,6 +112,7 @@ static bool run_cuda(const float *logits, int vocab, const struct lp_sample_row 
 		a.rows = drows;
 		a.n = n;
 		a.max_logprobs = MAX_LOGPROBS;
+		a.pen = dpen;
 		a.tokens = dtok;
 		a.logprob = dlp;
 		a.top_ids = dti;
@@ -112,6 +128,7 @@ static bool run_cuda(const float *logits, int vocab, const struct lp_sample_row 
 	}
 	cudaFree(dl);
 	cudaFree(drows);
+	cudaFree(dpen);
 	cudaFree(dtok);
 	cudaFree(dlp);
 	cudaFree(dti);
@@ -120,7 +137,7 @@ static bool run_cuda(const float *logits, int vocab, const struct lp_sample_row 
 }
 
 static bool run_cpu(const float *logits, int vocab, const struct lp_sample_row *rows, int n,
-                    struct result *res)
+                    const struct lp_sample_penalty *pen, struct result *res)
 {
 	struct lp_tensor t = {(void *)logits, LP_DTYPE_F32, n, vocab};
 	struct lp_sample_args a;
@@ -131,6 +148,7 @@ static bool run_cpu(const float *logits, int vocab, const struct lp_sample_row *
 	a.rows = rows;
 	a.n = n;
 	a.max_logprobs = MAX_LOGPROBS;
+	a.pen = pen;
 	a.tokens = res->tokens;
 	a.logprob = res->logprob;
 	a.top_ids = res->top_ids;
@@ -157,16 +175,18 @@ static bool same_float(float a, float b, double tol)
 	return fabs((double)a - b) <= tol;
 }
 
-/* Both ops on the same rows: tokens and top ids the same, logprobs within
- * 1e-5. */
-static int compare(const char *what, const float *logits, int vocab,
-                   const struct lp_sample_row *rows, int n)
+/* Both ops on the same rows (and entries): tokens and top ids the same,
+ * logprobs within 1e-5. The device's tokens go to *tokens when given. */
+static int compare_pen(const char *what, const float *logits, int vocab,
+                       const struct lp_sample_row *rows, int n, const struct lp_sample_penalty *pen,
+                       int n_pen, int32_t *tokens)
 {
 	struct result *g = (struct result *)calloc(1, sizeof(*g));
 	struct result *w = (struct result *)calloc(1, sizeof(*w));
 	int ok = 0;
 
-	if (!run_cuda(logits, vocab, rows, n, g) || !run_cpu(logits, vocab, rows, n, w)) {
+	if (!run_cuda(logits, vocab, rows, n, pen, n_pen, g) ||
+	    !run_cpu(logits, vocab, rows, n, pen, w)) {
 		TEST_FAIL("%s: a run failed", what);
 		goto out;
 	}
@@ -201,11 +221,19 @@ static int compare(const char *what, const float *logits, int vocab,
 			}
 		}
 	}
+	if (tokens)
+		memcpy(tokens, g->tokens, (size_t)n * sizeof(int32_t));
 	ok = 1;
 out:
 	free(g);
 	free(w);
 	return ok;
+}
+
+static int compare(const char *what, const float *logits, int vocab,
+                   const struct lp_sample_row *rows, int n)
+{
+	return compare_pen(what, logits, vocab, rows, n, NULL, 0, NULL);
 }
 
 /* n rows of random logits (spread s), each its own. */
@@ -228,6 +256,11 @@ static struct lp_sample_row row_of(float t, float top_p, float min_p, int top_k,
 	r.top_k = top_k;
 	r.u = u;
 	r.n_logprobs = n;
+	r.repetition_penalty = 1.0f;
+	r.frequency_penalty = 0.0f;
+	r.presence_penalty = 0.0f;
+	r.pen_off = 0;
+	r.pen_n = 0;
 	return r;
 }
 
@@ -255,7 +288,7 @@ static void run_vocab(int vocab, int n_rows, float spread)
 {
 	float *l = random_rows(n_rows, vocab, spread);
 	struct lp_sample_row rows[MAX_ROWS];
-	char what[64];
+	char what[96];
 
 	for (int r = 0; r < n_rows; r++) {
 		int p = r % N_PARAMS;
@@ -295,7 +328,7 @@ static void test_many_u(void)
 	for (int r = 0; r < MAX_ROWS; r++)
 		memcpy(l + (size_t)r * vocab, one, vocab * sizeof(float));
 	for (int p = 1; p < N_PARAMS && !test_current_failed; p++) {
-		char what[64];
+		char what[96];
 
 		for (int r = 0; r < MAX_ROWS; r++)
 			rows[r] = row_of(g_params[p].t, g_params[p].top_p, g_params[p].min_p,
@@ -340,7 +373,7 @@ static void test_special_rows(void)
 	l[8 * vocab + 40] = 0.0f;
 	l[8 * vocab + 20] = -0.0f;
 	for (int p = 0; p < N_PARAMS && !test_current_failed; p++) {
-		char what[64];
+		char what[96];
 
 		for (int r = 0; r < n; r++)
 			rows[r] = row_of(g_params[p].t, g_params[p].top_p, g_params[p].min_p,
@@ -390,7 +423,7 @@ static void test_bad_rows(void)
 		best0 = l[i] > l[best0] ? i : best0;
 		best7 = l[7 * vocab + i] > l[7 * vocab + best7] ? i : best7;
 	}
-	CHECK(run_cuda(l, vocab, rows, 8, g));
+	CHECK(run_cuda(l, vocab, rows, 8, NULL, 0, g));
 	CHECK_EQ_INT(bad_flags(), LP_CUDA_BAD_SAMPLE);
 	CHECK_EQ_INT(cu.status, 0);
 	CHECK_EQ_INT(g->tokens[0], best0);
@@ -398,6 +431,348 @@ static void test_bad_rows(void)
 	for (int r = 1; r < 7; r++)
 		CHECK_MSG(g->tokens[r] == 0, "bad row %d: token %d", r, g->tokens[r]);
 	free(g);
+	free(l);
+}
+
+/* ---- penalties ---- */
+
+/* The penalty sets rows cycle through: off, on their own, together,
+ * negative ones that favour the seen tokens (so that penalised tokens are
+ * chosen, and their logprob needs the raw logit the device kept), the
+ * ends of the allowed ranges. */
+static const struct {
+	float rep, freq, pres;
+} g_pens[] = {
+    {1.3f, 0.0f, 0.0f}, {0.7f, 0.0f, 0.0f},   {1.0f, 0.6f, 0.0f}, {1.0f, 0.0f, -1.5f},
+    {1.2f, 0.4f, 0.3f}, {1.0f, -0.7f, -1.0f}, {2.0f, 2.0f, 2.0f}, {0.5f, -2.0f, -2.0f},
+    {1.0f, 0.0f, 0.0f}, {0.9f, -0.3f, 0.5f},
+};
+#define N_PENS (int)(sizeof(g_pens) / sizeof(g_pens[0]))
+
+static struct lp_sample_row with_pen(struct lp_sample_row r, int set, int off, int n)
+{
+	r.repetition_penalty = g_pens[set].rep;
+	r.frequency_penalty = g_pens[set].freq;
+	r.presence_penalty = g_pens[set].pres;
+	r.pen_off = off;
+	r.pen_n = n;
+	return r;
+}
+
+/* n entries of distinct tokens of a row of vocab logits l: about half of
+ * them among its best tokens (l above hi), the rest anywhere; counts 0 .. 3
+ * and in_prompt at random (both 0 now and then: an entry that changes
+ * nothing). */
+static void make_entries(struct lp_sample_penalty *e, int n, const float *l, int vocab, float hi)
+{
+	char *used = (char *)calloc((size_t)vocab, 1);
+	int k = 0;
+
+	for (int i = 0; i < vocab && k < n / 2; i++)
+		if (l[i] > hi && rng_next() % 2) {
+			used[i] = 1;
+			e[k++].token = i;
+		}
+	while (k < n) {
+		int t = (int)(rng_next() % (uint64_t)vocab);
+
+		if (used[t])
+			continue;
+		used[t] = 1;
+		e[k++].token = t;
+	}
+	/* shuffled: the order of a slice is no order of the tokens */
+	for (int i = n - 1; i > 0; i--) {
+		int j = (int)(rng_next() % (uint64_t)(i + 1));
+		int32_t t = e[i].token;
+
+		e[i].token = e[j].token;
+		e[j].token = t;
+	}
+	for (int i = 0; i < n; i++) {
+		e[i].count = (int32_t)(rng_next() % 4);
+		e[i].in_prompt = (int32_t)(rng_next() % 2);
+	}
+	free(used);
+}
+
+/* How many of rows' tokens have an entry. */
+static int touched_tokens(const struct lp_sample_row *rows, int n, const int32_t *tokens,
+                          const struct lp_sample_penalty *pen)
+{
+	int touched = 0;
+
+	for (int r = 0; r < n; r++)
+		for (int j = 0; j < rows[r].pen_n; j++)
+			if (pen[rows[r].pen_off + j].token == tokens[r]) {
+				touched++;
+				break;
+			}
+	return touched;
+}
+
+/* Rows of every parameter set, each with its own slice of one pen array:
+ * slices of 0, 1, a few, fewer and more than the block's threads, and
+ * (vocabulary 1000) every token. */
+static void run_penalties(int vocab, int n_rows, float spread, int *touched)
+{
+	static const int sizes[] = {0, 1, 7, 100, 511, 512, 513, 1500, 1000};
+	float *l = random_rows(n_rows, vocab, spread);
+	struct lp_sample_row rows[MAX_ROWS];
+	struct lp_sample_penalty *pen;
+	int32_t tokens[MAX_ROWS];
+	int n_pen = 0;
+	char what[96];
+
+	for (int r = 0; r < n_rows; r++)
+		n_pen += sizes[r % 9] < vocab ? sizes[r % 9] : vocab;
+	pen = (struct lp_sample_penalty *)calloc((size_t)n_pen + 1, sizeof(*pen));
+	n_pen = 0;
+	for (int r = 0; r < n_rows; r++) {
+		int p = r % N_PARAMS, k = sizes[r % 9] < vocab ? sizes[r % 9] : vocab;
+
+		rows[r] = with_pen(row_of(g_params[p].t, g_params[p].top_p, g_params[p].min_p,
+		                          g_params[p].top_k, u01(), r % (MAX_LOGPROBS + 1)),
+		                   r % N_PENS, n_pen, k);
+		make_entries(pen + n_pen, k, l + (size_t)r * vocab, vocab, 2.0f * spread);
+		n_pen += k;
+	}
+	snprintf(what, sizeof(what), "penalties, vocab %d", vocab);
+	if (compare_pen(what, l, vocab, rows, n_rows, pen, n_pen, tokens))
+		*touched += touched_tokens(rows, n_rows, tokens, pen);
+	free(pen);
+	free(l);
+}
+
+static void test_penalties(void)
+{
+	int touched = 0;
+
+	for (int round = 0; round < 3 && !test_current_failed; round++)
+		run_penalties(1000, MAX_ROWS, 2.0f + round, &touched);
+	if (!test_current_failed)
+		run_penalties(49152, 2 * N_PARAMS, 3.0f, &touched);
+	if (!test_current_failed)
+		run_penalties(BIG_VOCAB, N_PARAMS, 3.0f, &touched);
+	CHECK_MSG(touched >= 10, "only %d rows chose a penalised token", touched);
+}
+
+/* One row and one slice shared by every row (rows may share entries), many
+ * u per parameter set and penalty set. */
+static void test_penalties_many_u(void)
+{
+	const int vocab = 3000, k = 600;
+	float *one = random_rows(1, vocab, 2.5f);
+	float *l = (float *)malloc((size_t)MAX_ROWS * vocab * sizeof(float));
+	struct lp_sample_penalty pen[600];
+	struct lp_sample_row rows[MAX_ROWS];
+	int32_t tokens[MAX_ROWS];
+	int touched = 0;
+
+	make_entries(pen, k, one, vocab, 5.0f);
+	for (int r = 0; r < MAX_ROWS; r++)
+		memcpy(l + (size_t)r * vocab, one, vocab * sizeof(float));
+	for (int p = 1; p < N_PARAMS && !test_current_failed; p++) {
+		char what[96];
+
+		for (int r = 0; r < MAX_ROWS; r++)
+			rows[r] = with_pen(row_of(g_params[p].t, g_params[p].top_p,
+			                          g_params[p].min_p, g_params[p].top_k,
+			                          r == 0   ? 0.0f
+			                          : r == 1 ? 0.99999994f
+			                                   : u01(),
+			                          1),
+			                   p % N_PENS, 0, k);
+		snprintf(what, sizeof(what), "penalties %d, params %d", p % N_PENS, p);
+		if (compare_pen(what, l, vocab, rows, MAX_ROWS, pen, k, tokens))
+			touched += touched_tokens(rows, MAX_ROWS, tokens, pen);
+	}
+	CHECK_MSG(touched >= 10, "only %d rows chose a penalised token", touched);
+	free(one);
+	free(l);
+}
+
+/* Entries on NaN, -inf, +inf, huge, -0 and +0 logits and on ties; a row
+ * whose every token has an entry. */
+static void test_penalties_special(void)
+{
+	const int vocab = 2000, n = 8;
+	float *l = random_rows(n, vocab, 3.0f);
+	static const int32_t spots[] = {3, 7, 10, 14, 17, 20, 21, 30, 40, 1000, 1995, 1999};
+	const int n_spots = (int)(sizeof(spots) / sizeof(spots[0]));
+	struct lp_sample_penalty *pen =
+	    (struct lp_sample_penalty *)calloc((size_t)(n - 1) * n_spots + vocab, sizeof(*pen));
+	struct lp_sample_row rows[MAX_ROWS];
+	int n_pen = 0;
+
+	for (int i = 0; i < vocab; i += 7)
+		l[i] = NAN; /* 7, 14, 21 ... */
+	for (int i = 3; i < vocab; i += 11)
+		l[i] = -INFINITY;
+	l[10] = 50.0f;
+	l[vocab + 1995] = 40.0f; /* a tie for the best, both with entries */
+	l[vocab + 1000] = 40.0f;
+	for (int i = 0; i < vocab; i++) {
+		l[2 * vocab + i] = -INFINITY;
+		l[5 * vocab + i] = -fabsf(l[5 * vocab + i]) - 1.0f;
+		l[6 * vocab + i] = (float)(i % 3);
+	}
+	l[2 * vocab + 17] = 1.0f; /* the only finite one */
+	l[3 * vocab + 1999] = INFINITY;
+	l[3 * vocab + 17] = INFINITY;
+	l[4 * vocab + 30] = 3e38f;
+	l[4 * vocab + 10] = 2e38f;
+	l[4 * vocab + 40] = -3e38f;
+	l[5 * vocab + 40] = 0.0f;
+	l[5 * vocab + 20] = -0.0f;
+	for (int r = 0; r < n - 1; r++)
+		for (int j = 0; j < n_spots; j++)
+			pen[n_pen++] = lp_sample_penalty{spots[j], (j + r) % 3, (j + r) % 2};
+	for (int i = 0; i < vocab; i++) /* row 7: every token */
+		pen[n_pen++] = lp_sample_penalty{(i * 7919) % vocab, i % 3, i % 2};
+	for (int p = 0; p < N_PARAMS && !test_current_failed; p++) {
+		for (int set = 0; set < N_PENS && !test_current_failed; set += 3) {
+			char what[96];
+
+			for (int r = 0; r < n; r++)
+				rows[r] = with_pen(
+				    row_of(g_params[p].t, g_params[p].top_p, g_params[p].min_p,
+				           g_params[p].top_k, u01(), MAX_LOGPROBS - r),
+				    (set + r) % N_PENS, r * n_spots, r < n - 1 ? n_spots : vocab);
+			snprintf(what, sizeof(what), "special rows, params %d, penalties %d", p,
+			         set);
+			compare_pen(what, l, vocab, rows, n, pen, n_pen, NULL);
+			for (int r = 0; r < n; r++)
+				rows[r].temperature = rows[r].temperature > 0 ? 0.01f : 0.0f;
+			snprintf(what, sizeof(what),
+			         "special rows at t 0.01, params %d, penalties %d", p, set);
+			compare_pen(what, l, vocab, rows, n, pen, n_pen, NULL);
+		}
+	}
+	free(pen);
+	free(l);
+}
+
+/* lp_sample_penalise rounds each operation on its own: here, built as the
+ * emulation is (g++ -ffp-contract=fast -mfma), it matches a reference whose
+ * every intermediate is stored through a volatile (which no compiler
+ * fuses), as the CPU op's C build computes it without contraction. */
+static void test_penalise_rounding(void)
+{
+	int differ_fused = 0;
+
+	for (int i = 0; i < 200000; i++) {
+		struct lp_sample_row r = row_of(1.0f, 1.0f, 0.0f, 0, 0.0f, 0);
+		struct lp_sample_penalty e = {0, (int32_t)(rng_next() % 1000), (int32_t)(i & 1)};
+		float x = nrand(10.0f), got, want;
+		volatile float v, prod, sum;
+		uint32_t a, b;
+
+		r.repetition_penalty = (float)(0.05 + 3.0 * urand());
+		r.frequency_penalty = (float)(4.0 * urand() - 2.0);
+		r.presence_penalty = (float)(4.0 * urand() - 2.0);
+		got = lp_sample_penalise(x, &r, &e);
+		v = x;
+		if (e.count > 0 || e.in_prompt)
+			v = x > 0.0f ? x / r.repetition_penalty : x * r.repetition_penalty;
+		if (e.count > 0) {
+			prod = (float)e.count * r.frequency_penalty;
+			sum = prod + r.presence_penalty;
+			v = v - sum;
+			differ_fused +=
+			    fmaf((float)e.count, r.frequency_penalty, r.presence_penalty) != sum;
+		}
+		want = v;
+		memcpy(&a, &got, 4);
+		memcpy(&b, &want, 4);
+		CHECK_MSG(a == b, "x %.9g count %d rep %.9g freq %.9g pres %.9g: %.9g, want %.9g",
+		          (double)x, e.count, (double)r.repetition_penalty,
+		          (double)r.frequency_penalty, (double)r.presence_penalty, (double)got,
+		          (double)want);
+	}
+	/* the inputs do tell a fused multiply-add apart */
+	CHECK_MSG(differ_fused > 1000, "only %d inputs where fusing changes the sum", differ_fused);
+}
+
+/* Rows without entries read neither pen nor their penalty fields: pen
+ * NULL, and garbage penalties that would be refused with entries. */
+static void test_penalties_none(void)
+{
+	const int vocab = 1000, n = 12;
+	float *l = random_rows(n, vocab, 2.0f);
+	struct lp_sample_row rows[MAX_ROWS];
+	struct lp_sample_penalty one = {5, 1, 1};
+
+	for (int r = 0; r < n; r++) {
+		int p = r % N_PARAMS;
+
+		rows[r] = row_of(g_params[p].t, g_params[p].top_p, g_params[p].min_p,
+		                 g_params[p].top_k, u01(), r);
+		rows[r].repetition_penalty = r % 2 ? 0.0f : NAN;
+		rows[r].frequency_penalty = 7.0f;
+		rows[r].pen_off = -3;
+	}
+	compare_pen("pen NULL", l, vocab, rows, n, NULL, 0, NULL);
+	compare_pen("pen given, no row uses it", l, vocab, rows, n, &one, 1, NULL);
+	free(l);
+}
+
+/* Rows whose penalties or entries are out of range: token 0, logprob
+ * -inf, LP_CUDA_BAD_SAMPLE; the other rows are sampled as usual. */
+static void test_penalties_bad(void)
+{
+	const int vocab = 100, n = 14;
+	float *l = random_rows(n, vocab, 1.0f);
+	struct lp_sample_penalty pen[2 * 100 + 8];
+	struct lp_sample_row rows[MAX_ROWS];
+	struct result *g = (struct result *)calloc(1, sizeof(*g));
+	struct result *w = (struct result *)calloc(1, sizeof(*w));
+	static const bool good[n] = {true,  false, false, false, false, false, false,
+	                             false, false, false, false, false, false, true};
+
+	for (int i = 0; i < 2 * vocab + 8; i++)
+		pen[i] = lp_sample_penalty{i % vocab, 1, 0};
+	pen[0] = lp_sample_penalty{7, 2, 1};
+	pen[1] = lp_sample_penalty{-1, 1, 0};    /* token below the vocabulary */
+	pen[2] = lp_sample_penalty{vocab, 1, 0}; /* token past it */
+	pen[3] = lp_sample_penalty{9, -1, 0};    /* negative count */
+	for (int r = 0; r < n; r++)
+		rows[r] = with_pen(row_of(0.0f, 1.0f, 0.0f, 0, 0.5f, 2), 0, 0, 1);
+	rows[1].pen_off = 1;
+	rows[2].pen_off = 2;
+	rows[3].pen_off = 3;
+	rows[4] = with_pen(rows[4], 0, 8, vocab + 1); /* more entries than tokens */
+	rows[5].pen_n = -1;
+	rows[6].pen_off = -1;
+	rows[7].repetition_penalty = 0.0f;
+	rows[8].repetition_penalty = INFINITY;
+	rows[9].repetition_penalty = NAN;
+	rows[10].frequency_penalty = 2.5f;
+	rows[11].presence_penalty = -2.01f;
+	rows[12].frequency_penalty = NAN;
+	rows[13] = with_pen(rows[13], 4, 4, 100); /* entries 4 .. 103: fine */
+	CHECK(run_cuda(l, vocab, rows, n, pen, 2 * vocab + 8, g));
+	CHECK_EQ_INT(bad_flags(), LP_CUDA_BAD_SAMPLE);
+	CHECK_EQ_INT(cu.status, 0);
+	for (int r = 0; r < n; r++)
+		if (!good[r])
+			CHECK_MSG(g->tokens[r] == 0 && g->logprob[r] == -INFINITY,
+			          "bad row %d: token %d, logprob %g", r, g->tokens[r],
+			          (double)g->logprob[r]);
+	/* the good rows as the CPU samples them alone */
+	for (int r = 0; r < n; r++) {
+		if (!good[r])
+			continue;
+		CHECK(run_cpu(l + (size_t)r * vocab, vocab, &rows[r], 1, pen, w));
+		CHECK_EQ_INT(g->tokens[r], w->tokens[0]);
+		CHECK_NEAR(g->logprob[r], w->logprob[0], 1e-5);
+	}
+	/* entries without a pen array */
+	CHECK(run_cuda(l, vocab, rows, 1, NULL, 0, g));
+	CHECK_EQ_INT(bad_flags(), LP_CUDA_BAD_SAMPLE);
+	CHECK_EQ_INT(g->tokens[0], 0);
+	free(g);
+	free(w);
 	free(l);
 }
 
@@ -423,6 +798,27 @@ static void test_shape_errors(void)
 	CHECK_EQ_INT(cu.status, -EINVAL);
 	cu.status = 0;
 	cu.status_msg[0] = 0;
+	/* entries, and no workspace for the raw logits they overwrite */
+	{
+		void *ws = cu.ws[LP_CUDA_WS_SAMPLE];
+
+		a.max_logprobs = 0;
+		a.pen = (const struct lp_sample_penalty *)cu.bad; /* never read */
+		cu.ws[LP_CUDA_WS_SAMPLE] = NULL;
+		lp_cuda_sample(&cu, &a);
+		cu.ws[LP_CUDA_WS_SAMPLE] = ws;
+		CHECK_EQ_INT(cu.status, -EINVAL);
+		cu.status = 0;
+		cu.status_msg[0] = 0;
+		/* a workspace for fewer rows than the call has */
+		a.n = MAX_ROWS + 1;
+		t.rows = MAX_ROWS + 1;
+		t.cols = BIG_VOCAB;
+		lp_cuda_sample(&cu, &a);
+		CHECK_EQ_INT(cu.status, -EINVAL);
+		cu.status = 0;
+		cu.status_msg[0] = 0;
+	}
 }
 
 int main(void)
@@ -451,6 +847,13 @@ int main(void)
 		printf("FAIL test-sample:init: cannot allocate the flag word\n");
 		return 1;
 	}
+	/* what reserve() does in backend-cuda.cu */
+	cu.lim = lim;
+	cu.ws_bytes[LP_CUDA_WS_SAMPLE] = lp_cuda_sample_workspace(&lim);
+	if (cudaMalloc(&cu.ws[LP_CUDA_WS_SAMPLE], cu.ws_bytes[LP_CUDA_WS_SAMPLE]) != cudaSuccess) {
+		printf("FAIL test-sample:init: cannot allocate the workspace\n");
+		return 1;
+	}
 	RUN(test_vocab_1000);
 	RUN(test_many_u);
 	RUN(test_special_rows);
@@ -458,7 +861,15 @@ int main(void)
 	RUN(test_vocab_151936);
 	RUN(test_flat_big);
 	RUN(test_bad_rows);
+	RUN(test_penalise_rounding);
+	RUN(test_penalties);
+	RUN(test_penalties_many_u);
+	RUN(test_penalties_special);
+	RUN(test_penalties_none);
+	RUN(test_penalties_bad);
 	RUN(test_shape_errors);
+	cudaFree(cu.ws[LP_CUDA_WS_SAMPLE]);
+	cu.ws[LP_CUDA_WS_SAMPLE] = NULL;
 	cudaFree(cu.bad);
 	lp_cuda_release(&cu);
 	lp_backend_destroy(cpu);

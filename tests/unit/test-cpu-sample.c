@@ -180,16 +180,18 @@ static double ref_logprob(const float *l, int vocab, int id)
 /* ---- running the op ---- */
 
 struct run {
-	struct lp_buffer logits, rows, tokens, logprob, top_ids, top_lp;
+	struct lp_buffer logits, rows, pen, tokens, logprob, top_ids, top_lp;
 	int32_t tokens_h[MAX_ROWS];
 	float logprob_h[MAX_ROWS];
 	int32_t top_ids_h[MAX_ROWS * MAX_LOGPROBS];
 	float top_lp_h[MAX_ROWS * MAX_LOGPROBS];
 };
 
-/* n rows: row i is logits row i % n_distinct with parameters rows[i]. */
-static int run_op(struct lp_backend *be, struct run *out, const float *logits, int vocab,
-                  int n_distinct, const struct lp_sample_row *rows, int n)
+/* n rows: row i is logits row i % n_distinct with parameters rows[i] and
+ * its slice of the n_pen entries pen (NULL: none passed). */
+static int run_op_pen(struct lp_backend *be, struct run *out, const float *logits, int vocab,
+                      int n_distinct, const struct lp_sample_row *rows, int n,
+                      const struct lp_sample_penalty *pen, int n_pen)
 {
 	struct lp_err err = {0};
 	struct lp_tensor t = {NULL, LP_DTYPE_F32, n, vocab};
@@ -203,8 +205,14 @@ static int run_op(struct lp_backend *be, struct run *out, const float *logits, i
 	    (rc = lp_backend_alloc(be, 4 * (size_t)n, &out->tokens, &err)) ||
 	    (rc = lp_backend_alloc(be, 4 * (size_t)n, &out->logprob, &err)) ||
 	    (rc = lp_backend_alloc(be, 4 * (size_t)n * MAX_LOGPROBS, &out->top_ids, &err)) ||
-	    (rc = lp_backend_alloc(be, 4 * (size_t)n * MAX_LOGPROBS, &out->top_lp, &err)))
+	    (rc = lp_backend_alloc(be, 4 * (size_t)n * MAX_LOGPROBS, &out->top_lp, &err)) ||
+	    (pen && (rc = lp_backend_alloc(be, sizeof(*pen) * (size_t)(n_pen ? n_pen : 1),
+	                                   &out->pen, &err))))
 		goto out;
+	if (pen) {
+		lp_backend_upload(be, out->pen.data, pen, sizeof(*pen) * (size_t)n_pen);
+		a.pen = out->pen.data;
+	}
 	for (int i = 0; i < n; i++)
 		lp_backend_upload(be, (char *)out->logits.data + row_bytes * (size_t)i,
 		                  logits + (size_t)(i % n_distinct) * vocab, row_bytes);
@@ -223,11 +231,18 @@ static int run_op(struct lp_backend *be, struct run *out, const float *logits, i
 out:
 	lp_backend_free(be, &out->logits);
 	lp_backend_free(be, &out->rows);
+	lp_backend_free(be, &out->pen);
 	lp_backend_free(be, &out->tokens);
 	lp_backend_free(be, &out->logprob);
 	lp_backend_free(be, &out->top_ids);
 	lp_backend_free(be, &out->top_lp);
 	return rc;
+}
+
+static int run_op(struct lp_backend *be, struct run *out, const float *logits, int vocab,
+                  int n_distinct, const struct lp_sample_row *rows, int n)
+{
+	return run_op_pen(be, out, logits, vocab, n_distinct, rows, n, NULL, 0);
 }
 
 static int status_of(struct lp_backend *be, char *msg, size_t len)
@@ -239,9 +254,22 @@ static int status_of(struct lp_backend *be, char *msg, size_t len)
 	return rc;
 }
 
+/* A row without penalties. */
+static struct lp_sample_row mkrow(float t, float top_p, float min_p, int top_k, float u,
+                                  int n_logprobs)
+{
+	return (struct lp_sample_row){.temperature = t,
+	                              .top_p = top_p,
+	                              .min_p = min_p,
+	                              .top_k = top_k,
+	                              .u = u,
+	                              .n_logprobs = n_logprobs,
+	                              .repetition_penalty = 1.0f};
+}
+
 static struct lp_sample_row greedy_row(int n_logprobs)
 {
-	return (struct lp_sample_row){0.0f, 1.0f, 0.0f, 0, 0.5f, n_logprobs};
+	return mkrow(0.0f, 1.0f, 0.0f, 0, 0.5f, n_logprobs);
 }
 
 /* Rows of vocab logits: random, with NaN and -inf sprinkled, ties for the
@@ -352,7 +380,7 @@ static void test_greedy_matches_host(void)
 		p.temperature = 0.01f;
 		CHECK_OK(lp_sampler_init(&s, &p, vocab, &err), &err);
 		for (int r = 0; r < n; r++)
-			rows[r] = (struct lp_sample_row){0.01f, 1.0f, 0.0f, 0, 0.7f, 0};
+			rows[r] = mkrow(0.01f, 1.0f, 0.0f, 0, 0.7f, 0);
 		CHECK_OK(run_op(be, run, l, vocab, n, rows, n), &err);
 		for (int r = 3; r <= 7; r += 2) {
 			int32_t want = host_sample(l + (size_t)r * vocab, vocab, &p, &s, scratch);
@@ -382,19 +410,63 @@ static const struct params_case g_cases[] = {
 };
 #define N_CASES (int)(sizeof(g_cases) / sizeof(g_cases[0]))
 
-static int check_midpoints(struct lp_backend *be, const float *l, int vocab,
-                           const struct params_case *c, const char *what)
+/* A row's penalties: the parameters and the entries (pen_off 0). */
+struct penalties {
+	float rep, freq, pres;
+	const struct lp_sample_penalty *e;
+	int n;
+};
+
+static struct lp_sample_row with_penalties(struct lp_sample_row r, const struct penalties *pz,
+                                           int off)
 {
-	struct lp_sample_row base = {c->t, c->top_p, c->min_p, c->top_k, 0.0f, 3};
+	r.repetition_penalty = pz->rep;
+	r.frequency_penalty = pz->freq;
+	r.presence_penalty = pz->pres;
+	r.pen_off = off;
+	r.pen_n = pz->n;
+	return r;
+}
+
+/* The row l with penalties pz applied, by the definition (backend.h): the
+ * reference samples from it. */
+static float *penalised(const float *l, int vocab, const struct penalties *pz)
+{
+	float *p = malloc((size_t)vocab * sizeof(float));
+
+	memcpy(p, l, (size_t)vocab * sizeof(float));
+	for (int j = 0; j < pz->n; j++) {
+		const struct lp_sample_penalty *e = &pz->e[j];
+		float x = l[e->token];
+
+		if (pz->rep != 1.0f && (e->count > 0 || e->in_prompt))
+			x = x > 0.0f ? x / pz->rep : x * pz->rep;
+		if (e->count > 0)
+			x -= (float)e->count * pz->freq + pz->pres;
+		p[e->token] = x;
+	}
+	return p;
+}
+
+static int check_midpoints_pen(struct lp_backend *be, const float *l, int vocab,
+                               const struct params_case *c, const struct penalties *pz,
+                               const char *what)
+{
+	struct lp_sample_row base = mkrow(c->t, c->top_p, c->min_p, c->top_k, 0.0f, 3);
 	struct lp_sample_row *rows = malloc(MAX_ROWS * sizeof(*rows));
 	int32_t *want = malloc(MAX_ROWS * sizeof(int32_t));
 	struct run *run = malloc(sizeof(*run));
+	float *lp = pz ? penalised(l, vocab, pz) : NULL;
 	struct ref r;
 	double cum = 0;
 	int n = 0, ok = 0, eligible = 0;
 	char msg[LP_ERR_MSG_MAX];
 
-	ref_build(&r, l, vocab, &base);
+	if (pz)
+		base = with_penalties(base, pz, 0);
+	/* the reference samples from the penalised row; the logprobs stay
+	 * the raw row's */
+	ref_build(&r, lp ? lp : l, vocab, &base);
 	if (!r.sharp) {
 		TEST_FAIL("%s: the case is within 1e-6 of a cut; pick another", what);
 		goto out;
@@ -418,7 +490,7 @@ static int check_midpoints(struct lp_backend *be, const float *l, int vocab,
 		}
 		cum += pj;
 	}
-	if (run_op(be, run, l, vocab, 1, rows, n)) {
+	if (run_op_pen(be, run, l, vocab, 1, rows, n, pz ? pz->e : NULL, pz ? pz->n : 0)) {
 		TEST_FAIL("%s: allocation failed", what);
 		goto out;
 	}
@@ -445,7 +517,14 @@ out:
 	free(rows);
 	free(want);
 	free(run);
+	free(lp);
 	return ok;
+}
+
+static int check_midpoints(struct lp_backend *be, const float *l, int vocab,
+                           const struct params_case *c, const char *what)
+{
+	return check_midpoints_pen(be, l, vocab, c, NULL, what);
 }
 
 static float *random_row(int vocab, float spread)
@@ -533,7 +612,7 @@ static void test_distribution_matches_host(void)
 
 	for (int c = 0; c < N_CASES; c++) {
 		const struct params_case *pc = &g_cases[c];
-		struct lp_sample_row base = {pc->t, pc->top_p, pc->min_p, pc->top_k, 0.0f, 0};
+		struct lp_sample_row base = mkrow(pc->t, pc->top_p, pc->min_p, pc->top_k, 0.0f, 0);
 		struct lp_sampling_params p;
 		struct lp_sampler s;
 		struct ref r;
@@ -592,14 +671,12 @@ static void test_top_logprobs(void)
 {
 	const int vocab = 3000;
 	float *l = random_row(vocab, 2.0f);
-	struct lp_sample_row rows[4] = {greedy_row(MAX_LOGPROBS),
-	                                greedy_row(5),
-	                                greedy_row(0),
-	                                {0.8f, 0.9f, 0.0f, 40, 0.3f, 7}};
+	struct lp_sample_row rows[4] = {greedy_row(MAX_LOGPROBS), greedy_row(5), greedy_row(0),
+	                                mkrow(0.8f, 0.9f, 0.0f, 40, 0.3f, 7)};
 	struct run *run = malloc(sizeof(*run));
 	struct lp_err err = {0};
 	struct ref r;
-	struct lp_sample_row raw = {1.0f, 1.0f, 0.0f, 0, 0.0f, 0};
+	struct lp_sample_row raw = mkrow(1.0f, 1.0f, 0.0f, 0, 0.0f, 0);
 
 	l[100] = 9.0f;
 	l[2000] = 9.0f; /* tie with 100 */
@@ -645,13 +722,13 @@ static void test_bad_rows(void)
 	char msg[LP_ERR_MSG_MAX];
 	const struct lp_sample_row rows[] = {
 	    greedy_row(0),
-	    {-1.0f, 1.0f, 0.0f, 0, 0.5f, 0},
-	    {1.0f, 0.0f, 0.0f, 0, 0.5f, 0},
-	    {1.0f, 1.5f, 0.0f, 0, 0.5f, 0},
-	    {1.0f, 1.0f, -0.1f, 0, 0.5f, 0},
-	    {1.0f, 1.0f, 0.0f, 0, 1.0f, 0},
-	    {1.0f, 1.0f, 0.0f, 0, 0.5f, MAX_LOGPROBS + 1},
-	    {NAN, 1.0f, 0.0f, 0, 0.5f, 0},
+	    mkrow(-1.0f, 1.0f, 0.0f, 0, 0.5f, 0),
+	    mkrow(1.0f, 0.0f, 0.0f, 0, 0.5f, 0),
+	    mkrow(1.0f, 1.5f, 0.0f, 0, 0.5f, 0),
+	    mkrow(1.0f, 1.0f, -0.1f, 0, 0.5f, 0),
+	    mkrow(1.0f, 1.0f, 0.0f, 0, 1.0f, 0),
+	    mkrow(1.0f, 1.0f, 0.0f, 0, 0.5f, MAX_LOGPROBS + 1),
+	    mkrow(NAN, 1.0f, 0.0f, 0, 0.5f, 0),
 	    greedy_row(2),
 	};
 	const int n = (int)(sizeof(rows) / sizeof(rows[0]));
@@ -684,41 +761,455 @@ static void test_bad_rows(void)
 	free(l);
 }
 
+/* ---- penalties ---- */
+
+/* The penalty sets: each kind alone, together, negative ones that favour
+ * the seen tokens, the ends of the allowed ranges, all off. */
+static const struct {
+	float rep, freq, pres;
+} g_pens[] = {
+    {1.3f, 0.0f, 0.0f}, {0.7f, 0.0f, 0.0f},   {1.0f, 0.6f, 0.0f},
+    {1.0f, 0.0f, 1.5f}, {1.2f, 0.4f, 0.3f},   {1.0f, -0.7f, -1.0f},
+    {2.0f, 2.0f, 2.0f}, {0.5f, -2.0f, -2.0f}, {1.0f, 0.0f, 0.0f},
+};
+#define N_PENS (int)(sizeof(g_pens) / sizeof(g_pens[0]))
+
+/* What a sequence has seen: its prompt, and what it generated (repeats
+ * count). */
+struct history {
+	int32_t prompt[64], gen[64];
+	int n_prompt, n_gen;
+};
+
+enum { HIST_PROMPT, HIST_GENERATED, HIST_BOTH, N_HIST };
+
+/* A history of the given kind over row l, drawn mostly from its best
+ * tokens (above hi) so that the penalties change what is chosen. */
+static void make_history(struct history *h, int kind, const float *l, int vocab, float hi)
+{
+	int32_t best[48];
+	int n_best = 0;
+
+	for (int i = 0; i < vocab && n_best < 48; i++)
+		if (l[i] > hi)
+			best[n_best++] = i;
+	memset(h, 0, sizeof(*h));
+	if (kind != HIST_GENERATED)
+		for (int i = 0; i < 40; i++)
+			h->prompt[h->n_prompt++] = i % 3 == 2 || !n_best
+			                               ? (int32_t)(rng_next() % (uint64_t)vocab)
+			                               : best[rng_next() % (uint64_t)n_best];
+	if (kind != HIST_PROMPT)
+		for (int i = 0; i < 50; i++)
+			h->gen[h->n_gen++] =
+			    i % 4 == 3 || !n_best
+			        ? (int32_t)(rng_next() % (uint64_t)vocab)
+			        : best[rng_next() % (uint64_t)(n_best < 12 ? n_best : 12)];
+}
+
+/* The op's entries for a history, written from backend.h's definition
+ * (every distinct token seen, with its count and whether the prompt holds
+ * it), in a shuffled order; how many. */
+static int entries_of(const struct history *h, int vocab, struct lp_sample_penalty *out)
+{
+	int32_t *count = calloc((size_t)vocab, sizeof(int32_t));
+	char *in_prompt = calloc((size_t)vocab, 1);
+	int n = 0;
+
+	for (int i = 0; i < h->n_prompt; i++)
+		in_prompt[h->prompt[i]] = 1;
+	for (int i = 0; i < h->n_gen; i++)
+		count[h->gen[i]]++;
+	for (int t = 0; t < vocab; t++)
+		if (count[t] || in_prompt[t])
+			out[n++] = (struct lp_sample_penalty){t, count[t], in_prompt[t]};
+	for (int i = n - 1; i > 0; i--) {
+		int j = (int)(rng_next() % (uint64_t)(i + 1));
+		struct lp_sample_penalty t = out[i];
+
+		out[i] = out[j];
+		out[j] = t;
+	}
+	free(count);
+	free(in_prompt);
+	return n;
+}
+
+/* The host sampler with parameters p, having seen history h. */
+static int host_with_history(struct lp_sampler *s, const struct lp_sampling_params *p, int vocab,
+                             const struct history *h, struct lp_err *err)
+{
+	int rc = lp_sampler_init(s, p, vocab, err);
+
+	if (rc)
+		return rc;
+	lp_sampler_set_prompt(s, h->prompt, (size_t)h->n_prompt);
+	for (int i = 0; i < h->n_gen; i++)
+		lp_sampler_accept(s, h->gen[i]);
+	return 0;
+}
+
+static struct penalties pens_of(int set, const struct lp_sample_penalty *e, int n)
+{
+	return (struct penalties){g_pens[set].rep, g_pens[set].freq, g_pens[set].pres, e, n};
+}
+
+/* Greedy with penalties gives the host sampler's token, for every penalty
+ * set and history kind, each row with its slice of one pen array, on
+ * random rows and on the special ones (entries on NaN, +-inf, huge, -0 and
+ * tied logits). The logprobs and top-N stay the raw row's: the same bits
+ * as the same rows without entries. */
+static void test_penalties_greedy_matches_host(void)
+{
+	static const int vocabs[] = {1000, 49152};
+	const int n = N_PENS * N_HIST;
+	int changed = 0, touched = 0;
+
+	for (size_t vi = 0; vi < 6; vi++) {
+		struct lp_backend *be = vi & 2 ? g_be_scalar : g_be;
+		int vocab = vocabs[vi & 1], n_special;
+		bool special = vi >= 4;
+		float *sp = special_rows(vocab, &n_special);
+		float *l = malloc((size_t)n * vocab * sizeof(float));
+		float *scratch = malloc((size_t)vocab * sizeof(float));
+		struct lp_sample_penalty *pen = malloc((size_t)n * 64 * 2 * sizeof(*pen));
+		struct lp_sample_row rows[N_PENS * N_HIST], plain[N_PENS * N_HIST];
+		struct history *h = malloc((size_t)n * sizeof(*h));
+		struct run *run = malloc(sizeof(*run)), *raw = malloc(sizeof(*raw));
+		struct lp_err err = {0};
+		char msg[LP_ERR_MSG_MAX];
+		int n_pen = 0;
+
+		for (int r = 0; r < n; r++) {
+			float *row = l + (size_t)r * vocab;
+			struct penalties pz;
+
+			if (special)
+				memcpy(row, sp + (size_t)(r % n_special) * vocab,
+				       (size_t)vocab * sizeof(float));
+			else
+				for (int i = 0; i < vocab; i++)
+					row[i] = nrand(3.0f);
+			make_history(&h[r], r % N_HIST, row, vocab, 6.0f);
+			if (special) /* the special spots, seen in the prompt and generated */
+				for (int i = 0; i < 10; i++) {
+					static const int spots[] = {10, 14, 17, 20, 21, 30, 40, 0};
+					int32_t t = i < 8    ? spots[i]
+					            : i == 8 ? vocab / 2
+					                     : vocab - 1;
+
+					h[r].prompt[h[r].n_prompt++] = t;
+					if (i % 2)
+						h[r].gen[h[r].n_gen++] = t;
+				}
+			pz =
+			    pens_of(r / N_HIST, pen + n_pen, entries_of(&h[r], vocab, pen + n_pen));
+			plain[r] = greedy_row(r % (MAX_LOGPROBS + 1));
+			rows[r] = with_penalties(plain[r], &pz, n_pen);
+			n_pen += pz.n;
+		}
+		CHECK_OK(run_op_pen(be, run, l, vocab, n, rows, n, pen, n_pen), &err);
+		CHECK_EQ_INT(status_of(be, msg, sizeof(msg)), 0);
+		CHECK_OK(run_op(be, raw, l, vocab, n, plain, n), &err);
+		for (int r = 0; r < n; r++) {
+			const float *row = l + (size_t)r * vocab;
+			struct lp_sampling_params p;
+			struct lp_sampler s;
+			int32_t want, tok = run->tokens_h[r];
+
+			lp_sampling_params_default(&p);
+			p.temperature = 0.0f;
+			p.repetition_penalty = rows[r].repetition_penalty;
+			p.frequency_penalty = rows[r].frequency_penalty;
+			p.presence_penalty = rows[r].presence_penalty;
+			CHECK_OK(host_with_history(&s, &p, vocab, &h[r], &err), &err);
+			want = host_sample(row, vocab, &p, &s, scratch);
+			lp_sampler_release(&s);
+			CHECK_MSG(tok == want,
+			          "vocab %d row %d (penalties %d, history %d): %d, host %d", vocab,
+			          r, r / N_HIST, r % N_HIST, tok, want);
+			changed += tok != raw->tokens_h[r];
+			for (int j = 0; j < rows[r].pen_n; j++)
+				touched += pen[rows[r].pen_off + j].token == tok;
+			/* the raw row's logprob, not the penalised one's */
+			if (isfinite(row[tok]))
+				CHECK_MSG(fabs(run->logprob_h[r] - ref_logprob(row, vocab, tok)) <=
+				              1e-5,
+				          "vocab %d row %d: logprob %g, want %g", vocab, r,
+				          (double)run->logprob_h[r], ref_logprob(row, vocab, tok));
+		}
+		CHECK(!memcmp(run->top_ids_h, raw->top_ids_h, sizeof(int32_t) * n * MAX_LOGPROBS));
+		CHECK(!memcmp(run->top_lp_h, raw->top_lp_h, sizeof(float) * n * MAX_LOGPROBS));
+		free(sp);
+		free(l);
+		free(scratch);
+		free(pen);
+		free(h);
+		free(run);
+		free(raw);
+	}
+	/* the penalties did change choices, and penalised tokens were chosen */
+	CHECK_MSG(changed >= 20, "penalties changed only %d tokens", changed);
+	CHECK_MSG(touched >= 20, "only %d penalised tokens chosen", touched);
+}
+
+/* Draws at chosen u over the penalised row: each kept candidate with at
+ * least 1e-4 of the mass at the middle of its interval, the logprob the
+ * raw row's. */
+static void test_penalties_draws_at_chosen_u(void)
+{
+	static const int vocabs[] = {1000, 49152};
+
+	for (int vi = 0; vi < 2; vi++) {
+		int vocab = vocabs[vi];
+		float *l = random_row(vocab, 3.0f);
+		struct lp_sample_penalty *pen = malloc(128 * sizeof(*pen));
+
+		for (int c = 0; c < N_CASES; c++) {
+			struct history h;
+			struct penalties pz;
+			char what[64];
+
+			make_history(&h, c % N_HIST, l, vocab, 6.0f);
+			pz = pens_of(c % N_PENS, pen, entries_of(&h, vocab, pen));
+			snprintf(what, sizeof(what), "vocab %d case %d penalties %d", vocab, c,
+			         c % N_PENS);
+			if (!check_midpoints_pen(g_be, l, vocab, &g_cases[c], &pz, what))
+				break;
+		}
+		free(pen);
+		free(l);
+		if (test_current_failed)
+			return;
+	}
+}
+
+/* At temperature > 0 with penalties, the op's draws and the host
+ * sampler's both follow the reference distribution over the penalised
+ * row (chi-square as in test_distribution_matches_host). */
+static void test_penalties_distribution_matches_host(void)
+{
+	const int vocab = 1000, n_draws = 60000;
+	static const struct {
+		int c, pens, hist;
+	} cases[] = {
+	    {0, 4, HIST_BOTH}, {4, 0, HIST_PROMPT}, {5, 5, HIST_GENERATED}, {8, 3, HIST_BOTH}};
+	float *l = random_row(vocab, 2.5f), *scratch = malloc(vocab * sizeof(float));
+	int *host = malloc(vocab * sizeof(int)), *op = malloc(vocab * sizeof(int));
+	struct lp_sample_row *rows = malloc(MAX_ROWS * sizeof(*rows));
+	struct lp_sample_penalty pen[128];
+	struct run *run = malloc(sizeof(*run));
+	struct lp_err err = {0};
+
+	for (int k = 0; k < 4; k++) {
+		const struct params_case *pc = &g_cases[cases[k].c];
+		struct history h;
+		struct penalties pz;
+		struct lp_sample_row base;
+		struct lp_sampling_params p;
+		struct lp_sampler s;
+		struct ref r;
+		float *lp;
+		double stat_h, stat_o, bound;
+		int df, out_h, out_o;
+
+		make_history(&h, cases[k].hist, l, vocab, 5.0f);
+		pz = pens_of(cases[k].pens, pen, entries_of(&h, vocab, pen));
+		base =
+		    with_penalties(mkrow(pc->t, pc->top_p, pc->min_p, pc->top_k, 0.0f, 0), &pz, 0);
+		lp_sampling_params_default(&p);
+		p.temperature = pc->t;
+		p.top_p = pc->top_p;
+		p.min_p = pc->min_p;
+		p.top_k = pc->top_k;
+		p.repetition_penalty = pz.rep;
+		p.frequency_penalty = pz.freq;
+		p.presence_penalty = pz.pres;
+		p.has_seed = true;
+		p.seed = 777 + (uint64_t)k;
+		CHECK_OK(host_with_history(&s, &p, vocab, &h, &err), &err);
+		memset(host, 0, vocab * sizeof(int));
+		memset(op, 0, vocab * sizeof(int));
+		for (int d = 0; d < n_draws; d++)
+			host[host_sample(l, vocab, &p, &s, scratch)]++;
+		lp_sampler_release(&s);
+		for (int d = 0; d < n_draws; d += MAX_ROWS) {
+			int n = n_draws - d < MAX_ROWS ? n_draws - d : MAX_ROWS;
+
+			for (int i = 0; i < n; i++) {
+				rows[i] = base;
+				rows[i].u = (float)urand();
+				if (rows[i].u >= 1.0f)
+					rows[i].u = 0.0f;
+			}
+			CHECK_OK(run_op_pen(g_be, run, l, vocab, 1, rows, n, pen, pz.n), &err);
+			for (int i = 0; i < n; i++)
+				op[run->tokens_h[i]]++;
+		}
+		lp = penalised(l, vocab, &pz);
+		ref_build(&r, lp, vocab, &base);
+		stat_h = chi_square(host, n_draws, &r, &df, &out_h);
+		stat_o = chi_square(op, n_draws, &r, &df, &out_o);
+		bound = df + 6 * sqrt(2.0 * df) + 10;
+		ref_free(&r);
+		free(lp);
+		CHECK_MSG(out_h == 0 && out_o == 0,
+		          "case %d: %d host and %d op draws outside the kept set", k, out_h, out_o);
+		CHECK_MSG(stat_h <= bound, "case %d: host chi-square %g over %d df (bound %g)", k,
+		          stat_h, df, bound);
+		CHECK_MSG(stat_o <= bound, "case %d: op chi-square %g over %d df (bound %g)", k,
+		          stat_o, df, bound);
+	}
+	free(l);
+	free(scratch);
+	free(host);
+	free(op);
+	free(rows);
+	free(run);
+}
+
+/* Penalties out of range and bad entries: the failure is recorded (naming
+ * the row, and the entry), the row gets token 0 and logprob -inf, the
+ * other rows are sampled as usual. A row without entries reads none of
+ * its penalty fields. */
+static void test_penalties_bad(void)
+{
+	const int vocab = 100;
+	struct lp_backend_limits lim = {
+	    .vocab = vocab, .max_out = 16, .max_logprobs = MAX_LOGPROBS};
+	struct lp_sample_penalty pen[2 * 100 + 8];
+	struct lp_sample_row rows[16];
+	struct run *run = malloc(sizeof(*run));
+	struct lp_err err = {0};
+	float *l = random_row(vocab, 1.0f);
+	char msg[LP_ERR_MSG_MAX];
+	size_t bytes;
+	int32_t best = 0;
+	const int n = 15;
+	static const bool good[15] = {true,  false, false, false, false, false, false, false,
+	                              false, false, false, false, false, true,  true};
+	struct penalties one = pens_of(0, NULL, 1);
+
+	for (int i = 0; i < 2 * vocab + 8; i++)
+		pen[i] = (struct lp_sample_penalty){i % vocab, 1, 0};
+	pen[0] = (struct lp_sample_penalty){7, 2, 1};
+	pen[1] = (struct lp_sample_penalty){-1, 1, 0};
+	pen[2] = (struct lp_sample_penalty){vocab, 1, 0};
+	pen[3] = (struct lp_sample_penalty){9, -1, 0};
+	for (int r = 0; r < n; r++)
+		rows[r] = with_penalties(greedy_row(2), &one, 0);
+	rows[1].pen_off = 1;
+	rows[2].pen_off = 2;
+	rows[3].pen_off = 3;
+	rows[4].pen_off = 8;
+	rows[4].pen_n = vocab + 1;
+	rows[5].pen_n = -1;
+	rows[6].pen_off = -1;
+	rows[7].repetition_penalty = 0.0f;
+	rows[8].repetition_penalty = INFINITY;
+	rows[9].repetition_penalty = NAN;
+	rows[10].frequency_penalty = 2.5f;
+	rows[11].presence_penalty = -2.01f;
+	rows[12].frequency_penalty = NAN;
+	rows[13].pen_off = 4; /* entries 4 .. 103: distinct tokens */
+	rows[13].pen_n = 100;
+	rows[14] = greedy_row(2); /* no entries: its zero fields are not read */
+	rows[14].repetition_penalty = 0.0f;
+	rows[14].frequency_penalty = 9.0f;
+	for (int i = 1; i < vocab; i++)
+		best = l[i] > l[best] ? i : best;
+	for (int pass = 0; pass < 2; pass++) {
+		struct lp_backend *be = NULL;
+
+		CHECK_OK(lp_backend_cpu_new(&be, 2, &err), &err);
+		CHECK_OK(be->ops->reserve(be->ctx, &lim, &bytes, &err), &err);
+		if (pass == 0) {
+			CHECK_OK(run_op_pen(be, run, l, vocab, 1, rows, n, pen, 2 * vocab + 8),
+			         &err);
+			CHECK_EQ_INT(status_of(be, msg, sizeof(msg)), -EINVAL);
+			CHECK_MSG(strstr(msg, "sample: row 1: penalty entry 0: token -1"),
+			          "status names the row and the entry: %s", msg);
+			for (int r = 0; r < n; r++) {
+				if (good[r])
+					continue;
+				CHECK_MSG(run->tokens_h[r] == 0 && run->logprob_h[r] == -INFINITY,
+				          "bad row %d: token %d, logprob %g", r, run->tokens_h[r],
+				          (double)run->logprob_h[r]);
+			}
+			CHECK_EQ_INT(run->tokens_h[14], best);
+			CHECK_MSG(run->tokens_h[13] != 0, "row 13: token 0");
+		} else {
+			/* penalties out of range; then entries but no pen array */
+			CHECK_OK(run_op_pen(be, run, l, vocab, 1, rows + 7, 1, pen, 2 * vocab + 8),
+			         &err);
+			CHECK_EQ_INT(status_of(be, msg, sizeof(msg)), -EINVAL);
+			CHECK_MSG(strstr(msg, "sample: row 0: repetition_penalty 0"),
+			          "status names the penalty: %s", msg);
+			lp_backend_destroy(be);
+			CHECK_OK(lp_backend_cpu_new(&be, 2, &err), &err);
+			CHECK_OK(be->ops->reserve(be->ctx, &lim, &bytes, &err), &err);
+			CHECK_OK(run_op_pen(be, run, l, vocab, 1, rows, 1, NULL, 0), &err);
+			CHECK_EQ_INT(status_of(be, msg, sizeof(msg)), -EINVAL);
+			CHECK_EQ_INT(run->tokens_h[0], 0);
+		}
+		lp_backend_destroy(be);
+	}
+	free(run);
+	free(l);
+}
+
 /* The same rows give the same bits with one thread and three, and a row
  * gives the same alone as in a batch. The portable path (no AVX2) gives the
  * same tokens and top-N ids; its logprobs sum the log-softmax in another
- * order, within 1e-6. */
+ * order, within 1e-6. Two rows in three have penalties. */
 static void test_batch_and_threads(void)
 {
 	const int vocab = 49152, n_rows = 24;
 	float *l = malloc((size_t)n_rows * vocab * sizeof(float));
 	struct lp_sample_row rows[24];
+	struct lp_sample_penalty *pen = malloc((size_t)n_rows * 128 * sizeof(*pen));
 	struct run *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b)), *one = malloc(sizeof(*one));
 	struct lp_err err = {0};
+	int n_pen = 0;
 
 	for (size_t i = 0; i < (size_t)n_rows * vocab; i++)
 		l[i] = nrand(3.0f);
 	for (int r = 0; r < n_rows; r++) {
 		const struct params_case *c = &g_cases[r % N_CASES];
-		rows[r] = (struct lp_sample_row){c->t,     c->top_p,       c->min_p,
-		                                 c->top_k, (float)urand(), r % 6};
+		rows[r] = mkrow(c->t, c->top_p, c->min_p, c->top_k, (float)urand(), r % 6);
+		if (r % 3) {
+			struct history h;
+			struct penalties pz;
+
+			make_history(&h, r % N_HIST, l + (size_t)r * vocab, vocab, 6.0f);
+			pz = pens_of(r % N_PENS, pen + n_pen, entries_of(&h, vocab, pen + n_pen));
+			rows[r] = with_penalties(rows[r], &pz, n_pen);
+			n_pen += pz.n;
+		}
 	}
-	CHECK_OK(run_op(g_be, a, l, vocab, n_rows, rows, n_rows), &err);
-	CHECK_OK(run_op(g_be1, b, l, vocab, n_rows, rows, n_rows), &err);
+	CHECK_OK(run_op_pen(g_be, a, l, vocab, n_rows, rows, n_rows, pen, n_pen), &err);
+	CHECK_OK(run_op_pen(g_be1, b, l, vocab, n_rows, rows, n_rows, pen, n_pen), &err);
 	CHECK(!memcmp(a->tokens_h, b->tokens_h, sizeof(int32_t) * n_rows));
 	CHECK(!memcmp(a->logprob_h, b->logprob_h, sizeof(float) * n_rows));
 	CHECK(!memcmp(a->top_ids_h, b->top_ids_h, sizeof(int32_t) * n_rows * MAX_LOGPROBS));
 	CHECK(!memcmp(a->top_lp_h, b->top_lp_h, sizeof(float) * n_rows * MAX_LOGPROBS));
-	CHECK_OK(run_op(g_be_scalar, b, l, vocab, n_rows, rows, n_rows), &err);
+	CHECK_OK(run_op_pen(g_be_scalar, b, l, vocab, n_rows, rows, n_rows, pen, n_pen), &err);
 	CHECK(!memcmp(a->tokens_h, b->tokens_h, sizeof(int32_t) * n_rows));
 	CHECK(!memcmp(a->top_ids_h, b->top_ids_h, sizeof(int32_t) * n_rows * MAX_LOGPROBS));
 	for (int r = 0; r < n_rows; r++)
 		CHECK_NEAR(a->logprob_h[r], b->logprob_h[r], 1e-6);
 	for (int r = 0; r < n_rows; r += 5) {
-		CHECK_OK(run_op(g_be, one, l + (size_t)r * vocab, vocab, 1, &rows[r], 1), &err);
+		struct lp_sample_row alone = rows[r];
+
+		/* its own slice, at 0 */
+		alone.pen_off = 0;
+		CHECK_OK(run_op_pen(g_be, one, l + (size_t)r * vocab, vocab, 1, &alone, 1,
+		                    pen + rows[r].pen_off, rows[r].pen_n),
+		         &err);
 		CHECK_EQ_INT(one->tokens_h[0], a->tokens_h[r]);
 		CHECK(!memcmp(&one->logprob_h[0], &a->logprob_h[r], sizeof(float)));
 	}
+	free(pen);
 	free(a);
 	free(b);
 	free(one);
@@ -749,6 +1240,10 @@ int main(void)
 	RUN(test_distribution_matches_host);
 	RUN(test_top_logprobs);
 	RUN(test_bad_rows);
+	RUN(test_penalties_greedy_matches_host);
+	RUN(test_penalties_draws_at_chosen_u);
+	RUN(test_penalties_distribution_matches_host);
+	RUN(test_penalties_bad);
 	RUN(test_batch_and_threads);
 
 	lp_backend_destroy(g_be);
