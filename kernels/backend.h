@@ -86,6 +86,7 @@ struct lp_backend_limits {
 	                            or bf16; usually info.lora_type); the CPU
 	                            keeps each adapter's own precision */
 	int max_logprobs;        /* top-N of the sample op at most */
+	int max_penalties;       /* sample op: pen entries of a call at most */
 };
 
 /* One step's shape, for begin_step. */
@@ -193,13 +194,15 @@ struct lp_sample_args {
 	const struct lp_tensor *logits;   /* f32 [n, vocab]; may be overwritten */
 	const struct lp_sample_row *rows; /* device [n] */
 	int n;
-	int max_logprobs;                    /* columns of top_ids / top_logprobs */
-	const struct lp_sample_penalty *pen; /* device; the rows' entries (may be
-	                                        NULL when every pen_n is 0) */
-	int32_t *tokens;                     /* device i32 [n] */
-	float *logprob;                      /* device f32 [n]: log-softmax of the chosen token */
-	int32_t *top_ids;                    /* device i32 [n, max_logprobs], best first */
-	float *top_logprobs;                 /* device f32 [n, max_logprobs] */
+	int max_logprobs; /* columns of top_ids / top_logprobs */
+	/* device [<= limits.max_penalties]: the rows' entries, one slice per
+	 * row, slices of rows with different logits not overlapping (NULL
+	 * when every pen_n is 0) */
+	const struct lp_sample_penalty *pen;
+	int32_t *tokens;     /* device i32 [n] */
+	float *logprob;      /* device f32 [n]: log-softmax of the chosen token */
+	int32_t *top_ids;    /* device i32 [n, max_logprobs], best first */
+	float *top_logprobs; /* device f32 [n, max_logprobs] */
 };
 
 struct lp_backend_ops {

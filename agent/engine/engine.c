@@ -265,6 +265,7 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	    .max_lora_rank = e->cfg.max_lora_rank,
 	    .lora_type = e->cfg.lora_type,
 	    .max_logprobs = LP_ENGINE_MAX_LOGPROBS,
+	    .max_penalties = (int)SAMPLE_PEN_CAP,
 	};
 	rc = e->be->ops->reserve(e->be->ctx, &lim, &e->mem.workspaces, err);
 	if (rc)

@@ -31,7 +31,8 @@
  * pass finds the new best, and greedy and the draw read the penalised
  * row. The chosen token's logprob wants its raw logit, which a penalty
  * may have overwritten: before writing, each entry's raw logit goes to
- * the row's part of the workspace, [max_out][vocab] floats (a row may
+ * the workspace at the entry's own index (pen_off + j: the workspace holds
+ * limits.max_penalties floats, and rows' slices do not overlap; a row may
  * have up to vocab entries, more than registers or shared memory could
  * hold), and a last pass over the entries finds the chosen token's.
  * Without entries the row is only read.
@@ -340,14 +341,15 @@ static __device__ void refuse_row(int row, int32_t *tokens, float *logprob, unsi
 	}
 }
 
-/* pen and stash: NULL when no row has entries; stash has ld floats per
- * row. The logits of rows with entries are overwritten. */
+/* pen and stash: NULL when no row has entries; stash has stash_cap
+ * floats, one per entry of pen. The logits of rows with entries are
+ * overwritten. */
 __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
     sample_kernel(float *__restrict__ logits, int64_t ld, int vocab,
                   const struct lp_sample_row *__restrict__ rows,
                   const struct lp_sample_penalty *__restrict__ pen, float *__restrict__ stash,
-                  int max_logprobs, int32_t *tokens, float *logprob, int32_t *top_ids,
-                  float *top_logprobs, unsigned *bad)
+                  int64_t stash_cap, int max_logprobs, int32_t *tokens, float *logprob,
+                  int32_t *top_ids, float *top_logprobs, unsigned *bad)
 {
 	__shared__ struct sample_smem sm;
 	const int row = blockIdx.x;
@@ -367,12 +369,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 	}
 	/* r is the block's: every thread returns, or none */
 	if (!lp_sample_row_ok(&r, max_logprobs) || !lp_sample_penalties_ok(&r, vocab) ||
-	    (r.pen_n > 0 && (!pen || !stash))) {
+	    (r.pen_n > 0 && (!pen || !stash || (int64_t)r.pen_off + r.pen_n > stash_cap))) {
 		refuse_row(row, tokens, logprob, bad);
 		return;
 	}
-	/* (the row's entries and stash are pen + r.pen_off and stash + row *
-	 * ld, computed where used: nothing of them stays live through the
+	/* (the row's entries and stash are pen + r.pen_off and stash +
+	 * r.pen_off, computed where used: nothing of them stays live through the
 	 * passes) */
 	if (r.pen_n > 0) {
 		const struct lp_sample_penalty *const ent = pen + r.pen_off;
@@ -449,7 +451,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 	float m_best = m_raw;
 	if (r.pen_n > 0) {
 		const struct lp_sample_penalty *const ent = pen + r.pen_off;
-		float *const raw = stash + (int64_t)row * ld;
+		float *const raw = stash + r.pen_off;
 
 		__syncthreads(); /* the raw passes have read the row */
 		for (int j = threadIdx.x; j < r.pen_n; j += SAMPLE_THREADS)
@@ -507,7 +509,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 	float x = 0.0f;
 	if (logprob && r.pen_n > 0) {
 		const struct lp_sample_penalty *const ent = pen + r.pen_off;
-		const float *const raw = stash + (int64_t)row * ld;
+		const float *const raw = stash + r.pen_off;
 
 		if (threadIdx.x == 0)
 			sm.raw_at = -1;
@@ -533,23 +535,23 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 static cudaError_t sample_launch(cudaStream_t stream, float *logits, int64_t ld, int vocab, int n,
                                  const struct lp_sample_row *rows,
                                  const struct lp_sample_penalty *pen, float *stash,
-                                 int max_logprobs, int32_t *tokens, float *logprob,
-                                 int32_t *top_ids, float *top_logprobs, unsigned *bad)
+                                 int64_t stash_cap, int max_logprobs, int32_t *tokens,
+                                 float *logprob, int32_t *top_ids, float *top_logprobs,
+                                 unsigned *bad)
 {
 	LP_LAUNCH(n, SAMPLE_THREADS, 0, stream, sample_kernel)
-	(logits, ld, vocab, rows, pen, stash, max_logprobs, tokens, logprob, top_ids, top_logprobs,
-	 bad);
+	(logits, ld, vocab, rows, pen, stash, stash_cap, max_logprobs, tokens, logprob, top_ids,
+	 top_logprobs, bad);
 	return cudaGetLastError();
 }
 
 /* The selections keep their state in shared memory; the workspace holds
- * the raw logits the penalties overwrite, up to vocab per row (a row's
- * entries are distinct tokens). */
+ * the raw logits the penalties overwrite, one per entry. */
 size_t lp_cuda_sample_workspace(const struct lp_backend_limits *lim)
 {
-	if (lim->max_out <= 0 || lim->vocab <= 0)
+	if (lim->max_penalties <= 0)
 		return 0;
-	return (size_t)lim->max_out * (size_t)lim->vocab * sizeof(float);
+	return (size_t)lim->max_penalties * sizeof(float);
 }
 
 void lp_cuda_sample(void *ctx, const struct lp_sample_args *args)
@@ -567,17 +569,14 @@ void lp_cuda_sample(void *ctx, const struct lp_sample_args *args)
 	LP_CUDA_REQUIRE(cu, args->rows && args->tokens, "sample");
 	if (args->n == 0)
 		return;
-	/* entries need the workspace's row per logits row */
-	LP_CUDA_REQUIRE(cu,
-	                !args->pen ||
-	                    (cu->ws[LP_CUDA_WS_SAMPLE] &&
-	                     cu->ws_bytes[LP_CUDA_WS_SAMPLE] / sizeof(float) / (size_t)lg->cols >=
-	                         (size_t)args->n),
-	                "sample");
+	/* entries need the workspace for their raw logits (a slice beyond it
+	 * refuses its row) */
+	LP_CUDA_REQUIRE(cu, !args->pen || cu->ws[LP_CUDA_WS_SAMPLE], "sample");
 	cu->launches++;
 	LP_CUDA_CHECK(cu, sample_launch(cu->stream, (float *)lg->data, lg->cols, (int)lg->cols,
 	                                args->n, args->rows, args->pen,
 	                                args->pen ? (float *)cu->ws[LP_CUDA_WS_SAMPLE] : NULL,
+	                                (int64_t)(cu->ws_bytes[LP_CUDA_WS_SAMPLE] / sizeof(float)),
 	                                args->max_logprobs, args->tokens, args->logprob,
 	                                args->top_ids, args->top_logprobs, cu->bad));
 }
