@@ -18,12 +18,6 @@ struct step_layout {
 	size_t total;                                        /* int32s of the largest step */
 };
 
-/* Rows of a step that share one adapter. */
-struct step_seg {
-	int row0, rows;
-	struct lp_adapter *adapter;
-};
-
 /* What forward() runs over, staged by lp_engine_step. */
 struct step_plan {
 	int n_tok;    /* rows, padding included */
@@ -76,7 +70,6 @@ struct lp_engine {
 	struct lp_step_output *outs;
 
 	struct lp_lora_cache *loras;
-	struct step_seg *segs; /* [max_num_seqs] this step's adapter segments */
 
 	struct lp_engine_stats stats;
 };

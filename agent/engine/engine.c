@@ -287,10 +287,9 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	e->h_logits = calloc((size_t)S * (size_t)mc->vocab_size, sizeof(float));
 	e->h_scratch = calloc((size_t)mc->vocab_size, sizeof(float));
 	e->outs = calloc((size_t)S, sizeof(*e->outs));
-	e->segs = calloc((size_t)S, sizeof(*e->segs));
 	e->h_rope = malloc((size_t)e->cfg.max_model_len * (size_t)mc->head_dim * sizeof(float));
 	if (!e->step_seqs || !e->step_take || !e->sample_seqs || !e->h_logits || !e->h_scratch ||
-	    !e->outs || !e->segs || !e->h_rope) {
+	    !e->outs || !e->h_rope) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
@@ -414,7 +413,6 @@ void lp_engine_free(struct lp_engine *e)
 			e->be->ops->reserve(e->be->ctx, NULL, &none, NULL);
 		}
 	}
-	free(e->segs);
 	free(e->step_seqs);
 	free(e->step_take);
 	free(e->sample_seqs);
@@ -743,13 +741,13 @@ static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
 		struct lp_seq *s = e->step_seqs[j];
 		int take = e->step_take[j], lslot = s->adapter ? s->adapter->slot : -1;
 
+		/* rows are ordered by slot (group_by_adapter), and a slot holds
+		 * one adapter: each slot's rows are one segment */
 		if (s->adapter) {
-			struct step_seg *g = plan->n_segs ? &e->segs[plan->n_segs - 1] : NULL;
-			if (!g || g->adapter != s->adapter) {
-				g = &e->segs[plan->n_segs++];
-				g->row0 = n_tok;
-				g->rows = 0;
-				g->adapter = s->adapter;
+			struct lp_lora_seg *g = plan->n_segs ? &segs[plan->n_segs - 1] : NULL;
+			if (!g || g->slot != lslot) {
+				g = &segs[plan->n_segs++];
+				*g = (struct lp_lora_seg){n_tok, 0, lslot};
 			}
 			g->rows += take;
 		}
@@ -775,9 +773,6 @@ static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
 			e->sample_seqs[n_out++] = s;
 		}
 	}
-	for (int i = 0; i < plan->n_segs; i++)
-		segs[i] = (struct lp_lora_seg){e->segs[i].row0, e->segs[i].rows,
-		                               e->segs[i].adapter->slot};
 	plan->n_out = n_out;
 	/* padding rows: token 0 at position 0 of no sequence, stored nowhere */
 	for (int r = n_tok; r < n_pad; r++) {
