@@ -115,6 +115,7 @@ help:
 	@echo "make cuda-check ptxas report of every CUDA kernel: no spills, no stack in hot kernels"
 	@echo "make test-gpu   the CUDA tests on a real GPU (prints 'no GPU' without one)"
 	@echo "make bench-gpu  hack/bench-gpu.c on a real GPU, CUDA Graphs on and off"
+	@echo "make images     the container images (Docker; docs/images.md)"
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -165,12 +166,25 @@ $(BUILD)/tests/gpu/%: tests/cuda/%.cc $(CUDA_OBJS) $(LIB) tests/test.h
 	$(if $(Q),@echo "  CXX     $< (gpu)")
 	$(Q)$(CXX) $(CPPFLAGS) $(GPU_CXXFLAGS) $(LDFLAGS) -o $@ $< $(CUDA_OBJS) $(LIB) $(CUDA_LIBS) $(LDLIBS)
 
-$(BIN)/loraplane-generate: $(BUILD)/agent/generate.o $(LIB)
+# --version (common/version.h): the VERSION file, and the commit when built
+# from a git checkout; set LP_VERSION to override (a build without .git).
+# The objects that print it are rebuilt when it changes.
+ifndef LP_VERSION
+LP_VERSION := $(strip $(shell cat VERSION 2>/dev/null))$(shell git describe --always --dirty 2>/dev/null | sed 's/.*/ (git &)/')
+endif
+$(BUILD)/agent/options.o $(BUILD)/operator/main.o: CPPFLAGS += -DLP_VERSION='"$(LP_VERSION)"'
+$(BUILD)/agent/options.o $(BUILD)/operator/main.o: $(BUILD)/version
+$(BUILD)/version: FORCE
+	@mkdir -p $(BUILD) && echo '$(LP_VERSION)' | cmp -s - $@ || echo '$(LP_VERSION)' >$@
+.PHONY: FORCE
+FORCE:
+
+$(BIN)/loraplane-generate: $(BUILD)/agent/generate.o $(BUILD)/agent/options.o $(LIB)
 	@mkdir -p $(BIN)
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BIN)/loraplane-agent: $(BUILD)/agent/main.o $(API_OBJS) $(LIB)
+$(BIN)/loraplane-agent: $(BUILD)/agent/main.o $(BUILD)/agent/options.o $(BUILD)/agent/fetch.o $(API_OBJS) $(LIB)
 	@mkdir -p $(BIN)
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcivetweb
@@ -293,6 +307,24 @@ bench-kernels: $(BUILD)/tools/bench-kernels
 
 run: deps $(PROGRAMS)
 	$(Q)BIN=$(BIN) MODEL=$(MODEL) bash hack/run-agent.sh
+
+# The container images of images/ (docs/images.md), built by Docker from
+# the source tree: $(IMAGE_REPO)/loraplane-agent:$(VERSION) (CPU),
+# :$(VERSION)-cuda, and $(IMAGE_REPO)/loraplane-operator:$(VERSION).
+DOCKER ?= docker
+IMAGE_REPO ?= ghcr.io/loraplane
+VERSION ?= $(or $(strip $(shell cat VERSION 2>/dev/null)),0.1.0)
+IMAGE_BUILD = $(DOCKER) build --build-arg VERSION=$(VERSION)
+
+.PHONY: images
+images:
+	$(Q)command -v $(DOCKER) >/dev/null 2>&1 || \
+		{ echo "make images: no '$(DOCKER)' command: install Docker, or set DOCKER to a compatible client" >&2; exit 1; }
+	$(Q)out=$$($(DOCKER) info 2>&1 >/dev/null) || \
+		{ echo "make images: the Docker daemon does not answer ('$(DOCKER) info' failed: $$(echo "$$out" | tail -n 1)): start it or set DOCKER_HOST" >&2; exit 1; }
+	$(Q)$(IMAGE_BUILD) -f images/agent-cpu.Dockerfile -t $(IMAGE_REPO)/loraplane-agent:$(VERSION) .
+	$(Q)$(IMAGE_BUILD) -f images/agent-cuda.Dockerfile -t $(IMAGE_REPO)/loraplane-agent:$(VERSION)-cuda .
+	$(Q)$(IMAGE_BUILD) -f images/operator.Dockerfile -t $(IMAGE_REPO)/loraplane-operator:$(VERSION) .
 
 clean:
 	rm -rf build build-asan build-tsan bin

@@ -6,7 +6,6 @@
  * prompt and generation speed. Exit status 0, 1 on any error, 2 for bad
  * usage. */
 #include <errno.h>
-#include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,10 +17,12 @@
 #include "agent/engine/model.h"
 #include "agent/engine/sampler.h"
 #include "agent/engine/tokenizer.h"
+#include "agent/options.h"
 #include "common/buf.h"
 #include "common/err.h"
 #include "kernels/cuda-loader.h"
 
+#define PROG             "loraplane-generate"
 #define MAX_STOPS        16
 #define MAX_LORAS        256
 #define MAX_PROMPTS_FILE (64u << 20)
@@ -44,6 +45,7 @@ struct options {
 	const char *device;
 	struct lp_sampling_params sp;
 	struct lp_engine_config ec;
+	struct lp_options cli; /* what the strings above may point into */
 };
 
 /* One prompt's generation. */
@@ -67,141 +69,137 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void usage(FILE *f)
+/* Stores one option's value (agent/options.h has checked its type and
+ * range); v->text lives until lp_options_release(&o->cli). */
+static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v,
+                      struct lp_err *err)
 {
-	fputs(
-	    "usage: loraplane-generate --model PATH (--prompt TEXT | --prompts-file F) [options]\n"
-	    "  --model PATH            GGUF file or HF model directory\n"
-	    "  --prompt TEXT           one prompt; the completion streams to stdout\n"
-	    "  --prompts-file F        one prompt per line, run as one batch; prints one JSON\n"
-	    "                          object per prompt: {index, prompt, completion,\n"
-	    "                          prompt_tokens, completion_tokens, finish_reason}\n"
-	    "  --chat                  wrap each prompt in the model's chat template\n"
-	    "  --system TEXT           system message for --chat\n"
-	    "  --chat-template NAME    chatml, llama3, llama2 or mistral instead of detecting\n"
-	    "  --max-tokens N          new tokens at most (default 128)\n"
-	    "  --temperature T         0 = greedy (default 0)\n"
-	    "  --top-p P --top-k K --min-p P\n"
-	    "  --presence-penalty X --frequency-penalty X --repetition-penalty X\n"
-	    "  --seed S                same seed, same output\n"
-	    "  --stop TEXT             stop string (repeatable, up to 16)\n"
-	    "  --ignore-eos            keep going past end-of-sequence tokens\n"
-	    "  --threads N             compute threads (default: all CPUs)\n"
-	    "  --device cpu|cuda[:N]|auto  where the model runs (default cpu); auto: CUDA\n"
-	    "                          device 0 when usable, else the CPU\n"
-	    "  --max-num-seqs N --max-batched-tokens N --max-model-len N --kv-cache-bytes N\n"
-	    "  --lora NAME=PATH        load an adapter (a PEFT, TensorRT-LLM or NeMo directory,\n"
-	    "                          or a .nemo file); repeatable\n"
-	    "  --adapter NAME          apply that adapter to --prompt; with --prompts-file,\n"
-	    "                          lines 'NAME<TAB>prompt' pick one per prompt ('-': base)\n"
-	    "  --max-lora-rank R --max-loras N --max-cpu-loras N --allow-base-mismatch\n",
-	    f);
-}
+	static const enum lp_dtype kv_types[] = {LP_DTYPE_COUNT, LP_DTYPE_F32, LP_DTYPE_F16,
+	                                         LP_DTYPE_BF16};
+	struct options *o = ctx;
 
-static int parse_long(const char *name, const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi) {
-		fprintf(stderr,
-		        "loraplane-generate: '--%s' needs an integer in [%ld, %ld], got '%s'\n",
-		        name, lo, hi, s);
-		return -1;
+	switch (id) {
+	case LP_OPT_MODEL:
+		o->model = v->text;
+		break;
+	case LP_OPT_PROMPT:
+		o->prompt = v->text;
+		break;
+	case LP_OPT_PROMPTS_FILE:
+		o->prompts_file = v->text;
+		break;
+	case LP_OPT_CHAT:
+		o->chat = v->b;
+		break;
+	case LP_OPT_SYSTEM:
+		o->system = v->text;
+		break;
+	case LP_OPT_CHAT_TEMPLATE:
+		o->chat_template = v->text;
+		break;
+	case LP_OPT_IGNORE_EOS:
+		o->ignore_eos = v->b;
+		break;
+	case LP_OPT_MAX_TOKENS:
+		o->max_tokens = (int)v->i;
+		break;
+	case LP_OPT_TEMPERATURE:
+		o->sp.temperature = (float)v->d;
+		break;
+	case LP_OPT_TOP_P:
+		o->sp.top_p = (float)v->d;
+		break;
+	case LP_OPT_TOP_K:
+		o->sp.top_k = (int)v->i;
+		break;
+	case LP_OPT_MIN_P:
+		o->sp.min_p = (float)v->d;
+		break;
+	case LP_OPT_PRESENCE_PENALTY:
+		o->sp.presence_penalty = (float)v->d;
+		break;
+	case LP_OPT_FREQUENCY_PENALTY:
+		o->sp.frequency_penalty = (float)v->d;
+		break;
+	case LP_OPT_REPETITION_PENALTY:
+		o->sp.repetition_penalty = (float)v->d;
+		break;
+	case LP_OPT_SEED:
+		o->sp.seed = (uint64_t)v->i;
+		o->sp.has_seed = true;
+		break;
+	case LP_OPT_STOP:
+		if (o->n_stops == MAX_STOPS)
+			return lp_errf(err, -EINVAL, "at most %d '--stop' strings", MAX_STOPS);
+		o->stops[o->n_stops++] = v->text;
+		break;
+	case LP_OPT_THREADS:
+		o->threads = (int)v->i;
+		break;
+	case LP_OPT_MAX_NUM_SEQS:
+		o->ec.max_num_seqs = (int)v->i;
+		break;
+	case LP_OPT_MAX_BATCHED_TOKENS:
+		o->ec.max_batched_tokens = (int)v->i;
+		break;
+	case LP_OPT_MAX_MODEL_LEN:
+		o->ec.max_model_len = (int)v->i;
+		break;
+	case LP_OPT_KV_CACHE_BYTES:
+		o->ec.kv_cache_bytes = (size_t)v->i;
+		break;
+	case LP_OPT_GPU_MEMORY_UTILIZATION:
+		o->ec.gpu_memory_utilization = v->d;
+		break;
+	case LP_OPT_KV_CACHE_DTYPE:
+		o->ec.kv_type = kv_types[v->i];
+		break;
+	case LP_OPT_LORA:
+		if (o->n_loras == MAX_LORAS || !strchr(v->text, '=') || v->text[0] == '=')
+			return lp_errf(err, -EINVAL,
+			               "'--lora' needs NAME=PATH (at most %d), got '%s'", MAX_LORAS,
+			               v->text);
+		o->loras[o->n_loras++] = v->text;
+		break;
+	case LP_OPT_ADAPTER:
+		o->adapter = v->text;
+		break;
+	case LP_OPT_MAX_LORA_RANK:
+		o->ec.max_lora_rank = (int)v->i;
+		break;
+	case LP_OPT_MAX_LORAS:
+		o->ec.max_loras = (int)v->i;
+		break;
+	case LP_OPT_MAX_CPU_LORAS:
+		o->ec.max_cpu_loras = (int)v->i;
+		break;
+	case LP_OPT_ALLOW_BASE_MISMATCH:
+		o->ec.allow_base_mismatch = v->b;
+		break;
+	case LP_OPT_DEVICE: {
+		enum lp_device_kind kind;
+		int dev;
+		if (lp_device_parse(v->text, &kind, &dev, err))
+			return lp_err_prefix(err, "'--device'");
+		o->device = v->text;
+		break;
 	}
-	*out = v;
+	default:
+		/* the table lets no other option through for generate */
+		return lp_errf(err, -EINVAL, "'--%s' is not an option of " PROG,
+		               lp_options_table()[id].name);
+	}
 	return 0;
 }
 
-static int parse_float(const char *name, const char *s, float *out)
-{
-	char *end;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &end);
-	if (errno || end == s || *end) {
-		fprintf(stderr, "loraplane-generate: '--%s' needs a number, got '%s'\n", name, s);
-		return -1;
-	}
-	*out = (float)v;
-	return 0;
-}
-
-enum {
-	OPT_MODEL = 256,
-	OPT_PROMPT,
-	OPT_PROMPTS_FILE,
-	OPT_CHAT,
-	OPT_SYSTEM,
-	OPT_TEMPLATE,
-	OPT_MAX_TOKENS,
-	OPT_TEMPERATURE,
-	OPT_TOP_P,
-	OPT_TOP_K,
-	OPT_MIN_P,
-	OPT_PRESENCE,
-	OPT_FREQUENCY,
-	OPT_REPETITION,
-	OPT_SEED,
-	OPT_STOP,
-	OPT_IGNORE_EOS,
-	OPT_THREADS,
-	OPT_MAX_SEQS,
-	OPT_MAX_BATCHED,
-	OPT_MAX_LEN,
-	OPT_KV_BYTES,
-	OPT_LORA,
-	OPT_ADAPTER,
-	OPT_MAX_LORA_RANK,
-	OPT_MAX_LORAS,
-	OPT_MAX_CPU_LORAS,
-	OPT_ALLOW_BASE_MISMATCH,
-	OPT_DEVICE,
-	OPT_HELP,
-};
-
+/* Returns 0 to run, 1 after printing --help, --help-json or --version,
+ * -1 after printing a usage error. */
 static int parse_args(int argc, char **argv, struct options *o)
 {
-	static const struct option longopts[] = {
-	    {"model", required_argument, NULL, OPT_MODEL},
-	    {"prompt", required_argument, NULL, OPT_PROMPT},
-	    {"prompts-file", required_argument, NULL, OPT_PROMPTS_FILE},
-	    {"chat", no_argument, NULL, OPT_CHAT},
-	    {"system", required_argument, NULL, OPT_SYSTEM},
-	    {"chat-template", required_argument, NULL, OPT_TEMPLATE},
-	    {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},
-	    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
-	    {"top-p", required_argument, NULL, OPT_TOP_P},
-	    {"top-k", required_argument, NULL, OPT_TOP_K},
-	    {"min-p", required_argument, NULL, OPT_MIN_P},
-	    {"presence-penalty", required_argument, NULL, OPT_PRESENCE},
-	    {"frequency-penalty", required_argument, NULL, OPT_FREQUENCY},
-	    {"repetition-penalty", required_argument, NULL, OPT_REPETITION},
-	    {"seed", required_argument, NULL, OPT_SEED},
-	    {"stop", required_argument, NULL, OPT_STOP},
-	    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
-	    {"threads", required_argument, NULL, OPT_THREADS},
-	    {"max-num-seqs", required_argument, NULL, OPT_MAX_SEQS},
-	    {"max-batched-tokens", required_argument, NULL, OPT_MAX_BATCHED},
-	    {"max-model-len", required_argument, NULL, OPT_MAX_LEN},
-	    {"kv-cache-bytes", required_argument, NULL, OPT_KV_BYTES},
-	    {"lora", required_argument, NULL, OPT_LORA},
-	    {"adapter", required_argument, NULL, OPT_ADAPTER},
-	    {"max-lora-rank", required_argument, NULL, OPT_MAX_LORA_RANK},
-	    {"max-loras", required_argument, NULL, OPT_MAX_LORAS},
-	    {"max-cpu-loras", required_argument, NULL, OPT_MAX_CPU_LORAS},
-	    {"allow-base-mismatch", no_argument, NULL, OPT_ALLOW_BASE_MISMATCH},
-	    {"device", required_argument, NULL, OPT_DEVICE},
-	    {"help", no_argument, NULL, OPT_HELP},
-	    {NULL, 0, NULL, 0},
-	};
-	enum lp_device_kind kind;
-	struct lp_err err;
-	long v;
-	int c, dev;
+	enum lp_options_action action;
+	struct lp_err err = {0};
+	struct lp_buf text;
+	int rc;
 
 	memset(o, 0, sizeof(*o));
 	o->max_tokens = 128;
@@ -209,169 +207,29 @@ static int parse_args(int argc, char **argv, struct options *o)
 	lp_sampling_params_default(&o->sp);
 	o->sp.temperature = 0;
 	lp_engine_config_default(&o->ec);
-	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
-		switch (c) {
-		case OPT_MODEL:
-			o->model = optarg;
-			break;
-		case OPT_PROMPT:
-			o->prompt = optarg;
-			break;
-		case OPT_PROMPTS_FILE:
-			o->prompts_file = optarg;
-			break;
-		case OPT_CHAT:
-			o->chat = true;
-			break;
-		case OPT_SYSTEM:
-			o->system = optarg;
-			break;
-		case OPT_TEMPLATE:
-			o->chat_template = optarg;
-			break;
-		case OPT_IGNORE_EOS:
-			o->ignore_eos = true;
-			break;
-		case OPT_MAX_TOKENS:
-			if (parse_long("max-tokens", optarg, 1, 1 << 24, &v))
-				return -1;
-			o->max_tokens = (int)v;
-			break;
-		case OPT_TEMPERATURE:
-			if (parse_float("temperature", optarg, &o->sp.temperature))
-				return -1;
-			break;
-		case OPT_TOP_P:
-			if (parse_float("top-p", optarg, &o->sp.top_p))
-				return -1;
-			break;
-		case OPT_TOP_K:
-			if (parse_long("top-k", optarg, -1, 1 << 24, &v))
-				return -1;
-			o->sp.top_k = (int)v;
-			break;
-		case OPT_MIN_P:
-			if (parse_float("min-p", optarg, &o->sp.min_p))
-				return -1;
-			break;
-		case OPT_PRESENCE:
-			if (parse_float("presence-penalty", optarg, &o->sp.presence_penalty))
-				return -1;
-			break;
-		case OPT_FREQUENCY:
-			if (parse_float("frequency-penalty", optarg, &o->sp.frequency_penalty))
-				return -1;
-			break;
-		case OPT_REPETITION:
-			if (parse_float("repetition-penalty", optarg, &o->sp.repetition_penalty))
-				return -1;
-			break;
-		case OPT_SEED: {
-			char *end;
-			errno = 0;
-			unsigned long long s = strtoull(optarg, &end, 10);
-			if (errno || end == optarg || *end || optarg[0] == '-') {
-				fprintf(stderr,
-				        "loraplane-generate: '--seed' needs a non-negative "
-				        "integer, got '%s'\n",
-				        optarg);
-				return -1;
-			}
-			o->sp.seed = s;
-			o->sp.has_seed = true;
-			break;
-		}
-		case OPT_STOP:
-			if (o->n_stops == MAX_STOPS) {
-				fprintf(stderr, "loraplane-generate: at most %d '--stop' strings\n",
-				        MAX_STOPS);
-				return -1;
-			}
-			o->stops[o->n_stops++] = optarg;
-			break;
-		case OPT_THREADS:
-			if (parse_long("threads", optarg, 0, 4096, &v))
-				return -1;
-			o->threads = (int)v;
-			break;
-		case OPT_MAX_SEQS:
-			if (parse_long("max-num-seqs", optarg, 1, 4096, &v))
-				return -1;
-			o->ec.max_num_seqs = (int)v;
-			break;
-		case OPT_MAX_BATCHED:
-			if (parse_long("max-batched-tokens", optarg, 1, 1 << 20, &v))
-				return -1;
-			o->ec.max_batched_tokens = (int)v;
-			break;
-		case OPT_MAX_LEN:
-			if (parse_long("max-model-len", optarg, 2, 1 << 24, &v))
-				return -1;
-			o->ec.max_model_len = (int)v;
-			break;
-		case OPT_LORA:
-			if (o->n_loras == MAX_LORAS || !strchr(optarg, '=') || optarg[0] == '=') {
-				fprintf(stderr,
-				        "loraplane-generate: '--lora' needs NAME=PATH (at most "
-				        "%d), got '%s'\n",
-				        MAX_LORAS, optarg);
-				return -1;
-			}
-			o->loras[o->n_loras++] = optarg;
-			break;
-		case OPT_ADAPTER:
-			o->adapter = optarg;
-			break;
-		case OPT_MAX_LORA_RANK:
-			if (parse_long("max-lora-rank", optarg, 1, 4096, &v))
-				return -1;
-			o->ec.max_lora_rank = (int)v;
-			break;
-		case OPT_MAX_LORAS:
-			if (parse_long("max-loras", optarg, 1, 4096, &v))
-				return -1;
-			o->ec.max_loras = (int)v;
-			break;
-		case OPT_MAX_CPU_LORAS:
-			if (parse_long("max-cpu-loras", optarg, 1, 1 << 20, &v))
-				return -1;
-			o->ec.max_cpu_loras = (int)v;
-			break;
-		case OPT_ALLOW_BASE_MISMATCH:
-			o->ec.allow_base_mismatch = true;
-			break;
-		case OPT_DEVICE:
-			if (lp_device_parse(optarg, &kind, &dev, &err)) {
-				fprintf(stderr, "loraplane-generate: '--device': %s\n", err.msg);
-				return -1;
-			}
-			o->device = optarg;
-			break;
-		case OPT_KV_BYTES:
-			if (parse_long("kv-cache-bytes", optarg, 1, __LONG_MAX__, &v))
-				return -1;
-			o->ec.kv_cache_bytes = (size_t)v;
-			break;
-		case OPT_HELP:
-			usage(stdout);
-			exit(0);
-		default:
-			usage(stderr);
-			return -1;
-		}
-	}
-	if (optind < argc) {
-		fprintf(stderr, "loraplane-generate: unexpected argument '%s'\n", argv[optind]);
+	if (lp_options_parse(&o->cli, LP_PROG_GENERATE, argc, argv, set_option, o, &action, &err)) {
+		fprintf(stderr, PROG ": %s\n", err.msg);
 		return -1;
 	}
-	if (!o->model) {
-		const char *env = getenv("LORAPLANE_MODEL");
-		o->model = env && *env ? env : NULL;
+	if (action != LP_OPTIONS_RUN) {
+		lp_buf_init(&text, 1u << 20);
+		if (action == LP_OPTIONS_HELP)
+			rc = lp_options_help(LP_PROG_GENERATE, &text, &err);
+		else if (action == LP_OPTIONS_HELP_JSON)
+			rc = lp_options_help_json(&text, &err);
+		else
+			rc = lp_options_version(LP_PROG_GENERATE, &text, &err);
+		if (rc)
+			fprintf(stderr, PROG ": %s\n", err.msg);
+		else
+			fputs(text.data, stdout);
+		lp_buf_release(&text);
+		return rc ? -1 : 1;
 	}
-	if (!o->model || (!o->prompt == !o->prompts_file)) {
-		fprintf(stderr, "loraplane-generate: need '--model' and one of '--prompt' or "
-		                "'--prompts-file'\n");
-		usage(stderr);
+	if (!o->model || !*o->model || (!o->prompt == !o->prompts_file)) {
+		fprintf(stderr,
+		        PROG ": need '--model' and one of '--prompt' or '--prompts-file'\n%s",
+		        lp_options_usage(LP_PROG_GENERATE));
 		return -1;
 	}
 	return 0;
@@ -552,8 +410,11 @@ int main(int argc, char **argv)
 	char note[LP_ERR_MSG_MAX + 64];
 	int status = 1, rc;
 
-	if (parse_args(argc, argv, &o))
-		return 2;
+	rc = parse_args(argc, argv, &o);
+	if (rc) {
+		lp_options_release(&o.cli);
+		return rc > 0 ? 0 : 2;
+	}
 	lp_buf_init(&prompts_buf, MAX_PROMPTS_FILE);
 	if (o.prompts_file) {
 		if (read_prompts(o.prompts_file, &prompts_buf, &prompts, &n_prompts, &err))
@@ -731,5 +592,6 @@ out:
 	lp_backend_destroy(be);
 	free(prompts);
 	lp_buf_release(&prompts_buf);
+	lp_options_release(&o.cli);
 	return status;
 }

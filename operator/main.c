@@ -18,6 +18,8 @@
 #include <jansson.h>
 
 #include "common/buf.h"
+#include "common/version.h"
+#include "operator/cleanup.h"
 #include "operator/httpd.h"
 #include "operator/kube/backoff.h"
 #include "operator/kube/client.h"
@@ -27,7 +29,7 @@
 #include "operator/reconcile/agents.h"
 #include "operator/reconcile/reconcile.h"
 
-#define VERSION "0.1.0"
+#define VERSION LP_VERSION /* common/version.h: the VERSION file and the commit */
 
 struct options {
 	const char *kubeconfig;
@@ -81,6 +83,7 @@ static void informer_log(void *user, const char *msg)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: loraplane-operator [options]\n"
+	           "       loraplane-operator cleanup [options]   (see cleanup --help)\n"
 	           "\n"
 	           "Watches LoraAdapter resources and loads each adapter into every agent pod of\n"
 	           "its base model; keeps status, Events and a per-adapter Service up to date.\n"
@@ -363,6 +366,8 @@ int main(int argc, char **argv)
 	const char *lease_ns;
 	int rc, status = 1;
 
+	if (argc > 1 && !strcmp(argv[1], "cleanup"))
+		return lp_cleanup_main(argc - 1, argv + 1);
 	rc = parse_args(argc, argv, &o);
 	if (rc)
 		return rc > 0 ? 0 : 2;

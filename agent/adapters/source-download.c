@@ -1,16 +1,24 @@
 /* Download helpers of the sources module: every file of a remote adapter
  * goes through src_get_file(), which enforces the file-count and size
  * limits, creates subdirectories, records the file's digest and reports
- * progress. See source-internal.h. */
+ * progress; src_copy_file() does the same for a local file (model mode's
+ * file:// sources). See source-internal.h. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
 
 #include "agent/adapters/sigv4.h"
 #include "agent/adapters/source-internal.h"
+#include "common/file.h"
+
+#define COPY_CHUNK (1 << 20)
 
 bool src_name_ok(const char *name)
 {
@@ -104,7 +112,7 @@ static int make_parents(struct src_download *d, const char *name, struct lp_err 
 	return 0;
 }
 
-static int record_file(struct src_download *d, const char *name, const struct lp_http_result *r,
+static int record_file(struct src_download *d, const char *name, uint64_t size, const char *sha256,
                        struct lp_err *err)
 {
 	struct src_file *f;
@@ -117,21 +125,19 @@ static int record_file(struct src_download *d, const char *name, const struct lp
 	f->name = strdup(name);
 	if (!f->name)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	f->size = r->bytes;
-	memcpy(f->sha256, r->sha256, sizeof(f->sha256));
+	f->size = size;
+	memcpy(f->sha256, sha256, sizeof(f->sha256));
 	d->n_files++;
 	return 0;
 }
 
-int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name,
-                 uint64_t announced_size, struct lp_http_result *res, struct lp_err *err)
+int src_file_admit(struct src_download *d, const char *name, uint64_t announced_size,
+                   struct lp_err *err)
 {
 	struct lp_source_cache *c = d->cache;
 	bool budget;
 	uint64_t limit = src_adapter_limit(c, &budget);
 	uint64_t room = limit - d->bytes;
-	char path[PATH_MAX];
-	int rc, n;
 
 	if (!src_name_ok(name))
 		return lp_errf(err, -EINVAL,
@@ -153,9 +159,24 @@ int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name
 		               name, (unsigned long long)limit);
 	if (announced_size > room)
 		return lp_errf(err, -EFBIG,
-		               "'%.200s' would bring the adapter over the limit of %llu "
+		               "'%.200s' would bring the %s over the limit of %llu "
 		               "bytes",
-		               name, (unsigned long long)c->max_total_bytes);
+		               name, c->noun, (unsigned long long)c->max_total_bytes);
+	return 0;
+}
+
+int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name,
+                 uint64_t announced_size, struct lp_http_result *res, struct lp_err *err)
+{
+	struct lp_source_cache *c = d->cache;
+	bool budget;
+	uint64_t limit = src_adapter_limit(c, &budget);
+	uint64_t room = limit - d->bytes;
+	char path[PATH_MAX];
+	int rc, n;
+
+	if ((rc = src_file_admit(d, name, announced_size, err)) < 0)
+		return rc;
 	if ((rc = make_parents(d, name, err)) < 0)
 		return rc;
 	n = snprintf(path, sizeof(path), "%s/%s", d->dir, name);
@@ -174,15 +195,107 @@ int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name
 		               "budget of %llu bytes",
 		               name, (unsigned long long)g->max_bytes, (unsigned long long)limit);
 	if (rc == -EFBIG)
-		return lp_errf(err, -EFBIG, "'%.200s' exceeds the limit of %llu bytes%s", name,
+		return lp_errf(err, -EFBIG, "'%.200s' exceeds the limit of %llu bytes%s%s", name,
 		               (unsigned long long)g->max_bytes,
-		               g->max_bytes == c->max_file_bytes ? " per file"
-		                                                 : " left for the adapter");
+		               g->max_bytes == c->max_file_bytes ? " per file" : " left for the ",
+		               g->max_bytes == c->max_file_bytes ? "" : c->noun);
 	if (rc < 0 || res->status < 200 || res->status >= 300)
 		return rc;
 	d->bytes += res->bytes;
 	d->progress_base += res->bytes;
-	return record_file(d, name, res, err);
+	return record_file(d, name, res->bytes, res->sha256, err);
+}
+
+int src_copy_file(struct src_download *d, const char *src, const char *name, struct lp_err *err)
+{
+	static const char digits[] = "0123456789abcdef";
+	struct lp_source_cache *c = d->cache;
+	bool budget;
+	uint64_t room = src_adapter_limit(c, &budget) - d->bytes;
+	uint64_t cap = room < c->max_file_bytes ? room : c->max_file_bytes, done = 0;
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+	char path[PATH_MAX], sha[65];
+	EVP_MD_CTX *ctx = NULL;
+	struct stat st;
+	char *buf = NULL;
+	int in, out = -1, rc, n;
+
+	in = lp_file_open(NULL, src, &st, err);
+	if (in < 0)
+		return in;
+	if ((rc = src_file_admit(d, name, (uint64_t)st.st_size, err)) < 0 ||
+	    (rc = make_parents(d, name, err)) < 0)
+		goto out;
+	n = snprintf(path, sizeof(path), "%s/%s", d->dir, name);
+	if (n < 0 || (size_t)n >= sizeof(path)) {
+		rc = lp_errf(err, -ENAMETOOLONG, "file name '%.200s' is too long", name);
+		goto out;
+	}
+	buf = malloc(COPY_CHUNK);
+	ctx = EVP_MD_CTX_new();
+	if (!buf || !ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	out = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (out < 0) {
+		rc = lp_errf(err, -errno, "cannot create '%s': %s", path, strerror(errno));
+		goto out;
+	}
+	for (;;) {
+		ssize_t got = read(in, buf, COPY_CHUNK);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0) {
+			rc = lp_errf(err, -EIO, "cannot read '%s': %s", src, strerror(errno));
+			goto out;
+		}
+		if (got == 0)
+			break;
+		/* the file may grow while it is copied */
+		if ((uint64_t)got > cap - done) {
+			rc = lp_errf(err, -EFBIG, "'%.200s' exceeds the limit of %llu bytes%s%s",
+			             name, (unsigned long long)cap,
+			             cap == c->max_file_bytes ? " per file" : " left for the ",
+			             cap == c->max_file_bytes ? "" : c->noun);
+			goto out;
+		}
+		for (ssize_t w = 0; w < got;) {
+			ssize_t k = write(out, buf + w, (size_t)(got - w));
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k < 0) {
+				rc = lp_errf(err, -errno, "cannot write '%s': %s", path,
+				             strerror(errno));
+				goto out;
+			}
+			w += k;
+		}
+		EVP_DigestUpdate(ctx, buf, (size_t)got);
+		done += (uint64_t)got;
+		on_progress(d, done);
+	}
+	if (fsync(out) < 0) {
+		rc = lp_errf(err, -errno, "cannot write '%s': %s", path, strerror(errno));
+		goto out;
+	}
+	EVP_DigestFinal_ex(ctx, md, &mdlen);
+	for (unsigned int i = 0; i < 32; i++) {
+		sha[2 * i] = digits[md[i] >> 4];
+		sha[2 * i + 1] = digits[md[i] & 15];
+	}
+	sha[64] = '\0';
+	d->bytes += done;
+	d->progress_base += done;
+	rc = record_file(d, name, done, sha, err);
+out:
+	if (out >= 0)
+		close(out);
+	EVP_MD_CTX_free(ctx);
+	free(buf);
+	close(in);
+	return rc;
 }
 
 int src_get_memory(struct src_download *d, struct lp_http_get *g, struct lp_buf *body,

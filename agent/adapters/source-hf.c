@@ -1,6 +1,7 @@
 /* hf://org/repo[@revision] sources: the repo's file list from
  * {endpoint}/api/models/{repo}/revision/{rev} (siblings[].rfilename), then
- * the adapter files from {endpoint}/{repo}/resolve/{rev}/{file}, following
+ * the adapter files (in model mode the model files, or the one file the
+ * uri names, without a listing) from {endpoint}/{repo}/resolve/{rev}/{file}, following
  * redirects (the hub sends large files to a CDN). HF_TOKEN goes in an
  * Authorization header; curl drops it when a redirect leaves the host. */
 #include <errno.h>
@@ -117,6 +118,81 @@ static int hf_choose(struct src_download *d, json_t *siblings, struct hf_pick *p
 	               u->repo, u->revision);
 }
 
+/* Model mode: the model files among the repo's top-level files. */
+static int hf_choose_model(struct src_download *d, json_t *siblings, struct hf_pick *pick, int *n,
+                           struct lp_err *err)
+{
+	size_t ns = json_array_size(siblings), i;
+	const char **names = calloc(ns ? ns : 1, sizeof(*names));
+	uint64_t *sizes = calloc(ns ? ns : 1, sizeof(*sizes));
+	int *chosen = calloc(ns ? ns : 1, sizeof(*chosen));
+	char what[600];
+	int k = 0, n_chosen = 0, rc;
+	json_t *s;
+
+	*n = 0;
+	if (!names || !sizes || !chosen) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	json_array_foreach(siblings, i, s)
+	{
+		const char *name = json_string_value(json_object_get(s, "rfilename"));
+		json_t *sz = json_object_get(s, "size");
+		if (!name || strchr(name, '/'))
+			continue;
+		names[k] = name;
+		sizes[k] = json_is_integer(sz) && json_integer_value(sz) > 0
+		               ? (uint64_t)json_integer_value(sz)
+		               : 0;
+		k++;
+	}
+	snprintf(what, sizeof(what), "hf://%s@%s", d->u->repo, d->u->revision);
+	if ((rc = src_model_pick(names, k, chosen, &n_chosen, what, err)) < 0)
+		goto out;
+	for (int j = 0; j < n_chosen; j++)
+		pick[(*n)++] = (struct hf_pick){names[chosen[j]], sizes[chosen[j]]};
+out:
+	free(names);
+	free(sizes);
+	free(chosen);
+	return rc;
+}
+
+/* GETs {endpoint}/{repo}/resolve/{rev}/{remote} into the file name. */
+static int hf_get(struct src_download *d, const char *const *headers, const char *remote,
+                  const char *name, uint64_t size, struct lp_http_result *res, struct lp_err *err)
+{
+	const struct src_uri *u = d->u;
+	struct lp_buf url;
+	int rc;
+
+	lp_buf_init(&url, 16384);
+	rc = lp_buf_appendf(&url, err, "%s/%s/resolve/", d->env->hf_endpoint, u->repo);
+	if (rc == 0)
+		rc = src_url_append(&url, u->revision, false, err);
+	if (rc == 0)
+		rc = lp_buf_append(&url, "/", 1, err);
+	if (rc == 0)
+		rc = src_url_append(&url, remote, true, err);
+	if (rc < 0)
+		goto out;
+	struct lp_http_get g = {.url = url.data, .headers = headers, .follow_redirects = true};
+	if ((rc = src_get_file(d, &g, name, size, res, err)) < 0) {
+		lp_err_prefix(err, "hf://%s@%s", u->repo, u->revision);
+		goto out;
+	}
+	if (res->status < 200 || res->status >= 300) {
+		char detail[400];
+		hf_error_detail(res, detail, sizeof(detail));
+		rc = src_http_error(d, res->status, detail, err, "hf://%s@%s: GET '%s' failed",
+		                    u->repo, u->revision, remote);
+	}
+out:
+	lp_buf_release(&url);
+	return rc;
+}
+
 int src_hf_fetch(struct src_download *d, struct lp_err *err)
 {
 	const struct src_uri *u = d->u;
@@ -124,11 +200,12 @@ int src_hf_fetch(struct src_download *d, struct lp_err *err)
 	struct lp_buf url, body, auth;
 	struct lp_http_result *res = malloc(sizeof(*res));
 	const char *headers[2] = {NULL, NULL};
-	struct hf_pick pick[2];
+	struct hf_pick *pick = NULL;
 	json_t *root = NULL, *siblings;
 	json_error_t jerr;
 	uint64_t total = 0;
 	bool sizes_known = true;
+	size_t ns;
 	int n = 0, rc;
 
 	if (!res)
@@ -141,6 +218,11 @@ int src_hf_fetch(struct src_download *d, struct lp_err *err)
 		    0)
 			goto out;
 		headers[0] = auth.data;
+	}
+	if (d->cache->model && u->file[0]) { /* one file: no listing needed */
+		const char *base = strrchr(u->file, '/');
+		rc = hf_get(d, headers, u->file, base ? base + 1 : u->file, 0, res, err);
+		goto out;
 	}
 	rc = lp_buf_appendf(&url, err, "%s/api/models/%s/revision/", env->hf_endpoint, u->repo);
 	if (rc == 0)
@@ -169,38 +251,22 @@ int src_hf_fetch(struct src_download *d, struct lp_err *err)
 		             u->repo, u->revision, root ? "" : ": ", root ? "" : jerr.text);
 		goto out;
 	}
-	if ((rc = hf_choose(d, siblings, pick, &n, err)) < 0)
+	ns = json_array_size(siblings);
+	if (!(pick = calloc(ns > 2 ? ns : 2, sizeof(*pick)))) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	rc = d->cache->model ? hf_choose_model(d, siblings, pick, &n, err)
+	                     : hf_choose(d, siblings, pick, &n, err);
+	if (rc < 0)
 		goto out;
 	for (int i = 0; i < n; i++) {
 		total += pick[i].size;
 		sizes_known = sizes_known && pick[i].size > 0;
 	}
 	d->announced = sizes_known ? total : 0;
-	for (int i = 0; i < n && rc == 0; i++) {
-		lp_buf_reset(&url);
-		rc = lp_buf_appendf(&url, err, "%s/%s/resolve/", env->hf_endpoint, u->repo);
-		if (rc == 0)
-			rc = src_url_append(&url, u->revision, false, err);
-		if (rc == 0)
-			rc = lp_buf_append(&url, "/", 1, err);
-		if (rc == 0)
-			rc = src_url_append(&url, pick[i].name, true, err);
-		if (rc < 0)
-			goto out;
-		struct lp_http_get g = {
-		    .url = url.data, .headers = headers, .follow_redirects = true};
-		if ((rc = src_get_file(d, &g, pick[i].name, pick[i].size, res, err)) < 0) {
-			lp_err_prefix(err, "hf://%s@%s", u->repo, u->revision);
-			goto out;
-		}
-		if (res->status < 200 || res->status >= 300) {
-			char detail[400];
-			hf_error_detail(res, detail, sizeof(detail));
-			rc = src_http_error(d, res->status, detail, err,
-			                    "hf://%s@%s: GET '%s' failed", u->repo, u->revision,
-			                    pick[i].name);
-		}
-	}
+	for (int i = 0; i < n && rc == 0; i++)
+		rc = hf_get(d, headers, pick[i].name, pick[i].name, pick[i].size, res, err);
 out:
 	json_decref(root);
 	if (auth.data)
@@ -208,6 +274,7 @@ out:
 	lp_buf_release(&auth);
 	lp_buf_release(&url);
 	lp_buf_release(&body);
+	free(pick);
 	free(res);
 	return rc;
 }

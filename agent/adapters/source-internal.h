@@ -37,6 +37,9 @@ struct src_uri {
 	char revision[256];          /* hf: "main" unless given */
 	char url[LP_SOURCE_URI_MAX]; /* https: the URI itself */
 	bool single_file;            /* https: ends in .nemo */
+	/* Model mode only (src_uri_parse_model): */
+	char file[SRC_NAME_MAX]; /* hf: one file of the repo, "" for the model files */
+	bool gguf;               /* https, http: the path ends in .gguf */
 };
 
 /* Environment read once at creation; NULL when unset or empty. */
@@ -65,7 +68,9 @@ struct src_entry {
 };
 
 struct lp_source_cache {
-	char dir[PATH_MAX];
+	bool model;         /* model mode: lp_source_fetch_model() only */
+	const char *noun;   /* "adapter" or "model", for messages */
+	char dir[PATH_MAX]; /* "" in model mode */
 	uint64_t max_file_bytes;
 	uint64_t max_total_bytes;
 	uint64_t max_cache_bytes;
@@ -123,6 +128,10 @@ struct src_download {
 
 /* Parses uri; -EINVAL with a message naming what is wrong. */
 int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err);
+/* The same for a model URI: hf://org/repo[@rev]/path/file.gguf names one
+ * file (u->file), an https path ending in .gguf is one file (u->gguf), and
+ * plain http:// is taken like https:// when allow_http is set. */
+int src_uri_parse_model(struct src_uri *u, const char *uri, bool allow_http, struct lp_err *err);
 const char *src_scheme_name(enum src_scheme s);
 
 /* Checks that name (a relative '/'-separated path from a listing) can be
@@ -135,12 +144,23 @@ bool src_name_ok(const char *name);
 int src_download_init(struct src_download *d, const char *ca_bundle, struct lp_err *err);
 void src_download_release(struct src_download *d);
 
+/* Checks that one more file, name, of announced_size bytes (0: unknown)
+ * may be stored: a usable name not stored yet, the file count and the
+ * size limits. 0 or -EINVAL, -EFBIG, -ENOSPC with a message. */
+int src_file_admit(struct src_download *d, const char *name, uint64_t announced_size,
+                   struct lp_err *err);
+
 /* GETs g (with g->path and g->max_bytes filled here) into the file name of
  * the download, after checking the file count and announced_size (0:
  * unknown) against the limits. Returns 0 with res->status set (the file
  * exists and is recorded only for 2xx), or a negative code. */
 int src_get_file(struct src_download *d, struct lp_http_get *g, const char *name,
                  uint64_t announced_size, struct lp_http_result *res, struct lp_err *err);
+
+/* Copies the local regular file src into the file name of the download,
+ * like src_get_file() for a remote one: the same limits, digest and
+ * progress; the copy is fsynced. 0 or a negative code. */
+int src_copy_file(struct src_download *d, const char *src, const char *name, struct lp_err *err);
 
 /* GETs g into body (a listing or JSON document, at most max bytes).
  * Returns 0 with res->status set, or a negative code. */
@@ -159,10 +179,42 @@ int src_http_error(struct src_download *d, long status, const char *detail, stru
 /* Appends a URL-encoded form of s (slashes kept or not) to out. */
 int src_url_append(struct lp_buf *out, const char *s, bool keep_slash, struct lp_err *err);
 
-/* Fetch functions of the remote schemes: store the adapter's files in
- * d->dir through src_get_file(). */
+/* Fetch functions of the remote schemes: store the adapter's (in model
+ * mode the model's) files in d->dir through src_get_file(). */
 int src_s3_fetch(struct src_download *d, struct lp_err *err);
 int src_hf_fetch(struct src_download *d, struct lp_err *err);
 int src_https_fetch(struct src_download *d, struct lp_err *err);
+
+/* ---- model mode (source-model.c) ---- */
+
+/* Chooses the files of a model among n top-level file names (a hub
+ * listing, a local directory): a directory model is config.json with at
+ * least one *.safetensors, plus those of src_model_extra_names that are
+ * there; otherwise one *.gguf file. pick (n entries, the caller's)
+ * receives the indexes chosen, *n_pick their count. -ENOENT when there
+ * is no model, -EINVAL for several .gguf files and no config.json (the
+ * message lists them); what names the source in messages. */
+int src_model_pick(const char *const *names, int n, int *pick, int *n_pick, const char *what,
+                   struct lp_err *err);
+
+/* The files of a directory model besides config.json and the weights,
+ * fetched when present; NULL-terminated. */
+extern const char *const src_model_extra_names[];
+
+/* Whether name ends in .gguf (any case). */
+bool src_is_gguf(const char *name);
+
+/* Reads the shard names of the model.safetensors.index.json stored in
+ * the download as index_name (its weight_map's values, each once) into
+ * *names (malloc'd array of malloc'd strings; free with
+ * src_names_free()). -EINVAL for an index that is not such a document
+ * or names a file that cannot be stored. */
+int src_model_index_shards(struct src_download *d, const char *index_name, char ***names, int *n,
+                           struct lp_err *err);
+void src_names_free(char **names, int n);
+
+/* file:// in model mode: copies the .gguf file, or the model files of
+ * the directory (src_model_pick), at d->u->path into d->dir. */
+int src_file_model_fetch(struct src_download *d, struct lp_err *err);
 
 #endif

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,6 +31,9 @@
 #define DEFAULT_MAX_TOTAL_BYTES (16ULL << 30)
 #define DEFAULT_MAX_FILES       64
 #define DEFAULT_MAX_CACHE_BYTES (32ULL << 30)
+#define MODEL_MAX_FILE_BYTES    (256ULL << 30)
+#define MODEL_MAX_TOTAL_BYTES   (1ULL << 40)
+#define MODEL_MAX_FILES         4096
 #define META_MAX_BYTES          (4u << 20)
 /* A .tmp directory of a dead process is removed once it is this old, in
  * case the pid belongs to another namespace sharing the cache. */
@@ -135,6 +139,48 @@ out_bad_repo:
 	               (int)(rn > 200 ? 200 : rn), rest);
 }
 
+/* hf://org/repo[@rev][/path/file.gguf]: the revision is one path
+ * segment, or three when it starts with refs/ (refs/pr/1); without a
+ * revision the repository is org/name, so that a third segment starts the
+ * file's path. */
+static int parse_hf_model(struct src_uri *u, const char *uri, const char *rest, struct lp_err *err)
+{
+	char head[LP_SOURCE_URI_MAX];
+	const char *at = strchr(rest, '@'), *end = NULL;
+	size_t hn;
+	int rc;
+
+	if (at) {
+		const char *p = at + 1;
+		int segs = strncmp(p, "refs/", 5) == 0 ? 3 : 1;
+		for (int i = 0; i < segs; i++) {
+			const char *q = strchr(p, '/');
+			if (!q)
+				break;
+			if (i == segs - 1)
+				end = q;
+			p = q + 1;
+		}
+	} else {
+		const char *s1 = strchr(rest, '/');
+		end = s1 ? strchr(s1 + 1, '/') : NULL;
+	}
+	hn = end ? (size_t)(end - rest) : strlen(rest);
+	memcpy(head, rest, hn);
+	head[hn] = '\0';
+	if ((rc = parse_hf(u, uri, head, err)) < 0)
+		return rc;
+	if (!end)
+		return 0;
+	if (!src_name_ok(end + 1) || !src_is_gguf(end + 1))
+		return lp_errf(err, -EINVAL,
+		               "'%.200s' names neither a repository nor one .gguf file in it "
+		               "(hf://org/repo[@revision][/path/file.gguf])",
+		               uri);
+	memcpy(u->file, end + 1, strlen(end + 1) + 1);
+	return 0;
+}
+
 static int parse_s3(struct src_uri *u, const char *uri, const char *rest, struct lp_err *err)
 {
 	const char *slash = strchr(rest, '/');
@@ -196,6 +242,7 @@ static int parse_https(struct src_uri *u, const char *uri, struct lp_err *err)
 	{
 		size_t n = strlen(path);
 		u->single_file = n > 5 && strcasecmp(path + n - 5, ".nemo") == 0;
+		u->gguf = src_is_gguf(path);
 	}
 out:
 	curl_free(part);
@@ -205,7 +252,8 @@ out:
 	return rc;
 }
 
-int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err)
+static int uri_parse(struct src_uri *u, const char *uri, bool model, bool allow_http,
+                     struct lp_err *err)
 {
 	size_t n;
 
@@ -236,12 +284,22 @@ int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err)
 	}
 	if (strncmp(uri, "hf://", 5) == 0) {
 		u->scheme = SRC_HF;
-		return parse_hf(u, uri, uri + 5, err);
+		return model ? parse_hf_model(u, uri, uri + 5, err)
+		             : parse_hf(u, uri, uri + 5, err);
 	}
 	if (strncmp(uri, "https://", 8) == 0) {
 		u->scheme = SRC_HTTPS;
 		return parse_https(u, uri, err);
 	}
+	if (strncmp(uri, "http://", 7) == 0 && model && allow_http) {
+		u->scheme = SRC_HTTPS;
+		return parse_https(u, uri, err);
+	}
+	if (strncmp(uri, "http://", 7) == 0 && model)
+		return lp_errf(err, -EINVAL,
+		               "source '%.200s' uses plain http; models are fetched over https "
+		               "unless --allow-insecure-source-endpoints is given",
+		               uri);
 	if (strncmp(uri, "http://", 7) == 0)
 		return lp_errf(err, -EINVAL,
 		               "source '%.200s' uses plain http; adapters are fetched "
@@ -255,6 +313,16 @@ int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err)
 		               (int)(sn > 32 ? 32 : sn), uri);
 	}
 	return lp_errf(err, -EINVAL, "source '%.200s' is neither a uri nor an absolute path", uri);
+}
+
+int src_uri_parse(struct src_uri *u, const char *uri, struct lp_err *err)
+{
+	return uri_parse(u, uri, false, false, err);
+}
+
+int src_uri_parse_model(struct src_uri *u, const char *uri, bool allow_http, struct lp_err *err)
+{
+	return uri_parse(u, uri, true, allow_http, err);
 }
 
 int lp_source_cache_name(const char *uri, char *out, size_t cap, struct lp_err *err)
@@ -307,7 +375,9 @@ static void rm_rf(const char *path)
 	nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static int mkdir_p(const char *dir, struct lp_err *err)
+/* mkdir -p dir: the last directory is made with last_mode, its parents
+ * 0755. */
+static int mkdir_p(const char *dir, mode_t last_mode, struct lp_err *err)
 {
 	char p[PATH_MAX];
 	size_t n = strlen(dir);
@@ -320,8 +390,7 @@ static int mkdir_p(const char *dir, struct lp_err *err)
 			continue;
 		char c = p[i];
 		p[i] = '\0';
-		/* the cache itself is private; parents are ordinary directories */
-		if (mkdir(p, c == '\0' ? 0700 : 0755) < 0 && errno != EEXIST) {
+		if (mkdir(p, c == '\0' ? last_mode : 0755) < 0 && errno != EEXIST) {
 			int e = errno;
 			return lp_errf(err, -e, "cannot create '%s': %s", p, strerror(e));
 		}
@@ -1227,6 +1296,21 @@ static uint64_t creds_fingerprint(const struct lp_source_credentials *cr)
 	return h ? h : 1;
 }
 
+/* Lower-cases a sha256 pin (NULL: none) into pin; *pinp is pin or NULL. */
+static int pin_parse(const char *in, char pin[65], const char **pinp, struct lp_err *err)
+{
+	*pinp = NULL;
+	if (!in)
+		return 0;
+	if (strlen(in) != 64 || strspn(in, "0123456789abcdefABCDEF") != 64)
+		return lp_errf(err, -EINVAL, "sha256 pin must be 64 hex characters");
+	for (size_t i = 0; i < 64; i++)
+		pin[i] = (char)tolower((unsigned char)in[i]);
+	pin[64] = '\0';
+	*pinp = pin;
+	return 0;
+}
+
 int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
                     bool from_api, const struct lp_source_credentials *creds, char *local_path,
                     size_t cap, struct lp_source_result *res, struct lp_err *err)
@@ -1243,15 +1327,11 @@ int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha2
 	memset(res, 0, sizeof(*res));
 	if (cap > 0)
 		local_path[0] = '\0';
-	if (sha256_or_null) {
-		size_t n = strlen(sha256_or_null);
-		if (n != 64 || strspn(sha256_or_null, "0123456789abcdefABCDEF") != 64)
-			return lp_errf(err, -EINVAL, "sha256 pin must be 64 hex characters");
-		for (size_t i = 0; i < n; i++)
-			pin[i] = (char)tolower((unsigned char)sha256_or_null[i]);
-		pin[64] = '\0';
-		pinp = pin;
-	}
+	if (c->model)
+		return lp_errf(err, -EINVAL,
+		               "a model-mode source fetches with lp_source_fetch_model");
+	if ((rc = pin_parse(sha256_or_null, pin, &pinp, err)) < 0)
+		return rc;
 	u = malloc(sizeof(*u));
 	if (!u)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -1286,11 +1366,374 @@ out:
 	return rc;
 }
 
+/* ---- model mode: one download into a directory of the caller's ---- */
+
+/* A destination directory split into its parent and last name. */
+struct model_dest {
+	char path[PATH_MAX];   /* as given, without trailing slashes */
+	char parent[PATH_MAX]; /* "." when path has no slash */
+	char base[256];
+};
+
+static int dest_split(struct model_dest *md, const char *dest, struct lp_err *err)
+{
+	size_t n = dest ? strlen(dest) : 0;
+	const char *slash, *base;
+
+	while (n > 1 && dest[n - 1] == '/')
+		n--;
+	if (n == 0 || n >= sizeof(md->path) - 300)
+		return lp_errf(err, -EINVAL, "destination '%.200s' is not a usable path",
+		               dest ? dest : "");
+	memcpy(md->path, dest, n);
+	md->path[n] = '\0';
+	slash = strrchr(md->path, '/');
+	base = slash ? slash + 1 : md->path;
+	if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0 || strlen(base) > 200)
+		return lp_errf(err, -EINVAL,
+		               "destination '%.200s' must end in a directory name of at most 200 "
+		               "bytes (like /models/base)",
+		               dest);
+	memcpy(md->base, base, strlen(base) + 1);
+	if (!slash)
+		memcpy(md->parent, ".", 2);
+	else if (slash == md->path)
+		memcpy(md->parent, "/", 2);
+	else {
+		memcpy(md->parent, md->path, (size_t)(slash - md->path));
+		md->parent[slash - md->path] = '\0';
+	}
+	return 0;
+}
+
+/* The parent as the start of "<parent>/<name>": "" for the root. */
+static const char *dest_parent(const struct model_dest *md)
+{
+	return strcmp(md->parent, "/") == 0 ? "" : md->parent;
+}
+
+/* Opens and locks <parent>/.<base>.lock (flock, waiting for another
+ * fetch into the same destination to finish). Returns the descriptor;
+ * *locked is false where the file system has no locks. */
+static int dest_lock(const struct model_dest *md, bool *locked, struct lp_err *err)
+{
+	char path[PATH_MAX];
+	int fd;
+
+	*locked = false;
+	if (!path_fmt(path, sizeof(path), "%s/.%s.lock", dest_parent(md), md->base))
+		return lp_errf(err, -ENAMETOOLONG, "destination path is too long");
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0) {
+		int e = errno;
+		return lp_errf(err, -e, "cannot create the lock file '%s': %s", path, strerror(e));
+	}
+	while (flock(fd, LOCK_EX) < 0) {
+		int e = errno;
+		if (e == EINTR)
+			continue;
+		if (e == ENOLCK || e == EOPNOTSUPP || e == ENOSYS)
+			return fd; /* no locks here: nothing is swept either */
+		close(fd);
+		return lp_errf(err, -e, "cannot lock '%s': %s", path, strerror(e));
+	}
+	*locked = true;
+	return fd;
+}
+
+/* Removes the .<base>.tmp.* and .<base>.old.* directories beside the
+ * destination: with its lock held, they are what killed fetches left. */
+static void dest_sweep(const struct model_dest *md)
+{
+	char tmp[300], old[300], path[PATH_MAX];
+	DIR *d = opendir(md->parent);
+	struct dirent *e;
+	struct stat st;
+
+	if (!d)
+		return;
+	snprintf(tmp, sizeof(tmp), ".%s.tmp.", md->base);
+	snprintf(old, sizeof(old), ".%s.old.", md->base);
+	while ((e = readdir(d))) {
+		if (strncmp(e->d_name, tmp, strlen(tmp)) != 0 &&
+		    strncmp(e->d_name, old, strlen(old)) != 0)
+			continue;
+		if (path_fmt(path, sizeof(path), "%s/%s", dest_parent(md), e->d_name) &&
+		    lstat(path, &st) == 0 && S_ISDIR(st.st_mode))
+			rm_rf(path);
+	}
+	closedir(d);
+}
+
+/* The destination may be replaced when it is absent, an empty directory or
+ * one an earlier fetch wrote (it holds the metadata file); it must not be
+ * a mount point, which cannot be renamed. */
+static int dest_check(const struct model_dest *md, struct lp_err *err)
+{
+	struct stat st, pst;
+	struct dirent *e;
+	bool meta = false;
+	int others = 0;
+	DIR *d;
+
+	if (lstat(md->path, &st) < 0) {
+		int e = errno;
+		if (e == ENOENT)
+			return 0;
+		return lp_errf(err, -e, "cannot stat '%s': %s", md->path, strerror(e));
+	}
+	if (S_ISLNK(st.st_mode))
+		return lp_errf(err, -EINVAL,
+		               "destination '%s' is a symbolic link; give the directory itself",
+		               md->path);
+	if (!S_ISDIR(st.st_mode))
+		return lp_errf(err, -ENOTDIR, "destination '%s' is not a directory", md->path);
+	if (stat(md->parent, &pst) == 0 && pst.st_dev != st.st_dev)
+		return lp_errf(err, -EBUSY,
+		               "destination '%s' is a mount point, which cannot be replaced whole; "
+		               "give a directory inside the volume (like %s/model)",
+		               md->path, md->path);
+	if (!(d = opendir(md->path))) {
+		int e = errno;
+		return lp_errf(err, -e, "cannot read '%s': %s", md->path, strerror(e));
+	}
+	while ((e = readdir(d))) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		if (strcmp(e->d_name, SRC_META_NAME) == 0)
+			meta = true;
+		else
+			others++;
+	}
+	closedir(d);
+	if (others > 0 && !meta)
+		return lp_errf(err, -EEXIST,
+		               "destination '%s' holds files that no fetch wrote (no %s); empty "
+		               "it or choose another directory",
+		               md->path, SRC_META_NAME);
+	return 0;
+}
+
+/* Moves the finished tmp directory to the destination, replacing an
+ * earlier one whole. */
+static int dest_install(struct lp_source_cache *c, const struct model_dest *md, const char *tmp,
+                        struct lp_err *err)
+{
+	char old[PATH_MAX];
+	unsigned long n;
+	int e;
+
+	if (rename(tmp, md->path) == 0)
+		goto out_ok;
+	if (errno != ENOTEMPTY && errno != EEXIST)
+		goto out_fail;
+	if (renameat2(AT_FDCWD, tmp, AT_FDCWD, md->path, RENAME_EXCHANGE) == 0) {
+		rm_rf(tmp); /* the earlier model */
+		goto out_ok;
+	}
+	if (errno != EINVAL && errno != ENOSYS)
+		goto out_fail;
+	pthread_mutex_lock(&c->lock);
+	n = c->tmp_counter++;
+	pthread_mutex_unlock(&c->lock);
+	if (!path_fmt(old, sizeof(old), "%s/.%s.old.%ld.%lu", dest_parent(md), md->base,
+	              (long)getpid(), n)) {
+		errno = ENAMETOOLONG;
+		goto out_fail;
+	}
+	if (rename(md->path, old) < 0)
+		goto out_fail;
+	if (rename(tmp, md->path) < 0) {
+		e = errno;
+		rename(old, md->path); /* put the earlier model back */
+		errno = e;
+		goto out_fail;
+	}
+	rm_rf(old);
+out_ok:
+	fsync_path(md->parent);
+	return 0;
+out_fail:
+	e = errno;
+	return lp_errf(err, -EIO, "cannot move the download into '%s': %s", md->path, strerror(e));
+}
+
+/* Whether the URI's form names one file (a .gguf): only then is a sha256
+ * pin meaningful. */
+static bool uri_names_gguf(const struct src_uri *u)
+{
+	switch (u->scheme) {
+	case SRC_FILE:
+		return src_is_gguf(u->path);
+	case SRC_S3:
+		return src_is_gguf(u->prefix);
+	case SRC_HF:
+		return u->file[0] != '\0';
+	case SRC_HTTPS:
+		return u->gguf;
+	}
+	return false;
+}
+
+/* The single .gguf file a download consists of, or NULL for a directory
+ * model. */
+static const char *model_single_file(const struct src_download *d)
+{
+	if (d->n_files == 1 && !strchr(d->files[0].name, '/') && src_is_gguf(d->files[0].name))
+		return d->files[0].name;
+	return NULL;
+}
+
+int lp_source_fetch_model(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
+                          const char *dest, char *local_path, size_t cap,
+                          struct lp_source_result *res, struct lp_err *err)
+{
+	struct lp_source_result scratch;
+	struct model_dest *md = NULL;
+	struct src_uri *u = NULL;
+	struct src_download d;
+	char pin[65], tmp[PATH_MAX] = "";
+	const char *pinp, *single = NULL, *ca;
+	bool locked, intact = false;
+	unsigned long n;
+	int lock_fd = -1, rc;
+
+	if (!res)
+		res = &scratch;
+	memset(res, 0, sizeof(*res));
+	memset(&d, 0, sizeof(d));
+	if (cap > 0)
+		local_path[0] = '\0';
+	if (!c->model)
+		return lp_errf(err, -EINVAL, "lp_source_fetch_model needs a model-mode source");
+	if ((rc = pin_parse(sha256_or_null, pin, &pinp, err)) < 0)
+		return rc;
+	md = malloc(sizeof(*md));
+	u = malloc(sizeof(*u));
+	if (!md || !u) {
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	if ((rc = src_uri_parse_model(u, uri, c->allow_insecure_endpoints, err)) < 0 ||
+	    (rc = dest_split(md, dest, err)) < 0)
+		goto out;
+	if (pinp && !uri_names_gguf(u)) {
+		rc = lp_errf(err, -EINVAL,
+		             "a sha256 pin applies to a single-file model (a uri ending in .gguf); "
+		             "'%.200s' names a directory model",
+		             uri);
+		goto out;
+	}
+	/* checked before anything is created beside it, and again once
+	 * no other fetch can change it */
+	if ((rc = dest_check(md, err)) < 0 || (rc = mkdir_p(md->parent, 0755, err)) < 0)
+		goto out;
+	if ((rc = lock_fd = dest_lock(md, &locked, err)) < 0)
+		goto out;
+	if (locked)
+		dest_sweep(md);
+	if ((rc = dest_check(md, err)) < 0)
+		goto out;
+	/* a complete earlier fetch of the same uri: every byte is checked */
+	rc = entry_use(md->path, uri, pinp, local_path, cap, res, &intact, err);
+	if (rc != 0) {
+		rc = rc < 0 ? rc : 0;
+		goto out;
+	}
+
+	pthread_mutex_lock(&c->lock);
+	n = c->tmp_counter++;
+	pthread_mutex_unlock(&c->lock);
+	if (!path_fmt(tmp, sizeof(tmp), "%s/.%s.tmp.%ld.%lu", dest_parent(md), md->base,
+	              (long)getpid(), n)) {
+		tmp[0] = '\0';
+		rc = lp_errf(err, -ENAMETOOLONG, "destination path is too long");
+		goto out;
+	}
+	if (mkdir(tmp, 0755) < 0) {
+		int e = errno;
+		rc = lp_errf(err, -e, "cannot create '%s': %s", tmp, strerror(e));
+		tmp[0] = '\0';
+		goto out;
+	}
+	d.cache = c;
+	d.env = &c->env;
+	d.u = u;
+	d.uri = uri;
+	d.dir = tmp;
+	clock_gettime(CLOCK_MONOTONIC, &d.last_progress);
+	ca = u->scheme == SRC_S3 && c->env.aws_ca_bundle ? c->env.aws_ca_bundle
+	                                                 : c->env.curl_ca_bundle;
+	if (u->scheme != SRC_FILE && (rc = src_download_init(&d, ca, err)) < 0)
+		goto out;
+	switch (u->scheme) {
+	case SRC_S3:
+		rc = src_s3_fetch(&d, err);
+		break;
+	case SRC_HF:
+		rc = src_hf_fetch(&d, err);
+		break;
+	case SRC_HTTPS:
+		rc = src_https_fetch(&d, err);
+		break;
+	case SRC_FILE:
+		rc = src_file_model_fetch(&d, err);
+		break;
+	}
+	if (rc < 0)
+		goto out;
+	if (d.n_files == 0) {
+		rc = lp_errf(err, -ENOENT, "source '%.200s' has no files", uri);
+		goto out;
+	}
+	if ((single = model_single_file(&d)))
+		memcpy(res->sha256, d.files[0].sha256, sizeof(res->sha256));
+	if (pinp && !single) {
+		rc = lp_errf(err, -EINVAL,
+		             "a sha256 pin applies to a single-file model; '%.200s' is a directory "
+		             "model of %d files",
+		             uri, d.n_files);
+		goto out;
+	}
+	if (pinp && strcmp(pinp, res->sha256) != 0) {
+		rc = lp_errf(err, -EBADMSG, "'%.200s' has sha256 %s, not the pinned %s", uri,
+		             res->sha256, pinp);
+		goto out;
+	}
+	if ((rc = write_meta(&d, single ? single : "", single, res->sha256, err)) < 0)
+		goto out;
+	fsync_path(tmp);
+	if ((rc = dest_install(c, md, tmp, err)) < 0)
+		goto out;
+	src_progress_final(&d);
+	res->bytes_downloaded = d.bytes;
+	res->bytes_total = d.bytes;
+	res->files = d.n_files;
+	rc = copy_out(local_path, cap, md->path, single, err);
+out:
+	if (rc < 0) {
+		res->http_status = d.http_status;
+		res->sha256[0] = '\0';
+		if (cap > 0)
+			local_path[0] = '\0';
+	}
+	if (tmp[0])
+		rm_rf(tmp); /* gone already after a plain rename */
+	src_download_release(&d);
+	if (lock_fd >= 0)
+		close(lock_fd); /* and with it the lock */
+	free(md);
+	free(u);
+	return rc;
+}
+
 int lp_source_evict(struct lp_source_cache *c, const char *uri, struct lp_err *err)
 {
 	char name[64], final[PATH_MAX];
 	int rc;
 
+	if (c->model)
+		return lp_errf(err, -EINVAL, "a model-mode source has no cache to evict from");
 	if ((rc = lp_source_cache_name(uri, name, sizeof(name), err)) < 0)
 		return rc;
 	if (!path_fmt(final, sizeof(final), "%s/%s", c->dir, name))
@@ -1645,6 +2088,27 @@ static int cache_dir_check(const char *given, const char *real, struct lp_err *e
 	return 0;
 }
 
+/* Creates and checks the cache directory of an adapter cache (c->dir). */
+static int cache_dir_setup(struct lp_source_cache *c, const char *dir, struct lp_err *err)
+{
+	int rc;
+
+	/* the cache itself is private; parents are ordinary directories */
+	if ((rc = mkdir_p(dir, 0700, err)) < 0)
+		return rc;
+	if (!realpath(dir, c->dir))
+		return lp_errf(err, -errno, "cannot resolve cache directory '%.200s': %s", dir,
+		               strerror(errno));
+	if (strlen(c->dir) > PATH_MAX - 256)
+		return lp_errf(err, -ENAMETOOLONG, "cache directory path '%.200s' is too long",
+		               c->dir);
+	if ((rc = cache_dir_check(dir, c->dir, err)) < 0)
+		return rc;
+	if (access(c->dir, W_OK | X_OK) < 0)
+		return lp_errf(err, -EACCES, "cache directory '%.200s' is not writable", c->dir);
+	return 0;
+}
+
 int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_config *cfg,
                         struct lp_err *err)
 {
@@ -1652,7 +2116,7 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 	int rc, n = 0;
 
 	*out = NULL;
-	if (!cfg->cache_dir || !cfg->cache_dir[0])
+	if (!cfg->model && (!cfg->cache_dir || !cfg->cache_dir[0]))
 		return lp_errf(err, -EINVAL, "no adapter cache directory given");
 	if (cfg->max_files < 0 || cfg->max_attempts < 0 || cfg->backoff_initial_ms < 0 ||
 	    cfg->backoff_max_ms < 0 || cfg->s3_list_page_size < 0 || cfg->s3_list_page_size > 1000)
@@ -1662,31 +2126,25 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 		return lp_errf(err, -ENOMEM, "out of memory");
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_mutex_init(&c->budget_lock, NULL);
-	if ((rc = mkdir_p(cfg->cache_dir, err)) < 0)
+	c->model = cfg->model;
+	c->noun = cfg->model ? "model" : "adapter";
+	if (!c->model && (rc = cache_dir_setup(c, cfg->cache_dir, err)) < 0)
 		goto out_fail;
-	if (!realpath(cfg->cache_dir, c->dir)) {
-		rc = lp_errf(err, -errno, "cannot resolve cache directory '%.200s': %s",
-		             cfg->cache_dir, strerror(errno));
-		goto out_fail;
-	}
-	if (strlen(c->dir) > PATH_MAX - 256) {
-		rc = lp_errf(err, -ENAMETOOLONG, "cache directory path '%.200s' is too long",
-		             c->dir);
-		goto out_fail;
-	}
-	if ((rc = cache_dir_check(cfg->cache_dir, c->dir, err)) < 0)
-		goto out_fail;
-	if (access(c->dir, W_OK | X_OK) < 0) {
-		rc = lp_errf(err, -EACCES, "cache directory '%.200s' is not writable", c->dir);
-		goto out_fail;
-	}
-	c->max_file_bytes = cfg->max_file_bytes ? cfg->max_file_bytes : DEFAULT_MAX_FILE_BYTES;
-	c->max_total_bytes = cfg->max_total_bytes ? cfg->max_total_bytes : DEFAULT_MAX_TOTAL_BYTES;
+	c->max_file_bytes = cfg->max_file_bytes ? cfg->max_file_bytes
+	                    : c->model          ? MODEL_MAX_FILE_BYTES
+	                                        : DEFAULT_MAX_FILE_BYTES;
+	c->max_total_bytes = cfg->max_total_bytes ? cfg->max_total_bytes
+	                     : c->model           ? MODEL_MAX_TOTAL_BYTES
+	                                          : DEFAULT_MAX_TOTAL_BYTES;
 	c->max_cache_bytes = cfg->max_cache_bytes ? cfg->max_cache_bytes : DEFAULT_MAX_CACHE_BYTES;
+	if (c->model)
+		c->max_cache_bytes = UINT64_MAX; /* no cache, no budget */
 	c->allow_insecure_endpoints = cfg->allow_insecure_endpoints;
-	c->in_use = cfg->in_use;
+	c->in_use = c->model ? NULL : cfg->in_use;
 	c->in_use_arg = cfg->in_use_arg;
-	c->max_files = cfg->max_files ? cfg->max_files : DEFAULT_MAX_FILES;
+	c->max_files = cfg->max_files ? cfg->max_files
+	               : c->model     ? MODEL_MAX_FILES
+	                              : DEFAULT_MAX_FILES;
 	c->s3_list_page_size = cfg->s3_list_page_size ? cfg->s3_list_page_size : 1000;
 	c->policy.max_attempts = cfg->max_attempts ? cfg->max_attempts : 4;
 	c->policy.backoff_initial_ms = cfg->backoff_initial_ms ? cfg->backoff_initial_ms : 250;
@@ -1698,7 +2156,7 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 	c->progress = cfg->progress;
 	c->progress_arg = cfg->progress_arg;
 	c->progress_interval_ms = cfg->progress_interval_ms > 0 ? cfg->progress_interval_ms : 1000;
-	for (const char *const *r = cfg->allowed_roots; r && *r; r++)
+	for (const char *const *r = cfg->allowed_roots; !c->model && r && *r; r++)
 		n++;
 	if (n > 0 && !(c->roots = calloc((size_t)n, sizeof(*c->roots)))) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
@@ -1721,7 +2179,8 @@ int lp_source_cache_new(struct lp_source_cache **out, const struct lp_source_con
 	}
 	if ((rc = env_read(&c->env, err)) < 0)
 		goto out_fail;
-	sweep_stale(c);
+	if (!c->model)
+		sweep_stale(c);
 	*out = c;
 	return 0;
 out_fail:

@@ -10,6 +10,11 @@
  *   https://host/dir/           the known adapter file names under dir/
  *   https://host/x.nemo         that one file
  *
+ * In model mode (lp_source_config.model, for loraplane-agent fetch) the
+ * URI names a base model instead, fetched with lp_source_fetch_model()
+ * into a directory of the caller's: see that function and
+ * docs/model-fetch.md.
+ *
  * A download lands in <cache>/<scheme>-<32 hex of sha256(uri)>.tmp.<pid>.<n>
  * and is renamed to <cache>/<scheme>-<hash> whole, so a cache entry is
  * complete or absent. A complete entry is reused without any network
@@ -77,6 +82,13 @@ struct lp_source_config {
 	 * without any lock of the cache held, from fetching threads. */
 	bool (*in_use)(void *arg, const char *entry_name);
 	void *in_use_arg;
+	/* Model mode: URIs name a base model, fetched with
+	 * lp_source_fetch_model() only (lp_source_fetch() and
+	 * lp_source_evict() refuse). cache_dir, max_cache_bytes,
+	 * allowed_roots and in_use are not used; the limits default to
+	 * [256 GiB] per file, [1 TiB] in all and [4096] files;
+	 * allow_insecure_endpoints also admits plain http:// model URIs. */
+	bool model;
 };
 
 /* Credentials and endpoints for one fetch, named as the environment
@@ -172,6 +184,50 @@ int lp_source_credentials_check(const struct lp_source_cache *c,
 int lp_source_fetch(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
                     bool from_api, const struct lp_source_credentials *creds, char *local_path,
                     size_t cap, struct lp_source_result *res, struct lp_err *err);
+
+/* Model mode: fetches the base model uri (borrowed) into the directory
+ * dest, which is created (with its parents) when missing and must
+ * otherwise be an empty directory or an earlier fetch's; any other
+ * directory is refused (-EEXIST), as are a symbolic link (-EINVAL) and a
+ * mount point (-EBUSY: dest is renamed, so it must lie inside the volume).
+ *
+ *   s3://bucket/prefix        every object under the prefix
+ *   s3://bucket/dir/x.gguf    that one object
+ *   hf://org/repo[@rev]       the model files of the repo: config.json,
+ *                             generation_config.json, tokenizer.json,
+ *                             tokenizer_config.json, special_tokens_map.json,
+ *                             tokenizer.model, model.safetensors.index.json
+ *                             and every top-level *.safetensors; a repo
+ *                             without config.json and safetensors: its one
+ *                             top-level .gguf file
+ *   hf://org/repo[@rev]/path/x.gguf   that one file
+ *   https://host/dir/         config.json (required), the optional files
+ *                             above, model.safetensors or the index and
+ *                             the shards it names
+ *   https://host/x.gguf       that one file (http:// too with
+ *                             allow_insecure_endpoints)
+ *   file:///path              a local .gguf file, or the model files of a
+ *                             local directory (as for hf), copied
+ *
+ * The files land directly in dest (a single file under its base name),
+ * with the metadata file .loraplane-source.json (uri, each file's size and
+ * sha256). They are written into the sibling <parent>/.<name>.tmp.<pid>.<n>
+ * and renamed to dest whole (an earlier dest is swapped out and removed),
+ * so dest is complete or untouched. When dest already holds a complete
+ * fetch of the same uri, whose every file still has its recorded size and
+ * sha256, nothing is downloaded (res->from_cache). Fetches into one dest
+ * take turns on the lock file <parent>/.<name>.lock; the one holding it
+ * removes the .tmp and .old directories that killed fetches left.
+ *
+ * sha256_or_null pins the file of a single-file model (a uri ending in
+ * .gguf); with a directory model it is refused (-EINVAL). local_path
+ * (cap bytes) receives dest, or dest/<file> for a single-file model;
+ * res->sha256 is that file's digest ("" for a directory). Errors as for
+ * lp_source_fetch(), plus -EEXIST, -EBUSY, -ENOTDIR for dest. Credentials
+ * are the environment's. */
+int lp_source_fetch_model(struct lp_source_cache *c, const char *uri, const char *sha256_or_null,
+                          const char *dest, char *local_path, size_t cap,
+                          struct lp_source_result *res, struct lp_err *err);
 
 /* Ends the hold of a successful lp_source_fetch() of uri (call it once per
  * such fetch with res->held, after the adapter is loaded or its load

@@ -5,6 +5,7 @@
  * backend, so a bad file fails with its name and the reason. */
 #include "agent/engine/model.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "agent/formats/gguf.h"
@@ -852,9 +854,52 @@ static char *path_stem(const char *path)
 	return strndup(base, len);
 }
 
+/* A directory without config.json that holds one .gguf file (what
+ * loraplane-agent fetch leaves for a single-file model) stands for that
+ * file. Returns 1 with its path in out (cap bytes), 0 to load dir as an
+ * HF directory, -EINVAL when it holds several .gguf files (err lists
+ * them). */
+static int dir_gguf(const char *dir, char *out, size_t cap, struct lp_err *err)
+{
+	char path[PATH_MAX], list[400] = "";
+	struct dirent *e;
+	struct stat st;
+	size_t used = 0;
+	int n = 0;
+	DIR *d;
+
+	if (snprintf(path, sizeof(path), "%s/config.json", dir) >= (int)sizeof(path) ||
+	    stat(path, &st) == 0 || !(d = opendir(dir)))
+		return 0;
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		if (e->d_name[0] == '.' || len <= 5 || strcasecmp(e->d_name + len - 5, ".gguf") ||
+		    snprintf(path, sizeof(path), "%s/%s", dir, e->d_name) >= (int)sizeof(path) ||
+		    stat(path, &st) < 0 || !S_ISREG(st.st_mode))
+			continue;
+		if (n == 0 && snprintf(out, cap, "%s", path) >= (int)cap)
+			out[0] = '\0';
+		if (used < sizeof(list))
+			used += (size_t)snprintf(list + used, sizeof(list) - used, "%s'%s'",
+			                         n ? ", " : "", e->d_name);
+		n++;
+	}
+	closedir(d);
+	if (n > 1)
+		return lp_errf(err, -EINVAL,
+		               "model directory '%s' has no config.json and %d .gguf files (%s); "
+		               "give one of them with --model",
+		               dir, n, list);
+	if (n == 1 && !out[0])
+		return lp_errf(err, -ENAMETOOLONG, "path of the .gguf file in '%s' is too long",
+		               dir);
+	return n;
+}
+
 int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
                   struct lp_err *err)
 {
+	char gguf[PATH_MAX];
 	struct lp_model *m;
 	struct stat st;
 	bool is_dir;
@@ -864,6 +909,11 @@ int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be
 	if (stat(path, &st) < 0)
 		return lp_errf(err, -errno, "cannot open model '%s': %s", path, strerror(errno));
 	is_dir = S_ISDIR(st.st_mode);
+	if (is_dir && (rc = dir_gguf(path, gguf, sizeof(gguf), err)) != 0) {
+		if (rc < 0)
+			return rc;
+		is_dir = false;
+	}
 	m = calloc(1, sizeof(*m));
 	if (!m)
 		return lp_errf(err, -ENOMEM, "out of memory");
@@ -875,7 +925,7 @@ int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	rc = is_dir ? load_hf(m, path, err) : load_gguf(m, path, err);
+	rc = is_dir ? load_hf(m, path, err) : load_gguf(m, S_ISDIR(st.st_mode) ? gguf : path, err);
 	if (rc)
 		goto fail_prefix;
 	if (lp_tokenizer_vocab_size(m->tok) > m->cfg.vocab_size) {

@@ -79,8 +79,11 @@ struct lp_model {
 };
 
 /* Loads the model at path (a .gguf file or an HF directory) onto be, which
- * must outlive the model. On failure *out is NULL and err names the file
- * and the reason. Free with lp_model_free(). */
+ * must outlive the model. A directory without config.json that holds
+ * exactly one .gguf file (loraplane-agent fetch of a single-file model)
+ * loads that file; one with several is an error listing them. On failure
+ * *out is NULL and err names the file and the reason. Free with
+ * lp_model_free(). */
 int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be,
                   struct lp_err *err);
 void lp_model_free(struct lp_model *m);

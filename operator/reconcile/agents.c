@@ -239,7 +239,9 @@ int agent_base_model(const struct agent_addr *a, const struct agent_opts *o, cha
 	int rc;
 
 	base[0] = '\0';
-	rc = call(a, o, false, "GET", "/v1/models", NULL, &s, r, err);
+	/* on the admin port, with the admin token: the public port may want an
+	 * API key the operator does not have */
+	rc = call(a, o, true, "GET", "/v1/models", NULL, &s, r, err);
 	if (rc)
 		return rc;
 	if (r->http_status != 200) {

@@ -2,7 +2,7 @@
 """A stand-in for loraplane-agent's management API in operator tests.
 
 Serves, like the agent (docs/api.md, sections 3 and 5):
-  public port:  GET /v1/models (base model first with "parent": null, then
+  both ports:   GET /v1/models (base model first with "parent": null, then
                 each loaded adapter), GET /health
   admin port:   POST /v1/loras {"lora_name", "source": {"uri", "sha256"?},
                 "credentials"?, "load_inplace"?} -> 201 loaded, 200 already loaded from the
@@ -89,7 +89,7 @@ def make_handler(state, admin):
             path = urllib.parse.urlsplit(self.path).path
             if path == "/health":
                 return self.send_json(200, {"status": "ok"})
-            if not admin and path == "/v1/models":
+            if path == "/v1/models":
                 with state.lock:
                     state.calls["models"] += 1
                     data = [{"id": state.base, "object": "model", "created": 0, "owned_by": "loraplane",

@@ -158,7 +158,7 @@ class Faults:
     requests have failed; one-shot actions run when set."""
 
     STANDING = ("status", "rate", "count", "rate_429", "retry_after_s", "latency_ms", "drop_connection_rate",
-                "stall_watches", "for_seconds", "methods", "verbs", "path_regex")
+                "stall_watches", "for_seconds", "methods", "verbs", "path_regex", "users")
     ACTIONS = ("drop_watches", "gone_watches", "expire_versions", "down_for_seconds")
 
     def __init__(self, app):
@@ -203,7 +203,7 @@ class Faults:
             if k in ("latency_ms", "for_seconds", "retry_after_s", "down_for_seconds", "count") and not (
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
                 raise ValueError(f"'{k}' must be a non-negative number")
-            if k in ("methods", "verbs") and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            if k in ("methods", "verbs", "users") and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
                 raise ValueError(f"'{k}' must be a list of strings")
             if k == "path_regex":
                 re.compile(v)
@@ -234,7 +234,7 @@ class Faults:
             self._expire()
             return bool(self.spec.get("stall_watches"))
 
-    def decide(self, method, verb, path):
+    def decide(self, method, verb, path, user=None):
         """Returns (latency_s, action) with action None, 'drop' or an ApiError."""
         with self.lock:
             self._expire()
@@ -242,6 +242,8 @@ class Faults:
             if not s:
                 return 0.0, None
             if s.get("methods") and method not in s["methods"]:
+                return 0.0, None
+            if s.get("users") and user not in s["users"]:
                 return 0.0, None
             if s.get("verbs") and verb not in s["verbs"]:
                 return 0.0, None
@@ -448,15 +450,17 @@ def _meta(o):
 
 
 CONFIG_KEYS = ("bookmark_interval_s", "history_events", "watch_gone_mode", "pod_termination_s", "gc",
-               "default_watch_timeout_s", "tokens", "verbose")
+               "default_watch_timeout_s", "tokens", "token_users", "verbose")
 
 
 class App:
     """The API itself, independent of HTTP: dispatch(Request) -> (code, body, headers)."""
 
     def __init__(self, token=None, history_events=10000, bookmark_interval_s=5.0, watch_gone_mode="event",
-                 pod_termination_s=1.0, gc=True, default_watch_timeout_s=1800.0, verbose=False):
+                 pod_termination_s=1.0, gc=True, default_watch_timeout_s=1800.0, verbose=False, token_users=None):
         self.tokens = set([token] if isinstance(token, str) else (token or []))
+        # token -> user name (service-account tokens: "system:serviceaccount:<ns>:<name>")
+        self.token_users = _check_token_users(token_users or {})
         self.bookmark_interval_s = bookmark_interval_s
         self.watch_gone_mode = watch_gone_mode
         self.pod_termination_s = pod_termination_s
@@ -481,6 +485,9 @@ class App:
         self.request_seq = 0
         self.server = None  # the HttpFrontend, for down_for_seconds
         self.clock_offset = 0.0  # seconds advance_clock() added to the real monotonic clock
+        # pods/NAME/log: fn(namespace, pod, container, previous) -> text, set by a kubelet (the
+        # stand-in in tests/kube/kubelet.py); KeyError when it never ran that container
+        self.pod_logs = None
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.create_internal({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         self._stop = threading.Event()
@@ -534,7 +541,7 @@ class App:
 
     def served_groups(self):
         """[(group, [versions...])] in discovery order."""
-        order = ["", "apps", "events.k8s.io", "rbac.authorization.k8s.io", "policy", "coordination.k8s.io",
+        order = ["", "apps", "batch", "events.k8s.io", "rbac.authorization.k8s.io", "policy", "coordination.k8s.io",
                  "discovery.k8s.io", "apiextensions.k8s.io"]
         groups = {}
         for ti in self.types.values():
@@ -656,6 +663,10 @@ class App:
         if not _accepts_json(req.accept) and not _accepts_table(req.accept):
             raise ApiError(406, "NotAcceptable", "only the following media types are accepted: application/json")
         verb = self.verb_of(req.method, r, req)
+        if verb == "get" and r.sub == "log" and ti.storage_key == POD_KEY:
+            return self._pod_log(r.ns, r.name, req)
+        if r.sub == "scale" and verb in ("get", "update", "patch"):
+            return self._scale(ti, r.ns, r.name, verb, req)
         if verb == "get":
             if r.sub not in (None, "status"):
                 raise method_not_allowed()
@@ -666,6 +677,8 @@ class App:
         if verb == "list":
             return 200, self._list(ti, r.ns, req), {}
         if verb == "create":
+            if r.name is not None and r.sub == "binding" and ti.storage_key == POD_KEY:
+                return 201, self._bind_pod(r.ns, r.name, req.json_body()), {}
             if r.name is not None:
                 raise method_not_allowed()
             if ti.namespaced and r.ns is None:
@@ -1142,9 +1155,124 @@ class App:
             owners[manager] = paths
         return code, stored
 
+    def _scale_view(self, ti, obj):
+        m = obj["metadata"]
+        sel = ((obj.get("spec") or {}).get("selector") or {})
+        parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+        for e in sel.get("matchExpressions") or []:
+            op, k, vals = e.get("operator"), e.get("key"), ",".join(e.get("values") or [])
+            parts.append({"In": f"{k} in ({vals})", "NotIn": f"{k} notin ({vals})", "Exists": k,
+                          "DoesNotExist": f"!{k}"}.get(op, k))
+        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                             if k in m},
+                "spec": {"replicas": int((obj.get("spec") or {}).get("replicas", 0))},
+                "status": {"replicas": int((obj.get("status") or {}).get("replicas", 0)), "selector": ",".join(parts)}}
+
+    def _scale(self, ti, ns, name, verb, req):
+        """The scale subresource (autoscaling/v1 Scale) of Deployments,
+        ReplicaSets and StatefulSets: `kubectl scale`."""
+        old = self.store.get(ti.storage_key, ns, name)
+        if old is None:
+            raise not_found(ti, name)
+        cur = self._scale_view(ti, old)
+        if verb == "get":
+            return 200, cur, {}
+        if verb == "update":
+            new = req.json_body()
+        else:
+            try:
+                patch = json.loads(req.body or b"null")
+                if req.content_type == "application/json-patch+json":
+                    new = kube_patch.json_patch(cur, patch)
+                elif req.content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                    new = kube_patch.merge_patch(cur, patch)
+                else:
+                    raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {req.content_type}")
+            except (ValueError, kube_patch.PatchError) as e:
+                raise bad_request(f"error decoding patch: {e}")
+        if not isinstance(new, dict) or not isinstance((new.get("spec") or {}).get("replicas"), int) or \
+                new["spec"]["replicas"] < 0:
+            raise invalid(ti, name, [kube_schema.cause("FieldValueInvalid", "spec.replicas",
+                                                       "Invalid value: must be greater than or equal to 0")])
+        rv = (new.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise conflict(ti, name)
+        obj = copy.deepcopy(ti.from_storage(old))
+        obj["spec"]["replicas"] = new["spec"]["replicas"]
+        code, stored = self._finish_update(ti, ns, name, None, obj, old, req)
+        return code, self._scale_view(ti, stored), {}
+
+    def _pod_log(self, ns, name, req):
+        """GET pods/NAME/log (kubectl logs): what the kubelet stand-in
+        recorded; container, previous, tailLines and limitBytes are
+        honoured, follow returns what there is so far."""
+        ti = self.type_for("", "v1", "pods")
+        pod = self.store.get(POD_KEY, ns, name)
+        if pod is None:
+            raise not_found(ti, name)
+        names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        inits = [c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []]
+        container = req.q("container")
+        if not container:
+            if len(names) != 1:
+                raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
+                                  f"[{' '.join(names)}]" + (f" or one of the init containers: [{' '.join(inits)}]"
+                                                              if inits else ""))
+            container = names[0]
+        if container not in names + inits:
+            raise bad_request(f"container {container} is not valid for pod {name}")
+        if self.pod_logs is None:
+            raise bad_request(f"no kubelet runs pod {name}: this test API server has logs only with the kubelet "
+                              "stand-in (tests/kube/kubelet.py)")
+        try:
+            text = self.pod_logs(ns, name, container, req.q("previous") in ("true", "1"))
+        except KeyError as e:
+            raise bad_request(f"container \"{container}\" in pod \"{name}\" is waiting to start: {e}")
+        tail = req.q("tailLines")
+        if tail not in (None, "") and tail.lstrip("-").isdigit() and int(tail) >= 0:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[len(lines) - int(tail):]) if int(tail) else ""
+        limit = req.q("limitBytes")
+        if limit not in (None, "") and limit.isdigit():
+            text = text.encode()[:int(limit)].decode(errors="ignore")
+        return 200, text, {"Content-Type": "text/plain"}
+
+    def _bind_pod(self, ns, name, body):
+        """POST pods/NAME/binding, what a scheduler does: sets spec.nodeName
+        (which no update may change) and the PodScheduled condition."""
+        ti = self.type_for("", "v1", "pods")
+        if not isinstance(body, dict) or body.get("kind") != "Binding":
+            raise bad_request("the body must be a Binding")
+        target = body.get("target") or {}
+        node = target.get("name") if isinstance(target, dict) else None
+        if not node:
+            raise invalid(ti, name, [kube_schema.cause("FieldValueRequired", "target.name", "Required value")])
+        old = self.store.get(POD_KEY, ns, name)
+        if old is None:
+            raise not_found(ti, name)
+        if (old.get("spec") or {}).get("nodeName"):
+            raise conflict(ti, name, f"pod {name} is already assigned to node \"{old['spec']['nodeName']}\"")
+        if old["metadata"].get("deletionTimestamp"):
+            raise conflict(ti, name, f"pod {name} is being deleted, cannot be assigned to a host")
+        new = copy.deepcopy(old)
+        new["spec"]["nodeName"] = node
+        st = new.setdefault("status", {})
+        conds = [c for c in st.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        st["conditions"] = [{"type": "PodScheduled", "status": "True", "lastProbeTime": None,
+                             "lastTransitionTime": fmt_time(now_utc())}] + conds
+        self.store.commit(POD_KEY, ns, name, "MODIFIED", new, old)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
     def _delete_options(self, req):
         opts = {}
-        if req.body:
+        if req.body and (req.content_type == "application/vnd.kubernetes.protobuf"
+                         or req.body.startswith(kube_proto.MAGIC)):
+            try:
+                opts = kube_proto.decode_delete_options(req.body)
+            except kube_proto.ProtoError as e:
+                raise bad_request(f"invalid DeleteOptions: {e}")
+        elif req.body:
             try:
                 opts = json.loads(req.body)
             except ValueError as e:
@@ -1553,11 +1681,11 @@ class App:
 
     # ------------------------------------------------------------ admin
 
-    def record(self, method, path, query, verb, code, agent, seconds, latency_s=0.0):
+    def record(self, method, path, query, verb, code, agent, seconds, latency_s=0.0, user=""):
         with self.store.lock:
             self.request_seq += 1
             self.requests.append({"seq": self.request_seq, "time": time.time(), "method": method, "path": path,
-                                  "query": query, "verb": verb, "code": code, "userAgent": agent,
+                                  "query": query, "verb": verb, "code": code, "userAgent": agent, "user": user,
                                   "ms": round(seconds * 1000, 1), "faultLatencyMs": round(latency_s * 1000, 1)})
 
     def request_log(self, since=0):
@@ -1574,6 +1702,8 @@ class App:
                 raise ValueError(f"unknown config key '{k}'")
             if k == "watch_gone_mode" and v not in ("event", "http"):
                 raise ValueError("watch_gone_mode must be 'event' or 'http'")
+            if k == "token_users":
+                _check_token_users(v or {})
         with self.store.lock:
             for k, v in kw.items():
                 if k == "history_events":
@@ -1582,14 +1712,25 @@ class App:
                         self.store.compact(len(self.store.log) - self.store.history_events)
                 elif k == "tokens":
                     self.tokens = set(v or [])
+                elif k == "token_users":
+                    self.token_users = _check_token_users(v or {})
                 else:
                     setattr(self, k, v)
             self.store.cond.notify_all()
+
+    def set_token_user(self, token, user):
+        """Accepts token as user (None: forget the token)."""
+        with self.store.lock:
+            if user is None:
+                self.token_users.pop(token, None)
+            else:
+                self.token_users = dict(self.token_users, **_check_token_users({token: user}))
 
     def config(self):
         return {"bookmark_interval_s": self.bookmark_interval_s, "history_events": self.store.history_events,
                 "watch_gone_mode": self.watch_gone_mode, "pod_termination_s": self.pod_termination_s, "gc": self.gc,
                 "default_watch_timeout_s": self.default_watch_timeout_s, "tokens": len(self.tokens),
+                "token_users": len(self.token_users),
                 "verbose": self.verbose}
 
     def stats(self):
@@ -1724,6 +1865,13 @@ class App:
         raise path_not_found()
 
 
+def _check_token_users(m):
+    if not isinstance(m, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                          for k, v in m.items()):
+        raise ValueError("'token_users' must map non-empty token strings to non-empty user names")
+    return dict(m)
+
+
 def _schema_name(ti):
     g = ".".join(reversed(ti.group.split("."))) if ti.group else "io.k8s.api.core"
     return f"{g}.{ti.version}.{ti.kind}"
@@ -1840,7 +1988,7 @@ class _Handler(BaseHTTPRequestHandler):
         return code
 
     def _auth_user(self, app):
-        if not app.tokens and not self.server.frontend.client_ca:
+        if not app.tokens and not app.token_users and not self.server.frontend.client_ca:
             return "admin"
         auth = self.headers.get("Authorization") or ""
         if auth.startswith("Bearer "):
@@ -1848,6 +1996,9 @@ class _Handler(BaseHTTPRequestHandler):
             for t in list(app.tokens):
                 if hmac.compare_digest(got, t.encode()):
                     return "token"
+            for t, user in list(app.token_users.items()):
+                if hmac.compare_digest(got, t.encode()):
+                    return user
             return None
         if isinstance(self.connection, ssl.SSLSocket):
             try:
@@ -1869,6 +2020,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = url.path, url.query
         code = 0
         verb = ""
+        user = ""
         latency = 0.0
         started = time.monotonic()
         try:
@@ -1885,6 +2037,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             user = self._auth_user(app)
             if user is None:
+                user = ""
                 code = self._send(401, status_obj(401, "Unauthorized", "Unauthorized"))
                 return
             req = Request(method, path, query, dict(self.headers.items()), body, user)
@@ -1895,7 +2048,7 @@ class _Handler(BaseHTTPRequestHandler):
                 code = self._send(e.code, e.status, e.headers)
                 return
             verb = app.verb_of(method, r, req)
-            latency, action = app.faults.decide(method, verb, path)
+            latency, action = app.faults.decide(method, verb, path, user)
             if latency:
                 time.sleep(latency)
             if action == "drop":
@@ -1926,7 +2079,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
         finally:
             app.record(method, path, query, verb, code, self.headers.get("User-Agent", ""), time.monotonic() - started,
-                       latency)
+                       latency, user)
 
     def _watch(self, app, r, req):
         try:
@@ -2178,6 +2331,11 @@ class KubeApiServer:
 
     def configure(self, **kw):
         self.app.configure(**kw)
+
+    def set_token_user(self, token, user):
+        """Accepts the bearer token as user (for example
+        "system:serviceaccount:team-a:operator"); user None forgets it."""
+        self.app.set_token_user(token, user)
 
     def drop_watches(self, reset=False):
         self.app.drop_watches(reset)

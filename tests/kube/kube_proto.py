@@ -1,7 +1,8 @@
 """Decoding of the Kubernetes protobuf request bodies kubectl sends.
 
 kubectl's imperative commands (`kubectl create namespace|secret|configmap|
-serviceaccount|service`) post `application/vnd.kubernetes.protobuf` bodies:
+serviceaccount|service`) post `application/vnd.kubernetes.protobuf` bodies
+(and helm sends its DELETE requests' DeleteOptions that way):
 the 4-byte magic `k8s\\0` then a runtime.Unknown message (typeMeta, raw)
 whose raw bytes are the object. This module turns those into the JSON form
 for the kinds listed in KINDS; anything else raises ProtoError (the server
@@ -142,8 +143,14 @@ def _drop_empty(d):
     return {k: v for k, v in d.items() if v not in ("", 0, None, {}, [])}
 
 
-def decode(body):
-    """Returns the JSON object for a protobuf request body, or raises."""
+DELETE_OPTIONS = {1: ("gracePeriodSeconds", "int"),
+                  2: ("preconditions", ("msg", {1: ("uid", "string"), 2: ("resourceVersion", "string")})),
+                  3: ("orphanDependents", "bool"), 4: ("propagationPolicy", "string"),
+                  5: ("dryRun", ("repeated", "string"))}
+
+
+def _unwrap(body):
+    """(typeMeta dict, raw bytes) of a runtime.Unknown protobuf envelope."""
     if not body.startswith(MAGIC):
         raise ProtoError("missing the 'k8s\\0' protobuf prefix")
     tm, raw = {}, b""
@@ -152,6 +159,37 @@ def decode(body):
             tm = _decode({1: ("apiVersion", "string"), 2: ("kind", "string")}, v)
         elif num == 2 and wt == 2:
             raw = v
+    return tm, raw
+
+
+def decode_delete_options(body):
+    """The JSON form of a protobuf DeleteOptions body (what helm sends with
+    DELETE). Unlike objects, false and 0 are kept: gracePeriodSeconds=0
+    and orphanDependents=false mean something."""
+    tm, raw = _unwrap(body)
+    if tm.get("kind") not in ("DeleteOptions", None, ""):
+        raise ProtoError(f"expected DeleteOptions, got {tm.get('kind')}")
+    out = {}
+    for num, wt, v in _fields(raw):
+        if num not in DELETE_OPTIONS:
+            continue
+        name, typ = DELETE_OPTIONS[num]
+        if typ == "int":
+            out[name] = _scalar("int", wt, v)
+        elif typ == "bool":
+            out[name] = _scalar("bool", wt, v)
+        elif typ == "string":
+            out[name] = _scalar("string", wt, v)
+        elif typ[0] == "msg":
+            out[name] = _decode(typ[1], v)
+        else:
+            out.setdefault(name, []).append(_scalar("string", wt, v))
+    return out
+
+
+def decode(body):
+    """Returns the JSON object for a protobuf request body, or raises."""
+    tm, raw = _unwrap(body)
     key = (tm.get("apiVersion", ""), tm.get("kind", ""))
     if key not in KINDS:
         raise ProtoError(f"protobuf bodies are decoded only for {', '.join(k for _, k in sorted(KINDS))}, "

@@ -384,6 +384,7 @@ class Pods(TypeInfo):
     def __init__(self):
         super().__init__("", "v1", "Pod", "pods", short_names=["po"], categories=["all"], status=True)
         self.return_deleted_object = True
+        self.extra_subresources = [("binding", ["create"]), ("log", ["get"])]
         self.shapes = {"spec": "object", "status": "object", "spec.containers": "array", "spec.nodeName": "string",
                        "spec.terminationGracePeriodSeconds": "integer", "status.phase": "string",
                        "status.podIP": "string", "status.podIPs": "array", "status.conditions": "array",
@@ -482,12 +483,58 @@ class Pods(TypeInfo):
             conds = {c.get("type"): c.get("status") for c in st.get("conditions") or [] if isinstance(c, dict)}
             ready = total if conds.get("Ready") == "True" else 0
         restarts = sum(int(c.get("restartCount", 0)) for c in cstat if isinstance(c, dict))
-        reason = st.get("reason") or st.get("phase", "")
+        reason = _pod_status_reason(spec, st)
         if m.get("deletionTimestamp"):
             reason = "Terminating"
         return [m.get("name", ""), f"{ready}/{total}", reason, restarts, age(m.get("creationTimestamp")),
                 st.get("podIP") or "<none>", spec.get("nodeName") or "<none>",
                 st.get("nominatedNodeName") or "<none>", "<none>"]
+
+
+def _term_reason(t, prefix=""):
+    if t.get("reason"):
+        return prefix + t["reason"]
+    if t.get("signal"):
+        return f"{prefix}Signal:{t['signal']}"
+    return f"{prefix}ExitCode:{t.get('exitCode', 0)}"
+
+
+def _pod_status_reason(spec, st):
+    """kubectl's STATUS of a pod: the phase or pod reason, else what its
+    init containers or containers are doing (Init:0/1, ContainerCreating,
+    CrashLoopBackOff, Completed, Error, ...)."""
+    reason = st.get("reason") or st.get("phase", "")
+    inits = [c for c in st.get("initContainerStatuses") or [] if isinstance(c, dict)]
+    n_init = len(spec.get("initContainers") or [])
+    initializing = False
+    for i, c in enumerate(inits):
+        state = c.get("state") or {}
+        t, w = state.get("terminated"), state.get("waiting")
+        if t is not None and t.get("exitCode") == 0:
+            continue
+        if (state.get("running") is not None or t is not None and t.get("exitCode") == 0) and c.get("started"):
+            continue  # a running sidecar
+        initializing = True
+        if t is not None:
+            reason = _term_reason(t, "Init:")
+        elif w is not None and w.get("reason") and w["reason"] != "PodInitializing":
+            reason = "Init:" + w["reason"]
+        else:
+            reason = f"Init:{i}/{n_init}"
+        break
+    if not initializing:
+        running = False
+        for c in reversed([c for c in st.get("containerStatuses") or [] if isinstance(c, dict)]):
+            state = c.get("state") or {}
+            if (state.get("waiting") or {}).get("reason"):
+                reason = state["waiting"]["reason"]
+            elif state.get("terminated") is not None:
+                reason = _term_reason(state["terminated"])
+            elif state.get("running") is not None and c.get("ready"):
+                running = True
+        if reason == "Completed" and running:
+            reason = "Running"
+    return reason
 
 
 class Services(TypeInfo):
@@ -922,6 +969,8 @@ class WorkloadType(TypeInfo):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
+        if self.kind in ("Deployment", "ReplicaSet", "StatefulSet"):
+            self.extra_subresources = [("scale", ["get", "patch", "update"])]
         self.shapes = {"spec": "object", "status": "object", "spec.selector": "object", "spec.template": "object",
                        "spec.replicas": "integer", "spec.template.spec": "object",
                        "spec.template.spec.containers": "array"}
@@ -973,6 +1022,115 @@ class WorkloadType(TypeInfo):
         return super().table_cells(obj)
 
 
+class Jobs(TypeInfo):
+    """batch/v1 Job: defaults, the selector and pod labels the API server
+    adds (controller-uid, job-name), the restartPolicy rule and the
+    immutable template; status is written by a controller (the kubelet
+    stand-in's job controller, see tests/kube/kube_controllers.py)."""
+
+    def __init__(self):
+        super().__init__("batch", "v1", "Job", "jobs", categories=["all"], status=True, generation=True)
+        self.shapes = {"spec": "object", "status": "object", "spec.template": "object",
+                       "spec.template.spec": "object", "spec.template.spec.containers": "array",
+                       "spec.backoffLimit": "integer", "spec.completions": "integer", "spec.parallelism": "integer",
+                       "spec.activeDeadlineSeconds": "integer", "spec.ttlSecondsAfterFinished": "integer",
+                       "spec.suspend": "boolean", "spec.manualSelector": "boolean", "spec.selector": "object"}
+
+    def prepare_create(self, obj):
+        obj["status"] = {}
+        spec = obj.setdefault("spec", {})
+        if not isinstance(spec, dict):
+            return
+        if spec.get("completions") is None and spec.get("parallelism") is None:
+            spec["completions"] = 1
+        spec.setdefault("parallelism", 1)
+        spec.setdefault("backoffLimit", 6)
+        spec.setdefault("completionMode", "NonIndexed")
+        spec.setdefault("suspend", False)
+        spec.setdefault("podReplacementPolicy", "TerminatingOrFailed")
+        tmpl = spec.setdefault("template", {})
+        if not isinstance(tmpl, dict):
+            return
+        if not spec.get("manualSelector"):
+            m = obj["metadata"]
+            uid, name = m["uid"], m["name"]
+            spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+            labels = tmpl.setdefault("metadata", {}).setdefault("labels", {})
+            labels.update({"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
+                           "controller-uid": uid, "job-name": name})
+        tspec = tmpl.get("spec")
+        if isinstance(tspec, dict):
+            tspec.setdefault("terminationGracePeriodSeconds", 30)
+            tspec.setdefault("dnsPolicy", "ClusterFirst")
+            tspec.setdefault("schedulerName", "default-scheduler")
+            tspec.setdefault("securityContext", {})
+            _default_containers(tspec)
+
+    def validate(self, obj, old):
+        out = []
+        spec = obj.get("spec") or {}
+        tspec = (spec.get("template") or {}).get("spec")
+        if not isinstance(tspec, dict):
+            return [cause("FieldValueRequired", "spec.template.spec", "Required value")]
+        out += _containers_ok(tspec, "spec.template.spec")
+        rp = tspec.get("restartPolicy")
+        if rp is None:
+            out.append(cause("FieldValueRequired", "spec.template.spec.restartPolicy",
+                             "Required value: valid values: \"OnFailure\", \"Never\""))
+        elif rp not in ("OnFailure", "Never"):
+            out.append(cause("FieldValueNotSupported", "spec.template.spec.restartPolicy",
+                             f"Unsupported value: \"{rp}\": supported values: \"OnFailure\", \"Never\""))
+        for f in ("backoffLimit", "completions", "parallelism"):
+            v = spec.get(f)
+            if isinstance(v, int) and v < 0:
+                out.append(cause("FieldValueInvalid", f"spec.{f}",
+                                 f"Invalid value: {v}: must be greater than or equal to 0"))
+        if old is not None:
+            ospec = old.get("spec") or {}
+            if ospec.get("template") != spec.get("template"):
+                out.append(cause("FieldValueInvalid", "spec.template",
+                                 "Invalid value: field is immutable"))
+            for f in ("selector", "completions", "completionMode"):
+                if ospec.get(f) != spec.get(f):
+                    out.append(cause("FieldValueInvalid", f"spec.{f}", f"Invalid value: field is immutable"))
+        return out
+
+    def table_columns(self):
+        return [NAME_COL, col("Status", desc="Status of the job."),
+                col("Completions", desc="The desired number of successfully finished pods the job should be run "
+                                        "with."),
+                col("Duration", desc="Time required to complete the job."), AGE_COL,
+                col("Containers", desc="Names of each container in the template.", priority=1),
+                col("Images", desc="Images referenced by each container in the template.", priority=1),
+                col("Selector", desc="Selector for pods.", priority=1)]
+
+    def table_cells(self, obj):
+        m, spec, st = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
+        conds = {c.get("type"): c.get("status") for c in st.get("conditions") or [] if isinstance(c, dict)}
+        if conds.get("Complete") == "True":
+            status = "Complete"
+        elif conds.get("Failed") == "True":
+            status = "Failed"
+        elif conds.get("FailureTarget") == "True" or conds.get("SuccessCriteriaMet") == "True":
+            status = "Terminating"
+        elif spec.get("suspend"):
+            status = "Suspended"
+        else:
+            status = "Running"
+        comp = spec.get("completions")
+        completions = f"{st.get('succeeded', 0)}/{comp}" if comp is not None else f"{st.get('succeeded', 0)}/1 of " \
+            f"{spec.get('parallelism', 1)}"
+        start, end = parse_time(st.get("startTime")), parse_time(st.get("completionTime"))
+        duration = ""
+        if start is not None:
+            duration = human_duration(((end or now_utc()) - start).total_seconds())
+        cs = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+        sel = ",".join(f"{k}={v}" for k, v in sorted(((spec.get("selector") or {}).get("matchLabels") or {}).items()))
+        return [m.get("name", ""), status, completions, duration, age(m.get("creationTimestamp")),
+                ",".join(c.get("name", "") for c in cs if isinstance(c, dict)),
+                ",".join(c.get("image", "") for c in cs if isinstance(c, dict)), sel]
+
+
 def builtin_types(ip_alloc):
     """Every built-in resource, keyed (group, version, plural)."""
     sa = TypeInfo("", "v1", "ServiceAccount", "serviceaccounts", short_names=["sa"])
@@ -1000,5 +1158,5 @@ def builtin_types(ip_alloc):
                      status=True, generation=True),
     ]
     out = [Namespaces(), Pods(), Services(ip_alloc), EndpointSlices(), Leases(), Events(), EventsV1(),
-           Secrets(), ConfigMaps()] + plain + apps
+           Secrets(), ConfigMaps(), Jobs()] + plain + apps
     return out
