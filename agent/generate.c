@@ -198,8 +198,6 @@ static int parse_args(int argc, char **argv, struct options *o)
 {
 	enum lp_options_action action;
 	struct lp_err err = {0};
-	struct lp_buf text;
-	int rc;
 
 	memset(o, 0, sizeof(*o));
 	o->max_tokens = 128;
@@ -211,21 +209,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		fprintf(stderr, PROG ": %s\n", err.msg);
 		return -1;
 	}
-	if (action != LP_OPTIONS_RUN) {
-		lp_buf_init(&text, 1u << 20);
-		if (action == LP_OPTIONS_HELP)
-			rc = lp_options_help(LP_PROG_GENERATE, &text, &err);
-		else if (action == LP_OPTIONS_HELP_JSON)
-			rc = lp_options_help_json(&text, &err);
-		else
-			rc = lp_options_version(LP_PROG_GENERATE, &text, &err);
-		if (rc)
-			fprintf(stderr, PROG ": %s\n", err.msg);
-		else
-			fputs(text.data, stdout);
-		lp_buf_release(&text);
-		return rc ? -1 : 1;
-	}
+	if (action != LP_OPTIONS_RUN)
+		return lp_options_answer(LP_PROG_GENERATE, action) ? -1 : 1;
 	if (!o->model || !*o->model || (!o->prompt == !o->prompts_file)) {
 		fprintf(stderr,
 		        PROG ": need '--model' and one of '--prompt' or '--prompts-file'\n%s",

@@ -242,8 +242,6 @@ static int parse_args(int argc, char **argv, struct options *o)
 {
 	enum lp_options_action action;
 	struct lp_err err = {0};
-	struct lp_buf text;
-	int rc;
 
 	memset(o, 0, sizeof(*o));
 	o->device = "auto";
@@ -263,21 +261,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		fprintf(stderr, PROG ": %s\n", err.msg);
 		return -1;
 	}
-	if (action != LP_OPTIONS_RUN) {
-		lp_buf_init(&text, 1u << 20);
-		if (action == LP_OPTIONS_HELP)
-			rc = lp_options_help(LP_PROG_AGENT, &text, &err);
-		else if (action == LP_OPTIONS_HELP_JSON)
-			rc = lp_options_help_json(&text, &err);
-		else
-			rc = lp_options_version(LP_PROG_AGENT, &text, &err);
-		if (rc)
-			fprintf(stderr, PROG ": %s\n", err.msg);
-		else
-			fputs(text.data, stdout);
-		lp_buf_release(&text);
-		return rc ? -1 : 1;
-	}
+	if (action != LP_OPTIONS_RUN)
+		return lp_options_answer(LP_PROG_AGENT, action) ? -1 : 1;
 	if (!o->model || !*o->model) {
 		fprintf(stderr, PROG ": '--model' is required\n%s",
 		        lp_options_usage(LP_PROG_AGENT));

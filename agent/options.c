@@ -1085,3 +1085,24 @@ int lp_options_version(enum lp_prog prog, struct lp_buf *out, struct lp_err *err
 {
 	return lp_buf_appendf(out, err, "%s %s\n", prog_info(prog)->name, LP_VERSION);
 }
+
+int lp_options_answer(enum lp_prog prog, enum lp_options_action action)
+{
+	struct lp_err err = {0};
+	struct lp_buf text;
+	int rc;
+
+	lp_buf_init(&text, 1u << 20);
+	if (action == LP_OPTIONS_HELP)
+		rc = lp_options_help(prog, &text, &err);
+	else if (action == LP_OPTIONS_HELP_JSON)
+		rc = lp_options_help_json(&text, &err);
+	else
+		rc = lp_options_version(prog, &text, &err);
+	if (rc)
+		fprintf(stderr, "%s: %s\n", prog_info(prog)->name, err.msg);
+	else
+		fputs(text.data, stdout);
+	lp_buf_release(&text);
+	return rc ? -1 : 0;
+}

@@ -195,4 +195,8 @@ int lp_options_help(enum lp_prog prog, struct lp_buf *out, struct lp_err *err);
 int lp_options_help_json(struct lp_buf *out, struct lp_err *err);
 int lp_options_version(enum lp_prog prog, struct lp_buf *out, struct lp_err *err);
 
+/* Prints what action (not LP_OPTIONS_RUN) asked for to stdout, or the
+ * reason it could not to stderr. Returns 0 or -1. */
+int lp_options_answer(enum lp_prog prog, enum lp_options_action action);
+
 #endif

@@ -30,6 +30,7 @@
 #include "common/buf.h"
 #include "operator/kube/backoff.h"
 #include "operator/kube/client.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/config.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/patch.h"
@@ -121,29 +122,6 @@ static void usage(FILE *f)
 	           "Exit status: 0 no LoraAdapter left, 1 some left or an error, 2 bad usage.\n");
 }
 
-/* The operator's duration syntax (operator/main.c). */
-static int parse_duration(const char *s, double *out)
-{
-	char *end;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &end);
-	if (end == s || errno || v < 0 || !isfinite(v))
-		return -1;
-	if (strcmp(end, "") == 0 || strcmp(end, "s") == 0)
-		*out = v;
-	else if (strcmp(end, "ms") == 0)
-		*out = v / 1000;
-	else if (strcmp(end, "m") == 0)
-		*out = v * 60;
-	else if (strcmp(end, "h") == 0)
-		*out = v * 3600;
-	else
-		return -1;
-	return 0;
-}
-
 /* Returns 0 to run, 1 to exit 0 (--help), -1 on bad usage (reported). */
 static int parse_args(int argc, char **argv, struct options *o)
 {
@@ -193,7 +171,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		}
 		if (sdst) {
 			*sdst = v;
-		} else if (parse_duration(v, ddst)) {
+		} else if (kube_parse_duration(v, ddst)) {
 			fprintf(stderr, PROG ": invalid duration '%s' for '%s'\n", v, name);
 			return -1;
 		}

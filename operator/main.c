@@ -23,6 +23,7 @@
 #include "operator/httpd.h"
 #include "operator/kube/backoff.h"
 #include "operator/kube/client.h"
+#include "operator/kube/clock.h"
 #include "operator/kube/config.h"
 #include "operator/kube/encoding.h"
 #include "operator/kube/lease.h"
@@ -116,28 +117,6 @@ static void usage(FILE *f)
 	           "  --version, --help\n"
 	           "\n"
 	           "Durations are seconds, optionally with a unit: 500ms, 30s, 5m, 1h.\n");
-}
-
-static int parse_duration(const char *s, double *out)
-{
-	char *end;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &end);
-	if (end == s || errno || v < 0)
-		return -1;
-	if (strcmp(end, "") == 0 || strcmp(end, "s") == 0)
-		*out = v;
-	else if (strcmp(end, "ms") == 0)
-		*out = v / 1000;
-	else if (strcmp(end, "m") == 0)
-		*out = v * 60;
-	else if (strcmp(end, "h") == 0)
-		*out = v * 3600;
-	else
-		return -1;
-	return 0;
 }
 
 static int parse_int(const char *s, int lo, int hi, int *out)
@@ -234,7 +213,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		}
 		if (f->kind == FLAG_STR) {
 			*(const char **)f->dst = v;
-		} else if (f->kind == FLAG_DURATION && parse_duration(v, f->dst)) {
+		} else if (f->kind == FLAG_DURATION && kube_parse_duration(v, f->dst)) {
 			fprintf(stderr, "loraplane-operator: invalid duration '%s' for '%s'\n", v,
 			        f->name);
 			return -1;

@@ -1,7 +1,10 @@
 /* Real and fake clocks; see clock.h. */
 #include "operator/kube/clock.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* the real and the fake clock wait for a stop flag in steps this long */
 #define STOP_POLL_S 0.05
@@ -220,4 +223,26 @@ int kube_fake_clock_waiters(struct kube_fake_clock *f)
 			n++;
 	pthread_mutex_unlock(&f->lock);
 	return n;
+}
+
+int kube_parse_duration(const char *s, double *out)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (end == s || errno || v < 0 || !isfinite(v))
+		return -1;
+	if (strcmp(end, "") == 0 || strcmp(end, "s") == 0)
+		*out = v;
+	else if (strcmp(end, "ms") == 0)
+		*out = v / 1000;
+	else if (strcmp(end, "m") == 0)
+		*out = v * 60;
+	else if (strcmp(end, "h") == 0)
+		*out = v * 3600;
+	else
+		return -1;
+	return 0;
 }

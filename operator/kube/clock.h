@@ -31,6 +31,10 @@ struct kube_clock {
 
 /* The process's real clock (CLOCK_MONOTONIC / CLOCK_REALTIME); static,
  * never freed. */
+/* Parses a duration as the operator's flags take it: seconds, optionally
+ * with a unit (500ms, 30s, 5m, 1h), not negative. 0 or -1. */
+int kube_parse_duration(const char *s, double *out);
+
 struct kube_clock *kube_clock_real(void);
 
 /* Conveniences that map a NULL clock to the real one. */

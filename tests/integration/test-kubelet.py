@@ -612,6 +612,24 @@ def liveness_restarts_and_init_containers():
 
 
 @test
+def pods_survive_an_api_server_outage():
+    pods = live_pods()
+    pids = [C.pid(p, "agent", NS) for p in pods]
+    informer = C.kubelet.informers["pods"]
+    before = informer.failures
+    C.api.go_down()
+    try:
+        C.wait(lambda: informer.failures > before, 30, "the kubelet to notice the API server is gone")
+        assert all(alive(pid) for pid in pids), "containers died with the API server"
+    finally:
+        C.api.come_up()
+    C.kubectl("delete", "pod", pods[0]["metadata"]["name"], "-n", NS, "--timeout=30s")
+    now = C.wait_ready(NS, SEL, 2)
+    assert pods[1]["metadata"]["name"] in [p["metadata"]["name"] for p in now] and alive(pids[1])
+    remember(now)
+
+
+@test
 def helm_uninstall_runs_the_pre_delete_hook():
     pids = [C.pid(p, "agent", NS) for p in live_pods()]
     assert all(pids)

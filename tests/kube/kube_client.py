@@ -134,6 +134,7 @@ class Informer:
         self.synced = threading.Event()
         self.stopping = threading.Event()
         self.rv = 0  # the newest resourceVersion this informer has seen (events, bookmarks, lists)
+        self.failures = 0  # list or watch attempts that failed (the API server away, errors)
         self.rv_cond = threading.Condition()
         self.thread = None
         self.conn = None
@@ -300,6 +301,7 @@ class Informer:
     def _run(self):
         rv = None
         backoff = 0.1
+        streak = 0
         while not self.stopping.is_set():
             try:
                 if rv is None:
@@ -307,10 +309,14 @@ class Informer:
                     self.synced.set()
                 rv = self._watch(rv)
                 backoff = 0.1
+                streak = 0
             except (OSError, http.client.HTTPException, KubeError, ValueError) as e:
                 if self.stopping.is_set():
                     break
-                self.log(f"informer {self.name}: {type(e).__name__}: {e}; retrying in {backoff:.1f}s")
+                self.failures += 1
+                streak += 1
+                if streak == 1:  # one line per outage, not one per retry
+                    self.log(f"informer {self.name}: {type(e).__name__}: {e}; retrying with backoff")
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
 
