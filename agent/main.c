@@ -99,10 +99,10 @@ static int add_lora_module(struct options *o, const char *v, struct lp_err *err)
 static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v,
                       struct lp_err *err)
 {
-	static const enum lp_dtype kv_types[] = {LP_DTYPE_COUNT, LP_DTYPE_F32, LP_DTYPE_F16,
-	                                         LP_DTYPE_BF16};
 	struct options *o = ctx;
 
+	if (lp_options_set_engine(&o->ec, id, v))
+		return 0;
 	switch (id) {
 	case LP_OPT_MODEL:
 		o->model = v->text;
@@ -133,15 +133,6 @@ static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v
 	case LP_OPT_LORA_REFRESH_INTERVAL:
 		o->refresh_s = v->d;
 		break;
-	case LP_OPT_MAX_LORAS:
-		o->ec.max_loras = (int)v->i;
-		break;
-	case LP_OPT_MAX_CPU_LORAS:
-		o->ec.max_cpu_loras = (int)v->i;
-		break;
-	case LP_OPT_MAX_LORA_RANK:
-		o->ec.max_lora_rank = (int)v->i;
-		break;
 	case LP_OPT_LORA_MODULES:
 		return add_lora_module(o, v->text, err);
 	case LP_OPT_LORA_CACHE_DIR:
@@ -158,24 +149,6 @@ static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v
 			return lp_errf(err, -EINVAL, "at most %d '--allowed-local-roots'",
 			               MAX_ROOTS);
 		o->roots[o->n_roots++] = v->text;
-		break;
-	case LP_OPT_MAX_NUM_SEQS:
-		o->ec.max_num_seqs = (int)v->i;
-		break;
-	case LP_OPT_MAX_MODEL_LEN:
-		o->ec.max_model_len = (int)v->i;
-		break;
-	case LP_OPT_MAX_BATCHED_TOKENS:
-		o->ec.max_batched_tokens = (int)v->i;
-		break;
-	case LP_OPT_KV_CACHE_BYTES:
-		o->ec.kv_cache_bytes = (size_t)v->i;
-		break;
-	case LP_OPT_GPU_MEMORY_UTILIZATION:
-		o->ec.gpu_memory_utilization = v->d;
-		break;
-	case LP_OPT_KV_CACHE_DTYPE:
-		o->ec.kv_type = kv_types[v->i];
 		break;
 	case LP_OPT_THREADS:
 		o->threads = (int)v->i;
@@ -224,9 +197,6 @@ static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v
 		break;
 	case LP_OPT_MAX_QUEUED_REQUESTS:
 		o->max_queued = (int)v->i;
-		break;
-	case LP_OPT_ALLOW_BASE_MISMATCH:
-		o->ec.allow_base_mismatch = v->b;
 		break;
 	default:
 		/* the table lets no other option through for the agent */

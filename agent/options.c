@@ -1086,6 +1086,49 @@ int lp_options_version(enum lp_prog prog, struct lp_buf *out, struct lp_err *err
 	return lp_buf_appendf(out, err, "%s %s\n", prog_info(prog)->name, LP_VERSION);
 }
 
+bool lp_options_set_engine(struct lp_engine_config *ec, enum lp_opt id,
+                           const struct lp_option_value *v)
+{
+	/* the order of the --kv-cache-dtype choices; COUNT: the device's own */
+	static const enum lp_dtype kv_types[] = {LP_DTYPE_COUNT, LP_DTYPE_F32, LP_DTYPE_F16,
+	                                         LP_DTYPE_BF16};
+
+	switch (id) {
+	case LP_OPT_MAX_NUM_SEQS:
+		ec->max_num_seqs = (int)v->i;
+		return true;
+	case LP_OPT_MAX_BATCHED_TOKENS:
+		ec->max_batched_tokens = (int)v->i;
+		return true;
+	case LP_OPT_MAX_MODEL_LEN:
+		ec->max_model_len = (int)v->i;
+		return true;
+	case LP_OPT_KV_CACHE_BYTES:
+		ec->kv_cache_bytes = (size_t)v->i;
+		return true;
+	case LP_OPT_GPU_MEMORY_UTILIZATION:
+		ec->gpu_memory_utilization = v->d;
+		return true;
+	case LP_OPT_KV_CACHE_DTYPE:
+		ec->kv_type = kv_types[v->i];
+		return true;
+	case LP_OPT_MAX_LORA_RANK:
+		ec->max_lora_rank = (int)v->i;
+		return true;
+	case LP_OPT_MAX_LORAS:
+		ec->max_loras = (int)v->i;
+		return true;
+	case LP_OPT_MAX_CPU_LORAS:
+		ec->max_cpu_loras = (int)v->i;
+		return true;
+	case LP_OPT_ALLOW_BASE_MISMATCH:
+		ec->allow_base_mismatch = v->b;
+		return true;
+	default:
+		return false;
+	}
+}
+
 int lp_options_answer(enum lp_prog prog, enum lp_options_action action)
 {
 	struct lp_err err = {0};

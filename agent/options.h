@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "agent/engine/engine.h"
 #include "common/buf.h"
 #include "common/err.h"
 
@@ -184,6 +185,11 @@ int lp_options_parse(struct lp_options *o, enum lp_prog prog, int argc, char **a
                      lp_option_set_fn set, void *ctx, enum lp_options_action *action,
                      struct lp_err *err);
 void lp_options_release(struct lp_options *o);
+
+/* Stores an engine setting both programs take (--max-loras, --kv-cache-bytes,
+ * ...) into ec; false when id is not one of them. */
+bool lp_options_set_engine(struct lp_engine_config *ec, enum lp_opt id,
+                           const struct lp_option_value *v);
 
 /* The usage line(s) of the program, for an error: "usage: ...\n". */
 const char *lp_options_usage(enum lp_prog prog);
