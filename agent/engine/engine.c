@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define DEFAULT_KV_BYTES ((size_t)512 << 20)
 /* Penalty entries a step can send to a device's sample op (3 MiB); rows
@@ -39,6 +40,8 @@ void lp_engine_config_default(struct lp_engine_config *c)
 	c->max_lora_rank = 64;
 	c->base_names = NULL;
 	c->allow_base_mismatch = false;
+	c->prefix_caching = true;
+	c->return_logits = false;
 }
 
 const struct lp_model *lp_engine_model(const struct lp_engine *e)
@@ -64,6 +67,14 @@ const struct lp_engine_memory *lp_engine_memory(const struct lp_engine *e)
 const struct lp_backend_info *lp_engine_backend_info(const struct lp_engine *e)
 {
 	return &e->info;
+}
+
+static double now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* ---- lists ---- */
@@ -382,6 +393,7 @@ static void seq_free(struct lp_seq *s)
 	lp_sampler_release(&s->sampler);
 	free(s->tokens);
 	free(s->blocks);
+	free(s->digests);
 	free(s);
 }
 
@@ -458,7 +470,9 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 		return lp_errf(err, -ENOMEM, "out of memory");
 	s->tokens = malloc((size_t)e->cfg.max_model_len * sizeof(int32_t));
 	s->blocks = malloc((size_t)e->max_blocks_per_seq * sizeof(int32_t));
-	if (!s->tokens || !s->blocks) {
+	if (e->cfg.prefix_caching)
+		s->digests = malloc((size_t)e->max_blocks_per_seq * sizeof(*s->digests));
+	if (!s->tokens || !s->blocks || (e->cfg.prefix_caching && !s->digests)) {
 		seq_free(s);
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
@@ -482,6 +496,7 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 	s->ignore_eos = p->ignore_eos;
 	s->logprobs = p->logprobs;
 	s->top_logprobs = p->logprobs ? p->top_logprobs : 0;
+	s->group = p->group;
 	s->id = e->next_id++;
 	s->state = LP_SEQ_WAITING;
 	list_append(&e->waiting, s);
@@ -496,6 +511,55 @@ static void seq_drop_blocks(struct lp_engine *e, struct lp_seq *s)
 		lp_kv_cache_free(&e->kv, s->blocks[i]);
 	s->n_blocks = 0;
 	s->n_computed = 0;
+	s->n_published = 0;
+}
+
+/* ---- prefix caching ---- */
+
+/* Digests of s's first n full blocks (its tokens only ever grow, so the
+ * ones computed before stay true); false if one cannot be computed. */
+static bool seq_digests(struct lp_engine *e, struct lp_seq *s, int n)
+{
+	int bs = e->cfg.block_size;
+	uint64_t key = s->adapter ? s->adapter->version : 0;
+
+	for (; s->n_digests < n; s->n_digests++) {
+		int i = s->n_digests;
+		if (!lp_kv_cache_digest(&e->kv, &s->digests[i], i ? &s->digests[i - 1] : NULL, key,
+		                        s->tokens + (size_t)i * bs, bs))
+			return false;
+	}
+	return true;
+}
+
+/* A sequence about to run with an empty cache takes every leading block of
+ * its tokens that the cache holds, leaving at least its last token to
+ * compute (its logits are needed). */
+static void prefix_match(struct lp_engine *e, struct lp_seq *s)
+{
+	int bs = e->cfg.block_size, max = (s->n_tokens - 1) / bs;
+
+	if (!e->cfg.prefix_caching || s->n_blocks || !seq_digests(e, s, max))
+		return;
+	while (s->n_blocks < max) {
+		int32_t id = lp_kv_cache_lookup(&e->kv, &s->digests[s->n_blocks]);
+		if (id < 0)
+			break;
+		s->blocks[s->n_blocks++] = id;
+	}
+	s->n_computed = s->n_blocks * bs;
+	s->n_published = s->n_blocks;
+}
+
+/* Offers the cache every block of s that is full and computed now. */
+static void prefix_publish(struct lp_engine *e, struct lp_seq *s)
+{
+	int full = s->n_computed / e->cfg.block_size;
+
+	if (!e->cfg.prefix_caching || s->n_published >= full || !seq_digests(e, s, full))
+		return;
+	for (; s->n_published < full; s->n_published++)
+		lp_kv_cache_publish(&e->kv, s->blocks[s->n_published], &s->digests[s->n_published]);
 }
 
 void lp_engine_finish(struct lp_engine *e, struct lp_seq *s)
@@ -534,12 +598,82 @@ bool lp_engine_has_work(const struct lp_engine *e)
 	return e->running || e->waiting;
 }
 
+/* True when a sequence of s's request comes before s in the list from
+ * head (a request of its own, group 0, never does). */
+static bool group_seen(const struct lp_seq *head, const struct lp_seq *s)
+{
+	if (!s->group)
+		return false;
+	for (; head != s; head = head->next)
+		if (head->group == s->group)
+			return true;
+	return false;
+}
+
 void lp_engine_stats(const struct lp_engine *e, struct lp_engine_stats *out)
 {
 	*out = e->stats;
-	out->kv_blocks_used = e->kv.n_blocks - e->kv.n_free;
+	out->kv_blocks_total = e->kv.n_blocks;
+	out->kv_blocks_used = e->kv.n_blocks - lp_kv_cache_available(&e->kv);
+	out->kv_blocks_cached = e->kv.n_cached;
 	out->running = e->n_running;
 	out->waiting = e->n_waiting;
+	out->running_requests = 0;
+	out->waiting_requests = 0;
+	for (const struct lp_seq *s = e->running; s; s = s->next)
+		out->running_requests += !group_seen(e->running, s);
+	for (const struct lp_seq *s = e->waiting; s; s = s->next) {
+		bool runs = false;
+		if (s->group)
+			for (const struct lp_seq *r = e->running; r && !runs; r = r->next)
+				runs = r->group == s->group;
+		out->waiting_requests += !runs && !group_seen(e->waiting, s);
+	}
+}
+
+/* Appends name to the comma-separated list in buf (len bytes used) unless
+ * it is there already; false when it does not fit. */
+static bool list_add_name(char *buf, size_t cap, size_t *len, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = buf; *p;) {
+		const char *end = strchr(p, ',');
+		size_t l = end ? (size_t)(end - p) : strlen(p);
+		if (l == n && !memcmp(p, name, n))
+			return true;
+		p += l + (end != NULL);
+	}
+	if (*len + (*len > 0) + n + 1 > cap)
+		return false;
+	if (*len)
+		buf[(*len)++] = ',';
+	memcpy(buf + *len, name, n + 1);
+	*len += n;
+	return true;
+}
+
+static bool adapter_list(const struct lp_seq *head, char *buf, size_t cap)
+{
+	size_t len = 0;
+	bool whole = true;
+
+	if (!cap)
+		return false;
+	buf[0] = 0;
+	for (const struct lp_seq *s = head; s; s = s->next)
+		if (s->adapter && !list_add_name(buf, cap, &len, s->adapter->name))
+			whole = false;
+	return whole;
+}
+
+bool lp_engine_adapter_lists(const struct lp_engine *e, char *running, size_t running_cap,
+                             char *waiting, size_t waiting_cap)
+{
+	bool a = adapter_list(e->running, running, running_cap);
+	bool b = adapter_list(e->waiting, waiting, waiting_cap);
+
+	return a && b;
 }
 
 /* ---- scheduling ---- */
@@ -635,6 +769,10 @@ static int schedule(struct lp_engine *e)
 			/* every device slot held by running requests: let others by */
 			if (pass == 1 && s->adapter && !lp_lora_cache_pin(e->loras, s->adapter))
 				continue;
+			if (pass == 1) {
+				prefix_match(e, s);
+				want = s->n_tokens - s->n_computed;
+			}
 			int take = want < budget ? want : budget;
 			int fit;
 			ensure_blocks(e, s, s->n_computed + take);
@@ -642,11 +780,21 @@ static int schedule(struct lp_engine *e)
 			if (fit < take)
 				take = fit;
 			if (take <= 0) {
-				if (pass == 1 && s->adapter)
-					lp_lora_cache_unpin(e->loras, s->adapter);
+				if (pass == 1) {
+					/* a waiting sequence holds no blocks */
+					seq_drop_blocks(e, s);
+					if (s->adapter)
+						lp_lora_cache_unpin(e->loras, s->adapter);
+				}
 				goto out;
 			}
 			if (pass == 1) {
+				if (!s->t_scheduled)
+					s->t_scheduled = now_seconds();
+				if (e->cfg.prefix_caching) {
+					e->stats.prefix_queries += (uint64_t)s->n_tokens;
+					e->stats.prefix_hits += (uint64_t)s->n_computed;
+				}
 				list_remove(&e->waiting, s);
 				e->n_waiting--;
 				list_append(&e->running, s);
@@ -768,6 +916,7 @@ static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
 			n_tok++;
 		}
 		s->n_computed += take;
+		prefix_publish(e, s);
 		if (s->n_computed == s->n_tokens) {
 			out_rows[n_out] = n_tok - 1;
 			e->sample_seqs[n_out++] = s;
@@ -831,8 +980,9 @@ static int sample_on_host(struct lp_engine *e, int n, struct lp_err *err)
 	return 0;
 }
 
-/* A device: its sample op picks the tokens (penalties included: each row
- * brings its sequence's seen tokens, struct lp_sample_penalty) and computes
+/* A device: its sample op picks the tokens (penalties and logit bias
+ * included: each row brings its sequence's seen and biased tokens,
+ * struct lp_sample_penalty) and computes
  * the logprobs, and a few bytes per row come back. Rows whose penalty
  * entries do not fit what is left of the step's room, and every row with
  * cfg.return_logits, also bring their logits back; the former take the

@@ -47,6 +47,10 @@ struct lp_engine_config {
 	 * always one) */
 	const char *const *base_names;
 	bool allow_base_mismatch;
+	/* automatic prefix caching (default on): full blocks are kept after
+	 * their sequence and reused by a sequence of the same adapter version
+	 * whose tokens start the same (kv-cache.h) */
+	bool prefix_caching;
 	/* A device backend samples on the device (its sample op) and downloads
 	 * only the tokens and the logprobs asked for; with return_logits every
 	 * step output also has its raw logits (tests, debugging). The CPU
@@ -80,6 +84,10 @@ struct lp_seq_params {
 	 * top_logprobs (<= LP_ENGINE_MAX_LOGPROBS) alternatives */
 	bool logprobs;
 	int top_logprobs;
+	/* the caller's request this sequence belongs to (n > 1 makes several
+	 * sequences of one request): the stats count requests by it; 0 for a
+	 * request of its own */
+	uint64_t group;
 };
 
 struct lp_seq {
@@ -97,7 +105,14 @@ struct lp_seq {
 	int top_logprobs;
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
-	int n_preempted;            /* times its cache was dropped for recompute */
+	int n_preempted; /* times its cache was dropped for recompute */
+	uint64_t group;  /* as in lp_seq_params */
+	/* prefix caching: digests of its first n_digests full blocks, and how
+	 * many leading blocks of its table were offered to the cache */
+	struct lp_kv_digest *digests; /* [max_blocks_per_seq], NULL when off */
+	int n_digests;
+	int n_published;
+	double t_scheduled;         /* CLOCK_MONOTONIC seconds it first ran; 0: not yet */
 	struct lp_adapter *adapter; /* the version it was admitted with, or NULL */
 	void *user;                 /* the caller's */
 	struct lp_seq *next;        /* in the engine's waiting or running list */
@@ -175,12 +190,28 @@ struct lp_engine_stats {
 	uint64_t prompt_tokens;    /* tokens computed in prefill */
 	uint64_t generated_tokens; /* tokens sampled */
 	uint64_t preemptions;
+	/* automatic prefix caching, in tokens (vLLM's prefix_cache_queries
+	 * and _hits): prompt tokens looked up when a sequence was admitted,
+	 * and those found in the cache (their prefill was skipped) */
+	uint64_t prefix_queries;
+	uint64_t prefix_hits;
 	int kv_blocks_total;
-	int kv_blocks_used;
-	int running;
+	int kv_blocks_used;   /* held by waiting or running sequences */
+	int kv_blocks_cached; /* free, but holding a reusable prefix */
+	int running;          /* sequences */
 	int waiting;
+	int running_requests; /* distinct requests (lp_seq_params.group) with a running sequence */
+	int waiting_requests; /* ... with none running and one waiting */
 };
 
 void lp_engine_stats(const struct lp_engine *e, struct lp_engine_stats *out);
+
+/* The adapters of the running and of the waiting sequences, each name
+ * once, comma-separated, in list order (the labels of vLLM's
+ * lora_requests_info); an adapter may be in both. A list that would not
+ * fit its cap (bytes, with the NUL) ends at the last name that does, and
+ * the function returns false. */
+bool lp_engine_adapter_lists(const struct lp_engine *e, char *running, size_t running_cap,
+                             char *waiting, size_t waiting_cap);
 
 #endif

@@ -14,6 +14,7 @@ struct lp_lora_cache {
 	struct lp_adapter *all;    /* every live version, registered or retired */
 	struct lp_adapter **slots; /* [max_loras] */
 	uint64_t clock;
+	uint64_t versions; /* the last lp_adapter.version handed out */
 	struct lp_lora_cache_stats stats;
 };
 
@@ -233,6 +234,7 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
 	a->lora_id = lp_lora_id(name);
+	a->version = ++c->versions;
 	a->rank = w->max_rank;
 	a->targets = w->targets;
 	a->format = w->format;

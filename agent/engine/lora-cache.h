@@ -25,11 +25,15 @@
 /* One loaded version of a named adapter. */
 struct lp_adapter {
 	char *name;
-	char *path;       /* local file or directory its weights are read from */
-	char *root;       /* every file of path is opened below it ("" for none) */
-	char *source;     /* as the user named it (uri); defaults to path */
-	char *sha256;     /* hex digest the user pinned, or "" */
-	int32_t lora_id;  /* lp_lora_id(name) */
+	char *path;      /* local file or directory its weights are read from */
+	char *root;      /* every file of path is opened below it ("" for none) */
+	char *source;    /* as the user named it (uri); defaults to path */
+	char *sha256;    /* hex digest the user pinned, or "" */
+	int32_t lora_id; /* lp_lora_id(name) */
+	/* this version's number: unique per install in this process, never
+	 * reused; the prefix cache keys blocks by it, so that a replaced
+	 * version's blocks are never found again */
+	uint64_t version;
 	int rank;         /* largest rank */
 	unsigned targets; /* bitmask of enum lp_lora_target */
 	const char *format;
