@@ -90,7 +90,8 @@ HAVE_GPU = nvidia-smi -L 2>/dev/null | grep -q '^GPU'
 API_SRCS := $(wildcard agent/api/*.c)
 API_OBJS := $(API_SRCS:%.c=$(BUILD)/%.o)
 
-OPERATOR_SRCS := $(shell find operator -name '*.c' ! -name main.c 2>/dev/null)
+# operator/httpd.c (civetweb) links into the operator only, not the unit tests
+OPERATOR_SRCS := $(shell find operator -name '*.c' ! -name main.c ! -name httpd.c 2>/dev/null)
 OPERATOR_OBJS := $(OPERATOR_SRCS:%.c=$(BUILD)/%.o)
 
 PROGRAMS := $(BIN)/loraplane-generate $(if $(wildcard agent/main.c),$(BIN)/loraplane-agent) \
@@ -189,10 +190,10 @@ $(BIN)/loraplane-agent: $(BUILD)/agent/main.o $(BUILD)/agent/options.o $(BUILD)/
 	$(if $(Q),@echo "  LD      $@")
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcivetweb
 
-$(BIN)/loraplane-operator: $(BUILD)/operator/main.o $(OPERATOR_OBJS) $(LIB)
+$(BIN)/loraplane-operator: $(BUILD)/operator/main.o $(BUILD)/operator/httpd.o $(OPERATOR_OBJS) $(LIB)
 	@mkdir -p $(BIN)
 	$(if $(Q),@echo "  LD      $@")
-	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcivetweb
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) $(OPERATOR_OBJS) tests/test.h
 	@mkdir -p $(dir $@)
@@ -300,6 +301,7 @@ bench: deps $(TOOLS) $(PROGRAMS) $(if $(CUDA_TEST_BINS),$(BUILD)/tools/bench-gpu
 	$(Q)$(if $(CUDA_TEST_BINS),echo "CUDA backend, emulated on the CPU: kernel launches and bytes uploaded per decode step (speeds meaningless)" && \
 		$(BUILD)/tools/bench-gpu --emulated --model $(MODEL))
 	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
+	$(Q)python3 hack/bench-workloads.py --bin $(BIN) --model $(MODEL)
 	$(Q)python3 hack/bench-operator.py --bin $(BIN)
 
 bench-kernels: $(BUILD)/tools/bench-kernels

@@ -27,6 +27,7 @@
 #include "agent/api/gate.h"
 #include "agent/api/loras.h"
 #include "agent/api/registry.h"
+#include "agent/api/resolver.h"
 #include "agent/api/server.h"
 #include "agent/engine/chat-template.h"
 #include "agent/engine/engine.h"
@@ -60,6 +61,9 @@ struct options {
 	const char *lora_cache_dir;
 	long lora_cache_max_bytes; /* 0: the sources' default */
 	bool allow_insecure_source_endpoints;
+	const char *lora_resolver;      /* URI prefix, or NULL */
+	double resolver_negative_ttl_s; /* LP_RESOLVER_NEGATIVE_TTL_DEFAULT */
+	bool resolver_negative_ttl_given;
 	const char *roots[MAX_ROOTS];
 	int n_roots;
 	int threads;
@@ -144,6 +148,17 @@ static int set_option(void *ctx, enum lp_opt id, const struct lp_option_value *v
 	case LP_OPT_ALLOW_INSECURE_SOURCE_ENDPOINTS:
 		o->allow_insecure_source_endpoints = v->b;
 		break;
+	case LP_OPT_LORA_RESOLVER:
+		if (o->lora_resolver)
+			return lp_errf(err, -EINVAL,
+			               "'--lora-resolver' takes one uri prefix, got '%s' and '%s'",
+			               o->lora_resolver, v->text);
+		o->lora_resolver = v->text;
+		break;
+	case LP_OPT_LORA_RESOLVER_NEGATIVE_TTL:
+		o->resolver_negative_ttl_s = v->d;
+		o->resolver_negative_ttl_given = true;
+		break;
 	case LP_OPT_ALLOWED_LOCAL_ROOTS:
 		if (o->n_roots == MAX_ROOTS)
 			return lp_errf(err, -EINVAL, "at most %d '--allowed-local-roots'",
@@ -225,6 +240,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->max_request_bytes = LP_API_MAX_BODY_DEFAULT;
 	o->log_format = LP_LOG_TEXT;
 	o->log_level = LP_LOG_INFO;
+	o->resolver_negative_ttl_s = LP_RESOLVER_NEGATIVE_TTL_DEFAULT;
 	lp_engine_config_default(&o->ec);
 
 	if (lp_options_parse(&o->cli, LP_PROG_AGENT, argc, argv, set_option, o, &action, &err)) {
@@ -240,6 +256,10 @@ static int parse_args(int argc, char **argv, struct options *o)
 	}
 	if (o->refresh_s > 0 && !o->lora_dir) {
 		fprintf(stderr, PROG ": '--lora-refresh-interval' needs '--lora-dir'\n");
+		return -1;
+	}
+	if (o->resolver_negative_ttl_given && !o->lora_resolver) {
+		fprintf(stderr, PROG ": '--lora-resolver-negative-ttl' needs '--lora-resolver'\n");
 		return -1;
 	}
 	if (!!o->tls_cert != !!o->tls_key) {
@@ -512,6 +532,7 @@ int main(int argc, char **argv)
 	struct lp_worker *w = NULL;
 	struct lp_source_cache *sources = NULL;
 	struct lp_watcher *watcher = NULL;
+	struct lp_resolver *resolver = NULL;
 	struct lp_chat_template ct;
 	bool have_ct = false, server_inited = false, server_started = false;
 	struct lp_server srv;
@@ -543,6 +564,29 @@ int main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
 
+	for (int i = 0; i < o.n_roots; i++)
+		roots[i] = o.roots[i];
+	roots[o.n_roots] = NULL;
+	if (o.lora_resolver) {
+		/* checked before the device and the model load: a bad prefix fails at once */
+		struct lp_resolver_config rc_cfg = {o.lora_resolver, o.resolver_negative_ttl_s,
+		                                    roots, 0};
+		const char *delay = getenv("LORAPLANE_TEST_RESOLVER_DELAY_MS");
+		if (delay && *delay) {
+			char *end;
+			rc_cfg.test_delay_ms = strtol(delay, &end, 10);
+			if (*end || rc_cfg.test_delay_ms < 0 || rc_cfg.test_delay_ms > 60000) {
+				lp_errf(&err, -EINVAL,
+				        "LORAPLANE_TEST_RESOLVER_DELAY_MS='%s' must be 0 to 60000",
+				        delay);
+				goto fail;
+			}
+			lp_log_warn("test hook: each adapter resolution waits %ld ms first",
+			            rc_cfg.test_delay_ms);
+		}
+		if (lp_resolver_new(&resolver, &rc_cfg, &err))
+			goto fail;
+	}
 	/* the backend opens before the ports: a device that cannot be used
 	 * is a startup error (or, under auto, the CPU with the reason) */
 	{
@@ -662,6 +706,21 @@ int main(int argc, char **argv)
 		wc.queue_capacity = o.max_queued;
 	if (wc.channel_capacity > max_model_len + 1)
 		wc.channel_capacity = max_model_len + 1;
+	{
+		/* the tests' way to watch requests run and wait (worker.h) */
+		const char *v = getenv("LORAPLANE_TEST_STEP_DELAY_MS");
+		if (v && *v) {
+			char *end;
+			long ms = strtol(v, &end, 10);
+			if (*end || ms < 1 || ms > 10000) {
+				lp_errf(&err, -EINVAL,
+				        "LORAPLANE_TEST_STEP_DELAY_MS='%s' must be 1 to 10000", v);
+				goto fail;
+			}
+			wc.test_step_delay_ms = (int)ms;
+			lp_log_warn("test hook: every engine step takes %ld ms more", ms);
+		}
+	}
 	if (lp_worker_start(&w, e, &wc, &err))
 		goto fail;
 	e = NULL; /* the worker owns it */
@@ -674,9 +733,6 @@ int main(int argc, char **argv)
 		snprintf(cache_dir, sizeof(cache_dir), "%s/loraplane-lora-cache-%ld",
 		         tmp && *tmp ? tmp : "/tmp", (long)getuid());
 	}
-	for (int i = 0; i < o.n_roots; i++)
-		roots[i] = o.roots[i];
-	roots[o.n_roots] = NULL;
 	{
 		struct lp_source_config scfg;
 		memset(&scfg, 0, sizeof(scfg));
@@ -700,6 +756,10 @@ int main(int argc, char **argv)
 	srv.chat = have_ct ? &ct : NULL;
 	srv.sources = sources;
 	srv.max_model_len = max_model_len;
+	srv.resolver = resolver;
+	if (resolver)
+		lp_log_info("adapters resolved on demand from '%s/NAME' (misses remembered %g s)",
+		            lp_resolver_prefix(resolver), o.resolver_negative_ttl_s);
 
 	/* static adapters */
 	if (load_modules(&o, &srv, &err))
@@ -767,6 +827,7 @@ out:
 	if (server_inited)
 		lp_server_release(&srv);
 	lp_source_cache_free(sources);
+	lp_resolver_free(resolver);
 	if (have_ct)
 		lp_chat_template_release(&ct);
 	lp_model_free(m);

@@ -152,6 +152,21 @@ static const struct lp_option table[LP_OPT_COUNT] = {
      .def = "auto",
      .group = G_ENGINE,
      .help = "the KV cache's type; auto: float32 on the CPU, float16 on CUDA"},
+    {.id = LP_OPT_ENABLE_PREFIX_CACHING,
+     .name = "enable-prefix-caching",
+     .type = LP_VALUE_FLAG,
+     FOR_BOTH,
+     .def = "on",
+     .group = G_ENGINE,
+     .help = "keep full KV blocks after their request and reuse them for a later prompt of "
+             "the same adapter that starts with the same tokens (the default)"},
+    {.id = LP_OPT_NO_ENABLE_PREFIX_CACHING,
+     .name = "no-enable-prefix-caching",
+     .type = LP_VALUE_FLAG,
+     FOR_BOTH,
+     .def = "off",
+     .group = G_ENGINE,
+     .help = "turn automatic prefix caching off: every prompt is computed in full"},
 
     /* adapters */
     {.id = LP_OPT_MAX_LORAS,
@@ -242,6 +257,25 @@ static const struct lp_option table[LP_OPT_COUNT] = {
      .group = G_ADAPTERS,
      .help = "accept http:// AWS_ENDPOINT_URL and HF_ENDPOINT in a load request's "
              "credentials (trusted networks only)"},
+    {.id = LP_OPT_LORA_RESOLVER,
+     .name = "lora-resolver",
+     .metavar = "URI_PREFIX",
+     .type = LP_VALUE_STRING,
+     FOR_AGENT,
+     .def = "off",
+     .group = G_ADAPTERS,
+     .help = "a request for an unknown model that is a valid adapter name loads "
+             "URI_PREFIX/NAME first: file:///DIR (below --allowed-local-roots), "
+             "s3://BUCKET[/PREFIX] or hf://ORG; one prefix"},
+    {.id = LP_OPT_LORA_RESOLVER_NEGATIVE_TTL,
+     .name = "lora-resolver-negative-ttl",
+     .metavar = "S",
+     NUMBER_IN(0, 86400),
+     FOR_AGENT,
+     .def = "30",
+     .group = G_ADAPTERS,
+     .help = "seconds a name that --lora-resolver found no usable adapter for answers 404 "
+             "(or 422) without asking the source again; 0: always ask"},
     {.id = LP_OPT_LORA,
      .name = "lora",
      .metavar = "NAME=PATH",
@@ -1123,6 +1157,12 @@ bool lp_options_set_engine(struct lp_engine_config *ec, enum lp_opt id,
 		return true;
 	case LP_OPT_ALLOW_BASE_MISMATCH:
 		ec->allow_base_mismatch = v->b;
+		return true;
+	case LP_OPT_ENABLE_PREFIX_CACHING:
+		ec->prefix_caching = v->b;
+		return true;
+	case LP_OPT_NO_ENABLE_PREFIX_CACHING:
+		ec->prefix_caching = !v->b;
 		return true;
 	default:
 		return false;

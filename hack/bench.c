@@ -377,8 +377,14 @@ static double lora_run_tps(struct lora_run *r)
 	return LORA_SEQS / r->step_s[r->n_steps / 2];
 }
 
-static int bench_lora(struct lp_model *m, const int32_t *prompt, int reps, struct lp_err *err)
+/* The four loads run side by side, each engine on a backend and a model of
+ * its own (a backend serves one engine's reservation at a time; the
+ * model's weights are the same mapped file). */
+static int bench_lora(struct lp_model *m, const char *model_path, int threads,
+                      const int32_t *prompt, int reps, struct lp_err *err)
 {
+	struct lp_backend *bes[4] = {0};
+	struct lp_model *ms[4] = {0};
 	char tmpl[] = "/tmp/loraplane-bench-XXXXXX";
 	char names[40][32]; /* 32 in f32, then 8 in bf16 */
 	char path[2048];
@@ -425,13 +431,17 @@ static int bench_lora(struct lp_model *m, const int32_t *prompt, int reps, struc
 	 * bf16, which stay bf16 in memory. */
 	static struct lora_run runs[4];
 	const int n_ad[4] = {0, 8, 32, 8}, max_l[4] = {8, 8, 32, 8}, first[4] = {0, 0, 0, 32};
-	for (int i = 0; i < 4; i++)
+	for (int i = 0; i < 4; i++) {
 		runs[i].n_steps = 0;
+		if (lp_backend_cpu_new(&bes[i], threads, err) ||
+		    lp_model_load(&ms[i], model_path, bes[i], err))
+			goto out;
+	}
 	for (int rep = 0; rep < reps; rep++) {
 		int any = 1, failed = 0;
 		for (int i = 0; i < 4 && !failed; i++)
-			failed = lora_run_start(&runs[i], m, n_ad[i], names + first[i], max_l[i],
-			                        prompt, err);
+			failed = lora_run_start(&runs[i], ms[i], n_ad[i], names + first[i],
+			                        max_l[i], prompt, err);
 		while (any && !failed) {
 			any = 0;
 			for (int i = 0; i < 4 && !failed; i++) {
@@ -463,6 +473,11 @@ static int bench_lora(struct lp_model *m, const int32_t *prompt, int reps, struc
 	printf("bench: lora_ratio_8x_bf16_to_base %.3f ratio\n", d / a);
 	rc = 0;
 out:
+	for (int i = 0; i < 4; i++) {
+		lp_model_free(ms[i]);
+		if (bes[i])
+			lp_backend_destroy(bes[i]);
+	}
 	snprintf(path, sizeof(path), "rm -rf '%s'", tmpl);
 	if (system(path) != 0)
 		fprintf(stderr, "bench: could not remove %s\n", tmpl);
@@ -600,7 +615,7 @@ int main(int argc, char **argv)
 		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
 			goto fail;
 	if (only) {
-		if (strcmp(only, "lora") == 0 ? bench_lora(m, ids.ids, rounds, &err)
+		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
 		                              : bench_tokenizer(m, corpus, &err))
 			goto fail;
 		status = 0;
@@ -647,7 +662,7 @@ int main(int argc, char **argv)
 	getrusage(RUSAGE_SELF, &ru);
 	printf("bench: peak_rss %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
 	fflush(stdout);
-	if (bench_lora(m, ids.ids, rounds, &err))
+	if (bench_lora(m, path, threads, ids.ids, rounds, &err))
 		goto fail;
 	status = 0;
 	goto out;

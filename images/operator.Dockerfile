@@ -15,7 +15,8 @@ FROM debian:bookworm AS build
 RUN apt-get update \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 		build-essential pkg-config \
-		libcurl4-openssl-dev libjansson-dev libpcre2-dev libssl-dev libyaml-dev zlib1g-dev \
+		libcivetweb-dev libcurl4-openssl-dev libjansson-dev libpcre2-dev libssl-dev libyaml-dev \
+		zlib1g-dev \
 	&& rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -28,11 +29,12 @@ LABEL org.opencontainers.image.title="loraplane-operator" \
 	org.opencontainers.image.source="https://github.com/loraplane/loraplane" \
 	org.opencontainers.image.version="${VERSION}" \
 	org.opencontainers.image.licenses="NOASSERTION"
-# libcurl4 + libssl3: the Kubernetes API (TLS) and the agents; libjansson4,
-# libyaml-0-2: JSON and kubeconfig
+# libcivetweb1: the probe and metrics server; libcurl4 + libssl3: the
+# Kubernetes API (TLS) and the agents; libjansson4, libyaml-0-2: JSON and
+# kubeconfig
 RUN apt-get update \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-		libcurl4 libjansson4 libssl3 libyaml-0-2 \
+		libcivetweb1 libcurl4 libjansson4 libssl3 libyaml-0-2 \
 	&& rm -rf /var/lib/apt/lists/* \
 	&& groupadd --gid 65532 loraplane \
 	&& useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \

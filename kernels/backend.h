@@ -151,8 +151,8 @@ struct lp_lora_args {
 };
 
 /* Sampling of one token per row of logits, on the device, with the host
- * sampler's distribution (agent/engine/sampler.c). The row's penalties
- * first (struct lp_sample_row). Then candidates rank by logit, ties to the
+ * sampler's distribution (agent/engine/sampler.c). The row's logit bias
+ * and penalties first (struct lp_sample_row). Then candidates rank by logit, ties to the
  * lower id; temperature 0 is greedy (the first in rank). Else the logits
  * are divided by the
  * temperature, p_i = exp(l_i - l_max), and the candidates are cut by top-k
@@ -162,7 +162,7 @@ struct lp_lora_args {
  * running sum of p_i exceeds u times the kept candidates' sum. The CPU
  * backend's sample op computes exactly this, and is what device kernels are
  * compared with. logprobs are log-softmax of the logits as given, before
- * the penalties (what the host path returns too). */
+ * the bias and the penalties (what the host path returns too). */
 struct lp_sample_row {
 	float temperature;  /* 0: greedy */
 	float top_p;        /* 1: off */
@@ -170,24 +170,27 @@ struct lp_sample_row {
 	int32_t top_k;      /* <= 0: off */
 	float u;            /* uniform in [0, 1) */
 	int32_t n_logprobs; /* top-N wanted, 0 .. max_logprobs */
-	/* Penalties, applied to the row's logits before everything else, as
-	 * the host sampler applies them: for each entry of pen[pen_off ..
-	 * pen_off + pen_n), with c = its count, the repetition penalty (HF /
-	 * vLLM; 1 = off) divides a positive logit and multiplies a negative
-	 * one when c > 0 or in_prompt, and when c > 0 the logit loses
-	 * c * frequency_penalty + presence_penalty (OpenAI; 0 = off). Tokens
-	 * without an entry are left alone. */
+	/* Logit bias and penalties, applied to the row's logits before
+	 * everything else, as the host sampler applies them: for each entry
+	 * of pen[pen_off .. pen_off + pen_n), with c = its count, the logit
+	 * gains the entry's bias (OpenAI's logit_bias; 0 = none), then the
+	 * repetition penalty (HF / vLLM; 1 = off) divides a positive logit
+	 * and multiplies a negative one when c > 0 or in_prompt, and when
+	 * c > 0 the logit loses c * frequency_penalty + presence_penalty
+	 * (OpenAI; 0 = off). Tokens without an entry are left alone. */
 	float repetition_penalty;
 	float frequency_penalty;
 	float presence_penalty;
 	int32_t pen_off, pen_n;
 };
 
-/* One token a sequence has seen: in its prompt, or generated count times. */
+/* One token a sequence has seen (in its prompt, or generated count times)
+ * or biases. */
 struct lp_sample_penalty {
 	int32_t token;
 	int32_t count;     /* times generated */
 	int32_t in_prompt; /* 0 or 1 */
+	float bias;        /* added to the logit first; finite; 0: none */
 };
 
 struct lp_sample_args {

@@ -21,12 +21,13 @@
  *   first kept candidate whose running weight exceeds lp_sample_fraction(u,
  *   kept weight).
  * - A penalised logit (lp_sample_penalise) is the host sampler's
- *   apply_penalties (agent/engine/sampler.c) operation for operation: a
- *   division or a product, then logit - (count * frequency + presence)
- *   with each of the three rounded on its own, as the host's C (built
- *   without contraction) rounds them. nvcc and the emulation's g++
- *   (-ffp-contract=fast) would fuse the product into the sums, so there
- *   they go through the _rn intrinsics, which are never contracted.
+ *   apply_bias and apply_penalties (agent/engine/sampler.c) operation for
+ *   operation: logit + bias, a division or a product, then logit -
+ *   (count * frequency + presence) with each rounded on its own, as the
+ *   host's C (built without contraction) rounds them. nvcc and the
+ *   emulation's g++ (-ffp-contract=fast) would fuse the product into the
+ *   sums, so there they go through the _rn intrinsics, which are never
+ *   contracted.
  *
  * Header-only; compiled as C (CPU), CUDA (nvcc) and C++ (emulation). The C
  * build relies on the Makefile's -std=c11, under which GCC does not
@@ -184,22 +185,27 @@ LP_SAMPLE_FN bool lp_sample_penalties_ok(const struct lp_sample_row *r, int voca
 	       r->presence_penalty <= 2.0f;
 }
 
-/* Whether an entry can belong to a row of vocab tokens. */
+/* Whether an entry can belong to a row of vocab tokens (a finite bias:
+ * the comparisons fail on NaN). */
 LP_SAMPLE_FN bool lp_sample_entry_ok(const struct lp_sample_penalty *e, int vocab)
 {
-	return e->token >= 0 && e->token < vocab && e->count >= 0;
+	return e->token >= 0 && e->token < vocab && e->count >= 0 && e->bias >= -3.4028235e38f &&
+	       e->bias <= 3.4028235e38f;
 }
 
-/* The logit of entry e's token after row r's penalties: the repetition
- * penalty (HF / vLLM) when the token was generated or is in the prompt,
- * then the frequency and presence penalties (OpenAI) when it was
- * generated; each is skipped when it is off, as the host skips it. */
+/* The logit of entry e's token after its bias and row r's penalties: the
+ * bias (OpenAI's logit_bias), then the repetition penalty (HF / vLLM)
+ * when the token was generated or is in the prompt, then the frequency
+ * and presence penalties (OpenAI) when it was generated; each is skipped
+ * when it is off, as the host skips it. */
 LP_SAMPLE_FN float lp_sample_penalise(float logit, const struct lp_sample_row *r,
                                       const struct lp_sample_penalty *e)
 {
 	const float rep = r->repetition_penalty;
 	const float freq = r->frequency_penalty, pres = r->presence_penalty;
 
+	if (e->bias != 0.0f)
+		logit = LP_SAMPLE_ADD(logit, e->bias);
 	if (rep != 1.0f && (e->count > 0 || e->in_prompt))
 		logit = logit > 0.0f ? logit / rep : LP_SAMPLE_MUL(logit, rep);
 	if ((freq != 0.0f || pres != 0.0f) && e->count > 0) {

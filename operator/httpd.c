@@ -1,174 +1,164 @@
-/* Tiny HTTP server for probes and metrics; see httpd.h. */
+/* The operator's probe and metrics server on civetweb; see httpd.h. */
 #include "operator/httpd.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define REQUEST_MAX 8192
+#include <civetweb.h>
+
+#define BODY_MAX (16u << 20)
 
 struct op_httpd {
-	int fd;
+	struct mg_context *ctx;
 	int port;
 	op_httpd_handler handler;
 	void *user;
-	pthread_t thread;
-	atomic_bool stop;
 };
 
-static const char *status_text(int code)
+/* Writes a whole response; HEAD gets the headers of the GET answer
+ * (Content-Length included) and no body. */
+static void respond(struct mg_connection *conn, int code, const char *ctype, const char *extra,
+                    const char *body, size_t len, bool head)
 {
-	switch (code) {
-	case 200:
-		return "OK";
-	case 404:
-		return "Not Found";
-	case 405:
-		return "Method Not Allowed";
-	case 400:
-		return "Bad Request";
-	case 503:
-		return "Service Unavailable";
-	default:
-		return "Error";
-	}
+	mg_printf(conn,
+	          "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+	          "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n",
+	          code, mg_get_response_code_text(conn, code), ctype, len, extra);
+	if (!head && len > 0)
+		mg_write(conn, body, len);
 }
 
-static void send_all(int fd, const char *p, size_t n)
+/* Every path and method: GET and HEAD go to the caller's handler. */
+static int handle(struct mg_connection *conn, void *cbdata)
 {
-	while (n > 0) {
-		ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-
-		if (w <= 0)
-			return;
-		p += w;
-		n -= (size_t)w;
-	}
-}
-
-static void respond(int fd, int code, const char *ctype, const char *body, size_t len)
-{
-	char head[256];
-	int n = snprintf(head, sizeof(head),
-	                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-	                 "Connection: close\r\n\r\n",
-	                 code, status_text(code), ctype, len);
-
-	send_all(fd, head, (size_t)n);
-	send_all(fd, body, len);
-}
-
-static void serve(struct op_httpd *s, int fd)
-{
-	char req[REQUEST_MAX + 1], method[16], target[1024];
+	static const char not_allowed[] = "method not allowed: use GET or HEAD\n";
+	const struct mg_request_info *ri = mg_get_request_info(conn);
 	const char *ctype = "text/plain; charset=utf-8";
+	struct op_httpd *s = cbdata;
 	struct lp_buf body;
-	size_t len = 0;
-	char *q;
+	bool head = !strcmp(ri->request_method, "HEAD");
 	int code;
 
-	/* headers within 2 s, or give up on the client */
-	while (len < REQUEST_MAX) {
-		struct pollfd p = {.fd = fd, .events = POLLIN};
-		ssize_t n;
-
-		if (poll(&p, 1, 2000) <= 0)
-			return;
-		n = recv(fd, req + len, REQUEST_MAX - len, 0);
-		if (n <= 0)
-			return;
-		len += (size_t)n;
-		req[len] = '\0';
-		if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n"))
-			break;
+	if (!head && strcmp(ri->request_method, "GET")) {
+		respond(conn, 405, ctype, "Allow: GET, HEAD\r\n", not_allowed,
+		        sizeof(not_allowed) - 1, false);
+		return 405;
 	}
-	req[len] = '\0';
-	if (sscanf(req, "%15s %1023s", method, target) != 2) {
-		respond(fd, 400, ctype, "bad request\n", 12);
-		return;
-	}
-	if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
-		respond(fd, 405, ctype, "only GET\n", 9);
-		return;
-	}
-	q = strchr(target, '?');
-	if (q)
-		*q = '\0';
-	lp_buf_init(&body, 16u << 20);
-	code = s->handler(s->user, target, &body, &ctype);
-	respond(fd, code, ctype, strcmp(method, "HEAD") == 0 ? "" : (body.data ? body.data : ""),
-	        strcmp(method, "HEAD") == 0 ? 0 : body.len);
+	lp_buf_init(&body, BODY_MAX);
+	code = s->handler(s->user, ri->local_uri ? ri->local_uri : "/", &body, &ctype);
+	respond(conn, code, ctype, "", body.data, body.len, head);
 	lp_buf_release(&body);
+	return code;
 }
 
-static void *httpd_main(void *arg)
+/* civetweb's own messages: the start error comes back through
+ * mg_start2's error data, and library code does not print. */
+static int quiet(const struct mg_connection *conn, const char *message)
 {
-	struct op_httpd *s = arg;
+	return 1;
+}
 
-	while (!atomic_load(&s->stop)) {
-		struct pollfd p = {.fd = s->fd, .events = POLLIN};
-		int c;
+/* Why civetweb could not listen, for the message: binds a socket of our
+ * own to the same address and returns its errno (0 when that works). */
+static int bind_errno(const struct in_addr *host, int port)
+{
+	struct sockaddr_in sa;
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, e = 0;
 
-		if (poll(&p, 1, 100) <= 0)
-			continue;
-		c = accept(s->fd, NULL, NULL);
-		if (c < 0)
-			continue;
-		serve(s, c);
-		close(c);
-	}
-	return NULL;
+	if (fd < 0)
+		return errno;
+	memset(&sa, 0, sizeof(sa));
+	sa.sin_family = AF_INET;
+	sa.sin_port = htons((uint16_t)port);
+	sa.sin_addr.s_addr = host ? host->s_addr : htonl(INADDR_ANY);
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)))
+		e = errno;
+	close(fd);
+	return e;
 }
 
 int op_httpd_start(struct op_httpd **out, const char *host, int port, op_httpd_handler h,
                    void *user, struct lp_err *err)
 {
+	char ports[64], msg[256] = "";
+	/* pairs of name and value; no document_root: civetweb serves no file
+	 * and lists no directory */
+	const char *opts[] = {"listening_ports",
+	                      ports,
+	                      "num_threads",
+	                      "2",
+	                      "connection_queue",
+	                      "16",
+	                      "listen_backlog",
+	                      "16",
+	                      "max_request_size",
+	                      "8192",
+	                      "request_timeout_ms",
+	                      "3000",
+	                      "enable_keep_alive",
+	                      "no",
+	                      "enable_directory_listing",
+	                      "no",
+	                      "access_control_allow_origin",
+	                      "",
+	                      NULL};
+	struct in_addr a;
+	struct mg_callbacks cbs;
+	struct mg_init_data init;
+	struct mg_error_data ed;
+	struct mg_server_port sp[2];
 	struct op_httpd *s;
-	struct sockaddr_in a;
-	socklen_t alen = sizeof(a);
-	int one = 1;
+	unsigned code = 0;
 
 	*out = NULL;
-	memset(&a, 0, sizeof(a));
-	a.sin_family = AF_INET;
-	a.sin_port = htons((uint16_t)port);
-	a.sin_addr.s_addr = htonl(INADDR_ANY);
-	if (host && *host && inet_pton(AF_INET, host, &a.sin_addr) != 1)
+	if (port < 0 || port > 65535)
+		return lp_errf(err, -EINVAL, "invalid port %d (0..65535)", port);
+	if (host && *host && inet_pton(AF_INET, host, &a) != 1)
 		return lp_errf(err, -EINVAL, "invalid bind address '%s' (an IPv4 address)", host);
+	if (host && *host)
+		snprintf(ports, sizeof(ports), "%s:%d", host, port);
+	else
+		snprintf(ports, sizeof(ports), "%d", port);
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	s->handler = h;
 	s->user = user;
-	s->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (s->fd < 0) {
-		free(s);
-		return lp_errf(err, -errno, "socket: %s", strerror(errno));
-	}
-	setsockopt(s->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(s->fd, (struct sockaddr *)&a, sizeof(a)) || listen(s->fd, 16) ||
-	    getsockname(s->fd, (struct sockaddr *)&a, &alen)) {
-		int e = errno;
+	mg_init_library(0);
+	memset(&cbs, 0, sizeof(cbs));
+	cbs.log_message = quiet;
+	memset(&init, 0, sizeof(init));
+	init.callbacks = &cbs;
+	init.user_data = s;
+	init.configuration_options = opts;
+	memset(&ed, 0, sizeof(ed));
+	ed.code = &code;
+	ed.text = msg;
+	ed.text_buffer_size = sizeof(msg);
+	s->ctx = mg_start2(&init, &ed);
+	if (!s->ctx) {
+		int e = bind_errno(host && *host ? &a : NULL, port);
 
-		close(s->fd);
 		free(s);
-		return lp_errf(err, -e, "cannot listen on port %d: %s", port, strerror(e));
+		mg_exit_library();
+		if (e)
+			return lp_errf(err, -e, "cannot listen on '%s': %s", ports, strerror(e));
+		return lp_errf(err, -EADDRINUSE, "cannot listen on '%s': %s", ports,
+		               msg[0] ? msg : "unknown error");
 	}
-	s->port = ntohs(a.sin_port);
-	if (pthread_create(&s->thread, NULL, httpd_main, s)) {
-		close(s->fd);
-		free(s);
-		return lp_errf(err, -EAGAIN, "cannot start the http thread");
-	}
+	mg_set_request_handler(s->ctx, "**", handle, s);
+	s->port = port;
+	if (mg_get_server_ports(s->ctx, 2, sp) >= 1)
+		s->port = sp[0].port;
 	*out = s;
 	return 0;
 }
@@ -182,8 +172,7 @@ void op_httpd_stop(struct op_httpd *s)
 {
 	if (!s)
 		return;
-	atomic_store(&s->stop, true);
-	pthread_join(s->thread, NULL);
-	close(s->fd);
+	mg_stop(s->ctx);
+	mg_exit_library();
 	free(s);
 }

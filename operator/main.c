@@ -272,11 +272,16 @@ static int http_handler(void *user, const char *path, struct lp_buf *body,
 		               "# HELP loraplane_operator_leader 1 while this replica leads.\n"
 		               "# TYPE loraplane_operator_leader gauge\n"
 		               "loraplane_operator_leader %d\n"
+		               "# HELP loraplane_operator_uptime_seconds Seconds since the process "
+		               "started.\n"
 		               "# TYPE loraplane_operator_uptime_seconds gauge\n"
 		               "loraplane_operator_uptime_seconds %.1f\n",
 		               leader ? 1 : 0, kube_now_mono() - app->started);
-		if (app->rec && reconciler_metrics(app->rec, body, &err))
+		if (app->rec && reconciler_metrics(app->rec, body, &err)) {
 			code = 500;
+			lp_buf_reset(body);
+			lp_buf_appendf(body, NULL, "cannot render the metrics: %s\n", err.msg);
+		}
 	} else {
 		code = 404;
 		lp_buf_appendf(body, NULL, "not found\n");

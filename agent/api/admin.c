@@ -42,6 +42,9 @@ int lp_admin_ready(struct lp_call *c)
 	return lp_call_send_json(c, 200, json_pack("{s:s}", "status", "ready"));
 }
 
+/* On both ports: the admin port's, and the public port's, where the
+ * Gateway API Inference Extension's endpoint picker scrapes a pool's
+ * model servers (unauthenticated there, as vLLM's; docs/api.md). */
 int lp_admin_metrics(struct lp_call *c)
 {
 	struct lp_worker_stats ws;
@@ -54,7 +57,8 @@ int lp_admin_metrics(struct lp_call *c)
 		lp_worker_stats(c->s->w, &ws);
 	lp_buf_init(&b, 64u << 20);
 	if (lp_metrics_render(c->s->metrics, &ws,
-	                      atomic_load(&c->s->ready) && !atomic_load(&c->s->draining), &b, &err))
+	                      atomic_load(&c->s->ready) && !atomic_load(&c->s->draining),
+	                      c->s->cfg.served_name, &b, &err))
 		status = lp_call_errorf(c, 500, NULL, NULL, "%s", err.msg);
 	else
 		status = lp_call_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", b.data,

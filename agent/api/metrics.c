@@ -7,18 +7,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+/* loraplane_'s own histograms */
 static const double ttft_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                      1,     2.5,  5,     10,   30,  60};
 static const double itl_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                     0.1,   0.25,   0.5,   1,    2.5};
-#define TTFT_N (sizeof(ttft_bounds) / sizeof(ttft_bounds[0]))
-#define ITL_N  (sizeof(itl_bounds) / sizeof(itl_bounds[0]))
+/* vLLM's buckets, so that quantiles compare with a vLLM pool's */
+static const double vllm_ttft_bounds[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
+                                          0.25,  0.5,   0.75, 1.0,  2.5,  5.0,  7.5,  10.0,
+                                          20.0,  40.0,  80.0, 160,  640,  2560};
+static const double vllm_itl_bounds[] = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,  0.3,  0.4, 0.5,
+                                         0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0, 40.0, 80.0};
+static const double vllm_request_bounds[] = {0.3,  0.5,  0.8,  1.0,  1.5,  2.0,  2.5,
+                                             5.0,  10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                                             60.0, 120,  240,  480,  960,  1920, 7680};
+#define N_OF(a)    (sizeof(a) / sizeof((a)[0]))
+#define MAX_BOUNDS 24
+
+/* vLLM's finished_reason label values */
+static const char *const finish_names[LP_METRICS_N_FINISH] = {"stop", "length", "abort", "error"};
 
 struct histogram {
 	const double *bounds;
 	size_t n_bounds;
-	uint64_t buckets[16]; /* [n_bounds + 1]: the last is +Inf */
+	uint64_t buckets[MAX_BOUNDS + 1]; /* [n_bounds + 1]: the last is +Inf */
 	uint64_t count;
 	double sum;
 };
@@ -31,13 +45,27 @@ struct series {
 	uint64_t generated_tokens;
 };
 
+/* What vLLM's request metrics count (one series: the base model's name). */
+struct vllm_counts {
+	struct histogram ttft, itl, e2e, queue, prefill, decode;
+	uint64_t finished[LP_METRICS_N_FINISH];
+	uint64_t prompt_tokens, generation_tokens;
+};
+
 struct lp_metrics {
 	pthread_mutex_t mu;
 	struct series *series; /* [LP_METRICS_MAX_SERIES] */
 	size_t n_series;
 	struct histogram ttft, itl;
 	uint64_t disconnects;
+	struct vllm_counts v;
 };
+
+static void histogram_init(struct histogram *h, const double *bounds, size_t n)
+{
+	h->bounds = bounds;
+	h->n_bounds = n;
+}
 
 int lp_metrics_new(struct lp_metrics **out, struct lp_err *err)
 {
@@ -52,10 +80,14 @@ int lp_metrics_new(struct lp_metrics **out, struct lp_err *err)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
 	pthread_mutex_init(&m->mu, NULL);
-	m->ttft.bounds = ttft_bounds;
-	m->ttft.n_bounds = TTFT_N;
-	m->itl.bounds = itl_bounds;
-	m->itl.n_bounds = ITL_N;
+	histogram_init(&m->ttft, ttft_bounds, N_OF(ttft_bounds));
+	histogram_init(&m->itl, itl_bounds, N_OF(itl_bounds));
+	histogram_init(&m->v.ttft, vllm_ttft_bounds, N_OF(vllm_ttft_bounds));
+	histogram_init(&m->v.itl, vllm_itl_bounds, N_OF(vllm_itl_bounds));
+	histogram_init(&m->v.e2e, vllm_request_bounds, N_OF(vllm_request_bounds));
+	histogram_init(&m->v.queue, vllm_request_bounds, N_OF(vllm_request_bounds));
+	histogram_init(&m->v.prefill, vllm_request_bounds, N_OF(vllm_request_bounds));
+	histogram_init(&m->v.decode, vllm_request_bounds, N_OF(vllm_request_bounds));
 	*out = m;
 	return 0;
 }
@@ -109,10 +141,21 @@ void lp_metrics_request(struct lp_metrics *m, const char *model, int status, lon
 	pthread_mutex_unlock(&m->mu);
 }
 
+void lp_metrics_prompt(struct lp_metrics *m, long prompt_tokens)
+{
+	if (prompt_tokens <= 0)
+		return;
+	pthread_mutex_lock(&m->mu);
+	m->v.prompt_tokens += (uint64_t)prompt_tokens;
+	pthread_mutex_unlock(&m->mu);
+}
+
 static void observe(struct histogram *h, double v)
 {
 	size_t i = 0;
 
+	if (v < 0) /* clocks read on different threads: never below zero */
+		v = 0;
 	while (i < h->n_bounds && v > h->bounds[i])
 		i++;
 	h->buckets[i]++;
@@ -124,6 +167,8 @@ void lp_metrics_ttft(struct lp_metrics *m, double seconds)
 {
 	pthread_mutex_lock(&m->mu);
 	observe(&m->ttft, seconds);
+	observe(&m->v.ttft, seconds);
+	m->v.generation_tokens++;
 	pthread_mutex_unlock(&m->mu);
 }
 
@@ -131,6 +176,8 @@ void lp_metrics_inter_token(struct lp_metrics *m, double seconds)
 {
 	pthread_mutex_lock(&m->mu);
 	observe(&m->itl, seconds);
+	observe(&m->v.itl, seconds);
+	m->v.generation_tokens++;
 	pthread_mutex_unlock(&m->mu);
 }
 
@@ -140,6 +187,26 @@ void lp_metrics_disconnect(struct lp_metrics *m)
 	m->disconnects++;
 	pthread_mutex_unlock(&m->mu);
 }
+
+void lp_metrics_seq_finished(struct lp_metrics *m, const struct lp_metrics_seq *s)
+{
+	unsigned f = (unsigned)s->finish < LP_METRICS_N_FINISH ? s->finish : LP_METRICS_ABORT;
+
+	pthread_mutex_lock(&m->mu);
+	m->v.finished[f]++;
+	observe(&m->v.e2e, s->end - s->arrival);
+	/* each phase lasts until the next began, or until the end when it
+	 * was the last one the sequence reached */
+	observe(&m->v.queue, (s->scheduled > 0 ? s->scheduled : s->end) - s->queued);
+	if (s->scheduled > 0)
+		observe(&m->v.prefill,
+		        (s->first_token > 0 ? s->first_token : s->end) - s->scheduled);
+	if (s->first_token > 0)
+		observe(&m->v.decode, s->last_token - s->first_token);
+	pthread_mutex_unlock(&m->mu);
+}
+
+/* ---- rendering ---- */
 
 /* Appends v as a label value: backslash, quote and newline escaped. */
 static int append_label(struct lp_buf *out, const char *v, struct lp_err *err)
@@ -156,22 +223,45 @@ static int append_label(struct lp_buf *out, const char *v, struct lp_err *err)
 	return 0;
 }
 
-static int render_histogram(struct lp_buf *out, const char *name, const char *help,
-                            const struct histogram *h, struct lp_err *err)
+/* A bucket bound as Prometheus' own clients print it: "0.25", "1.0". */
+static void format_bound(char *buf, size_t cap, double v)
 {
+	snprintf(buf, cap, "%g", v);
+	if (!strpbrk(buf, ".e"))
+		snprintf(buf + strlen(buf), cap - strlen(buf), ".0");
+}
+
+static int family(struct lp_buf *out, const char *name, const char *type, const char *help,
+                  struct lp_err *err)
+{
+	return lp_buf_appendf(out, err, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A histogram family of one series; labels ("" or `k="v",...`, escaped)
+ * go on every sample. */
+static int render_histogram(struct lp_buf *out, const char *name, const char *help,
+                            const char *labels, const struct histogram *h, struct lp_err *err)
+{
+	const char *sep = *labels ? "," : "";
 	uint64_t cum = 0;
+	char le[32];
 	int rc;
 
-	rc = lp_buf_appendf(out, err, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+	rc = family(out, name, "histogram", help, err);
 	for (size_t i = 0; !rc && i < h->n_bounds; i++) {
 		cum += h->buckets[i];
-		rc = lp_buf_appendf(out, err, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i],
-		                    (unsigned long long)cum);
+		format_bound(le, sizeof(le), h->bounds[i]);
+		rc = lp_buf_appendf(out, err, "%s_bucket{%s%sle=\"%s\"} %llu\n", name, labels, sep,
+		                    le, (unsigned long long)cum);
 	}
 	if (!rc)
-		rc = lp_buf_appendf(
-		    out, err, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
-		    (unsigned long long)h->count, name, h->sum, name, (unsigned long long)h->count);
+		rc = lp_buf_appendf(out, err, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels,
+		                    sep, (unsigned long long)h->count);
+	if (!rc)
+		rc = lp_buf_appendf(out, err, "%s_sum%s%s%s %.6f\n%s_count%s%s%s %llu\n", name,
+		                    *labels ? "{" : "", labels, *labels ? "}" : "", h->sum, name,
+		                    *labels ? "{" : "", labels, *labels ? "}" : "",
+		                    (unsigned long long)h->count);
 	return rc;
 }
 
@@ -180,7 +270,7 @@ static int render_histogram(struct lp_buf *out, const char *name, const char *he
 static int render_series(struct lp_metrics *m, struct lp_buf *out, const char *name,
                          const char *help, int field, struct lp_err *err)
 {
-	int rc = lp_buf_appendf(out, err, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+	int rc = family(out, name, "counter", help, err);
 
 	for (size_t i = 0; !rc && i < m->n_series; i++) {
 		const struct series *s = &m->series[i];
@@ -216,6 +306,166 @@ static int render_series(struct lp_metrics *m, struct lp_buf *out, const char *n
 	return rc;
 }
 
+/* One family of one series. */
+static int one_gauge(struct lp_buf *out, const char *name, const char *help, const char *labels,
+                     double v, struct lp_err *err)
+{
+	int rc = family(out, name, "gauge", help, err);
+
+	if (!rc)
+		rc = lp_buf_appendf(out, err, "%s%s%s%s %.9g\n", name, *labels ? "{" : "", labels,
+		                    *labels ? "}" : "", v);
+	return rc;
+}
+
+static int one_counter(struct lp_buf *out, const char *name, const char *help, const char *labels,
+                       uint64_t v, struct lp_err *err)
+{
+	int rc = family(out, name, "counter", help, err);
+
+	if (!rc)
+		rc = lp_buf_appendf(out, err, "%s%s%s%s %llu\n", name, *labels ? "{" : "", labels,
+		                    *labels ? "}" : "", (unsigned long long)v);
+	return rc;
+}
+
+/* The KV cache's element type as vLLM's cache_dtype names it. */
+static const char *cache_dtype(enum lp_dtype t)
+{
+	switch (t) {
+	case LP_DTYPE_F32:
+		return "float32";
+	case LP_DTYPE_F16:
+		return "float16";
+	case LP_DTYPE_BF16:
+		return "bfloat16";
+	default:
+		return lp_dtype_name(t);
+	}
+}
+
+/* The vLLM metrics: the endpoint picker's (scheduler state, KV use,
+ * cache config, LoRA), then the request metrics. labels is the escaped
+ * `model_name="...",engine="0"`. mu held. */
+static int render_vllm(struct lp_metrics *m, const struct lp_worker_stats *ws, const char *labels,
+                       struct lp_buf *out, struct lp_err *err)
+{
+	const struct lp_engine_stats *es = &ws->engine;
+	const struct vllm_counts *v = &m->v;
+	bool engine = ws->config.block_size > 0;
+	int rc;
+
+	rc = one_gauge(out, "vllm:num_requests_running",
+	               "Requests with a sequence in the running batch (n > 1 counts once).", labels,
+	               ws->running_requests, err);
+	if (!rc)
+		rc =
+		    one_gauge(out, "vllm:num_requests_waiting",
+		              "Requests waiting to run: in the engine's queue or the submit queue.",
+		              labels, ws->waiting_requests, err);
+	if (!rc)
+		rc = one_gauge(out, "vllm:kv_cache_usage_perc",
+		               "Fraction of KV cache blocks held by requests (0 to 1).", labels,
+		               es->kv_blocks_total > 0
+		                   ? (double)es->kv_blocks_used / (double)es->kv_blocks_total
+		                   : 0.0,
+		               err);
+	if (!rc && engine) {
+		const struct lp_engine_config *c = &ws->config;
+
+		rc = family(out, "vllm:cache_config_info", "gauge",
+		            "The KV cache's configuration, in the labels (value 1).", err);
+		if (!rc)
+			rc = lp_buf_appendf(
+			    out, err,
+			    "vllm:cache_config_info{block_size=\"%d\",cache_dtype=\"%s\","
+			    "enable_prefix_caching=\"%s\",gpu_memory_utilization=\"%g\","
+			    "num_gpu_blocks=\"%d\",engine=\"0\"} 1\n",
+			    c->block_size, cache_dtype(c->kv_type),
+			    c->prefix_caching ? "True" : "False", c->gpu_memory_utilization,
+			    es->kv_blocks_total);
+	}
+	if (!rc && engine) {
+		struct timespec now;
+
+		clock_gettime(CLOCK_REALTIME, &now);
+		rc = family(out, "vllm:lora_requests_info", "gauge",
+		            "Adapters of running and of waiting requests, in the labels; the value "
+		            "is the Unix time they were read.",
+		            err);
+		if (!rc)
+			rc = lp_buf_appendf(out, err,
+			                    "vllm:lora_requests_info{max_lora=\"%d\","
+			                    "waiting_lora_adapters=\"",
+			                    ws->config.max_loras);
+		/* adapter names hold no quote, backslash or newline, but escape
+		 * anyway */
+		if (!rc)
+			rc = append_label(out, ws->waiting_adapters, err);
+		if (!rc)
+			rc = lp_buf_appendf(out, err, "\",running_lora_adapters=\"");
+		if (!rc)
+			rc = append_label(out, ws->running_adapters, err);
+		if (!rc)
+			rc = lp_buf_appendf(out, err, "\"} %.3f\n",
+			                    (double)now.tv_sec + (double)now.tv_nsec * 1e-9);
+	}
+	if (!rc)
+		rc = one_counter(out, "vllm:num_preemptions_total",
+		                 "Sequences preempted (their KV cache dropped, to be recomputed).",
+		                 labels, es->preemptions, err);
+	if (!rc)
+		rc = one_counter(out, "vllm:prefix_cache_queries_total",
+		                 "Prompt tokens looked up in the prefix cache.", labels,
+		                 es->prefix_queries, err);
+	if (!rc)
+		rc = one_counter(out, "vllm:prefix_cache_hits_total",
+		                 "Prompt tokens found in the prefix cache (their prefill skipped).",
+		                 labels, es->prefix_hits, err);
+	if (!rc)
+		rc = one_counter(out, "vllm:prompt_tokens_total",
+		                 "Prompt tokens of requests whose prefill is done, as their usage "
+		                 "counts them.",
+		                 labels, v->prompt_tokens, err);
+	if (!rc)
+		rc = one_counter(out, "vllm:generation_tokens_total",
+		                 "Generated tokens delivered to requests.", labels,
+		                 v->generation_tokens, err);
+	if (!rc)
+		rc = family(out, "vllm:request_success_total", "counter",
+		            "Finished sequences (choices) by why they finished.", err);
+	for (int f = 0; !rc && f < LP_METRICS_N_FINISH; f++)
+		rc = lp_buf_appendf(out, err,
+		                    "vllm:request_success_total{%s,finished_reason=\"%s\"} %llu\n",
+		                    labels, finish_names[f], (unsigned long long)v->finished[f]);
+	if (!rc)
+		rc = render_histogram(
+		    out, "vllm:time_to_first_token_seconds",
+		    "Seconds from a request's arrival to a sequence's first token.", labels,
+		    &v->ttft, err);
+	if (!rc)
+		rc = render_histogram(out, "vllm:inter_token_latency_seconds",
+		                      "Seconds between consecutive tokens of a sequence.", labels,
+		                      &v->itl, err);
+	if (!rc)
+		rc = render_histogram(out, "vllm:e2e_request_latency_seconds",
+		                      "Seconds from a request's arrival to the end of a sequence.",
+		                      labels, &v->e2e, err);
+	if (!rc)
+		rc = render_histogram(out, "vllm:request_queue_time_seconds",
+		                      "Seconds a sequence waited before it first ran.", labels,
+		                      &v->queue, err);
+	if (!rc)
+		rc = render_histogram(out, "vllm:request_prefill_time_seconds",
+		                      "Seconds from a sequence's first run to its first token.",
+		                      labels, &v->prefill, err);
+	if (!rc)
+		rc = render_histogram(out, "vllm:request_decode_time_seconds",
+		                      "Seconds from a sequence's first token to its last.", labels,
+		                      &v->decode, err);
+	return rc;
+}
+
 #define GAUGE(name, help, fmt, v)                                                                  \
 	lp_buf_appendf(out, err,                                                                   \
 	               "# HELP " name " " help "\n# TYPE " name " gauge\n" name " " fmt "\n", v)
@@ -225,14 +475,28 @@ static int render_series(struct lp_metrics *m, struct lp_buf *out, const char *n
 	               (unsigned long long)(v))
 
 int lp_metrics_render(struct lp_metrics *m, const struct lp_worker_stats *ws, bool ready,
-                      struct lp_buf *out, struct lp_err *err)
+                      const char *model_name, struct lp_buf *out, struct lp_err *err)
 {
 	const struct lp_lora_cache_stats *ls = &ws->loras;
+	struct lp_buf labels;
 	int rc;
 
+	lp_buf_init(&labels, 4096);
+	rc = lp_buf_appendf(&labels, err, "model_name=\"");
+	if (!rc)
+		rc = append_label(&labels, model_name ? model_name : "", err);
+	if (!rc)
+		rc = lp_buf_appendf(&labels, err, "\",engine=\"0\"");
+	if (rc) {
+		lp_buf_release(&labels);
+		return rc;
+	}
+
 	pthread_mutex_lock(&m->mu);
-	rc = render_series(m, out, "loraplane_requests_total",
-	                   "Generation requests by model and HTTP status.", 0, err);
+	rc = render_vllm(m, ws, labels.data, out, err);
+	if (!rc)
+		rc = render_series(m, out, "loraplane_requests_total",
+		                   "Generation requests by model and HTTP status.", 0, err);
 	if (!rc)
 		rc = render_series(m, out, "loraplane_prompt_tokens_total",
 		                   "Prompt tokens of finished requests, by model.", 1, err);
@@ -241,16 +505,17 @@ int lp_metrics_render(struct lp_metrics *m, const struct lp_worker_stats *ws, bo
 		                   "Generated tokens of finished requests, by model.", 2, err);
 	if (!rc)
 		rc = render_histogram(out, "loraplane_time_to_first_token_seconds",
-		                      "Time from a request's arrival to its first token.", &m->ttft,
-		                      err);
+		                      "Time from a request's arrival to its first token.", "",
+		                      &m->ttft, err);
 	if (!rc)
 		rc = render_histogram(out, "loraplane_inter_token_latency_seconds",
-		                      "Time between consecutive tokens of a sequence.", &m->itl,
+		                      "Time between consecutive tokens of a sequence.", "", &m->itl,
 		                      err);
 	if (!rc)
 		rc = COUNTER("loraplane_client_disconnects_total",
 		             "Responses cut short because the client went away.", m->disconnects);
 	pthread_mutex_unlock(&m->mu);
+	lp_buf_release(&labels);
 	if (!rc)
 		rc = GAUGE("loraplane_ready", "1 when the model is loaded and requests are served.",
 		           "%d", ready ? 1 : 0);
@@ -259,11 +524,15 @@ int lp_metrics_render(struct lp_metrics *m, const struct lp_worker_stats *ws, bo
 		           ws->engine.running);
 	if (!rc)
 		rc = GAUGE("loraplane_requests_waiting",
-		           "Requests waiting: in the engine's queue or the submit queue.", "%d",
+		           "Sequences waiting: in the engine's queue or the submit queue.", "%d",
 		           ws->engine.waiting + ws->queued);
 	if (!rc)
-		rc = GAUGE("loraplane_kv_blocks_used", "KV cache blocks in use.", "%d",
+		rc = GAUGE("loraplane_kv_blocks_used", "KV cache blocks held by requests.", "%d",
 		           ws->engine.kv_blocks_used);
+	if (!rc)
+		rc = GAUGE("loraplane_kv_blocks_cached",
+		           "KV cache blocks no request holds that keep a reusable prefix.", "%d",
+		           ws->engine.kv_blocks_cached);
 	if (!rc)
 		rc = GAUGE("loraplane_kv_blocks_total", "KV cache blocks in all.", "%d",
 		           ws->engine.kv_blocks_total);

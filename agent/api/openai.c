@@ -18,6 +18,8 @@
 #include "agent/api/metrics.h"
 #include "agent/api/registry.h"
 #include "agent/api/request.h"
+#include "agent/api/resolver.h"
+#include "agent/engine/unicode-utf8.h"
 
 #include "common/log.h"
 
@@ -45,7 +47,10 @@ struct choice {
 	struct lp_event pending;
 	enum lp_finish_reason finish;
 	json_t *lp; /* logprobs gathered (non-streaming) */
-	double t_last;
+	int cached; /* prompt tokens the prefix cache held (the end event's) */
+	/* lp_now() seconds, for the metrics: entered the submit queue, first
+	 * ran in the engine (0: not yet), first and last token, done */
+	double t_queued, t_scheduled, t_first, t_last, t_done;
 };
 
 struct gen {
@@ -78,33 +83,36 @@ static json_t *jreal(double v)
 	return json_real(isfinite(v) ? v : -9999.0);
 }
 
-/* The text of one token for logprobs, special tokens included and no
- * leading-space stripping; bytes holds its raw bytes (those of an
- * incomplete UTF-8 sequence too). */
-static void token_text(const struct lp_model *m, int32_t id, char *out, size_t cap,
-                       unsigned char *bytes, size_t *n_bytes)
-{
-	struct lp_detok d;
-	char piece[512];
-	int n;
+/* The string of a token in logprobs: each byte escaped at most. */
+#define TOKEN_TEXT_MAX (4 * LP_TOKEN_BYTES_MAX + 1)
 
-	lp_detok_init(&d, false);
-	d.started = true;
-	n = lp_detok_piece(m->tok, &d, id, piece, sizeof(piece));
-	if (n < 0)
-		n = 0;
-	*n_bytes = 0;
-	memcpy(bytes, piece, (size_t)n);
-	*n_bytes = (size_t)n;
-	for (int i = 0; i < d.n_pending && *n_bytes < 512; i++)
-		bytes[(*n_bytes)++] = d.pending[i];
-	if (d.n_pending && (size_t)n + 3 < sizeof(piece)) {
-		memcpy(piece + n, "\xef\xbf\xbd", 3); /* U+FFFD */
-		n += 3;
+/* One token for logprobs, special tokens included and no leading-space
+ * stripping. bytes (LP_TOKEN_BYTES_MAX) gets the token's own bytes, part
+ * of a UTF-8 character included, so that the bytes of a reply's tokens
+ * join into its text, as OpenAI's contract says; out (TOKEN_TEXT_MAX) gets
+ * them as a string, where each byte that is not part of a whole character
+ * is written as the escape \xNN (lowercase hex), as OpenAI writes such
+ * tokens. */
+static void token_text(const struct lp_model *m, int32_t id, char *out, unsigned char *bytes,
+                       size_t *n_bytes)
+{
+	int n = lp_detok_token_bytes(m->tok, id, bytes, LP_TOKEN_BYTES_MAX);
+	size_t o = 0;
+
+	*n_bytes = n > 0 ? (size_t)n : 0;
+	for (size_t i = 0; i < *n_bytes;) {
+		size_t len = (size_t)lp_utf8_seq_len(bytes[i]);
+
+		if (len && i + len <= *n_bytes && lp_utf8_valid((const char *)bytes + i, len)) {
+			memcpy(out + o, bytes + i, len);
+			o += len;
+			i += len;
+		} else {
+			o += (size_t)snprintf(out + o, 5, "\\x%02x", bytes[i]);
+			i++;
+		}
 	}
-	piece[n] = '\0';
-	lp_api_utf8_sanitize(piece);
-	snprintf(out, cap, "%s", piece);
+	out[o] = '\0';
 }
 
 static const char *finish_name(const struct choice *ch)
@@ -160,6 +168,36 @@ int lp_openai_models(struct lp_call *c)
 	return lp_call_send_json(c, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
 }
 
+/* ---- GET /v1/models/{id} ---- */
+
+int lp_openai_model(struct lp_call *c)
+{
+	struct lp_server *s = c->s;
+	/* the whole rest of the path: adapter names may hold '/' */
+	const char *id = c->path + strlen("/v1/models/");
+	char source[sizeof(((struct lp_registry_entry *)0)->source)];
+	char shown[LP_GEN_MAX_MODEL + 8];
+
+	if (!atomic_load(&s->ready))
+		return lp_call_errorf(c, 503, "not_ready", NULL, "the model is not ready yet");
+	if (!strcmp(id, s->cfg.served_name))
+		return lp_call_send_json(c, 200,
+		                         model_card(s->cfg.served_name, s->created,
+		                                    s->cfg.model_source, NULL, s->max_model_len));
+	if (strlen(id) <= LP_GEN_MAX_MODEL &&
+	    lp_registry_get(s->loras, id, source, sizeof(source))) {
+		lp_api_utf8_sanitize(source);
+		return lp_call_send_json(
+		    c, 200,
+		    model_card(id, s->created, source, s->cfg.served_name, s->max_model_len));
+	}
+	snprintf(shown, sizeof(shown), "%.*s%s", LP_GEN_MAX_MODEL, id,
+	         strlen(id) > LP_GEN_MAX_MODEL ? "..." : "");
+	lp_api_utf8_sanitize(shown);
+	return lp_call_errorf(c, 404, "model_not_found", "model", "the model '%s' does not exist",
+	                      shown);
+}
+
 /* ---- generation ---- */
 
 static int map_engine_error(struct gen *g, const struct lp_err *err, struct lp_api_error *e)
@@ -210,11 +248,15 @@ static int submit_all(struct gen *g, struct lp_api_error *e)
 {
 	struct lp_gen_request *r = &g->req;
 	struct lp_err err;
+	uint64_t group = 0;
 
 	g->n_ch = r->n_prompts * (size_t)r->n;
 	g->ch = calloc(g->n_ch, sizeof(*g->ch));
 	if (!g->ch)
 		return lp_api_errorf(e, 500, NULL, NULL, "out of memory");
+	/* the choices are one request in the engine's request counts */
+	if (g->n_ch > 1)
+		group = lp_worker_new_group(g->s->w);
 	for (size_t i = 0; i < g->n_ch; i++) {
 		struct choice *ch = &g->ch[i];
 		struct lp_request_params p;
@@ -238,6 +280,7 @@ static int submit_all(struct gen *g, struct lp_api_error *e)
 		if (p.sampling.has_seed)
 			p.sampling.seed += i % (size_t)r->n;
 		p.logprobs = r->logprobs;
+		p.group = group;
 		if (lp_worker_submit(g->s->w, &p, &ch->req, &err)) {
 			if (err.code == -EAGAIN) {
 				lp_api_errorf(e, 429, "queue_full", NULL,
@@ -278,20 +321,18 @@ static int wait_first(struct gen *g, struct lp_api_error *e)
 
 static json_t *logprobs_entry_chat(const struct lp_model *m, const struct lp_event *ev)
 {
-	char text[600];
-	unsigned char bytes[520];
+	char text[TOKEN_TEXT_MAX], t2[TOKEN_TEXT_MAX];
+	unsigned char bytes[LP_TOKEN_BYTES_MAX], b2[LP_TOKEN_BYTES_MAX];
 	size_t nb;
 	json_t *top = json_array(), *jb = json_array();
 
-	token_text(m, ev->token, text, sizeof(text), bytes, &nb);
+	token_text(m, ev->token, text, bytes, &nb);
 	for (size_t i = 0; i < nb; i++)
 		json_array_append_new(jb, json_integer(bytes[i]));
 	for (int k = 0; k < ev->n_top; k++) {
-		char t2[600];
-		unsigned char b2[520];
 		size_t n2;
 		json_t *jb2 = json_array();
-		token_text(m, ev->top_ids[k], t2, sizeof(t2), b2, &n2);
+		token_text(m, ev->top_ids[k], t2, b2, &n2);
 		for (size_t i = 0; i < n2; i++)
 			json_array_append_new(jb2, json_integer(b2[i]));
 		json_array_append_new(top, json_pack("{s:s, s:o, s:o}", "token", t2, "logprob",
@@ -305,17 +346,15 @@ static json_t *logprobs_entry_chat(const struct lp_model *m, const struct lp_eve
 static void logprobs_add_completion(const struct lp_model *m, json_t *lp, const struct lp_event *ev,
                                     size_t offset)
 {
-	char text[600];
-	unsigned char bytes[520];
+	char text[TOKEN_TEXT_MAX], t2[TOKEN_TEXT_MAX];
+	unsigned char bytes[LP_TOKEN_BYTES_MAX], b2[LP_TOKEN_BYTES_MAX];
 	size_t nb;
 	json_t *top = json_object();
 
-	token_text(m, ev->token, text, sizeof(text), bytes, &nb);
+	token_text(m, ev->token, text, bytes, &nb);
 	for (int k = 0; k < ev->n_top; k++) {
-		char t2[600];
-		unsigned char b2[520];
 		size_t n2;
-		token_text(m, ev->top_ids[k], t2, sizeof(t2), b2, &n2);
+		token_text(m, ev->top_ids[k], t2, b2, &n2);
 		if (!json_object_get(top, t2))
 			json_object_set_new(top, t2, jreal(ev->top_logprobs[k]));
 	}
@@ -421,15 +460,21 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 
 	if (ev->kind == LP_EVENT_ERROR) {
 		/* after the first event: the engine failed (its device) */
+		ch->t_done = lp_now();
 		ch->done = true;
 		ch->failed = true;
 		ch->failure = ev->err;
 		return 0;
 	}
+	ch->t_queued = ev->t_queued;
+	if (ev->t_scheduled > 0)
+		ch->t_scheduled = ev->t_scheduled;
 	if (ev->kind == LP_EVENT_END) {
+		ch->t_done = lp_now();
 		ch->done = true;
 		ch->finish = ev->finish;
 		ch->cancelled = ev->cancelled;
+		ch->cached = ev->cached_tokens;
 		n = lp_detok_flush(m->tok, &ch->detok, piece, sizeof(piece));
 		if (n > 0 && lp_stop_matcher_feed(&ch->stop, piece, (size_t)n, &out, &out_len)) {
 			ch->stopped = true;
@@ -445,10 +490,12 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 
 	/* a token */
 	double now = lp_now();
-	if (ch->tokens == 0)
+	if (ch->tokens == 0) {
 		lp_metrics_ttft(g->s->metrics, now - g->c->t0);
-	else
+		ch->t_first = now;
+	} else {
 		lp_metrics_inter_token(g->s->metrics, now - ch->t_last);
+	}
 	ch->t_last = now;
 	ch->tokens++;
 	n = lp_detok_piece(m->tok, &ch->detok, ev->token, piece, sizeof(piece));
@@ -468,6 +515,7 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 	}
 	ch->chars += utf8_chars(piece, (size_t)n);
 	if (lp_stop_matcher_feed(&ch->stop, piece, (size_t)n, &out, &out_len)) {
+		ch->t_done = now;
 		ch->stopped = true;
 		ch->done = true;
 		lp_request_cancel(ch->req);
@@ -529,11 +577,28 @@ static int pump(struct gen *g)
 	return 0;
 }
 
+/* Prompt tokens found in the prefix cache: per prompt, the most any of its
+ * choices found (they share the prompt, which counts once in usage). */
+static long cached_tokens(const struct gen *g)
+{
+	long n = 0;
+
+	for (size_t p = 0; p < g->req.n_prompts; p++) {
+		int best = 0;
+		for (size_t i = 0; i < g->n_ch; i++)
+			if (g->ch[i].prompt == p && g->ch[i].cached > best)
+				best = g->ch[i].cached;
+		n += best;
+	}
+	return n;
+}
+
 static json_t *usage_json(struct gen *g, long completion)
 {
-	return json_pack("{s:I, s:I, s:I}", "prompt_tokens", (json_int_t)g->prompt_tokens,
+	return json_pack("{s:I, s:I, s:I, s:{s:I}}", "prompt_tokens", (json_int_t)g->prompt_tokens,
 	                 "completion_tokens", (json_int_t)completion, "total_tokens",
-	                 (json_int_t)(g->prompt_tokens + completion));
+	                 (json_int_t)(g->prompt_tokens + completion), "prompt_tokens_details",
+	                 "cached_tokens", (json_int_t)cached_tokens(g));
 }
 
 static long completion_tokens(const struct gen *g)
@@ -658,6 +723,31 @@ static int respond_whole(struct gen *g)
 	return 0;
 }
 
+/* vLLM's request metrics: one finished sequence per choice. */
+static void metrics_choices(struct gen *g)
+{
+	double now = lp_now();
+
+	for (size_t i = 0; i < g->n_ch; i++) {
+		const struct choice *ch = &g->ch[i];
+		struct lp_metrics_seq ms = {
+		    .finish = ch->failed                       ? LP_METRICS_ERROR
+		              : ch->stopped                    ? LP_METRICS_STOP
+		              : !ch->done || ch->cancelled     ? LP_METRICS_ABORT
+		              : ch->finish == LP_FINISH_STOP   ? LP_METRICS_STOP
+		              : ch->finish == LP_FINISH_LENGTH ? LP_METRICS_LENGTH
+		                                               : LP_METRICS_ABORT,
+		    .arrival = g->c->t0,
+		    .queued = ch->t_queued > 0 ? ch->t_queued : g->c->t0,
+		    .scheduled = ch->t_scheduled,
+		    .first_token = ch->t_first,
+		    .last_token = ch->t_last,
+		    .end = ch->done && ch->t_done > 0 ? ch->t_done : now,
+		};
+		lp_metrics_seq_finished(g->s->metrics, &ms);
+	}
+}
+
 static int generate(struct lp_call *c, bool chat)
 {
 	struct lp_server *s = c->s;
@@ -684,11 +774,10 @@ static int generate(struct lp_call *c, bool chat)
 	json_t *jm = json_object_get(body, "model");
 	if (json_is_string(jm) && json_string_length(jm) <= LP_GEN_MAX_MODEL) {
 		const char *name = json_string_value(jm);
-		if (strcmp(name, s->cfg.served_name) && !lp_registry_get(s->loras, name, NULL, 0)) {
-			lp_api_errorf(&e, 404, "model_not_found", "model",
-			              "the model '%s' does not exist", name);
+		/* an unknown name may be an adapter --lora-resolver loads now */
+		if (strcmp(name, s->cfg.served_name) && !lp_registry_get(s->loras, name, NULL, 0) &&
+		    lp_resolver_resolve(s->resolver, s, name, c->id, &e))
 			goto fail;
-		}
 		snprintf(c->model, sizeof(c->model), "%s", name);
 	}
 	if (lp_gen_request_parse(&g.req, body, chat, &lim, &e))
@@ -702,10 +791,12 @@ static int generate(struct lp_call *c, bool chat)
 		g.prompt_tokens += (long)g.req.prompts[i].ids.n;
 	if (submit_all(&g, &e) || wait_first(&g, &e))
 		goto fail;
+	lp_metrics_prompt(s->metrics, g.prompt_tokens);
 	if (g.stream)
 		respond_stream(&g);
 	else
 		respond_whole(&g);
+	metrics_choices(&g);
 	status = g.gone ? 499 : failed_choice(&g) ? 500 : 200;
 	lp_metrics_request(s->metrics, g.req.model, status, g.prompt_tokens, completion_tokens(&g));
 	gen_release(&g);

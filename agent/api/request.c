@@ -94,9 +94,69 @@ static int refuse_if_set(json_t *body, const char *key, const char *why, struct 
 	                     why);
 }
 
+/* ---- logit bias ---- */
+
+/* OpenAI's logit_bias: an object of token id (a decimal string) to a bias
+ * in [-100, 100], at most LP_MAX_LOGIT_BIAS of them, each id in the
+ * vocabulary and named once. */
+static int parse_logit_bias(struct lp_sampling_params *sp, json_t *body,
+                            const struct lp_gen_limits *lim, struct lp_api_error *e)
+{
+	json_t *v = field(body, "logit_bias"), *val;
+	int32_t vocab = lim->model->cfg.vocab_size;
+	const char *key;
+
+	if (!v)
+		return 0;
+	if (!json_is_object(v))
+		return lp_api_errorf(e, 400, "invalid_type", "logit_bias",
+		                     "'logit_bias' must be an object of token ids to numbers");
+	if (json_object_size(v) > LP_MAX_LOGIT_BIAS)
+		return lp_api_errorf(e, 400, "invalid_value", "logit_bias",
+		                     "'logit_bias' has %zu entries, at most %d are allowed",
+		                     json_object_size(v), LP_MAX_LOGIT_BIAS);
+	json_object_foreach(v, key, val)
+	{
+		char shown[40];
+		long long id = 0;
+		size_t n = strlen(key);
+		double b;
+
+		snprintf(shown, sizeof(shown), "%.32s%s", key, n > 32 ? "..." : "");
+		lp_api_utf8_sanitize(shown);
+		if (n == 0 || n > 10 || strspn(key, "0123456789") != n)
+			return lp_api_errorf(e, 400, "invalid_value", "logit_bias",
+			                     "'logit_bias' key '%s' is not a token id (a decimal "
+			                     "integer)",
+			                     shown);
+		for (size_t i = 0; i < n; i++)
+			id = id * 10 + (key[i] - '0');
+		if (id >= vocab)
+			return lp_api_errorf(e, 400, "invalid_value", "logit_bias",
+			                     "'logit_bias' token id %lld is outside the vocabulary "
+			                     "(0 to %d)",
+			                     id, vocab - 1);
+		if (!json_is_number(val))
+			return lp_api_errorf(e, 400, "invalid_type", "logit_bias",
+			                     "'logit_bias' of token %lld must be a number", id);
+		b = json_number_value(val);
+		if (!(b >= -LP_LOGIT_BIAS_MAX && b <= LP_LOGIT_BIAS_MAX))
+			return lp_api_errorf(
+			    e, 400, "invalid_value", "logit_bias",
+			    "'logit_bias' of token %lld must be in [-100, 100], got %g", id, b);
+		for (int i = 0; i < sp->n_logit_bias; i++)
+			if (sp->logit_bias[i].token == id)
+				return lp_api_errorf(e, 400, "invalid_value", "logit_bias",
+				                     "'logit_bias' names token %lld twice", id);
+		sp->logit_bias[sp->n_logit_bias++] = (struct lp_logit_bias){(int32_t)id, (float)b};
+	}
+	return 0;
+}
+
 /* ---- sampling and the other common fields ---- */
 
-static int parse_common(struct lp_gen_request *r, json_t *body, struct lp_api_error *e)
+static int parse_common(struct lp_gen_request *r, json_t *body, const struct lp_gen_limits *lim,
+                        struct lp_api_error *e)
 {
 	struct lp_sampling_params *sp = &r->sampling;
 	long long v;
@@ -157,7 +217,7 @@ static int parse_common(struct lp_gen_request *r, json_t *body, struct lp_api_er
 	j = field(body, "user");
 	if (j && !json_is_string(j))
 		return lp_api_errorf(e, 400, "invalid_type", "user", "'user' must be a string");
-	if ((rc = refuse_if_set(body, "logit_bias", "no logit bias in this server", e)))
+	if ((rc = parse_logit_bias(sp, body, lim, e)))
 		return rc;
 
 	/* stop: a string or an array of strings */
@@ -219,6 +279,7 @@ static struct lp_gen_prompt *add_prompt(struct lp_gen_request *r, struct lp_api_
 
 static int set_text(struct lp_gen_prompt *p, const char *s, size_t len, struct lp_api_error *e)
 {
+	free(p->text);
 	p->text = malloc(len + 1);
 	if (!p->text)
 		return lp_api_errorf(e, 500, NULL, NULL, "out of memory");
@@ -228,28 +289,40 @@ static int set_text(struct lp_gen_prompt *p, const char *s, size_t len, struct l
 	return 0;
 }
 
-static int prompt_from_text(struct lp_gen_request *r, const struct lp_gen_limits *lim,
-                            const char *s, size_t len, const char *param, struct lp_api_error *e)
+void lp_gen_prompt_release(struct lp_gen_prompt *p)
 {
-	struct lp_gen_prompt *p = add_prompt(r, e);
+	lp_tokens_release(&p->ids);
+	free(p->text);
+	memset(p, 0, sizeof(*p));
+}
+
+int lp_gen_prompt_text(struct lp_gen_prompt *p, const struct lp_gen_limits *lim, const char *s,
+                       size_t len, bool add_special, const char *param, struct lp_api_error *e)
+{
+	unsigned flags = LP_ENCODE_PARSE_SPECIAL | (add_special ? LP_ENCODE_ADD_SPECIAL : 0);
 	struct lp_err err;
 	int rc;
 
-	if (!p)
-		return -500;
 	if ((rc = set_text(p, s, len, e)))
 		return rc;
-	if (lp_tokenizer_encode(lim->model->tok, s, len,
-	                        LP_ENCODE_ADD_SPECIAL | LP_ENCODE_PARSE_SPECIAL, &p->ids, &err))
+	if (lp_tokenizer_encode(lim->model->tok, s, len, flags, &p->ids, &err))
 		return lp_api_error_from(e, 400, "invalid_prompt", param, &err);
 	return 0;
 }
 
-/* Token ids from a JSON array; the text (for echo) is their decoding. */
-static int prompt_from_ids(struct lp_gen_request *r, const struct lp_gen_limits *lim, json_t *a,
-                           const char *param, struct lp_api_error *e)
+static int prompt_from_text(struct lp_gen_request *r, const struct lp_gen_limits *lim,
+                            const char *s, size_t len, const char *param, struct lp_api_error *e)
 {
 	struct lp_gen_prompt *p = add_prompt(r, e);
+
+	if (!p)
+		return -500;
+	return lp_gen_prompt_text(p, lim, s, len, true, param, e);
+}
+
+int lp_gen_prompt_ids(struct lp_gen_prompt *p, json_t *a, const struct lp_gen_limits *lim,
+                      bool skip_special, const char *param, struct lp_api_error *e)
+{
 	int32_t vocab = lim->model->cfg.vocab_size;
 	struct lp_detok d;
 	struct lp_buf text;
@@ -257,12 +330,11 @@ static int prompt_from_ids(struct lp_gen_request *r, const struct lp_gen_limits 
 	struct lp_err err;
 	int n, rc = 0;
 
-	if (!p)
-		return -500;
-	if (json_array_size(a) == 0)
-		return lp_api_errorf(e, 400, "invalid_prompt", param, "a token id prompt is empty");
+	if (!json_is_array(a))
+		return lp_api_errorf(e, 400, "invalid_type", param,
+		                     "'%s' must be an array of token ids", param);
 	lp_buf_init(&text, MAX_PROMPT_TEXT);
-	lp_detok_init(&d, r->skip_special);
+	lp_detok_init(&d, skip_special);
 	for (size_t i = 0; i < json_array_size(a); i++) {
 		json_t *t = json_array_get(a, i);
 		json_int_t id;
@@ -296,6 +368,19 @@ static int prompt_from_ids(struct lp_gen_request *r, const struct lp_gen_limits 
 out:
 	lp_buf_release(&text);
 	return rc;
+}
+
+/* Token ids from a JSON array; the text (for echo) is their decoding. */
+static int prompt_from_ids(struct lp_gen_request *r, const struct lp_gen_limits *lim, json_t *a,
+                           const char *param, struct lp_api_error *e)
+{
+	struct lp_gen_prompt *p = add_prompt(r, e);
+
+	if (!p)
+		return -500;
+	if (json_array_size(a) == 0)
+		return lp_api_errorf(e, 400, "invalid_prompt", param, "a token id prompt is empty");
+	return lp_gen_prompt_ids(p, a, lim, r->skip_special, param, e);
 }
 
 static int parse_prompt(struct lp_gen_request *r, json_t *body, const struct lp_gen_limits *lim,
@@ -415,19 +500,18 @@ static int message_content(json_t *msg, size_t i, bool assistant, const char **o
 	return 0;
 }
 
-static int parse_messages(struct lp_gen_request *r, json_t *body, const struct lp_gen_limits *lim,
-                          struct lp_api_error *e)
+int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_gen_limits *lim,
+                           bool add_generation_prompt, bool add_special, struct lp_api_error *e)
 {
-	json_t *v = field(body, "messages");
+	unsigned flags = LP_ENCODE_PARSE_SPECIAL | (add_special ? LP_ENCODE_ADD_SPECIAL : 0);
 	struct lp_chat_message *msgs = NULL;
 	char **owned = NULL;
-	struct lp_gen_prompt *p;
 	struct lp_buf text;
 	struct lp_err err;
 	size_t n = 0;
 	int rc = 0;
 
-	if (!v)
+	if (!v || json_is_null(v))
 		return lp_api_errorf(e, 400, "missing_required_parameter", "messages",
 		                     "'messages' is required");
 	if (!json_is_array(v))
@@ -438,18 +522,6 @@ static int parse_messages(struct lp_gen_request *r, json_t *body, const struct l
 		return lp_api_errorf(e, 400, "invalid_value", "messages",
 		                     "'messages' must hold 1 to %d messages, it holds %zu",
 		                     LP_GEN_MAX_MESSAGES, n);
-	if ((rc = refuse_if_set(body, "tools", "no tool calling in this server", e)) ||
-	    (rc = refuse_if_set(body, "functions", "no function calling in this server", e)))
-		return rc;
-	json_t *rf = field(body, "response_format");
-	if (rf) {
-		json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
-		if (!json_is_string(t) || strcmp(json_string_value(t), "text"))
-			return lp_api_errorf(
-			    e, 400, "unsupported_parameter", "response_format",
-			    "'response_format' other than {\"type\": \"text\"} is not "
-			    "supported");
-	}
 	if (!lim->chat)
 		return lp_api_errorf(e, 400, "no_chat_template", "messages",
 		                     "the model '%s' has no chat template: use /v1/completions",
@@ -494,18 +566,13 @@ static int parse_messages(struct lp_gen_request *r, json_t *body, const struct l
 		                          &owned[i], e)))
 			goto out;
 	}
-	if (lp_chat_template_render(lim->chat, msgs, n, true, &text, &err)) {
+	if (lp_chat_template_render(lim->chat, msgs, n, add_generation_prompt, &text, &err)) {
 		rc = lp_api_error_from(e, 400, "invalid_messages", "messages", &err);
-		goto out;
-	}
-	if (!(p = add_prompt(r, e))) {
-		rc = -500;
 		goto out;
 	}
 	if ((rc = set_text(p, text.data ? text.data : "", text.len, e)))
 		goto out;
-	if (lp_tokenizer_encode(lim->model->tok, p->text, p->text_len, LP_ENCODE_PARSE_SPECIAL,
-	                        &p->ids, &err))
+	if (lp_tokenizer_encode(lim->model->tok, p->text, p->text_len, flags, &p->ids, &err))
 		rc = lp_api_error_from(e, 400, "invalid_messages", "messages", &err);
 out:
 	if (owned)
@@ -515,6 +582,30 @@ out:
 	free(msgs);
 	lp_buf_release(&text);
 	return rc;
+}
+
+static int parse_messages(struct lp_gen_request *r, json_t *body, const struct lp_gen_limits *lim,
+                          struct lp_api_error *e)
+{
+	struct lp_gen_prompt *p;
+	int rc;
+
+	if ((rc = refuse_if_set(body, "tools", "no tool calling in this server", e)) ||
+	    (rc = refuse_if_set(body, "functions", "no function calling in this server", e)))
+		return rc;
+	json_t *rf = field(body, "response_format");
+	if (rf) {
+		json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
+		if (!json_is_string(t) || strcmp(json_string_value(t), "text"))
+			return lp_api_errorf(
+			    e, 400, "unsupported_parameter", "response_format",
+			    "'response_format' other than {\"type\": \"text\"} is not "
+			    "supported");
+	}
+	if (!(p = add_prompt(r, e)))
+		return -500;
+	/* the chat template writes the special tokens itself */
+	return lp_gen_prompt_messages(p, field(body, "messages"), lim, true, false, e);
 }
 
 /* ---- the whole request ---- */
@@ -544,7 +635,7 @@ int lp_gen_request_parse(struct lp_gen_request *r, json_t *body, bool chat,
 		                     "'model' must be 1 to %d bytes long", LP_GEN_MAX_MODEL);
 	snprintf(r->model, sizeof(r->model), "%s", json_string_value(j));
 
-	if ((rc = parse_common(r, body, e)))
+	if ((rc = parse_common(r, body, lim, e)))
 		return rc;
 	if (chat) {
 		bool lp = false;
@@ -616,10 +707,8 @@ int lp_gen_request_parse(struct lp_gen_request *r, json_t *body, bool chat,
 
 void lp_gen_request_release(struct lp_gen_request *r)
 {
-	for (size_t i = 0; i < r->n_prompts; i++) {
-		lp_tokens_release(&r->prompts[i].ids);
-		free(r->prompts[i].text);
-	}
+	for (size_t i = 0; i < r->n_prompts; i++)
+		lp_gen_prompt_release(&r->prompts[i]);
 	free(r->prompts);
 	for (size_t i = 0; i < r->n_stops; i++)
 		free(r->stops[i]);

@@ -1,7 +1,7 @@
 /* Parsing and validation of the bodies of POST /v1/completions and
  * POST /v1/chat/completions into one request description, with the
- * prompt(s) tokenized. Every field is type- and range-checked; a bad one
- * is a 400 naming it in `param`. Unknown fields are ignored, as OpenAI
+ * prompt(s) tokenized (and the prompt builders POST /tokenize shares). Every field is type- and
+ * range-checked; a bad one is a 400 naming it in `param`. Unknown fields are ignored, as OpenAI
  * clients send extras. Runs on the HTTP thread; reads the model's
  * tokenizer and chat template, which are immutable. */
 #ifndef LP_API_REQUEST_H
@@ -63,5 +63,30 @@ struct lp_gen_limits {
 int lp_gen_request_parse(struct lp_gen_request *r, json_t *body, bool chat,
                          const struct lp_gen_limits *lim, struct lp_api_error *e);
 void lp_gen_request_release(struct lp_gen_request *r);
+
+/* One prompt built alone (POST /tokenize and /detokenize, tokenize.c), the
+ * way the parser above builds those of completion and chat requests. p
+ * starts zeroed; free it with lp_gen_prompt_release, after an error too.
+ * Each returns 0, or a negative status with e filled (400 naming param). */
+
+/* s[0..len) (borrowed) as a completions prompt: special tokens written in
+ * it are recognised; the model's BOS/EOS are added when add_special (HF's
+ * add_special_tokens; completions always do). */
+int lp_gen_prompt_text(struct lp_gen_prompt *p, const struct lp_gen_limits *lim, const char *s,
+                       size_t len, bool add_special, const char *param, struct lp_api_error *e);
+/* messages (a JSON array of chat messages, borrowed; NULL: missing)
+ * rendered with lim->chat, ending with the assistant's header when
+ * add_generation_prompt (chat completions always do), then tokenized with
+ * BOS/EOS added on top of the template's own when add_special (chat
+ * completions never do). */
+int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *messages,
+                           const struct lp_gen_limits *lim, bool add_generation_prompt,
+                           bool add_special, struct lp_api_error *e);
+/* ids (a JSON array of token ids, borrowed), each in the vocabulary; the
+ * text is their decoding, special tokens written out unless skip_special.
+ * An empty array is an empty prompt. */
+int lp_gen_prompt_ids(struct lp_gen_prompt *p, json_t *ids, const struct lp_gen_limits *lim,
+                      bool skip_special, const char *param, struct lp_api_error *e);
+void lp_gen_prompt_release(struct lp_gen_prompt *p);
 
 #endif

@@ -19,6 +19,7 @@
 #include "agent/api/openai.h"
 #include "agent/api/registry.h"
 #include "agent/api/tls.h"
+#include "agent/api/tokenize.h"
 #include "common/log.h"
 
 /* Bytes of an over-limit body read and thrown away so that the client
@@ -60,15 +61,18 @@ static const struct route routes[] = {
     {"GET", "/health", ON_PUBLIC | ON_ADMIN, R_OPEN | R_QUIET, lp_admin_health},
     {"GET", "/ready", ON_PUBLIC | ON_ADMIN, R_OPEN_PUBLIC | R_QUIET, lp_admin_ready},
     {"GET", "/v1/models", ON_PUBLIC | ON_ADMIN, 0, lp_openai_models},
+    {"GET", "/v1/models/", ON_PUBLIC | ON_ADMIN, R_PREFIX, lp_openai_model},
     {"POST", "/v1/completions", ON_PUBLIC, 0, lp_openai_completions},
     {"POST", "/v1/chat/completions", ON_PUBLIC, 0, lp_openai_chat},
+    {"POST", "/tokenize", ON_PUBLIC, 0, lp_tokenize},
+    {"POST", "/detokenize", ON_PUBLIC, 0, lp_detokenize},
     {"GET", "/v1/loras", ON_ADMIN, 0, lp_admin_loras_list},
     {"POST", "/v1/loras", ON_ADMIN, 0, lp_admin_loras_load},
     {"GET", "/v1/loras/", ON_ADMIN, R_PREFIX, lp_admin_loras_get},
     {"DELETE", "/v1/loras/", ON_ADMIN, R_PREFIX, lp_admin_loras_delete},
     {"POST", "/v1/load_lora_adapter", ON_ADMIN | ON_PUBLIC, R_RUNTIME_LORA, lp_admin_vllm_load},
     {"POST", "/v1/unload_lora_adapter", ON_ADMIN | ON_PUBLIC, R_RUNTIME_LORA, lp_admin_vllm_unload},
-    {"GET", "/metrics", ON_ADMIN, R_QUIET, lp_admin_metrics},
+    {"GET", "/metrics", ON_ADMIN | ON_PUBLIC, R_OPEN_PUBLIC | R_QUIET, lp_admin_metrics},
 };
 
 static bool route_path_matches(const struct route *r, const char *path)

@@ -33,6 +33,7 @@ struct lp_source_cache;
 struct lp_tls_proxy;
 struct lp_gate;
 struct lp_registry;
+struct lp_resolver;
 
 /* Largest request body accepted (413 above it). */
 #define LP_API_MAX_BODY_DEFAULT (4u << 20)
@@ -69,6 +70,7 @@ struct lp_server {
 	struct lp_source_cache *sources;     /* borrowed; adapter URIs */
 	struct lp_metrics *metrics;          /* owned */
 	struct lp_registry *loras;           /* owned: loaded adapters (registry.h) */
+	struct lp_resolver *resolver;        /* borrowed; NULL: no --lora-resolver */
 	int max_model_len;
 	time_t created;
 	atomic_bool ready;     /* model loaded and engine running */

@@ -21,7 +21,7 @@
 #include <time.h>
 
 #define DEFAULT_KV_BYTES ((size_t)512 << 20)
-/* Penalty entries a step can send to a device's sample op (3 MiB); rows
+/* Penalty entries a step can send to a device's sample op (4 MiB); rows
  * beyond it take the host sampler. */
 #define SAMPLE_PEN_CAP ((size_t)1 << 18)
 
@@ -789,8 +789,11 @@ static int schedule(struct lp_engine *e)
 				goto out;
 			}
 			if (pass == 1) {
-				if (!s->t_scheduled)
+				if (!s->t_scheduled) {
 					s->t_scheduled = now_seconds();
+					s->n_cached = s->n_computed < s->n_prompt ? s->n_computed
+					                                          : s->n_prompt;
+				}
 				if (e->cfg.prefix_caching) {
 					e->stats.prefix_queries += (uint64_t)s->n_tokens;
 					e->stats.prefix_hits += (uint64_t)s->n_computed;

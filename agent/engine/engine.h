@@ -113,6 +113,7 @@ struct lp_seq {
 	int n_digests;
 	int n_published;
 	double t_scheduled;         /* CLOCK_MONOTONIC seconds it first ran; 0: not yet */
+	int n_cached;               /* prompt tokens the prefix cache held when it first ran */
 	struct lp_adapter *adapter; /* the version it was admitted with, or NULL */
 	void *user;                 /* the caller's */
 	struct lp_seq *next;        /* in the engine's waiting or running list */

@@ -9,8 +9,8 @@
  * is found by quickselect. All memory comes from lp_sampler_init(), and the
  * exponentials are computed four at a time.
  *
- * After lp_sampler_sample() the logits hold the penalised logits, divided by
- * the temperature when it is not 0. */
+ * After lp_sampler_sample() the logits hold the biased and penalised
+ * logits, divided by the temperature when it is not 0. */
 #include "agent/engine/sampler.h"
 
 #include <errno.h>
@@ -60,6 +60,25 @@ int lp_sampling_params_check(const struct lp_sampling_params *p, struct lp_err *
 		return lp_errf(err, -EINVAL,
 		               "'repetition_penalty' must be a finite number > 0, got %g",
 		               (double)p->repetition_penalty);
+	if (p->n_logit_bias < 0 || p->n_logit_bias > LP_MAX_LOGIT_BIAS)
+		return lp_errf(err, -EINVAL, "'logit_bias' must have at most %d entries, got %d",
+		               LP_MAX_LOGIT_BIAS, p->n_logit_bias);
+	for (int i = 0; i < p->n_logit_bias; i++) {
+		const struct lp_logit_bias *b = &p->logit_bias[i];
+
+		if (b->token < 0)
+			return lp_errf(err, -EINVAL, "'logit_bias' has a negative token id %d",
+			               b->token);
+		if (!(b->bias >= -LP_LOGIT_BIAS_MAX && b->bias <= LP_LOGIT_BIAS_MAX))
+			return lp_errf(err, -EINVAL,
+			               "'logit_bias' of token %d must be in [-100, 100], got %g",
+			               b->token, (double)b->bias);
+		/* at most LP_MAX_LOGIT_BIAS entries: a quadratic check is cheap */
+		for (int j = 0; j < i; j++)
+			if (p->logit_bias[j].token == b->token)
+				return lp_errf(err, -EINVAL, "'logit_bias' has token %d twice",
+				               b->token);
+	}
 	return 0;
 }
 
@@ -133,6 +152,12 @@ int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, in
 		return rc;
 	if (vocab <= 0)
 		return lp_errf(err, -EINVAL, "'vocab' must be positive, got %d", vocab);
+	for (int i = 0; i < p->n_logit_bias; i++)
+		if (p->logit_bias[i].token >= vocab)
+			return lp_errf(
+			    err, -EINVAL,
+			    "'logit_bias' token id %d is outside the vocabulary (0 to %d)",
+			    p->logit_bias[i].token, vocab - 1);
 	s->p = *p;
 	s->vocab = vocab;
 	s->counts = calloc((size_t)vocab, sizeof(*s->counts));
@@ -140,10 +165,15 @@ int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, in
 	s->seen = malloc((size_t)vocab * sizeof(*s->seen));
 	s->idx = calloc((size_t)vocab, sizeof(*s->idx));
 	s->probs = calloc((size_t)vocab, sizeof(*s->probs));
-	if (!s->counts || !s->in_prompt || !s->idx || !s->probs || !s->seen) {
+	if (p->n_logit_bias > 0)
+		s->bias = calloc((size_t)vocab, sizeof(*s->bias));
+	if (!s->counts || !s->in_prompt || !s->idx || !s->probs || !s->seen ||
+	    (p->n_logit_bias > 0 && !s->bias)) {
 		lp_sampler_release(s);
 		return lp_errf(err, -ENOMEM, "out of memory for a sampler over %d tokens", vocab);
 	}
+	for (int i = 0; i < p->n_logit_bias; i++)
+		s->bias[p->logit_bias[i].token] = p->logit_bias[i].bias;
 	x = p->has_seed ? p->seed : seed_from_clock(s);
 	for (int i = 0; i < 4; i++)
 		s->rng[i] = splitmix64(&x);
@@ -159,6 +189,7 @@ void lp_sampler_release(struct lp_sampler *s)
 	free(s->seen);
 	free(s->idx);
 	free(s->probs);
+	free(s->bias);
 	memset(s, 0, sizeof(*s));
 }
 
@@ -186,6 +217,15 @@ void lp_sampler_accept(struct lp_sampler *s, int32_t id)
 		if (s->counts[id]++ == 0 && !s->in_prompt[id])
 			s->seen[s->n_seen++] = id;
 	}
+}
+
+/* The logit bias, before the penalties (vLLM's order); a bias of 0 leaves
+ * the logit alone, as the sample op's entries do (sample-math.h). */
+static void apply_bias(const struct lp_sampler *s, float *logits)
+{
+	for (int i = 0; i < s->p.n_logit_bias; i++)
+		if (s->p.logit_bias[i].bias != 0.0f)
+			logits[s->p.logit_bias[i].token] += s->p.logit_bias[i].bias;
 }
 
 static void apply_penalties(const struct lp_sampler *s, float *logits)
@@ -530,6 +570,7 @@ int32_t lp_sampler_sample(struct lp_sampler *s, float *logits)
 	double total = 0.0, sure_mass = 0.0;
 	float m;
 
+	apply_bias(s, logits);
 	apply_penalties(s, logits);
 
 	/* Greedy (vLLM/HF: temperature 0 means argmax). */
@@ -676,26 +717,45 @@ int32_t lp_sampler_sample(struct lp_sampler *s, float *logits)
 	return draw(s, idx, kept);
 }
 
-bool lp_sampler_has_penalties(const struct lp_sampler *s)
+static bool penalties_on(const struct lp_sampler *s)
 {
 	return s->p.repetition_penalty != 1.0f || s->p.frequency_penalty != 0.0f ||
 	       s->p.presence_penalty != 0.0f;
 }
 
+bool lp_sampler_has_penalties(const struct lp_sampler *s)
+{
+	return penalties_on(s) || s->p.n_logit_bias > 0;
+}
+
 int lp_sampler_penalty_entries(const struct lp_sampler *s, struct lp_sample_penalty *out, int cap)
 {
+	const bool pen = penalties_on(s);
 	/* without a repetition penalty, tokens only in the prompt change
 	 * nothing */
-	bool prompt_too = s->p.repetition_penalty != 1.0f;
+	const bool prompt_too = s->p.repetition_penalty != 1.0f;
 	int n = 0;
 
-	for (int j = 0; j < s->n_seen; j++) {
+	/* the tokens the penalties touch, with their bias */
+	for (int j = 0; pen && j < s->n_seen; j++) {
 		int32_t t = s->seen[j];
 		if (!prompt_too && s->counts[t] == 0)
 			continue;
 		if (n == cap)
 			return -1;
-		out[n++] = (struct lp_sample_penalty){t, s->counts[t], s->in_prompt[t]};
+		out[n++] = (struct lp_sample_penalty){t, s->counts[t], s->in_prompt[t],
+		                                      s->bias ? s->bias[t] : 0.0f};
+	}
+	/* then the biased tokens the loop above did not take */
+	for (int i = 0; i < s->p.n_logit_bias; i++) {
+		int32_t t = s->p.logit_bias[i].token;
+		if (s->p.logit_bias[i].bias == 0.0f ||
+		    (pen && (s->counts[t] > 0 || (prompt_too && s->in_prompt[t]))))
+			continue;
+		if (n == cap)
+			return -1;
+		out[n++] = (struct lp_sample_penalty){t, s->counts[t], s->in_prompt[t],
+		                                      s->p.logit_bias[i].bias};
 	}
 	return n;
 }

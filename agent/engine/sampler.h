@@ -1,6 +1,6 @@
-/* Sampling of the next token from a row of logits, per request: penalties,
- * temperature, top-k, top-p, min-p, greedy, and a seeded generator (the same
- * seed gives the same tokens). All scratch memory is allocated by
+/* Sampling of the next token from a row of logits, per request: logit bias,
+ * penalties, temperature, top-k, top-p, min-p, greedy, and a seeded
+ * generator (the same seed gives the same tokens). All scratch memory is allocated by
  * lp_sampler_init(); sampling itself never allocates. */
 #ifndef LP_ENGINE_SAMPLER_H
 #define LP_ENGINE_SAMPLER_H
@@ -12,6 +12,16 @@
 #include "common/err.h"
 #include "kernels/backend.h"
 
+/* OpenAI's logit_bias: at most this many tokens, each bias in
+ * [-LP_LOGIT_BIAS_MAX, LP_LOGIT_BIAS_MAX]. */
+#define LP_MAX_LOGIT_BIAS 300
+#define LP_LOGIT_BIAS_MAX 100.0f
+
+struct lp_logit_bias {
+	int32_t token;
+	float bias; /* added to the token's logit */
+};
+
 struct lp_sampling_params {
 	float temperature;        /* 0 = greedy */
 	float top_p;              /* 1 = off */
@@ -22,14 +32,20 @@ struct lp_sampling_params {
 	float repetition_penalty; /* HF/vLLM semantics, prompt and generated; 1 = off */
 	bool has_seed;
 	uint64_t seed;
+	/* Added to the logits before everything else (the penalties too, as
+	 * vLLM does); distinct tokens. Logprobs stay those of the raw logits. */
+	int n_logit_bias;
+	struct lp_logit_bias logit_bias[LP_MAX_LOGIT_BIAS];
 };
 
 /* Defaults: temperature 1, top_p 1, top_k off, min_p 0, penalties off,
- * no seed. */
+ * no logit bias, no seed. */
 void lp_sampling_params_default(struct lp_sampling_params *p);
 /* -EINVAL with the offending field named for values out of range
  * (temperature < 0, top_p not in (0, 1], min_p not in [0, 1],
- * penalties outside [-2, 2], repetition_penalty <= 0). */
+ * penalties outside [-2, 2], repetition_penalty <= 0; more than
+ * LP_MAX_LOGIT_BIAS bias entries, a negative or repeated token, a bias
+ * outside [-100, 100]). */
 int lp_sampling_params_check(const struct lp_sampling_params *p, struct lp_err *err);
 
 struct lp_sampler {
@@ -42,10 +58,13 @@ struct lp_sampler {
 	int n_seen;
 	int32_t *idx; /* [vocab] scratch */
 	float *probs; /* [vocab] scratch */
+	float *bias;  /* [vocab] each token's logit bias, or NULL without any */
 };
 
 /* Allocates scratch for a vocabulary of vocab tokens and seeds the
- * generator (from p->seed, or from the clock when !p->has_seed). */
+ * generator (from p->seed, or from the clock when !p->has_seed).
+ * -EINVAL for parameters out of range, a logit bias token outside the
+ * vocabulary included. */
 int lp_sampler_init(struct lp_sampler *s, const struct lp_sampling_params *p, int vocab,
                     struct lp_err *err);
 void lp_sampler_release(struct lp_sampler *s);
@@ -55,12 +74,13 @@ void lp_sampler_set_prompt(struct lp_sampler *s, const int32_t *ids, size_t n);
 void lp_sampler_accept(struct lp_sampler *s, int32_t id);
 /* Picks the next token; logits [vocab] are modified in place. */
 int32_t lp_sampler_sample(struct lp_sampler *s, float *logits);
-/* True when the request's penalties need its token counts, which only the
- * host sampler keeps: a device's sample op cannot take it. */
+/* True when the request has penalties or a logit bias: a device's sample
+ * op then needs the request's entries (lp_sampler_penalty_entries). */
 bool lp_sampler_has_penalties(const struct lp_sampler *s);
 /* The entries a device's sample op takes to apply this request's
- * penalties (kernels/backend.h), at most cap: how many, or -1 when more
- * than cap are needed. */
+ * penalties and logit bias (kernels/backend.h, struct lp_sample_penalty;
+ * one per distinct token), at most cap: how many, or -1 when more than
+ * cap are needed. */
 int lp_sampler_penalty_entries(const struct lp_sampler *s, struct lp_sample_penalty *out, int cap);
 /* The uniform number in [0, 1) that lp_sampler_sample would draw next
  * (advancing the generator), for a device's sample op. */

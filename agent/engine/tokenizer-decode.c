@@ -19,6 +19,7 @@
 
 /* per-token work buffers: a token's text after Replace steps */
 #define WORK_MAX (4 * TOK_MAX_TOKEN_BYTES + 16)
+_Static_assert(LP_TOKEN_BYTES_MAX >= WORK_MAX, "lp_detok_token_bytes may need WORK_MAX bytes");
 
 struct sink {
 	char *out;
@@ -243,4 +244,36 @@ int lp_detok_flush(const struct lp_tokenizer *tok, struct lp_detok *d, char *out
 	if (k.len < cap)
 		out[k.len] = '\0';
 	return (int)k.len;
+}
+
+int lp_detok_token_bytes(const struct lp_tokenizer *tok, int32_t id, unsigned char *out, size_t cap)
+{
+	char bufa[WORK_MAX], bufb[WORK_MAX], *text;
+	const char *tt;
+	size_t len;
+	int rc;
+
+	if (id < 0 || id >= tok->n_vocab)
+		return -EINVAL;
+	if (tok->tok_flags[id] & TOK_F_NORM) {
+		tt = tok->strtab + tok->dec_off[id];
+		len = tok->dec_len[id];
+	} else {
+		tt = tok_text(tok, id, &len);
+	}
+	if ((rc = decode_token(tok, false, tt, len, bufa, bufb, &text, &len)))
+		return rc;
+	if (len > cap)
+		return -ENOBUFS;
+	memcpy(out, text, len);
+	return (int)len;
+}
+
+const char *lp_tokenizer_token_text(const struct lp_tokenizer *tok, int32_t id, size_t *len)
+{
+	if (id < 0 || id >= tok->n_vocab) {
+		*len = 0;
+		return NULL;
+	}
+	return tok_text(tok, id, len);
 }

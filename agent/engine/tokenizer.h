@@ -78,4 +78,17 @@ int lp_detok_piece(const struct lp_tokenizer *tok, struct lp_detok *d, int32_t i
 /* Flushes an incomplete sequence at the end (as U+FFFD). */
 int lp_detok_flush(const struct lp_tokenizer *tok, struct lp_detok *d, char *out, size_t cap);
 
+/* The bytes of id alone, as the decoder chain gives them before UTF-8
+ * assembly (special tokens included, not in first position): a token
+ * that holds part of a character gives that part, not U+FFFD. Writes at
+ * most cap bytes (LP_TOKEN_BYTES_MAX is always enough) and returns how
+ * many, or -EINVAL for an id out of range. */
+#define LP_TOKEN_BYTES_MAX 4112
+int lp_detok_token_bytes(const struct lp_tokenizer *tok, int32_t id, unsigned char *out,
+                         size_t cap);
+/* The text of id in the vocabulary (HF's convert_ids_to_tokens: "Ġthe",
+ * "<0x0A>"), not NUL-terminated, its length in *len; borrowed from tok.
+ * NULL for an id out of range. */
+const char *lp_tokenizer_token_text(const struct lp_tokenizer *tok, int32_t id, size_t *len);
+
 #endif

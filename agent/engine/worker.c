@@ -13,6 +13,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,7 @@ struct lp_request {
 	int32_t *prompt;
 	struct lp_seq_params params;
 	int logprobs;
+	double t_queued; /* CLOCK_MONOTONIC seconds it was submitted */
 	struct lp_seq *seq;
 	int n_generated;
 	struct lp_request *next; /* queue or active list */
@@ -60,6 +62,7 @@ struct lp_worker {
 	bool closing, stopping;
 	bool wake; /* a cancel or submit since the last look */
 	uint64_t next_id;
+	atomic_uint_fast64_t next_group;
 	struct lp_err failure; /* under qmu: the engine failed (code != 0) */
 };
 
@@ -67,6 +70,7 @@ void lp_worker_config_default(struct lp_worker_config *c)
 {
 	c->queue_capacity = 1024;
 	c->channel_capacity = 4096;
+	c->test_step_delay_ms = 0;
 }
 
 static void cond_init_monotonic(pthread_cond_t *cv)
@@ -77,6 +81,14 @@ static void cond_init_monotonic(pthread_cond_t *cv)
 	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
 	pthread_cond_init(cv, &a);
 	pthread_condattr_destroy(&a);
+}
+
+static double now_seconds(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
 /* Takes the engine's lock from a thread other than the engine's. */
@@ -264,8 +276,10 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 	    .sampling = p->sampling,
 	    .logprobs = p->logprobs >= 0,
 	    .top_logprobs = p->logprobs > 0 ? p->logprobs : 0,
+	    .group = p->group,
 	};
 	r->logprobs = p->logprobs;
+	r->t_queued = now_seconds();
 	r->refs = 2;
 
 	pthread_mutex_lock(&w->qmu);
@@ -298,6 +312,11 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 	return 0;
 }
 
+uint64_t lp_worker_new_group(struct lp_worker *w)
+{
+	return atomic_fetch_add(&w->next_group, 1) + 1;
+}
+
 /* ---- the engine thread ---- */
 
 static void push_end(struct lp_request *r, bool cancelled)
@@ -310,6 +329,9 @@ static void push_end(struct lp_request *r, bool cancelled)
 	ev.cancelled = cancelled;
 	ev.prompt_tokens = (int)r->params.n_prompt;
 	ev.completion_tokens = r->n_generated;
+	ev.cached_tokens = r->seq ? r->seq->n_cached : 0;
+	ev.t_queued = r->t_queued;
+	ev.t_scheduled = r->seq ? r->seq->t_scheduled : 0;
 	request_push(r, &ev);
 }
 
@@ -412,8 +434,12 @@ static int run_step(struct lp_worker *w)
 		struct lp_request *r = outs[i].seq->user;
 		struct lp_event ev;
 
+		/* all but err, the last field, which a token leaves unset */
+		memset(&ev, 0, offsetof(struct lp_event, err));
 		ev.kind = LP_EVENT_TOKEN;
 		ev.token = outs[i].token;
+		ev.t_queued = r->t_queued;
+		ev.t_scheduled = outs[i].seq->t_scheduled;
 		ev.n_top = outs[i].n_top;
 		ev.logprob = outs[i].logprob;
 		memcpy(ev.top_ids, outs[i].top_ids, (size_t)ev.n_top * sizeof(ev.top_ids[0]));
@@ -451,6 +477,13 @@ static void *engine_thread(void *arg)
 		pthread_mutex_lock(&w->qmu);
 		while (!w->q_head && !w->active && !w->stopping)
 			pthread_cond_wait(&w->qcv, &w->qmu);
+		pthread_mutex_unlock(&w->qmu);
+
+		/* the queue is emptied into the engine under the engine's
+		 * lock, so that lp_worker_stats (which holds it) finds every
+		 * request in one place or the other */
+		pthread_mutex_lock(&w->lock);
+		pthread_mutex_lock(&w->qmu);
 		stop = w->stopping;
 		batch = w->q_head;
 		w->n_active += w->q_len;
@@ -458,8 +491,6 @@ static void *engine_thread(void *arg)
 		w->q_len = 0;
 		w->wake = false;
 		pthread_mutex_unlock(&w->qmu);
-
-		pthread_mutex_lock(&w->lock);
 		admit(w, batch);
 		if (stop) {
 			for (struct lp_request *r = w->active; r; r = r->next) {
@@ -476,6 +507,11 @@ static void *engine_thread(void *arg)
 			sched_yield();
 		if (stop && !w->active)
 			break;
+		if (w->cfg.test_step_delay_ms > 0 && (n > 0 || w->active)) {
+			struct timespec d = {w->cfg.test_step_delay_ms / 1000,
+			                     (long)(w->cfg.test_step_delay_ms % 1000) * 1000000L};
+			nanosleep(&d, NULL);
+		}
 		if (n <= 0 && w->active) {
 			/* nothing could run (waiting for a slot): doze until poked */
 			struct timespec ts = deadline_after(2);
@@ -496,11 +532,15 @@ int lp_worker_start(struct lp_worker **out, struct lp_engine *e, const struct lp
 	*out = NULL;
 	if (cfg->queue_capacity < 1 || cfg->channel_capacity < 1)
 		return lp_errf(err, -EINVAL, "queue and channel capacities must be positive");
+	if (cfg->test_step_delay_ms < 0 || cfg->test_step_delay_ms > 10000)
+		return lp_errf(err, -EINVAL, "the step delay must be 0 to 10000 ms, not %d",
+		               cfg->test_step_delay_ms);
 	w = calloc(1, sizeof(*w));
 	if (!w)
 		return lp_errf(err, -ENOMEM, "out of memory");
 	w->e = e;
 	w->cfg = *cfg;
+	atomic_init(&w->next_group, 0);
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_mutex_init(&w->qmu, NULL);
 	cond_init_monotonic(&w->qcv);
@@ -647,15 +687,66 @@ int lp_worker_lora_get(struct lp_worker *w, const char *name, struct lp_adapter_
 	return rc;
 }
 
+/* Appends name to the comma-separated list in buf unless it is there
+ * already; false when it does not fit (buf unchanged). */
+static bool list_add(char *buf, size_t cap, const char *name)
+{
+	size_t n = strlen(name), len = strlen(buf);
+
+	for (const char *p = buf; *p;) {
+		size_t l = strcspn(p, ",");
+		if (l == n && !memcmp(p, name, n))
+			return true;
+		p += l + (p[l] == ',');
+	}
+	if (len + (len > 0) + n + 1 > cap)
+		return false;
+	if (len)
+		buf[len++] = ',';
+	memcpy(buf + len, name, n + 1);
+	return true;
+}
+
+/* True when a request of group g (not 0) is in the engine, or in the
+ * queue before stop. Engine and queue locks held. */
+static bool group_counted(const struct lp_worker *w, uint64_t g, const struct lp_request *stop)
+{
+	for (const struct lp_request *r = w->active; r; r = r->next)
+		if (r->params.group == g)
+			return true;
+	for (const struct lp_request *r = w->q_head; r != stop; r = r->next)
+		if (r->params.group == g)
+			return true;
+	return false;
+}
+
 void lp_worker_stats(struct lp_worker *w, struct lp_worker_stats *out)
 {
+	bool whole;
+
 	lock_engine(w);
 	lp_engine_stats(w->e, &out->engine);
 	lp_lora_cache_stats(lp_engine_loras(w->e), &out->loras);
-	pthread_mutex_unlock(&w->lock);
+	out->config = *lp_engine_config(w->e);
+	whole = lp_engine_adapter_lists(w->e, out->running_adapters, sizeof(out->running_adapters),
+	                                out->waiting_adapters, sizeof(out->waiting_adapters));
+	out->running_requests = out->engine.running_requests;
+	out->waiting_requests = out->engine.waiting_requests;
+	/* requests not yet in the engine wait too; a choice of a request
+	 * already counted (in the engine, or earlier in the queue) does not
+	 * make another */
 	pthread_mutex_lock(&w->qmu);
 	out->queued = w->q_len;
+	for (const struct lp_request *r = w->q_head; r; r = r->next) {
+		if (!r->params.group || !group_counted(w, r->params.group, r))
+			out->waiting_requests++;
+		if (r->adapter &&
+		    !list_add(out->waiting_adapters, sizeof(out->waiting_adapters), r->adapter))
+			whole = false;
+	}
 	pthread_mutex_unlock(&w->qmu);
+	pthread_mutex_unlock(&w->lock);
+	out->adapters_truncated = !whole;
 }
 
 const struct lp_model *lp_worker_model(const struct lp_worker *w)

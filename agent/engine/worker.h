@@ -26,6 +26,10 @@
 struct lp_worker_config {
 	int queue_capacity;   /* requests waiting to enter the engine (default 1024) */
 	int channel_capacity; /* events buffered per request (default 4096) */
+	/* tests only (LORAPLANE_TEST_STEP_DELAY_MS): the engine thread
+	 * pauses this long after every step, outside the engine's lock, so
+	 * that a test can watch requests run and wait; 0 (the default) */
+	int test_step_delay_ms;
 };
 
 void lp_worker_config_default(struct lp_worker_config *c);
@@ -39,6 +43,10 @@ struct lp_request_params {
 	struct lp_sampling_params sampling;
 	int logprobs; /* -1: none; 0..LP_MAX_TOP_LOGPROBS: the chosen
 	                 token's logprob and this many alternatives */
+	/* the caller's request this one belongs to (the choices of one HTTP
+	 * request): requests of one group count as one in the stats; 0 for a
+	 * request of its own. lp_worker_new_group() hands out fresh ones. */
+	uint64_t group;
 };
 
 enum lp_event_kind {
@@ -59,7 +67,13 @@ struct lp_event {
 	bool cancelled;               /* LP_EVENT_END: by lp_request_cancel or a full channel */
 	int prompt_tokens;            /* LP_EVENT_END */
 	int completion_tokens;        /* LP_EVENT_END */
-	struct lp_err err;            /* LP_EVENT_ERROR */
+	int cached_tokens;            /* LP_EVENT_END: prompt tokens the prefix cache held */
+	/* LP_EVENT_TOKEN and LP_EVENT_END: CLOCK_MONOTONIC seconds (lp_now's
+	 * clock) the request entered the submit queue, and its sequence
+	 * first ran in the engine (0: it never ran) */
+	double t_queued;
+	double t_scheduled;
+	struct lp_err err; /* LP_EVENT_ERROR; keep it last (run_step clears the rest) */
 };
 
 struct lp_worker;
@@ -76,18 +90,20 @@ void lp_worker_free(struct lp_worker *w, int drain_ms);
  * stopping the ones in flight. */
 void lp_worker_close(struct lp_worker *w);
 
-/* Queues a request. -EAGAIN when the queue is full (429), -ESHUTDOWN after
- * close, -EINVAL for bad parameters. Errors the engine finds (unknown
- * adapter, host tier full, prompt too long) arrive as the request's first
- * event. The caller reads events with lp_request_next() and frees the
- * request with lp_request_free(). */
 /* 0 while the engine works; once a step failed (the backend's sticky
  * error: the device is unusable) its error, for good: requests then fail
  * with it and the agent reports itself not ready. */
 int lp_worker_failure(struct lp_worker *w, struct lp_err *err);
 
+/* Queues a request. -EAGAIN when the queue is full (429), -ESHUTDOWN after
+ * close, -EINVAL for bad parameters. Errors the engine finds (unknown
+ * adapter, host tier full, prompt too long) arrive as the request's first
+ * event. The caller reads events with lp_request_next() and frees the
+ * request with lp_request_free(). */
 int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
                      struct lp_request **out, struct lp_err *err);
+/* A group id no other caller has (lp_request_params.group), never 0. */
+uint64_t lp_worker_new_group(struct lp_worker *w);
 /* Waits up to timeout_ms (-1: no limit) for the next event: 0 with *ev
  * filled, -ETIMEDOUT. After LP_EVENT_END or LP_EVENT_ERROR no more events
  * come. */
@@ -128,12 +144,32 @@ size_t lp_worker_lora_list(struct lp_worker *w, struct lp_adapter_summary *out, 
 /* -ENOENT when name is not loaded. */
 int lp_worker_lora_get(struct lp_worker *w, const char *name, struct lp_adapter_summary *out);
 
+/* Bytes of each comma-separated adapter list in the stats. */
+#define LP_WORKER_ADAPTER_LIST 8192
+
 struct lp_worker_stats {
 	struct lp_engine_stats engine;
 	struct lp_lora_cache_stats loras;
-	int queued;
+	struct lp_engine_config config; /* the engine's settings in effect; block_size
+	                                   is 0 in a zeroed struct (no stats read) */
+	int queued;                     /* requests in the submit queue */
+	/* requests as clients made them (lp_request_params.group): those
+	 * with a sequence running, and those with none running and one
+	 * waiting in the engine or in the submit queue */
+	int running_requests;
+	int waiting_requests;
+	/* the adapters of running sequences, and of waiting ones (queued
+	 * requests included), each name once, comma-separated (an adapter may
+	 * be in both); a list that did not fit ends at the last name that did,
+	 * and adapters_truncated says so */
+	char running_adapters[LP_WORKER_ADAPTER_LIST];
+	char waiting_adapters[LP_WORKER_ADAPTER_LIST];
+	bool adapters_truncated;
 };
 
+/* A consistent snapshot: takes the engine's lock (it waits for the step
+ * in progress), then the queue's, so every request is counted once, in
+ * the engine or in the queue. */
 void lp_worker_stats(struct lp_worker *w, struct lp_worker_stats *out);
 /* The model the engine runs (read-only: tokenizer, config). */
 const struct lp_model *lp_worker_model(const struct lp_worker *w);

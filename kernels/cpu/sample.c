@@ -22,8 +22,8 @@
  * bits as the portable path's; only the log-softmax's float sum is added
  * in another order (logprobs differ in the last bits between the paths).
  *
- * A row's penalties (its entries of args->pen) apply to a copy of the row
- * in the values scratch, each penalised logit computed by
+ * A row's logit bias and penalties (its entries of args->pen) apply to a
+ * copy of the row in the values scratch, each penalised logit computed by
  * lp_sample_penalise (the host sampler's arithmetic, which the device uses
  * too); greedy and the draw read the copy, the logprobs and top-N the row
  * as given.
@@ -565,9 +565,9 @@ static bool row_ok(struct lp_cpu *cpu, const struct lp_sample_args *a, int row, 
 	for (int j = 0; j < r->pen_n; j++)
 		if (!lp_sample_entry_ok(&pen[j], vocab)) {
 			lp_cpu_fail(cpu, -EINVAL,
-			            "sample: row %d: penalty entry %d: token %d, count %d "
+			            "sample: row %d: penalty entry %d: token %d, count %d, bias %g "
 			            "(vocabulary %d)",
-			            row, j, pen[j].token, pen[j].count, vocab);
+			            row, j, pen[j].token, pen[j].count, (double)pen[j].bias, vocab);
 			return false;
 		}
 	return true;
@@ -656,7 +656,7 @@ static void sample_row(const struct sample_job *job, int row, int thread)
 			top_lp[j] = LOGPROB(top[j]);
 	}
 
-	/* the penalties, on a copy: the row with its entries' tokens
+	/* the bias and penalties, on a copy: the row with its entries' tokens
 	 * penalised, which greedy and the values below read instead of l */
 	if (pen) {
 		memcpy(values, l, (size_t)vocab * sizeof(float));

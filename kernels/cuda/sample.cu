@@ -24,17 +24,18 @@
  * kept mass). The values are recomputed (logit / temperature) in every
  * pass.
  *
- * Penalties: once the passes over the raw row (argmax, normaliser, top-N)
- * are done, the threads take the row's entries in parallel (distinct
- * tokens, so no two write one logit) and penalise the logits in place
- * (lp_sample_penalise, the CPU's and the host sampler's arithmetic); a
- * pass finds the new best, and greedy and the draw read the penalised
- * row. The chosen token's logprob wants its raw logit, which a penalty
- * may have overwritten: before writing, each entry's raw logit goes to
- * the workspace at the entry's own index (pen_off + j: the workspace holds
- * limits.max_penalties floats, and rows' slices do not overlap; a row may
- * have up to vocab entries, more than registers or shared memory could
- * hold), and a last pass over the entries finds the chosen token's.
+ * Logit bias and penalties: once the passes over the raw row (argmax,
+ * normaliser, top-N) are done, the threads take the row's entries in
+ * parallel (distinct tokens, so no two write one logit) and bias and
+ * penalise the logits in place (lp_sample_penalise, the CPU's and the
+ * host sampler's arithmetic); a pass finds the new best, and greedy and
+ * the draw read the penalised row. The chosen token's logprob wants its
+ * raw logit, which a bias or penalty may have overwritten: before
+ * writing, each entry's raw logit goes to the workspace at the entry's
+ * own index (pen_off + j: the workspace holds limits.max_penalties
+ * floats, and rows' slices do not overlap; a row may have up to vocab
+ * entries, more than registers or shared memory could hold), and a last
+ * pass over the entries finds the chosen token's.
  * Without entries the row is only read.
  *
  * A row with parameters, penalties or entries out of range gets token 0

@@ -323,6 +323,8 @@ json_t *adapter_status_json(const struct adapter_spec *s, const struct endpoint_
 			json_array_append(conds, oc);
 	}
 	json_object_set_new(st, "observedGeneration", json_integer(s->generation));
+	if (s->lora_name[0])
+		json_object_set_new(st, "modelName", json_string(s->lora_name));
 	json_object_set_new(st, "totalEndpoints", json_integer((json_int_t)n));
 	json_object_set_new(st, "readyEndpoints", json_integer((json_int_t)ready));
 	json_object_set_new(st, "endpoints", list);

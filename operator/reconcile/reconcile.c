@@ -1396,20 +1396,49 @@ bool reconciler_synced(struct reconciler *r)
 	return kube_informer_synced(r->adapters) && kube_informer_synced(r->pods);
 }
 
-static int informer_metrics(struct lp_buf *out, struct kube_informer *inf, const char *res,
-                            struct lp_err *err)
+/* One family of the exposition: "# HELP" and "# TYPE" lines, then every
+ * sample of it, so that samples of a family stay together. */
+static int family(struct lp_buf *out, struct lp_err *err, const char *name, const char *type,
+                  const char *help)
 {
-	struct kube_informer_stats st;
+	return lp_buf_appendf(out, err, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
 
-	kube_informer_stats(inf, &st);
-	return lp_buf_appendf(out, err,
-	                      "loraplane_operator_informer_lists_total{resource=\"%s\"} %lu\n"
-	                      "loraplane_operator_informer_watches_total{resource=\"%s\"} %lu\n"
-	                      "loraplane_operator_informer_events_total{resource=\"%s\"} %lu\n"
-	                      "loraplane_operator_informer_errors_total{resource=\"%s\"} %lu\n"
-	                      "loraplane_operator_informer_expired_total{resource=\"%s\"} %lu\n",
-	                      res, st.lists, res, st.watches, res, st.events, res, st.errors, res,
-	                      st.expired);
+/* The informer counters: one family per counter, one sample per informer. */
+static int informer_metrics(struct reconciler *r, struct lp_buf *out, struct lp_err *err)
+{
+	static const struct {
+		const char *name, *help;
+	} fams[] = {
+	    {"loraplane_operator_informer_lists_total", "Full lists made by an informer."},
+	    {"loraplane_operator_informer_watches_total", "Watches started by an informer."},
+	    {"loraplane_operator_informer_events_total", "Watch events an informer received."},
+	    {"loraplane_operator_informer_errors_total",
+	     "Failed lists and watches of an informer."},
+	    {"loraplane_operator_informer_expired_total",
+	     "Watches that ended with 410 Gone (a relist follows)."},
+	};
+	const char *res[2] = {"loraadapters", "pods"};
+	struct kube_informer_stats st[2];
+	size_t f, i;
+	int rc = 0;
+
+	kube_informer_stats(r->adapters, &st[0]);
+	kube_informer_stats(r->pods, &st[1]);
+	for (f = 0; !rc && f < sizeof(fams) / sizeof(fams[0]); f++) {
+		rc = family(out, err, fams[f].name, "counter", fams[f].help);
+		for (i = 0; !rc && i < 2; i++) {
+			unsigned long v = f == 0   ? st[i].lists
+			                  : f == 1 ? st[i].watches
+			                  : f == 2 ? st[i].events
+			                  : f == 3 ? st[i].errors
+			                           : st[i].expired;
+
+			rc = lp_buf_appendf(out, err, "%s{resource=\"%s\"} %lu\n", fams[f].name,
+			                    res[i], v);
+		}
+	}
+	return rc;
 }
 
 int reconciler_metrics(struct reconciler *r, struct lp_buf *out, struct lp_err *err)
@@ -1439,29 +1468,36 @@ int reconciler_metrics(struct reconciler *r, struct lp_buf *out, struct lp_err *
 	    "loraplane_operator_reconciles_total{result=\"success\"} %lu\n"
 	    "loraplane_operator_reconciles_total{result=\"retry\"} %lu\n"
 	    "loraplane_operator_reconciles_total{result=\"error\"} %lu\n"
+	    "# HELP loraplane_operator_reconcile_seconds_total Time spent reconciling, over all "
+	    "workers.\n"
 	    "# TYPE loraplane_operator_reconcile_seconds_total counter\n"
 	    "loraplane_operator_reconcile_seconds_total %.6f\n"
 	    "# HELP loraplane_operator_agent_loads_total POST /v1/loras calls by result.\n"
 	    "# TYPE loraplane_operator_agent_loads_total counter\n"
 	    "loraplane_operator_agent_loads_total{result=\"success\"} %lu\n"
 	    "loraplane_operator_agent_loads_total{result=\"failure\"} %lu\n"
+	    "# HELP loraplane_operator_agent_unloads_total DELETE /v1/loras calls by result.\n"
 	    "# TYPE loraplane_operator_agent_unloads_total counter\n"
 	    "loraplane_operator_agent_unloads_total{result=\"success\"} %lu\n"
 	    "loraplane_operator_agent_unloads_total{result=\"failure\"} %lu\n"
 	    "# HELP loraplane_operator_agent_verifications_total GET /v1/loras checks.\n"
 	    "# TYPE loraplane_operator_agent_verifications_total counter\n"
 	    "loraplane_operator_agent_verifications_total %lu\n"
+	    "# HELP loraplane_operator_events_total Kubernetes Events emitted.\n"
 	    "# TYPE loraplane_operator_events_total counter\n"
 	    "loraplane_operator_events_total %lu\n"
 	    "# HELP loraplane_operator_workqueue_depth Keys waiting (ready and delayed).\n"
 	    "# TYPE loraplane_operator_workqueue_depth gauge\n"
 	    "loraplane_operator_workqueue_depth %zu\n"
+	    "# HELP loraplane_operator_adapters LoraAdapter resources in the informer's cache.\n"
 	    "# TYPE loraplane_operator_adapters gauge\n"
 	    "loraplane_operator_adapters %zu\n"
 	    "# HELP loraplane_operator_endpoints Agent pods over all adapters (TOTAL, READY).\n"
 	    "# TYPE loraplane_operator_endpoints gauge\n"
 	    "loraplane_operator_endpoints{state=\"total\"} %lld\n"
 	    "loraplane_operator_endpoints{state=\"ready\"} %lld\n"
+	    "# HELP loraplane_operator_known_pods Agent pods whose loaded adapters the operator "
+	    "remembers.\n"
 	    "# TYPE loraplane_operator_known_pods gauge\n"
 	    "loraplane_operator_known_pods %zu\n"
 	    "# HELP loraplane_operator_kube_requests_total API server requests by outcome.\n"
@@ -1469,12 +1505,7 @@ int reconciler_metrics(struct reconciler *r, struct lp_buf *out, struct lp_err *
 	    "loraplane_operator_kube_requests_total{class=\"2xx\"} %lu\n"
 	    "loraplane_operator_kube_requests_total{class=\"4xx\"} %lu\n"
 	    "loraplane_operator_kube_requests_total{class=\"5xx\"} %lu\n"
-	    "loraplane_operator_kube_requests_total{class=\"transport\"} %lu\n"
-	    "# TYPE loraplane_operator_informer_lists_total counter\n"
-	    "# TYPE loraplane_operator_informer_watches_total counter\n"
-	    "# TYPE loraplane_operator_informer_events_total counter\n"
-	    "# TYPE loraplane_operator_informer_errors_total counter\n"
-	    "# TYPE loraplane_operator_informer_expired_total counter\n",
+	    "loraplane_operator_kube_requests_total{class=\"transport\"} %lu\n",
 	    atomic_load(&r->n_ok), atomic_load(&r->n_retry), atomic_load(&r->n_error),
 	    (double)atomic_load(&r->reconcile_us) / 1e6, atomic_load(&r->n_loads_ok),
 	    atomic_load(&r->n_loads_failed), atomic_load(&r->n_unloads_ok),
@@ -1483,8 +1514,6 @@ int reconciler_metrics(struct reconciler *r, struct lp_buf *out, struct lp_err *
 	    adapters, (long long)total, (long long)ready, holdings_pods(r->holdings), ks.ok,
 	    ks.client_errors, ks.server_errors, ks.transport_errors);
 	if (!rc)
-		rc = informer_metrics(out, r->adapters, "loraadapters", err);
-	if (!rc)
-		rc = informer_metrics(out, r->pods, "pods", err);
+		rc = informer_metrics(r, out, err);
 	return rc;
 }

@@ -320,10 +320,12 @@ static void test_smollm2_matches_cpu(void)
 }
 
 /* The device's sample op through the engine: greedy with every penalty
- * gives, at each step, the argmax of the raw logits (returned by
- * return_logits) penalised by the host sampler's rule; the logprobs asked
- * for equal those of the raw logits. */
-static void test_device_sampling_with_penalties(void)
+ * (and, with bias, a logit bias: alone on the first sequence, with
+ * penalties on the others, +100 forcing a token on the last) gives, at
+ * each step, the argmax of the raw logits (returned by return_logits)
+ * biased and penalised by the host sampler's rule; the logprobs asked for
+ * equal those of the raw logits. */
+static void check_device_sampling(bool bias)
 {
 	struct lp_engine_config ec;
 	struct lp_engine *e = NULL;
@@ -349,6 +351,16 @@ static void test_device_sampling_with_penalties(void)
 		p.sampling.repetition_penalty = i & 1 ? 1.5f : 1.0f;
 		p.sampling.frequency_penalty = i & 2 ? 0.7f : 0.0f;
 		p.sampling.presence_penalty = i == 3 ? -0.4f : 0.5f;
+		if (bias) {
+			struct lp_logit_bias *b = p.sampling.logit_bias;
+
+			if (i == 0) /* the bias alone */
+				p.sampling.presence_penalty = 0.0f;
+			b[0] = lp_logit_bias{(7 * i + 3) % vocab, 3.5f};
+			b[1] = lp_logit_bias{g_reqs[i].ids[0], -100.0f};
+			b[2] = lp_logit_bias{(100 + i) % vocab, i == 3 ? 100.0f : -2.0f};
+			p.sampling.n_logit_bias = 3;
+		}
 		CHECK_OK(lp_engine_add(e, &p, &seqs[i], &err), &err);
 		seqs[i]->user = (void *)(intptr_t)i;
 		CHECK_OK(lp_sampler_init(&ref[i], &p.sampling, vocab, &err), &err);
@@ -388,6 +400,16 @@ static void test_device_sampling_with_penalties(void)
 	CHECK_MSG(bad_lp < 0, "step %d: logprobs differ from the raw logits'", bad_lp);
 }
 
+static void test_device_sampling_with_penalties(void)
+{
+	check_device_sampling(false);
+}
+
+static void test_device_sampling_with_logit_bias(void)
+{
+	check_device_sampling(true);
+}
+
 int main(void)
 {
 	struct lp_err err = {};
@@ -414,6 +436,7 @@ int main(void)
 	RUN(test_tiny_mixed_equals_alone);
 	RUN(test_smollm2_matches_cpu);
 	RUN(test_device_sampling_with_penalties);
+	RUN(test_device_sampling_with_logit_bias);
 	lp_model_free(g_tiny_cpu);
 	lp_model_free(g_tiny_cuda);
 	lp_model_free(g_smol_cpu);

@@ -22,7 +22,9 @@
  * copy of the logits in place and keeps the raw logits it overwrites in
  * the workspace; the logprobs, of the raw row, are held to the same 1e-5,
  * and the tests check that rows do choose penalised tokens (whose logprob
- * needs the kept raw logit). */
+ * needs the kept raw logit). Entries carry a logit bias too (OpenAI's
+ * logit_bias, added before the penalties by the same function): some of
+ * every slice, and rows with a bias alone. */
 #include "kernels/cuda/ops.cuh"
 #include "kernels/sample-math.h"
 
@@ -459,10 +461,28 @@ static struct lp_sample_row with_pen(struct lp_sample_row r, int set, int off, i
 	return r;
 }
 
+/* A logit bias for an entry: mostly none, else small or large, either
+ * way, now and then +-100 (logit_bias's ends). */
+static float random_bias(void)
+{
+	switch (rng_next() % 8) {
+	case 4:
+		return (float)(20.0 * urand() - 10.0);
+	case 5:
+		return (float)(4.0 * urand() - 2.0);
+	case 6:
+		return rng_next() % 4 ? -100.0f : 100.0f;
+	case 7:
+		return 5.5f;
+	default:
+		return 0.0f;
+	}
+}
+
 /* n entries of distinct tokens of a row of vocab logits l: about half of
  * them among its best tokens (l above hi), the rest anywhere; counts 0 .. 3
  * and in_prompt at random (both 0 now and then: an entry that changes
- * nothing). */
+ * nothing), and a bias on about half of them (random_bias). */
 static void make_entries(struct lp_sample_penalty *e, int n, const float *l, int vocab, float hi)
 {
 	char *used = (char *)calloc((size_t)vocab, 1);
@@ -492,6 +512,7 @@ static void make_entries(struct lp_sample_penalty *e, int n, const float *l, int
 	for (int i = 0; i < n; i++) {
 		e[i].count = (int32_t)(rng_next() % 4);
 		e[i].in_prompt = (int32_t)(rng_next() % 2);
+		e[i].bias = random_bias();
 	}
 	free(used);
 }
@@ -625,11 +646,17 @@ static void test_penalties_special(void)
 	l[4 * vocab + 40] = -3e38f;
 	l[5 * vocab + 40] = 0.0f;
 	l[5 * vocab + 20] = -0.0f;
+	/* biases of 0, +-2.5 and +-100 on the special spots too */
 	for (int r = 0; r < n - 1; r++)
 		for (int j = 0; j < n_spots; j++)
-			pen[n_pen++] = lp_sample_penalty{spots[j], (j + r) % 3, (j + r) % 2};
+			pen[n_pen++] = lp_sample_penalty{spots[j], (j + r) % 3, (j + r) % 2,
+			                                 (j + r) % 5 == 0   ? 0.0f
+			                                 : (j + r) % 5 == 1 ? 2.5f
+			                                 : (j + r) % 5 == 2 ? -2.5f
+			                                 : (j + r) % 5 == 3 ? 100.0f
+			                                                    : -100.0f};
 	for (int i = 0; i < vocab; i++) /* row 7: every token */
-		pen[n_pen++] = lp_sample_penalty{(i * 7919) % vocab, i % 3, i % 2};
+		pen[n_pen++] = lp_sample_penalty{(i * 7919) % vocab, i % 3, i % 2, random_bias()};
 	for (int p = 0; p < N_PARAMS && !test_current_failed; p++) {
 		for (int set = 0; set < N_PENS && !test_current_failed; set += 3) {
 			char what[96];
@@ -663,7 +690,8 @@ static void test_penalise_rounding(void)
 
 	for (int i = 0; i < 200000; i++) {
 		struct lp_sample_row r = row_of(1.0f, 1.0f, 0.0f, 0, 0.0f, 0);
-		struct lp_sample_penalty e = {0, (int32_t)(rng_next() % 1000), (int32_t)(i & 1)};
+		struct lp_sample_penalty e = {0, (int32_t)(rng_next() % 1000), (int32_t)(i & 1),
+		                              i % 3 ? (float)(200.0 * urand() - 100.0) : 0.0f};
 		float x = nrand(10.0f), got, want;
 		volatile float v, prod, sum;
 		uint32_t a, b;
@@ -673,8 +701,10 @@ static void test_penalise_rounding(void)
 		r.presence_penalty = (float)(4.0 * urand() - 2.0);
 		got = lp_sample_penalise(x, &r, &e);
 		v = x;
+		if (e.bias != 0.0f)
+			v = v + e.bias;
 		if (e.count > 0 || e.in_prompt)
-			v = x > 0.0f ? x / r.repetition_penalty : x * r.repetition_penalty;
+			v = v > 0.0f ? v / r.repetition_penalty : v * r.repetition_penalty;
 		if (e.count > 0) {
 			prod = (float)e.count * r.frequency_penalty;
 			sum = prod + r.presence_penalty;
@@ -685,8 +715,9 @@ static void test_penalise_rounding(void)
 		want = v;
 		memcpy(&a, &got, 4);
 		memcpy(&b, &want, 4);
-		CHECK_MSG(a == b, "x %.9g count %d rep %.9g freq %.9g pres %.9g: %.9g, want %.9g",
-		          (double)x, e.count, (double)r.repetition_penalty,
+		CHECK_MSG(a == b,
+		          "x %.9g bias %.9g count %d rep %.9g freq %.9g pres %.9g: %.9g, want %.9g",
+		          (double)x, (double)e.bias, e.count, (double)r.repetition_penalty,
 		          (double)r.frequency_penalty, (double)r.presence_penalty, (double)got,
 		          (double)want);
 	}
@@ -701,7 +732,7 @@ static void test_penalties_none(void)
 	const int vocab = 1000, n = 12;
 	float *l = random_rows(n, vocab, 2.0f);
 	struct lp_sample_row rows[MAX_ROWS];
-	struct lp_sample_penalty one = {5, 1, 1};
+	struct lp_sample_penalty one = {5, 1, 1, 0.0f};
 
 	for (int r = 0; r < n; r++) {
 		int p = r % N_PARAMS;
@@ -717,25 +748,79 @@ static void test_penalties_none(void)
 	free(l);
 }
 
+/* Rows whose only entries are a logit bias (penalties off), at every
+ * parameter set: the device's tokens are the CPU's; a +100 bias on a poor
+ * token forces it at any u, and -100 on the best one bans it. */
+static void test_logit_bias(void)
+{
+	const int vocab = 49152, k = 40;
+	float *one = random_rows(1, vocab, 3.0f);
+	float *l = (float *)malloc((size_t)MAX_ROWS * vocab * sizeof(float));
+	struct lp_sample_penalty pen[40];
+	struct lp_sample_row rows[MAX_ROWS];
+	int32_t tokens[MAX_ROWS], best = 0;
+	int touched = 0;
+
+	for (int i = 1; i < vocab; i++)
+		best = one[i] > one[best] ? i : best;
+	for (int r = 0; r < MAX_ROWS; r++)
+		memcpy(l + (size_t)r * vocab, one, vocab * sizeof(float));
+	make_entries(pen, k, one, vocab, 6.0f);
+	for (int j = 0; j < k; j++) /* no penalty, a bias on each */
+		pen[j].bias = j % 2 ? (float)(16.0 * urand() - 8.0) : 4.0f + (float)j / 8;
+	for (int p = 0; p < N_PARAMS && !test_current_failed; p++) {
+		char what[96];
+
+		for (int r = 0; r < MAX_ROWS; r++)
+			rows[r] = with_pen(row_of(g_params[p].t, g_params[p].top_p,
+			                          g_params[p].min_p, g_params[p].top_k, u01(), 2),
+			                   8, 0, k); /* set 8: every penalty off */
+		snprintf(what, sizeof(what), "logit bias, params %d", p);
+		if (compare_pen(what, l, vocab, rows, MAX_ROWS, pen, k, tokens))
+			touched += touched_tokens(rows, MAX_ROWS, tokens, pen);
+	}
+	CHECK_MSG(touched >= 10, "only %d rows chose a biased token", touched);
+
+	/* forced and banned */
+	pen[0] = lp_sample_penalty{(best + 777) % vocab, 0, 0, 100.0f};
+	pen[1] = lp_sample_penalty{best, 0, 0, -100.0f};
+	for (int r = 0; r < MAX_ROWS; r++)
+		rows[r] =
+		    with_pen(row_of(1.0f, 1.0f, 0.0f, 0, (float)r / MAX_ROWS, 1), 8, r % 2, 1);
+	CHECK(compare_pen("forced and banned", l, vocab, rows, MAX_ROWS, pen, 2, tokens));
+	for (int r = 0; r < MAX_ROWS; r++) {
+		if (r % 2 == 0)
+			CHECK_MSG(tokens[r] == pen[0].token, "u %g: %d, not the forced %d",
+			          (double)rows[r].u, tokens[r], pen[0].token);
+		else
+			CHECK_MSG(tokens[r] != best, "u %g: the banned %d", (double)rows[r].u,
+			          best);
+	}
+	free(one);
+	free(l);
+}
+
 /* Rows whose penalties or entries are out of range: token 0, logprob
  * -inf, LP_CUDA_BAD_SAMPLE; the other rows are sampled as usual. */
 static void test_penalties_bad(void)
 {
-	const int vocab = 100, n = 14;
+	const int vocab = 100, n = 16;
 	float *l = random_rows(n, vocab, 1.0f);
 	struct lp_sample_penalty pen[2 * 100 + 8];
 	struct lp_sample_row rows[MAX_ROWS];
 	struct result *g = (struct result *)calloc(1, sizeof(*g));
 	struct result *w = (struct result *)calloc(1, sizeof(*w));
-	static const bool good[n] = {true,  false, false, false, false, false, false,
-	                             false, false, false, false, false, false, true};
+	static const bool good[n] = {true,  false, false, false, false, false, false, false,
+	                             false, false, false, false, false, true,  false, false};
 
 	for (int i = 0; i < 2 * vocab + 8; i++)
-		pen[i] = lp_sample_penalty{i % vocab, 1, 0};
-	pen[0] = lp_sample_penalty{7, 2, 1};
-	pen[1] = lp_sample_penalty{-1, 1, 0};    /* token below the vocabulary */
-	pen[2] = lp_sample_penalty{vocab, 1, 0}; /* token past it */
-	pen[3] = lp_sample_penalty{9, -1, 0};    /* negative count */
+		pen[i] = lp_sample_penalty{i % vocab, 1, 0, 0.0f};
+	pen[0] = lp_sample_penalty{7, 2, 1, 0.0f};
+	pen[1] = lp_sample_penalty{-1, 1, 0, 0.0f};                /* token below the vocabulary */
+	pen[2] = lp_sample_penalty{vocab, 1, 0, 0.0f};             /* token past it */
+	pen[3] = lp_sample_penalty{9, -1, 0, 0.0f};                /* negative count */
+	pen[2 * vocab + 6] = lp_sample_penalty{9, 0, 0, NAN};      /* a bias not finite */
+	pen[2 * vocab + 7] = lp_sample_penalty{9, 0, 0, INFINITY}; /* likewise */
 	for (int r = 0; r < n; r++)
 		rows[r] = with_pen(row_of(0.0f, 1.0f, 0.0f, 0, 0.5f, 2), 0, 0, 1);
 	rows[1].pen_off = 1;
@@ -751,6 +836,8 @@ static void test_penalties_bad(void)
 	rows[11].presence_penalty = -2.01f;
 	rows[12].frequency_penalty = NAN;
 	rows[13] = with_pen(rows[13], 4, 4, 100); /* entries 4 .. 103: fine */
+	rows[14].pen_off = 2 * vocab + 6;
+	rows[15].pen_off = 2 * vocab + 7;
 	CHECK(run_cuda(l, vocab, rows, n, pen, 2 * vocab + 8, g));
 	CHECK_EQ_INT(bad_flags(), LP_CUDA_BAD_SAMPLE);
 	CHECK_EQ_INT(cu.status, 0);
@@ -866,6 +953,7 @@ int main(void)
 	RUN(test_penalties_special);
 	RUN(test_penalties_none);
 	RUN(test_penalties_bad);
+	RUN(test_logit_bias);
 	RUN(test_shape_errors);
 	cudaFree(cu.ws[LP_CUDA_WS_SAMPLE]);
 	cu.ws[LP_CUDA_WS_SAMPLE] = NULL;

@@ -132,6 +132,51 @@ def service_monitor_with_prometheus_operator():
 
 
 @test
+def inference_pool():
+    """pools[].inferencePool renders an InferencePool (GIE v1) that selects
+    exactly the pool's pods on their serving port; nothing when disabled."""
+    assert not by_kind(render("-f", os.path.join(CHART, "examples", "cpu.yaml")), "InferencePool")
+    values = os.path.join(TMP, "gie.yaml")
+    with open(values, "w") as f:
+        yaml.safe_dump({"pools": [
+            {"name": "a", "baseModelName": "org/a", "model": {"hostPath": {"path": "/m/a.gguf"}},
+             "inferencePool": {"enabled": True}},
+            {"name": "b", "baseModelName": "org/b", "model": {"hostPath": {"path": "/m/b.gguf"}},
+             "inferencePool": {"enabled": True, "endpointPickerRef": {
+                 "name": "shared-epp", "port": 9102, "failureMode": "FailOpen"}}},
+            {"name": "c", "baseModelName": "org/c", "model": {"hostPath": {"path": "/m/c.gguf"}}}]}, f)
+    docs = render("-f", values)
+    pools = {d["metadata"]["name"]: d for d in by_kind(docs, "InferencePool")}
+    assert sorted(pools) == ["rel-loraplane-a", "rel-loraplane-b"], sorted(pools)
+    for name, ip in pools.items():
+        assert ip["apiVersion"] == "inference.networking.k8s.io/v1" and ip["metadata"]["namespace"] == "lp", ip
+        dep = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == name][0]
+        tpl = dep["spec"]["template"]
+        assert ip["spec"]["selector"] == {"matchLabels": dep["spec"]["selector"]["matchLabels"]}, ip["spec"]
+        labels = tpl["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in ip["spec"]["selector"]["matchLabels"].items()), labels
+        http = [p for p in tpl["spec"]["containers"][0]["ports"] if p["name"] == "http"][0]
+        assert ip["spec"]["targetPorts"] == [{"number": http["containerPort"]}], ip["spec"]
+    # a selector of one pool matches none of the other pools' pods
+    other = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "rel-loraplane-c"][0]
+    sel = pools["rel-loraplane-a"]["spec"]["selector"]["matchLabels"]
+    assert not all(other["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())
+    assert pools["rel-loraplane-a"]["spec"]["endpointPickerRef"] == {
+        "name": "rel-loraplane-a-epp", "port": {"number": 9002}, "failureMode": "FailClose"}
+    assert pools["rel-loraplane-b"]["spec"]["endpointPickerRef"] == {
+        "name": "shared-epp", "port": {"number": 9102}, "failureMode": "FailOpen"}
+    # poolDefaults turns it on for every pool
+    docs = render("-f", os.path.join(CHART, "examples", "cpu.yaml"), "--set", "poolDefaults.inferencePool.enabled=true")
+    assert [d["metadata"]["name"] for d in by_kind(docs, "InferencePool")] == ["rel-loraplane-smollm2"]
+    # bad values stop helm with the key's name
+    p = run(HELM, "template", "rel", CHART, "-f", values, "--set",
+            "pools[0].inferencePool.endpointPickerRef.failureMode=Sometimes", ok=False)
+    assert p.returncode != 0 and "pools.0.inferencePool.endpointPickerRef.failureMode" in p.stderr, p.stderr
+    p = run(HELM, "template", "rel", CHART, "-f", values, "--set", "pools[0].inferencePool.enable=true", ok=False)
+    assert p.returncode != 0 and "enable" in p.stderr, p.stderr
+
+
+@test
 def cleanup_hook():
     docs = render()
     hooks = [d for d in docs if (d["metadata"].get("annotations") or {}).get("helm.sh/hook") == "pre-delete"]

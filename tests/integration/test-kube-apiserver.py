@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "kube"))
 
 import apiserver  # noqa: E402
 import harness as H  # noqa: E402
+import yaml  # noqa: E402
 
 CRD = "crds/loraplane.io_loraadapters.yaml"
 SAMPLE = "tests/kube/sample-loraadapter.yaml"
@@ -265,8 +266,9 @@ def kubectl_apply_sample_and_get_columns():
     p = kubectl("apply", "-f", SAMPLE)
     assert "loraadapter.loraplane.io/sql created" in p.stdout, p.stdout
     out = kubectl("get", "loraadapters", "-n", "team-a").stdout.splitlines()
-    assert out[0].split() == ["NAME", "BASE", "TOTAL", "READY", "AGE"], out
-    assert out[1].split()[:2] == ["sql", "meta-llama/Llama-3.2-3B-Instruct"], out
+    assert out[0].split() == ["NAME", "BASE", "TOTAL", "READY", "MODEL", "REASON", "AGE"], out
+    # no status yet: TOTAL, READY and REASON are empty
+    assert out[1].split()[:3] == ["sql", "meta-llama/Llama-3.2-3B-Instruct", "sql-lora"], out
 
 
 @H.test
@@ -309,7 +311,14 @@ def kubectl_status_subresource_shows_in_columns():
                                      "lastTransitionTime": "2025-01-01T00:00:00Z"}]}}
     kubectl("patch", "lora", "sql", "-n", "team-a", "--subresource=status", "--type=merge", "-p", json.dumps(st))
     row = kubectl("get", "lora", "sql", "-n", "team-a", "--no-headers").stdout.split()
-    assert row[2:4] == ["4", "3"], row
+    assert row[2:6] == ["4", "3", "sql-lora", "PartiallyReady"], row
+    # REASON is the Ready condition's, wherever it is in the list
+    st = {"status": {"conditions": [
+        {"type": "Progressing", "status": "True", "reason": "Loading", "lastTransitionTime": "2025-01-01T00:00:00Z"},
+        {"type": "Ready", "status": "False", "reason": "LoadFailed", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}}
+    kubectl("patch", "lora", "sql", "-n", "team-a", "--subresource=status", "--type=merge", "-p", json.dumps(st))
+    row = kubectl("get", "lora", "sql", "-n", "team-a", "--no-headers").stdout.split()
+    assert row[2:6] == ["4", "3", "sql-lora", "LoadFailed"], row
     # the main resource ignores status
     kubectl("patch", "lora", "sql", "-n", "team-a", "--type=merge", "-p", '{"status":{"totalEndpoints":9}}')
     row = kubectl("get", "lora", "sql", "-n", "team-a", "--no-headers").stdout.split()
@@ -317,6 +326,31 @@ def kubectl_status_subresource_shows_in_columns():
     bad = kubectl("patch", "lora", "sql", "-n", "team-a", "--subresource=status", "--type=merge", "-p",
                   '{"status":{"readyEndpoints":"three"}}', check=False)
     assert bad.returncode != 0 and "must be of type integer" in bad.stderr, bad.stderr
+
+
+@H.test
+def kubectl_explain_describes_every_field():
+    """Every field of the CRD's schema has a description, so kubectl
+    explain shows one at every level (spec, status and below)."""
+    crd = yaml.safe_load(open(CRD))
+    missing = []
+
+    def walk(node, path):
+        if path and not node.get("description"):
+            missing.append(path)
+        for k, v in (node.get("properties") or {}).items():
+            if path or k != "metadata":  # the API server supplies ObjectMeta's
+                walk(v, f"{path}.{k}" if path else k)
+        for k, v in ((node.get("items") or {}).get("properties") or {}).items():
+            walk(v, f"{path}[].{k}")
+
+    for v in crd["spec"]["versions"]:
+        walk(v["schema"]["openAPIV3Schema"], "")
+    assert not missing, f"fields without a description: {missing}"
+    for field in ("spec", "status", "spec.source", "spec.service", "status.endpoints", "status.conditions"):
+        out = kubectl("explain", f"loraadapter.{field}").stdout
+        desc = out.split("DESCRIPTION:", 1)[1].split("FIELDS:", 1)[0].strip()
+        assert desc and "<no description>" not in out, (field, out)
 
 
 @H.test
@@ -849,9 +883,12 @@ def table_output():
     t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters?limit=500",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
     assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1", t
-    assert [c["name"] for c in t["columnDefinitions"]] == ["Name", "BASE", "TOTAL", "READY", "AGE"], t
+    assert [c["name"] for c in t["columnDefinitions"]] == ["Name", "BASE", "TOTAL", "READY", "MODEL", "REASON",
+                                                            "AGE"], t
     row = [r for r in t["rows"] if r["cells"][0] == "c1"][0]
-    assert row["cells"][1:4] == ["base/model", 3, 2] and row["cells"][4].endswith("s"), row
+    # MODEL from the spec; no condition: a null cell
+    model = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1")["spec"]["modelName"]
+    assert row["cells"][1:6] == ["base/model", 3, 2, model, None] and row["cells"][6].endswith("s"), row
     assert row["object"]["kind"] == "PartialObjectMetadata", row["object"]
     t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1?includeObject=Object",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io")

@@ -358,9 +358,9 @@ def test_apply_three_pods_ready():
     # kubectl shows the printer columns
     out = kubectl("get", "loraadapters", "-n", NS)
     lines = out.splitlines()
-    assert lines[0].split()[:4] == ["NAME", "BASE", "TOTAL", "READY"], out
+    assert lines[0].split() == ["NAME", "BASE", "TOTAL", "READY", "MODEL", "REASON", "AGE"], out
     row = lines[1].split()
-    assert row[0] == "sql" and row[1] == BASE and row[2] == "3" and row[3] == "3", out
+    assert row[:6] == ["sql", BASE, "3", "3", "sql-lora", "AllEndpointsReady"], out
     # the selector-less Service and a slice listing exactly the three pods
     svc = W.get(f"/api/v1/namespaces/{NS}/services/sql")
     assert svc and "selector" not in svc["spec"], svc
@@ -438,6 +438,11 @@ def test_agent_errors_then_recovery():
     assert "agent-2" in c["message"] and "500" in c["message"], c
     ep = [e for e in W.status("sql")["endpoints"] if e["podName"] == "agent-2"][0]
     assert not ep["ready"] and "500" in ep["message"], ep
+    # the real kubectl shows why READY is short: the Ready condition's reason
+    lines = kubectl("get", "loraadapters", "sql", "-n", NS).splitlines()
+    head, row = lines[0].split(), lines[1].split()
+    got = dict(zip(head, row))
+    assert got["READY"] == "3" and got["MODEL"] == "sql-lora" and got["REASON"] == "LoadFailed", lines
     wait_for(lambda: any(e["reason"] == "LoadFailed" and e["type"] == "Warning" and "agent-2" in e["message"]
                          for e in W.events("sql")), 5, "a LoadFailed event")
     wait_for(lambda: sorted(ep["targetRef"]["name"] for s in W.slices("sql") for ep in s["endpoints"]) ==
@@ -651,14 +656,102 @@ def test_start_while_pods_cannot_be_listed():
     assert ready_counts("chat") == (3, 3)
 
 
-def test_metrics():
+def scrape():
+    """The operator's /metrics through prometheus_client's own parser:
+    {family name: family}, checking the exposition's shape on the way."""
+    from prometheus_client.parser import text_string_to_metric_families
     code, text = OP.get("/metrics")
-    assert code == 200
-    for name in ("loraplane_operator_reconciles_total{result=\"success\"}", "loraplane_operator_agent_loads_total",
-                 "loraplane_operator_workqueue_depth", "loraplane_operator_leader 1",
-                 "loraplane_operator_kube_requests_total{class=\"2xx\"}"):
-        assert name in text, name
+    assert code == 200, (code, text)
+    fams = list(text_string_to_metric_families(text))
+    names = [f.name for f in fams]
+    assert len(names) == len(set(names)), f"a family split or repeated: {sorted(names)}"
+    for f in fams:
+        assert f.type != "unknown", f"{f.name}: no TYPE (or samples apart from it)"
+        assert f.documentation, f"{f.name}: no HELP"
+        assert f.samples, f"{f.name}: no samples"
+    return {f.name: f for f in fams}
+
+
+def sample(fams, family, name=None, **labels):
+    vals = [s.value for s in fams[family].samples
+            if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(vals) == 1, (family, labels, fams[family].samples)
+    return vals[0]
+
+
+def test_metrics():
+    fams = scrape()
+    for name, typ in (("loraplane_operator_leader", "gauge"), ("loraplane_operator_uptime_seconds", "gauge"),
+                      ("loraplane_operator_reconciles", "counter"), ("loraplane_operator_agent_loads", "counter"),
+                      ("loraplane_operator_agent_unloads", "counter"), ("loraplane_operator_workqueue_depth", "gauge"),
+                      ("loraplane_operator_adapters", "gauge"), ("loraplane_operator_endpoints", "gauge"),
+                      ("loraplane_operator_kube_requests", "counter"), ("loraplane_operator_informer_lists", "counter"),
+                      ("loraplane_operator_informer_expired", "counter")):
+        assert name in fams and fams[name].type == typ, (name, fams.get(name))
+    assert sample(fams, "loraplane_operator_leader") == 1
+    for res in ("loraadapters", "pods"):
+        assert sample(fams, "loraplane_operator_informer_lists", resource=res) >= 1, res
+    assert sample(fams, "loraplane_operator_kube_requests", **{"class": "2xx"}) > 0
+
+    # values follow what the test does: one more adapter on the pods that
+    # serve "chat", then its deletion
+    pods = W.status("chat")["totalEndpoints"]
+
+    seen = {}
+
+    def agreed(extra):
+        """A scrape once the operator's view equals the API's: the number of
+        LoraAdapters and the endpoints summed over their status."""
+        items = W.api.request("GET", "/apis/loraplane.io/v1alpha1/loraadapters")[1]["items"]
+        st = [W.status(a["metadata"]["name"], a["metadata"]["namespace"]) for a in items]
+        f = scrape()
+        seen["operator"] = [sample(f, "loraplane_operator_adapters")] + [
+            sample(f, "loraplane_operator_endpoints", state=k) for k in ("total", "ready")]
+        seen["api"] = [len(items), sum(x.get("totalEndpoints", 0) for x in st),
+                       sum(x.get("readyEndpoints", 0) for x in st)]
+        return f if seen["operator"] == seen["api"] == [extra] + seen["api"][1:] else None
+
+    def until_agreed(extra, what):
+        try:
+            return wait_for(lambda: agreed(extra), WAIT_S, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; [adapters, total, ready]: {seen}") from None
+
+    n = len(W.api.request("GET", "/apis/loraplane.io/v1alpha1/loraadapters")[1]["items"])
+    before = until_agreed(n, f"the metrics to agree with the API's {n} adapters")
+    apply_adapter("metered", "s3://loras/metered/v1")
+    wait_counts("metered", pods, pods)
+    after = until_agreed(n + 1, "the metrics to count the new adapter")
+    loads = lambda f: sample(f, "loraplane_operator_agent_loads", "loraplane_operator_agent_loads_total",  # noqa: E731
+                             result="success")
+    assert loads(after) - loads(before) == pods, (pods, loads(before), loads(after))
+    ok = lambda f: sample(f, "loraplane_operator_reconciles", "loraplane_operator_reconciles_total",  # noqa: E731
+                          result="success")
+    assert ok(after) > ok(before), (ok(before), ok(after))
+    assert sample(after, "loraplane_operator_endpoints", state="ready") == \
+        sample(before, "loraplane_operator_endpoints", state="ready") + pods
+    unloads = lambda f: sample(f, "loraplane_operator_agent_unloads", "loraplane_operator_agent_unloads_total",  # noqa: E731
+                               result="success")
+    kubectl("delete", "loraadapter", "metered", "-n", NS, "--wait=false")
+    wait_for(lambda: W.adapter("metered") is None, WAIT_S, "metered gone")
+    gone = until_agreed(n, "the metrics to drop the deleted adapter")
+    assert unloads(gone) - unloads(after) == pods, (pods, unloads(after), unloads(gone))
+
+    # HTTP: HEAD like GET without a body, other methods 405 with Allow, 404
+    for port, path in ((OP.metrics_port, "/metrics"), (OP.health_port, "/healthz"), (OP.health_port, "/readyz")):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200 and r.read() == b"" and int(r.headers["Content-Length"]) > 0, (path, r.headers)
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                         data=b"{}" if method in ("POST", "PUT") else None)
+            try:
+                urllib.request.urlopen(req, timeout=5)
+                raise AssertionError(f"{method} {path} answered 2xx")
+            except urllib.error.HTTPError as e:
+                assert e.code == 405 and e.headers["Allow"] == "GET, HEAD", (method, path, e.code, dict(e.headers))
     assert OP.get("/nope")[0] == 404
+    assert OP.get("/healthz?verbose=1")[0] == 200
 
 
 def test_real_agents():

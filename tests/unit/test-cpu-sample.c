@@ -428,8 +428,8 @@ static struct lp_sample_row with_penalties(struct lp_sample_row r, const struct 
 	return r;
 }
 
-/* The row l with penalties pz applied, by the definition (backend.h): the
- * reference samples from it. */
+/* The row l with bias and penalties pz applied, by the definition
+ * (backend.h): the reference samples from it. */
 static float *penalised(const float *l, int vocab, const struct penalties *pz)
 {
 	float *p = malloc((size_t)vocab * sizeof(float));
@@ -439,6 +439,8 @@ static float *penalised(const float *l, int vocab, const struct penalties *pz)
 		const struct lp_sample_penalty *e = &pz->e[j];
 		float x = l[e->token];
 
+		if (e->bias != 0.0f)
+			x += e->bias;
 		if (pz->rep != 1.0f && (e->count > 0 || e->in_prompt))
 			x = x > 0.0f ? x / pz->rep : x * pz->rep;
 		if (e->count > 0)
@@ -775,16 +777,36 @@ static const struct {
 #define N_PENS (int)(sizeof(g_pens) / sizeof(g_pens[0]))
 
 /* What a sequence has seen: its prompt, and what it generated (repeats
- * count). */
+ * count); and the logit bias of its request. */
 struct history {
 	int32_t prompt[64], gen[64];
 	int n_prompt, n_gen;
+	struct lp_logit_bias bias[8];
+	int n_bias;
 };
 
-enum { HIST_PROMPT, HIST_GENERATED, HIST_BOTH, N_HIST };
+/* HIST_BIASED: prompt and generated tokens, and a logit bias */
+enum { HIST_PROMPT, HIST_GENERATED, HIST_BOTH, HIST_BIASED, N_HIST };
+
+static bool has_bias(const struct history *h, int32_t t)
+{
+	for (int i = 0; i < h->n_bias; i++)
+		if (h->bias[i].token == t)
+			return true;
+	return false;
+}
+
+/* Biases a token the history has not biased yet. */
+static void add_bias(struct history *h, int32_t t, float bias)
+{
+	if (!has_bias(h, t))
+		h->bias[h->n_bias++] = (struct lp_logit_bias){t, bias};
+}
 
 /* A history of the given kind over row l, drawn mostly from its best
- * tokens (above hi) so that the penalties change what is chosen. */
+ * tokens (above hi) so that the penalties change what is chosen. A
+ * biased one demotes the best token, promotes others (seen ones too),
+ * bans one and gives one a bias of 0 (no entry). */
 static void make_history(struct history *h, int kind, const float *l, int vocab, float hi)
 {
 	int32_t best[48];
@@ -805,24 +827,40 @@ static void make_history(struct history *h, int kind, const float *l, int vocab,
 			    i % 4 == 3 || !n_best
 			        ? (int32_t)(rng_next() % (uint64_t)vocab)
 			        : best[rng_next() % (uint64_t)(n_best < 12 ? n_best : 12)];
+	if (kind == HIST_BIASED) {
+		int32_t top = 0;
+
+		for (int i = 1; i < vocab; i++)
+			top = l[i] > l[top] ? i : top;
+		add_bias(h, top, -6.5f);
+		add_bias(h, (int32_t)(rng_next() % (uint64_t)vocab), 7.25f);
+		add_bias(h, h->prompt[0], 3.5f);
+		add_bias(h, h->gen[0], -2.25f);
+		add_bias(h, n_best > 1 ? best[1] : (int32_t)(rng_next() % (uint64_t)vocab),
+		         -100.0f);
+		add_bias(h, (int32_t)(rng_next() % (uint64_t)vocab), 0.0f);
+	}
 }
 
 /* The op's entries for a history, written from backend.h's definition
- * (every distinct token seen, with its count and whether the prompt holds
- * it), in a shuffled order; how many. */
+ * (every distinct token seen or biased, with its count, whether the
+ * prompt holds it and its bias), in a shuffled order; how many. */
 static int entries_of(const struct history *h, int vocab, struct lp_sample_penalty *out)
 {
 	int32_t *count = calloc((size_t)vocab, sizeof(int32_t));
 	char *in_prompt = calloc((size_t)vocab, 1);
+	float *bias = calloc((size_t)vocab, sizeof(float));
 	int n = 0;
 
 	for (int i = 0; i < h->n_prompt; i++)
 		in_prompt[h->prompt[i]] = 1;
 	for (int i = 0; i < h->n_gen; i++)
 		count[h->gen[i]]++;
+	for (int i = 0; i < h->n_bias; i++)
+		bias[h->bias[i].token] = h->bias[i].bias;
 	for (int t = 0; t < vocab; t++)
-		if (count[t] || in_prompt[t])
-			out[n++] = (struct lp_sample_penalty){t, count[t], in_prompt[t]};
+		if (count[t] || in_prompt[t] || bias[t] != 0.0f)
+			out[n++] = (struct lp_sample_penalty){t, count[t], in_prompt[t], bias[t]};
 	for (int i = n - 1; i > 0; i--) {
 		int j = (int)(rng_next() % (uint64_t)(i + 1));
 		struct lp_sample_penalty t = out[i];
@@ -832,14 +870,21 @@ static int entries_of(const struct history *h, int vocab, struct lp_sample_penal
 	}
 	free(count);
 	free(in_prompt);
+	free(bias);
 	return n;
 }
 
-/* The host sampler with parameters p, having seen history h. */
+/* The host sampler with parameters p and history h's logit bias, having
+ * seen history h. */
 static int host_with_history(struct lp_sampler *s, const struct lp_sampling_params *p, int vocab,
                              const struct history *h, struct lp_err *err)
 {
-	int rc = lp_sampler_init(s, p, vocab, err);
+	struct lp_sampling_params pb = *p;
+	int rc;
+
+	pb.n_logit_bias = h->n_bias;
+	memcpy(pb.logit_bias, h->bias, (size_t)h->n_bias * sizeof(h->bias[0]));
+	rc = lp_sampler_init(s, &pb, vocab, err);
 
 	if (rc)
 		return rc;
@@ -992,8 +1037,11 @@ static void test_penalties_distribution_matches_host(void)
 	const int vocab = 1000, n_draws = 60000;
 	static const struct {
 		int c, pens, hist;
-	} cases[] = {
-	    {0, 4, HIST_BOTH}, {4, 0, HIST_PROMPT}, {5, 5, HIST_GENERATED}, {8, 3, HIST_BOTH}};
+	} cases[] = {{0, 4, HIST_BOTH},
+	             {4, 0, HIST_PROMPT},
+	             {5, 5, HIST_GENERATED},
+	             {8, 3, HIST_BIASED},
+	             {0, 8, HIST_BIASED}};
 	float *l = random_row(vocab, 2.5f), *scratch = malloc(vocab * sizeof(float));
 	int *host = malloc(vocab * sizeof(int)), *op = malloc(vocab * sizeof(int));
 	struct lp_sample_row *rows = malloc(MAX_ROWS * sizeof(*rows));
@@ -1001,7 +1049,7 @@ static void test_penalties_distribution_matches_host(void)
 	struct run *run = malloc(sizeof(*run));
 	struct lp_err err = {0};
 
-	for (int k = 0; k < 4; k++) {
+	for (int k = 0; k < (int)(sizeof(cases) / sizeof(cases[0])); k++) {
 		const struct params_case *pc = &g_cases[cases[k].c];
 		struct history h;
 		struct penalties pz;
@@ -1068,6 +1116,124 @@ static void test_penalties_distribution_matches_host(void)
 	free(run);
 }
 
+/* The entries the engine sends (lp_sampler_penalty_entries) bring the
+ * request's logit bias and penalties to the op: greedy gives the host
+ * sampler's token, the logprobs stay the raw row's, and at temperature 1
+ * a +100 bias forces its token for any u while -100 bans the best one. */
+static void test_logit_bias_entries_match_host(void)
+{
+	const int vocab = 49152, n = N_PENS;
+	float *l = malloc((size_t)n * vocab * sizeof(float));
+	float *scratch = malloc((size_t)vocab * sizeof(float));
+	struct lp_sample_penalty *pen = malloc((size_t)n * 128 * sizeof(*pen));
+	struct lp_sample_row rows[MAX_ROWS];
+	struct run *run = malloc(sizeof(*run));
+	struct lp_err err = {0};
+	char msg[LP_ERR_MSG_MAX];
+	int32_t want[N_PENS];
+	int n_pen = 0, biased = 0;
+
+	for (size_t i = 0; i < (size_t)n * vocab; i++)
+		l[i] = nrand(3.0f);
+	for (int r = 0; r < n; r++) {
+		const float *row = l + (size_t)r * vocab;
+		struct lp_sampling_params p;
+		struct lp_sampler s;
+		struct history h;
+		int k;
+
+		make_history(&h, HIST_BIASED, row, vocab, 6.0f);
+		lp_sampling_params_default(&p);
+		p.temperature = 0.0f;
+		p.repetition_penalty = g_pens[r].rep;
+		p.frequency_penalty = g_pens[r].freq;
+		p.presence_penalty = g_pens[r].pres;
+		CHECK_OK(host_with_history(&s, &p, vocab, &h, &err), &err);
+		CHECK(lp_sampler_has_penalties(&s));
+		k = lp_sampler_penalty_entries(&s, pen + n_pen, 128);
+		CHECK(k > 0);
+		want[r] = host_sample(row, vocab, &p, &s, scratch);
+		lp_sampler_release(&s);
+		rows[r] = greedy_row(3);
+		rows[r].repetition_penalty = p.repetition_penalty;
+		rows[r].frequency_penalty = p.frequency_penalty;
+		rows[r].presence_penalty = p.presence_penalty;
+		rows[r].pen_off = n_pen;
+		rows[r].pen_n = k;
+		n_pen += k;
+		for (int j = 0; j < h.n_bias; j++)
+			biased += h.bias[j].token == want[r];
+	}
+	CHECK_OK(run_op_pen(g_be, run, l, vocab, n, rows, n, pen, n_pen), &err);
+	CHECK_EQ_INT(status_of(g_be, msg, sizeof(msg)), 0);
+	for (int r = 0; r < n; r++) {
+		const float *row = l + (size_t)r * vocab;
+		int32_t tok = run->tokens_h[r];
+
+		CHECK_MSG(tok == want[r], "row %d: %d, host %d", r, tok, want[r]);
+		CHECK_MSG(fabs(run->logprob_h[r] - ref_logprob(row, vocab, tok)) <= 1e-5,
+		          "row %d: logprob %g, want the raw row's %g", r, (double)run->logprob_h[r],
+		          ref_logprob(row, vocab, tok));
+	}
+	CHECK_MSG(biased >= 1, "no row chose a biased token");
+
+	/* temperature 1: +100 on a poor token forces it, -100 on the best
+	 * bans it, whatever u */
+	{
+		const float *row = l;
+		int32_t best = 0, poor = 12345;
+		struct lp_sample_penalty two[2];
+
+		for (int i = 1; i < vocab; i++)
+			best = row[i] > row[best] ? i : best;
+		two[0] = (struct lp_sample_penalty){poor, 0, 0, 100.0f};
+		two[1] = (struct lp_sample_penalty){best, 0, 0, -100.0f};
+		for (int i = 0; i < MAX_ROWS; i++) {
+			rows[i] = mkrow(1.0f, 1.0f, 0.0f, 0, (float)i / MAX_ROWS, 1);
+			rows[i].pen_n = 1;
+		}
+		CHECK_OK(run_op_pen(g_be, run, row, vocab, 1, rows, MAX_ROWS, two, 1), &err);
+		for (int i = 0; i < MAX_ROWS; i++)
+			CHECK_MSG(run->tokens_h[i] == poor, "u %g: token %d, not the forced %d",
+			          (double)rows[i].u, run->tokens_h[i], poor);
+		/* the logprob and top-1 are the raw row's */
+		CHECK_EQ_INT(run->top_ids_h[0], best);
+		for (int i = 0; i < MAX_ROWS; i++) {
+			rows[i] = mkrow(1.0f, 1.0f, 0.0f, 0, (float)i / MAX_ROWS, 0);
+			rows[i].pen_off = 1;
+			rows[i].pen_n = 1;
+		}
+		CHECK_OK(run_op_pen(g_be, run, row, vocab, 1, rows, MAX_ROWS, two, 2), &err);
+		for (int i = 0; i < MAX_ROWS; i++)
+			CHECK_MSG(run->tokens_h[i] != best, "u %g: the banned token %d",
+			          (double)rows[i].u, best);
+	}
+
+	/* a bias that is not finite is a bad entry: the row is refused */
+	{
+		struct lp_backend_limits lim = {
+		    .vocab = vocab, .max_out = 4, .max_logprobs = MAX_LOGPROBS};
+		struct lp_sample_penalty bad = {5, 0, 0, NAN};
+		struct lp_backend *be = NULL;
+		size_t bytes;
+
+		rows[0] = greedy_row(0);
+		rows[0].pen_n = 1;
+		CHECK_OK(lp_backend_cpu_new(&be, 1, &err), &err);
+		CHECK_OK(be->ops->reserve(be->ctx, &lim, &bytes, &err), &err);
+		CHECK_OK(run_op_pen(be, run, l, vocab, 1, rows, 1, &bad, 1), &err);
+		CHECK_EQ_INT(status_of(be, msg, sizeof(msg)), -EINVAL);
+		lp_backend_destroy(be);
+		CHECK_MSG(strstr(msg, "penalty entry 0: token 5, count 0, bias nan"),
+		          "status names the bias: %s", msg);
+		CHECK_EQ_INT(run->tokens_h[0], 0);
+	}
+	free(l);
+	free(scratch);
+	free(pen);
+	free(run);
+}
+
 /* Penalties out of range and bad entries: the failure is recorded (naming
  * the row, and the entry), the row gets token 0 and logprob -inf, the
  * other rows are sampled as usual. A row without entries reads none of
@@ -1091,11 +1257,11 @@ static void test_penalties_bad(void)
 	struct penalties one = pens_of(0, NULL, 1);
 
 	for (int i = 0; i < 2 * vocab + 8; i++)
-		pen[i] = (struct lp_sample_penalty){i % vocab, 1, 0};
-	pen[0] = (struct lp_sample_penalty){7, 2, 1};
-	pen[1] = (struct lp_sample_penalty){-1, 1, 0};
-	pen[2] = (struct lp_sample_penalty){vocab, 1, 0};
-	pen[3] = (struct lp_sample_penalty){9, -1, 0};
+		pen[i] = (struct lp_sample_penalty){i % vocab, 1, 0, 0.0f};
+	pen[0] = (struct lp_sample_penalty){7, 2, 1, 0.0f};
+	pen[1] = (struct lp_sample_penalty){-1, 1, 0, 0.0f};
+	pen[2] = (struct lp_sample_penalty){vocab, 1, 0, 0.0f};
+	pen[3] = (struct lp_sample_penalty){9, -1, 0, 0.0f};
 	for (int r = 0; r < n; r++)
 		rows[r] = with_penalties(greedy_row(2), &one, 0);
 	rows[1].pen_off = 1;
@@ -1244,6 +1410,7 @@ int main(void)
 	RUN(test_penalties_draws_at_chosen_u);
 	RUN(test_penalties_distribution_matches_host);
 	RUN(test_penalties_bad);
+	RUN(test_logit_bias_entries_match_host);
 	RUN(test_batch_and_threads);
 
 	lp_backend_destroy(g_be);

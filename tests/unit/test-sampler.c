@@ -1,6 +1,7 @@
 /* Tests for agent/engine/sampler.c: what each sampling option lets through,
  * that frequencies follow the (truncated, renormalised) softmax, seeds,
- * penalties, parameter errors, and stop strings over streamed text. */
+ * penalties, logit bias, parameter errors, and stop strings over streamed
+ * text. */
 #include "agent/engine/sampler.h"
 
 #include <errno.h>
@@ -816,6 +817,198 @@ static void test_penalty_order_and_temperature(void)
 	CHECK(l[2] == -2.0f);
 }
 
+/* ---- logit bias --------------------------------------------------------- */
+
+static void add_bias(struct lp_sampling_params *p, int32_t token, float bias)
+{
+	p->logit_bias[p->n_logit_bias++] = (struct lp_logit_bias){token, bias};
+}
+
+/* The bias is added to the logit: a negative one on the greedy token
+ * hands the choice to the next best, and the logits show the sums. */
+static void test_logit_bias_exact(void)
+{
+	struct lp_sampling_params p = params(0.0f, 0, 1.0f, 0.0f);
+	struct lp_sampler s;
+	struct lp_err err = {0};
+	float l[] = {1.0f, 3.0f, 2.0f, -1.0f};
+
+	add_bias(&p, 1, -1.5f);
+	add_bias(&p, 3, 0.25f);
+	add_bias(&p, 0, 0.0f); /* allowed, changes nothing */
+	CHECK_OK(lp_sampler_init(&s, &p, 4, &err), &err);
+	CHECK(lp_sampler_has_penalties(&s));
+	CHECK_EQ_INT(lp_sampler_sample(&s, l), 2);
+	lp_sampler_release(&s);
+	CHECK(l[0] == 1.0f);
+	CHECK(l[1] == 1.5f);
+	CHECK(l[2] == 2.0f);
+	CHECK(l[3] == -0.75f);
+}
+
+/* +100 forces a token whatever the sampling; -100 bans one. */
+static void test_logit_bias_forces_and_bans(void)
+{
+	const int vocab = 1000;
+	float *logits = malloc(sizeof(float) * vocab);
+	long *counts = malloc(sizeof(long) * vocab);
+	struct lp_sampling_params p = params(1.0f, 0, 0.9f, 0.0f);
+	char why[256];
+
+	CHECK(logits && counts);
+	for (int i = 0; i < vocab; i++)
+		logits[i] = test_normal(2.0f);
+	logits[17] = -20.0f; /* an unlikely token */
+	add_bias(&p, 17, 100.0f);
+	CHECK_MSG(draw_many(&p, logits, vocab, 500, counts, why, sizeof(why)), "%s", why);
+	CHECK_EQ_INT(counts[17], 500);
+
+	/* two tokens hold nearly all the mass; banning one leaves the other */
+	for (int i = 0; i < vocab; i++)
+		logits[i] = -10.0f;
+	logits[3] = 10.0f;
+	logits[4] = 10.0f;
+	p = params(1.0f, 0, 1.0f, 0.0f);
+	add_bias(&p, 3, -100.0f);
+	CHECK_MSG(draw_many(&p, logits, vocab, 500, counts, why, sizeof(why)), "%s", why);
+	CHECK_EQ_INT(counts[3], 0);
+	CHECK(counts[4] > 490);
+	free(logits);
+	free(counts);
+}
+
+/* With temperature, the draw follows the softmax of the biased logits. */
+static void test_logit_bias_shifts_frequencies(void)
+{
+	const int vocab = 4, n = 40000;
+	float logits[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+	long counts[4];
+	struct lp_sampling_params p = params(1.0f, 0, 1.0f, 0.0f);
+	double want[4] = {3.0 / 6, 1.0 / 6, 1.0 / 6, 1.0 / 6}, chi = 0.0;
+	char why[256];
+
+	add_bias(&p, 0, (float)log(3.0));
+	CHECK_MSG(draw_many(&p, logits, vocab, n, counts, why, sizeof(why)), "%s", why);
+	for (int i = 0; i < vocab; i++) {
+		double e = want[i] * n;
+		chi += (counts[i] - e) * (counts[i] - e) / e;
+	}
+	CHECK_MSG(chi < chi_limit(vocab - 1), "chi-square %g (counts %ld %ld %ld %ld)", chi,
+	          counts[0], counts[1], counts[2], counts[3]);
+}
+
+/* The bias comes first, then the penalties (vLLM's order):
+ * (2 + 2) / 2 = 2 for a prompt token; -1 + 3 = 2, / 2 = 1. */
+static void test_logit_bias_before_penalties(void)
+{
+	struct lp_sampling_params p = params(0.0f, 0, 1.0f, 0.0f);
+	struct lp_sampler s;
+	struct lp_err err = {0};
+	const int32_t prompt[] = {0, 1};
+	float l[] = {2.0f, -1.0f, 0.5f};
+
+	p.repetition_penalty = 2.0f;
+	p.frequency_penalty = 0.5f;
+	add_bias(&p, 0, 2.0f);
+	add_bias(&p, 1, 3.0f);
+	add_bias(&p, 2, 1.0f);
+	CHECK_OK(lp_sampler_init(&s, &p, 3, &err), &err);
+	lp_sampler_set_prompt(&s, prompt, 2);
+	lp_sampler_accept(&s, 2);
+	CHECK_EQ_INT(lp_sampler_sample(&s, l), 0);
+	lp_sampler_release(&s);
+	CHECK(l[0] == 2.0f);
+	CHECK(l[1] == 1.0f);
+	CHECK(l[2] == 0.25f); /* (0.5 + 1) / 2 - 1 * 0.5 */
+}
+
+static void test_logit_bias_refused(void)
+{
+	struct lp_sampling_params p;
+	struct lp_sampler s;
+	struct lp_err err = {0};
+
+	lp_sampling_params_default(&p);
+	add_bias(&p, 5, 100.5f);
+	CHECK_EQ_INT(lp_sampling_params_check(&p, &err), -EINVAL);
+	CHECK_EQ_STR(err.msg, "'logit_bias' of token 5 must be in [-100, 100], got 100.5");
+	p.logit_bias[0].bias = NAN;
+	CHECK_EQ_INT(lp_sampling_params_check(&p, &err), -EINVAL);
+	p.logit_bias[0] = (struct lp_logit_bias){-2, 1.0f};
+	CHECK_EQ_INT(lp_sampling_params_check(&p, &err), -EINVAL);
+	CHECK_EQ_STR(err.msg, "'logit_bias' has a negative token id -2");
+	p.logit_bias[0] = (struct lp_logit_bias){5, -100.0f};
+	add_bias(&p, 6, 100.0f);
+	CHECK_OK(lp_sampling_params_check(&p, &err), &err);
+	add_bias(&p, 5, 1.0f);
+	CHECK_EQ_INT(lp_sampling_params_check(&p, &err), -EINVAL);
+	CHECK_EQ_STR(err.msg, "'logit_bias' has token 5 twice");
+	p.n_logit_bias = LP_MAX_LOGIT_BIAS + 1;
+	CHECK_EQ_INT(lp_sampling_params_check(&p, &err), -EINVAL);
+	CHECK_EQ_STR(err.msg, "'logit_bias' must have at most 300 entries, got 301");
+
+	/* a token past the vocabulary: only init knows its size */
+	lp_sampling_params_default(&p);
+	add_bias(&p, 10, 1.0f);
+	CHECK_OK(lp_sampling_params_check(&p, &err), &err);
+	CHECK_EQ_INT(lp_sampler_init(&s, &p, 10, &err), -EINVAL);
+	CHECK_EQ_STR(err.msg, "'logit_bias' token id 10 is outside the vocabulary (0 to 9)");
+	lp_sampler_release(&s);
+	CHECK_OK(lp_sampler_init(&s, &p, 11, &err), &err);
+	lp_sampler_release(&s);
+}
+
+/* The entries a device's sample op gets: one per distinct token, the
+ * penalised ones with their bias, then the biased ones not penalised;
+ * none for a zero bias. */
+static void test_logit_bias_entries(void)
+{
+	struct lp_sampling_params p = params(0.0f, 0, 1.0f, 0.0f);
+	struct lp_sample_penalty e[8];
+	struct lp_sampler s;
+	struct lp_err err = {0};
+	const int32_t prompt[] = {1, 2};
+	bool seen[10] = {false};
+	int n;
+
+	/* bias alone: its tokens only */
+	add_bias(&p, 7, -3.0f);
+	add_bias(&p, 2, 1.5f);
+	add_bias(&p, 9, 0.0f);
+	CHECK_OK(lp_sampler_init(&s, &p, 10, &err), &err);
+	lp_sampler_set_prompt(&s, prompt, 2);
+	lp_sampler_accept(&s, 4);
+	CHECK(lp_sampler_has_penalties(&s));
+	n = lp_sampler_penalty_entries(&s, e, 8);
+	CHECK_EQ_INT(n, 2);
+	CHECK(e[0].token == 7 && e[0].bias == -3.0f && e[0].count == 0);
+	CHECK(e[1].token == 2 && e[1].bias == 1.5f && e[1].in_prompt == 1);
+	CHECK_EQ_INT(lp_sampler_penalty_entries(&s, e, 1), -1);
+	lp_sampler_release(&s);
+
+	/* with a repetition penalty: the seen tokens (1, 2, 4), 2 with its
+	 * bias, then 7 */
+	p.repetition_penalty = 1.2f;
+	CHECK_OK(lp_sampler_init(&s, &p, 10, &err), &err);
+	lp_sampler_set_prompt(&s, prompt, 2);
+	lp_sampler_accept(&s, 4);
+	n = lp_sampler_penalty_entries(&s, e, 8);
+	CHECK_EQ_INT(n, 4);
+	for (int i = 0; i < n; i++) {
+		CHECK_MSG(!seen[e[i].token], "token %d twice", e[i].token);
+		seen[e[i].token] = true;
+		CHECK(e[i].bias == (e[i].token == 2 ? 1.5f : e[i].token == 7 ? -3.0f : 0.0f));
+	}
+	CHECK(seen[1] && seen[2] && seen[4] && seen[7]);
+	lp_sampler_release(&s);
+
+	/* without a bias or penalties there is nothing for the device */
+	p = params(0.0f, 0, 1.0f, 0.0f);
+	CHECK_OK(lp_sampler_init(&s, &p, 10, &err), &err);
+	CHECK(!lp_sampler_has_penalties(&s));
+	lp_sampler_release(&s);
+}
+
 /* ---- stop strings ------------------------------------------------------- */
 
 struct stream_out {
@@ -1201,6 +1394,12 @@ int main(void)
 	RUN(test_frequency_and_presence_penalties_exact);
 	RUN(test_negative_presence_penalty);
 	RUN(test_penalty_order_and_temperature);
+	RUN(test_logit_bias_exact);
+	RUN(test_logit_bias_forces_and_bans);
+	RUN(test_logit_bias_shifts_frequencies);
+	RUN(test_logit_bias_before_penalties);
+	RUN(test_logit_bias_refused);
+	RUN(test_logit_bias_entries);
 	RUN(test_stop_empty_list_emits_everything);
 	RUN(test_stop_init_rejects_bad_lists);
 	RUN(test_stop_in_one_piece);
