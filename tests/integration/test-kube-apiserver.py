@@ -267,8 +267,9 @@ def kubectl_apply_sample_and_get_columns():
     assert "loraadapter.loraplane.io/sql created" in p.stdout, p.stdout
     out = kubectl("get", "loraadapters", "-n", "team-a").stdout.splitlines()
     assert out[0].split() == ["NAME", "BASE", "TOTAL", "READY", "MODEL", "REASON", "AGE"], out
-    # no status yet: TOTAL, READY and REASON are empty
-    assert out[1].split()[:3] == ["sql", "meta-llama/Llama-3.2-3B-Instruct", "sql-lora"], out
+    # no status yet: TOTAL, READY, MODEL (status.modelName) and REASON are empty
+    assert out[1].split()[:2] == ["sql", "meta-llama/Llama-3.2-3B-Instruct"] and \
+        len(out[1].split()) == 3, out
 
 
 @H.test
@@ -306,7 +307,8 @@ def kubectl_describe_shows_spec_and_events():
 
 @H.test
 def kubectl_status_subresource_shows_in_columns():
-    st = {"status": {"observedGeneration": 1, "totalEndpoints": 4, "readyEndpoints": 3,
+    st = {"status": {"observedGeneration": 1, "modelName": "sql-lora", "totalEndpoints": 4,
+                     "readyEndpoints": 3,
                      "conditions": [{"type": "Ready", "status": "False", "reason": "PartiallyReady",
                                      "lastTransitionTime": "2025-01-01T00:00:00Z"}]}}
     kubectl("patch", "lora", "sql", "-n", "team-a", "--subresource=status", "--type=merge", "-p", json.dumps(st))
@@ -879,16 +881,15 @@ def deletecollection_dry_run_and_propagation():
 @H.test
 def table_output():
     API.ok("PATCH", f"{LORA}/namespaces/default/loraadapters/c1/status",
-         {"status": {"totalEndpoints": 3, "readyEndpoints": 2}})
+         {"status": {"modelName": "c1-model", "totalEndpoints": 3, "readyEndpoints": 2}})
     t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters?limit=500",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
     assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1", t
     assert [c["name"] for c in t["columnDefinitions"]] == ["Name", "BASE", "TOTAL", "READY", "MODEL", "REASON",
                                                             "AGE"], t
     row = [r for r in t["rows"] if r["cells"][0] == "c1"][0]
-    # MODEL from the spec; no condition: a null cell
-    model = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1")["spec"]["modelName"]
-    assert row["cells"][1:6] == ["base/model", 3, 2, model, None] and row["cells"][6].endswith("s"), row
+    # MODEL from the status; no condition: a null cell
+    assert row["cells"][1:6] == ["base/model", 3, 2, "c1-model", None] and row["cells"][6].endswith("s"), row
     assert row["object"]["kind"] == "PartialObjectMetadata", row["object"]
     t = API.ok("GET", f"{LORA}/namespaces/default/loraadapters/c1?includeObject=Object",
              accept="application/json;as=Table;v=v1;g=meta.k8s.io")
