@@ -153,8 +153,17 @@ static void fill_weights(enum lp_dtype t, void *p, size_t bytes, int64_t rows, i
 				memcpy(blk, &h, 2);
 				break;
 			case LP_DTYPE_Q4_1:
+			case LP_DTYPE_Q5_1:
+			case LP_DTYPE_Q4_K:
+			case LP_DTYPE_Q5_K:
 				memcpy(blk, &h, 2);
 				memcpy(blk + 2, &h, 2);
+				break;
+			case LP_DTYPE_Q5_0:
+				memcpy(blk, &h, 2);
+				break;
+			case LP_DTYPE_Q6_K:
+				memcpy(blk + 208, &h, 2);
 				break;
 			default:
 				break;
@@ -287,10 +296,26 @@ int main(int argc, char **argv)
 		enum lp_dtype t;
 		int64_t m, k;
 	} mv[] = {
-	    {LP_DTYPE_Q8_0, 49152, 576}, {LP_DTYPE_Q8_0, 1536, 576}, {LP_DTYPE_Q4_1, 1536, 576},
-	    {LP_DTYPE_Q4_1, 576, 1536},  {LP_DTYPE_Q4_1, 576, 576},  {LP_DTYPE_Q4_1, 192, 576},
-	    {LP_DTYPE_Q4_0, 1536, 576},  {LP_DTYPE_F16, 1536, 576},  {LP_DTYPE_BF16, 1536, 576},
+	    {LP_DTYPE_Q8_0, 49152, 576},
+	    {LP_DTYPE_Q8_0, 1536, 576},
+	    {LP_DTYPE_Q4_1, 1536, 576},
+	    {LP_DTYPE_Q4_1, 576, 1536},
+	    {LP_DTYPE_Q4_1, 576, 576},
+	    {LP_DTYPE_Q4_1, 192, 576},
+	    {LP_DTYPE_Q4_0, 1536, 576},
+	    {LP_DTYPE_F16, 1536, 576},
+	    {LP_DTYPE_BF16, 1536, 576},
 	    {LP_DTYPE_F32, 1536, 576},
+	    /* the K-quants (rows of whole 256-weight blocks) beside the 32-weight
+	     * formats on one shape */
+	    {LP_DTYPE_Q4_1, 1536, 1536},
+	    {LP_DTYPE_Q4_K, 1536, 1536},
+	    {LP_DTYPE_Q4_0, 1536, 1536},
+	    {LP_DTYPE_Q5_0, 1536, 1536},
+	    {LP_DTYPE_Q5_1, 1536, 1536},
+	    {LP_DTYPE_Q5_K, 1536, 1536},
+	    {LP_DTYPE_Q6_K, 1536, 1536},
+	    {LP_DTYPE_Q8_0, 1536, 1536},
 	};
 
 	for (int i = 1; i < argc; i++) {
@@ -335,12 +360,16 @@ int main(int argc, char **argv)
 	printf("  prefill, 512 tokens   %8.2f ms per layer\n",
 	       time_attention(be, 512, 512, 5) / 1e3);
 
-	printf("gemm n=512 k=576 m=1536:\n");
-	for (int t = LP_DTYPE_F32; t <= LP_DTYPE_Q4_1; t++) {
+	printf("gemm n=512 k=768 m=1536:\n");
+	for (int t = LP_DTYPE_F32; t < LP_DTYPE_COUNT; t++) {
 		size_t wb;
-		double dt = time_matmul(be, (enum lp_dtype)t, 512, 576, 1536, 0, 5, &wb);
+		double dt;
+
+		if (t == LP_DTYPE_I32)
+			continue;
+		dt = time_matmul(be, (enum lp_dtype)t, 512, 768, 1536, 0, 5, &wb);
 		printf("  %-5s %8.2f ms  %6.1f GFLOP/s\n", lp_dtype_name((enum lp_dtype)t),
-		       dt * 1e3, 2.0 * 512 * 576 * 1536 / dt / 1e9);
+		       dt * 1e3, 2.0 * 512 * 768 * 1536 / dt / 1e9);
 	}
 
 	int runs = 100000;

@@ -164,12 +164,15 @@ static int run_all(struct lp_engine *e, struct lp_err *err)
 	return 0;
 }
 
-/* Time per token of decode with batch sequences running: the prompts are
- * prefilled first, then n_steps decode steps are timed. */
+/* The largest decode batch measured: the engine runs this many sequences. */
+#define SWEEP_MAX 32
+
+/* Time per token of decode with batch (<= SWEEP_MAX) sequences running:
+ * the prompts are prefilled first, then n_steps decode steps are timed. */
 static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
                          struct lp_err *err)
 {
-	struct lp_seq *seqs[64];
+	struct lp_seq *seqs[SWEEP_MAX];
 	const struct lp_step_output *outs;
 	int n;
 	double t0, dt;
@@ -190,6 +193,39 @@ static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, 
 	for (int i = 0; i < batch; i++)
 		lp_engine_release(e, seqs[i]);
 	return (double)batch * n_steps / dt;
+}
+
+/* ---- decode batch sweep ---- */
+
+static const int sweep_batches[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, SWEEP_MAX};
+#define N_SWEEP ((int)(sizeof(sweep_batches) / sizeof(sweep_batches[0])))
+
+/* Decode tokens/s at each batch of sweep_batches, the best of rounds
+ * rounds, a round running every batch once (so that the machine's other
+ * load falls on all of them alike); 32 timed steps per batch. Prints one
+ * line per batch and whether the throughput rises at every step. */
+static int bench_sweep(struct lp_engine *e, const int32_t *prompt, int rounds, struct lp_err *err)
+{
+	double best[N_SWEEP] = {0};
+	bool rising = true;
+
+	for (int r = 0; r < rounds; r++) {
+		for (int i = 0; i < N_SWEEP; i++) {
+			double tps = decode_tps(e, prompt, sweep_batches[i], 32, err);
+			if (tps < 0)
+				return -1;
+			if (tps > best[i])
+				best[i] = tps;
+		}
+	}
+	for (int i = 0; i < N_SWEEP; i++) {
+		printf("bench: decode_sweep_batch%d_tokens_per_s %.1f tokens/s\n", sweep_batches[i],
+		       best[i]);
+		rising &= i == 0 || best[i] > best[i - 1];
+	}
+	printf("bench: decode_sweep_rising %d bool\n", rising);
+	fflush(stdout);
+	return 0;
 }
 
 /* ---- multi-LoRA ---- */
@@ -584,10 +620,12 @@ int main(int argc, char **argv)
 	}
 	if (threads <= 0)
 		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0) || rounds < 1 ||
-	    rounds > 100) {
-		fprintf(stderr, "usage: bench [--model PATH] [--threads N] [--only lora|tokenizer] "
-		                "[--rounds N (1-100)] [--corpus JSON]\n");
+	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0 &&
+	     strcmp(only, "sweep") != 0) ||
+	    rounds < 1 || rounds > 100) {
+		fprintf(stderr,
+		        "usage: bench [--model PATH] [--threads N] [--only lora|tokenizer|sweep] "
+		        "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
 
@@ -602,7 +640,7 @@ int main(int argc, char **argv)
 	printf("bench: threads %d count\n", threads);
 	lp_engine_config_default(&ec);
 	ec.max_model_len = 1024;
-	ec.max_num_seqs = 16;
+	ec.max_num_seqs = SWEEP_MAX;
 	ec.max_batched_tokens = 512;
 	ec.kv_cache_bytes = 256u << 20;
 	if (lp_engine_new(&e, m, &ec, &err))
@@ -616,7 +654,8 @@ int main(int argc, char **argv)
 			goto fail;
 	if (only) {
 		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
-		                              : bench_tokenizer(m, corpus, &err))
+		    : strcmp(only, "sweep") == 0 ? bench_sweep(e, ids.ids, rounds, &err)
+		                                 : bench_tokenizer(m, corpus, &err))
 			goto fail;
 		status = 0;
 		goto out;
@@ -657,6 +696,9 @@ int main(int argc, char **argv)
 	printf("bench: weight_bytes_per_token %.1f MB\n", (double)bpt / 1e6);
 	printf("bench: decode_batch1_roofline %.1f tokens/s\n", roofline);
 	printf("bench: decode_batch1_roofline_ratio %.3f ratio\n", b1 / roofline);
+	fflush(stdout);
+	if (bench_sweep(e, ids.ids, rounds, &err))
+		goto fail;
 	if (bench_tokenizer(m, corpus, &err))
 		goto fail;
 	getrusage(RUSAGE_SELF, &ru);

@@ -2,6 +2,7 @@
 """Builds GGUF variants of the tiny test model and their reference outputs.
 
   tests/fixtures/tiny-gguf/tiny-llama-<type>.gguf   type: f32 f16 bf16 q8_0 q4_0 q4_1
+                                                          q5_0 q5_1
   tests/fixtures/goldens/tiny-gguf-<type>.json, tiny-gguf-<type>-<i>.f32
 
 Each GGUF file is tests/fixtures/tiny-llama converted the way llama.cpp's
@@ -44,7 +45,7 @@ logit range at some step) are skipped in favour of the next candidate.
 Needs the reference venv (see hack/README.md) and the committed tiny model
 and spbpe.gguf. Deterministic: rerunning gives byte-identical files.
 
-usage: hack/make-gguf-fixtures.py [type ...]   (no argument: all six)
+usage: hack/make-gguf-fixtures.py [type ...]   (no argument: all eight)
 """
 
 import glob
@@ -93,6 +94,10 @@ TYPES = {
     "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, FT.MOSTLY_Q4_0),
     "q4_1": (Q.Q4_1, FT.MOSTLY_Q4_1),
+    # Q4_K_M / Q5_K_M files fall back to these for matrices whose rows are
+    # not whole 256-weight K-quant blocks (the tiny model's 64 and 160)
+    "q5_0": (Q.Q5_0, FT.MOSTLY_Q5_0),
+    "q5_1": (Q.Q5_1, FT.MOSTLY_Q5_1),
 }
 
 # The tiny-llama golden prompts first (same texts, so the F32 file can be

@@ -105,13 +105,22 @@ struct lp_step_shape {
  * are already in the cache (the step stores the batch's own K/V with
  * kv_store first, so one op serves prefill, chunked prefill and decode).
  * Position p of a sequence lives in cache row
- * block_tables[s][p / block_size] * block_size + p % block_size. */
+ * block_tables[s][p / block_size] * block_size + p % block_size.
+ *
+ * With a sliding window (window > 0) token t attends to positions
+ * max(0, tok_pos[t] - window + 1) .. tok_pos[t] only: the window newest
+ * positions, its own included (transformers' sliding-window mask: key k is
+ * seen from query q when q - window < k <= q). The entries of a
+ * sequence's block table for blocks wholly before the window of its
+ * lowest position in the call are never read: the engine may release
+ * those blocks and leave anything in their entries. */
 struct lp_attention_args {
 	int n_tokens;
 	int n_heads, n_kv_heads, head_dim;
 	int block_size;
 	int max_blocks_per_seq;          /* columns of block_tables this step */
 	int max_context;                 /* no tok_pos exceeds max_context - 1 */
+	int window;                      /* positions a token sees; 0: all before it */
 	float scale;                     /* usually 1 / sqrt(head_dim) */
 	const struct lp_tensor *q;       /* f32 [n_tokens, n_heads * head_dim] */
 	const struct lp_tensor *k_cache; /* [n_blocks * block_size, n_kv_heads * head_dim] */

@@ -45,6 +45,9 @@ struct lora_plan_pair {
 struct lora_plan {
 	int n_layers;
 	struct lora_plan_pair *pairs; /* [n_layers * LP_LORA_N_TARGETS] */
+	/* modules the config targets without weights in the file: their
+	 * pairs keep rank 0 (they add nothing, as in PEFT) */
+	struct lp_lora_absent absent;
 };
 
 int lora_plan_init(struct lora_plan *p, int n_layers, struct lp_err *err);
@@ -59,8 +62,9 @@ static inline struct lora_plan_pair *lora_plan_at(struct lora_plan *p, int layer
 /* Checks every pair's rank against s->max_rank, allocates the adapter,
  * converts every A and B to f32 (rejecting NaN and inf, and pairs whose
  * scale * |B|_F * |A|_F exceeds LORA_NORM_LIMIT) and folds each
- * pair's scale into B. Borrows p, format (a string literal) and
- * base_model (copied). On success *out is the caller's (lp_lora_free). */
+ * pair's scale into B, and copies p->absent. Borrows p, format (a string
+ * literal) and base_model (copied). On success *out is the caller's
+ * (lp_lora_free). */
 int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const struct lp_lora_shape *s,
                      const char *format, const char *base_model, struct lp_err *err);
 

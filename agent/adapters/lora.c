@@ -9,6 +9,7 @@
 #include <ctype.h>
 #include <math.h>
 #include <pcre2.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +56,83 @@ void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, i
 	default:
 		*in = 0, *out = 0;
 		break;
+	}
+}
+
+void lp_lora_absent_add(struct lp_lora_absent *a, int layer, enum lp_lora_target t)
+{
+	a->n++;
+	if (layer >= 0 && layer < LP_LORA_ABSENT_LAYERS && (unsigned)t < LP_LORA_N_TARGETS)
+		a->layers[t][layer / 64] |= (uint64_t)1 << (layer % 64);
+}
+
+bool lp_lora_absent_has(const struct lp_lora_absent *a, int layer, enum lp_lora_target t)
+{
+	return layer >= 0 && layer < LP_LORA_ABSENT_LAYERS && (unsigned)t < LP_LORA_N_TARGETS &&
+	       (a->layers[t][layer / 64] >> (layer % 64) & 1);
+}
+
+/* Appends to buf (len bytes used of cap); false once the text no longer
+ * fits, then buf ends in "..." where room allows. */
+static bool appendf(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static bool appendf(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+{
+	va_list ap;
+	int w;
+
+	va_start(ap, fmt);
+	w = vsnprintf(buf + *len, cap - *len, fmt, ap);
+	va_end(ap);
+	if (w >= 0 && (size_t)w < cap - *len) {
+		*len += (size_t)w;
+		return true;
+	}
+	if (cap >= 4)
+		memcpy(buf + cap - 4, "...", 4);
+	*len = cap - 1;
+	return false;
+}
+
+void lp_lora_absent_format(const struct lp_lora_absent *a, char *buf, size_t cap)
+{
+	size_t len = 0;
+	bool any = false;
+
+	if (!cap)
+		return;
+	buf[0] = '\0';
+	for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+		enum lp_lora_target tt = (enum lp_lora_target)t;
+		int n = 0, runs = 0;
+
+		for (int l = 0; l < LP_LORA_ABSENT_LAYERS; l++)
+			n += lp_lora_absent_has(a, l, tt);
+		if (!n)
+			continue;
+		if (!appendf(buf, cap, &len, "%s%s in layer%s", any ? "; " : "", target_names[t],
+		             n > 1 ? "s" : ""))
+			return;
+		any = true;
+		for (int l = 0; l < LP_LORA_ABSENT_LAYERS; l++) {
+			int end = l;
+			bool ok;
+
+			if (!lp_lora_absent_has(a, l, tt))
+				continue;
+			while (end + 1 < LP_LORA_ABSENT_LAYERS &&
+			       lp_lora_absent_has(a, end + 1, tt))
+				end++;
+			if (end > l)
+				ok = appendf(buf, cap, &len, "%s %d-%d", runs ? "," : "", l, end);
+			else
+				ok = appendf(buf, cap, &len, "%s %d", runs ? "," : "", l);
+			if (!ok)
+				return;
+			runs++;
+			l = end;
+		}
 	}
 }
 
@@ -118,6 +196,7 @@ void lp_lora_free(struct lp_lora *l)
 int lora_plan_init(struct lora_plan *p, int n_layers, struct lp_err *err)
 {
 	p->n_layers = n_layers;
+	memset(&p->absent, 0, sizeof(p->absent));
 	p->pairs = calloc((size_t)n_layers * LP_LORA_N_TARGETS, sizeof(*p->pairs));
 	if (!p->pairs)
 		return lp_errf(err, -ENOMEM, "out of memory for %d layers of lora pairs", n_layers);
@@ -387,6 +466,11 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 		if ((size_t)pp->rank * (size_t)o > max_b)
 			max_b = (size_t)pp->rank * (size_t)o;
 	}
+	if (!total && p->absent.n)
+		return lp_errf(err, -EINVAL,
+		               "adapter holds no lora weights for any of the %d modules its config "
+		               "targets",
+		               p->absent.n);
 	if (!total)
 		return lp_errf(err, -EINVAL, "adapter holds no lora weights");
 	if (total > SIZE_MAX / sizeof(float) / 2)
@@ -397,6 +481,7 @@ int lora_plan_finish(struct lp_lora **out, const struct lora_plan *p, const stru
 		return lp_errf(err, -ENOMEM, "out of memory");
 	l->n_layers = p->n_layers;
 	l->format = format;
+	l->absent = p->absent;
 	l->pairs = calloc(n_pairs, sizeof(*l->pairs));
 	l->stacks = calloc(n_stacks, sizeof(*l->stacks));
 	a_tmp = malloc(max_a * sizeof(float));
@@ -557,6 +642,16 @@ static void normalize_name(const pcre2_code *re, pcre2_match_data *md, const cha
 	}
 }
 
+/* Whether names[i] equals one of names[0 .. i). */
+static bool listed(const char *const *names, size_t i)
+{
+	for (size_t j = 0; j < i; j++) {
+		if (!strcmp(names[j], names[i]))
+			return true;
+	}
+	return false;
+}
+
 int lora_check_base_model(const char *base, const struct lp_lora_shape *s, struct lp_err *err)
 {
 	char want[NAME_MAX_LEN], have[NAME_MAX_LEN], list[384];
@@ -581,6 +676,8 @@ int lora_check_base_model(const char *base, const struct lp_lora_shape *s, struc
 		normalize_name(re, md, s->base_names[i], have, sizeof(have));
 		if (strcmp(want, have) == 0)
 			goto out;
+		if (listed(s->base_names, i)) /* the served name is often the stem too */
+			continue;
 		if (len < sizeof(list)) {
 			int w = snprintf(list + len, sizeof(list) - len, "%s'%s'", i ? ", " : "",
 			                 s->base_names[i]);

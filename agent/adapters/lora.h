@@ -22,6 +22,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "common/err.h"
 #include "kernels/dtype.h"
@@ -51,6 +52,29 @@ struct lp_lora_shape {
 /* Input and output sizes of a target in a model of the given shape. */
 void lp_lora_target_dims(const struct lp_lora_shape *s, enum lp_lora_target t, int *in, int *out);
 
+/* The modules an adapter's config targets that its file holds no weights
+ * for. PEFT loads such a file and leaves those modules at their initial
+ * B = 0, so they add nothing; loraplane does the same and says which they
+ * are. n counts them all; bit l % 64 of layers[t][l / 64] is set for each
+ * absent (layer l, target t) with l < LP_LORA_ABSENT_LAYERS (the engine's
+ * model loader takes no more layers than that). Plain data: copy it by
+ * value. */
+#define LP_LORA_ABSENT_LAYERS 1024
+struct lp_lora_absent {
+	int n;
+	uint64_t layers[LP_LORA_N_TARGETS][LP_LORA_ABSENT_LAYERS / 64];
+};
+
+/* Marks (layer, t) absent: counts it, and sets its bit when it has one. */
+void lp_lora_absent_add(struct lp_lora_absent *a, int layer, enum lp_lora_target t);
+bool lp_lora_absent_has(const struct lp_lora_absent *a, int layer, enum lp_lora_target t);
+
+/* Writes a's modules as text for messages and logs, per target with the
+ * layers in runs: "q_proj in layers 0-3, 7; down_proj in layer 1" ("" when
+ * none). Always NUL-terminated; cut short with "..." when cap is too
+ * small. buf is the caller's. */
+void lp_lora_absent_format(const struct lp_lora_absent *a, char *buf, size_t cap);
+
 struct lp_lora {
 	int n_layers;
 	int max_rank;                 /* largest rank of any pair */
@@ -62,6 +86,7 @@ struct lp_lora {
 	size_t data_bytes;            /* the part of it the weights use */
 	char *base_model;             /* base_model_name_or_path, or NULL */
 	const char *format;           /* "peft", "peft-bin", "trtllm" or "nemo" */
+	struct lp_lora_absent absent; /* targeted modules without weights */
 };
 
 /* Loads and validates the adapter at path for a model of shape s. Errors:

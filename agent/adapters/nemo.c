@@ -585,6 +585,22 @@ static int add_adapter(struct nemo *x, struct lora_plan *plan, const struct lp_l
 	}
 }
 
+/* A module the config targets in a layer the file holds no adapter for:
+ * every loraplane target it covers is absent. */
+static void mark_absent(struct lora_plan *plan, int layer, enum nemo_kind kind)
+{
+	static const enum lp_lora_target parts[NK_N][3] = {
+	    [NK_QKV] = {LP_LORA_Q, LP_LORA_K, LP_LORA_V},
+	    [NK_DENSE] = {LP_LORA_O, LP_LORA_O, LP_LORA_O},
+	    [NK_FC1] = {LP_LORA_GATE, LP_LORA_UP, LP_LORA_UP},
+	    [NK_FC2] = {LP_LORA_DOWN, LP_LORA_DOWN, LP_LORA_DOWN},
+	};
+	static const int n_parts[NK_N] = {[NK_QKV] = 3, [NK_DENSE] = 1, [NK_FC1] = 2, [NK_FC2] = 1};
+
+	for (int i = 0; i < n_parts[kind]; i++)
+		lp_lora_absent_add(&plan->absent, layer, parts[kind][i]);
+}
+
 static int build_plan(struct nemo *x, const struct lp_torch_ckpt *ck, const struct lp_lora_shape *s,
                       struct lora_plan *plan, struct lp_err *err)
 {
@@ -644,8 +660,12 @@ static int build_plan(struct nemo *x, const struct lp_torch_ckpt *ck, const stru
 			const struct lp_fmt_tensor *tin = slots[((size_t)l * NK_N + k) * 2];
 			const struct lp_fmt_tensor *tout = slots[((size_t)l * NK_N + k) * 2 + 1];
 
-			if (!tin && !tout)
+			if (!tin && !tout) {
+				if ((x->targets & (1u << k)) &&
+				    (!x->has_layer_sel || x->layer_sel[l]))
+					mark_absent(plan, l, (enum nemo_kind)k);
 				continue;
+			}
 			if (!tin || !tout) {
 				rc = lp_errf(err, -EINVAL, "'%s' has no matching linear_%s in '%s'",
 				             (tin ? tin : tout)->name, tin ? "out" : "in", x->path);

@@ -13,7 +13,10 @@
  *   exclude_modules         the same string / list rules, checked first
  *   rank_pattern, alpha_pattern  the first key k, in file order, with
  *                           re.match(rf"(.*\.)?({k})$", name); else r, lora_alpha
- * The tensors must be exactly the A/B pairs of the selected modules. */
+ * Every tensor must be one of the A/B pairs of the selected modules; a
+ * selected module with neither tensor is absent (PEFT loads such a file and
+ * leaves the module's B at its initial zero: it adds nothing), listed in
+ * lp_lora.absent, but not every selected module may be. */
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
@@ -73,6 +76,7 @@ struct peft_config {
 	const char **layer_src; /* their layers_pattern entries, borrowed */
 	size_t n_layer_re;
 	const char *base_model;
+	const char *bias; /* "lora_only" or "all", or NULL for "none" */
 	pcre2_match_data *md;
 	pcre2_match_context *mctx; /* the match limits */
 };
@@ -450,12 +454,20 @@ static int read_config(struct peft_config *c, const char *root, const char *dir,
 		               "'%s': lora_bias is set: biases on lora_B are not "
 		               "supported",
 		               path);
+	/* "lora_only" and "all" save the biases the adapter trained; with
+	 * none in the file (a model without biases) they are "none"
+	 * (check_bias, once the tensors are known) */
 	v = json_object_get(c->root, "bias");
-	if (v && !json_is_null(v) && !(json_is_string(v) && !strcmp(json_string_value(v), "none")))
-		return lp_errf(err, -EINVAL,
-		               "'%s': bias '%.32s' is not supported (only 'none'): the adapter "
-		               "trains the base model's biases",
-		               path, json_is_string(v) ? json_string_value(v) : "?");
+	if (v && !json_is_null(v) &&
+	    !(json_is_string(v) && !strcmp(json_string_value(v), "none"))) {
+		const char *b = json_is_string(v) ? json_string_value(v) : NULL;
+		if (!b || (strcmp(b, "lora_only") && strcmp(b, "all")))
+			return lp_errf(err, -EINVAL,
+			               "'%s': bias '%.32s' is not supported (only 'none'): the "
+			               "adapter trains the base model's biases",
+			               path, b ? b : "?");
+		c->bias = b;
+	}
 	v = json_object_get(c->root, "modules_to_save");
 	if (v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0)) {
 		json_t *first = json_is_array(v) ? json_array_get(v, 0) : v;
@@ -670,6 +682,26 @@ struct tensor_list {
 	const char *file;
 };
 
+/* bias "lora_only" or "all" with no bias of the base model in the file
+ * computes what "none" does; with one, the adapter changes the base
+ * model's biases, which loraplane does not do. */
+static int check_bias(const struct peft_config *c, const struct tensor_list *tl, struct lp_err *err)
+{
+	if (!c->bias)
+		return 0;
+	for (size_t i = 0; i < tl->n; i++) {
+		const char *name = tl->t[i].name;
+		size_t n = strlen(name);
+
+		if (n > 5 && !strcmp(name + n - 5, ".bias") && !strstr(name, ".lora_"))
+			return lp_errf(err, -EINVAL,
+			               "'%s': bias '%s' is not supported (only 'none'): the "
+			               "adapter trains the base model's biases ('%s' in '%s')",
+			               c->path, c->bias, name, tl->file);
+	}
+	return 0;
+}
+
 /* Places every tensor in its slot, rejecting what is not a LoRA A/B weight
  * of a supported module. */
 static int place_tensors(const struct tensor_list *tl, const struct lp_lora_shape *s, size_t *slots,
@@ -781,13 +813,15 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
                       const struct lp_lora_shape *s, struct lora_plan *plan, struct lp_err *err)
 {
 	size_t *slots;
-	int prefix_kind, rc;
+	int prefix_kind, rc, present = 0;
 	const char *prefix;
 
 	slots = calloc((size_t)s->n_layers * LP_LORA_N_TARGETS * 2, sizeof(*slots));
 	if (!slots)
 		return lp_errf(err, -ENOMEM, "out of memory");
-	rc = place_tensors(tl, s, slots, &prefix_kind, err);
+	rc = check_bias(c, tl, err);
+	if (!rc)
+		rc = place_tensors(tl, s, slots, &prefix_kind, err);
 	if (rc)
 		goto out;
 	prefix = prefix_kind ? "model." : "";
@@ -820,13 +854,9 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 				}
 				continue;
 			}
-			if (!a && !b) {
-				rc = lp_errf(
-				    err, -EINVAL,
-				    "'%s' has no lora weights for '%s', which adapter_config.json "
-				    "targets",
-				    tl->file, name);
-				goto out;
+			if (!a && !b) { /* as PEFT: B stays 0, the module adds nothing */
+				lp_lora_absent_add(&plan->absent, l, (enum lp_lora_target)t);
+				continue;
 			}
 			if (!a || !b) {
 				rc = lp_errf(err, -EINVAL, "'%s' has no matching lora_%s in '%s'",
@@ -859,8 +889,14 @@ static int build_plan(struct peft_config *c, const struct tensor_list *tl,
 			pp->a = (struct lora_src){a->data, a->type, a->name};
 			pp->b = (struct lora_src){b->data, b->type, b->name};
 			pp->scale = c->rslora ? alpha / sqrt((double)r) : alpha / (double)r;
+			present++;
 		}
 	}
+	if (!present && plan->absent.n)
+		rc = lp_errf(err, -EINVAL,
+		             "'%s' holds no lora weights for any of the %d modules "
+		             "adapter_config.json targets",
+		             tl->file, plan->absent.n);
 out:
 	free(slots);
 	return rc;

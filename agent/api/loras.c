@@ -12,6 +12,7 @@
 #include "agent/adapters/lora.h"
 #include "agent/adapters/source.h"
 #include "agent/api/registry.h"
+#include "common/log.h"
 
 bool lp_lora_name_valid(const char *name, struct lp_err *err)
 {
@@ -178,6 +179,14 @@ int lp_api_lora_load(struct lp_server *s, const struct lp_lora_load_args *a, boo
 		                  rc < 0 && err.code != -EAGAIN && err.code != -EEXIST);
 	if (rc)
 		return map_load_error(&err, e);
+	if (!*already && out->absent.n) {
+		char what[512];
+		lp_lora_absent_format(&out->absent, what, sizeof(what));
+		lp_log_warn(
+		    "adapter '%s' from '%s' has no weights for %d of the modules its config "
+		    "targets (they add nothing, as in peft): %s",
+		    a->name, out->source, out->absent.n, what);
+	}
 	if (lp_registry_put(s->loras, a->name, out->source, &err))
 		return lp_api_error_from(e, 500, NULL, NULL, &err);
 	return 0;
@@ -198,9 +207,31 @@ int lp_api_lora_unload(struct lp_server *s, const char *name, struct lp_api_erro
 	return 0;
 }
 
+/* {"q_proj": [1, 3], ...}: per target, the layers the config targets that
+ * the file holds no weights for; {} when there are none. */
+static json_t *absent_json(const struct lp_lora_absent *ab)
+{
+	json_t *obj = json_object();
+
+	for (int t = 0; obj && ab->n && t < LP_LORA_N_TARGETS; t++) {
+		json_t *layers = NULL;
+		for (int l = 0; l < LP_LORA_ABSENT_LAYERS; l++) {
+			if (!lp_lora_absent_has(ab, l, (enum lp_lora_target)t))
+				continue;
+			if (!layers)
+				layers = json_array();
+			json_array_append_new(layers, json_integer(l));
+		}
+		if (layers)
+			json_object_set_new(obj, lp_lora_target_name((enum lp_lora_target)t),
+			                    layers);
+	}
+	return obj;
+}
+
 json_t *lp_api_lora_json(const struct lp_adapter_summary *a)
 {
-	json_t *mods = json_array();
+	json_t *mods = json_array(), *out;
 	char source[sizeof(a->source)];
 
 	for (int t = 0; t < LP_LORA_N_TARGETS; t++)
@@ -210,9 +241,12 @@ json_t *lp_api_lora_json(const struct lp_adapter_summary *a)
 	memcpy(source, a->source, sizeof(source));
 	source[sizeof(source) - 1] = '\0';
 	lp_api_utf8_sanitize(source);
-	return json_pack("{s:s, s:i, s:s, s:s, s:i, s:o, s:s, s:s, s:i, s:f}", "lora_name", a->name,
-	                 "lora_id", (int)a->lora_id, "source", source, "sha256", a->sha256, "rank",
-	                 a->rank, "modules", mods, "format", a->format ? a->format : "", "tier",
-	                 a->tier ? a->tier : "", "requests_running", a->requests_running, "load_ms",
-	                 round(a->load_ms * 1000.0) / 1000.0);
+	out = json_pack("{s:s, s:i, s:s, s:s, s:i, s:o, s:s, s:s, s:i, s:f}", "lora_name", a->name,
+	                "lora_id", (int)a->lora_id, "source", source, "sha256", a->sha256, "rank",
+	                a->rank, "modules", mods, "format", a->format ? a->format : "", "tier",
+	                a->tier ? a->tier : "", "requests_running", a->requests_running, "load_ms",
+	                round(a->load_ms * 1000.0) / 1000.0);
+	if (out)
+		json_object_set_new(out, "absent_modules", absent_json(&a->absent));
+	return out;
 }

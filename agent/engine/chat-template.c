@@ -1,9 +1,10 @@
 /* Chat templates: each supported family's Jinja template re-written as C
  * that renders the same bytes as transformers' apply_chat_template
  * (jinja2 with trim_blocks and lstrip_blocks). The family is recognised by
- * the markers its template writes; SmolLM2's default system prompt is read
- * out of its template text. tests/fixtures/chat/goldens.json holds the
- * real templates' output for every family. */
+ * the markers its template writes; a ChatML default system prompt
+ * (SmolLM2's, Qwen2.5's) is read out of its template text.
+ * tests/fixtures/chat/goldens.json holds the real templates' output for
+ * every family. */
 #include "agent/engine/chat-template.h"
 
 #include <errno.h>
@@ -46,6 +47,7 @@ static int set_markers(struct lp_chat_template *ct, const char *bos, const char 
 
 	switch (ct->style) {
 	case LP_CHAT_CHATML:
+	case LP_CHAT_QWEN3:
 		/* no BOS; each turn ends with <|im_end|> */
 		e = "<|im_end|>";
 		break;
@@ -143,7 +145,11 @@ int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, cons
 	memset(ct, 0, sizeof(*ct));
 	if (!jinja || !*jinja)
 		return lp_errf(err, -EINVAL, "the model has no chat template");
-	if (strstr(jinja, "<|im_start|>")) {
+	if (strstr(jinja, "<|im_start|>") && strstr(jinja, "</think>") &&
+	    strstr(jinja, "last_query_index")) {
+		/* Qwen3's reasoning rules; no default system prompt */
+		ct->style = LP_CHAT_QWEN3;
+	} else if (strstr(jinja, "<|im_start|>")) {
 		ct->style = LP_CHAT_CHATML;
 		ct->default_system = default_system(jinja);
 	} else if (strstr(jinja, "<|start_header_id|>") && strstr(jinja, "<|eot_id|>")) {
@@ -162,7 +168,7 @@ int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, cons
 	} else {
 		return lp_errf(err, -ENOTSUP,
 		               "chat template matches no supported family (chatml, llama3, llama2, "
-		               "mistral)");
+		               "mistral, qwen3)");
 	}
 	return set_markers(ct, bos, eos, err);
 }
@@ -174,10 +180,8 @@ int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, co
 		const char *name;
 		enum lp_chat_style style;
 	} names[] = {
-	    {"chatml", LP_CHAT_CHATML},
-	    {"llama3", LP_CHAT_LLAMA3},
-	    {"llama2", LP_CHAT_LLAMA2},
-	    {"mistral", LP_CHAT_MISTRAL},
+	    {"chatml", LP_CHAT_CHATML},   {"llama3", LP_CHAT_LLAMA3}, {"llama2", LP_CHAT_LLAMA2},
+	    {"mistral", LP_CHAT_MISTRAL}, {"qwen3", LP_CHAT_QWEN3},
 	};
 	size_t i;
 
@@ -189,7 +193,7 @@ int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, co
 		}
 	}
 	return lp_errf(err, -EINVAL,
-	               "unknown chat template '%s' (known: chatml, llama3, llama2, mistral)",
+	               "unknown chat template '%s' (known: chatml, llama3, llama2, mistral, qwen3)",
 	               name ? name : "");
 }
 
@@ -246,6 +250,116 @@ static int render_chatml(const struct lp_chat_template *ct, const struct lp_chat
 		}
 		if ((rc = put(out, "<|im_start|>", err)) || (rc = put(out, msgs[i].role, err)) ||
 		    (rc = put(out, "\n", err)) || (rc = put(out, msgs[i].content, err)))
+			break;
+		rc = put(out, "<|im_end|>\n", err);
+	}
+	if (!rc && gen)
+		rc = put(out, "<|im_start|>assistant\n", err);
+	return rc;
+}
+
+/* Qwen3's template is ChatML with rules for reasoning in assistant turns
+ * (Python string semantics spelled out): a turn whose content holds
+ * "</think>" is split into the reasoning (before the first "</think>",
+ * trailing newlines dropped, after the last "<think>" before it, leading
+ * newlines dropped) and the answer (after the last "</think>", leading
+ * newlines dropped). Turns after the last user query keep the reasoning in a
+ * <think> block when they have some or are the last message; every other
+ * turn keeps only the answer. A user message wrapped in <tool_response> is
+ * not a query. */
+
+static bool starts_with(const char *s, const char *prefix)
+{
+	return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+
+	return n >= m && memcmp(s + n - m, suffix, m) == 0;
+}
+
+/* The last occurrence of needle that ends at or before end, or NULL. */
+static const char *last_before(const char *s, const char *end, const char *needle)
+{
+	size_t m = strlen(needle);
+	const char *found = NULL;
+
+	for (const char *p = s; (p = strstr(p, needle)) && p + m <= end; p++)
+		found = p;
+	return found;
+}
+
+static int put_span(struct lp_buf *out, const char *p, const char *end, struct lp_err *err)
+{
+	return lp_buf_append(out, p, (size_t)(end - p), err);
+}
+
+/* An assistant turn's reasoning [r, r_end) and answer [a, a_end). */
+struct qwen3_turn {
+	const char *r, *r_end, *a, *a_end;
+};
+
+static void qwen3_split(const char *content, struct qwen3_turn *t)
+{
+	const char *close = strstr(content, "</think>"), *open;
+
+	t->a = content;
+	t->a_end = content + strlen(content);
+	t->r = t->r_end = t->a_end;
+	if (!close)
+		return;
+	t->r_end = close;
+	while (t->r_end > content && t->r_end[-1] == '\n')
+		t->r_end--;
+	open = last_before(content, t->r_end, "<think>");
+	t->r = open ? open + strlen("<think>") : content;
+	while (t->r < t->r_end && *t->r == '\n')
+		t->r++;
+	t->a = last_before(content, t->a_end, "</think>") + strlen("</think>");
+	while (*t->a == '\n')
+		t->a++;
+}
+
+static int render_qwen3(const struct lp_chat_message *msgs, size_t n, bool gen, struct lp_buf *out,
+                        struct lp_err *err)
+{
+	size_t i, last_query = n ? n - 1 : 0;
+	int rc = 0;
+
+	for (i = n; i-- > 0;) {
+		if (is_role(&msgs[i], "user") &&
+		    !(starts_with(msgs[i].content, "<tool_response>") &&
+		      ends_with(msgs[i].content, "</tool_response>"))) {
+			last_query = i;
+			break;
+		}
+	}
+	for (i = 0; i < n && !rc; i++) {
+		struct qwen3_turn t;
+		bool think;
+
+		if (!is_role(&msgs[i], "assistant")) {
+			/* user or system: plain ChatML */
+			if ((rc = put(out, "<|im_start|>", err)) ||
+			    (rc = put(out, msgs[i].role, err)) || (rc = put(out, "\n", err)) ||
+			    (rc = put(out, msgs[i].content, err)))
+				break;
+			rc = put(out, "<|im_end|>\n", err);
+			continue;
+		}
+		qwen3_split(msgs[i].content, &t);
+		think = i > last_query && (i == n - 1 || t.r < t.r_end);
+		if ((rc = put(out, "<|im_start|>assistant\n", err)))
+			break;
+		if (think &&
+		    ((rc = put(out, "<think>\n", err)) || (rc = put_span(out, t.r, t.r_end, err)) ||
+		     (rc = put(out, "\n</think>\n\n", err))))
+			break;
+		while (think && *t.a == '\n')
+			t.a++; /* the answer after a <think> block loses its leading newlines */
+		if ((rc = put_span(out, t.a, t.a_end, err)))
 			break;
 		rc = put(out, "<|im_end|>\n", err);
 	}
@@ -401,6 +515,9 @@ int lp_chat_template_render(const struct lp_chat_template *ct, const struct lp_c
 		break;
 	case LP_CHAT_MISTRAL:
 		rc = render_mistral(ct, msgs, n, out, err);
+		break;
+	case LP_CHAT_QWEN3:
+		rc = render_qwen3(msgs, n, add_generation_prompt, out, err);
 		break;
 	default:
 		rc = lp_errf(err, -EINVAL, "chat template style %d is unknown", (int)ct->style);

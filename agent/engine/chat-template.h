@@ -16,12 +16,14 @@ enum lp_chat_style {
 	LP_CHAT_LLAMA3,  /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
 	LP_CHAT_LLAMA2,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
 	LP_CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s> (system folded into first user turn) */
+	LP_CHAT_QWEN3,   /* ChatML; assistant turns after the last user query keep a
+	                    <think> block, earlier ones lose theirs (Qwen3) */
 };
 
 struct lp_chat_template {
 	enum lp_chat_style style;
 	char *default_system; /* system prompt the template adds when none is
-	                         given (SmolLM2's), or NULL; owned */
+	                         given (SmolLM2's, Qwen2.5's), or NULL; owned */
 	char *bos;            /* BOS text the template writes, or NULL; owned */
 	char *eos;            /* EOS text the template writes, or NULL; owned */
 };
@@ -36,7 +38,7 @@ struct lp_chat_message {
  * texts (may be NULL). Release with lp_chat_template_release(). */
 int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, const char *bos,
                             const char *eos, struct lp_err *err);
-/* Picks a family by name: chatml, llama3, llama2, mistral. */
+/* Picks a family by name: chatml, llama3, llama2, mistral, qwen3. */
 int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, const char *bos,
                                const char *eos, struct lp_err *err);
 void lp_chat_template_release(struct lp_chat_template *ct);

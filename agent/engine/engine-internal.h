@@ -36,6 +36,10 @@ struct lp_engine {
 	struct lp_engine_memory mem;
 	struct lp_kv_cache kv;
 	int max_blocks_per_seq;
+	/* when every layer slides, the largest window: a sequence's blocks
+	 * wholly before the window of its next position are released; 0 when
+	 * some layer attends to everything */
+	int release_window;
 	uint64_t next_id;
 	struct lp_err failure; /* the backend's sticky error, once seen */
 	bool reserved;         /* holds the backend's reservation */

@@ -257,6 +257,15 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	O = e->info.token_buckets ? (2 * S < T ? 2 * S : T) : S;
 	e->mem_max_out = O;
 	e->max_blocks_per_seq = (e->cfg.max_model_len + e->cfg.block_size - 1) / e->cfg.block_size;
+	for (int l = 0; l < mc->n_layers; l++) {
+		int w = lp_model_layer_window(mc, l);
+
+		if (!w) {
+			e->release_window = 0;
+			break;
+		}
+		e->release_window = w > e->release_window ? w : e->release_window;
+	}
 
 	lim = (struct lp_backend_limits){
 	    .n_layers = mc->n_layers,
@@ -507,11 +516,30 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 
 static void seq_drop_blocks(struct lp_engine *e, struct lp_seq *s)
 {
-	for (int i = 0; i < s->n_blocks; i++)
+	for (int i = s->n_released; i < s->n_blocks; i++)
 		lp_kv_cache_free(&e->kv, s->blocks[i]);
 	s->n_blocks = 0;
+	s->n_released = 0;
 	s->n_computed = 0;
 	s->n_published = 0;
+}
+
+/* Sliding windows: when every layer slides, the tokens s computes from now
+ * on attend to positions from n_computed - release_window + 1 on, so the
+ * blocks wholly before that position go back to the cache (a published
+ * one stays findable by its digest). Their entries become -1; the
+ * attention never reads them (backend.h). */
+static void seq_release_outside_window(struct lp_engine *e, struct lp_seq *s)
+{
+	int first = s->n_computed - e->release_window + 1;
+	int keep = first > 0 ? first / e->cfg.block_size : 0;
+
+	if (!e->release_window)
+		return;
+	for (; s->n_released < keep && s->n_released < s->n_blocks; s->n_released++) {
+		lp_kv_cache_free(&e->kv, s->blocks[s->n_released]);
+		s->blocks[s->n_released] = -1;
+	}
 }
 
 /* ---- prefix caching ---- */
@@ -549,6 +577,7 @@ static void prefix_match(struct lp_engine *e, struct lp_seq *s)
 	}
 	s->n_computed = s->n_blocks * bs;
 	s->n_published = s->n_blocks;
+	seq_release_outside_window(e, s);
 }
 
 /* Offers the cache every block of s that is full and computed now. */
@@ -556,6 +585,8 @@ static void prefix_publish(struct lp_engine *e, struct lp_seq *s)
 {
 	int full = s->n_computed / e->cfg.block_size;
 
+	if (s->n_published < s->n_released)
+		s->n_published = s->n_released; /* gone: nothing to offer */
 	if (!e->cfg.prefix_caching || s->n_published >= full || !seq_digests(e, s, full))
 		return;
 	for (; s->n_published < full; s->n_published++)
@@ -920,6 +951,10 @@ static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
 		}
 		s->n_computed += take;
 		prefix_publish(e, s);
+		/* this step still reads the blocks released here (the table
+		 * above keeps their ids); none is handed out again before the
+		 * next step's schedule */
+		seq_release_outside_window(e, s);
 		if (s->n_computed == s->n_tokens) {
 			out_rows[n_out] = n_tok - 1;
 			e->sample_seqs[n_out++] = s;

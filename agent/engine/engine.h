@@ -105,6 +105,9 @@ struct lp_seq {
 	int top_logprobs;
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
+	/* leading blocks given back because no later token can attend to
+	 * them (every layer of the model slides); their entries are -1 */
+	int n_released;
 	int n_preempted; /* times its cache was dropped for recompute */
 	uint64_t group;  /* as in lp_seq_params */
 	/* prefix caching: digests of its first n_digests full blocks, and how

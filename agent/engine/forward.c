@@ -2,7 +2,10 @@
  * -> final norm -> logits for the rows the step samples from. Every op is
  * queued on the backend (kernels/backend.h); nothing here touches device
  * memory. The LoRA of each group of targets (q/k/v, o, gate/up, down) is
- * added right after the base projections that share its input. */
+ * added right after the base projections that share its input, before
+ * their biases. The architectures differ only in optional steps: q/k/v
+ * biases (Qwen2), an output-projection bias, RMSNorm over each head of q
+ * and k before RoPE (Qwen3). */
 #include <math.h>
 
 #include "agent/engine/engine-internal.h"
@@ -43,6 +46,11 @@ void lp_engine_forward(struct lp_engine *e, const struct step_plan *plan)
 	struct lp_tensor q = lp_engine_view(&e->d_q, LP_DTYPE_F32, n, qdim);
 	struct lp_tensor k = lp_engine_view(&e->d_k, LP_DTYPE_F32, n, kvdim);
 	struct lp_tensor v = lp_engine_view(&e->d_v, LP_DTYPE_F32, n, kvdim);
+	/* q and k with one row per head: [n * heads, head_dim] */
+	struct lp_tensor qh =
+	    lp_engine_view(&e->d_q, LP_DTYPE_F32, (int64_t)n * c->n_heads, c->head_dim);
+	struct lp_tensor kh =
+	    lp_engine_view(&e->d_k, LP_DTYPE_F32, (int64_t)n * c->n_kv_heads, c->head_dim);
 	struct lp_tensor att = lp_engine_view(&e->d_att, LP_DTYPE_F32, n, qdim);
 	struct lp_tensor gate = lp_engine_view(&e->d_gate, LP_DTYPE_F32, n, c->ffn_dim);
 	struct lp_tensor up = lp_engine_view(&e->d_up, LP_DTYPE_F32, n, c->ffn_dim);
@@ -81,16 +89,25 @@ void lp_engine_forward(struct lp_engine *e, const struct step_plan *plan)
 			ops->add_bias(ctx, &k, &L->bk);
 			ops->add_bias(ctx, &v, &L->bv);
 		}
+		if (c->qk_norm) {
+			/* Qwen3: RMSNorm over each head, q and k viewed as one
+			 * row per head */
+			ops->rmsnorm(ctx, &qh, &qh, &L->q_norm, c->rms_eps);
+			ops->rmsnorm(ctx, &kh, &kh, &L->k_norm, c->rms_eps);
+		}
 		ops->rope(ctx, &q, c->n_heads, c->head_dim, pos, &e->rope);
 		ops->rope(ctx, &k, c->n_kv_heads, c->head_dim, pos, &e->rope);
 		ops->kv_store(ctx, &e->kv.k[l], &e->kv.v[l], &k, &v,
 		              lp_engine_meta(e, e->lay.slots));
 		aa.k_cache = &e->kv.k[l];
 		aa.v_cache = &e->kv.v[l];
+		aa.window = lp_model_layer_window(c, l);
 		ops->attention(ctx, &aa);
 		ops->matmul(ctx, &x, &att, &L->wo, true);
 		if (lora)
 			apply_lora(e, plan, l, LP_LORA_GROUP_O, &att, &x, NULL, NULL);
+		if (c->attn_out_bias)
+			ops->add_bias(ctx, &x, &L->bo);
 
 		ops->rmsnorm(ctx, &xn, &x, &L->ffn_norm, c->rms_eps);
 		ops->matmul(ctx, &gate, &xn, &L->w_gate, false);

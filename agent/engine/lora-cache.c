@@ -237,6 +237,7 @@ int lp_lora_cache_install(struct lp_lora_cache *c, const char *name, const char 
 	a->version = ++c->versions;
 	a->rank = w->max_rank;
 	a->targets = w->targets;
+	a->absent = w->absent;
 	a->format = w->format;
 	a->load_ms = load_ms;
 	a->registered = true;

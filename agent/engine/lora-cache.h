@@ -34,8 +34,9 @@ struct lp_adapter {
 	 * reused; the prefix cache keys blocks by it, so that a replaced
 	 * version's blocks are never found again */
 	uint64_t version;
-	int rank;         /* largest rank */
-	unsigned targets; /* bitmask of enum lp_lora_target */
+	int rank;                     /* largest rank */
+	unsigned targets;             /* bitmask of enum lp_lora_target */
+	struct lp_lora_absent absent; /* targeted modules the file has no weights for */
 	const char *format;
 	double load_ms;                 /* time the last parse took */
 	struct lp_lora *w;              /* host tier; NULL when evicted to disk */

@@ -23,7 +23,7 @@
 
 #define CONFIG_MAX_BYTES    (1u << 20)
 #define TOKENIZER_MAX_BYTES (64u << 20)
-#define MAX_LAYERS          1024
+#define MAX_LAYERS          LP_MAX_LAYERS
 #define MAX_DIM             (1 << 16)
 #define MAX_VOCAB           (1 << 22)
 
@@ -328,6 +328,21 @@ static int gguf_dtype(enum lp_fmt_type t, enum lp_dtype *out)
 	case LP_FMT_Q4_1:
 		*out = LP_DTYPE_Q4_1;
 		return 0;
+	case LP_FMT_Q5_0:
+		*out = LP_DTYPE_Q5_0;
+		return 0;
+	case LP_FMT_Q5_1:
+		*out = LP_DTYPE_Q5_1;
+		return 0;
+	case LP_FMT_Q4_K:
+		*out = LP_DTYPE_Q4_K;
+		return 0;
+	case LP_FMT_Q5_K:
+		*out = LP_DTYPE_Q5_K;
+		return 0;
+	case LP_FMT_Q6_K:
+		*out = LP_DTYPE_Q6_K;
+		return 0;
 	default:
 		return -ENOTSUP;
 	}
@@ -350,7 +365,7 @@ static int gguf_weight(struct lp_gguf *g, const char *name, bool optional, struc
 	if (gguf_dtype(t->type, &w->type))
 		return lp_errf(err, -ENOTSUP,
 		               "tensor '%s' has type %s, which loraplane does not load (supported: "
-		               "F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+		               "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
 		               name, lp_fmt_type_name(t->type));
 	w->name = name;
 	w->data = t->data;
@@ -390,39 +405,61 @@ static int gguf_float(struct lp_gguf *g, const char *key, float *out, float dflt
 	return rc;
 }
 
+/* The GGUF metadata key "<arch>.<name>" into key (cap bytes). */
+static const char *arch_key(char *key, size_t cap, enum lp_arch arch, const char *name)
+{
+	snprintf(key, cap, "%s.%s", lp_arch_name(arch), name);
+	return key;
+}
+
 static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err *err)
 {
 	struct lp_model_config *c = &m->cfg;
 	struct lp_gguf_str arch, scaling;
 	const struct lp_fmt_tensor *emb;
 	int rot_dim, key_len, val_len, vocab, eos, bos, rc;
+	bool has_key_len;
+	char k[96];
 
 	rc = lp_gguf_get_str(g, "general.architecture", &arch, err);
 	if (rc)
 		return rc;
-	if (arch.len != 5 || memcmp(arch.s, "llama", 5) != 0)
-		return lp_errf(err, -ENOTSUP, "architecture '%.*s' is not supported (only 'llama')",
+	if (arch.len == 5 && !memcmp(arch.s, "llama", 5))
+		c->arch = LP_ARCH_LLAMA;
+	else if (arch.len == 5 && !memcmp(arch.s, "qwen2", 5))
+		c->arch = LP_ARCH_QWEN2;
+	else if (arch.len == 5 && !memcmp(arch.s, "qwen3", 5))
+		c->arch = LP_ARCH_QWEN3;
+	else
+		return lp_errf(err, -ENOTSUP,
+		               "architecture '%.*s' is not supported (llama, qwen2, qwen3)",
 		               (int)(arch.len > 64 ? 64 : arch.len), arch.s);
-	if ((rc = gguf_int(g, "llama.block_count", &c->n_layers, false, 0, err)) ||
-	    (rc = gguf_int(g, "llama.embedding_length", &c->dim, false, 0, err)) ||
-	    (rc = gguf_int(g, "llama.feed_forward_length", &c->ffn_dim, false, 0, err)) ||
-	    (rc = gguf_int(g, "llama.attention.head_count", &c->n_heads, false, 0, err)) ||
-	    (rc = gguf_int(g, "llama.attention.head_count_kv", &c->n_kv_heads, true, c->n_heads,
+#define KEY(name) arch_key(k, sizeof(k), c->arch, name)
+	if ((rc = gguf_int(g, KEY("block_count"), &c->n_layers, false, 0, err)) ||
+	    (rc = gguf_int(g, KEY("embedding_length"), &c->dim, false, 0, err)) ||
+	    (rc = gguf_int(g, KEY("feed_forward_length"), &c->ffn_dim, false, 0, err)) ||
+	    (rc = gguf_int(g, KEY("attention.head_count"), &c->n_heads, false, 0, err)) ||
+	    (rc = gguf_int(g, KEY("attention.head_count_kv"), &c->n_kv_heads, true, c->n_heads,
 	                   err)) ||
-	    (rc = gguf_int(g, "llama.context_length", &c->max_pos, true, 4096, err)) ||
-	    (rc = gguf_float(g, "llama.attention.layer_norm_rms_epsilon", &c->rms_eps, 1e-5f,
-	                     err)) ||
-	    (rc = gguf_float(g, "llama.rope.freq_base", &c->rope_theta, 10000.0f, err)))
+	    (rc = gguf_int(g, KEY("context_length"), &c->max_pos, true, 4096, err)) ||
+	    (rc =
+	         gguf_float(g, KEY("attention.layer_norm_rms_epsilon"), &c->rms_eps, 1e-5f, err)) ||
+	    (rc = gguf_float(g, KEY("rope.freq_base"), &c->rope_theta, 10000.0f, err)))
 		return rc;
-	if (c->n_heads < 1 || c->dim % c->n_heads)
+	if (c->n_heads < 1)
+		return lp_errf(err, -EINVAL, "'%s' must be positive", KEY("attention.head_count"));
+	/* the head size is the key length when the file gives one (Qwen3's is
+	 * not embedding / heads), else embedding / heads */
+	has_key_len = lp_gguf_find(g, KEY("attention.key_length")) != NULL;
+	if (!has_key_len && c->dim % c->n_heads)
 		return lp_errf(err, -EINVAL, "embedding length %d is not a multiple of %d heads",
 		               c->dim, c->n_heads);
-	if ((rc = gguf_int(g, "llama.attention.key_length", &key_len, true, c->dim / c->n_heads,
+	if ((rc = gguf_int(g, KEY("attention.key_length"), &key_len, true, c->dim / c->n_heads,
 	                   err)) ||
-	    (rc = gguf_int(g, "llama.rope.dimension_count", &rot_dim, true, key_len, err)))
+	    (rc = gguf_int(g, KEY("rope.dimension_count"), &rot_dim, true, key_len, err)))
 		return rc;
 	c->head_dim = key_len;
-	if ((rc = gguf_int(g, "llama.attention.value_length", &val_len, true, key_len, err)))
+	if ((rc = gguf_int(g, KEY("attention.value_length"), &val_len, true, key_len, err)))
 		return rc;
 	if (val_len != key_len)
 		return lp_errf(err, -ENOTSUP, "value length %d differs from key length %d", val_len,
@@ -432,11 +469,11 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 		               "partial rotary embeddings (%d of %d dimensions) are not supported",
 		               rot_dim, key_len);
 	c->rope_scaling = LP_ROPE_NONE;
-	rc = lp_gguf_get_str(g, "llama.rope.scaling.type", &scaling, err);
+	rc = lp_gguf_get_str(g, KEY("rope.scaling.type"), &scaling, err);
 	if (rc == 0) {
 		if (scaling.len == 6 && !memcmp(scaling.s, "linear", 6)) {
 			c->rope_scaling = LP_ROPE_LINEAR;
-			rc = gguf_float(g, "llama.rope.scaling.factor", &c->rope_factor, 1.0f, err);
+			rc = gguf_float(g, KEY("rope.scaling.factor"), &c->rope_factor, 1.0f, err);
 			if (rc)
 				return rc;
 		} else if (!(scaling.len == 4 && !memcmp(scaling.s, "none", 4))) {
@@ -454,15 +491,21 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 		return lp_errf(err, -EINVAL, "vocabulary size %llu out of range",
 		               (unsigned long long)emb->shape[0]);
 	c->vocab_size = (int)emb->shape[0];
-	if ((rc = gguf_int(g, "llama.vocab_size", &vocab, true, c->vocab_size, err)))
+	if ((rc = gguf_int(g, KEY("vocab_size"), &vocab, true, c->vocab_size, err)))
 		return rc;
 	if (vocab != c->vocab_size)
-		return lp_errf(
-		    err, -EINVAL,
-		    "llama.vocab_size %d differs from the %d rows of 'token_embd.weight'", vocab,
-		    c->vocab_size);
+		return lp_errf(err, -EINVAL,
+		               "%s %d differs from the %d rows of 'token_embd.weight'",
+		               KEY("vocab_size"), vocab, c->vocab_size);
+#undef KEY
 	c->tied_embeddings = lp_gguf_find_tensor(g, "output.weight") == NULL;
 	c->attn_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
+	c->attn_out_bias = lp_gguf_find_tensor(g, "blk.0.attn_output.bias") != NULL;
+	c->qk_norm = c->arch == LP_ARCH_QWEN3;
+	if (c->arch == LP_ARCH_QWEN2 && !c->attn_bias)
+		return lp_errf(err, -EINVAL,
+		               "tensor 'blk.0.attn_q.bias' is missing (qwen2 has "
+		               "biases on q, k and v)");
 	if ((rc = gguf_int(g, "tokenizer.ggml.bos_token_id", &bos, true, -1, err)) ||
 	    (rc = gguf_int(g, "tokenizer.ggml.eos_token_id", &eos, true, -1, err)))
 		return rc;
@@ -478,7 +521,7 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	struct lp_model_config *c = &m->cfg;
 	struct raw_weight w, freqs;
 	char name[96];
-	int rc, kv_dim;
+	int rc, kv_dim, q_dim;
 
 	rc = lp_gguf_open(&m->res->gguf, path, err);
 	if (rc)
@@ -492,6 +535,7 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	if (rc)
 		return rc;
 	kv_dim = c->n_kv_heads * c->head_dim;
+	q_dim = c->n_heads * c->head_dim;
 
 	if ((rc = gguf_weight(g, "token_embd.weight", false, &w, err)) ||
 	    (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->tok_embd, err)) ||
@@ -504,21 +548,31 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	           (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->output, err))) {
 		return rc;
 	}
+	if (c->arch == LP_ARCH_LLAMA && c->attn_bias)
+		/* llama.cpp permutes the Q and K biases of llama like their rows */
+		return lp_errf(err, -ENOTSUP,
+		               "attention biases in GGUF files of the llama architecture are not "
+		               "supported");
 	for (int l = 0; l < c->n_layers; l++) {
 		struct lp_layer_weights *L = &m->layers[l];
+		/* only llama's Q and K rows are permuted; qwen2 and qwen3 use
+		 * llama.cpp's NEOX rope, which has the HF layout */
+		bool permuted = c->arch == LP_ARCH_LLAMA;
 #define W(suffix, optional)                                                                        \
 	(snprintf(name, sizeof(name), "blk.%d.%s", l, suffix),                                     \
 	 gguf_weight(g, name, optional, &w, err))
 		if ((rc = W("attn_norm.weight", false)) ||
 		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
 		    (rc = W("attn_q.weight", false)) ||
-		    (rc = load_unpermuted(m, &w, c->n_heads, c->dim, &L->wq, err)) ||
+		    (rc = permuted ? load_unpermuted(m, &w, c->n_heads, c->dim, &L->wq, err)
+		                   : load_matrix(m, &w, q_dim, c->dim, &L->wq, err)) ||
 		    (rc = W("attn_k.weight", false)) ||
-		    (rc = load_unpermuted(m, &w, c->n_kv_heads, c->dim, &L->wk, err)) ||
+		    (rc = permuted ? load_unpermuted(m, &w, c->n_kv_heads, c->dim, &L->wk, err)
+		                   : load_matrix(m, &w, kv_dim, c->dim, &L->wk, err)) ||
 		    (rc = W("attn_v.weight", false)) ||
 		    (rc = load_matrix(m, &w, kv_dim, c->dim, &L->wv, err)) ||
 		    (rc = W("attn_output.weight", false)) ||
-		    (rc = load_matrix(m, &w, c->dim, c->n_heads * c->head_dim, &L->wo, err)) ||
+		    (rc = load_matrix(m, &w, c->dim, q_dim, &L->wo, err)) ||
 		    (rc = W("ffn_norm.weight", false)) ||
 		    (rc = load_vector(m, &w, c->dim, &L->ffn_norm, err)) ||
 		    (rc = W("ffn_gate.weight", false)) ||
@@ -528,11 +582,21 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 		    (rc = W("ffn_down.weight", false)) ||
 		    (rc = load_matrix(m, &w, c->dim, c->ffn_dim, &L->w_down, err)))
 			return rc;
-		if (c->attn_bias) {
-			/* llama.cpp permutes the Q and K biases like their rows */
-			return lp_errf(err, -ENOTSUP,
-			               "attention biases in GGUF files are not supported");
-		}
+		if (c->attn_bias && ((rc = W("attn_q.bias", false)) ||
+		                     (rc = load_vector(m, &w, q_dim, &L->bq, err)) ||
+		                     (rc = W("attn_k.bias", false)) ||
+		                     (rc = load_vector(m, &w, kv_dim, &L->bk, err)) ||
+		                     (rc = W("attn_v.bias", false)) ||
+		                     (rc = load_vector(m, &w, kv_dim, &L->bv, err))))
+			return rc;
+		if (c->attn_out_bias && ((rc = W("attn_output.bias", false)) ||
+		                         (rc = load_vector(m, &w, c->dim, &L->bo, err))))
+			return rc;
+		if (c->qk_norm && ((rc = W("attn_q_norm.weight", false)) ||
+		                   (rc = load_vector(m, &w, c->head_dim, &L->q_norm, err)) ||
+		                   (rc = W("attn_k_norm.weight", false)) ||
+		                   (rc = load_vector(m, &w, c->head_dim, &L->k_norm, err))))
+			return rc;
 #undef W
 	}
 	if ((rc = gguf_weight(g, "rope_freqs.weight", true, &freqs, err)))
@@ -627,6 +691,85 @@ static int hf_rope_scaling(struct lp_model_config *c, json_t *rs, struct lp_err 
 	               type);
 }
 
+/* rope_theta and the scaling: hub configs write "rope_theta" and
+ * "rope_scaling"; transformers 5 writes both into "rope_parameters". */
+static int hf_rope(struct lp_model_config *c, json_t *root, struct lp_err *err)
+{
+	json_t *rp = json_object_get(root, "rope_parameters");
+	int rc;
+
+	if ((rc = json_float(root, "rope_theta", &c->rope_theta, 10000.0f, err)))
+		return rc;
+	if (!rp || json_is_null(rp))
+		return hf_rope_scaling(c, json_object_get(root, "rope_scaling"), err);
+	if (!json_is_object(rp))
+		return lp_errf(err, -EINVAL, "config.json: 'rope_parameters' must be an object");
+	if ((rc = json_float(rp, "rope_theta", &c->rope_theta, c->rope_theta, err)))
+		return rc;
+	return hf_rope_scaling(c, rp, err);
+}
+
+/* Which layers slide and how far, as transformers reads the config
+ * (mistral: "sliding_window", 4096 when absent, null for none, applies to
+ * every layer; qwen2/qwen3: only with "use_sliding_window", the layers
+ * "layer_types" marks "sliding_attention", or without it those from
+ * "max_window_layers" on; llama: never). The attention of those layers is
+ * windowed (lp_model_layer_window). */
+static int hf_sliding_window(struct lp_model_config *c, json_t *root, const char *type,
+                             struct lp_err *err)
+{
+	json_t *v = json_object_get(root, "sliding_window"), *types;
+	int window = 4096, from_layer = 0, rc;
+
+	memset(c->sliding_layers, 0, sizeof(c->sliding_layers));
+	c->sliding_window = 0;
+	if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
+		return 0; /* check_config refuses it */
+	if (v && !json_is_null(v) &&
+	    (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > INT_MAX))
+		return lp_errf(err, -EINVAL,
+		               "config.json: 'sliding_window' must be a positive integer or null");
+	if (v)
+		window = json_is_null(v) ? 0 : (int)json_integer_value(v);
+	if (!strcmp(type, "llama") || window == 0)
+		return 0;
+	if (!strcmp(type, "mistral")) {
+		for (int l = 0; l < c->n_layers; l++)
+			c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+		c->sliding_window = window;
+		return 0;
+	}
+	if (!json_is_true(json_object_get(root, "use_sliding_window")))
+		return 0;
+	types = json_object_get(root, "layer_types");
+	if (types && !json_is_null(types)) {
+		if (!json_is_array(types) || json_array_size(types) != (size_t)c->n_layers)
+			return lp_errf(err, -EINVAL,
+			               "config.json: 'layer_types' must list %d layer types",
+			               c->n_layers);
+		for (int l = 0; l < c->n_layers; l++) {
+			const char *t = json_string_value(json_array_get(types, (size_t)l));
+
+			if (t && !strcmp(t, "sliding_attention"))
+				c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+			else if (!t || strcmp(t, "full_attention"))
+				return lp_errf(err, -ENOTSUP,
+				               "config.json: layer type '%s' of layer %d is not "
+				               "supported (full_attention, sliding_attention)",
+				               t ? t : "(not a string)", l);
+		}
+	} else {
+		if ((rc = json_int(root, "max_window_layers", &from_layer, true, 28, err)))
+			return rc;
+		for (int l = from_layer > 0 ? from_layer : 0; l < c->n_layers; l++)
+			c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+	}
+	for (int l = 0; l < c->n_layers; l++)
+		if (c->sliding_layers[l / 64] >> (l % 64) & 1)
+			c->sliding_window = window;
+	return 0;
+}
+
 static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *err)
 {
 	struct lp_model_config *c = &m->cfg;
@@ -634,7 +777,8 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 	struct lp_buf b;
 	json_error_t jerr;
 	json_t *root = NULL, *v;
-	const char *type;
+	const char *type, *act;
+	bool qwen;
 	int rc;
 
 	snprintf(path, sizeof(path), "%s/config.json", dir);
@@ -649,38 +793,61 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 		goto out;
 	}
 	type = json_string_value(json_object_get(root, "model_type"));
-	if (!type || (strcmp(type, "llama") && strcmp(type, "mistral"))) {
-		rc = lp_errf(err, -ENOTSUP,
-		             "'%s': model_type '%s' is not supported (llama, mistral)", path,
-		             type ? type : "(missing)");
+	if (type && (!strcmp(type, "llama") || !strcmp(type, "mistral"))) {
+		c->arch = LP_ARCH_LLAMA;
+	} else if (type && !strcmp(type, "qwen2")) {
+		c->arch = LP_ARCH_QWEN2;
+	} else if (type && !strcmp(type, "qwen3")) {
+		c->arch = LP_ARCH_QWEN3;
+	} else {
+		rc =
+		    lp_errf(err, -ENOTSUP,
+		            "'%s': model_type '%s' is not supported (llama, mistral, qwen2, qwen3)",
+		            path, type ? type : "(missing)");
 		goto out;
 	}
+	/* missing keys take the defaults of transformers' config classes */
+	qwen = c->arch != LP_ARCH_LLAMA;
 	if ((rc = json_int(root, "num_hidden_layers", &c->n_layers, false, 0, err)) ||
 	    (rc = json_int(root, "hidden_size", &c->dim, false, 0, err)) ||
 	    (rc = json_int(root, "intermediate_size", &c->ffn_dim, false, 0, err)) ||
 	    (rc = json_int(root, "num_attention_heads", &c->n_heads, false, 0, err)) ||
 	    (rc = json_int(root, "num_key_value_heads", &c->n_kv_heads, true, c->n_heads, err)) ||
 	    (rc = json_int(root, "vocab_size", &c->vocab_size, false, 0, err)) ||
-	    (rc = json_int(root, "max_position_embeddings", &c->max_pos, true, 4096, err)) ||
+	    (rc = json_int(root, "max_position_embeddings", &c->max_pos, true, qwen ? 32768 : 4096,
+	                   err)) ||
 	    (rc = json_float(root, "rms_norm_eps", &c->rms_eps, 1e-6f, err)) ||
-	    (rc = json_float(root, "rope_theta", &c->rope_theta, 10000.0f, err)) ||
-	    (rc = hf_rope_scaling(c, json_object_get(root, "rope_scaling"), err)))
+	    (rc = hf_rope(c, root, err)))
 		goto out_prefix;
 	if (c->n_heads < 1) {
 		rc = lp_errf(err, -EINVAL, "num_attention_heads must be positive");
 		goto out_prefix;
 	}
-	if ((rc = json_int(root, "head_dim", &c->head_dim, true, c->dim / c->n_heads, err)))
+	if ((rc = json_int(root, "head_dim", &c->head_dim, true,
+	                   c->arch == LP_ARCH_QWEN3 ? 128 : c->dim / c->n_heads, err)))
 		goto out_prefix;
-	v = json_object_get(root, "tie_word_embeddings");
-	c->tied_embeddings = v && json_is_true(v);
-	v = json_object_get(root, "attention_bias");
-	c->attn_bias = v && json_is_true(v);
-	v = json_object_get(root, "sliding_window");
-	if (v && json_is_integer(v) && json_integer_value(v) > 0 &&
-	    json_integer_value(v) < c->max_pos)
-		c->max_pos =
-		    (int)json_integer_value(v); /* no sliding-window attention: stay inside it */
+	act = json_string_value(json_object_get(root, "hidden_act"));
+	if (act && strcmp(act, "silu")) {
+		rc = lp_errf(err, -ENOTSUP, "hidden_act '%s' is not supported (silu)", act);
+		goto out_prefix;
+	}
+	if (json_is_true(json_object_get(root, "mlp_bias"))) {
+		rc = lp_errf(err, -ENOTSUP, "'mlp_bias' is not supported");
+		goto out_prefix;
+	}
+	c->tied_embeddings = json_is_true(json_object_get(root, "tie_word_embeddings"));
+	if (c->arch == LP_ARCH_QWEN2) {
+		/* Qwen2's q, k and v always have a bias, its o_proj never */
+		c->attn_bias = true;
+		c->attn_out_bias = false;
+	} else {
+		/* attention_bias gives q, k, v and o_proj a bias */
+		c->attn_bias = json_is_true(json_object_get(root, "attention_bias"));
+		c->attn_out_bias = c->attn_bias;
+	}
+	c->qk_norm = c->arch == LP_ARCH_QWEN3;
+	if ((rc = hf_sliding_window(c, root, type, err)))
+		goto out_prefix;
 	if ((rc = json_int(root, "bos_token_id", &c->bos_id, true, -1, err)))
 		goto out_prefix;
 	c->n_eos = 0;
@@ -829,6 +996,14 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 		                     (rc = load_vector(m, &w, kv_dim, &L->bk, err)) ||
 		                     (rc = W("self_attn.v_proj.bias")) ||
 		                     (rc = load_vector(m, &w, kv_dim, &L->bv, err))))
+			return rc;
+		if (c->attn_out_bias && ((rc = W("self_attn.o_proj.bias")) ||
+		                         (rc = load_vector(m, &w, c->dim, &L->bo, err))))
+			return rc;
+		if (c->qk_norm && ((rc = W("self_attn.q_norm.weight")) ||
+		                   (rc = load_vector(m, &w, c->head_dim, &L->q_norm, err)) ||
+		                   (rc = W("self_attn.k_norm.weight")) ||
+		                   (rc = load_vector(m, &w, c->head_dim, &L->k_norm, err))))
 			return rc;
 #undef W
 	}
@@ -1040,6 +1215,19 @@ int lp_model_random(struct lp_model **out, const struct lp_model_config *cfg, ui
 		    (rc = random_weight(m, h, m->cfg.dim, m->cfg.ffn_dim, false, &st, &L->w_down,
 		                        err)))
 			goto fail;
+		if (m->cfg.attn_bias &&
+		    ((rc = random_weight(m, true, 1, q, true, &st, &L->bq, err)) ||
+		     (rc = random_weight(m, true, 1, kv, true, &st, &L->bk, err)) ||
+		     (rc = random_weight(m, true, 1, kv, true, &st, &L->bv, err))))
+			goto fail;
+		if (m->cfg.attn_out_bias &&
+		    (rc = random_weight(m, true, 1, m->cfg.dim, true, &st, &L->bo, err)))
+			goto fail;
+		if (m->cfg.qk_norm &&
+		    ((rc =
+		          random_weight(m, true, 1, m->cfg.head_dim, true, &st, &L->q_norm, err)) ||
+		     (rc = random_weight(m, true, 1, m->cfg.head_dim, true, &st, &L->k_norm, err))))
+			goto fail;
 	}
 	*out = m;
 	return 0;
@@ -1068,6 +1256,19 @@ void lp_model_free(struct lp_model *m)
 	free(m->path);
 	free(m->name);
 	free(m);
+}
+
+const char *lp_arch_name(enum lp_arch arch)
+{
+	switch (arch) {
+	case LP_ARCH_QWEN2:
+		return "qwen2";
+	case LP_ARCH_QWEN3:
+		return "qwen3";
+	case LP_ARCH_LLAMA:
+	default:
+		return "llama";
+	}
 }
 
 bool lp_model_is_eos(const struct lp_model *m, int32_t id)

@@ -1,12 +1,14 @@
 /* A loaded base model: hyper-parameters, weights in backend memory, and the
- * tokenizer. Loads Llama-family decoders (Llama 2/3, SmolLM2, TinyLlama,
- * Mistral) from an HF directory (config.json, single or sharded safetensors
- * of f32/f16/bf16, tokenizer.json) or from a GGUF file (F32, F16, BF16,
- * Q8_0, Q4_0, Q4_1).
+ * tokenizer. Loads the Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral)
+ * and the Qwen family (Qwen2, Qwen2.5, Qwen3 dense) from an HF directory
+ * (config.json, single or sharded safetensors of f32/f16/bf16,
+ * tokenizer.json) or from a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+ * Q5_0, Q5_1, Q4_K, Q5_K, Q6_K).
  *
  * One layout for Q and K: the HF "rotate half" one. GGUF files from
- * llama.cpp interleave the rotary halves of each head's rows; the loader
- * undoes that permutation, so HF LoRA weights apply unchanged. */
+ * llama.cpp interleave the rotary halves of each head's rows for the llama
+ * architecture; the loader undoes that permutation, so HF LoRA weights
+ * apply unchanged (qwen2 and qwen3 files keep the HF order). */
 #ifndef LP_ENGINE_MODEL_H
 #define LP_ENGINE_MODEL_H
 
@@ -24,9 +26,21 @@ enum lp_rope_scaling {
 	LP_ROPE_LLAMA3, /* Llama 3.1 frequency-dependent scaling */
 };
 
+/* What varies between the supported decoders; everything else (pre-norm
+ * RMSNorm, rotary embeddings over the whole head, SwiGLU, grouped-query
+ * attention) is shared. */
+enum lp_arch {
+	LP_ARCH_LLAMA, /* Llama 2/3, SmolLM2, TinyLlama, Mistral */
+	LP_ARCH_QWEN2, /* Qwen2, Qwen2.5: biases on q, k and v */
+	LP_ARCH_QWEN3, /* Qwen3 dense: RMSNorm over each head of q and k */
+};
+
 #define LP_MAX_EOS 8
+/* Layers a model may have. */
+#define LP_MAX_LAYERS 1024
 
 struct lp_model_config {
+	enum lp_arch arch;
 	int n_layers;
 	int dim; /* hidden size */
 	int n_heads;
@@ -43,7 +57,15 @@ struct lp_model_config {
 	float rope_high_freq_factor; /* llama3 */
 	int rope_orig_max_pos;       /* llama3 */
 	bool tied_embeddings;
-	bool attn_bias;              /* q/k/v projections carry a bias */
+	bool attn_bias;     /* q/k/v projections carry a bias */
+	bool attn_out_bias; /* the output projection (o_proj) carries a bias */
+	bool qk_norm;       /* RMSNorm over each head of q and k before RoPE */
+	/* The attention window of the config's sliding layers, 0 when no layer
+	 * slides: a token of a sliding layer attends to the sliding_window
+	 * newest positions, its own included. Which layers slide: bit l % 64 of
+	 * sliding_layers[l / 64] (lp_model_layer_window). */
+	int sliding_window;
+	uint64_t sliding_layers[LP_MAX_LAYERS / 64];
 	int32_t bos_id;              /* -1 if none */
 	int32_t eos_ids[LP_MAX_EOS]; /* tokens that end generation */
 	int n_eos;
@@ -55,7 +77,10 @@ struct lp_layer_weights {
 	struct lp_tensor wk;         /* [n_kv_heads * head_dim, dim] */
 	struct lp_tensor wv;         /* [n_kv_heads * head_dim, dim] */
 	struct lp_tensor bq, bk, bv; /* f32 [1, out] when attn_bias, else data NULL */
+	struct lp_tensor q_norm;     /* f32 [1, head_dim] when qk_norm, else data NULL */
+	struct lp_tensor k_norm;     /* f32 [1, head_dim] when qk_norm, else data NULL */
 	struct lp_tensor wo;         /* [dim, n_heads * head_dim] */
+	struct lp_tensor bo;         /* f32 [1, dim] when attn_out_bias, else data NULL */
 	struct lp_tensor ffn_norm;   /* f32 [1, dim] */
 	struct lp_tensor w_gate;     /* [ffn_dim, dim] */
 	struct lp_tensor w_up;       /* [ffn_dim, dim] */
@@ -88,12 +113,21 @@ int lp_model_load(struct lp_model **out, const char *path, struct lp_backend *be
                   struct lp_err *err);
 void lp_model_free(struct lp_model *m);
 /* A model of the given shape (cfg as a config.json would give it) with
- * random f16 weights and no tokenizer, for benchmarks of shapes whose
- * weights are not at hand (make bench-gpu's Llama-3-8B). */
+ * random f16 weights (norm weights and biases: ones) and no tokenizer, for
+ * benchmarks of shapes whose weights are not at hand (make bench-gpu's
+ * Llama-3-8B). */
 int lp_model_random(struct lp_model **out, const struct lp_model_config *cfg, uint64_t seed,
                     struct lp_backend *be, struct lp_err *err);
 
 bool lp_model_is_eos(const struct lp_model *m, int32_t id);
+/* The attention window of layer l (0 <= l < n_layers): positions a token
+ * attends to, its own included; 0 for full attention. */
+static inline int lp_model_layer_window(const struct lp_model_config *c, int l)
+{
+	return c->sliding_layers[l / 64] >> (l % 64) & 1 ? c->sliding_window : 0;
+}
+/* "llama", "qwen2", "qwen3": the architecture's name (static). */
+const char *lp_arch_name(enum lp_arch arch);
 /* The rotary table of positions 0 .. n_pos - 1 that the rope op reads:
  * row p holds cos of p * inv_freq[i] for i < head_dim / 2, then their sin
  * (out: [n_pos, head_dim] floats). */

@@ -47,6 +47,7 @@ struct tok_added {
 enum tok_norm_type {
 	NORM_PREPEND, /* text: the prefix */
 	NORM_REPLACE, /* re (literal or regex) -> text */
+	NORM_NFC,     /* Unicode Normalization Form C (unicode-nfc.c) */
 };
 
 struct tok_norm {

@@ -504,11 +504,16 @@ static int parse_normalizer(struct lp_tokenizer *t, const json_t *j, int depth, 
 		return parse_pattern(json_object_get(j, "pattern"), "normalizer 'Replace'", &n->re,
 		                     NULL, NULL, err);
 	}
-	if (strcmp(type, "NFC") == 0 || strcmp(type, "NFD") == 0 || strcmp(type, "NFKC") == 0 ||
-	    strcmp(type, "NFKD") == 0 || strcmp(type, "Lowercase") == 0 ||
-	    strcmp(type, "Strip") == 0 || strcmp(type, "StripAccents") == 0 ||
-	    strcmp(type, "BertNormalizer") == 0 || strcmp(type, "Precompiled") == 0 ||
-	    strcmp(type, "Nmt") == 0 || strcmp(type, "ByteLevel") == 0)
+	if (strcmp(type, "NFC") == 0) {
+		n->type = NORM_NFC;
+		t->n_norm++;
+		return 0;
+	}
+	if (strcmp(type, "NFD") == 0 || strcmp(type, "NFKC") == 0 || strcmp(type, "NFKD") == 0 ||
+	    strcmp(type, "Lowercase") == 0 || strcmp(type, "Strip") == 0 ||
+	    strcmp(type, "StripAccents") == 0 || strcmp(type, "BertNormalizer") == 0 ||
+	    strcmp(type, "Precompiled") == 0 || strcmp(type, "Nmt") == 0 ||
+	    strcmp(type, "ByteLevel") == 0)
 		return lp_errf(err, -ENOTSUP, "normalizer '%s' is not supported", type);
 	return lp_errf(err, -EINVAL, "unknown normalizer type '%s'", type);
 }

@@ -1,6 +1,7 @@
 /* Encoding text to token ids, the way HF `tokenizers` does it:
  *   1. added tokens are matched in the raw text (leftmost, longest first);
- *   2. each stretch of text between them is normalized (Prepend, Replace);
+ *   2. each stretch of text between them is normalized (Prepend, Replace,
+ *      NFC);
  *   3. pre-tokenizers cut it into pieces (Split regexes, Digits, ByteLevel
  *      with the GPT-2 regex, Metaspace);
  *   4. the model turns each piece into ids: BPE by merge rank, or
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "agent/engine/tokenizer-internal.h"
+#include "agent/engine/unicode-nfc.h"
 #include "agent/engine/unicode-utf8.h"
 
 #define TOK_MAX_IDS ((size_t)1 << 30)
@@ -709,6 +711,18 @@ static int normalize(struct enc *e, size_t *off, size_t *len)
 				continue; /* HF prepends only to non-empty text */
 			if ((rc = arena_append(e, n->text, n->text_len)) ||
 			    (rc = arena_append(e, e->arena + *off, *len)))
+				return rc;
+		} else if (n->type == NORM_NFC) {
+			char *nfc;
+			size_t nfc_len;
+
+			if (lp_utf8_nfc_quick(e->arena + *off, *len))
+				continue;
+			if ((rc = lp_utf8_nfc(e->arena + *off, *len, &nfc, &nfc_len, e->err)))
+				return rc;
+			rc = arena_append(e, nfc, nfc_len);
+			free(nfc);
+			if (rc)
 				return rc;
 		} else {
 			size_t prev = 0;

@@ -597,6 +597,7 @@ static void summarize(const struct lp_adapter *a, struct lp_adapter_summary *s)
 	s->lora_id = a->lora_id;
 	s->rank = a->rank;
 	s->targets = a->targets;
+	s->absent = a->absent;
 	s->format = a->format;
 	s->tier = lp_adapter_tier_name(lp_adapter_tier(a));
 	s->requests_running = a->running_refs;

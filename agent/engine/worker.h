@@ -128,6 +128,7 @@ struct lp_adapter_summary {
 	int32_t lora_id;
 	int rank;
 	unsigned targets;
+	struct lp_lora_absent absent; /* targeted modules without weights */
 	const char *format;
 	const char *tier;
 	int requests_running;

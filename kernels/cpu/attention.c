@@ -3,8 +3,11 @@
  * What a row (one token, one query head) computes depends on its own query
  * and context alone, never on the other tokens of the call, the thread
  * count or the way the work is cut, so that it comes out bit for bit the
- * same in any batch. Its positions 0 .. n - 1 go in chunks of ATTN_CHUNK:
- * [0, 64), [64, 128), ...; the rows of a chunk are the cache rows of its
+ * same in any batch. Its positions f .. n - 1 (f = 0, or with a sliding
+ * window the window's first position) go in chunks of ATTN_CHUNK aligned to
+ * multiples of it: [0, 64), [64, 128), ...; chunks wholly before f are
+ * skipped (their block-table entries are never read) and the chunk holding
+ * f starts its rows at f. The rows of a chunk are the cache rows of its
  * positions, in order, leaving out positions whose block-table entry points
  * outside the cache (recorded in the backend's sticky status: the engine
  * never hands out such a block). A padding row (tok_seq < 0) attends to no
@@ -68,7 +71,7 @@
 #define ATTN_SPLIT_UNITS 16
 #define ATTN_PART        64
 /* Floats of cpu->xsum (see cpu.h). */
-#define ATTN_XSUM_FLOATS ((size_t)LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4)
+#define ATTN_XSUM_FLOATS LP_CPU_XSUM_FLOATS
 /* Tokens per unit in runs mode. */
 #define ATTN_TILE 32
 
@@ -281,8 +284,8 @@ static void attention_finish(float *o, float l, int hd)
 	}
 }
 
-/* Positions token t attends to: 0 .. its position, at most the block
- * table's reach; none for a padding row. */
+/* Positions token t attends to: attention_first(a, t) .. this - 1, at most
+ * the block table's reach; none for a padding row. */
 static int64_t attention_positions(const struct lp_attention_args *a, int t)
 {
 	int64_t n = (int64_t)a->tok_pos[t] + 1,
@@ -291,6 +294,22 @@ static int64_t attention_positions(const struct lp_attention_args *a, int t)
 	if (a->tok_seq[t] < 0 || n < 0)
 		return 0;
 	return n < cap ? n : cap;
+}
+
+/* The first position token t attends to: 0, or the first of its sliding
+ * window. */
+static int64_t attention_first(const struct lp_attention_args *a, int t)
+{
+	int64_t f = a->window > 0 ? (int64_t)a->tok_pos[t] - a->window + 1 : 0;
+
+	return f > 0 ? f : 0;
+}
+
+/* The first position of the chunk holding attention_first(a, t): where the
+ * token's chunks start. */
+static int64_t attention_chunk0(const struct lp_attention_args *a, int t)
+{
+	return attention_first(a, t) / ATTN_CHUNK * ATTN_CHUNK;
 }
 
 /* Asks for the K and V rows (bytes each) of positions [p0, p1) to be
@@ -320,12 +339,14 @@ static void attention_prefetch(const struct attention_kv *kv, const int32_t *tab
 
 /* One unit: tokens [t0, t0 + nt) of one sequence (nt <= ATTN_TILE), heads
  * [h0, h0 + nh) of one kv group, over positions [pb, pe) of the context (pb
- * a multiple of ATTN_CHUNK), each token over those below its own count.
+ * a multiple of ATTN_CHUNK), each token over those of its own range
+ * (attention_first .. attention_positions).
  *
  * With part NULL the rows' results go to out. Otherwise (nt = 1, split
- * mode) the state of each chunk c goes to part + c * (hd + 2), part_stride
- * floats from one head's chunks to the next's; a chunk without rows gets l
- * = 0. buf, when not NULL, holds 2 * ATTN_CHUNK * hd floats of scratch:
+ * mode) the state of the token's c-th chunk (counted from
+ * attention_chunk0) goes to part + c * (hd + 2), part_stride floats from
+ * one head's chunks to the next's; a chunk without rows gets l = 0. buf,
+ * when not NULL, holds 2 * ATTN_CHUNK * hd floats of scratch:
  * each chunk's K and V rows are copied there (16-bit ones converted to
  * f32, the same values), read from the cache once for all the unit's
  * rows. */
@@ -358,7 +379,8 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 	bool reported = false;
 	float ml[ATTN_TILE][ATTN_MAX_GROUP][2]; /* rows' (M, L) */
 	int64_t rows[ATTN_CHUNK], ppos[ATTN_CHUNK], idx[ATTN_CHUNK], n[ATTN_TILE], end = pb;
-	int c[ATTN_TILE];
+	int64_t lo[ATTN_TILE], lo_min = INT64_MAX, start;
+	int c[ATTN_TILE], b[ATTN_TILE];
 
 	assert(nt >= 1 && nt <= ATTN_TILE && nh >= 1 && nh <= ATTN_MAX_GROUP);
 	assert(pb % ATTN_CHUNK == 0 && (!part || nt == 1));
@@ -368,6 +390,8 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 		n[tt] = attention_positions(a, t0 + tt);
 		n[tt] = n[tt] < pe ? n[tt] : pe;
 		end = n[tt] > end ? n[tt] : end;
+		lo[tt] = attention_first(a, t0 + tt);
+		lo_min = lo[tt] < lo_min ? lo[tt] : lo_min;
 		for (int i = 0; i < nh; i++) {
 			ml[tt][i][0] = -INFINITY;
 			ml[tt][i][1] = 0.0f;
@@ -377,16 +401,21 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 				       0, (size_t)hd * sizeof(float));
 		}
 	}
-	for (int64_t p0 = pb; p0 < end; p0 += ATTN_CHUNK) {
+	/* the chunks before the one holding the earliest window's first
+	 * position are skipped; in that chunk the rows start there */
+	start = lo_min / ATTN_CHUNK * ATTN_CHUNK;
+	for (int64_t p0 = pb > start ? pb : start; p0 < end; p0 += ATTN_CHUNK) {
 		int64_t p1 = end - p0 < ATTN_CHUNK ? end : p0 + ATTN_CHUNK;
+		int64_t q0 = p0 > lo_min ? p0 : lo_min;
+		size_t pidx = (size_t)((p0 - start) / ATTN_CHUNK) * (hd + 2);
 		const struct attention_kv *kv = &cache;
 		const int64_t *r = rows;
 		int cnt = 0;
 
 		/* cache rows of the chunk's positions, leaving out bad ones
 		 * (one division per chunk, not per position) */
-		int64_t blk = p0 / bs, off = p0 % bs;
-		for (int64_t p = p0; p < p1; p++) {
+		int64_t blk = q0 / bs, off = q0 % bs;
+		for (int64_t p = q0; p < p1; p++) {
 			int64_t row = (int64_t)table[blk] * bs + off;
 
 			if (table[blk] >= 0 && row < cache_rows) {
@@ -411,8 +440,7 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 			                   (size_t)hd * es);
 		if (part && cnt == 0) {
 			for (int i = 0; i < nh; i++)
-				part[i * part_stride + (size_t)(p0 / ATTN_CHUNK) * (hd + 2) + hd +
-				     1] = 0.0f;
+				part[i * part_stride + pidx + hd + 1] = 0.0f;
 			continue;
 		}
 		if (cnt == 0)
@@ -423,22 +451,31 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 			kv = &wide;
 			r = idx;
 		}
-		/* each token takes the rows of the positions it attends to */
+		/* each token takes the rows of the positions it attends to:
+		 * rows b .. c - 1 */
 		for (int tt = 0; tt < nt; tt++) {
 			c[tt] = cnt;
 			while (c[tt] > 0 && ppos[c[tt] - 1] >= n[tt])
 				c[tt]--;
+			b[tt] = 0;
+			while (b[tt] < c[tt] && ppos[b[tt]] < lo[tt])
+				b[tt]++;
+		}
+		if (part && c[0] == b[0]) {
+			for (int i = 0; i < nh; i++)
+				part[i * part_stride + pidx + hd + 1] = 0.0f;
+			continue;
 		}
 		/* the (token, head) rows in order, two in one call where they
 		 * take the same rows */
 		for (int tt = 0, i = 0; tt < nt;) {
 			int rt[2] = {tt, i + 1 < nh ? tt : tt + 1},
 			    ri[2] = {i, i + 1 < nh ? i + 1 : 0};
-			int nq = rt[1] < nt && c[rt[1]] == c[tt] ? 2 : 1;
+			int nq = rt[1] < nt && c[rt[1]] == c[tt] && b[rt[1]] == b[tt] ? 2 : 1;
 			const float *q[2];
 			float *o[2], *m[2], *pp[2];
 
-			if (c[tt] == 0) {
+			if (c[tt] == b[tt]) {
 				tt++;
 				i = 0;
 				continue;
@@ -449,11 +486,9 @@ static void attention_unit(const struct attention_task *task, int t0, int nt, in
 				q[y] = (const float *)a->q->data + ty * a->q->cols + hy * hd;
 				o[y] = (float *)a->out->data + ty * a->out->cols + hy * hd;
 				m[y] = ml[rt[y]][ri[y]];
-				pp[y] = part ? part + (size_t)ri[y] * part_stride +
-				                   (size_t)(p0 / ATTN_CHUNK) * (hd + 2)
-				             : NULL;
+				pp[y] = part ? part + (size_t)ri[y] * part_stride + pidx : NULL;
 			}
-			k_chunk(avx2, nq, q, kv, r, c[tt], hd, a->scale, o, m, pp);
+			k_chunk(avx2, nq, q, kv, r + b[tt], c[tt] - b[tt], hd, a->scale, o, m, pp);
 			tt = rt[nq - 1];
 			i = ri[nq - 1] + 1;
 			if (i == nh) {
@@ -506,7 +541,7 @@ static void attention_thread(void *arg, int chunk, int n_chunks, int thread)
 		}
 		int64_t part = u / task->units_per_token % task->n_parts;
 		int t = (int)(u / task->units_per_token / task->n_parts);
-		int64_t pb = part * ATTN_PART;
+		int64_t pb = attention_chunk0(a, t) + part * ATTN_PART;
 		size_t ps = (size_t)hd + 2;
 
 		if (pb < attention_positions(a, t))
@@ -528,7 +563,8 @@ static void attention_merge_thread(void *arg, int chunk, int n_chunks, int threa
 
 	for (int64_t u = chunk; u < (int64_t)a->n_tokens * a->n_heads; u += n_chunks) {
 		int t = (int)(u / a->n_heads), h = (int)(u % a->n_heads);
-		int64_t nc = (attention_positions(a, t) + ATTN_CHUNK - 1) / ATTN_CHUNK;
+		int64_t nc = (attention_positions(a, t) - attention_chunk0(a, t) + ATTN_CHUNK - 1) /
+		             ATTN_CHUNK;
 		const float *part = task->parts + (size_t)u * task->n_chunks * ps;
 		float *o = (float *)a->out->data + (size_t)t * a->out->cols + (size_t)h * hd;
 		float ml[2] = {-INFINITY, 0.0f};
@@ -560,8 +596,10 @@ void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args)
 	assert(args->k_cache->cols == (int64_t)args->n_kv_heads * args->head_dim);
 	assert(args->q->cols == (int64_t)args->n_heads * args->head_dim);
 	assert(args->out->cols == args->q->cols && args->out->data != args->q->data);
+	/* a token's span: its positions from the start of its first chunk */
 	for (int t = 0; t < args->n_tokens; t++) {
-		int64_t n = attention_positions(args, t);
+		int64_t n = attention_positions(args, t) - attention_chunk0(args, t);
+		n = n > 0 ? n : 0;
 		work += n * args->n_heads * args->head_dim;
 		longest = n > longest ? n : longest;
 	}

@@ -605,6 +605,29 @@ static bool env_no_avx2(void)
 	return v && v[0] && strcmp(v, "0") != 0;
 }
 
+/* Each weight type's matrix-vector crossover: the measured one, or
+ * LP_CPU_MATVEC_BATCH from the environment for every type (measurements). */
+static int read_matvec_batch(struct lp_cpu *cpu, struct lp_err *err)
+{
+	const char *v = getenv("LP_CPU_MATVEC_BATCH");
+	long n = -1;
+	char *end;
+
+	if (v && v[0]) {
+		errno = 0;
+		n = strtol(v, &end, 10);
+		if (errno || *end || n < 0 || n > LP_CPU_MATVEC_BATCH_MAX)
+			return lp_errf(err, -EINVAL,
+			               "LP_CPU_MATVEC_BATCH='%.32s' is not an integer in [0, %d]",
+			               v, LP_CPU_MATVEC_BATCH_MAX);
+	}
+	for (int t = 0; t < LP_DTYPE_COUNT; t++) {
+		int d = lp_cpu_matvec_batch_default((enum lp_dtype)t);
+		cpu->matvec_batch[t] = n >= 0 ? (int)n : d;
+	}
+	return 0;
+}
+
 int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *err)
 {
 	struct lp_backend *be = NULL;
@@ -630,7 +653,10 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 	cpu->n_threads = n_threads;
 	cpu->avx2 = lp_cpu_has_avx2() && !env_no_avx2();
 	cpu->scratch = calloc((size_t)n_threads, sizeof(*cpu->scratch));
-	total = (size_t)LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4 + per_thread * n_threads;
+	rc = read_matvec_batch(cpu, err);
+	if (rc)
+		goto out_free;
+	total = LP_CPU_XSUM_FLOATS + per_thread * n_threads;
 	cpu->scratch_mem = aligned_alloc(LP_CPU_ALIGN, total * sizeof(float));
 	if (!cpu->scratch || !cpu->scratch_mem) {
 		rc = lp_errf(err, -ENOMEM, "out of memory for the cpu backend's scratch");
@@ -639,8 +665,7 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 	memset(cpu->scratch_mem, 0, total * sizeof(float));
 	cpu->xsum = cpu->scratch_mem;
 	for (int i = 0; i < n_threads; i++) {
-		float *base = cpu->scratch_mem + LP_CPU_MATVEC_BATCH * LP_CPU_XSUM_MAX_BLOCKS * 4 +
-		              per_thread * i;
+		float *base = cpu->scratch_mem + LP_CPU_XSUM_FLOATS + per_thread * i;
 		cpu->scratch[i].panel = base;
 		cpu->scratch[i].rows = base + LP_CPU_KC * LP_CPU_NR;
 	}

@@ -23,8 +23,9 @@
 /* Blocked GEMM: a panel is LP_CPU_NR weight rows by LP_CPU_KC columns,
  * dequantized to f32 and stored k-major ([KC][NR]); the micro-kernel
  * multiplies LP_CPU_MR activation rows by one panel. KC is a multiple of
- * LP_QK so that chunks start on block boundaries. */
+ * LP_QK_K (and so of LP_QK) so that chunks start on block boundaries. */
 #define LP_CPU_KC 256
+_Static_assert(LP_CPU_KC % LP_QK_K == 0, "GEMM chunks must be whole K-quant blocks");
 #define LP_CPU_NR 16
 #define LP_CPU_MR 6
 /* Row stride of the rows before the transpose, padded: with a power-of-two
@@ -32,17 +33,23 @@
 #define LP_CPU_ROWS_STRIDE (LP_CPU_KC + 16)
 
 /* The matrix-vector kernel takes up to LP_CPU_MATVEC_MAX_N rows of x at a
- * time; batches of up to LP_CPU_MATVEC_BATCH rows take that path, in groups
- * when it exceeds MAX_N. Measured on Zen 4 (k = 576, m = 1536, Q4_1), the
- * GEMM, packing included, is faster from 5 rows on. */
-#define LP_CPU_MATVEC_MAX_N 4
-#define LP_CPU_MATVEC_BATCH 4
+ * time; a product of n rows takes that path, in groups of MAX_N over each
+ * chunk of weight rows (so that the weights come from the cache after the
+ * first group), while n <= cpu->matvec_batch[type], and the GEMM from there
+ * on. The crossover per type is lp_cpu_matvec_batch_default() (matmul.c,
+ * measured: docs/benchmarks.md, "Decode batch sweep"); LP_CPU_MATVEC_BATCH=N
+ * in the environment sets every type's to N (0 .. LP_CPU_MATVEC_BATCH_MAX;
+ * 0: the GEMM always) for measurements. cpu->xsum holds the prepared x of
+ * LP_CPU_MATVEC_BATCH_MAX rows. */
+#define LP_CPU_MATVEC_MAX_N     4
+#define LP_CPU_MATVEC_BATCH_MAX 32
 /* Weight rows a thread runs through every group before moving on, so that
  * they come from its cache after the first group. */
 #define LP_CPU_MATVEC_ROW_CHUNK 64
-/* The 4-bit matrix-vector kernel reads x through a copy prepared once per
- * product (lp_cpu_matvec_prep_avx2): per block of 32 weights, 32 floats of
- * x reordered and scaled, and 2 floats for its sum. Rows of up to
+/* The 4- to 6-bit matrix-vector kernels (lp_cpu_matvec_prepped) read x
+ * through a copy prepared once per product (lp_cpu_matvec_prep_avx2): per
+ * 32 weights, 32 floats of x reordered and scaled, and at most 2 floats of
+ * sums. Rows of up to
  * LP_CPU_MATVEC_MAX_BLOCKS blocks (k <= 131072) take that path, longer
  * ones the GEMM. Row j of the copy starts at j * LP_CPU_PREP_ROW_FLOATS,
  * its sums LP_CPU_PREP_SUMS floats further on. */
@@ -54,9 +61,10 @@
 #ifndef LP_CPU_MATVEC_PREFETCH
 #define LP_CPU_MATVEC_PREFETCH 2048
 #endif
-/* backend-cpu.c sizes that copy (cpu->xsum) as LP_CPU_MATVEC_BATCH *
- * LP_CPU_XSUM_MAX_BLOCKS * 4 floats: 2.1 MiB. */
+/* backend-cpu.c sizes that copy (cpu->xsum) as LP_CPU_XSUM_FLOATS:
+ * LP_CPU_MATVEC_BATCH_MAX rows of LP_CPU_PREP_ROW_FLOATS, 544 KiB each. */
 #define LP_CPU_XSUM_MAX_BLOCKS (LP_CPU_PREP_ROW_FLOATS / 4)
+#define LP_CPU_XSUM_FLOATS     ((size_t)LP_CPU_MATVEC_BATCH_MAX * LP_CPU_PREP_ROW_FLOATS)
 
 /* Below this many elements (or multiply-adds) an op runs on the calling
  * thread alone: waking the pool would cost more than the work. */
@@ -75,7 +83,9 @@ struct lp_cpu {
 	int n_threads;
 	bool avx2;
 	struct lp_cpu_scratch *scratch; /* [n_threads] */
-	/* [LP_CPU_MATVEC_BATCH][LP_CPU_PREP_ROW_FLOATS]: shared scratch of
+	/* largest n of a product on the matrix-vector path, per weight type */
+	int matvec_batch[LP_DTYPE_COUNT];
+	/* [LP_CPU_MATVEC_BATCH_MAX][LP_CPU_PREP_ROW_FLOATS]: shared scratch of
 	 * one op at a time, the prepared x of a matrix-vector product, the
 	 * partial states of a split attention or the threads' copies of K and
 	 * V rows too large for their own scratch (ops of one backend never
@@ -118,6 +128,9 @@ static inline void lp_cpu_split(int64_t total, int ith, int nth, int64_t *begin,
 
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate);
+/* The measured crossover of weight type t: products of up to this many
+ * rows run faster on the matrix-vector path than on the GEMM (matmul.c). */
+int lp_cpu_matvec_batch_default(enum lp_dtype t);
 void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args);
 /* The LoRA op of backend.h and its slots (lora.c). */
 void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *args);
@@ -130,6 +143,15 @@ void lp_cpu_sample(struct lp_cpu *cpu, const struct lp_sample_args *args);
 int lp_cpu_sample_reserve(struct lp_cpu *cpu, const struct lp_backend_limits *lim,
                           struct lp_err *err);
 void lp_cpu_sample_release(struct lp_cpu *cpu);
+
+/* True for the weight types whose matrix-vector kernel reads the prepared
+ * copy of x (lp_cpu_matvec_prep_avx2): Q4_0, Q4_1, Q5_0, Q5_1 and the
+ * K-quants. */
+static inline bool lp_cpu_matvec_prepped(enum lp_dtype t)
+{
+	return t == LP_DTYPE_Q4_0 || t == LP_DTYPE_Q4_1 || t == LP_DTYPE_Q5_0 ||
+	       t == LP_DTYPE_Q5_1 || t == LP_DTYPE_Q4_K || t == LP_DTYPE_Q5_K || t == LP_DTYPE_Q6_K;
+}
 
 /* True when the running CPU has AVX2, FMA and F16C. */
 bool lp_cpu_has_avx2(void);
@@ -146,16 +168,17 @@ bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
  * len are multiples of the block size. */
 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst);
 
-/* Writes the copy of rows x[0 .. n) (k floats apart, n <= LP_CPU_MATVEC_BATCH,
+/* Writes the copy of rows x[0 .. n) (k floats apart, n <= LP_CPU_MATVEC_BATCH_MAX,
  * k / 32 <= LP_CPU_MATVEC_MAX_BLOCKS) that lp_cpu_matvec_avx2 reads for
- * 4-bit weights of type t (Q4_0 or Q4_1) to prep, in the layout described
- * above LP_CPU_MATVEC_MAX_BLOCKS. Borrows x; prep is caller-owned. */
+ * weights of a prepped type t (lp_cpu_matvec_prepped) to prep, in the
+ * layout described above LP_CPU_MATVEC_MAX_BLOCKS (vec-avx2.c details it per
+ * type). Borrows x; prep is caller-owned. */
 void lp_cpu_matvec_prep_avx2(enum lp_dtype t, const float *x, int n, int64_t k, float *prep);
 
 /* out[j, r] (+)= x[j, :] . w[r, :] for r in [r0, r1), j < n <= 4, rows of w
- * w_stride bytes apart; out rows ldo floats apart. For Q4_0/Q4_1 the rows
- * of x are read from prep, made by lp_cpu_matvec_prep_avx2 (x is unused);
- * for the other types x is read directly (prep is unused). */
+ * w_stride bytes apart; out rows ldo floats apart. For the prepped types
+ * the rows of x are read from prep, made by lp_cpu_matvec_prep_avx2 (x is
+ * unused); for the other types x is read directly (prep is unused). */
 void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
                         int64_t k, const float *x, int n, const float *prep, float *out,
                         int64_t ldo, bool accumulate);

@@ -4,9 +4,9 @@
  * own slice of the weights once and every output element is computed by
  * the same sequence of operations whatever the thread count.
  *
- *   n <= LP_CPU_MATVEC_BATCH (decode): matrix-vector, weights expanded in
+ *   n <= cpu->matvec_batch[type] (decode): matrix-vector, weights expanded in
  *     registers block by block and multiplied into up to
- *     LP_CPU_MATVEC_MAX_N rows of x at a time (vec-avx2.c); for 4-bit
+ *     LP_CPU_MATVEC_MAX_N rows of x at a time (vec-avx2.c); for 4- to 6-bit
  *     weights x is first copied, reordered and scaled, into the layout the
  *     kernel wants (lp_cpu_matvec_prep_avx2).
  *   larger n (prefill): per thread, panels of LP_CPU_NR weight rows by
@@ -102,6 +102,31 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 }
 #endif
 
+/* Up to these batches, the matrix-vector path (one pass over the weights,
+ * expanded again for every group of LP_CPU_MATVEC_MAX_N rows) beats the
+ * GEMM (panels dequantized once, then reused by every row) on a decode
+ * step of SmolLM2-135M's matrices in each type, 2 threads, best of 7-9
+ * interleaved runs on the shared development machine (docs/benchmarks.md,
+ * "Decode batch sweep"). Types not measured keep 4, the former crossover
+ * of every type. */
+int lp_cpu_matvec_batch_default(enum lp_dtype t)
+{
+	switch (t) {
+	case LP_DTYPE_F32:
+		return 8;
+	case LP_DTYPE_Q8_0:
+		return 12;
+	case LP_DTYPE_BF16:
+		return 14;
+	case LP_DTYPE_F16:
+	case LP_DTYPE_Q4_0:
+	case LP_DTYPE_Q4_1:
+		return 16;
+	default:
+		return 4;
+	}
+}
+
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate)
 {
@@ -131,8 +156,8 @@ void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_te
 #if LP_CPU_X86
 	if (cpu->avx2) {
 		int64_t work = t.n * t.m * t.k;
-		if (t.n <= LP_CPU_MATVEC_BATCH && t.k / LP_QK <= LP_CPU_MATVEC_MAX_BLOCKS) {
-			if (t.type == LP_DTYPE_Q4_0 || t.type == LP_DTYPE_Q4_1)
+		if (t.n <= cpu->matvec_batch[t.type] && t.k / LP_QK <= LP_CPU_MATVEC_MAX_BLOCKS) {
+			if (lp_cpu_matvec_prepped(t.type))
 				lp_cpu_matvec_prep_avx2(t.type, t.x, (int)t.n, t.k, cpu->xsum);
 			lp_cpu_parallel(cpu, work, t.m / 16, matvec_avx2_thread, &t);
 		} else {

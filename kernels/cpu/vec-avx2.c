@@ -97,6 +97,30 @@ AVX2_INLINE __m128 load_block(enum lp_dtype t, const uint8_t *p, __m256 w[4])
 	return dm;
 }
 
+/* The sub-block factors of a Q4_K / Q5_K block at p: D[s] = d * sc[s] and
+ * M[s] = dmin * m[s] for its 8 sub-blocks, the f32 products of the
+ * reference. The 12 scale bytes are three words a, b, c: scales 0-3 are the
+ * low six bits of a's bytes, minimums 0-3 those of b's; scales 4-7 the low
+ * nibbles of c's bytes with the top two bits of a's, minimums 4-7 the high
+ * nibbles of c's with the top two bits of b's. With the block's first 16
+ * bytes [dm a b c] in one register, [a c b c] >> [0 0 0 4] masked gives
+ * the low bits of [sc0-3 sc4-7 m0-3 m4-7], [. a . b] >> 2 their top bits. */
+AVX2_INLINE void k4_scales(const uint8_t *p, __m256 *D, __m256 *M)
+{
+	__m128i x = _mm_loadu_si128((const __m128i *)p);
+	__m128 dm = _mm_cvtph_ps(x);
+	__m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(3, 2, 3, 1)),
+	                            _mm_setr_epi32(0, 0, 0, 4));
+	__m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(2, 0, 1, 0)), 2);
+	__m128i sm = _mm_or_si128(
+	    _mm_and_si128(lo, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+	    _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+
+	*D = _mm256_mul_ps(_mm256_broadcastss_ps(dm), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+	*M = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
+	                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))));
+}
+
 /* Same values as lp_dequantize_row (the same f32 operations in the same
  * order, without contraction). */
 AVX2 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst)
@@ -143,6 +167,116 @@ AVX2 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int6
 				if (t == LP_DTYPE_Q4_1)
 					v = _mm256_add_ps(v, mv);
 				_mm256_storeu_ps(dst + i + 8 * j, v);
+			}
+		}
+		return;
+	}
+	case LP_DTYPE_Q5_0:
+	case LP_DTYPE_Q5_1: {
+		const bool has_m = t == LP_DTYPE_Q5_1;
+		size_t bb = lp_dtype_block_bytes(t), qh = has_m ? 4 : 2;
+		const uint8_t *p = (const uint8_t *)row + (size_t)(k0 / LP_QK) * bb;
+
+		for (; i < len; i += LP_QK, p += bb) {
+			__m128 dm = _mm_cvtph_ps(_mm_loadu_si32(p));
+			__m256 dv = _mm256_broadcastss_ps(dm);
+			__m256 mv = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+			__m256i hv = _mm256_set1_epi32((int)load_u32(p + qh));
+			const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+			const __m256i one = _mm256_set1_epi32(1), mask = _mm256_set1_epi32(0x0f);
+#pragma GCC unroll 2
+			for (int g = 0; g < 2; g++) {
+				__m256i b = load8_u8(p + qh + 4 + 8 * g);
+				__m256i hl = _mm256_srlv_epi32(
+				    hv, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * g)));
+				__m256i hh = _mm256_srlv_epi32(
+				    hv, _mm256_add_epi32(lane, _mm256_set1_epi32(16 + 8 * g)));
+				__m256i lo = _mm256_or_si256(
+				    _mm256_and_si256(b, mask),
+				    _mm256_slli_epi32(_mm256_and_si256(hl, one), 4));
+				__m256i hi = _mm256_or_si256(
+				    _mm256_srli_epi32(b, 4),
+				    _mm256_slli_epi32(_mm256_and_si256(hh, one), 4));
+				__m256 vl, vh;
+				if (has_m) {
+					vl = _mm256_add_ps(
+					    _mm256_mul_ps(dv, _mm256_cvtepi32_ps(lo)), mv);
+					vh = _mm256_add_ps(
+					    _mm256_mul_ps(dv, _mm256_cvtepi32_ps(hi)), mv);
+				} else {
+					const __m256i sixteen = _mm256_set1_epi32(16);
+					vl = _mm256_mul_ps(
+					    dv, _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, sixteen)));
+					vh = _mm256_mul_ps(
+					    dv, _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, sixteen)));
+				}
+				_mm256_storeu_ps(dst + i + 8 * g, vl);
+				_mm256_storeu_ps(dst + i + 16 + 8 * g, vh);
+			}
+		}
+		return;
+	}
+	case LP_DTYPE_Q4_K:
+	case LP_DTYPE_Q5_K: {
+		const bool five = t == LP_DTYPE_Q5_K;
+		size_t bb = lp_dtype_block_bytes(t), qs = five ? 48 : 16;
+		const uint8_t *p = (const uint8_t *)row + (size_t)(k0 / LP_QK_K) * bb;
+		const __m256i mask = _mm256_set1_epi32(0x0f), one = _mm256_set1_epi32(1);
+
+		for (; i < len; i += LP_QK_K, p += bb) {
+			float dbuf[8], mbuf[8];
+			__m256 D, M;
+
+			k4_scales(p, &D, &M);
+			_mm256_storeu_ps(dbuf, D);
+			_mm256_storeu_ps(mbuf, M);
+			for (int sb = 0; sb < 8; sb++) {
+				__m256 dv = _mm256_set1_ps(dbuf[sb]), mv = _mm256_set1_ps(mbuf[sb]);
+				const uint8_t *q = p + qs + 32 * (sb / 2);
+#pragma GCC unroll 4
+				for (int l = 0; l < 32; l += 8) {
+					__m256i v = _mm256_and_si256(
+					    _mm256_srli_epi32(load8_u8(q + l), 4 * (sb % 2)), mask);
+					if (five) {
+						__m256i h =
+						    _mm256_srli_epi32(load8_u8(p + 16 + l), sb);
+						v = _mm256_or_si256(
+						    v,
+						    _mm256_slli_epi32(_mm256_and_si256(h, one), 4));
+					}
+					_mm256_storeu_ps(
+					    dst + i + 32 * sb + l,
+					    _mm256_sub_ps(_mm256_mul_ps(dv, _mm256_cvtepi32_ps(v)),
+					                  mv));
+				}
+			}
+		}
+		return;
+	}
+	case LP_DTYPE_Q6_K: {
+		const struct lp_block_q6_k *blk = (const struct lp_block_q6_k *)row + k0 / LP_QK_K;
+		const __m256i mask = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3);
+		const __m256i off = _mm256_set1_epi32(32);
+
+		for (; i < len; i += LP_QK_K, blk++) {
+			__m256 d = _mm256_set1_ps(f16(blk->d));
+
+			for (int e = 0; e < LP_QK_K; e += 8) {
+				int h = e / 128, tq = (e % 128) / 32, l = e % 32;
+				__m256i lo =
+				    _mm256_and_si256(_mm256_srli_epi32(load8_u8(blk->ql + 64 * h +
+				                                                32 * (tq % 2) + l),
+				                                       4 * (tq / 2)),
+				                     mask);
+				__m256i hi = _mm256_and_si256(
+				    _mm256_srli_epi32(load8_u8(blk->qh + 32 * h + l), 2 * tq),
+				    three);
+				__m256i qv = _mm256_sub_epi32(
+				    _mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), off);
+				__m256 ds =
+				    _mm256_mul_ps(d, _mm256_set1_ps((float)blk->scales[e / 16]));
+				_mm256_storeu_ps(dst + i + e,
+				                 _mm256_mul_ps(ds, _mm256_cvtepi32_ps(qv)));
 			}
 		}
 		return;
@@ -262,45 +396,198 @@ AVX2_INLINE void load_q4(const uint8_t *qs, __m256 w[4])
 	w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(u, m1));
 }
 
-/* x rows x[0 .. n) in the order and scale load_q4 gives the weights, and
- * each block's sum for the weights' offset, two floats per block: -8 times
- * the sum for Q4_0 (times d), then the sum for Q4_1 (times m); the other one
- * is zero. */
-AVX2 void lp_cpu_matvec_prep_avx2(enum lp_dtype t, const float *x, int n, int64_t k, float *prep)
+/* The 32 weights of a Q5_0 / Q5_1 block, for the matrix-vector kernel:
+ * first the 5-bit values as bytes, byte j = weight j (the nibbles of qs
+ * spread to 32 bytes; bit j of qh, picked into byte j by a byte shuffle and
+ * a compare, adds 16), then four masks of those bytes: lane L of w[i] holds
+ * weight 4L + i times 2^(8i), exact with five significant bits.
+ * lp_cpu_matvec_prep_avx2 orders and scales x to match. */
+AVX2_INLINE void load_q5(const uint8_t *qs, const uint8_t *qhp, __m256 w[4])
+{
+	const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2,
+	                                        2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+	const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+	/* both loads are broadcasts straight from memory */
+	__m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+	__m256i h = _mm256_castps_si256(_mm256_broadcast_ss((const float *)qhp));
+
+	q = _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+	q = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
+	h = _mm256_shuffle_epi8(h, spread);
+
+	h = _mm256_cmpeq_epi8(_mm256_and_si256(h, sel), sel);
+	q = _mm256_or_si256(q, _mm256_and_si256(h, _mm256_set1_epi8(0x10)));
+#pragma GCC unroll 4
+	for (int i = 0; i < 4; i++)
+		w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0x1f << (8 * i))));
+}
+
+/* Q4_K's weights, 64 at a time from 32 bytes of 4-bit values, as floats:
+ * v is the 32 bytes, u = v >> 16 per dword. Side 0 takes the low nibbles,
+ * side 1 the high ones; lane L of w[i] holds the nibble of byte 4L + i times
+ * 2^e, e = 8 (i % 2) + 4 side (masks only, no shifts: exact, four
+ * significant bits). */
+AVX2_INLINE void k_nibbles(__m256i v, __m256i u, const int side, __m256 w[4])
+{
+	const __m256i m0 = _mm256_set1_epi32(0x0f << (4 * side));
+	const __m256i m1 = _mm256_set1_epi32(0x0f00 << (4 * side));
+
+	w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v, m0));
+	w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v, m1));
+	w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(u, m0));
+	w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(u, m1));
+}
+
+/* Q5_K's and Q6_K's weights, 32 at a time from 32 bytes q holding one
+ * whole 5- or 6-bit value each: lane L of w[i] holds byte 4L + i times
+ * 2^(8i) (masks only; exact, six significant bits). */
+AVX2_INLINE void k_bytes(__m256i q, __m256 w[4])
+{
+#pragma GCC unroll 4
+	for (int i = 0; i < 4; i++)
+		w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0x3f << (8 * i))));
+}
+
+/* The 32 bytes for k_bytes: the low (side 0) or high (side 1) nibbles of the
+ * 32 bytes v, with bits b .. b + nb - 1 of the 32 bytes h (the bytes of qh
+ * that pair with them) above, as bits 4 .. 3 + nb of each byte. 16-bit
+ * shifts move bits across bytes, which the byte masks drop. */
+AVX2_INLINE __m256i k_assemble(__m256i v, __m256i h, const int side, const int b, const int nb)
+{
+	const __m256i lo = _mm256_set1_epi8(0x0f), hm = _mm256_set1_epi8(nb == 2 ? 0x30 : 0x10);
+	__m256i n = _mm256_and_si256(side ? _mm256_srli_epi16(v, 4) : v, lo);
+	__m256i hb = b <= 4 ? _mm256_slli_epi16(h, 4 - b) : _mm256_srli_epi16(h, b - 4);
+
+	return _mm256_or_si256(n, _mm256_and_si256(hb, hm));
+}
+
+/* 32 floats of x in the order and scale load_q4 gives the weights of 16
+ * bytes whose low nibbles go with xa[0 .. 16) and high nibbles with xb[0 ..
+ * 16) (for Q4_0 xb = xa + 16). */
+AVX2_INLINE void prep_chunk(const float *xa, const float *xb, float *q)
 {
 	const __m256 s0 = _mm256_setr_ps(1, 1, 1, 1, 0x1p-4f, 0x1p-4f, 0x1p-4f, 0x1p-4f);
 	const __m256 s1 = _mm256_setr_ps(0x1p-8f, 0x1p-8f, 0x1p-8f, 0x1p-8f, 0x1p-12f, 0x1p-12f,
 	                                 0x1p-12f, 0x1p-12f);
-	int64_t nb = k / LP_QK;
+	__m256 x0 = _mm256_loadu_ps(xa), x1 = _mm256_loadu_ps(xa + 8);
+	__m256 x2 = _mm256_loadu_ps(xb), x3 = _mm256_loadu_ps(xb + 8);
+	/* a = xa 0-3 | xb 0-3, b = 4-7 | 4-7, c = 8-11 | 8-11, d = 12-15 |
+	 * 12-15; then a 4 x 4 transpose in each half */
+	__m256 a = _mm256_permute2f128_ps(x0, x2, 0x20);
+	__m256 bv = _mm256_permute2f128_ps(x0, x2, 0x31);
+	__m256 c = _mm256_permute2f128_ps(x1, x3, 0x20);
+	__m256 d = _mm256_permute2f128_ps(x1, x3, 0x31);
+	__m256 t0 = _mm256_unpacklo_ps(a, bv), t1 = _mm256_unpackhi_ps(a, bv);
+	__m256 t2 = _mm256_unpacklo_ps(c, d), t3 = _mm256_unpackhi_ps(c, d);
 
+	_mm256_storeu_ps(q, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0x44), s0));
+	_mm256_storeu_ps(q + 8, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0xee), s1));
+	_mm256_storeu_ps(q + 16, _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0x44), s0));
+	_mm256_storeu_ps(q + 24, _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0xee), s1));
+}
+
+/* The sum of x[0 .. 16) or x[0 .. 32) (n8 = 2 or 4), vectors added as a
+ * tree. */
+AVX2_INLINE float sum_floats(const float *x, const int n8)
+{
+	__m256 s = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8));
+
+	if (n8 == 4)
+		s = _mm256_add_ps(s,
+		                  _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+	return hsum(s);
+}
+
+/* The 64 floats of x for the registers of 32 bytes of a K-quant whose low
+ * nibbles go with xa[0 .. 32) and high nibbles with xb[0 .. 32): for side s
+ * and register i, lane L holds x[4L + i] * 2^-e, e as k_nibbles gives it
+ * (bytes = false, Q4_K) or as k_bytes does (bytes = true, Q5_K, Q6_K). */
+static inline void prep_k_group(const float *xa, const float *xb, float *q, bool bytes)
+{
+	static const float nib_scale[2][2] = {{1.0f, 0x1p-8f}, {0x1p-4f, 0x1p-12f}};
+	static const float byte_scale[4] = {1.0f, 0x1p-8f, 0x1p-16f, 0x1p-24f};
+
+	for (int side = 0; side < 2; side++)
+		for (int i = 0; i < 4; i++)
+			for (int l = 0; l < 8; l++)
+				q[32 * side + 8 * i + l] =
+				    (side ? xb : xa)[4 * l + i] *
+				    (bytes ? byte_scale[i] : nib_scale[side][i % 2]);
+}
+
+/* The 32 floats of x for load_q5: lane L of register i holds x[4L + i] *
+ * 2^(-8i). */
+static inline void prep_q5_block(const float *x, float *q)
+{
+	static const float scale[4] = {1.0f, 0x1p-8f, 0x1p-16f, 0x1p-24f};
+
+	for (int i = 0; i < 4; i++)
+		for (int l = 0; l < 8; l++)
+			q[8 * i + l] = x[4 * l + i] * scale[i];
+}
+
+/* x rows x[0 .. n) in the order and scale the weights are expanded in,
+ * and per row the sums for the weights' offsets:
+ *   Q4_0, Q4_1, Q5_0, Q5_1: per block of 32, its 32 floats (prep_chunk for
+ *     load_q4, prep_q5_block for load_q5), and two sums: c (-8 times the
+ *     block's sum for Q4_0, -16 for Q5_0, times d) and s (the sum for Q4_1
+ *     and Q5_1, times m); the other zero;
+ *   Q4_K, Q5_K: per block of 256, groups g < 4 of 64 floats for qs[32g ..
+ *     32g + 32) (prep_k_group: low nibbles sub-block 2g, high ones 2g + 1),
+ *     and 8 sums: minus each sub-block's sum (times dmin * m);
+ *   Q6_K: per block, groups 2h + c for ql[64h + 32c ..] (low nibbles:
+ *     weights 128h + 32c .., high ones 64 further), and 16 sums: -32 times
+ *     each group of 16's sum (times its scale). */
+AVX2 void lp_cpu_matvec_prep_avx2(enum lp_dtype t, const float *x, int n, int64_t k, float *prep)
+{
 	for (int j = 0; j < n; j++) {
 		const float *xj = x + j * k;
 		float *q = prep + (size_t)j * LP_CPU_PREP_ROW_FLOATS;
 		float *sums = q + LP_CPU_PREP_SUMS;
 
-		for (int64_t b = 0; b < nb; b++, xj += LP_QK, q += LP_QK, sums += 2) {
-			__m256 x0 = _mm256_loadu_ps(xj), x1 = _mm256_loadu_ps(xj + 8);
-			__m256 x2 = _mm256_loadu_ps(xj + 16), x3 = _mm256_loadu_ps(xj + 24);
-			/* a = x 0-3 | 16-19, b = 4-7 | 20-23, c = 8-11 | 24-27,
-			 * d = 12-15 | 28-31; then a 4 x 4 transpose in each half */
-			__m256 a = _mm256_permute2f128_ps(x0, x2, 0x20);
-			__m256 bv = _mm256_permute2f128_ps(x0, x2, 0x31);
-			__m256 c = _mm256_permute2f128_ps(x1, x3, 0x20);
-			__m256 d = _mm256_permute2f128_ps(x1, x3, 0x31);
-			__m256 t0 = _mm256_unpacklo_ps(a, bv), t1 = _mm256_unpackhi_ps(a, bv);
-			__m256 t2 = _mm256_unpacklo_ps(c, d), t3 = _mm256_unpackhi_ps(c, d);
+		switch (t) {
+		case LP_DTYPE_Q4_K:
+		case LP_DTYPE_Q5_K:
+			for (int64_t b = 0; b < k / LP_QK_K; b++, xj += LP_QK_K) {
+				for (int g = 0; g < 4; g++)
+					prep_k_group(xj + 64 * g, xj + 64 * g + 32, q + 64 * g,
+					             t == LP_DTYPE_Q5_K);
+				for (int sb = 0; sb < 8; sb++)
+					sums[sb] = -sum_floats(xj + 32 * sb, 4);
+				q += LP_QK_K;
+				sums += 8;
+			}
+			break;
+		case LP_DTYPE_Q6_K:
+			for (int64_t b = 0; b < k / LP_QK_K; b++, xj += LP_QK_K) {
+				for (int g = 0; g < 4; g++) {
+					const float *xa = xj + 128 * (g / 2) + 32 * (g % 2);
+					prep_k_group(xa, xa + 64, q + 64 * g, true);
+				}
+				for (int g = 0; g < 16; g++)
+					sums[g] = -32.0f * sum_floats(xj + 16 * g, 2);
+				q += LP_QK_K;
+				sums += 16;
+			}
+			break;
+		default: {
+			const bool has_m = t == LP_DTYPE_Q4_1 || t == LP_DTYPE_Q5_1;
+			const bool five = t == LP_DTYPE_Q5_0 || t == LP_DTYPE_Q5_1;
+			const float off = t == LP_DTYPE_Q5_0 ? -16.0f : -8.0f;
 
-			_mm256_storeu_ps(q, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0x44), s0));
-			_mm256_storeu_ps(q + 8, _mm256_mul_ps(_mm256_shuffle_ps(t0, t2, 0xee), s1));
-			_mm256_storeu_ps(q + 16,
-			                 _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0x44), s0));
-			_mm256_storeu_ps(q + 24,
-			                 _mm256_mul_ps(_mm256_shuffle_ps(t1, t3, 0xee), s1));
+			for (int64_t b = 0; b < k / LP_QK;
+			     b++, xj += LP_QK, q += LP_QK, sums += 2) {
+				float sum = sum_floats(xj, 4);
 
-			float sum =
-			    hsum(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)));
-			sums[0] = t == LP_DTYPE_Q4_0 ? -8.0f * sum : 0.0f;
-			sums[1] = t == LP_DTYPE_Q4_1 ? sum : 0.0f;
+				if (five)
+					prep_q5_block(xj, q);
+				else
+					prep_chunk(xj, xj + 16, q);
+				sums[0] = has_m ? 0.0f : off * sum;
+				sums[1] = has_m ? sum : 0.0f;
+			}
+			break;
+		}
 		}
 	}
 }
@@ -315,21 +602,25 @@ AVX2_INLINE __m256 dot_q4(const __m256 w[4], const float *q)
 	return _mm256_fmadd_ps(w[3], _mm256_load_ps(q + 24), d);
 }
 
-/* Q4_0 / Q4_1 rows [r0, r1) against n prepared rows of x: sum_b d_b * (q_b
- * . x_b) + offset_b * sum_b, the offset being m_b (Q4_1) or -8 d_b (Q4_0).
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 rows [r0, r1) against n prepared rows of x:
+ * sum_b d_b * (q_b . x_b) + offset_b * sum_b, the offset being m_b (Q4_1,
+ * Q5_1) or -8 d_b (Q4_0), -16 d_b (Q5_0).
  *
  * Blocks go by fours: their (d, m) words are gathered into one register and
- * converted at once, [d0 m0 d1 m1 d2 m2 d3 m3] (for Q4_0 the m lanes hold
- * two weights and are cleared); the scales are broadcast from a copy on
- * the stack, and the offsets' share is one multiply-add against the
- * prepared sums [c0 s0 c1 s1 ...] (c = -8 sum for Q4_0, s = sum for Q4_1,
- * the other zero). Even and odd blocks go to two accumulators to keep the
+ * converted at once, [d0 m0 d1 m1 d2 m2 d3 m3] (for Q4_0 and Q5_0 the m
+ * lanes hold weights or high bits and are cleared); the scales are
+ * broadcast from a copy on the stack, and the offsets' share is one
+ * multiply-add against the prepared sums [c0 s0 c1 s1 ...]
+ * (lp_cpu_matvec_prep_avx2). Even and odd blocks go to two accumulators to keep the
  * chains short. Blocks past the last four go one by one. */
 AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
                        int64_t k, const int n, const float *prep, float *out, int64_t ldo,
                        bool accumulate)
 {
-	const size_t bb = lp_dtype_block_bytes(t), qs = t == LP_DTYPE_Q4_1 ? 4 : 2;
+	const bool has_m = t == LP_DTYPE_Q4_1 || t == LP_DTYPE_Q5_1;
+	const bool five = t == LP_DTYPE_Q5_0 || t == LP_DTYPE_Q5_1;
+	/* offsets of qh (Q5_x) and qs in a block */
+	const size_t bb = lp_dtype_block_bytes(t), qh = has_m ? 4 : 2, qs = qh + (five ? 4 : 0);
 	const __m256 even = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
 	const uint8_t *end = (const uint8_t *)w + (size_t)r1 * w_stride;
 	int64_t nb = k / LP_QK;
@@ -357,7 +648,7 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 			h = _mm_insert_epi32(h, (int)load_u32(p + 2 * bb), 2);
 			h = _mm_insert_epi32(h, (int)load_u32(p + 3 * bb), 3);
 			__m256 dm = _mm256_cvtph_ps(h);
-			if (t == LP_DTYPE_Q4_0)
+			if (!has_m)
 				dm = _mm256_and_ps(dm, even);
 			_mm256_store_ps(dbuf, dm);
 #pragma GCC unroll 4
@@ -370,7 +661,10 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 				__m256 wv[4];
 				__m256 dv = _mm256_broadcast_ss(dbuf + 2 * i);
 
-				load_q4(p + i * bb + qs, wv);
+				if (five)
+					load_q5(p + i * bb + qs, p + i * bb + qh, wv);
+				else
+					load_q4(p + i * bb + qs, wv);
 #pragma GCC unroll 4
 				for (int j = 0; j < n; j++) {
 					__m256 d = dot_q4(
@@ -384,11 +678,14 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 		}
 		for (; b < nb; b++, p += bb, q += LP_QK, s += 2) {
 			__m256 wv[4];
-			/* d and m for Q4_1, d and two weights for Q4_0 */
+			/* d and m, or d and two bytes that are not a scale */
 			__m128 dm = _mm_cvtph_ps(_mm_loadu_si32(p));
 			__m256 dv = _mm256_broadcastss_ps(dm);
 
-			load_q4(p + qs, wv);
+			if (five)
+				load_q5(p + qs, p + qh, wv);
+			else
+				load_q4(p + qs, wv);
 #pragma GCC unroll 4
 			for (int j = 0; j < n; j++) {
 				const float *sj = s + (size_t)j * LP_CPU_PREP_ROW_FLOATS;
@@ -396,7 +693,7 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 				acc0[j] = _mm256_fmadd_ps(
 				    dv, dot_q4(wv, q + (size_t)j * LP_CPU_PREP_ROW_FLOATS),
 				    acc0[j]);
-				if (t == LP_DTYPE_Q4_1)
+				if (has_m)
 					macc[j] = _mm_fmadd_ps(dm, sv, macc[j]);
 				else
 					macc[j] = _mm_fmadd_ss(dm, sv, macc[j]);
@@ -404,9 +701,143 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 		}
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
-			/* m * sum in lane 1 for Q4_1, d * -8 sum in lane 0 for Q4_0 */
-			__m128 mt = t == LP_DTYPE_Q4_1 ? _mm_movehdup_ps(macc[j]) : macc[j];
+			/* m * sum in lane 1 with m, d * c in lane 0 without */
+			__m128 mt = has_m ? _mm_movehdup_ps(macc[j]) : macc[j];
 			float sum = hsum(_mm256_add_ps(acc0[j], acc1[j])) + _mm_cvtss_f32(mt);
+			float *o = out + j * ldo + r;
+			*o = accumulate ? *o + sum : sum;
+		}
+	}
+}
+
+/* [v[a] x 4, v[b] x 4] */
+AVX2_INLINE __m256 pair_bcast(__m256 v, const int a, const int b)
+{
+	return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, a, a, a, b, b, b, b));
+}
+
+/* acc[j] += dv * (w . prepared x of row j), for n rows (dot_q4 over the 32
+ * floats at q + 32 side of each row's group) */
+AVX2_INLINE void k_side(const __m256 w[4], __m256 dv, const float *q, const int n, __m256 *acc)
+{
+#pragma GCC unroll 4
+	for (int j = 0; j < n; j++)
+		acc[j] =
+		    _mm256_fmadd_ps(dv, dot_q4(w, q + (size_t)j * LP_CPU_PREP_ROW_FLOATS), acc[j]);
+}
+
+/* Q4_K / Q5_K / Q6_K rows [r0, r1) against n prepared rows of x.
+ *
+ * Q4_K, Q5_K: per block, sum_s D_s (q_s . x_s) - M_s sum(x_s). Each 32 bytes
+ * qs[32g ..] hold sub-block 2g in their low nibbles and 2g + 1 in their
+ * high ones, so each side is one sub-block: four registers (k_nibbles; for
+ * Q5_K, k_bytes of the nibbles with their fifth bits from the same bytes of
+ * qh), one scale D_s from a copy on the stack. The minimums' share is one
+ * multiply-add per block against the prepared (negated) sub-block sums.
+ *
+ * Q6_K: per block, sum_g D_g (q_g . x_g) - 32 D_g sum(x_g) over its groups of
+ * 16, D_g = d * scales[g]. The 32 bytes ql[64h + 32c ..] hold groups 8h + 2c
+ * and + 1 in their low nibbles (the low and high halves of k_bytes'
+ * registers), 8h + 2c + 4 and + 5 in their high ones; qh[32h ..] gives the
+ * two high bits of both. Sides go to two accumulators. */
+AVX2_INLINE void mv_k(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
+                      int64_t k, const int n, const float *prep, float *out, int64_t ldo,
+                      bool accumulate)
+{
+	const bool six = t == LP_DTYPE_Q6_K, five = t == LP_DTYPE_Q5_K;
+	const size_t bb = lp_dtype_block_bytes(t), nsums = six ? 16 : 8;
+	const uint8_t *end = (const uint8_t *)w + (size_t)r1 * w_stride;
+	int64_t nb = k / LP_QK_K;
+	float dbuf[8] __attribute__((aligned(32)));
+
+	prefetch_head(w, w_stride, r0, r1);
+	for (int64_t r = r0; r < r1; r++) {
+		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
+		const float *q = prep, *s = prep + LP_CPU_PREP_SUMS;
+		__m256 acc0[LP_CPU_MATVEC_MAX_N], acc1[LP_CPU_MATVEC_MAX_N];
+
+		prefetch_row(p, w_stride, end);
+#pragma GCC unroll 4
+		for (int j = 0; j < n; j++) {
+			acc0[j] = _mm256_setzero_ps();
+			acc1[j] = _mm256_setzero_ps();
+		}
+		for (int64_t b = 0; b < nb; b++, p += bb, q += LP_QK_K, s += nsums) {
+			if (six) {
+				const struct lp_block_q6_k *blk = (const struct lp_block_q6_k *)p;
+				__m256 d = _mm256_set1_ps(f16(blk->d)), D[2];
+
+				D[0] = _mm256_mul_ps(
+				    d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+				           _mm_loadl_epi64((const __m128i *)blk->scales))));
+				D[1] = _mm256_mul_ps(
+				    d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+				           _mm_loadl_epi64((const __m128i *)(blk->scales + 8)))));
+#pragma GCC unroll 4
+				for (int j = 0; j < n; j++) {
+					const float *sj = s + (size_t)j * LP_CPU_PREP_ROW_FLOATS;
+					acc1[j] =
+					    _mm256_fmadd_ps(D[0], _mm256_load_ps(sj), acc1[j]);
+					acc1[j] =
+					    _mm256_fmadd_ps(D[1], _mm256_load_ps(sj + 8), acc1[j]);
+				}
+#pragma GCC unroll 2
+				for (int h = 0; h < 2; h++) {
+					__m256i hv =
+					    _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+#pragma GCC unroll 2
+					for (int c = 0; c < 2; c++) {
+						__m256i v = _mm256_loadu_si256(
+						    (const __m256i *)(blk->ql + 64 * h + 32 * c));
+						const float *qg = q + 64 * (2 * h + c);
+						__m256 wv[4];
+
+						k_bytes(k_assemble(v, hv, 0, 2 * c, 2), wv);
+						k_side(wv, pair_bcast(D[h], 2 * c, 2 * c + 1), qg,
+						       n, acc0);
+						k_bytes(k_assemble(v, hv, 1, 2 * c + 4, 2), wv);
+						k_side(wv, pair_bcast(D[h], 2 * c + 4, 2 * c + 5),
+						       qg + 32, n, acc1);
+					}
+				}
+				continue;
+			}
+			__m256 D, M;
+			__m256i hv = five ? _mm256_loadu_si256((const __m256i *)(p + 16))
+			                  : _mm256_setzero_si256();
+
+			k4_scales(p, &D, &M);
+			_mm256_store_ps(dbuf, D);
+#pragma GCC unroll 4
+			for (int j = 0; j < n; j++)
+				acc1[j] = _mm256_fmadd_ps(
+				    M, _mm256_load_ps(s + (size_t)j * LP_CPU_PREP_ROW_FLOATS),
+				    acc1[j]);
+#pragma GCC unroll 4
+			for (int g = 0; g < 4; g++) {
+				__m256i v = _mm256_loadu_si256(
+				    (const __m256i *)(p + (five ? 48 : 16) + 32 * g));
+				const float *qg = q + 64 * g;
+				__m256 wv[4];
+
+				if (five) {
+					k_bytes(k_assemble(v, hv, 0, 2 * g, 1), wv);
+					k_side(wv, _mm256_broadcast_ss(dbuf + 2 * g), qg, n, acc0);
+					k_bytes(k_assemble(v, hv, 1, 2 * g + 1, 1), wv);
+					k_side(wv, _mm256_broadcast_ss(dbuf + 2 * g + 1), qg + 32,
+					       n, acc1);
+					continue;
+				}
+				__m256i u = _mm256_srli_epi32(v, 16);
+				k_nibbles(v, u, 0, wv);
+				k_side(wv, _mm256_broadcast_ss(dbuf + 2 * g), qg, n, acc0);
+				k_nibbles(v, u, 1, wv);
+				k_side(wv, _mm256_broadcast_ss(dbuf + 2 * g + 1), qg + 32, n, acc1);
+			}
+		}
+#pragma GCC unroll 4
+		for (int j = 0; j < n; j++) {
+			float sum = hsum(_mm256_add_ps(acc0[j], acc1[j]));
 			float *o = out + j * ldo + r;
 			*o = accumulate ? *o + sum : sum;
 		}
@@ -501,6 +932,27 @@ AVX2 void lp_cpu_matvec_avx2(enum lp_dtype t, const void *w, size_t w_stride, in
 		return;
 	case LP_DTYPE_Q4_1:
 		MV_CASES(LP_DTYPE_Q4_1);
+		return;
+	case LP_DTYPE_Q5_0:
+		MV_CASES(LP_DTYPE_Q5_0);
+		return;
+	case LP_DTYPE_Q5_1:
+		MV_CASES(LP_DTYPE_Q5_1);
+		return;
+	default:
+		break;
+	}
+#undef MV_CALL
+#define MV_CALL(T, N) mv_k(T, w, w_stride, r0, r1, k, N, prep, out, ldo, accumulate)
+	switch (t) {
+	case LP_DTYPE_Q4_K:
+		MV_CASES(LP_DTYPE_Q4_K);
+		return;
+	case LP_DTYPE_Q5_K:
+		MV_CASES(LP_DTYPE_Q5_K);
+		return;
+	case LP_DTYPE_Q6_K:
+		MV_CASES(LP_DTYPE_Q6_K);
 		return;
 	default:
 		break;

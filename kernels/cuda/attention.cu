@@ -1,10 +1,13 @@
 /* Paged attention on CUDA. What a row (one token, one query head) computes
  * is struct lp_attention_args in backend.h; the CPU backend's attention.c
  * is the reference: softmax(scale * q . k_p) weighted sum of v_p over the
- * positions p = 0 .. tok_pos[t] of the token's sequence, read through its
- * block table, leaving out positions whose block is outside the cache
- * (they set LP_CUDA_BAD_BLOCK); a padding row (tok_seq < 0) or a row
- * without positions comes out zero.
+ * positions p = f .. tok_pos[t] of the token's sequence (f = 0, or with a
+ * sliding window max(0, tok_pos[t] - window + 1)), read through its block
+ * table, leaving out positions whose block is outside the cache (they set
+ * LP_CUDA_BAD_BLOCK); a padding row (tok_seq < 0) or a row without
+ * positions comes out zero. Tiles start at the one holding the run's
+ * lowest f (entries of the block table before it are never read), and a
+ * row masks the positions of its tiles outside its own range.
  *
  * Both kernels share one block-level routine (att_run): a run of nt tokens
  * of one sequence times the heads of one kv head (gb <= 8 of them) makes R
@@ -33,8 +36,8 @@
  * same sequence inside their tile, the decode kernel all others (decode
  * rows, lone tokens, padding). So any mix of decode and prefill rows in one
  * call is right, and the grids depend only on n_tokens, the head counts,
- * head_dim, block_size, max_blocks_per_seq and max_context (CUDA Graph
- * replay with new positions and tables stays correct). The cost of not
+ * head_dim, block_size, max_blocks_per_seq, max_context and window (CUDA
+ * Graph replay with new positions and tables stays correct). The cost of not
  * knowing the batch's shape on the host: in a pure decode step the prefill
  * grid's blocks find no run and return, and in a prefill step the decode
  * grid's do; decode rows that share a prefill tile with a run are still
@@ -90,8 +93,10 @@ struct att_params {
 	int bs, max_blocks;
 	int cap;   /* max_blocks * bs: the table's reach */
 	int bm;    /* tokens per prefill tile */
-	int parts; /* partitions of the decode grid (1: no split) */
+	int parts; /* partitions of the decode grid (1: no split), from the
+	              first tile of each token's range */
 	int part_len;
+	int window;   /* sliding window (0: none) */
 	float scale2; /* scale * log2(e) */
 };
 
@@ -114,7 +119,9 @@ struct att_smem {
 	char *k, *v; /* [ATT_TK][att_kv_stride] of the cache's type */
 	float *pr;   /* [rmax][ATT_TK]: the tile's weights of each row */
 	int *valid;  /* [ATT_TK]: position has a cache row */
-	int *tok_n;  /* [bmax]: positions of each token of the run */
+	int *row_lo; /* [rmax]: first position of each row's token (read where
+	                used: registers are what the prefill kernel runs short of) */
+	int *tok_n;  /* [bmax]: end of the positions of each token of the run */
 	int *seq;    /* [bmax]: prefill: the tile's tok_seq */
 	int *runs;   /* [bmax][2]: prefill: (first token, count) of each run */
 	int *n_runs;
@@ -124,7 +131,7 @@ static __host__ __device__ size_t att_smem_bytes(int hd, int es, int rmax, int b
 {
 	return sizeof(float) * ((size_t)rmax * hd + (size_t)rmax * ATT_TK) +
 	       2 * (size_t)ATT_TK * att_kv_stride(hd, es) * es +
-	       sizeof(int) * ((size_t)ATT_TK + 4 * (size_t)bmax + 1);
+	       sizeof(int) * ((size_t)ATT_TK + (size_t)rmax + 4 * (size_t)bmax + 1);
 }
 
 static __device__ __forceinline__ att_smem att_smem_carve(void *base, int hd, int es, int rmax,
@@ -138,7 +145,8 @@ static __device__ __forceinline__ att_smem att_smem_carve(void *base, int hd, in
 	s.v = s.k + tile;
 	s.pr = (float *)(s.v + tile);
 	s.valid = (int *)(s.pr + (size_t)rmax * ATT_TK);
-	s.tok_n = s.valid + ATT_TK;
+	s.row_lo = s.valid + ATT_TK;
+	s.tok_n = s.row_lo + rmax;
 	s.seq = s.tok_n + bmax;
 	s.runs = s.seq + bmax;
 	s.n_runs = s.runs + 2 * bmax;
@@ -171,6 +179,12 @@ static __device__ __forceinline__ int att_positions(const att_params &p, int t)
 	if (p.tok_seq[t] < 0 || n < 0)
 		return 0;
 	return n < p.cap ? (int)n : p.cap;
+}
+
+/* The first position token t attends to: 0, or its window's first. */
+static __device__ __forceinline__ int att_first(const att_params &p, int t)
+{
+	return p.window > 0 ? max(p.tok_pos[t] - p.window + 1, 0) : 0;
 }
 
 /* True when the prefill kernel serves token t: a neighbour inside its tile
@@ -248,10 +262,12 @@ static __device__ __forceinline__ void att_unpack_n(const T *src, float *f)
 
 /* One run: tokens [ta, ta + nt) of one sequence (block table `table`;
  * NULL when no token has positions) times heads [h0, h0 + gbe) of kv head
- * kvh, over positions [pb, pe) of the context, each row stopping at its
- * own token's count. Without split the rows go to out (zero where a row
- * saw no position); with split each row's state goes to partition `part`
- * of the workspace. Every thread of the block calls it (barriers inside).
+ * kvh, over positions [pb, pe) of the context (pb a multiple of ATT_TK),
+ * each row over its own token's range (att_first .. att_positions), the
+ * tiles from the one holding the lowest first position on. Without split
+ * the rows go to out (zero where a row saw no position); with split each
+ * row's state goes to partition `part` of the workspace. Every thread of
+ * the block calls it (barriers inside).
  *
  * Lane dims: lane l holds dims (l + 32 i) * VEC + [0, VEC) of its rows'
  * weighted V, i < NV. Rows: warp w owns rows w, w + NW, ... (RPW of them). */
@@ -273,6 +289,8 @@ att_run(const att_params &p, const att_smem &sm, const int32_t *table, int ta, i
 	__syncthreads();
 	for (int tt = threadIdx.x; tt < nt; tt += NT)
 		sm.tok_n[tt] = min(att_positions(p, ta + tt), pe);
+	for (int r = threadIdx.x; r < R; r += NT)
+		sm.row_lo[r] = att_first(p, ta + r / gbe);
 	for (int idx = threadIdx.x; idx < R * (hd / 4); idx += NT) {
 		int r = idx / (hd / 4), c = idx - r * (hd / 4);
 		const float *src =
@@ -282,9 +300,12 @@ att_run(const att_params &p, const att_smem &sm, const int32_t *table, int ta, i
 	}
 	__syncthreads();
 
-	int end = pb;
-	for (int tt = 0; tt < nt; tt++)
+	int end = pb, lo = INT_MAX;
+	for (int tt = 0; tt < nt; tt++) {
 		end = max(end, sm.tok_n[tt]);
+		lo = min(lo, sm.row_lo[tt * gbe]);
+	}
+	lo = min(lo, end); /* a row past the table's reach: nothing to read */
 
 	float m[RPW], lp[RPW], acc[RPW][NV][VEC];
 	int nrow[RPW];
@@ -306,14 +327,15 @@ att_run(const att_params &p, const att_smem &sm, const int32_t *table, int ta, i
 	for (int i = 0; i < NV; i++)
 		dim_on[i] = (lane + 32 * i) * VEC < hd;
 
-	for (int p0 = pb; p0 < end; p0 += ATT_TK) {
+	for (int p0 = max(pb, lo / ATT_TK * ATT_TK); p0 < end; p0 += ATT_TK) {
 		/* everyone is done with the previous tile */
 		__syncthreads();
 		for (int idx = threadIdx.x; idx < ATT_TK * cpr; idx += NT) {
 			int j = idx / cpr, c = idx - j * cpr, pos = p0 + j;
 			int64_t row = -1;
 
-			if (pos < end) {
+			/* lo <= pos < end, in one comparison (registers) */
+			if ((unsigned)(pos - lo) < (unsigned)(end - lo)) {
 				int32_t b = table[pos / p.bs];
 				int64_t rr = (int64_t)b * p.bs + pos % p.bs;
 
@@ -375,7 +397,10 @@ att_run(const att_params &p, const att_smem &sm, const int32_t *table, int ta, i
 		for (int j = 0; j < RPW; j++) {
 			if (!live[j])
 				continue;
-			float s = pos_ok && p0 + lane < nrow[j] ? dot[j] * p.scale2 : -INFINITY;
+			float s =
+			    pos_ok && p0 + lane < nrow[j] && p0 + lane >= sm.row_lo[warp + NW * j]
+			        ? dot[j] * p.scale2
+			        : -INFINITY;
 			float tmax = att_warp_max(s);
 
 			if (tmax == -INFINITY) { /* nothing of this row in the tile */
@@ -486,7 +511,8 @@ __global__ void __launch_bounds__(ATT_DEC_WARPS * 32, 4) att_decode_kernel(const
 	const int h0 = kvh * p.group + hc * p.gb, gbe = min(p.gb, p.group - hc * p.gb);
 	const int n = att_positions(p, t);
 	const bool split = p.parts > 1;
-	const int pb = split ? part * p.part_len : 0;
+	/* partitions count from the tile holding the token's first position */
+	const int pb = split ? att_first(p, t) / ATT_TK * ATT_TK + part * p.part_len : 0;
 	const int pe = split && part + 1 < p.parts ? pb + p.part_len : INT_MAX;
 
 	/* the reduce kernel reads only the partitions below n (none: zeros) */
@@ -551,7 +577,7 @@ __global__ void __launch_bounds__(128) att_reduce_kernel(const att_params p)
 
 	if (att_in_run(p, t))
 		return;
-	const int n = att_positions(p, t);
+	const int n = att_positions(p, t) - att_first(p, t) / ATT_TK * ATT_TK;
 	const int np = min(p.parts, (n + p.part_len - 1) / p.part_len);
 
 	for (int e = threadIdx.x; e < p.n_heads * p.hd; e += blockDim.x) {
@@ -585,12 +611,17 @@ struct att_plan {
 };
 
 static att_plan att_make_plan(int n_tokens, int n_heads, int n_kv_heads, int hd, int cap,
-                              int max_context)
+                              int max_context, int window)
 {
 	att_plan pl;
 	int group = n_heads / n_kv_heads;
 	int ctx = max_context > 0 && max_context < cap ? max_context : cap;
 	int64_t units;
+
+	/* with a window, a token's range spans at most window + ATT_TK - 1
+	 * positions from the start of its first tile */
+	if (window > 0 && window <= ctx - ATT_TK + 1)
+		ctx = window + ATT_TK - 1;
 
 	pl.hdmax = hd <= 64 ? 64 : hd <= 128 ? 128 : 256;
 	pl.hchunks = (group + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
@@ -633,7 +664,7 @@ size_t lp_cuda_attention_workspace(const struct lp_backend_limits *lim)
 	/* the split grids are those below ATT_SPLIT_BLOCKS blocks */
 	for (int n = 1; n <= lim->max_tokens && n <= ATT_SPLIT_BLOCKS; n++) {
 		att_plan pl = att_make_plan(n, lim->n_heads, lim->n_kv_heads, lim->head_dim,
-		                            (int)cap, (int)cap);
+		                            (int)cap, (int)cap, 0);
 		size_t b = att_ws_bytes(n, lim->n_heads, lim->head_dim, pl.parts);
 
 		worst = b > worst ? b : worst;
@@ -715,6 +746,7 @@ void lp_cuda_attention(void *ctx, const struct lp_attention_args *a)
 	                "attention");
 	LP_CUDA_REQUIRE(cu, a->block_size > 0 && a->max_blocks_per_seq > 0 && cap <= INT_MAX,
 	                "attention");
+	LP_CUDA_REQUIRE(cu, a->window >= 0, "attention");
 	LP_CUDA_REQUIRE(cu, k->type == v->type, "attention");
 	LP_CUDA_REQUIRE(
 	    cu, k->type == LP_DTYPE_F32 || k->type == LP_DTYPE_F16 || k->type == LP_DTYPE_BF16,
@@ -737,7 +769,7 @@ void lp_cuda_attention(void *ctx, const struct lp_attention_args *a)
 		return;
 
 	pl = att_make_plan(a->n_tokens, a->n_heads, a->n_kv_heads, a->head_dim, (int)cap,
-	                   a->max_context);
+	                   a->max_context, a->window);
 	/* without the workspace reserve() sized, one partition (still right) */
 	size_t need = att_ws_bytes(a->n_tokens, a->n_heads, a->head_dim, pl.parts);
 	if (pl.parts > 1 &&
@@ -773,6 +805,7 @@ void lp_cuda_attention(void *ctx, const struct lp_attention_args *a)
 	p.bm = pl.bm;
 	p.parts = pl.parts;
 	p.part_len = pl.part_len;
+	p.window = a->window;
 	p.scale2 = a->scale * ATT_LOG2E;
 
 	switch (k->type) {

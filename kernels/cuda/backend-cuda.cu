@@ -79,7 +79,7 @@ struct step_op {
 	int64_t kind;
 	uint64_t present; /* bit i: t[i] was given */
 	struct op_tensor t[5];
-	int64_t i[8];  /* integers, and floats as their bits */
+	int64_t i[9];  /* integers, and floats as their bits */
 	uint64_t p[5]; /* device pointers */
 	int64_t loose[2];
 };
@@ -252,6 +252,7 @@ static void run_op(struct lp_cuda *cu, const struct step_op *op)
 		a.max_blocks_per_seq = (int)i[5];
 		a.max_context = (int)i[6];
 		a.scale = bits_float(i[7]);
+		a.window = (int)i[8];
 		a.q = T(0);
 		a.k_cache = T(1);
 		a.v_cache = T(2);
@@ -657,6 +658,7 @@ static void cuda_attention(void *ctx, const struct lp_attention_args *a)
 	op.i[5] = a->max_blocks_per_seq;
 	op.i[6] = a->max_context;
 	op.i[7] = float_bits(a->scale);
+	op.i[8] = a->window;
 	op.p[0] = PTR(a->tok_seq);
 	op.p[1] = PTR(a->tok_pos);
 	op.p[2] = PTR(a->block_tables);

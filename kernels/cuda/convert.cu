@@ -21,8 +21,9 @@ enum lp_dtype lp_cuda_weight_type(enum lp_dtype src)
 }
 
 /* Weights expanded to f32 at a time on the host (a multiple of every
- * block size). */
+ * block size, the K-quants' 256 included). */
 #define LP_CONVERT_CHUNK 1024
+static_assert(LP_CONVERT_CHUNK % LP_QK_K == 0, "conversion chunks must be whole blocks");
 
 /* Converts n weights (a multiple of the source block) starting at source
  * block offset `src` into dst, in dst_type. Returns the index of the first
@@ -111,7 +112,7 @@ int lp_cuda_convert_weight(struct lp_cuda *cu, void *dst, const void *host, enum
 		}
 	}
 	if (overflow >= 0) {
-		float v[LP_QK];
+		float v[LP_QK_K]; /* one block of the largest block size */
 		int64_t b0 = overflow / block * block;
 
 		lp_dequantize_row(

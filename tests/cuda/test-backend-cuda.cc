@@ -281,6 +281,39 @@ static void test_import_weight(void)
 	}
 	lp_backend_free(be, &buf);
 
+	/* Q4_K (blocks of 256, sub-block scales) -> f16 of the dequantized values */
+	{
+		struct lp_block_q4_k qk[2];
+		float kd[256];
+		uint16_t kb[2 * 256];
+
+		memset(qk, 0, sizeof(qk));
+		for (int b = 0; b < 2; b++) {
+			qk[b].d = lp_f32_to_f16(0.01f * (b + 1));
+			qk[b].dmin = lp_f32_to_f16(0.002f);
+			for (int i = 0; i < 12; i++)
+				qk[b].scales[i] = (uint8_t)(37 * i + 11 * b);
+			for (int i = 0; i < 128; i++)
+				qk[b].qs[i] = (uint8_t)(29 * i + b);
+		}
+		CHECK_OK(be->ops->import_weight(be->ctx, qk, LP_DTYPE_Q4_K, 2, 256, &t, &buf, &err),
+		         &err);
+		CHECK_EQ_INT(t.type, LP_DTYPE_F16);
+		CHECK_EQ_INT(buf.size, 2 * 256 * 2);
+		lp_backend_download(be, kb, t.data, sizeof(kb));
+		for (int r = 0; r < 2; r++) {
+			lp_dequantize_row(LP_DTYPE_Q4_K, &qk[r], kd, 256);
+			for (int c = 0; c < 256; c++)
+				CHECK_MSG(kb[r * 256 + c] == lp_f32_to_f16(kd[c]),
+				          "q4_k element %d, %d", r, c);
+		}
+		lp_backend_free(be, &buf);
+		/* a K-quant row must be whole 256-weight blocks */
+		CHECK_EQ_INT(
+		    be->ops->import_weight(be->ctx, qk, LP_DTYPE_Q4_K, 1, 128, &t, &buf, &err),
+		    -EINVAL);
+	}
+
 	/* refused: a row that is not whole blocks, an index type, no data */
 	CHECK_EQ_INT(be->ops->import_weight(be->ctx, q8, LP_DTYPE_Q4_0, 1, 33, &t, &buf, &err),
 	             -EINVAL);

@@ -14,7 +14,10 @@
  * Every call reads one "world": K/V caches of random values in [-1, 1] and
  * each sequence's block table, its entries drawn at random from the pool
  * (sequences may share blocks, as with prefix caching). The query of a
- * token is a fixed function of its (sequence, position). */
+ * token is a fixed function of its (sequence, position). The window tests
+ * run the decode, mixed and prefill calls with sliding windows, and with
+ * the block-table entries before each window poisoned as the engine leaves
+ * them once it releases those blocks. */
 #include "kernels/cuda/ops.cuh"
 
 #include <errno.h>
@@ -104,6 +107,7 @@ struct call {
 	std::vector<int32_t> seq, pos;
 	float scale;     /* 0: 1 / sqrt(head_dim) */
 	int max_context; /* 0: the largest position + 1; -1: left 0 */
+	int window;      /* sliding window, 0: none */
 };
 
 static void add_run(struct call *c, int s, int pos0, int count)
@@ -148,6 +152,7 @@ static struct lp_attention_args make_args(const struct world *w, const struct ca
 	a.block_size = w->bs;
 	a.max_blocks_per_seq = w->max_blocks;
 	a.max_context = c->max_context > 0 ? c->max_context : c->max_context < 0 ? 0 : mc;
+	a.window = c->window;
 	a.scale = c->scale > 0 ? c->scale : 1.0f / sqrtf((float)w->hd);
 	return a;
 }
@@ -704,6 +709,109 @@ static void test_graph_replay(void)
 	report_worst("graph replay");
 }
 
+/* ---- sliding windows ---- */
+
+/* Sets the entries of sequence s's block table that lie wholly before the
+ * window of its lowest position in c to -1 or past the cache's end, as the
+ * engine leaves them once it has released those blocks. */
+static void poison_before_window(struct world *w, const struct call *c, int s)
+{
+	int lowest = INT32_MAX;
+
+	for (size_t t = 0; t < c->seq.size(); t++)
+		if (c->seq[t] == s && c->pos[t] < lowest)
+			lowest = c->pos[t];
+	if (lowest == INT32_MAX)
+		return; /* s is not in the call */
+	for (int b = 0; (b + 1) * w->bs <= lowest - c->window + 1; b++)
+		w->tables[(size_t)s * w->max_blocks + b] = b % 2 ? -1 : w->n_blocks + b;
+}
+
+/* Windows of 1 to 1000 positions (shorter and longer than the contexts,
+ * multiples of neither the tile of 32 nor the block size, and of both)
+ * over decode rows of contexts 1 .. 1030 (split into partitions counted
+ * from each window's first tile), the mixed batch and a long prompt alone
+ * and after 700 positions; then the same calls with every sequence's
+ * entries before its window poisoned: nothing flagged, the same result. */
+static void test_window(void)
+{
+	static const int windows[] = {1, 7, 24, 32, 33, 100, 256, 300, 1000};
+	static const int lens[] = {1, 15, 16, 17, 100, 1030};
+
+	for (int wi = 0; wi < 9; wi++) {
+		for (int poison = 0; poison < 2; poison++) {
+			struct world w;
+			struct call dec = {}, mix = {}, pre = {}, chunk = {};
+			enum lp_dtype ct = g_types[(wi + poison) % 3];
+
+			dec.window = mix.window = pre.window = chunk.window = windows[wi];
+			world_init(&w, ct, 6, 2, 64, 16, 8, 72, 300, 1400 + wi);
+			for (int s = 0; s < 6; s++)
+				add_run(&dec, s, lens[s] - 1, 1);
+			mixed_batch(&mix);
+			if (poison)
+				for (int s = 0; s < 8; s++)
+					poison_before_window(&w, &dec, s);
+			if (!check_call(poison ? "window, decode, poisoned" : "window, decode", &w,
+			                &dec))
+				return;
+			/* decode (split), reduce, prefill (no run) */
+			CHECK(g_launches >= 2);
+			world_init(&w, ct, 6, 2, 64, 16, 8, 72, 300, 1400 + wi);
+			if (poison)
+				for (int s = 0; s < 8; s++)
+					poison_before_window(&w, &mix, s);
+			if (!check_call(poison ? "window, mixed batch, poisoned"
+			                       : "window, mixed batch",
+			                &w, &mix))
+				return;
+			world_init(&w, ct, 4, 2, 64, 16, 2, 60, 100, 1500 + wi);
+			add_run(&pre, 0, 0, 130);
+			add_run(&chunk, 1, 700, 70);
+			if (poison) {
+				poison_before_window(&w, &pre, 0);
+				poison_before_window(&w, &chunk, 1);
+			}
+			if (!check_call("window, prompt of 130", &w, &pre) ||
+			    !check_call("window, chunk of 70 after 700", &w, &chunk))
+				return;
+		}
+	}
+	report_worst("window");
+}
+
+/* One sequence decoding with a window over a long context (2047
+ * positions, window 700: the partitions cover the window only) and a
+ * batch of 300 decode rows with window 50, without the poisoned entries
+ * being read. */
+static void test_window_long_decode(void)
+{
+	for (int ti = 0; ti < 3; ti++) {
+		struct world w;
+		struct call c = {};
+
+		world_init(&w, g_types[ti], 8, 1, 64, 16, 2, 160, 300, 1600 + ti);
+		add_run(&c, 1, 2047, 1);
+		c.window = 700;
+		poison_before_window(&w, &c, 1);
+		if (!check_call("one long decode row, window 700", &w, &c))
+			return;
+	}
+	{
+		struct world w;
+		struct call c = {};
+
+		world_init(&w, LP_DTYPE_F16, 6, 2, 64, 16, 300, 20, 400, 1700);
+		for (int s = 0; s < 300; s++)
+			add_run(&c, s, (int)(mix64(s) % 300), 1);
+		c.window = 50;
+		for (int s = 0; s < 300; s++)
+			poison_before_window(&w, &c, s);
+		check_call("300 decode rows, window 50", &w, &c);
+	}
+	report_worst("window, long decode");
+}
+
 /* Shapes the op refuses: recorded in the sticky status, nothing run. */
 static void test_bad_shapes(void)
 {
@@ -758,6 +866,8 @@ int main(void)
 	RUN(test_padding_rows);
 	RUN(test_bad_block);
 	RUN(test_graph_replay);
+	RUN(test_window);
+	RUN(test_window_long_decode);
 	RUN(test_bad_shapes);
 #ifdef LP_CUDA_EMU
 	struct lp_emu_counters st = lp_emu_stats();

@@ -303,9 +303,11 @@ static void check_rmsnorm(int64_t rows, int64_t cols, bool in_place, size_t shif
 
 static void test_rmsnorm(void)
 {
-	/* warp per row up to 1024 columns, a block per row above */
-	const int64_t shapes[][2] = {{1, 7},    {300, 64}, {3, 128},   {300, 1000}, {2, 1024},
-	                             {5, 1025}, {1, 4096}, {300, 896}, {4, 5003},   {7, 1}};
+	/* warp per row up to 1024 columns, a block per row above; {2048, 128}:
+	 * Qwen3's q/k norm, one row per head (128 tokens of 16 heads) */
+	const int64_t shapes[][2] = {{1, 7},    {300, 64}, {3, 128},   {300, 1000},
+	                             {2, 1024}, {5, 1025}, {1, 4096},  {300, 896},
+	                             {4, 5003}, {7, 1},    {2048, 128}};
 
 	for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
 		for (int mode = 0; mode < 3; mode++) {

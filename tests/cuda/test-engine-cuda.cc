@@ -1,6 +1,7 @@
 /* The whole engine on the CUDA backend, run through our CUDA emulation on
  * the CPU (GEMMs by the reference route), against the CPU backend: the
- * tiny Llama and SmolLM2, with and without adapters, alone and in mixed
+ * tiny Llama, SmolLM2 and the tiny Qwen3 (per-head q/k norms, head_dim
+ * 32 with hidden 64), with and without adapters, alone and in mixed
  * batches.
  *
  * What must hold, and why:
@@ -31,9 +32,9 @@ int lp_backend_cuda_emu_new(struct lp_backend **out, struct lp_err *err);
 }
 #include "tests/test.h"
 
-#define TOL_REL  3e-2
-#define N_STEPS  16
-#define MAX_REQ  24
+#define TOL_REL   3e-2
+#define N_STEPS   16
+#define MAX_REQ   24
 #define MAX_VOCAB 49152
 
 struct req {
@@ -78,8 +79,8 @@ static int load_adapters(struct lp_engine *e, const char *dir, struct req *reqs,
 			continue;
 		snprintf(path, sizeof(path), "%s/lora/%s/%s", test_fixtures_dir(), dir,
 		         reqs[i].adapter);
-		rc = lp_lora_cache_load(lp_engine_loras(e), reqs[i].adapter, path, NULL, NULL, false,
-		                        &already, err);
+		rc = lp_lora_cache_load(lp_engine_loras(e), reqs[i].adapter, path, NULL, NULL,
+		                        false, &already, err);
 		if (rc)
 			return rc;
 	}
@@ -88,8 +89,8 @@ static int load_adapters(struct lp_engine *e, const char *dir, struct req *reqs,
 
 /* Runs reqs[0..n) as one batch, greedy, N_STEPS tokens each; res[i] gets
  * tokens and the logits of every step. */
-static int run(struct lp_model *m, enum lp_dtype kv, const char *lora_dir, struct req *reqs,
-               int n, struct result *res, struct lp_err *err)
+static int run(struct lp_model *m, enum lp_dtype kv, const char *lora_dir, struct req *reqs, int n,
+               struct result *res, struct lp_err *err)
 {
 	struct lp_engine_config ec;
 	struct lp_engine *e = NULL;
@@ -159,7 +160,8 @@ static bool compare(const char *what, const struct result *ref, const struct res
 {
 	*worst_rel = 0;
 	for (int s = 0; s < ref->n && s < got->n; s++) {
-		const float *a = ref->logits + (size_t)s * vocab, *b = got->logits + (size_t)s * vocab;
+		const float *a = ref->logits + (size_t)s * vocab,
+		            *b = got->logits + (size_t)s * vocab;
 		float lo = INFINITY, hi = -INFINITY, top1 = -INFINITY, top2 = -INFINITY;
 		double d = 0;
 
@@ -179,8 +181,8 @@ static bool compare(const char *what, const struct result *ref, const struct res
 		if (top1 - top2 < TOL_REL * (hi - lo))
 			return true; /* the argmax may flip here: stop comparing */
 		if (ref->tokens[s] != got->tokens[s]) {
-			printf("  %s: step %d: token %d, the CPU's %d (margin %.3g of the range)\n", what,
-			       s, got->tokens[s], ref->tokens[s], (top1 - top2) / (hi - lo));
+			printf("  %s: step %d: token %d, the CPU's %d (margin %.3g of the range)\n",
+			       what, s, got->tokens[s], ref->tokens[s], (top1 - top2) / (hi - lo));
 			return false;
 		}
 	}
@@ -238,8 +240,10 @@ static void test_tiny_alone_matches_cpu(void)
 
 	for (int i = 0; i < g_n_reqs && ok; i++) {
 		CHECK_OK(run(g_tiny_cpu, LP_DTYPE_F32, "tiny", &g_reqs[i], 1, &cpu[i], &err), &err);
-		CHECK_OK(run(g_tiny_cpu, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cpu16[i], &err), &err);
-		CHECK_OK(run(g_tiny_cuda, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cuda[i], &err), &err);
+		CHECK_OK(run(g_tiny_cpu, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cpu16[i], &err),
+		         &err);
+		CHECK_OK(run(g_tiny_cuda, LP_DTYPE_F16, "tiny", &g_reqs[i], 1, &cuda[i], &err),
+		         &err);
 		ok &= compare(g_reqs[i].adapter[0] ? g_reqs[i].adapter : "base", &cpu[i], &cuda[i],
 		              vocab, &w);
 		worst = fmax(worst, w);
@@ -312,6 +316,70 @@ static void test_smollm2_matches_cpu(void)
 	printf("  smollm2, 4 requests in one batch: CUDA (emulated) vs CPU: max |logit diff| = "
 	       "%.3g of the range\n",
 	       worst);
+	free_results(cpu, 4);
+	free_results(cuda, 4);
+	CHECK_MSG(ok, "a greedy token differs where the CPU's margin is clear");
+	CHECK_MSG(worst <= TOL_REL, "logits differ by %.3g of the range (tolerance %g)", worst,
+	          TOL_REL);
+}
+
+/* The tiny Qwen3 (q/k RMSNorm over one row per head), two golden prompts
+ * bare and two with its adapter, in one batch on both backends. */
+static void test_qwen3_matches_cpu(void)
+{
+	static struct result cpu[4], cuda[4];
+	struct lp_backend *bes[2] = {g_cpu, g_cuda};
+	struct lp_model *m[2] = {NULL, NULL};
+	struct req reqs[4];
+	struct lp_err err = {};
+	char path[512];
+	json_error_t jerr;
+	json_t *root;
+	double worst = 0, w;
+	bool ok = true;
+
+	snprintf(path, sizeof(path), "%s/goldens/tiny-qwen3-lora.json", test_fixtures_dir());
+	root = json_load_file(path, 0, &jerr);
+	CHECK_MSG(root, "%s: %s", path, jerr.text);
+	memset(reqs, 0, sizeof(reqs));
+	for (int i = 0; i < 4; i++) {
+		json_t *ids = json_object_get(
+		           json_array_get(json_object_get(root, "prompts"), i / 2), "ids"),
+		       *x;
+		size_t j;
+
+		json_array_foreach(ids, j, x) if (j < 256) reqs[i].ids[j] =
+		    (int32_t)json_integer_value(x);
+		reqs[i].n_ids = (int)(json_array_size(ids) < 256 ? json_array_size(ids) : 256);
+		if (i % 2)
+			snprintf(reqs[i].adapter, sizeof(reqs[i].adapter), "r8-all");
+	}
+	json_decref(root);
+	CHECK(reqs[0].n_ids > 0 && reqs[2].n_ids > 0);
+	snprintf(path, sizeof(path), "%s/tiny-qwen3", test_fixtures_dir());
+	for (int b = 0; b < 2; b++)
+		if (lp_model_load(&m[b], path, bes[b], &err)) {
+			lp_model_free(m[0]);
+			CHECK_MSG(0, "%s", err.msg);
+		}
+	if (run(m[0], LP_DTYPE_F32, "tiny-qwen3", reqs, 4, cpu, &err) ||
+	    run(m[1], LP_DTYPE_F16, "tiny-qwen3", reqs, 4, cuda, &err)) {
+		lp_model_free(m[0]);
+		lp_model_free(m[1]);
+		free_results(cpu, 4);
+		free_results(cuda, 4);
+		CHECK_MSG(0, "%s", err.msg);
+	}
+	for (int i = 0; i < 4; i++) {
+		ok &= compare(i % 2 ? "qwen3 r8-all" : "qwen3", &cpu[i], &cuda[i],
+		              m[0]->cfg.vocab_size, &w);
+		worst = fmax(worst, w);
+	}
+	printf("  tiny-qwen3, 4 requests in one batch: CUDA (emulated) vs CPU: max |logit diff| = "
+	       "%.3g of the range\n",
+	       worst);
+	lp_model_free(m[0]);
+	lp_model_free(m[1]);
 	free_results(cpu, 4);
 	free_results(cuda, 4);
 	CHECK_MSG(ok, "a greedy token differs where the CPU's margin is clear");
@@ -421,8 +489,8 @@ int main(void)
 	if (lp_backend_cpu_new(&g_cpu, 0, &err) || lp_backend_cuda_emu_new(&g_cuda, &err) ||
 	    lp_model_load(&g_tiny_cpu, path, g_cpu, &err) ||
 	    lp_model_load(&g_tiny_cuda, path, g_cuda, &err) ||
-	    lp_model_load(&g_smol_cpu, smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf", g_cpu,
-	                  &err) ||
+	    lp_model_load(&g_smol_cpu, smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf",
+	                  g_cpu, &err) ||
 	    lp_model_load(&g_smol_cuda, smol ? smol : "models/smollm2-135m-instruct-q4_1.gguf",
 	                  g_cuda, &err)) {
 		printf("FAIL test-engine-cuda:setup: %s\n", err.msg);
@@ -435,6 +503,7 @@ int main(void)
 	RUN(test_tiny_alone_matches_cpu);
 	RUN(test_tiny_mixed_equals_alone);
 	RUN(test_smollm2_matches_cpu);
+	RUN(test_qwen3_matches_cpu);
 	RUN(test_device_sampling_with_penalties);
 	RUN(test_device_sampling_with_logit_bias);
 	lp_model_free(g_tiny_cpu);

@@ -470,13 +470,25 @@ static void *make_weights(enum lp_dtype t, int64_t rows, int64_t cols, float sca
 	default: /* quantized: random quants, scales (and minimums) as f16 */
 		for (size_t i = 0; i < bytes; i++)
 			b[i] = (unsigned char)rng_u32();
-		for (int64_t blk = 0; blk < n / LP_QK; blk++) {
+		for (int64_t blk = 0; blk < n / lp_dtype_block(t); blk++) {
 			unsigned char *p = b + blk * lp_dtype_block_bytes(t);
-			uint16_t d = lp_f32_to_f16(rng_float(scale / 8.0f)),
+			/* the K-quants multiply d by a sub-block scale of up to 63
+			 * (Q6_K: 128) */
+			float ds =
+			    lp_dtype_block(t) == LP_QK_K ? scale / 8.0f / 128.0f : scale / 8.0f;
+			uint16_t d = lp_f32_to_f16(rng_float(ds)),
 			         m = lp_f32_to_f16(rng_float(scale));
+			if (t == LP_DTYPE_Q6_K) { /* d last */
+				memcpy(p + 208, &d, 2);
+				continue;
+			}
 			memcpy(p, &d, 2);
-			if (t == LP_DTYPE_Q4_1)
+			if (t == LP_DTYPE_Q4_1 || t == LP_DTYPE_Q5_1)
 				memcpy(p + 2, &m, 2);
+			if (t == LP_DTYPE_Q4_K || t == LP_DTYPE_Q5_K) { /* dmin, also scaled */
+				m = lp_f32_to_f16(rng_float(ds));
+				memcpy(p + 2, &m, 2);
+			}
 		}
 		break;
 	}
@@ -536,9 +548,24 @@ static void check_convert(enum lp_dtype t, int64_t rows, int64_t cols, size_t st
 
 static void test_convert(void)
 {
-	const enum lp_dtype types[] = {LP_DTYPE_F32,  LP_DTYPE_F16,  LP_DTYPE_BF16,
-	                               LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1};
+	const enum lp_dtype types[] = {LP_DTYPE_F32,  LP_DTYPE_F16,  LP_DTYPE_BF16, LP_DTYPE_Q8_0,
+	                               LP_DTYPE_Q4_0, LP_DTYPE_Q4_1, LP_DTYPE_Q5_0, LP_DTYPE_Q5_1};
+	const enum lp_dtype k_types[] = {LP_DTYPE_Q4_K, LP_DTYPE_Q5_K, LP_DTYPE_Q6_K};
 
+	/* K-quants, blocks of 256: 1024 bytes of staging hold one block per
+	 * half; with 2048, pieces of 512 weights cut 768-wide rows */
+	for (size_t t = 0; t < sizeof(k_types) / sizeof(k_types[0]); t++) {
+		CHECK_EQ_INT(lp_cuda_weight_type(k_types[t]), LP_DTYPE_F16);
+		check_convert(k_types[t], 37, 512, 1024);
+		if (!test_current_failed)
+			check_convert(k_types[t], 37, 512, (size_t)1 << 20);
+		if (!test_current_failed)
+			check_convert(k_types[t], 1, 256, 4096);
+		if (!test_current_failed)
+			check_convert(k_types[t], 30, 768, 2048);
+		if (test_current_failed)
+			return;
+	}
 	for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
 		CHECK_EQ_INT(lp_cuda_weight_type(types[t]),
 		             types[t] == LP_DTYPE_BF16 ? LP_DTYPE_BF16 : LP_DTYPE_F16);
@@ -581,6 +608,42 @@ static void test_convert_errors(void)
 	             -EINVAL);
 	CHECK_EQ_INT(lp_cuda_convert_weight(&cu, dd.p, w, LP_DTYPE_I32, 1, 8, staging, 4096, &err),
 	             -EINVAL);
+	/* K-quants: rows of whole 256-weight blocks, staging for a block */
+	CHECK_EQ_INT(
+	    lp_cuda_convert_weight(&cu, dd.p, w, LP_DTYPE_Q4_K, 1, 288, staging, 4096, &err),
+	    -EINVAL);
+	CHECK_EQ_INT(
+	    lp_cuda_convert_weight(&cu, dd.p, w, LP_DTYPE_Q6_K, 1, 256, staging, 1000, &err),
+	    -EINVAL);
+	CHECK_MSG(strstr(err.msg, "q6_k block") != NULL, "message: %s", err.msg);
+	CHECK(!lp_cuda_failed(&cu));
+	CHECK(dev_canaries_ok(&dd));
+	cudaFreeHost(staging);
+	dev_free(&dd);
+}
+
+/* A K-quant weight beyond f16's range is reported with its position and
+ * value, read back from its 256-weight block: d = 65504, every sub-block
+ * scale 63 and every 4-bit value 15 give 65504 * 63 * 15 - dmin * m. */
+static void test_convert_k_overflow(void)
+{
+	struct lp_block_q4_k blk[2];
+	void *staging = NULL;
+	struct dev dd;
+	struct lp_err err;
+
+	memset(blk, 0, sizeof(blk));
+	blk[1].d = lp_f32_to_f16(65504.0f);
+	memset(blk[1].scales, 0x3f, 8); /* scales and minimums 0-3: 63; 4-7: 0 */
+	memset(blk[1].qs, 0xff, sizeof(blk[1].qs));
+	CHECK(cudaMallocHost(&staging, 4096) == cudaSuccess);
+	CHECK(dev_alloc(&dd, 512 * 2));
+	reset_context();
+	CHECK_EQ_INT(
+	    lp_cuda_convert_weight(&cu, dd.p, blk, LP_DTYPE_Q4_K, 1, 512, staging, 4096, &err),
+	    -ERANGE);
+	CHECK_MSG(strstr(err.msg, "[0, 256]") && strstr(err.msg, "6.19") && strstr(err.msg, "q4_k"),
+	          "message: %s", err.msg);
 	CHECK(!lp_cuda_failed(&cu));
 	CHECK(dev_canaries_ok(&dd));
 	cudaFreeHost(staging);
@@ -592,10 +655,11 @@ static void test_convert_errors(void)
  * rounding to f16 (2^-11) and x's (2^-11) on top of the accumulation. */
 static void test_quantized_matmul_matches_cpu(void)
 {
-	const enum lp_dtype types[] = {LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1};
+	const enum lp_dtype types[] = {LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1, LP_DTYPE_Q5_0,
+	                               LP_DTYPE_Q5_1, LP_DTYPE_Q4_K, LP_DTYPE_Q5_K, LP_DTYPE_Q6_K};
 	const int64_t n = 7, m = 40, k = 256;
 
-	for (int t = 0; t < 3; t++) {
+	for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
 		void *host = make_weights(types[t], m, k, 1.0f);
 		float *x = random_floats((size_t)(n * k), 2.0f);
 		float *want = (float *)malloc((size_t)(n * m) * 4),
@@ -682,6 +746,7 @@ int main(void)
 	RUN(test_matmul_workspace);
 	RUN(test_convert);
 	RUN(test_convert_errors);
+	RUN(test_convert_k_overflow);
 	RUN(test_quantized_matmul_matches_cpu);
 	lp_cuda_matmul_release(&cu);
 	cudaFree(cu.ws[LP_CUDA_WS_MATMUL]);

@@ -30,7 +30,7 @@ _agent = None
 def setup_dirs():
     os.makedirs(ROOT_DIR)
     os.makedirs(OUTSIDE)
-    for name in ("r4-qv", "r8-all", "r16-attn", "r64-mlp"):
+    for name in ("r4-qv", "r8-all", "r16-attn", "r64-mlp", "r8-all-partial"):
         A.copy_adapter(os.path.join(A.TINY_LORAS, name), os.path.join(ROOT_DIR, name))
     A.copy_adapter(os.path.join(A.TINY_LORAS, "r4-qv"), os.path.join(OUTSIDE, "r4-qv"))
     # a safetensors file whose header claims more bytes than the file has
@@ -43,6 +43,11 @@ def setup_dirs():
     cfg = json.load(open(os.path.join(dora, "adapter_config.json")))
     cfg["use_dora"] = True
     json.dump(cfg, open(os.path.join(dora, "adapter_config.json"), "w"))
+    # trained on another base model
+    other = A.copy_adapter(os.path.join(A.TINY_LORAS, "r4-qv"), os.path.join(ROOT_DIR, "other-base"))
+    cfg = json.load(open(os.path.join(other, "adapter_config.json")))
+    cfg["base_model_name_or_path"] = "Org/Other-Model"
+    json.dump(cfg, open(os.path.join(other, "adapter_config.json"), "w"))
     # a link inside the root that points outside it
     os.symlink(os.path.join(OUTSIDE, "r4-qv"), os.path.join(ROOT_DIR, "escape"))
     with open(os.path.join(TMP, "token"), "w") as fh:
@@ -160,6 +165,45 @@ def load_ms_prints_at_most_microseconds():
             assert re.fullmatch(rb"\d+(\.\d{1,3})?", v), (path, v)
     status, _ = curl("DELETE", "/v1/loras/timed")
     assert status == 200, status
+
+
+@A.test
+def absent_modules_listed_and_logged():
+    # r8-all-partial's config targets all seven modules in both layers; its
+    # file lacks layer 0's down_proj and layer 1's attention (peft loads it
+    # with those modules adding nothing)
+    want = json.load(open(os.path.join(A.FIX, "goldens", "lora-tiny-r8-all-partial.json")))
+    want = want["absent_modules"]
+    assert want == {"q_proj": [1], "k_proj": [1], "v_proj": [1], "o_proj": [1],
+                    "down_proj": [0]}, want
+    status, obj = load("partial", uri(ROOT_DIR, "r8-all-partial"))
+    assert status == 201 and obj["absent_modules"] == want, (status, obj)
+    assert len(obj["modules"]) == 7 and obj["rank"] == 8, obj
+    a = agent()
+    a.wait_log(r"adapter 'partial' from .* has no weights for 5 of the modules its config "
+               r"targets .*: q_proj in layer 1; k_proj in layer 1; v_proj in layer 1; "
+               r"o_proj in layer 1; down_proj in layer 0")
+    status, obj = curl("GET", "/v1/loras/partial")
+    assert status == 200 and obj["absent_modules"] == want, obj
+    status, obj = curl("GET", "/v1/loras")
+    assert obj["loras"]["partial"]["absent_modules"] == want, obj
+    r = a.json("POST", "/v1/completions", {"model": "partial", "prompt": "x", "max_tokens": 3})
+    assert r[0] == 200, r
+    status, obj = load("whole", uri(ROOT_DIR, "r8-all"))
+    assert status == 201 and obj["absent_modules"] == {}, obj
+    for name in ("partial", "whole"):
+        assert curl("DELETE", "/v1/loras/" + name)[0] == 200
+
+
+@A.test
+def base_model_mismatch_names_the_served_model_once():
+    status, obj = load("x", uri(ROOT_DIR, "other-base"))
+    assert status == 422 and obj["error"]["code"] == "invalid_adapter", (status, obj)
+    msg = obj["error"]["message"]
+    assert "adapter was trained on base model 'Org/Other-Model'" in msg, msg
+    listed = re.search(r"served model \((.*)\)", msg).group(1)
+    names = re.findall(r"'([^']*)'", listed)
+    assert names and len(names) == len(set(names)), msg
 
 
 @A.test

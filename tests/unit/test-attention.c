@@ -14,7 +14,11 @@
  * Every call reads one "world": a K/V cache of random values and the block
  * table of each sequence, its blocks shuffled over the pool. The query of a
  * token is a fixed function of its (sequence, position), so the same token
- * has the same query in every call it is part of. */
+ * has the same query in every call it is part of.
+ *
+ * (e) runs the checks of (a) to (c) again with sliding windows (g_window)
+ * of 1 to 5000 positions, and shows that block-table entries before a
+ * window are never read. */
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>
@@ -32,6 +36,8 @@
  * (LP_CPU_NO_AVX2=1) on 1 and 3 threads. */
 static struct lp_backend *g_avx[3];
 static struct lp_backend *g_scalar[2];
+/* The sliding window of every call (0: none) and of the reference. */
+static int g_window;
 
 static uint64_t mix64(uint64_t z)
 {
@@ -194,6 +200,7 @@ static int run_call(struct lp_backend *be, const struct world *w, int n, const i
 	    .block_size = BS,
 	    .max_blocks_per_seq = MAXB,
 	    .max_context = MAXB * BS,
+	    .window = g_window,
 	    .scale = 1.0f / sqrtf((float)w->hd),
 	    .q = &tq,
 	    .k_cache = &tk,
@@ -225,11 +232,13 @@ out_free:
 }
 
 /* The largest error of got (the row of the token at (seq, pos)) against a
- * double-precision softmax over positions 0..pos (less those whose block is
- * outside the cache), relative to the largest |v| the row attends to. */
+ * double-precision softmax over positions 0..pos, or the g_window last of
+ * them (less those whose block is outside the cache), relative to the
+ * largest |v| the row attends to. */
 static double reference_error(const struct world *w, int seq, int pos, const float *got)
 {
 	int np = pos + 1, group = w->nh / w->nkv;
+	int first = g_window > 0 && pos - g_window + 1 > 0 ? pos - g_window + 1 : 0;
 	double *s = malloc((size_t)np * sizeof(double)), worst = 0;
 
 	if (!s)
@@ -243,7 +252,7 @@ static double reference_error(const struct world *w, int seq, int pos, const flo
 			double acc = 0;
 
 			s[p] = -INFINITY;
-			if (row < 0)
+			if (row < 0 || p < first)
 				continue;
 			const float *k = w->kf + row * w->cols + kvh * w->hd;
 			for (int d = 0; d < w->hd; d++)
@@ -256,7 +265,7 @@ static double reference_error(const struct world *w, int seq, int pos, const flo
 		for (int d = 0; d < w->hd; d++) {
 			double want = 0;
 
-			for (int p = 0; p < np; p++) {
+			for (int p = first; p < np; p++) {
 				if (cache_row(w, seq, p) < 0)
 					continue;
 				double v = w->vf[cache_row(w, seq, p) * w->cols + kvh * w->hd + d];
@@ -769,6 +778,148 @@ static void test_bad_block_reported(void)
 	world_release(&w);
 }
 
+/* ---- (e) sliding windows ---- */
+
+static const int g_windows[] = {1, 2, 24, 50, 64, 65, 100, 129, 777, 5000};
+#define N_WINDOWS ((int)(sizeof(g_windows) / sizeof(g_windows[0])))
+
+/* Windows shorter and longer than the contexts, multiples of neither 64 (the
+ * kernels' chunk) nor 16 (the block size), and of both: a lone decode row
+ * (the split path), a step's mixed batch (the runs path, prefill chunks
+ * crossing chunk boundaries) and eight decode rows (the default path), each
+ * row against the reference and bitwise the same on any number of
+ * threads. */
+static void test_window_matches_reference(void)
+{
+	static const enum lp_dtype cts[] = {LP_DTYPE_F32, LP_DTYPE_F16, LP_DTYPE_BF16};
+	static const int decode_pos[8] = {1000, 530, 77, 1100, 0, 513, 640, 3};
+	int32_t s1[1] = {1}, p1[1] = {1000}, s2[128], p2[128], s3[8], p3[8];
+	int n2 = 0;
+	char what[64];
+
+	n2 = add_run(s2, p2, n2, 0, 600, 20);
+	n2 = add_run(s2, p2, n2, 1, 1000, 1);
+	n2 = add_run(s2, p2, n2, 2, 0, 9);
+	n2 = add_run(s2, p2, n2, 3, 40, 50); /* positions 40 .. 89 */
+	n2 = add_run(s2, p2, n2, 4, 1100, 9);
+	n2 = add_run(s2, p2, n2, 5, 37, 1);
+	for (int s = 0; s < 8; s++) {
+		s3[s] = s;
+		p3[s] = decode_pos[s];
+	}
+	for (int i = 0; i < N_WINDOWS && !test_current_failed; i++) {
+		enum lp_dtype ct = cts[i % 3];
+
+		g_window = g_windows[i];
+		snprintf(what, sizeof(what), "window %d, decode alone", g_window);
+		check_thread_invariant(what, ct, 6, 2, 64, 1, s1, p1);
+		snprintf(what, sizeof(what), "window %d, mixed batch", g_window);
+		check_thread_invariant(what, ct, 6, 2, 64, n2, s2, p2);
+		snprintf(what, sizeof(what), "window %d, decode batch", g_window);
+		check_thread_invariant(what, ct, 6, 2, 64, 8, s3, p3);
+	}
+	g_window = 0;
+}
+
+/* A row's result does not depend on the rest of the call with a window
+ * either: the batches of (c) again, and tokens in the middle of a prefill
+ * chunk (positions 600..639 and 40..89, the latter crossing a chunk
+ * boundary) against the same token computed alone, as in a decode step:
+ * chunked prefill and decoding give the same bits. */
+static void test_window_rows_anywhere(void)
+{
+	static const int windows[] = {24, 100, 777};
+	int32_t seq[128], pos[128];
+	int n = 0;
+
+	n = add_run(seq, pos, n, 3, 600, 40);
+	n = add_run(seq, pos, n, 4, 40, 50);
+	n = add_run(seq, pos, n, 1, 1000, 1);
+	for (int i = 0; i < 3 && !test_current_failed; i++) {
+		g_window = windows[i];
+		test_row_in_small_decode_batch();
+		test_row_in_large_decode_batch();
+		test_row_in_prefill_batch();
+		test_prefill_rows_anywhere_in_batch();
+		check_rows_everywhere("window, middle of a chunk", n, seq, pos, 20);
+		check_rows_everywhere("window, chunk across 64", n, seq, pos, 40 + 30);
+		check_rows_everywhere("window, chunk across 64, first", n, seq, pos, 40);
+	}
+	g_window = 0;
+}
+
+/* The engine releases the blocks wholly before a sequence's window and
+ * leaves garbage in their table entries: sequence 2's entries before the
+ * window of its lowest position in the call are set to -1 and past the
+ * cache's end, and the call must read none of them (no error reported) and
+ * give the same bits as with the real entries. A decode row alone (split),
+ * a prefill chunk with another sequence (runs) and among decode rows
+ * (default), both kernel sets, windows 24 and 100. */
+static void test_window_skips_released_blocks(void)
+{
+	static const int windows[] = {24, 100};
+	static const char *names[] = {"avx2", "scalar"};
+
+	for (int wi = 0; wi < 2; wi++) {
+		g_window = windows[wi];
+		for (int kset = 0; kset < 2; kset++) {
+			for (int c = 0; c < 3; c++) {
+				struct world w;
+				struct lp_backend *be = NULL;
+				struct lp_err err = {0};
+				int32_t seq[24], pos[24];
+				float *plain = NULL, *poisoned = NULL;
+				int n = 0, lowest = INT32_MAX;
+				char msg[256];
+
+				if (c == 1)
+					n = add_run(seq, pos, n, 0, 300, 12);
+				if (c == 2)
+					for (int s = 3; s < 7; s++)
+						n = add_run(seq, pos, n, s, 90 * s, 1);
+				n = add_run(seq, pos, n, 2, 990, c == 1 ? 11 : 1);
+				for (int t = 0; t < n; t++)
+					if (seq[t] == 2 && pos[t] < lowest)
+						lowest = pos[t];
+				if (world_init(&w, LP_DTYPE_BF16, 6, 2, 64, 8, 31 + c)) {
+					TEST_FAIL("out of memory");
+					goto out;
+				}
+				if (kset == 1)
+					setenv("LP_CPU_NO_AVX2", "1", 1);
+				int rc = lp_backend_cpu_new(&be, 2, &err);
+				unsetenv("LP_CPU_NO_AVX2");
+				if (rc || run_call(be, &w, n, seq, pos, &plain, &err)) {
+					TEST_FAIL("setup: %s", err.msg);
+					goto next;
+				}
+				for (int b = 0; (b + 1) * BS <= lowest - g_window + 1; b++)
+					w.tables[2 * MAXB + b] =
+					    b % 2 ? -1 : (int32_t)(w.rows / BS) + b;
+				if (run_call(be, &w, n, seq, pos, &poisoned, &err)) {
+					TEST_FAIL("%s", err.msg);
+					goto next;
+				}
+				if (lp_backend_status(be, &err))
+					TEST_FAIL("%s window %d call %d: a released block's entry "
+					          "was read: %s",
+					          names[kset], g_window, c, err.msg);
+				if (rows_differ(plain, poisoned, n, w.nh, w.hd, msg, sizeof(msg)))
+					TEST_FAIL("%s window %d call %d: released entries change "
+					          "the result at %s",
+					          names[kset], g_window, c, msg);
+			next:
+				free(plain);
+				free(poisoned);
+				lp_backend_destroy(be);
+				world_release(&w);
+			}
+		}
+	}
+out:
+	g_window = 0;
+}
+
 int main(void)
 {
 	struct lp_err err = {0};
@@ -803,6 +954,9 @@ int main(void)
 	RUN(test_prefill_rows_anywhere_in_batch);
 	RUN(test_padding_rows);
 	RUN(test_bad_block_reported);
+	RUN(test_window_matches_reference);
+	RUN(test_window_rows_anywhere);
+	RUN(test_window_skips_released_blocks);
 
 	for (int i = 0; i < 3; i++)
 		lp_backend_destroy(g_avx[i]);

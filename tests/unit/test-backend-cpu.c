@@ -421,7 +421,8 @@ out:
 
 static void test_matmul_all_types(void)
 {
-	/* matvec (n <= 4) and GEMM (n > 4) regimes; m not a multiple of the
+	/* small n (the matrix-vector path up to each type's crossover,
+	 * test_matvec_crossover) and large (the GEMM); m not a multiple of the
 	 * panel width or the thread count; k spanning several GEMM chunks */
 	static const struct mm_shape shapes[] = {
 	    {1, 32, 1},     {1, 576, 3},   {2, 96, 17},    {3, 64, 5},
@@ -450,6 +451,46 @@ static void test_matmul_all_types(void)
 						return;
 		}
 	}
+}
+
+/* Around each type's matrix-vector crossover, and up to its largest, both
+ * paths (forced with LP_CPU_MATVEC_BATCH) give the reference product; the
+ * knob takes 0 .. LP_CPU_MATVEC_BATCH_MAX only. */
+static void test_matvec_crossover(void)
+{
+	struct lp_err err = {0};
+	struct lp_backend *be[2] = {NULL, NULL}, *bad = (struct lp_backend *)&err;
+	static const char *const names[2] = {"gemm-forced", "matvec-forced"};
+
+	setenv("LP_CPU_MATVEC_BATCH", "33", 1);
+	CHECK_EQ_INT(lp_backend_cpu_new(&bad, 2, &err), -EINVAL);
+	CHECK(bad == NULL && strstr(err.msg, "LP_CPU_MATVEC_BATCH='33'"));
+	setenv("LP_CPU_MATVEC_BATCH", "4x", 1);
+	CHECK_EQ_INT(lp_backend_cpu_new(&bad, 2, &err), -EINVAL);
+	setenv("LP_CPU_MATVEC_BATCH", "0", 1);
+	int rc = lp_backend_cpu_new(&be[0], 3, &err);
+	setenv("LP_CPU_MATVEC_BATCH", "32", 1);
+	if (!rc)
+		rc = lp_backend_cpu_new(&be[1], 3, &err);
+	unsetenv("LP_CPU_MATVEC_BATCH");
+	if (rc) {
+		lp_backend_destroy(be[0]);
+		CHECK_OK(rc, &err);
+	}
+	for (int ti = 0; ti < N_WEIGHT_TYPES; ti++) {
+		enum lp_dtype t = weight_types[ti];
+		int c = lp_cpu_matvec_batch_default(t);
+		const int ns[] = {1, c, c + 1, LP_CPU_MATVEC_BATCH_MAX};
+		CHECK(c >= 1 && c <= LP_CPU_MATVEC_BATCH_MAX);
+		for (int b = 0; b < 2; b++)
+			for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
+				if (!check_matmul(be[b], names[b], t,
+				                  (struct mm_shape){ns[i], 576, 40}, i % 2))
+					goto out;
+	}
+out:
+	lp_backend_destroy(be[0]);
+	lp_backend_destroy(be[1]);
 }
 
 /* Prefill-sized product (n = 513 rows) on the two multi-threaded paths. */
@@ -1065,6 +1106,7 @@ int main(void)
 	RUN(test_threadpool_changing_counts);
 	RUN(test_matmul_all_types);
 	RUN(test_matmul_prefill);
+	RUN(test_matvec_crossover);
 	RUN(test_matmul_thread_invariant);
 	RUN(test_get_rows);
 	RUN(test_rmsnorm);

@@ -41,6 +41,8 @@ static enum lp_chat_style style_of(const char *name)
 		return LP_CHAT_LLAMA3;
 	if (strcmp(name, "llama2") == 0)
 		return LP_CHAT_LLAMA2;
+	if (strcmp(name, "qwen3") == 0)
+		return LP_CHAT_QWEN3;
 	return LP_CHAT_MISTRAL;
 }
 
@@ -48,7 +50,7 @@ static void test_goldens_cover_every_family(void)
 {
 	const json_t *cases;
 	size_t i, errors = 0;
-	int seen[4] = {0};
+	int seen[5] = {0};
 
 	CHECK(goldens());
 	cases = json_object_get(goldens(), "cases");
@@ -60,21 +62,22 @@ static void test_goldens_cover_every_family(void)
 		if (!json_is_null(json_object_get(c, "error")))
 			errors++;
 	}
-	CHECK(seen[0] && seen[1] && seen[2] && seen[3]);
+	CHECK(seen[0] && seen[1] && seen[2] && seen[3] && seen[4]);
 	CHECK(errors >= 4);
 }
 
 static void test_detects_each_family(void)
 {
-	static const char *families[] = {"smollm2", "llama3", "llama2", "mistral"};
-	static const enum lp_chat_style styles[] = {LP_CHAT_CHATML, LP_CHAT_LLAMA3, LP_CHAT_LLAMA2,
-	                                            LP_CHAT_MISTRAL};
+	static const char *families[] = {"smollm2", "llama3",  "llama2",
+	                                 "mistral", "qwen2.5", "qwen3"};
+	static const enum lp_chat_style styles[] = {LP_CHAT_CHATML,  LP_CHAT_LLAMA3, LP_CHAT_LLAMA2,
+	                                            LP_CHAT_MISTRAL, LP_CHAT_CHATML, LP_CHAT_QWEN3};
 	struct lp_chat_template ct;
 	struct lp_err err = {0};
 	size_t i;
 
 	CHECK(goldens());
-	for (i = 0; i < 4; i++) {
+	for (i = 0; i < 6; i++) {
 		const char *t = family_template(families[i]);
 
 		CHECK_MSG(t, "no template for %s", families[i]);
@@ -85,6 +88,10 @@ static void test_detects_each_family(void)
 			    ct.default_system,
 			    "You are a helpful AI assistant named SmolLM, trained by Hugging "
 			    "Face");
+		else if (i == 4)
+			CHECK_EQ_STR(
+			    ct.default_system,
+			    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
 		else
 			CHECK(ct.default_system == NULL);
 		lp_chat_template_release(&ct);
@@ -155,13 +162,13 @@ static void test_renders_like_jinja(void)
 
 static void test_unknown_role_is_an_error(void)
 {
-	static const char *names[] = {"chatml", "llama3", "llama2", "mistral"};
+	static const char *names[] = {"chatml", "llama3", "llama2", "mistral", "qwen3"};
 	struct lp_chat_message m[2] = {{"user", "hi"}, {"tool", "{}"}};
 	struct lp_buf out;
 	size_t i;
 
 	lp_buf_init(&out, 1 << 16);
-	for (i = 0; i < 4; i++) {
+	for (i = 0; i < 5; i++) {
 		struct lp_chat_template ct;
 		struct lp_err err = {0};
 

@@ -859,6 +859,64 @@ static void test_dims_not_multiple_of_block(void)
 	gb_free(&b);
 }
 
+/* The block formats issue 13 added to the engine (Q5_0, Q5_1, Q4_K, Q5_K,
+ * Q6_K): out.weight retyped as each, two rows of two blocks, reports its type
+ * and exact size; one byte less of data, or a row that is not whole blocks,
+ * is refused. */
+static void test_block_types(void)
+{
+	static const struct {
+		uint32_t code;
+		enum lp_fmt_type type;
+		const char *name;
+		uint64_t block, bytes;
+	} k[] = {
+	    {LP_GGML_Q5_0, LP_FMT_Q5_0, "Q5_0", 32, 22},
+	    {LP_GGML_Q5_1, LP_FMT_Q5_1, "Q5_1", 32, 24},
+	    {LP_GGML_Q4_K, LP_FMT_Q4_K, "Q4_K", 256, 144},
+	    {LP_GGML_Q5_K, LP_FMT_Q5_K, "Q5_K", 256, 176},
+	    {LP_GGML_Q6_K, LP_FMT_Q6_K, "Q6_K", 256, 210},
+	};
+
+	for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
+		struct gb b;
+		struct marks m;
+		struct opts o = {0};
+		struct lp_gguf *g;
+		struct lp_err err;
+		const struct lp_fmt_tensor *t;
+		char path[256], want[128];
+		size_t end;
+
+		build(&b, &m, &o);
+		patch_u32(&b, m.t1_type, k[i].code);
+		patch_u64(&b, m.t1_dim0, 2 * k[i].block);
+		end = m.data_start + (size_t)m.t1_offset_value + 4 * (size_t)k[i].bytes;
+		while (b.len < end - 1)
+			gb_u8(&b, 0x5a);
+		b.len = end - 1;
+		CHECK_FAILS(&b, "runs past the end of the file");
+		gb_u8(&b, 0x5a);
+		CHECK(write_file(path, sizeof(path), "case.gguf", b.d, b.len) == 0);
+		CHECK_OK(lp_gguf_open(&g, path, &err), &err);
+		t = lp_gguf_find_tensor(g, "out.weight");
+		CHECK(t != NULL);
+		CHECK_EQ_INT(t->type, k[i].type);
+		CHECK_EQ_STR(lp_fmt_type_name(t->type), k[i].name);
+		CHECK_EQ_INT(t->shape[0], 2);
+		CHECK_EQ_INT(t->shape[1], 2 * k[i].block);
+		CHECK_EQ_INT(t->nbytes, 4 * k[i].bytes);
+		lp_gguf_free(g);
+		patch_u64(&b, m.t1_dim0, k[i].block + 16);
+		snprintf(want, sizeof(want),
+		         "first dimension %llu is not a multiple of the %s block size %llu",
+		         (unsigned long long)k[i].block + 16, k[i].name,
+		         (unsigned long long)k[i].block);
+		CHECK_FAILS(&b, want);
+		gb_free(&b);
+	}
+}
+
 static void test_offset_past_end(void)
 {
 	struct gb b;
@@ -1013,6 +1071,7 @@ int main(void)
 	RUN(test_unknown_tensor_type);
 	RUN(test_bad_dims);
 	RUN(test_dims_not_multiple_of_block);
+	RUN(test_block_types);
 	RUN(test_offset_past_end);
 	RUN(test_misaligned_offset);
 	RUN(test_overlap_and_duplicates);

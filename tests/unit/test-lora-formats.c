@@ -992,7 +992,13 @@ static void test_peft_target_regex(void)
 	CHECK(write_peft(
 	          dir, sizeof(dir), &l,
 	          "{'target_modules': '.*layers\\\\.\\\\d+\\\\.self_attn\\\\.[qkv]_proj'}") == 0);
-	CHECK_FAILS(dir, &s, -EINVAL, "no lora weights for 'model.layers.0.self_attn.k_proj'");
+	CHECK_LOADS(lo, dir, &s);
+	CHECK_EQ_INT(lo->targets, QV_MASK);
+	CHECK_EQ_INT(lo->absent.n, 2);
+	CHECK(lp_lora_absent_has(&lo->absent, 0, LP_LORA_K));
+	CHECK(lp_lora_absent_has(&lo->absent, 1, LP_LORA_K));
+	CHECK(!lp_lora_absent_has(&lo->absent, 0, LP_LORA_Q));
+	lp_lora_free(lo);
 	CHECK(write_peft(dir, sizeof(dir), &l, "{'target_modules': '.*(q_proj|v_proj|lm_head)'}") ==
 	      0);
 	CHECK_FAILS(dir, &s, -EINVAL, "module 'lm_head' is not supported");
@@ -1039,12 +1045,109 @@ static void test_peft_layers_to_transform(void)
 	                 "{'layers_to_transform': [1], 'layers_pattern': ['h']}") == 0);
 	CHECK_FAILS(dir, &s, -EINVAL,
 	            "which target_modules in adapter_config.json does not select");
-	/* layer 0's tensors are missing when every layer is targeted */
+	/* layer 0's tensors are absent when every layer is targeted: it loads
+	 * as PEFT does, without them */
 	CHECK(write_peft(dir, sizeof(dir), &l, "{'layers_to_transform': []}") == 0);
-	CHECK_FAILS(dir, &s, -EINVAL, "no lora weights for 'model.layers.0.self_attn.q_proj'");
+	CHECK_LOADS(lo, dir, &s);
+	CHECK_EQ_INT(lp_lora_pair_at(lo, 0, LP_LORA_Q)->rank, 0);
+	CHECK_EQ_INT(lp_lora_pair_at(lo, 1, LP_LORA_Q)->rank, 8);
+	CHECK_EQ_INT(lo->absent.n, 2);
+	CHECK(lp_lora_absent_has(&lo->absent, 0, LP_LORA_Q));
+	CHECK(lp_lora_absent_has(&lo->absent, 0, LP_LORA_V));
+	lp_lora_free(lo);
 	CHECK(write_peft(dir, sizeof(dir), &l, "{'layers_to_transform': [1, 7]}") == 0);
 	CHECK_FAILS(dir, &s, -EINVAL,
 	            "layers_to_transform names layer 7, but the base model has 2");
+	tensors_free(&l);
+}
+
+/* A file without the weights of some modules its config targets loads as
+ * PEFT loads it: those modules add nothing (their B stays 0), every other
+ * pair is the file's, and the adapter says which are absent. */
+static void test_peft_absent_modules(void)
+{
+	struct lp_lora_shape s = tiny_shape(16);
+	struct lp_lora *part = NULL, *whole = NULL;
+	struct lp_lora_absent ab = {0};
+	struct tensors l = {0};
+	char dir[300], text[200];
+	int bad = 0;
+
+	/* the committed fixture: r8-all less layer 0's down_proj and layer 1's
+	 * attention (hack/make-lora-interop.py) */
+	fixture(dir, sizeof(dir), "tiny/r8-all-partial");
+	CHECK_LOADS(part, dir, &s);
+	fixture(dir, sizeof(dir), "tiny/r8-all");
+	CHECK_LOADS(whole, dir, &s);
+	for (int layer = 0; layer < 2; layer++) {
+		for (int t = 0; t < LP_LORA_N_TARGETS; t++) {
+			const struct lp_lora_pair *p = lp_lora_pair_at(part, layer, t);
+			const struct lp_lora_pair *w = lp_lora_pair_at(whole, layer, t);
+			bool gone =
+			    (layer == 0 && t == LP_LORA_DOWN) || (layer == 1 && t <= LP_LORA_O);
+			int in, out;
+
+			lp_lora_target_dims(&s, (enum lp_lora_target)t, &in, &out);
+			if (gone) {
+				bad |= p->rank != 0 || !lp_lora_absent_has(&part->absent, layer, t);
+				continue;
+			}
+			bad |= p->rank != 8 || lp_lora_absent_has(&part->absent, layer, t);
+			for (size_t i = 0; !bad && i < (size_t)8 * (size_t)in; i++)
+				bad |= A_VAL(p, i) != A_VAL(w, i);
+			for (size_t i = 0; !bad && i < (size_t)8 * (size_t)out; i++)
+				bad |= B_VAL(p, i) != B_VAL(w, i);
+		}
+	}
+	CHECK_MSG(!bad, "the partial adapter's pairs differ from r8-all's or are not absent");
+	CHECK_EQ_INT(part->absent.n, 5);
+	CHECK_EQ_INT(whole->absent.n, 0);
+	CHECK_EQ_INT(part->targets, 0x7f);
+	lp_lora_absent_format(&part->absent, text, sizeof(text));
+	CHECK_EQ_STR(text, "q_proj in layer 1; k_proj in layer 1; v_proj in layer 1; o_proj in "
+	                   "layer 1; down_proj in layer 0");
+	lp_lora_free(part);
+	lp_lora_free(whole);
+
+	/* the text: runs of layers, cut short with "..." */
+	for (int layer = 0; layer < 4; layer++)
+		lp_lora_absent_add(&ab, layer, LP_LORA_Q);
+	lp_lora_absent_add(&ab, 7, LP_LORA_Q);
+	lp_lora_absent_add(&ab, 9, LP_LORA_Q);
+	lp_lora_absent_add(&ab, 10, LP_LORA_Q);
+	lp_lora_absent_add(&ab, 1023, LP_LORA_UP);
+	lp_lora_absent_add(&ab, 5000, LP_LORA_UP); /* counted, no bit */
+	CHECK_EQ_INT(ab.n, 9);
+	CHECK(!lp_lora_absent_has(&ab, 5000, LP_LORA_UP));
+	lp_lora_absent_format(&ab, text, sizeof(text));
+	CHECK_EQ_STR(text, "q_proj in layers 0-3, 7, 9-10; up_proj in layer 1023");
+	lp_lora_absent_format(&ab, text, 20);
+	CHECK_EQ_STR(text, "q_proj in layers...");
+
+	/* a whole layer absent, and a module absent from every layer */
+	tiny_tensors(&l, QV_MASK, 8);
+	remove_tensor(&l, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+	remove_tensor(&l, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+	remove_tensor(&l, "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
+	remove_tensor(&l, "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight");
+	CHECK(write_peft(dir, sizeof(dir), &l,
+	                 "{'target_modules': ['q_proj', 'v_proj', 'o_proj']}") == 0);
+	CHECK_LOADS(part, dir, &s);
+	lp_lora_absent_format(&part->absent, text, sizeof(text));
+	CHECK_EQ_STR(text, "q_proj in layer 0; v_proj in layer 0; o_proj in layers 0-1");
+	CHECK_EQ_INT(part->targets, QV_MASK);
+	lp_lora_free(part);
+	tensors_free(&l);
+
+	/* no weights for any targeted module: still an error */
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "holds no lora weights for any of the 4 modules adapter_config.json targets");
+	tiny_tensors(&l, 1u << LP_LORA_K, 8);
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "is for module 'model.layers.0.self_attn.k_proj', which target_modules in "
+	            "adapter_config.json does not select");
 	tensors_free(&l);
 }
 
@@ -1149,9 +1252,24 @@ static void test_reject_bias(void)
 	char dir[200];
 	uint32_t seed = 1;
 
+	struct lp_lora *none = NULL, *lo = NULL;
+	char why[200];
+
 	tiny_tensors(&l, QV_MASK, 8);
+	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
+	CHECK_LOADS(none, dir, &s);
+	/* "lora_only" and "all" without a bias in the file are "none" */
 	CHECK(write_peft(dir, sizeof(dir), &l, "{'bias': 'all'}") == 0);
-	CHECK_FAILS(dir, &s, -EINVAL, "bias 'all' is not supported (only 'none')");
+	CHECK_LOADS(lo, dir, &s);
+	CHECK(lora_diff(lo, none, &s, 1e-30, why, sizeof(why)) == 0);
+	lp_lora_free(lo);
+	CHECK(write_peft(dir, sizeof(dir), &l, "{'bias': 'lora_only'}") == 0);
+	CHECK_LOADS(lo, dir, &s);
+	CHECK(lora_diff(lo, none, &s, 1e-30, why, sizeof(why)) == 0);
+	lp_lora_free(lo);
+	lp_lora_free(none);
+	CHECK(write_peft(dir, sizeof(dir), &l, "{'bias': 'some'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "bias 'some' is not supported (only 'none')");
 	CHECK(write_peft(dir, sizeof(dir), &l, "{'lora_bias': true}") == 0);
 	CHECK_FAILS(dir, &s, -EINVAL, "lora_bias is set");
 	add_tensor(&l, "base_model.model.model.layers.0.self_attn.q_proj.bias", "F32", 1, 64,
@@ -1159,7 +1277,28 @@ static void test_reject_bias(void)
 	CHECK(write_peft(dir, sizeof(dir), &l, NULL) == 0);
 	CHECK_FAILS(dir, &s, -EINVAL, "q_proj.bias' in");
 	CHECK_FAILS(dir, &s, -EINVAL, "is a bias; adapters that train biases are not supported");
+	/* with a bias in the file, "all" and "lora_only" are refused as before */
+	CHECK(write_peft(dir, sizeof(dir), &l, "{'bias': 'all'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "bias 'all' is not supported (only 'none'): the adapter trains the base "
+	            "model's biases");
+	CHECK_FAILS(dir, &s, -EINVAL,
+	            "('base_model.model.model.layers.0.self_attn.q_proj.bias' in");
+	CHECK(write_peft(dir, sizeof(dir), &l, "{'bias': 'lora_only'}") == 0);
+	CHECK_FAILS(dir, &s, -EINVAL, "bias 'lora_only' is not supported (only 'none')");
 	tensors_free(&l);
+
+	/* the committed fixture peft saved with bias="all": r4-qv's weights */
+	{
+		char a[300], b[300];
+		fixture(a, sizeof(a), "tiny/r4-qv-bias-all");
+		fixture(b, sizeof(b), "tiny/r4-qv");
+		CHECK_LOADS(lo, a, &s);
+		CHECK_LOADS(none, b, &s);
+		CHECK_MSG(lora_diff(lo, none, &s, 1e-30, why, sizeof(why)) == 0, "%s", why);
+		lp_lora_free(lo);
+		lp_lora_free(none);
+	}
 }
 
 static void test_reject_modules_to_save(void)
@@ -1193,6 +1332,7 @@ static void test_reject_fan_in_fan_out(void)
 static void test_base_model_names(void)
 {
 	static const char *const other[] = {"smollm2", "smollm2-135m-instruct-q4_1", NULL};
+	static const char *const twice[] = {"smollm2", "smollm2", "other", "smollm2", NULL};
 	static const char *const same[] = {"served", "/models/Tiny-Llama-Q8_0.gguf", NULL};
 	static const char *const smol[] = {"/models/SmolLM2-135M-Instruct-Q4_1.gguf", NULL};
 	struct lp_lora_shape s = tiny_shape(16);
@@ -1204,6 +1344,11 @@ static void test_base_model_names(void)
 	CHECK_FAILS(dir, &s, -EINVAL,
 	            "adapter was trained on base model 'tests/fixtures/tiny-llama', which does not "
 	            "match the served model ('smollm2', 'smollm2-135m-instruct-q4_1')");
+	/* the served name is the model's name when --served-model-name is not
+	 * given: it is listed once */
+	s.base_names = twice;
+	CHECK_FAILS(dir, &s, -EINVAL, "does not match the served model ('smollm2', 'other')");
+	s.base_names = other;
 	s.allow_base_mismatch = true;
 	CHECK_LOADS(lo, dir, &s);
 	lp_lora_free(lo);
@@ -2666,6 +2811,13 @@ static void test_nemo_fused_split(void)
 	}
 	CHECK_MSG(!bad, "dense adapter differs");
 	CHECK_EQ_INT(x->targets, 0x3f & ~0u);
+	/* targeted without weights: layer 0's dense, layer 1's qkv and fc1 */
+	CHECK_EQ_INT(x->absent.n, 6);
+	CHECK(lp_lora_absent_has(&x->absent, 0, LP_LORA_O));
+	CHECK(!lp_lora_absent_has(&x->absent, 0, LP_LORA_Q));
+	CHECK(lp_lora_absent_has(&x->absent, 1, LP_LORA_V));
+	CHECK(lp_lora_absent_has(&x->absent, 1, LP_LORA_UP));
+	CHECK(!lp_lora_absent_has(&x->absent, 1, LP_LORA_DOWN));
 	CHECK_EQ_INT(x->max_rank, 4);
 	CHECK_EQ_STR(x->format, "nemo");
 	CHECK_EQ_STR(x->base_model, "/models/tiny-llama.nemo");
@@ -3225,6 +3377,7 @@ int main(void)
 	RUN(test_peft_rank_alpha_patterns);
 	RUN(test_peft_target_regex);
 	RUN(test_peft_layers_to_transform);
+	RUN(test_peft_absent_modules);
 	RUN(test_reject_rank_over_max);
 	RUN(test_reject_unsupported_module);
 	RUN(test_reject_shape_mismatch);

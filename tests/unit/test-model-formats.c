@@ -2,9 +2,10 @@
  * random Llama (GQA, untied embeddings, llama3 rope scaling):
  *
  *  - GGUF files tests/fixtures/tiny-gguf/tiny-llama-<type>.gguf for F32,
- *    F16, BF16, Q8_0, Q4_0 and Q4_1, written as llama.cpp's converter writes
- *    a Llama (Q/K rows permuted, llama3 scaling as a rope_freqs tensor,
- *    tokenizer in the metadata) by hack/make-gguf-fixtures.py. Each must give
+ *    F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, written as llama.cpp's
+ *    converter writes a Llama (Q/K rows permuted, llama3 scaling as a
+ *    rope_freqs tensor, tokenizer in the metadata) by
+ *    hack/make-gguf-fixtures.py. Each must give
  *    the config of the HF model, the reference prompt ids from its metadata
  *    tokenizer, and the reference greedy tokens and first logits
  *    (tests/fixtures/goldens/tiny-gguf-<type>.json, a float64 forward pass
@@ -395,6 +396,16 @@ static void test_gguf_q4_1(void)
 	check_gguf_variant("q4_1", LP_DTYPE_Q4_1);
 }
 
+static void test_gguf_q5_0(void)
+{
+	check_gguf_variant("q5_0", LP_DTYPE_Q5_0);
+}
+
+static void test_gguf_q5_1(void)
+{
+	check_gguf_variant("q5_1", LP_DTYPE_Q5_1);
+}
+
 /* Row r of t as f32. */
 static void tensor_row_f32(struct lp_backend *b, const struct lp_tensor *t, int64_t r, float *out,
                            void *scratch)
@@ -763,6 +774,8 @@ int main(void)
 	RUN(test_gguf_q8_0);
 	RUN(test_gguf_q4_0);
 	RUN(test_gguf_q4_1);
+	RUN(test_gguf_q5_0);
+	RUN(test_gguf_q5_1);
 	RUN(test_gguf_qk_rows_equal_hf);
 	RUN(test_hf_single_file_f32);
 	RUN(test_hf_single_file_f16);

@@ -685,8 +685,9 @@ static void test_bad_tokenizer_json(void)
 	                  ", \"unk_token\": \"<unk>\"}}",
 	                  -EINVAL, "unk_token '<unk>'");
 	expect_json_error(
-	    "{\"normalizer\": {\"type\": \"NFC\"}, \"model\": {\"type\": \"BPE\", " TINY_VOCAB "}}",
-	    -ENOTSUP, "normalizer 'NFC' is not supported");
+	    "{\"normalizer\": {\"type\": \"NFKC\"}, \"model\": {\"type\": \"BPE\", " TINY_VOCAB
+	    "}}",
+	    -ENOTSUP, "normalizer 'NFKC' is not supported");
 	expect_json_error("{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": "
 	                  "\"(unclosed\"}, \"behavior\": \"Isolated\"}, \"model\": {\"type\": "
 	                  "\"BPE\", " TINY_VOCAB "}}",
