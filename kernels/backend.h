@@ -311,6 +311,13 @@ struct lp_backend_ops {
 	/* out = silu(gate) * up, element-wise; out may equal gate. */
 	void (*silu_mul)(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
 	                 const struct lp_tensor *up);
+	/* out = gelu_tanh(gate) * up, element-wise (GeGLU, Gemma): gelu_tanh(g)
+	 * = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), PyTorch's
+	 * approximate="tanh". out may equal gate. */
+	void (*gelu_mul)(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+	                 const struct lp_tensor *up);
+	/* x *= s, element-wise (Gemma's embedding scale). */
+	void (*scale)(void *ctx, struct lp_tensor *x, float s);
 	/* Rotary embedding in place, "rotate half" layout: within each head of
 	 * head_dim, element i (i < head_dim/2) pairs with i + head_dim/2 and
 	 * rotates by the angle of position pos[t]: cos_sin f32 [n_pos,

@@ -60,6 +60,10 @@ static int set_markers(struct lp_chat_template *ct, const char *bos, const char 
 		b = bos ? bos : "<s>";
 		e = eos ? eos : "</s>";
 		break;
+	case LP_CHAT_GEMMA:
+		b = bos ? bos : "<bos>";
+		e = "<end_of_turn>";
+		break;
 	}
 	if ((b && !(ct->bos = dup_str(b))) || (e && !(ct->eos = dup_str(e)))) {
 		lp_chat_template_release(ct);
@@ -161,6 +165,10 @@ int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, cons
 		/* Mistral 7B Instruct v0.2 / Mixtral: the system prompt goes
 		 * in the first user turn */
 		ct->style = LP_CHAT_MISTRAL;
+	} else if (strstr(jinja, "<start_of_turn>") && strstr(jinja, "<end_of_turn>") &&
+	           strstr(jinja, "first_user_prefix")) {
+		/* Gemma 3: the system prompt opens the first user turn */
+		ct->style = LP_CHAT_GEMMA;
 	} else if (strstr(jinja, "[INST]")) {
 		return lp_errf(err, -ENOTSUP,
 		               "chat template is an [INST] template of a variant that is not "
@@ -168,7 +176,7 @@ int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, cons
 	} else {
 		return lp_errf(err, -ENOTSUP,
 		               "chat template matches no supported family (chatml, llama3, llama2, "
-		               "mistral, qwen3)");
+		               "mistral, qwen3, gemma)");
 	}
 	return set_markers(ct, bos, eos, err);
 }
@@ -181,7 +189,7 @@ int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, co
 		enum lp_chat_style style;
 	} names[] = {
 	    {"chatml", LP_CHAT_CHATML},   {"llama3", LP_CHAT_LLAMA3}, {"llama2", LP_CHAT_LLAMA2},
-	    {"mistral", LP_CHAT_MISTRAL}, {"qwen3", LP_CHAT_QWEN3},
+	    {"mistral", LP_CHAT_MISTRAL}, {"qwen3", LP_CHAT_QWEN3},   {"gemma", LP_CHAT_GEMMA},
 	};
 	size_t i;
 
@@ -193,7 +201,8 @@ int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, co
 		}
 	}
 	return lp_errf(err, -EINVAL,
-	               "unknown chat template '%s' (known: chatml, llama3, llama2, mistral, qwen3)",
+	               "unknown chat template '%s' (known: chatml, llama3, llama2, mistral, qwen3, "
+	               "gemma)",
 	               name ? name : "");
 }
 
@@ -493,6 +502,39 @@ static int render_mistral(const struct lp_chat_template *ct, const struct lp_cha
 	return 0;
 }
 
+/* Gemma 3: BOS, then turns that alternate user, model, user, ... after an
+ * optional system message, whose text and a blank line open the first
+ * turn; each turn's content stripped, "<start_of_turn>ROLE\n...<end_of_turn>\n"
+ * with assistant written "model". */
+static int render_gemma(const struct lp_chat_template *ct, const struct lp_chat_message *msgs,
+                        size_t n, bool gen, struct lp_buf *out, struct lp_err *err)
+{
+	const struct lp_chat_message *loop = msgs;
+	const char *sys = NULL;
+	size_t j;
+	int rc;
+
+	if (n > 0 && is_role(&msgs[0], "system")) {
+		sys = msgs[0].content;
+		loop++;
+		n--;
+	}
+	if ((rc = check_alternating(loop, n, err)) || (rc = put(out, ct->bos, err)))
+		return rc;
+	for (j = 0; j < n; j++) {
+		if ((rc = put(out, "<start_of_turn>", err)) ||
+		    (rc = put(out, is_role(&loop[j], "assistant") ? "model" : loop[j].role, err)) ||
+		    (rc = put(out, "\n", err)))
+			return rc;
+		if (j == 0 && sys && ((rc = put(out, sys, err)) || (rc = put(out, "\n\n", err))))
+			return rc;
+		if ((rc = put_stripped(out, loop[j].content, err)) ||
+		    (rc = put(out, "<end_of_turn>\n", err)))
+			return rc;
+	}
+	return gen ? put(out, "<start_of_turn>model\n", err) : 0;
+}
+
 int lp_chat_template_render(const struct lp_chat_template *ct, const struct lp_chat_message *msgs,
                             size_t n, bool add_generation_prompt, struct lp_buf *out,
                             struct lp_err *err)
@@ -518,6 +560,9 @@ int lp_chat_template_render(const struct lp_chat_template *ct, const struct lp_c
 		break;
 	case LP_CHAT_QWEN3:
 		rc = render_qwen3(msgs, n, add_generation_prompt, out, err);
+		break;
+	case LP_CHAT_GEMMA:
+		rc = render_gemma(ct, msgs, n, add_generation_prompt, out, err);
 		break;
 	default:
 		rc = lp_errf(err, -EINVAL, "chat template style %d is unknown", (int)ct->style);

@@ -18,6 +18,9 @@ enum lp_chat_style {
 	LP_CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s> (system folded into first user turn) */
 	LP_CHAT_QWEN3,   /* ChatML; assistant turns after the last user query keep a
 	                    <think> block, earlier ones lose theirs (Qwen3) */
+	LP_CHAT_GEMMA,   /* <bos><start_of_turn>user\n...<end_of_turn>\n, assistant
+	                    turns as "model", system prompt opening the first user
+	                    turn (Gemma 3) */
 };
 
 struct lp_chat_template {
@@ -38,7 +41,7 @@ struct lp_chat_message {
  * texts (may be NULL). Release with lp_chat_template_release(). */
 int lp_chat_template_detect(struct lp_chat_template *ct, const char *jinja, const char *bos,
                             const char *eos, struct lp_err *err);
-/* Picks a family by name: chatml, llama3, llama2, mistral, qwen3. */
+/* Picks a family by name: chatml, llama3, llama2, mistral, qwen3, gemma. */
 int lp_chat_template_from_name(struct lp_chat_template *ct, const char *name, const char *bos,
                                const char *eos, struct lp_err *err);
 void lp_chat_template_release(struct lp_chat_template *ct);

@@ -53,7 +53,8 @@ struct lp_engine {
 	struct lp_buffer d_meta; /* step metadata, struct step_layout */
 	struct lp_buffer d_x, d_xn, d_q, d_k, d_v, d_att, d_gate, d_up, d_h, d_logits;
 	struct lp_buffer d_lora_tmp; /* f32 [max_tokens, 3 * max_lora_rank] */
-	struct lp_buffer d_rope;     /* f32 [max_model_len, head_dim] cos/sin */
+	struct lp_buffer d_rope;     /* f32 [max_model_len, head_dim] cos/sin, then
+	                                the local layers' when they have their own */
 	struct lp_buffer d_sample;   /* sample op: rows, penalty entries (at
 	                                sample_pen), then (at sample_out)
 	                                tokens, logprobs, top ids, top logprobs */
@@ -61,7 +62,8 @@ struct lp_engine {
 	size_t sample_pen, sample_pen_cap, sample_out;
 	bool *host_row; /* [max out] rows the host samples */
 	struct lp_tensor rope;
-	float *h_rope; /* host copy (the CPU aliases it) */
+	struct lp_tensor rope_local; /* the local layers' table (rope when none) */
+	float *h_rope;               /* host copy (the CPU aliases it) */
 
 	struct step_layout lay;      /* this step's */
 	size_t meta_cap;             /* int32s of h_meta and d_meta */

@@ -234,7 +234,7 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	struct lp_engine *e;
 	struct lp_backend_limits lim;
 	size_t block_bytes, n_blocks = 0, f = sizeof(float);
-	int T, S, O, rc;
+	int T, S, O, n_rope, rc;
 	int qdim = mc->n_heads * mc->head_dim, kvdim = mc->n_kv_heads * mc->head_dim;
 
 	*out = NULL;
@@ -307,20 +307,35 @@ int lp_engine_new(struct lp_engine **out, struct lp_model *model,
 	e->h_logits = calloc((size_t)S * (size_t)mc->vocab_size, sizeof(float));
 	e->h_scratch = calloc((size_t)mc->vocab_size, sizeof(float));
 	e->outs = calloc((size_t)S, sizeof(*e->outs));
-	e->h_rope = malloc((size_t)e->cfg.max_model_len * (size_t)mc->head_dim * sizeof(float));
+	/* one RoPE table, or two when the local layers have their own base */
+	n_rope = model->rope_local_inv_freq ? 2 : 1;
+	e->h_rope = malloc((size_t)n_rope * (size_t)e->cfg.max_model_len * (size_t)mc->head_dim *
+	                   sizeof(float));
 	if (!e->step_seqs || !e->step_take || !e->sample_seqs || !e->h_logits || !e->h_scratch ||
 	    !e->outs || !e->h_rope) {
 		rc = lp_errf(err, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	lp_model_rope_table(model, e->cfg.max_model_len, e->h_rope);
+	lp_model_rope_table(model, false, e->cfg.max_model_len, e->h_rope);
+	if (n_rope == 2)
+		lp_model_rope_table(model, true, e->cfg.max_model_len,
+		                    e->h_rope +
+		                        (size_t)e->cfg.max_model_len * (size_t)mc->head_dim);
 	rc = lp_backend_import(e->be, e->h_rope,
-	                       (size_t)e->cfg.max_model_len * (size_t)mc->head_dim * f, &e->d_rope,
-	                       err);
+	                       (size_t)n_rope * (size_t)e->cfg.max_model_len *
+	                           (size_t)mc->head_dim * f,
+	                       &e->d_rope, err);
 	if (rc)
 		goto fail;
 	e->mem.activations += e->d_rope.size;
-	e->rope = lp_engine_view(&e->d_rope, LP_DTYPE_F32, e->cfg.max_model_len, mc->head_dim);
+	{
+		struct lp_tensor all = lp_engine_view(
+		    &e->d_rope, LP_DTYPE_F32, (int64_t)n_rope * e->cfg.max_model_len, mc->head_dim);
+
+		e->rope = lp_tensor_rows(&all, 0, e->cfg.max_model_len);
+		e->rope_local = lp_tensor_rows(&all, (int64_t)(n_rope - 1) * e->cfg.max_model_len,
+		                               e->cfg.max_model_len);
+	}
 	if ((rc = alloc_dev(e, &e->d_meta, e->meta_cap * sizeof(int32_t), err)) ||
 	    (rc = alloc_dev(e, &e->d_x, (size_t)T * mc->dim * f, err)) ||
 	    (rc = alloc_dev(e, &e->d_xn, (size_t)T * mc->dim * f, err)) ||

@@ -5,7 +5,10 @@
  * added right after the base projections that share its input, before
  * their biases. The architectures differ only in optional steps: q/k/v
  * biases (Qwen2), an output-projection bias, RMSNorm over each head of q
- * and k before RoPE (Qwen3). */
+ * and k before RoPE (Qwen3, Gemma 3), and Gemma 3's scaled embeddings,
+ * query scale, local layers' own RoPE table, GeGLU and RMSNorm of the
+ * attention's and the MLP's outputs before they join the residual stream
+ * (computed in xn, then added to x). */
 #include <math.h>
 
 #include "agent/engine/engine-internal.h"
@@ -66,7 +69,7 @@ void lp_engine_forward(struct lp_engine *e, const struct step_plan *plan)
 	    .block_size = e->cfg.block_size,
 	    .max_blocks_per_seq = plan->bt_width,
 	    .max_context = plan->max_context,
-	    .scale = 1.0f / sqrtf((float)c->head_dim),
+	    .scale = c->attn_scale > 0 ? c->attn_scale : 1.0f / sqrtf((float)c->head_dim),
 	    .q = &q,
 	    .tok_seq = lp_engine_meta(e, e->lay.tok_seq),
 	    .tok_pos = pos,
@@ -75,8 +78,15 @@ void lp_engine_forward(struct lp_engine *e, const struct step_plan *plan)
 	};
 
 	ops->get_rows(ctx, &x, &m->tok_embd, ids, n);
+	if (c->embed_scale > 0 && c->embed_scale != 1.0f)
+		ops->scale(ctx, &x, c->embed_scale);
 	for (int l = 0; l < c->n_layers; l++) {
 		const struct lp_layer_weights *L = &m->layers[l];
+		const struct lp_tensor *rope =
+		    lp_model_layer_local_rope(c, l) ? &e->rope_local : &e->rope;
+		/* where the attention's and the MLP's outputs go: x, or xn to be
+		 * normalized and then added to x */
+		struct lp_tensor *res = c->post_norms ? &xn : &x;
 
 		ops->rmsnorm(ctx, &xn, &x, &L->attn_norm, c->rms_eps);
 		ops->matmul(ctx, &q, &xn, &L->wq, false);
@@ -90,31 +100,46 @@ void lp_engine_forward(struct lp_engine *e, const struct step_plan *plan)
 			ops->add_bias(ctx, &v, &L->bv);
 		}
 		if (c->qk_norm) {
-			/* Qwen3: RMSNorm over each head, q and k viewed as one
-			 * row per head */
+			/* Qwen3, Gemma 3: RMSNorm over each head, q and k
+			 * viewed as one row per head */
 			ops->rmsnorm(ctx, &qh, &qh, &L->q_norm, c->rms_eps);
 			ops->rmsnorm(ctx, &kh, &kh, &L->k_norm, c->rms_eps);
 		}
-		ops->rope(ctx, &q, c->n_heads, c->head_dim, pos, &e->rope);
-		ops->rope(ctx, &k, c->n_kv_heads, c->head_dim, pos, &e->rope);
+		ops->rope(ctx, &q, c->n_heads, c->head_dim, pos, rope);
+		ops->rope(ctx, &k, c->n_kv_heads, c->head_dim, pos, rope);
 		ops->kv_store(ctx, &e->kv.k[l], &e->kv.v[l], &k, &v,
 		              lp_engine_meta(e, e->lay.slots));
 		aa.k_cache = &e->kv.k[l];
 		aa.v_cache = &e->kv.v[l];
 		aa.window = lp_model_layer_window(c, l);
 		ops->attention(ctx, &aa);
-		ops->matmul(ctx, &x, &att, &L->wo, true);
+		ops->matmul(ctx, res, &att, &L->wo, !c->post_norms);
 		if (lora)
-			apply_lora(e, plan, l, LP_LORA_GROUP_O, &att, &x, NULL, NULL);
+			apply_lora(e, plan, l, LP_LORA_GROUP_O, &att, res, NULL, NULL);
 		if (c->attn_out_bias)
-			ops->add_bias(ctx, &x, &L->bo);
+			ops->add_bias(ctx, res, &L->bo);
+		if (c->post_norms) {
+			ops->rmsnorm(ctx, &xn, &xn, &L->post_attn_norm, c->rms_eps);
+			ops->add(ctx, &x, &xn);
+		}
 
 		ops->rmsnorm(ctx, &xn, &x, &L->ffn_norm, c->rms_eps);
 		ops->matmul(ctx, &gate, &xn, &L->w_gate, false);
 		ops->matmul(ctx, &up, &xn, &L->w_up, false);
 		if (lora)
 			apply_lora(e, plan, l, LP_LORA_GROUP_GATE_UP, &xn, &gate, &up, NULL);
-		ops->silu_mul(ctx, &gate, &gate, &up);
+		if (c->act == LP_ACT_GELU_TANH)
+			ops->gelu_mul(ctx, &gate, &gate, &up);
+		else
+			ops->silu_mul(ctx, &gate, &gate, &up);
+		if (c->post_norms) {
+			ops->matmul(ctx, &xn, &gate, &L->w_down, false);
+			if (lora)
+				apply_lora(e, plan, l, LP_LORA_GROUP_DOWN, &gate, &xn, NULL, NULL);
+			ops->rmsnorm(ctx, &xn, &xn, &L->post_ffn_norm, c->rms_eps);
+			ops->add(ctx, &x, &xn);
+			continue;
+		}
 		if (lora)
 			apply_lora(e, plan, l, LP_LORA_GROUP_DOWN, &gate, &x, NULL, NULL);
 		ops->matmul(ctx, &x, &gate, &L->w_down, true);

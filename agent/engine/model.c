@@ -171,6 +171,32 @@ static int load_vector(struct lp_model *m, const struct raw_weight *w, int64_t n
 	return place_tensor(m, f, LP_DTYPE_F32, 1, n, t, err);
 }
 
+/* A Gemma RMSNorm weight w, which scales by (1 + w): stored as 1 + w in
+ * f32 (the sum transformers computes), so that the rmsnorm op applies it
+ * as any other. */
+static int load_norm_plus1(struct lp_model *m, const struct raw_weight *w, int64_t n,
+                           struct lp_tensor *t, struct lp_err *err)
+{
+	float *f;
+	int rc = check_shape(w, 1, n, err);
+
+	if (rc)
+		return rc;
+	if (!lp_dtype_row_bytes(w->type, n) || w->type == LP_DTYPE_I32)
+		return lp_errf(err, -EINVAL, "tensor '%s' has unusable type %s", w->name,
+		               lp_dtype_name(w->type));
+	f = malloc((size_t)n * sizeof(float));
+	if (!f)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	lp_dequantize_row(w->type, w->data, f, n);
+	for (int64_t i = 0; i < n; i++)
+		f[i] += 1.0f;
+	rc = res_push_host(m->res, f, err);
+	if (rc)
+		return rc;
+	return place_tensor(m, f, LP_DTYPE_F32, 1, n, t, err);
+}
+
 /* Q or K in llama.cpp's GGUF layout: row 2i + j of each head holds HF row
  * j * head_dim / 2 + i. Copies the matrix back into HF order. */
 static int load_unpermuted(struct lp_model *m, const struct raw_weight *w, int n_heads,
@@ -224,6 +250,11 @@ static int check_config(const struct lp_model_config *c, struct lp_err *err)
 		return lp_errf(err, -EINVAL, "vocabulary size %d out of range", c->vocab_size);
 	if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
 		return lp_errf(err, -EINVAL, "rms_norm_eps and rope_theta must be positive");
+	if (!(c->rope_local_theta >= 0) || !(c->embed_scale >= 0) || !(c->attn_scale >= 0) ||
+	    !isfinite(c->embed_scale) || !isfinite(c->attn_scale))
+		return lp_errf(err, -EINVAL,
+		               "the local rope base, the embedding scale and the attention scale "
+		               "must be finite and not negative");
 	if (c->max_pos < 1)
 		return lp_errf(err, -EINVAL, "context length %d out of range", c->max_pos);
 	if (c->rope_scaling != LP_ROPE_NONE && !(c->rope_factor > 0))
@@ -246,9 +277,28 @@ static int alloc_layers(struct lp_model *m, struct lp_err *err)
 	return m->layers ? 0 : lp_errf(err, -ENOMEM, "out of memory");
 }
 
+/* The frequencies of the local layers: rope_local_theta^(-2i/head_dim),
+ * no scaling (Gemma 3 scales only the global layers' RoPE). */
+static int make_local_inv_freq(struct lp_model *m, struct lp_err *err)
+{
+	const struct lp_model_config *c = &m->cfg;
+	int half = c->head_dim / 2;
+	float *f;
+
+	if (!(c->rope_local_theta > 0))
+		return 0;
+	f = malloc((size_t)half * sizeof(float));
+	if (!f)
+		return lp_errf(err, -ENOMEM, "out of memory");
+	for (int i = 0; i < half; i++)
+		f[i] = 1.0f / powf(c->rope_local_theta, (float)(2 * i) / (float)c->head_dim);
+	m->rope_local_inv_freq = f;
+	return res_push_host(m->res, f, err);
+}
+
 /* inv_freq[i] = theta^(-2i/head_dim), computed in f32 as transformers does,
  * with the configured scaling; freq_divisors (GGUF rope_freqs, may be NULL)
- * divide each frequency. */
+ * divide each frequency. Then the local layers' own (make_local_inv_freq). */
 static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct lp_err *err)
 {
 	const struct lp_model_config *c = &m->cfg;
@@ -258,6 +308,10 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 
 	if (!f)
 		return lp_errf(err, -ENOMEM, "out of memory");
+	if ((rc = make_local_inv_freq(m, err))) {
+		free(f);
+		return rc;
+	}
 	for (int i = 0; i < half; i++) {
 		float e = (float)(2 * i) / (float)c->head_dim;
 		float inv = 1.0f / powf(c->rope_theta, e);
@@ -287,9 +341,10 @@ static int make_inv_freq(struct lp_model *m, const float *freq_divisors, struct 
 	return place_tensor(m, f, LP_DTYPE_F32, 1, half, &m->inv_freq, err);
 }
 
-void lp_model_rope_table(const struct lp_model *m, int n_pos, float *out)
+void lp_model_rope_table(const struct lp_model *m, bool local, int n_pos, float *out)
 {
 	int hd = m->cfg.head_dim, half = hd / 2;
+	const float *inv_freq = local ? m->rope_local_inv_freq : m->rope_inv_freq;
 
 	for (int p = 0; p < n_pos; p++) {
 		float *row = out + (size_t)p * hd;
@@ -297,12 +352,30 @@ void lp_model_rope_table(const struct lp_model *m, int n_pos, float *out)
 		for (int i = 0; i < half; i++) {
 			/* the angle rounded to f32 first, as the forward pass
 			 * computed it before the table existed */
-			float angle = (float)p * m->rope_inv_freq[i];
+			float angle = (float)p * inv_freq[i];
 
 			row[i] = cosf(angle);
 			row[half + i] = sinf(angle);
 		}
 	}
+}
+
+/* Gemma's chat turns end with <end_of_turn>, which its configs do not
+ * always list as an EOS token: it ends generation too. */
+static int add_turn_end_eos(struct lp_model *m, struct lp_err *err)
+{
+	struct lp_model_config *c = &m->cfg;
+	int32_t id;
+
+	if (c->arch != LP_ARCH_GEMMA3)
+		return 0;
+	id = lp_tokenizer_find(m->tok, "<end_of_turn>");
+	if (id < 0 || id >= c->vocab_size || lp_model_is_eos(m, id))
+		return 0;
+	if (c->n_eos == LP_MAX_EOS)
+		return lp_errf(err, -EINVAL, "more than %d EOS tokens", LP_MAX_EOS);
+	c->eos_ids[c->n_eos++] = id;
+	return 0;
 }
 
 /* ---- GGUF ---- */
@@ -412,6 +485,61 @@ static const char *arch_key(char *key, size_t cap, enum lp_arch arch, const char
 	return key;
 }
 
+/* What llama.cpp's gemma3 architecture fixes rather than reads: a sliding
+ * window on every layer but each sliding_window_pattern-th (6; the key may
+ * also be an array of booleans, true for each sliding layer), the local
+ * layers' RoPE base 10000 without scaling, embeddings scaled by
+ * sqrt(embedding_length), queries by 1 / sqrt(key_length) (27B, the
+ * 62-layer model: 1 / sqrt(embedding_length / head_count)) unless the file
+ * has gemma3.attention.scale. The file's norm weights already hold Gemma's
+ * 1 + w. */
+static int gguf_gemma3_config(struct lp_model_config *c, struct lp_gguf *g, struct lp_err *err)
+{
+	static const char pattern_key[] = "gemma3.attention.sliding_window_pattern";
+	const struct lp_gguf_kv *kv = lp_gguf_find(g, pattern_key), *layers = NULL;
+	int window, pattern = 6, rc;
+
+	if ((rc = gguf_int(g, "gemma3.attention.sliding_window", &window, false, 0, err)))
+		return rc;
+	if (kv && kv->type == LP_GGUF_ARRAY) {
+		if ((rc = lp_gguf_get_arr(g, pattern_key, LP_GGUF_BOOL, &layers, err)))
+			return rc;
+		if (layers->arr_len != (uint64_t)c->n_layers)
+			return lp_errf(err, -EINVAL, "'%s' has %llu entries, not %d", pattern_key,
+			               (unsigned long long)layers->arr_len, c->n_layers);
+	} else if ((rc = gguf_int(g, pattern_key, &pattern, true, 6, err))) {
+		return rc;
+	}
+	if (window < 1 || pattern < 1)
+		return lp_errf(err, -EINVAL,
+		               "gemma3.attention.sliding_window %d and its pattern %d must be "
+		               "positive",
+		               window, pattern);
+	memset(c->sliding_layers, 0, sizeof(c->sliding_layers));
+	c->sliding_window = 0;
+	for (int l = 0; l < c->n_layers && l < MAX_LAYERS; l++) {
+		bool slides =
+		    layers ? ((const uint8_t *)layers->arr_data)[l] != 0 : (l + 1) % pattern != 0;
+
+		if (slides) {
+			c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+			c->sliding_window = window;
+		}
+	}
+	c->rope_local_theta = 10000.0f;
+	c->qk_norm = true;
+	c->post_norms = true;
+	c->act = LP_ACT_GELU_TANH;
+	c->embed_scale = sqrtf((float)c->dim);
+	c->attn_scale = c->n_layers == 62 ? 1.0f / sqrtf((float)(c->dim / c->n_heads))
+	                                  : 1.0f / sqrtf((float)c->head_dim);
+	if ((rc = gguf_float(g, "gemma3.attention.scale", &c->attn_scale, c->attn_scale, err)))
+		return rc;
+	if (!(c->attn_scale > 0) || !isfinite(c->attn_scale))
+		return lp_errf(err, -EINVAL, "gemma3.attention.scale must be positive");
+	return 0;
+}
+
 static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err *err)
 {
 	struct lp_model_config *c = &m->cfg;
@@ -430,9 +558,11 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 		c->arch = LP_ARCH_QWEN2;
 	else if (arch.len == 5 && !memcmp(arch.s, "qwen3", 5))
 		c->arch = LP_ARCH_QWEN3;
+	else if (arch.len == 6 && !memcmp(arch.s, "gemma3", 6))
+		c->arch = LP_ARCH_GEMMA3;
 	else
 		return lp_errf(err, -ENOTSUP,
-		               "architecture '%.*s' is not supported (llama, qwen2, qwen3)",
+		               "architecture '%.*s' is not supported (llama, qwen2, qwen3, gemma3)",
 		               (int)(arch.len > 64 ? 64 : arch.len), arch.s);
 #define KEY(name) arch_key(k, sizeof(k), c->arch, name)
 	if ((rc = gguf_int(g, KEY("block_count"), &c->n_layers, false, 0, err)) ||
@@ -502,6 +632,8 @@ static int load_gguf_config(struct lp_model *m, struct lp_gguf *g, struct lp_err
 	c->attn_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
 	c->attn_out_bias = lp_gguf_find_tensor(g, "blk.0.attn_output.bias") != NULL;
 	c->qk_norm = c->arch == LP_ARCH_QWEN3;
+	if (c->arch == LP_ARCH_GEMMA3 && (rc = gguf_gemma3_config(c, g, err)))
+		return rc;
 	if (c->arch == LP_ARCH_QWEN2 && !c->attn_bias)
 		return lp_errf(err, -EINVAL,
 		               "tensor 'blk.0.attn_q.bias' is missing (qwen2 has "
@@ -597,6 +729,11 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 		                   (rc = W("attn_k_norm.weight", false)) ||
 		                   (rc = load_vector(m, &w, c->head_dim, &L->k_norm, err))))
 			return rc;
+		if (c->post_norms && ((rc = W("post_attention_norm.weight", false)) ||
+		                      (rc = load_vector(m, &w, c->dim, &L->post_attn_norm, err)) ||
+		                      (rc = W("post_ffw_norm.weight", false)) ||
+		                      (rc = load_vector(m, &w, c->dim, &L->post_ffn_norm, err))))
+			return rc;
 #undef W
 	}
 	if ((rc = gguf_weight(g, "rope_freqs.weight", true, &freqs, err)))
@@ -616,7 +753,9 @@ static int load_gguf(struct lp_model *m, const char *path, struct lp_err *err)
 	} else if ((rc = make_inv_freq(m, NULL, err))) {
 		return rc;
 	}
-	return lp_tokenizer_from_gguf(&m->tok, g, err);
+	if ((rc = lp_tokenizer_from_gguf(&m->tok, g, err)))
+		return rc;
+	return add_turn_end_eos(m, err);
 }
 
 /* ---- HF directory ---- */
@@ -770,6 +909,106 @@ static int hf_sliding_window(struct lp_model_config *c, json_t *root, const char
 	return 0;
 }
 
+/* Gemma 3's RoPE: the global layers' base and scaling, the local
+ * (sliding) layers' base without scaling. transformers 5 writes
+ * "rope_parameters": {"full_attention": {...}, "sliding_attention": {...}};
+ * hub configs "rope_theta", "rope_scaling" (global) and
+ * "rope_local_base_freq". */
+static int hf_gemma3_rope(struct lp_model_config *c, json_t *root, struct lp_err *err)
+{
+	json_t *rp = json_object_get(root, "rope_parameters"), *full, *local;
+	const char *local_type;
+	int rc;
+
+	if ((rc = json_float(root, "rope_theta", &c->rope_theta, 1000000.0f, err)) ||
+	    (rc = json_float(root, "rope_local_base_freq", &c->rope_local_theta, 10000.0f, err)))
+		return rc;
+	if (!rp || json_is_null(rp))
+		return hf_rope_scaling(c, json_object_get(root, "rope_scaling"), err);
+	full = json_object_get(rp, "full_attention");
+	local = json_object_get(rp, "sliding_attention");
+	if (!json_is_object(rp) || (full && !json_is_object(full)) ||
+	    (local && !json_is_object(local)))
+		return lp_errf(err, -EINVAL,
+		               "config.json: 'rope_parameters' must be an object (of objects per "
+		               "layer type)");
+	if (!full && !local) /* one set for all layer types: the global one */
+		full = rp;
+	if (full && ((rc = json_float(full, "rope_theta", &c->rope_theta, c->rope_theta, err)) ||
+	             (rc = hf_rope_scaling(c, full, err))))
+		return rc;
+	if (local) {
+		local_type = json_string_value(json_object_get(local, "rope_type"));
+		if (local_type && strcmp(local_type, "default"))
+			return lp_errf(err, -ENOTSUP,
+			               "config.json: rope type '%s' of the sliding layers is not "
+			               "supported (default)",
+			               local_type);
+		if ((rc = json_float(local, "rope_theta", &c->rope_local_theta, c->rope_local_theta,
+		                     err)))
+			return rc;
+	}
+	return 0;
+}
+
+/* Gemma 3's attention: sliding_window (4096 when absent), the sliding
+ * layers from "layer_types" or every layer but each
+ * sliding_window_pattern-th (6), the query scale query_pre_attn_scalar^-0.5
+ * (256), no logit soft-capping, causal. */
+static int hf_gemma3_attention(struct lp_model_config *c, json_t *root, struct lp_err *err)
+{
+	json_t *types = json_object_get(root, "layer_types"), *v;
+	int window, pattern, scalar, rc;
+	static const char *const off[] = {"final_logit_softcapping", "attn_logit_softcapping",
+	                                  "use_bidirectional_attention"};
+
+	for (size_t i = 0; i < sizeof(off) / sizeof(off[0]); i++) {
+		v = json_object_get(root, off[i]);
+		if (v && !json_is_null(v) && !json_is_false(v))
+			return lp_errf(err, -ENOTSUP, "config.json: '%s' is not supported", off[i]);
+	}
+	if ((rc = json_int(root, "sliding_window", &window, true, 4096, err)) ||
+	    (rc = json_int(root, "sliding_window_pattern", &pattern, true, 6, err)) ||
+	    (rc = json_int(root, "query_pre_attn_scalar", &scalar, true, 256, err)))
+		return rc;
+	if (window < 1)
+		return lp_errf(err, -EINVAL, "config.json: 'sliding_window' must be positive");
+	if (pattern < 1)
+		return lp_errf(err, -EINVAL,
+		               "config.json: 'sliding_window_pattern' must be positive");
+	if (scalar < 1)
+		return lp_errf(err, -EINVAL,
+		               "config.json: 'query_pre_attn_scalar' must be positive");
+	c->attn_scale = (float)pow((double)scalar, -0.5);
+	memset(c->sliding_layers, 0, sizeof(c->sliding_layers));
+	c->sliding_window = 0;
+	if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
+		return 0; /* check_config refuses it */
+	if (types && !json_is_null(types) &&
+	    (!json_is_array(types) || json_array_size(types) != (size_t)c->n_layers))
+		return lp_errf(err, -EINVAL, "config.json: 'layer_types' must list %d layer types",
+		               c->n_layers);
+	for (int l = 0; l < c->n_layers; l++) {
+		bool slides = (l + 1) % pattern != 0;
+
+		if (types && !json_is_null(types)) {
+			const char *t = json_string_value(json_array_get(types, (size_t)l));
+
+			if (!t || (strcmp(t, "sliding_attention") && strcmp(t, "full_attention")))
+				return lp_errf(err, -ENOTSUP,
+				               "config.json: layer type '%s' of layer %d is not "
+				               "supported (full_attention, sliding_attention)",
+				               t ? t : "(not a string)", l);
+			slides = !strcmp(t, "sliding_attention");
+		}
+		if (slides) {
+			c->sliding_layers[l / 64] |= (uint64_t)1 << (l % 64);
+			c->sliding_window = window;
+		}
+	}
+	return 0;
+}
+
 static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *err)
 {
 	struct lp_model_config *c = &m->cfg;
@@ -778,7 +1017,7 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 	json_error_t jerr;
 	json_t *root = NULL, *v;
 	const char *type, *act;
-	bool qwen;
+	bool qwen, gemma;
 	int rc;
 
 	snprintf(path, sizeof(path), "%s/config.json", dir);
@@ -799,43 +1038,77 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 		c->arch = LP_ARCH_QWEN2;
 	} else if (type && !strcmp(type, "qwen3")) {
 		c->arch = LP_ARCH_QWEN3;
+	} else if (type && !strcmp(type, "gemma3_text")) {
+		c->arch = LP_ARCH_GEMMA3;
+	} else if (type && !strcmp(type, "gemma3")) {
+		rc =
+		    lp_errf(err, -ENOTSUP,
+		            "'%s': model_type 'gemma3' (text and vision) is not supported: use the "
+		            "text-only model (model_type 'gemma3_text', Gemma3ForCausalLM)",
+		            path);
+		goto out;
 	} else {
 		rc =
 		    lp_errf(err, -ENOTSUP,
-		            "'%s': model_type '%s' is not supported (llama, mistral, qwen2, qwen3)",
+		            "'%s': model_type '%s' is not supported (llama, mistral, qwen2, qwen3, "
+		            "gemma3_text)",
 		            path, type ? type : "(missing)");
 		goto out;
 	}
+	gemma = c->arch == LP_ARCH_GEMMA3;
 	/* missing keys take the defaults of transformers' config classes */
-	qwen = c->arch != LP_ARCH_LLAMA;
+	qwen = c->arch == LP_ARCH_QWEN2 || c->arch == LP_ARCH_QWEN3;
 	if ((rc = json_int(root, "num_hidden_layers", &c->n_layers, false, 0, err)) ||
 	    (rc = json_int(root, "hidden_size", &c->dim, false, 0, err)) ||
 	    (rc = json_int(root, "intermediate_size", &c->ffn_dim, false, 0, err)) ||
 	    (rc = json_int(root, "num_attention_heads", &c->n_heads, false, 0, err)) ||
 	    (rc = json_int(root, "num_key_value_heads", &c->n_kv_heads, true, c->n_heads, err)) ||
 	    (rc = json_int(root, "vocab_size", &c->vocab_size, false, 0, err)) ||
-	    (rc = json_int(root, "max_position_embeddings", &c->max_pos, true, qwen ? 32768 : 4096,
+	    (rc = json_int(root, "max_position_embeddings", &c->max_pos, true,
+	                   gemma  ? 131072
+	                   : qwen ? 32768
+	                          : 4096,
 	                   err)) ||
 	    (rc = json_float(root, "rms_norm_eps", &c->rms_eps, 1e-6f, err)) ||
-	    (rc = hf_rope(c, root, err)))
+	    (rc = gemma ? hf_gemma3_rope(c, root, err) : hf_rope(c, root, err)))
 		goto out_prefix;
 	if (c->n_heads < 1) {
 		rc = lp_errf(err, -EINVAL, "num_attention_heads must be positive");
 		goto out_prefix;
 	}
 	if ((rc = json_int(root, "head_dim", &c->head_dim, true,
-	                   c->arch == LP_ARCH_QWEN3 ? 128 : c->dim / c->n_heads, err)))
+	                   c->arch == LP_ARCH_QWEN3 ? 128
+	                   : gemma                  ? 256
+	                                            : c->dim / c->n_heads,
+	                   err)))
 		goto out_prefix;
-	act = json_string_value(json_object_get(root, "hidden_act"));
-	if (act && strcmp(act, "silu")) {
-		rc = lp_errf(err, -ENOTSUP, "hidden_act '%s' is not supported (silu)", act);
-		goto out_prefix;
+	if (gemma) {
+		/* Gemma3TextConfig reads hidden_activation */
+		act = json_string_value(json_object_get(root, "hidden_activation"));
+		if (!act)
+			act = json_string_value(json_object_get(root, "hidden_act"));
+		if (act && strcmp(act, "gelu_pytorch_tanh")) {
+			rc = lp_errf(err, -ENOTSUP,
+			             "hidden_activation '%s' is not supported (gelu_pytorch_tanh)",
+			             act);
+			goto out_prefix;
+		}
+		c->act = LP_ACT_GELU_TANH;
+	} else {
+		act = json_string_value(json_object_get(root, "hidden_act"));
+		if (act && strcmp(act, "silu")) {
+			rc = lp_errf(err, -ENOTSUP, "hidden_act '%s' is not supported (silu)", act);
+			goto out_prefix;
+		}
+		c->act = LP_ACT_SILU;
 	}
 	if (json_is_true(json_object_get(root, "mlp_bias"))) {
 		rc = lp_errf(err, -ENOTSUP, "'mlp_bias' is not supported");
 		goto out_prefix;
 	}
-	c->tied_embeddings = json_is_true(json_object_get(root, "tie_word_embeddings"));
+	/* Gemma3TextConfig ties by default */
+	v = json_object_get(root, "tie_word_embeddings");
+	c->tied_embeddings = json_is_true(v) || (gemma && !v);
 	if (c->arch == LP_ARCH_QWEN2) {
 		/* Qwen2's q, k and v always have a bias, its o_proj never */
 		c->attn_bias = true;
@@ -845,13 +1118,18 @@ static int load_hf_config(struct lp_model *m, const char *dir, struct lp_err *er
 		c->attn_bias = json_is_true(json_object_get(root, "attention_bias"));
 		c->attn_out_bias = c->attn_bias;
 	}
-	c->qk_norm = c->arch == LP_ARCH_QWEN3;
-	if ((rc = hf_sliding_window(c, root, type, err)))
+	c->qk_norm = c->arch == LP_ARCH_QWEN3 || gemma;
+	c->post_norms = gemma;
+	c->embed_scale = gemma ? (float)sqrt((double)c->dim) : 0;
+	if ((rc =
+	         gemma ? hf_gemma3_attention(c, root, err) : hf_sliding_window(c, root, type, err)))
 		goto out_prefix;
-	if ((rc = json_int(root, "bos_token_id", &c->bos_id, true, -1, err)))
+	if ((rc = json_int(root, "bos_token_id", &c->bos_id, true, gemma ? 2 : -1, err)))
 		goto out_prefix;
 	c->n_eos = 0;
 	v = json_object_get(root, "eos_token_id");
+	if (gemma && !v)
+		c->eos_ids[c->n_eos++] = 1;
 	if (json_is_integer(v)) {
 		c->eos_ids[c->n_eos++] = (int32_t)json_integer_value(v);
 	} else if (json_is_array(v)) {
@@ -941,6 +1219,8 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 	struct raw_weight w;
 	char name[128];
 	int rc, kv_dim, q_dim;
+	int (*norm)(struct lp_model *, const struct raw_weight *, int64_t, struct lp_tensor *,
+	            struct lp_err *);
 
 	rc = load_hf_config(m, dir, err);
 	if (!rc)
@@ -955,10 +1235,12 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 	struct lp_safetensors *st = m->res->st;
 	kv_dim = c->n_kv_heads * c->head_dim;
 	q_dim = c->n_heads * c->head_dim;
+	/* Gemma's RMSNorm weights w scale by 1 + w */
+	norm = c->arch == LP_ARCH_GEMMA3 ? load_norm_plus1 : load_vector;
 	if ((rc = st_weight(st, "model.embed_tokens.weight", &w, err)) ||
 	    (rc = load_matrix(m, &w, c->vocab_size, c->dim, &m->tok_embd, err)) ||
 	    (rc = st_weight(st, "model.norm.weight", &w, err)) ||
-	    (rc = load_vector(m, &w, c->dim, &m->out_norm, err)))
+	    (rc = norm(m, &w, c->dim, &m->out_norm, err)))
 		return rc;
 	if (c->tied_embeddings && !lp_safetensors_find(st, "lm_head.weight")) {
 		m->output = m->tok_embd;
@@ -972,7 +1254,7 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 	(snprintf(name, sizeof(name), "model.layers.%d.%s", l, suffix),                            \
 	 st_weight(st, name, &w, err))
 		if ((rc = W("input_layernorm.weight")) ||
-		    (rc = load_vector(m, &w, c->dim, &L->attn_norm, err)) ||
+		    (rc = norm(m, &w, c->dim, &L->attn_norm, err)) ||
 		    (rc = W("self_attn.q_proj.weight")) ||
 		    (rc = load_matrix(m, &w, q_dim, c->dim, &L->wq, err)) ||
 		    (rc = W("self_attn.k_proj.weight")) ||
@@ -981,8 +1263,9 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 		    (rc = load_matrix(m, &w, kv_dim, c->dim, &L->wv, err)) ||
 		    (rc = W("self_attn.o_proj.weight")) ||
 		    (rc = load_matrix(m, &w, c->dim, q_dim, &L->wo, err)) ||
-		    (rc = W("post_attention_layernorm.weight")) ||
-		    (rc = load_vector(m, &w, c->dim, &L->ffn_norm, err)) ||
+		    (rc = W(c->post_norms ? "pre_feedforward_layernorm.weight"
+		                          : "post_attention_layernorm.weight")) ||
+		    (rc = norm(m, &w, c->dim, &L->ffn_norm, err)) ||
 		    (rc = W("mlp.gate_proj.weight")) ||
 		    (rc = load_matrix(m, &w, c->ffn_dim, c->dim, &L->w_gate, err)) ||
 		    (rc = W("mlp.up_proj.weight")) ||
@@ -1001,15 +1284,22 @@ static int load_hf(struct lp_model *m, const char *dir, struct lp_err *err)
 		                         (rc = load_vector(m, &w, c->dim, &L->bo, err))))
 			return rc;
 		if (c->qk_norm && ((rc = W("self_attn.q_norm.weight")) ||
-		                   (rc = load_vector(m, &w, c->head_dim, &L->q_norm, err)) ||
+		                   (rc = norm(m, &w, c->head_dim, &L->q_norm, err)) ||
 		                   (rc = W("self_attn.k_norm.weight")) ||
-		                   (rc = load_vector(m, &w, c->head_dim, &L->k_norm, err))))
+		                   (rc = norm(m, &w, c->head_dim, &L->k_norm, err))))
+			return rc;
+		/* Gemma 3: post_attention_layernorm normalizes the attention's
+		 * output (pre_feedforward_layernorm is the MLP's input norm) */
+		if (c->post_norms && ((rc = W("post_attention_layernorm.weight")) ||
+		                      (rc = norm(m, &w, c->dim, &L->post_attn_norm, err)) ||
+		                      (rc = W("post_feedforward_layernorm.weight")) ||
+		                      (rc = norm(m, &w, c->dim, &L->post_ffn_norm, err))))
 			return rc;
 #undef W
 	}
-	if ((rc = make_inv_freq(m, NULL, err)))
+	if ((rc = make_inv_freq(m, NULL, err)) || (rc = load_hf_tokenizer(m, dir, err)))
 		return rc;
-	return load_hf_tokenizer(m, dir, err);
+	return add_turn_end_eos(m, err);
 }
 
 static char *path_stem(const char *path)
@@ -1228,6 +1518,11 @@ int lp_model_random(struct lp_model **out, const struct lp_model_config *cfg, ui
 		          random_weight(m, true, 1, m->cfg.head_dim, true, &st, &L->q_norm, err)) ||
 		     (rc = random_weight(m, true, 1, m->cfg.head_dim, true, &st, &L->k_norm, err))))
 			goto fail;
+		if (m->cfg.post_norms && ((rc = random_weight(m, true, 1, m->cfg.dim, true, &st,
+		                                              &L->post_attn_norm, err)) ||
+		                          (rc = random_weight(m, true, 1, m->cfg.dim, true, &st,
+		                                              &L->post_ffn_norm, err))))
+			goto fail;
 	}
 	*out = m;
 	return 0;
@@ -1265,6 +1560,8 @@ const char *lp_arch_name(enum lp_arch arch)
 		return "qwen2";
 	case LP_ARCH_QWEN3:
 		return "qwen3";
+	case LP_ARCH_GEMMA3:
+		return "gemma3";
 	case LP_ARCH_LLAMA:
 	default:
 		return "llama";

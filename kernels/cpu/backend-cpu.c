@@ -411,6 +411,59 @@ static void cpu_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tenso
 	                silu_mul_thread, &t);
 }
 
+/* gelu_tanh(g) * u as PyTorch computes gelu(approximate="tanh") */
+static float gelu_mul1(float g, float u)
+{
+	const float beta = 0.7978845608028654f; /* sqrt(2 / pi) */
+	float inner = beta * (g + 0.044715f * g * g * g);
+
+	return 0.5f * g * (1.0f + tanhf(inner)) * u;
+}
+
+static void gelu_mul_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t i0, i1;
+
+	lp_cpu_split(t->rows * t->cols, chunk, n_chunks, &i0, &i1);
+	for (int64_t i = i0; i < i1; i++)
+		t->out[i] = gelu_mul1(t->a[i], t->b[i]);
+}
+
+static void cpu_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                         const struct lp_tensor *up)
+{
+	struct rows_task t = {.out = out->data,
+	                      .a = gate->data,
+	                      .b = up->data,
+	                      .rows = gate->rows,
+	                      .cols = gate->cols};
+
+	assert(out->rows == gate->rows && out->cols == gate->cols);
+	assert(up->rows == gate->rows && up->cols == gate->cols);
+	assert(out->type == LP_DTYPE_F32 && gate->type == LP_DTYPE_F32 && up->type == LP_DTYPE_F32);
+	lp_cpu_parallel(ctx, gate->rows * gate->cols, gate->rows * gate->cols / 256,
+	                gelu_mul_thread, &t);
+}
+
+static void scale_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct rows_task *t = arg;
+	int64_t i0, i1;
+
+	lp_cpu_split(t->rows * t->cols, chunk, n_chunks, &i0, &i1);
+	for (int64_t i = i0; i < i1; i++)
+		t->out[i] *= t->eps;
+}
+
+static void cpu_scale(void *ctx, struct lp_tensor *x, float s)
+{
+	struct rows_task t = {.out = x->data, .rows = x->rows, .cols = x->cols, .eps = s};
+
+	assert(x->type == LP_DTYPE_F32);
+	lp_cpu_parallel(ctx, x->rows * x->cols, x->rows * x->cols / 1024, scale_thread, &t);
+}
+
 /* rope */
 
 struct rope_task {
@@ -586,6 +639,8 @@ static const struct lp_backend_ops cpu_ops = {
     .add_bias = cpu_add_bias,
     .add = cpu_add,
     .silu_mul = cpu_silu_mul,
+    .gelu_mul = cpu_gelu_mul,
+    .scale = cpu_scale,
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,
     .attention = cpu_attention,

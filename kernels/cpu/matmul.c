@@ -102,20 +102,20 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 }
 #endif
 
-/* Up to these batches, the matrix-vector path (one pass over the weights,
+/* Up to these batches the matrix-vector path (one pass over the weights,
  * expanded again for every group of LP_CPU_MATVEC_MAX_N rows) beats the
- * GEMM (panels dequantized once, then reused by every row) on a decode
- * step of SmolLM2-135M's matrices in each type, 2 threads, best of 7-9
- * interleaved runs on the shared development machine (docs/benchmarks.md,
- * "Decode batch sweep"). Types not measured keep 4, the former crossover
- * of every type. */
+ * GEMM (panels dequantized once, then reused by every row): the median of
+ * five measurements of a decode step's matrices of SmolLM2-135M in each
+ * type, 2 threads, each the best of 7-9 interleaved runs (`bench --only
+ * crossover`, docs/benchmarks.md, "Decode batch sweep"). Types not measured
+ * keep 4, the former crossover of every type. Both paths give a row the
+ * same result whatever the other rows, but not the same as each other. */
 int lp_cpu_matvec_batch_default(enum lp_dtype t)
 {
 	switch (t) {
 	case LP_DTYPE_F32:
 		return 8;
 	case LP_DTYPE_Q8_0:
-		return 12;
 	case LP_DTYPE_BF16:
 		return 14;
 	case LP_DTYPE_F16:

@@ -57,17 +57,19 @@ enum step_op_kind {
 	OP_ATTENTION,
 	OP_LORA,
 	OP_SAMPLE,
+	OP_GELU_MUL,
+	OP_SCALE,
 	OP_COUNT
 };
 
 static const char *const op_names[OP_COUNT] = {
-    "none",     "get_rows", "rmsnorm",  "matmul",    "add_bias", "add",
-    "silu_mul", "rope",     "kv_store", "attention", "lora",     "sample",
+    "none", "get_rows", "rmsnorm",   "matmul", "add_bias", "add",      "silu_mul",
+    "rope", "kv_store", "attention", "lora",   "sample",   "gelu_mul", "scale",
 };
 
 /* Bit i set: tensor argument i must be given. */
 static const unsigned op_required[OP_COUNT] = {
-    0, 0x3, 0x7, 0x7, 0x3, 0x3, 0x7, 0x3, 0xf, 0xf, 0x13, 0x1,
+    0, 0x3, 0x7, 0x7, 0x3, 0x3, 0x7, 0x3, 0xf, 0xf, 0x13, 0x1, 0x7, 0x1,
 };
 
 struct op_tensor {
@@ -232,6 +234,12 @@ static void run_op(struct lp_cuda *cu, const struct step_op *op)
 		break;
 	case OP_SILU_MUL:
 		lp_cuda_silu_mul(cu, T(0), T(1), T(2));
+		break;
+	case OP_GELU_MUL:
+		lp_cuda_gelu_mul(cu, T(0), T(1), T(2));
+		break;
+	case OP_SCALE:
+		lp_cuda_scale(cu, T(0), bits_float(i[0]));
 		break;
 	case OP_ROPE:
 		lp_cuda_rope(cu, T(0), (int)i[0], (int)i[1], (const int32_t *)(uintptr_t)p[0],
@@ -609,6 +617,28 @@ static void cuda_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tens
 	op_tensor(&op, 0, out);
 	op_tensor(&op, 1, gate);
 	op_tensor(&op, 2, up);
+	step_submit(ctx, &op);
+}
+
+static void cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                          const struct lp_tensor *up)
+{
+	struct step_op op;
+
+	op_init(&op, OP_GELU_MUL);
+	op_tensor(&op, 0, out);
+	op_tensor(&op, 1, gate);
+	op_tensor(&op, 2, up);
+	step_submit(ctx, &op);
+}
+
+static void cuda_scale(void *ctx, struct lp_tensor *x, float s)
+{
+	struct step_op op;
+
+	op_init(&op, OP_SCALE);
+	op_tensor(&op, 0, x);
+	op.i[0] = float_bits(s);
 	step_submit(ctx, &op);
 }
 
@@ -1152,6 +1182,8 @@ static const struct lp_backend_ops cuda_ops = {
     .add_bias = cuda_add_bias,
     .add = cuda_add,
     .silu_mul = cuda_silu_mul,
+    .gelu_mul = cuda_gelu_mul,
+    .scale = cuda_scale,
     .rope = cuda_rope,
     .kv_store = cuda_kv_store,
     .attention = cuda_attention,

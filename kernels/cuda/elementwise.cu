@@ -1,6 +1,6 @@
 /* The element-wise and row-wise ops of a forward pass on CUDA: get_rows
  * (embedding lookup and the gather of rows for the logits), rmsnorm,
- * add_bias, add and silu_mul. Semantics: kernels/backend.h; the CPU
+ * add_bias, add, silu_mul, gelu_mul and scale. Semantics: kernels/backend.h; the CPU
  * backend (kernels/cpu/backend-cpu.c) is the reference.
  *
  * Every kernel computes a row (or an element) from that row alone, with a
@@ -395,6 +395,109 @@ void lp_cuda_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *
 	auto kernel = vec ? silu_mul_kernel<4> : silu_mul_kernel<1>;
 
 	LP_LAUNCH(blocks, LP_CUDA_EW_THREADS, 0, cu->stream, kernel)(op, gp, upp, n);
+	cu->launches++;
+	LP_CUDA_CHECK(cu, cudaGetLastError());
+}
+
+/* gelu_tanh(g) * u as the CPU writes it (PyTorch's approximate="tanh");
+ * tanhf (not a fast approximation) for the same accuracy. */
+static __device__ __forceinline__ float gelu_mul1(float g, float u)
+{
+	const float beta = 0.7978845608028654f; /* sqrt(2 / pi) */
+	float inner = beta * (g + 0.044715f * g * g * g);
+
+	return 0.5f * g * (1.0f + tanhf(inner)) * u;
+}
+
+/* out may equal gate, as in silu_mul_kernel. */
+// lp: hot
+template <int VEC>
+__global__ void gelu_mul_kernel(float *out, const float *gate, const float *__restrict__ up,
+                                int64_t n)
+{
+	const int64_t stride = (int64_t)gridDim.x * blockDim.x * VEC;
+
+	for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+	     i += stride) {
+		if (VEC == 4 && i + 4 <= n) {
+			float4 g = lp_cuda_load4(gate, i), u = lp_cuda_load4(up, i);
+			lp_cuda_store4(out, i,
+			               make_float4(gelu_mul1(g.x, u.x), gelu_mul1(g.y, u.y),
+			                           gelu_mul1(g.z, u.z), gelu_mul1(g.w, u.w)));
+		} else {
+			for (int64_t j = i; j < i + VEC && j < n; j++)
+				out[j] = gelu_mul1(gate[j], up[j]);
+		}
+	}
+}
+
+void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                      const struct lp_tensor *up)
+{
+	struct lp_cuda *cu = (struct lp_cuda *)ctx;
+
+	if (lp_cuda_failed(cu))
+		return;
+	LP_CUDA_REQUIRE(
+	    cu, out->type == LP_DTYPE_F32 && gate->type == LP_DTYPE_F32 && up->type == LP_DTYPE_F32,
+	    "gelu_mul");
+	LP_CUDA_REQUIRE(cu, out->rows == gate->rows && out->cols == gate->cols, "gelu_mul");
+	LP_CUDA_REQUIRE(cu, up->rows == gate->rows && up->cols == gate->cols, "gelu_mul");
+
+	int64_t n = gate->rows * gate->cols;
+	float *op = (float *)out->data;
+	const float *gp = (const float *)gate->data, *upp = (const float *)up->data;
+
+	if (n == 0)
+		return;
+	bool vec = lp_cuda_aligned4(op, sizeof(float)) && lp_cuda_aligned4(gp, sizeof(float)) &&
+	           lp_cuda_aligned4(upp, sizeof(float));
+	unsigned blocks = lp_cuda_stride_blocks(cu, vec ? (n + 3) / 4 : n, LP_CUDA_EW_THREADS);
+
+	auto kernel = vec ? gelu_mul_kernel<4> : gelu_mul_kernel<1>;
+
+	LP_LAUNCH(blocks, LP_CUDA_EW_THREADS, 0, cu->stream, kernel)(op, gp, upp, n);
+	cu->launches++;
+	LP_CUDA_CHECK(cu, cudaGetLastError());
+}
+
+/* x *= s */
+// lp: hot
+template <int VEC> __global__ void scale_kernel(float *x, float s, int64_t n)
+{
+	const int64_t stride = (int64_t)gridDim.x * blockDim.x * VEC;
+
+	for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+	     i += stride) {
+		if (VEC == 4 && i + 4 <= n) {
+			float4 a = lp_cuda_load4(x, i);
+			lp_cuda_store4(x, i, make_float4(a.x * s, a.y * s, a.z * s, a.w * s));
+		} else {
+			for (int64_t j = i; j < i + VEC && j < n; j++)
+				x[j] *= s;
+		}
+	}
+}
+
+void lp_cuda_scale(void *ctx, struct lp_tensor *x, float s)
+{
+	struct lp_cuda *cu = (struct lp_cuda *)ctx;
+
+	if (lp_cuda_failed(cu))
+		return;
+	LP_CUDA_REQUIRE(cu, x->type == LP_DTYPE_F32, "scale");
+
+	int64_t n = x->rows * x->cols;
+	float *xp = (float *)x->data;
+
+	if (n == 0)
+		return;
+	bool vec = lp_cuda_aligned4(xp, sizeof(float));
+	unsigned blocks = lp_cuda_stride_blocks(cu, vec ? (n + 3) / 4 : n, LP_CUDA_EW_THREADS);
+
+	auto kernel = vec ? scale_kernel<4> : scale_kernel<1>;
+
+	LP_LAUNCH(blocks, LP_CUDA_EW_THREADS, 0, cu->stream, kernel)(xp, s, n);
 	cu->launches++;
 	LP_CUDA_CHECK(cu, cudaGetLastError());
 }

@@ -3,7 +3,7 @@
  * and what reserve() asks of them. backend-cuda.cu puts the entries in the
  * ops table.
  *
- *   elementwise.cu  get_rows, rmsnorm, add, add_bias, silu_mul
+ *   elementwise.cu  get_rows, rmsnorm, add, add_bias, silu_mul, gelu_mul, scale
  *   rope.cu         rope (one cos/sin table)
  *   kv-store.cu     kv_store (f32, f16, bf16 caches)
  *   attention.cu    attention: paged decode (each K/V block read once per
@@ -28,6 +28,9 @@ void lp_cuda_add_bias(void *ctx, struct lp_tensor *x, const struct lp_tensor *bi
 void lp_cuda_add(void *ctx, struct lp_tensor *y, const struct lp_tensor *x);
 void lp_cuda_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
                       const struct lp_tensor *up);
+void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                      const struct lp_tensor *up);
+void lp_cuda_scale(void *ctx, struct lp_tensor *x, float s);
 void lp_cuda_rope(void *ctx, struct lp_tensor *x, int n_heads, int head_dim, const int32_t *pos,
                   const struct lp_tensor *cos_sin);
 void lp_cuda_kv_store(void *ctx, struct lp_tensor *k_cache, struct lp_tensor *v_cache,

@@ -426,6 +426,106 @@ static void test_silu_mul(void)
 		}
 }
 
+/* gelu_mul: against PyTorch's formula in double and against the CPU
+ * backend. Both backends evaluate the same f32 expression with tanhf:
+ * 1e-5 relative plus 1e-6 absolute covers the libraries' tanhf (a few
+ * ulp); the double formula within 1e-5 relative of max(|g u|, 1e-3). */
+static void check_gelu_mul(int64_t rows, int64_t cols, bool in_place, size_t shift)
+{
+	size_t n = (size_t)(rows * cols);
+	float *g = random_floats(n, 12.0f), *u = random_floats(n, 3.0f);
+	float *got = (float *)malloc(n * 4 + 1), *want = (float *)malloc(n * 4 + 1);
+	struct dev gd, ud, od;
+
+	CHECK(dev_alloc(&gd, n * 4, shift) && dev_alloc(&ud, n * 4, 0));
+	CHECK(in_place || dev_alloc(&od, n * 4, 0));
+	CHECK(dev_put(&gd, g) && dev_put(&ud, u));
+	reset_context();
+
+	struct lp_tensor gt = tensor(gd.p, LP_DTYPE_F32, rows, cols);
+	struct lp_tensor ut = tensor(ud.p, LP_DTYPE_F32, rows, cols);
+	struct lp_tensor ot = tensor(in_place ? gd.p : od.p, LP_DTYPE_F32, rows, cols);
+	lp_cuda_gelu_mul(&cu, &ot, &gt, &ut);
+	CHECK_MSG(!lp_cuda_failed(&cu), "gelu_mul failed: %s", cu.status_msg);
+	CHECK(dev_get(in_place ? &gd : &od, got));
+
+	struct lp_tensor gc = tensor(g, LP_DTYPE_F32, rows, cols),
+	                 uc = tensor(u, LP_DTYPE_F32, rows, cols);
+	struct lp_tensor oc = tensor(want, LP_DTYPE_F32, rows, cols);
+	cpu->ops->gelu_mul(cpu->ctx, &oc, &gc, &uc);
+	for (size_t i = 0; i < n; i++) {
+		double x = g[i];
+		double ref =
+		    0.5 * x * (1.0 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x))) * u[i];
+		double mag = fmax(fabs(x * u[i]), 1e-3);
+
+		CHECK_MSG(fabsf(got[i] - want[i]) <= 1e-5f * fabsf(want[i]) + 1e-6f,
+		          "gelu_mul at %zu: g %g u %g: %.9g, cpu %.9g", i, g[i], u[i], got[i],
+		          want[i]);
+		CHECK_MSG(fabs(want[i] - ref) <= 1e-5 * mag,
+		          "cpu gelu_mul at %zu: g %g u %g: %.9g, formula %.9g", i, g[i], u[i],
+		          want[i], ref);
+		if (test_current_failed)
+			break;
+	}
+	CHECK(dev_canaries_ok(&gd) && dev_canaries_ok(&ud) && (in_place || dev_canaries_ok(&od)));
+	dev_free(&gd);
+	dev_free(&ud);
+	if (!in_place)
+		dev_free(&od);
+	free(g);
+	free(u);
+	free(got);
+	free(want);
+}
+
+static void test_gelu_mul(void)
+{
+	const int64_t shapes[][2] = {{1, 7}, {300, 64}, {300, 1001}, {1, 4096}, {2, 3}};
+
+	for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+		for (int mode = 0; mode < 3; mode++) {
+			check_gelu_mul(shapes[s][0], shapes[s][1], mode == 1, mode == 2 ? 4 : 0);
+			if (test_current_failed)
+				return;
+		}
+}
+
+/* scale: exact (one f32 product per element) on both backends */
+static void test_scale(void)
+{
+	const int64_t shapes[][2] = {{1, 7}, {300, 64}, {2, 3}, {1, 4096}};
+
+	for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+		for (int shift = 0; shift <= 4; shift += 4) {
+			int64_t rows = shapes[s][0], cols = shapes[s][1];
+			size_t n = (size_t)(rows * cols);
+			float *x = random_floats(n, 5.0f), *got = (float *)malloc(n * 4 + 1);
+			const float k = 25.298221281347036f;
+			struct dev xd;
+
+			CHECK(dev_alloc(&xd, n * 4, (size_t)shift) && dev_put(&xd, x));
+			reset_context();
+			struct lp_tensor xt = tensor(xd.p, LP_DTYPE_F32, rows, cols);
+			lp_cuda_scale(&cu, &xt, k);
+			CHECK_MSG(!lp_cuda_failed(&cu), "scale failed: %s", cu.status_msg);
+			CHECK(dev_get(&xd, got));
+			struct lp_tensor xc = tensor(x, LP_DTYPE_F32, rows, cols);
+			float x0 = x[0];
+			cpu->ops->scale(cpu->ctx, &xc, k);
+			CHECK(x[0] == x0 * k);
+			for (size_t i = 0; i < n && !test_current_failed; i++)
+				CHECK_MSG(got[i] == x[i], "scale at %zu: %.9g, cpu %.9g", i, got[i],
+				          x[i]);
+			CHECK(dev_canaries_ok(&xd));
+			dev_free(&xd);
+			free(x);
+			free(got);
+			if (test_current_failed)
+				return;
+		}
+}
+
 /* rope: against the contract written out here and against the CPU
  * backend */
 
@@ -775,6 +875,8 @@ int main(void)
 	RUN(test_rmsnorm);
 	RUN(test_add);
 	RUN(test_silu_mul);
+	RUN(test_gelu_mul);
+	RUN(test_scale);
 	RUN(test_rope);
 	RUN(test_kv_store);
 	RUN(test_empty);

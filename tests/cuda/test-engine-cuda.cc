@@ -323,11 +323,12 @@ static void test_smollm2_matches_cpu(void)
 	          TOL_REL);
 }
 
-/* The tiny Qwen3 (q/k RMSNorm over one row per head), two golden prompts
- * bare and two with its adapter, in one batch on both backends. */
-static void test_qwen3_matches_cpu(void)
+/* A tiny model of test-archs (tests/fixtures/tiny-<arch>), two golden
+ * prompts bare and two with its adapter, in one batch on both backends. */
+static void arch_matches_cpu(const char *arch)
 {
 	static struct result cpu[4], cuda[4];
+	char name[64];
 	struct lp_backend *bes[2] = {g_cpu, g_cuda};
 	struct lp_model *m[2] = {NULL, NULL};
 	struct req reqs[4];
@@ -338,7 +339,7 @@ static void test_qwen3_matches_cpu(void)
 	double worst = 0, w;
 	bool ok = true;
 
-	snprintf(path, sizeof(path), "%s/goldens/tiny-qwen3-lora.json", test_fixtures_dir());
+	snprintf(path, sizeof(path), "%s/goldens/tiny-%s-lora.json", test_fixtures_dir(), arch);
 	root = json_load_file(path, 0, &jerr);
 	CHECK_MSG(root, "%s: %s", path, jerr.text);
 	memset(reqs, 0, sizeof(reqs));
@@ -356,14 +357,15 @@ static void test_qwen3_matches_cpu(void)
 	}
 	json_decref(root);
 	CHECK(reqs[0].n_ids > 0 && reqs[2].n_ids > 0);
-	snprintf(path, sizeof(path), "%s/tiny-qwen3", test_fixtures_dir());
+	snprintf(path, sizeof(path), "%s/tiny-%s", test_fixtures_dir(), arch);
 	for (int b = 0; b < 2; b++)
 		if (lp_model_load(&m[b], path, bes[b], &err)) {
 			lp_model_free(m[0]);
 			CHECK_MSG(0, "%s", err.msg);
 		}
-	if (run(m[0], LP_DTYPE_F32, "tiny-qwen3", reqs, 4, cpu, &err) ||
-	    run(m[1], LP_DTYPE_F16, "tiny-qwen3", reqs, 4, cuda, &err)) {
+	snprintf(name, sizeof(name), "tiny-%s", arch);
+	if (run(m[0], LP_DTYPE_F32, name, reqs, 4, cpu, &err) ||
+	    run(m[1], LP_DTYPE_F16, name, reqs, 4, cuda, &err)) {
 		lp_model_free(m[0]);
 		lp_model_free(m[1]);
 		free_results(cpu, 4);
@@ -371,13 +373,13 @@ static void test_qwen3_matches_cpu(void)
 		CHECK_MSG(0, "%s", err.msg);
 	}
 	for (int i = 0; i < 4; i++) {
-		ok &= compare(i % 2 ? "qwen3 r8-all" : "qwen3", &cpu[i], &cuda[i],
+		ok &= compare(i % 2 ? "with r8-all" : "bare", &cpu[i], &cuda[i],
 		              m[0]->cfg.vocab_size, &w);
 		worst = fmax(worst, w);
 	}
-	printf("  tiny-qwen3, 4 requests in one batch: CUDA (emulated) vs CPU: max |logit diff| = "
+	printf("  tiny-%s, 4 requests in one batch: CUDA (emulated) vs CPU: max |logit diff| = "
 	       "%.3g of the range\n",
-	       worst);
+	       arch, worst);
 	lp_model_free(m[0]);
 	lp_model_free(m[1]);
 	free_results(cpu, 4);
@@ -385,6 +387,19 @@ static void test_qwen3_matches_cpu(void)
 	CHECK_MSG(ok, "a greedy token differs where the CPU's margin is clear");
 	CHECK_MSG(worst <= TOL_REL, "logits differ by %.3g of the range (tolerance %g)", worst,
 	          TOL_REL);
+}
+
+/* Qwen3: q/k RMSNorm over one row per head */
+static void test_qwen3_matches_cpu(void)
+{
+	arch_matches_cpu("qwen3");
+}
+
+/* Gemma 3: GeGLU, the embedding scale, post norms, the local layers' RoPE
+ * table and a window shorter than the prompts */
+static void test_gemma3_matches_cpu(void)
+{
+	arch_matches_cpu("gemma3");
 }
 
 /* The device's sample op through the engine: greedy with every penalty
@@ -504,6 +519,7 @@ int main(void)
 	RUN(test_tiny_mixed_equals_alone);
 	RUN(test_smollm2_matches_cpu);
 	RUN(test_qwen3_matches_cpu);
+	RUN(test_gemma3_matches_cpu);
 	RUN(test_device_sampling_with_penalties);
 	RUN(test_device_sampling_with_logit_bias);
 	lp_model_free(g_tiny_cpu);

@@ -8,7 +8,11 @@
  * transformers windows, and only those (the context is not capped).
  *
  *   qwen2: Qwen2/Qwen2.5 (q/k/v biases, tied embeddings, GQA)
- *   qwen3: Qwen3 dense (q/k RMSNorm per head, head_dim 32 with hidden 64) */
+ *   qwen3: Qwen3 dense (q/k RMSNorm per head, head_dim 32 with hidden 64)
+ *   gemma3: Gemma 3 text (hack/make-gemma3-goldens.py: (1 + w) norms,
+ *           post-attention and post-MLP norms, q/k norm, GeGLU, scaled
+ *           embeddings and queries, local/global layers with their own
+ *           RoPE bases and a window shorter than the prompts) */
 #include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
@@ -31,11 +35,14 @@ struct arch_case {
 	bool attn_bias, qk_norm, tied;
 	enum lp_chat_style chat;
 	bool default_system;
+	int n_layers;
+	bool gemma; /* Gemma 3's extras; no NFC normalizer */
 };
 
 static const struct arch_case cases[] = {
-    {"qwen2", LP_ARCH_QWEN2, 16, 160, true, false, true, LP_CHAT_CHATML, true},
-    {"qwen3", LP_ARCH_QWEN3, 32, 128, false, true, false, LP_CHAT_QWEN3, false},
+    {"qwen2", LP_ARCH_QWEN2, 16, 160, true, false, true, LP_CHAT_CHATML, true, 2, false},
+    {"qwen3", LP_ARCH_QWEN3, 32, 128, false, true, false, LP_CHAT_QWEN3, false, 2, false},
+    {"gemma3", LP_ARCH_GEMMA3, 32, 128, false, true, true, LP_CHAT_GEMMA, false, 3, true},
 };
 
 static struct lp_backend *be;
@@ -52,7 +59,7 @@ static void check_config_of(const struct lp_model *m, const char *fmt)
 
 	CHECK_MSG(c->arch == cur->arch, "%s %s: arch %s", cur->name, fmt, lp_arch_name(c->arch));
 	CHECK_EQ_STR(lp_arch_name(c->arch), cur->name);
-	CHECK_EQ_INT(c->n_layers, 2);
+	CHECK_EQ_INT(c->n_layers, cur->n_layers);
 	CHECK_EQ_INT(c->dim, 64);
 	CHECK_EQ_INT(c->n_heads, 4);
 	CHECK_EQ_INT(c->n_kv_heads, 2);
@@ -60,8 +67,25 @@ static void check_config_of(const struct lp_model *m, const char *fmt)
 	CHECK_EQ_INT(c->ffn_dim, cur->ffn_dim);
 	CHECK_EQ_INT(c->vocab_size, 512);
 	CHECK_EQ_INT(c->max_pos, 256); /* qwen2's 48-token window is off */
-	CHECK_EQ_INT(c->sliding_window, 0);
+	CHECK_EQ_INT(c->sliding_window, cur->gemma ? 16 : 0);
 	CHECK_NEAR(c->rope_theta, 1e6, 1e-3);
+	CHECK_EQ_INT(c->post_norms, cur->gemma);
+	CHECK_EQ_INT(c->act, cur->gemma ? LP_ACT_GELU_TANH : LP_ACT_SILU);
+	if (cur->gemma) {
+		/* layers sliding, full, sliding; the local ones rotate by 1e4 */
+		CHECK_EQ_INT(lp_model_layer_window(c, 0), 16);
+		CHECK_EQ_INT(lp_model_layer_window(c, 1), 0);
+		CHECK_EQ_INT(lp_model_layer_window(c, 2), 16);
+		CHECK(lp_model_layer_local_rope(c, 0) && !lp_model_layer_local_rope(c, 1));
+		CHECK_NEAR(c->rope_local_theta, 1e4, 1e-3);
+		CHECK_NEAR(c->embed_scale, 8.0, 1e-6);           /* sqrt(64) */
+		CHECK_NEAR(c->attn_scale, 1 / sqrt(24.0), 1e-7); /* query_pre_attn_scalar */
+		CHECK(m->rope_local_inv_freq != NULL);
+		/* <end_of_turn> ends generation besides <eos> */
+		CHECK(lp_model_is_eos(m, lp_tokenizer_find(m->tok, "<end_of_turn>")));
+	} else {
+		CHECK(m->rope_local_inv_freq == NULL);
+	}
 	CHECK_EQ_INT(c->rope_scaling, LP_ROPE_NONE);
 	CHECK_NEAR(c->rms_eps, 1e-6, 1e-12);
 	CHECK_EQ_INT(c->attn_bias, cur->attn_bias);
@@ -80,6 +104,8 @@ static void check_config_of(const struct lp_model *m, const char *fmt)
 		CHECK_EQ_INT(L->q_norm.data != NULL, cur->qk_norm);
 		CHECK_EQ_INT(L->k_norm.data != NULL, cur->qk_norm);
 		CHECK(L->bo.data == NULL);
+		CHECK_EQ_INT(L->post_attn_norm.data != NULL, cur->gemma);
+		CHECK_EQ_INT(L->post_ffn_norm.data != NULL, cur->gemma);
 		if (cur->qk_norm)
 			CHECK_EQ_INT(L->q_norm.cols, c->head_dim);
 	}
@@ -112,14 +138,16 @@ static void test_gguf_weights_equal_hf(void)
 	CHECK(same_tensor(&hf->inv_freq, &gg->inv_freq));
 	for (int l = 0; l < hf->cfg.n_layers; l++) {
 		const struct lp_layer_weights *a = &hf->layers[l], *b = &gg->layers[l];
-		const struct lp_tensor *ta[] = {&a->attn_norm, &a->wq,    &a->wk,       &a->wv,
-		                                &a->bq,        &a->bk,    &a->bv,       &a->q_norm,
-		                                &a->k_norm,    &a->wo,    &a->ffn_norm, &a->w_gate,
-		                                &a->w_up,      &a->w_down};
-		const struct lp_tensor *tb[] = {&b->attn_norm, &b->wq,    &b->wk,       &b->wv,
-		                                &b->bq,        &b->bk,    &b->bv,       &b->q_norm,
-		                                &b->k_norm,    &b->wo,    &b->ffn_norm, &b->w_gate,
-		                                &b->w_up,      &b->w_down};
+		const struct lp_tensor *ta[] = {
+		    &a->attn_norm,    &a->wq,     &a->wk,     &a->wv,     &a->bq,
+		    &a->bk,           &a->bv,     &a->q_norm, &a->k_norm, &a->wo,
+		    &a->ffn_norm,     &a->w_gate, &a->w_up,   &a->w_down, &a->post_attn_norm,
+		    &a->post_ffn_norm};
+		const struct lp_tensor *tb[] = {
+		    &b->attn_norm,    &b->wq,     &b->wk,     &b->wv,     &b->bq,
+		    &b->bk,           &b->bv,     &b->q_norm, &b->k_norm, &b->wo,
+		    &b->ffn_norm,     &b->w_gate, &b->w_up,   &b->w_down, &b->post_attn_norm,
+		    &b->post_ffn_norm};
 		for (size_t i = 0; i < sizeof(ta) / sizeof(ta[0]); i++)
 			CHECK_MSG(same_tensor(ta[i], tb[i]), "%s layer %d: tensor %zu differs",
 			          cur->name, l, i);
@@ -162,7 +190,8 @@ static void test_prompt_ids_from_text(void)
 
 	for (int i = 0; i < gold.n_prompts; i++)
 		nfc |= gold.prompts[i].nfc_changes;
-	CHECK_MSG(nfc, "no golden prompt exercises the NFC normalizer");
+	/* Gemma's tokenizer has no NFC normalizer */
+	CHECK_MSG(nfc || cur->gemma, "no golden prompt exercises the NFC normalizer");
 	check_ids_from_text(hf, "hf");
 	if (!test_current_failed)
 		check_ids_from_text(gg, "gguf");
@@ -187,6 +216,57 @@ static void test_chat_template_detected(void)
 			CHECK(ct.default_system == NULL);
 		lp_chat_template_release(&ct);
 	}
+}
+
+/* Gemma 3's template rendered in C equals transformers' rendering of each
+ * conversation of the goldens; roles that do not alternate are refused. */
+static void test_chat_render_gemma(void)
+{
+	json_t *chats = json_object_get(gold.root, "chat"), *c;
+	struct lp_chat_template ct;
+	struct lp_err err = {0};
+	size_t i;
+
+	if (!cur->gemma)
+		return;
+	CHECK(json_array_size(chats) >= 5);
+	CHECK_OK(lp_chat_template_detect(&ct, lp_tokenizer_chat_template(hf->tok), "<bos>", "<eos>",
+	                                 &err),
+	         &err);
+	json_array_foreach(chats, i, c)
+	{
+		json_t *msgs = json_object_get(c, "messages"), *mj;
+		struct lp_chat_message ms[8];
+		struct lp_buf out;
+		size_t k;
+		const char *want = json_string_value(json_object_get(c, "text"));
+
+		CHECK(json_array_size(msgs) <= 8 && want);
+		json_array_foreach(msgs, k, mj)
+		{
+			ms[k].role = json_string_value(json_object_get(mj, "role"));
+			ms[k].content = json_string_value(json_object_get(mj, "content"));
+		}
+		lp_buf_init(&out, 1 << 16);
+		CHECK_OK(lp_chat_template_render(
+		             &ct, ms, json_array_size(msgs),
+		             json_is_true(json_object_get(c, "add_generation_prompt")), &out, &err),
+		         &err);
+		CHECK_MSG(out.data && want && !strcmp(out.data, want),
+		          "chat %zu: '%s', reference '%s'", i, out.data ? out.data : "",
+		          want ? want : "");
+		lp_buf_release(&out);
+	}
+	{
+		struct lp_chat_message two[] = {{"user", "a"}, {"user", "b"}};
+		struct lp_buf out;
+
+		lp_buf_init(&out, 1 << 16);
+		CHECK_EQ_INT(lp_chat_template_render(&ct, two, 2, true, &out, &err), -EINVAL);
+		CHECK_MSG(strstr(err.msg, "alternate"), "%s", err.msg);
+		lp_buf_release(&out);
+	}
+	lp_chat_template_release(&ct);
 }
 
 /* ---- outputs against the reference ---- */
@@ -413,6 +493,58 @@ static void edit_rope_parameters(json_t *cfg, void *arg)
 	json_object_set_new(cfg, "rope_parameters", rp);
 }
 
+static void edit_gemma_key(json_t *cfg, void *arg)
+{
+	const char *const *kv = arg; /* key, JSON value */
+
+	json_object_set_new(cfg, kv[0], json_loads(kv[1], JSON_DECODE_ANY, NULL));
+}
+
+static void edit_gemma_rope_parameters(json_t *cfg, void *arg)
+{
+	(void)arg;
+	json_object_del(cfg, "rope_theta");
+	json_object_del(cfg, "rope_local_base_freq");
+	json_object_set_new(cfg, "rope_parameters",
+	                    json_pack("{s:{s:s,s:f},s:{s:s,s:f}}", "full_attention", "rope_type",
+	                              "default", "rope_theta", 5e5, "sliding_attention",
+	                              "rope_type", "default", "rope_theta", 2e4));
+	json_object_del(cfg, "layer_types");
+	json_object_set_new(cfg, "sliding_window_pattern", json_integer(2));
+}
+
+/* Gemma 3 configs: what loraplane does not run is refused with the key
+ * named; transformers 5's per-layer-type rope_parameters and
+ * sliding_window_pattern are read. */
+static void test_gemma3_config_variants(void)
+{
+	static const char *const bad[][3] = {
+	    {"final_logit_softcapping", "30.0", "final_logit_softcapping"},
+	    {"attn_logit_softcapping", "50.0", "attn_logit_softcapping"},
+	    {"use_bidirectional_attention", "true", "use_bidirectional_attention"},
+	    {"hidden_activation", "\"gelu\"", "gelu_pytorch_tanh"},
+	    {"model_type", "\"gemma3\"", "gemma3_text"},
+	    {"query_pre_attn_scalar", "0", "query_pre_attn_scalar"},
+	};
+	struct lp_err err = {0};
+	struct lp_model *m = NULL;
+	char dir[300];
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		CHECK(variant_dir("gemma3", edit_gemma_key, (void *)bad[i], dir, sizeof(dir)) == 0);
+		CHECK_MSG(lp_model_load(&m, dir, be, &err) < 0 && strstr(err.msg, bad[i][2]),
+		          "%s: %s", bad[i][0], err.msg);
+	}
+	CHECK(variant_dir("gemma3", edit_gemma_rope_parameters, NULL, dir, sizeof(dir)) == 0);
+	CHECK_OK(lp_model_load(&m, dir, be, &err), &err);
+	CHECK_NEAR(m->cfg.rope_theta, 5e5, 1e-3);
+	CHECK_NEAR(m->cfg.rope_local_theta, 2e4, 1e-3);
+	/* every second layer global: sliding, full, sliding */
+	CHECK(lp_model_layer_window(&m->cfg, 0) == 16 && lp_model_layer_window(&m->cfg, 1) == 0 &&
+	      lp_model_layer_window(&m->cfg, 2) == 16);
+	lp_model_free(m);
+}
+
 /* Files that do not fit their config are refused with the reason; the
  * transformers 5 form of the rope settings is read. */
 static void test_config_variants(void)
@@ -480,6 +612,7 @@ static int run_arch(const struct arch_case *ac)
 	RUN(test_gguf_weights_equal_hf);
 	RUN(test_prompt_ids_from_text);
 	RUN(test_chat_template_detected);
+	RUN(test_chat_render_gemma);
 	RUN(test_alone_matches_reference);
 	RUN(test_batch_equals_alone);
 	RUN(test_batch_chunked_prefill);
@@ -516,6 +649,7 @@ int main(void)
 		bad += run_arch(&cases[i]);
 	RUN(test_sliding_window_layers);
 	RUN(test_config_variants);
+	RUN(test_gemma3_config_variants);
 	{
 		char p[512];
 		static const char *files[] = {"config.json", "model.safetensors", "tokenizer.json",
