@@ -90,7 +90,7 @@ static void test_alone(void)
 		CHECK_OK(golden_run(m, &ec, &g, 1, NULL, toks, firsts, NULL, &err), &err);
 		json_object_foreach(ref, key, v)
 		{
-			int id = atoi(key);
+			int id = (int)strtol(key, NULL, 10);
 			CHECK(id >= 0 && id < vocab);
 			if (id >= 0 && id < vocab)
 				worst = fmax(worst, fabs(first[id] - json_number_value(v)));
