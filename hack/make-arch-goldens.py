@@ -254,6 +254,13 @@ def build(arch, seed, cfg_dict, out_dir, tok_files):
                 p.copy_(1.0 + NORM_STD * torch.randn(p.shape))
             else:
                 p.copy_(STD * torch.randn(p.shape))
+    save_model(model, cfg_dict, out_dir, tok_files)
+
+
+def save_model(model, cfg_dict, out_dir, tok_files):
+    """Saves model in bf16 into out_dir (made anew, keeping the tokenizer
+    files tok_files), with cfg_dict as its config.json and no
+    generation_config.json."""
     model = model.to(torch.bfloat16)
     keep = {f: open(f, "rb").read() for f in tok_files}
     if os.path.isdir(out_dir):

@@ -49,7 +49,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
 import sys
 
 sys.dont_write_bytecode = True
@@ -254,22 +253,7 @@ def build(seed, cfg_dict, tok_files):
         for pname, p in sorted(model.named_parameters()):
             std = NORM_STD if pname.endswith("norm.weight") else EMBED_STD if "embed" in pname else STD
             p.copy_(std * torch.randn(p.shape))
-    model = model.to(torch.bfloat16)
-    keep = {f: open(f, "rb").read() for f in tok_files}
-    if os.path.isdir(OUT_DIR):
-        shutil.rmtree(OUT_DIR)
-    model.save_pretrained(OUT_DIR, safe_serialization=True)
-    for f, data in keep.items():
-        with open(f, "wb") as fh:
-            fh.write(data)
-    conf = dict(cfg_dict)
-    conf["transformers_version"] = transformers.__version__
-    mg.write_json(os.path.join(OUT_DIR, "config.json"), conf)
-    gen = os.path.join(OUT_DIR, "generation_config.json")
-    if os.path.exists(gen):
-        os.remove(gen)
-    for f in os.listdir(OUT_DIR):
-        os.chmod(os.path.join(OUT_DIR, f), 0o644)
+    mag.save_model(model, cfg_dict, OUT_DIR, tok_files)
 
 
 def check_saved(model):
