@@ -346,59 +346,6 @@ static __device__ __forceinline__ float silu_mul1(float g, float u)
 	return g / (1.0f + expf(-g)) * u;
 }
 
-/* out may equal gate: each element is read before it is written, by the
- * same thread. */
-// lp: hot
-template <int VEC>
-__global__ void silu_mul_kernel(float *out, const float *gate, const float *__restrict__ up,
-                                int64_t n)
-{
-	const int64_t stride = (int64_t)gridDim.x * blockDim.x * VEC;
-
-	for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
-	     i += stride) {
-		if (VEC == 4 && i + 4 <= n) {
-			float4 g = lp_cuda_load4(gate, i), u = lp_cuda_load4(up, i);
-			lp_cuda_store4(out, i,
-			               make_float4(silu_mul1(g.x, u.x), silu_mul1(g.y, u.y),
-			                           silu_mul1(g.z, u.z), silu_mul1(g.w, u.w)));
-		} else {
-			for (int64_t j = i; j < i + VEC && j < n; j++)
-				out[j] = silu_mul1(gate[j], up[j]);
-		}
-	}
-}
-
-void lp_cuda_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
-                      const struct lp_tensor *up)
-{
-	struct lp_cuda *cu = (struct lp_cuda *)ctx;
-
-	if (lp_cuda_failed(cu))
-		return;
-	LP_CUDA_REQUIRE(
-	    cu, out->type == LP_DTYPE_F32 && gate->type == LP_DTYPE_F32 && up->type == LP_DTYPE_F32,
-	    "silu_mul");
-	LP_CUDA_REQUIRE(cu, out->rows == gate->rows && out->cols == gate->cols, "silu_mul");
-	LP_CUDA_REQUIRE(cu, up->rows == gate->rows && up->cols == gate->cols, "silu_mul");
-
-	int64_t n = gate->rows * gate->cols;
-	float *op = (float *)out->data;
-	const float *gp = (const float *)gate->data, *upp = (const float *)up->data;
-
-	if (n == 0)
-		return;
-	bool vec = lp_cuda_aligned4(op, sizeof(float)) && lp_cuda_aligned4(gp, sizeof(float)) &&
-	           lp_cuda_aligned4(upp, sizeof(float));
-	unsigned blocks = lp_cuda_stride_blocks(cu, vec ? (n + 3) / 4 : n, LP_CUDA_EW_THREADS);
-
-	auto kernel = vec ? silu_mul_kernel<4> : silu_mul_kernel<1>;
-
-	LP_LAUNCH(blocks, LP_CUDA_EW_THREADS, 0, cu->stream, kernel)(op, gp, upp, n);
-	cu->launches++;
-	LP_CUDA_CHECK(cu, cudaGetLastError());
-}
-
 /* gelu_tanh(g) * u as the CPU writes it (PyTorch's approximate="tanh");
  * tanhf (not a fast approximation) for the same accuracy. */
 static __device__ __forceinline__ float gelu_mul1(float g, float u)
@@ -409,11 +356,19 @@ static __device__ __forceinline__ float gelu_mul1(float g, float u)
 	return 0.5f * g * (1.0f + tanhf(inner)) * u;
 }
 
-/* out may equal gate, as in silu_mul_kernel. */
+enum glu_act { GLU_SILU, GLU_GELU_TANH };
+
+template <int ACT> static __device__ __forceinline__ float glu1(float g, float u)
+{
+	return ACT == GLU_SILU ? silu_mul1(g, u) : gelu_mul1(g, u);
+}
+
+/* act(gate) * up element-wise. out may equal gate: each element is read
+ * before it is written, by the same thread. */
 // lp: hot
-template <int VEC>
-__global__ void gelu_mul_kernel(float *out, const float *gate, const float *__restrict__ up,
-                                int64_t n)
+template <int ACT, int VEC>
+__global__ void glu_mul_kernel(float *out, const float *gate, const float *__restrict__ up,
+                               int64_t n)
 {
 	const int64_t stride = (int64_t)gridDim.x * blockDim.x * VEC;
 
@@ -422,17 +377,19 @@ __global__ void gelu_mul_kernel(float *out, const float *gate, const float *__re
 		if (VEC == 4 && i + 4 <= n) {
 			float4 g = lp_cuda_load4(gate, i), u = lp_cuda_load4(up, i);
 			lp_cuda_store4(out, i,
-			               make_float4(gelu_mul1(g.x, u.x), gelu_mul1(g.y, u.y),
-			                           gelu_mul1(g.z, u.z), gelu_mul1(g.w, u.w)));
+			               make_float4(glu1<ACT>(g.x, u.x), glu1<ACT>(g.y, u.y),
+			                           glu1<ACT>(g.z, u.z), glu1<ACT>(g.w, u.w)));
 		} else {
 			for (int64_t j = i; j < i + VEC && j < n; j++)
-				out[j] = gelu_mul1(gate[j], up[j]);
+				out[j] = glu1<ACT>(gate[j], up[j]);
 		}
 	}
 }
 
-void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
-                      const struct lp_tensor *up)
+/* The op entry of silu_mul and gelu_mul: shapes, then the kernel. */
+template <int ACT>
+static void glu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                    const struct lp_tensor *up, const char *name)
 {
 	struct lp_cuda *cu = (struct lp_cuda *)ctx;
 
@@ -440,9 +397,9 @@ void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *
 		return;
 	LP_CUDA_REQUIRE(
 	    cu, out->type == LP_DTYPE_F32 && gate->type == LP_DTYPE_F32 && up->type == LP_DTYPE_F32,
-	    "gelu_mul");
-	LP_CUDA_REQUIRE(cu, out->rows == gate->rows && out->cols == gate->cols, "gelu_mul");
-	LP_CUDA_REQUIRE(cu, up->rows == gate->rows && up->cols == gate->cols, "gelu_mul");
+	    name);
+	LP_CUDA_REQUIRE(cu, out->rows == gate->rows && out->cols == gate->cols, name);
+	LP_CUDA_REQUIRE(cu, up->rows == gate->rows && up->cols == gate->cols, name);
 
 	int64_t n = gate->rows * gate->cols;
 	float *op = (float *)out->data;
@@ -454,11 +411,23 @@ void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *
 	           lp_cuda_aligned4(upp, sizeof(float));
 	unsigned blocks = lp_cuda_stride_blocks(cu, vec ? (n + 3) / 4 : n, LP_CUDA_EW_THREADS);
 
-	auto kernel = vec ? gelu_mul_kernel<4> : gelu_mul_kernel<1>;
+	auto kernel = vec ? glu_mul_kernel<ACT, 4> : glu_mul_kernel<ACT, 1>;
 
 	LP_LAUNCH(blocks, LP_CUDA_EW_THREADS, 0, cu->stream, kernel)(op, gp, upp, n);
 	cu->launches++;
 	LP_CUDA_CHECK(cu, cudaGetLastError());
+}
+
+void lp_cuda_silu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                      const struct lp_tensor *up)
+{
+	glu_mul<GLU_SILU>(ctx, out, gate, up, "silu_mul");
+}
+
+void lp_cuda_gelu_mul(void *ctx, struct lp_tensor *out, const struct lp_tensor *gate,
+                      const struct lp_tensor *up)
+{
+	glu_mul<GLU_GELU_TANH>(ctx, out, gate, up, "gelu_mul");
 }
 
 /* x *= s */
