@@ -4,7 +4,8 @@
  * weights read per token), and decode throughput at batches 1 to 32 (the
  * sweep). Prints `bench: NAME VALUE UNIT` lines. --only crossover times
  * the CPU's matrix-vector path against its GEMM per weight type (where
- * kernels/cpu/matmul.c's crossover table comes from). */
+ * kernels/cpu/matmul.c's crossover table comes from); --only prefill stops
+ * after the 512-token prompt figure (hack/bench-llamacpp.py). */
 #include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
@@ -199,6 +200,32 @@ static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, 
 	return (double)batch * n_steps / dt;
 }
 
+/* Prompt tokens per second of one 512-token prefill (one engine step),
+ * best of rounds. */
+static double prefill_tps(struct lp_engine *e, const int32_t *prompt, int rounds,
+                          struct lp_err *err)
+{
+	double best = 0;
+
+	for (int rep = 0; rep < rounds; rep++) {
+		const struct lp_step_output *outs;
+		struct lp_seq *seq;
+		int n;
+
+		if (add_greedy(e, prompt, 512, 1, &seq, err))
+			return -1;
+		double t0 = now_s();
+		if (lp_engine_step(e, &outs, &n, err))
+			return -1;
+		double pp = 512 / (now_s() - t0);
+		best = pp > best ? pp : best;
+		if (run_all(e, err))
+			return -1;
+		lp_engine_release(e, seq);
+	}
+	return best;
+}
+
 /* ---- decode batch sweep ---- */
 
 static const int sweep_batches[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, SWEEP_MAX};
@@ -274,7 +301,9 @@ static int bench_crossover(const struct lp_model *model, int threads, int rounds
                            struct lp_err *err)
 {
 	static const enum lp_dtype types[] = {LP_DTYPE_F32,  LP_DTYPE_F16,  LP_DTYPE_BF16,
-	                                      LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1};
+	                                      LP_DTYPE_Q8_0, LP_DTYPE_Q4_0, LP_DTYPE_Q4_1,
+	                                      LP_DTYPE_Q5_0, LP_DTYPE_Q5_1, LP_DTYPE_Q4_K,
+	                                      LP_DTYPE_Q5_K, LP_DTYPE_Q6_K};
 	static const int ns[] = {4, 5, 8, 12, 14, 16, 18, 20, 24, 32};
 	int cap = model->cfg.n_layers * 7 + 1;
 	struct step_mat *mats = malloc((size_t)cap * sizeof(*mats));
@@ -285,8 +314,10 @@ static int bench_crossover(const struct lp_model *model, int threads, int rounds
 	void **w = calloc((size_t)cap, sizeof(void *));
 	int rc = -1;
 
+	/* room for rows padded to whole K-quant blocks */
 	for (int i = 0; i < n_mats; i++) {
-		max_k = mats[i].k > max_k ? mats[i].k : max_k;
+		int64_t kp = (mats[i].k + LP_QK_K - 1) / LP_QK_K * LP_QK_K;
+		max_k = kp > max_k ? kp : max_k;
 		max_m = mats[i].m > max_m ? mats[i].m : max_m;
 	}
 	x = calloc((size_t)(SWEEP_MAX * max_k), sizeof(float));
@@ -310,8 +341,12 @@ static int bench_crossover(const struct lp_model *model, int threads, int rounds
 		int last_win = 0;
 		bool wins = true;
 
+		/* a row length that is no whole number of blocks of t (576 for
+		 * a K-quant) is rounded up to one */
+		int64_t blk = lp_dtype_block(t);
+#define KPAD(i) ((mats[i].k + blk - 1) / blk * blk)
 		for (int i = 0; i < n_mats; i++) {
-			size_t b = lp_dtype_row_bytes(t, mats[i].k) * (size_t)mats[i].m;
+			size_t b = lp_dtype_row_bytes(t, KPAD(i)) * (size_t)mats[i].m;
 			w[i] = malloc(b);
 			if (!w[i]) {
 				rc = lp_errf(err, -ENOMEM, "out of memory");
@@ -327,10 +362,8 @@ static int bench_crossover(const struct lp_model *model, int threads, int rounds
 				for (int p = 0; p < 2; p++) {
 					double t0 = now_s();
 					for (int i = 0; i < n_mats; i++) {
-						struct lp_tensor tw = {w[i], t, mats[i].m,
-						                       mats[i].k};
-						struct lp_tensor tx = {x, LP_DTYPE_F32, n,
-						                       mats[i].k};
+						struct lp_tensor tw = {w[i], t, mats[i].m, KPAD(i)};
+						struct lp_tensor tx = {x, LP_DTYPE_F32, n, KPAD(i)};
 						struct lp_tensor to = {o, LP_DTYPE_F32, n,
 						                       mats[i].m};
 						be[p]->ops->matmul(be[p]->ctx, &to, &tx, &tw,
@@ -349,7 +382,9 @@ static int bench_crossover(const struct lp_model *model, int threads, int rounds
 		}
 		printf("bench: crossover_%s %d rows (largest n up to which the matrix-vector path "
 		       "wins; the table says %d)\n",
-		       lp_dtype_name(t), last_win, lp_cpu_matvec_batch_default(t));
+		       lp_dtype_name(t), last_win,
+		       lp_cpu_matvec_batch_default(t, lp_backend_cpu_uses_avx512(be[1])));
+#undef KPAD
 		for (int i = 0; i < n_mats; i++) {
 			free(w[i]);
 			w[i] = NULL;
@@ -725,6 +760,71 @@ out:
 	return rc;
 }
 
+/* ---- the AVX-512 kernels against the AVX2 ones ---- */
+
+/* The model at path on a backend with the AVX-512 kernels (i = 0) and on
+ * one without (LP_CPU_NO_AVX512, i = 1), an engine each as main makes it;
+ * rounds alternate the two: 512-token prefill and decode at batches 1, 8
+ * and 32, best of rounds, and the ratios AVX-512 / AVX2. */
+static int bench_isa(const char *path, int threads, const struct lp_engine_config *ec,
+                     const int32_t *prompt, int rounds, struct lp_err *err)
+{
+	static const int batches[] = {1, 8, SWEEP_MAX};
+	struct lp_backend *be[2] = {NULL, NULL};
+	struct lp_model *m[2] = {NULL, NULL};
+	struct lp_engine *e[2] = {NULL, NULL};
+	double best[2][4] = {{0}};
+	int rc = -1;
+
+	if (!lp_cpu_has_avx512()) {
+		printf("bench: isa skipped: this CPU has no AVX-512\n");
+		return 0;
+	}
+	for (int i = 0; i < 2; i++) {
+		if (i)
+			setenv("LP_CPU_NO_AVX512", "1", 1);
+		rc = lp_backend_cpu_new(&be[i], threads, err);
+		unsetenv("LP_CPU_NO_AVX512");
+		if (rc || (rc = lp_model_load(&m[i], path, be[i], err)) ||
+		    (rc = lp_engine_new(&e[i], m[i], ec, err)))
+			goto out;
+	}
+	rc = -1;
+	for (int r = 0; r < rounds; r++) {
+		for (int i = 0; i < 2; i++) {
+			double v = prefill_tps(e[i], prompt, 1, err);
+			if (v < 0)
+				goto out;
+			best[i][0] = v > best[i][0] ? v : best[i][0];
+			for (int b = 0; b < 3; b++) {
+				v = decode_tps(e[i], prompt, batches[b], 32, err);
+				if (v < 0)
+					goto out;
+				best[i][b + 1] = v > best[i][b + 1] ? v : best[i][b + 1];
+			}
+		}
+	}
+	for (int f = 0; f < 4; f++) {
+		char name[32];
+		if (f == 0)
+			snprintf(name, sizeof(name), "prefill512");
+		else
+			snprintf(name, sizeof(name), "decode_batch%d", batches[f - 1]);
+		printf("bench: isa_%s_avx512 %.1f tokens/s\n", name, best[0][f]);
+		printf("bench: isa_%s_avx2 %.1f tokens/s\n", name, best[1][f]);
+		printf("bench: isa_%s_ratio %.3f ratio\n", name, best[0][f] / best[1][f]);
+	}
+	fflush(stdout);
+	rc = 0;
+out:
+	for (int i = 0; i < 2; i++) {
+		lp_engine_free(e[i]);
+		lp_model_free(m[i]);
+		lp_backend_destroy(be[i]);
+	}
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -739,7 +839,6 @@ int main(int argc, char **argv)
 	struct lp_engine *e = NULL;
 	struct lp_engine_config ec;
 	struct lp_tokens ids = {0};
-	struct lp_seq *seq;
 	struct rusage ru;
 	int threads = 0, c, status = 1, rounds = 3;
 	const char *only = NULL, *corpus = "tests/fixtures/tokenizer/corpus.json";
@@ -762,10 +861,11 @@ int main(int argc, char **argv)
 	if (threads <= 0)
 		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
 	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0 &&
-	     strcmp(only, "sweep") != 0 && strcmp(only, "crossover") != 0) ||
+	     strcmp(only, "sweep") != 0 && strcmp(only, "crossover") != 0 &&
+	     strcmp(only, "prefill") != 0 && strcmp(only, "isa") != 0) ||
 	    rounds < 1 || rounds > 100) {
 		fprintf(stderr, "usage: bench [--model PATH] [--threads N] "
-		                "[--only lora|tokenizer|sweep|crossover] "
+		                "[--only lora|tokenizer|sweep|crossover|prefill|isa] "
 		                "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
@@ -796,35 +896,28 @@ int main(int argc, char **argv)
 	while (ids.n < 600)
 		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
 			goto fail;
-	if (only) {
+	if (only && strcmp(only, "prefill") != 0) {
 		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
 		    : strcmp(only, "sweep") == 0     ? bench_sweep(e, ids.ids, rounds, &err)
 		    : strcmp(only, "crossover") == 0 ? bench_crossover(m, threads, rounds, &err)
-		                                     : bench_tokenizer(m, corpus, &err))
+		    : strcmp(only, "isa") == 0
+		        ? bench_isa(path, threads, &ec, ids.ids, rounds, &err)
+		        : bench_tokenizer(m, corpus, &err))
 			goto fail;
 		status = 0;
 		goto out;
 	}
 
 	/* prompt throughput: one 512-token prefill, best of 3 */
-	double best_pp = 0;
-	for (int rep = 0; rep < 3; rep++) {
-		const struct lp_step_output *outs;
-		int n;
-		if (add_greedy(e, ids.ids, 512, 1, &seq, &err))
-			goto fail;
-		t0 = now_s();
-		if (lp_engine_step(e, &outs, &n, &err))
-			goto fail;
-		double pp = 512 / (now_s() - t0);
-		if (pp > best_pp)
-			best_pp = pp;
-		if (run_all(e, &err))
-			goto fail;
-		lp_engine_release(e, seq);
-	}
+	double best_pp = prefill_tps(e, ids.ids, 3, &err);
+	if (best_pp < 0)
+		goto fail;
 	printf("bench: prompt_tokens_per_s %.1f tokens/s\n", best_pp);
 	fflush(stdout);
+	if (only) { /* --only prefill */
+		status = 0;
+		goto out;
+	}
 
 	double b1 = decode_tps(e, ids.ids, 1, 128, &err);
 	if (b1 < 0)

@@ -653,9 +653,14 @@ bool lp_backend_cpu_uses_avx2(const struct lp_backend *be)
 	return be->ops == &cpu_ops && ((const struct lp_cpu *)be->ctx)->avx2;
 }
 
-static bool env_no_avx2(void)
+bool lp_backend_cpu_uses_avx512(const struct lp_backend *be)
 {
-	const char *v = getenv("LP_CPU_NO_AVX2");
+	return be->ops == &cpu_ops && ((const struct lp_cpu *)be->ctx)->avx512;
+}
+
+static bool env_set(const char *name)
+{
+	const char *v = getenv(name);
 
 	return v && v[0] && strcmp(v, "0") != 0;
 }
@@ -677,7 +682,7 @@ static int read_matvec_batch(struct lp_cpu *cpu, struct lp_err *err)
 			               v, LP_CPU_MATVEC_BATCH_MAX);
 	}
 	for (int t = 0; t < LP_DTYPE_COUNT; t++) {
-		int d = lp_cpu_matvec_batch_default((enum lp_dtype)t);
+		int d = lp_cpu_matvec_batch_default((enum lp_dtype)t, cpu->avx512);
 		cpu->matvec_batch[t] = n >= 0 ? (int)n : d;
 	}
 	return 0;
@@ -706,7 +711,8 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 		goto out_free;
 	}
 	cpu->n_threads = n_threads;
-	cpu->avx2 = lp_cpu_has_avx2() && !env_no_avx2();
+	cpu->avx2 = lp_cpu_has_avx2() && !env_set("LP_CPU_NO_AVX2");
+	cpu->avx512 = cpu->avx2 && lp_cpu_has_avx512() && !env_set("LP_CPU_NO_AVX512");
 	cpu->scratch = calloc((size_t)n_threads, sizeof(*cpu->scratch));
 	rc = read_matvec_batch(cpu, err);
 	if (rc)

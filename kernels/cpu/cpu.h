@@ -28,6 +28,8 @@
 _Static_assert(LP_CPU_KC % LP_QK_K == 0, "GEMM chunks must be whole K-quant blocks");
 #define LP_CPU_NR 16
 #define LP_CPU_MR 6
+/* Rows of the AVX-512 micro-kernel (one 16-float register per row). */
+#define LP_CPU_MR512 12
 /* Row stride of the rows before the transpose, padded: with a power-of-two
  * stride the 8 rows that one transpose reads share a few cache sets. */
 #define LP_CPU_ROWS_STRIDE (LP_CPU_KC + 16)
@@ -41,7 +43,10 @@ _Static_assert(LP_CPU_KC % LP_QK_K == 0, "GEMM chunks must be whole K-quant bloc
  * in the environment sets every type's to N (0 .. LP_CPU_MATVEC_BATCH_MAX;
  * 0: the GEMM always) for measurements. cpu->xsum holds the prepared x of
  * LP_CPU_MATVEC_BATCH_MAX rows. */
-#define LP_CPU_MATVEC_MAX_N     4
+#define LP_CPU_MATVEC_MAX_N 4
+/* The AVX-512 matrix-vector kernel's (lp_cpu_matvec_avx512, for the types
+ * of lp_cpu_matvec512): 32 registers hold four times as many rows. */
+#define LP_CPU_MATVEC512_MAX_N  16
 #define LP_CPU_MATVEC_BATCH_MAX 32
 /* Weight rows a thread runs through every group before moving on, so that
  * they come from its cache after the first group. */
@@ -55,7 +60,9 @@ _Static_assert(LP_CPU_KC % LP_QK_K == 0, "GEMM chunks must be whole K-quant bloc
  * its sums LP_CPU_PREP_SUMS floats further on. */
 #define LP_CPU_MATVEC_MAX_BLOCKS 4096
 #define LP_CPU_PREP_SUMS         (LP_CPU_MATVEC_MAX_BLOCKS * 32)
-#define LP_CPU_PREP_ROW_FLOATS   (LP_CPU_MATVEC_MAX_BLOCKS * 34)
+/* plus one cache line: rows a power-of-two multiple apart would share the
+ * same few sets of the L1 cache, which the kernels read in parallel */
+#define LP_CPU_PREP_ROW_FLOATS (LP_CPU_MATVEC_MAX_BLOCKS * 34 + 16)
 /* Bytes of weights the matrix-vector kernels prefetch ahead of the row
  * they work on (0: none; -D overrides it for measurements). */
 #ifndef LP_CPU_MATVEC_PREFETCH
@@ -82,6 +89,7 @@ struct lp_cpu {
 	struct lp_threadpool *pool;
 	int n_threads;
 	bool avx2;
+	bool avx512;                    /* the AVX-512 GEMM micro-kernel (vec-avx512.c) too */
 	struct lp_cpu_scratch *scratch; /* [n_threads] */
 	/* largest n of a product on the matrix-vector path, per weight type */
 	int matvec_batch[LP_DTYPE_COUNT];
@@ -128,9 +136,10 @@ static inline void lp_cpu_split(int64_t total, int ith, int nth, int64_t *begin,
 
 void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_tensor *x,
                    const struct lp_tensor *w, bool accumulate);
-/* The measured crossover of weight type t: products of up to this many
- * rows run faster on the matrix-vector path than on the GEMM (matmul.c). */
-int lp_cpu_matvec_batch_default(enum lp_dtype t);
+/* The measured crossover of weight type t with the AVX2 kernels, or with
+ * the AVX-512 ones: products of up to this many rows run faster on the
+ * matrix-vector path than on the GEMM (matmul.c). */
+int lp_cpu_matvec_batch_default(enum lp_dtype t, bool avx512);
 void lp_cpu_attention(struct lp_cpu *cpu, const struct lp_attention_args *args);
 /* The LoRA op of backend.h and its slots (lora.c). */
 void lp_cpu_lora(struct lp_cpu *cpu, const struct lp_lora_args *args);
@@ -156,14 +165,54 @@ static inline bool lp_cpu_matvec_prepped(enum lp_dtype t)
 /* True when the running CPU has AVX2, FMA and F16C. */
 bool lp_cpu_has_avx2(void);
 
+/* True when the running CPU has AVX-512 F and VL besides AVX2, and the OS
+ * saves their registers. */
+bool lp_cpu_has_avx512(void);
+
 /* True when be (made by lp_backend_cpu_new) runs the AVX2 kernels; for
  * tests and benchmarks. Borrows be. */
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be);
+/* True when be runs the AVX-512 kernels besides (LP_CPU_NO_AVX512=1 in the
+ * environment at creation turns them off, as LP_CPU_NO_AVX2=1 turns off
+ * both). */
+bool lp_backend_cpu_uses_avx512(const struct lp_backend *be);
 
 /* Context positions per chunk of a row's attention (attention.c). */
 #define LP_CPU_ATTN_CHUNK 64
 
 #if LP_CPU_X86
+#include <xmmintrin.h>
+
+/* Software prefetch of the weights, which stream from memory once per
+ * product: the hardware prefetcher stops at each 4 KiB page and starts
+ * each chunk of rows cold. One prefetch per cache line of [p, p + len). */
+static inline void lp_cpu_prefetch_lines(const uint8_t *p, size_t len)
+{
+	for (size_t off = 0; off < len; off += 64)
+		_mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
+/* Before rows [r0, r1): the first LP_CPU_MATVEC_PREFETCH bytes; before
+ * each row, the row that far ahead, within the rows' span. */
+static inline void lp_cpu_prefetch_head(const void *w, size_t w_stride, int64_t r0, int64_t r1)
+{
+	size_t span = (size_t)(r1 - r0) * w_stride;
+
+	if (LP_CPU_MATVEC_PREFETCH > 0)
+		lp_cpu_prefetch_lines((const uint8_t *)w + (size_t)r0 * w_stride,
+		                      span < LP_CPU_MATVEC_PREFETCH ? span
+		                                                    : LP_CPU_MATVEC_PREFETCH);
+}
+
+static inline void lp_cpu_prefetch_row(const uint8_t *row, size_t w_stride, const uint8_t *end)
+{
+	const uint8_t *p = row + LP_CPU_MATVEC_PREFETCH;
+
+	if (LP_CPU_MATVEC_PREFETCH > 0 && p < end)
+		lp_cpu_prefetch_lines(p,
+		                      (size_t)(end - p) < w_stride ? (size_t)(end - p) : w_stride);
+}
+
 /* dst[0 .. len) = f32 of weights k0 .. k0 + len of a row of type t; k0 and
  * len are multiples of the block size. */
 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst);
@@ -193,6 +242,28 @@ void lp_cpu_pack_panel_avx2(enum lp_dtype t, const void *w, size_t w_stride, int
  * per element in kk order (x rows ldx floats apart, out rows ldo). */
 void lp_cpu_gemm_panel_avx2(int n, int64_t kc, const float *x, int64_t ldx, const float *panel,
                             float *out, int64_t ldo, int ncols, bool load);
+/* The weight types lp_cpu_matvec_avx512 takes: Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0 and the K-quants. */
+static inline bool lp_cpu_matvec512(enum lp_dtype t)
+{
+	return lp_cpu_matvec_prepped(t) || t == LP_DTYPE_Q8_0;
+}
+
+/* lp_cpu_matvec_prep_avx2's copy of x for lp_cpu_matvec_avx512 (for Q8_0
+ * a plain copy of x): the same values, each 64 floats the kernel takes as
+ * a pair (two blocks, or two sides of a K-quant's bytes) interleaved by 8. */
+void lp_cpu_matvec_prep_avx512(enum lp_dtype t, const float *x, int n, int64_t k, float *prep);
+
+/* lp_cpu_matvec_avx2 for the types of lp_cpu_matvec512 with up to
+ * LP_CPU_MATVEC512_MAX_N rows, x from lp_cpu_matvec_prep_avx512: the same
+ * bits (vec-avx512.c). */
+void lp_cpu_matvec_avx512(enum lp_dtype t, const void *w, size_t w_stride, int64_t r0, int64_t r1,
+                          int64_t k, int n, const float *prep, float *out, int64_t ldo,
+                          bool accumulate);
+
+/* The same with AVX-512 (vec-avx512.c): the same bits, twice the width. */
+void lp_cpu_gemm_panel_avx512(int n, int64_t kc, const float *x, int64_t ldx, const float *panel,
+                              float *out, int64_t ldo, int ncols, bool load);
 
 /* x[i] = exp(x[i]) for i < n, to about 2 ulp; x[i] <= 88.7. */
 void lp_cpu_exp_avx2(float *x, int n);

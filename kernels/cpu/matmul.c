@@ -24,6 +24,7 @@ struct matmul_task {
 	const float *x; /* [n, k] */
 	const void *w;  /* [m, k] of type */
 	enum lp_dtype type;
+	bool avx512;     /* the matrix-vector product by lp_cpu_matvec_avx512 */
 	size_t w_stride; /* bytes per row of w */
 	int64_t n, k, m;
 	bool accumulate;
@@ -66,6 +67,17 @@ static void matvec_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 	for (int64_t c0 = r0; c0 < r1; c0 += LP_CPU_MATVEC_ROW_CHUNK) {
 		int64_t c1 = r1 - c0 < LP_CPU_MATVEC_ROW_CHUNK ? r1 : c0 + LP_CPU_MATVEC_ROW_CHUNK;
 
+		if (t->avx512) {
+			for (int64_t g = 0; g < t->n; g += LP_CPU_MATVEC512_MAX_N) {
+				int rows = (int)(t->n - g < LP_CPU_MATVEC512_MAX_N
+				                     ? t->n - g
+				                     : LP_CPU_MATVEC512_MAX_N);
+				lp_cpu_matvec_avx512(t->type, t->w, t->w_stride, c0, c1, t->k, rows,
+				                     t->cpu->xsum + g * LP_CPU_PREP_ROW_FLOATS,
+				                     t->out + g * t->m, t->m, t->accumulate);
+			}
+			continue;
+		}
 		for (int64_t g = 0; g < t->n; g += LP_CPU_MATVEC_MAX_N) {
 			int rows =
 			    (int)(t->n - g < LP_CPU_MATVEC_MAX_N ? t->n - g : LP_CPU_MATVEC_MAX_N);
@@ -95,23 +107,36 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 
 			lp_cpu_pack_panel_avx2(t->type, t->w, t->w_stride, c0, ncols, k0, kc,
 			                       s->panel, s->rows);
-			lp_cpu_gemm_panel_avx2((int)t->n, kc, t->x + k0, t->k, s->panel,
-			                       t->out + c0, t->m, ncols, k0 > 0 || t->accumulate);
+			(t->cpu->avx512 ? lp_cpu_gemm_panel_avx512 : lp_cpu_gemm_panel_avx2)(
+			    (int)t->n, kc, t->x + k0, t->k, s->panel, t->out + c0, t->m, ncols,
+			    k0 > 0 || t->accumulate);
 		}
 	}
 }
 #endif
 
 /* Up to these batches the matrix-vector path (one pass over the weights,
- * expanded again for every group of LP_CPU_MATVEC_MAX_N rows) beats the
- * GEMM (panels dequantized once, then reused by every row): the median of
- * five measurements of a decode step's matrices of SmolLM2-135M in each
- * type, 2 threads, each the best of 7-9 interleaved runs (`bench --only
- * crossover`, docs/benchmarks.md, "Decode batch sweep"). Types not measured
- * keep 4, the former crossover of every type. Both paths give a row the
- * same result whatever the other rows, but not the same as each other. */
-int lp_cpu_matvec_batch_default(enum lp_dtype t)
+ * expanded again for every group of rows) beats the GEMM (panels
+ * dequantized once, then reused by every row), per weight type and set of
+ * kernels: measured with `bench --only crossover` (the matrices of a decode
+ * step of SmolLM2-135M in each type, 2 threads; docs/benchmarks.md, "Decode
+ * batch sweep"). Both paths give a row the same result whatever the other
+ * rows, but not the same as each other. */
+int lp_cpu_matvec_batch_default(enum lp_dtype t, bool avx512)
 {
+	if (avx512) {
+		switch (t) {
+		case LP_DTYPE_F32:
+			return 4;
+		case LP_DTYPE_F16:
+		case LP_DTYPE_BF16:
+			return 8;
+		case LP_DTYPE_Q6_K:
+			return 24;
+		default:
+			return 16;
+		}
+	}
 	switch (t) {
 	case LP_DTYPE_F32:
 		return 8;
@@ -157,7 +182,10 @@ void lp_cpu_matmul(struct lp_cpu *cpu, struct lp_tensor *out, const struct lp_te
 	if (cpu->avx2) {
 		int64_t work = t.n * t.m * t.k;
 		if (t.n <= cpu->matvec_batch[t.type] && t.k / LP_QK <= LP_CPU_MATVEC_MAX_BLOCKS) {
-			if (lp_cpu_matvec_prepped(t.type))
+			t.avx512 = cpu->avx512 && lp_cpu_matvec512(t.type);
+			if (t.avx512)
+				lp_cpu_matvec_prep_avx512(t.type, t.x, (int)t.n, t.k, cpu->xsum);
+			else if (lp_cpu_matvec_prepped(t.type))
 				lp_cpu_matvec_prep_avx2(t.type, t.x, (int)t.n, t.k, cpu->xsum);
 			lp_cpu_parallel(cpu, work, t.m / 16, matvec_avx2_thread, &t);
 		} else {

@@ -287,34 +287,6 @@ AVX2 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int6
 	}
 }
 
-/* Software prefetch of the weights, which stream from memory once per
- * product: the hardware prefetcher stops at each 4 KiB page and starts
- * each chunk of rows cold. One prefetch per cache line of [p, p + len). */
-AVX2_INLINE void prefetch_lines(const uint8_t *p, size_t len)
-{
-	for (size_t off = 0; off < len; off += 64)
-		_mm_prefetch((const char *)p + off, _MM_HINT_T0);
-}
-
-/* Before rows [r0, r1): the first LP_CPU_MATVEC_PREFETCH bytes; before
- * each row, the row that far ahead, within the rows' span. */
-AVX2_INLINE void prefetch_head(const void *w, size_t w_stride, int64_t r0, int64_t r1)
-{
-	size_t span = (size_t)(r1 - r0) * w_stride;
-
-	if (LP_CPU_MATVEC_PREFETCH > 0)
-		prefetch_lines((const uint8_t *)w + (size_t)r0 * w_stride,
-		               span < LP_CPU_MATVEC_PREFETCH ? span : LP_CPU_MATVEC_PREFETCH);
-}
-
-AVX2_INLINE void prefetch_row(const uint8_t *row, size_t w_stride, const uint8_t *end)
-{
-	const uint8_t *p = row + LP_CPU_MATVEC_PREFETCH;
-
-	if (LP_CPU_MATVEC_PREFETCH > 0 && p < end)
-		prefetch_lines(p, (size_t)(end - p) < w_stride ? (size_t)(end - p) : w_stride);
-}
-
 /* One Q8_0 block against n activation rows: acc[j] += d * (q . x_j). */
 AVX2_INLINE void mv_block_q8(const uint8_t *p, const float *x, int64_t ldx, const int n,
                              __m256 *acc)
@@ -343,13 +315,13 @@ AVX2_INLINE void mv_q8(const void *w, size_t w_stride, int64_t r0, int64_t r1, i
 	const uint8_t *end = (const uint8_t *)w + (size_t)r1 * w_stride;
 	int64_t nb = k / LP_QK;
 
-	prefetch_head(w, w_stride, r0, r1);
+	lp_cpu_prefetch_head(w, w_stride, r0, r1);
 	for (int64_t r = r0; r < r1; r++) {
 		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
 		__m256 acc0[LP_CPU_MATVEC_MAX_N], acc1[LP_CPU_MATVEC_MAX_N];
 		int64_t b = 0;
 
-		prefetch_row(p, w_stride, end);
+		lp_cpu_prefetch_row(p, w_stride, end);
 
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
@@ -626,7 +598,7 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 	int64_t nb = k / LP_QK;
 	float dbuf[8] __attribute__((aligned(32)));
 
-	prefetch_head(w, w_stride, r0, r1);
+	lp_cpu_prefetch_head(w, w_stride, r0, r1);
 	for (int64_t r = r0; r < r1; r++) {
 		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
 		const float *q = prep, *s = prep + LP_CPU_PREP_SUMS;
@@ -634,7 +606,7 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 		__m128 macc[LP_CPU_MATVEC_MAX_N];
 		int64_t b = 0;
 
-		prefetch_row(p, w_stride, end);
+		lp_cpu_prefetch_row(p, w_stride, end);
 
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
@@ -750,13 +722,13 @@ AVX2_INLINE void mv_k(enum lp_dtype t, const void *w, size_t w_stride, int64_t r
 	int64_t nb = k / LP_QK_K;
 	float dbuf[8] __attribute__((aligned(32)));
 
-	prefetch_head(w, w_stride, r0, r1);
+	lp_cpu_prefetch_head(w, w_stride, r0, r1);
 	for (int64_t r = r0; r < r1; r++) {
 		const uint8_t *p = (const uint8_t *)w + (size_t)r * w_stride;
 		const float *q = prep, *s = prep + LP_CPU_PREP_SUMS;
 		__m256 acc0[LP_CPU_MATVEC_MAX_N], acc1[LP_CPU_MATVEC_MAX_N];
 
-		prefetch_row(p, w_stride, end);
+		lp_cpu_prefetch_row(p, w_stride, end);
 #pragma GCC unroll 4
 		for (int j = 0; j < n; j++) {
 			acc0[j] = _mm256_setzero_ps();

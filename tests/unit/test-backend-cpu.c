@@ -479,7 +479,7 @@ static void test_matvec_crossover(void)
 	}
 	for (int ti = 0; ti < N_WEIGHT_TYPES; ti++) {
 		enum lp_dtype t = weight_types[ti];
-		int c = lp_cpu_matvec_batch_default(t);
+		int c = lp_cpu_matvec_batch_default(t, lp_backend_cpu_uses_avx512(be[1]));
 		const int ns[] = {1, c, c + 1, LP_CPU_MATVEC_BATCH_MAX};
 		CHECK(c >= 1 && c <= LP_CPU_MATVEC_BATCH_MAX);
 		for (int b = 0; b < 2; b++)
