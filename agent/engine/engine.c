@@ -186,11 +186,24 @@ static void plan_layout(struct step_layout *L, int n, int n_bt_rows, int width)
 	L->total = 9 * r + (size_t)n_bt_rows * (size_t)width;
 }
 
+/* The cache blocks one sequence must be able to hold to run to
+ * max-model-len alone: all of its blocks, or, when every layer slides,
+ * those its window can touch and one to grow into (the blocks before the
+ * window go back to the cache as it moves on, and the scheduler cuts a
+ * prefill into chunks that fit). */
+static size_t seq_blocks_needed(const struct lp_engine *e)
+{
+	size_t all = (size_t)e->max_blocks_per_seq, bs = (size_t)e->cfg.block_size;
+	size_t win = ((size_t)e->release_window + bs - 1) / bs + 2;
+
+	return e->release_window && win < all ? win : all;
+}
+
 /* The KV cache in what is left: its own setting, 512 MiB on the CPU, or
  * gpu_memory_utilization of the device less what is in use now. */
 static int size_kv(struct lp_engine *e, size_t block_bytes, size_t *n_blocks, struct lp_err *err)
 {
-	size_t bytes = e->cfg.kv_cache_bytes;
+	size_t bytes = e->cfg.kv_cache_bytes, need = seq_blocks_needed(e);
 
 	if (!bytes && e->info.host_memory) {
 		bytes = DEFAULT_KV_BYTES;
@@ -201,27 +214,34 @@ static int size_kv(struct lp_engine *e, size_t block_bytes, size_t *n_blocks, st
 		e->be->ops->info(e->be->ctx, &now);
 		budget = e->cfg.gpu_memory_utilization * (double)now.total_bytes -
 		         (double)(now.total_bytes - now.free_bytes);
-		if (budget < (double)block_bytes * e->max_blocks_per_seq)
+		if (budget < (double)block_bytes * (double)need)
 			return lp_errf(
 			    err, -ENOMEM,
 			    "no room for the KV cache: %.2f of %.1f GiB is allowed "
 			    "(gpu-memory-utilization), %.1f GiB is in use (weights "
 			    "%.1f GiB, LoRA slots and workspaces %.1f GiB, activations "
-			    "%.2f GiB), and one sequence of max-model-len %d needs %.2f GiB",
+			    "%.2f GiB), and one sequence of max-model-len %d needs %.2f GiB%s",
 			    e->cfg.gpu_memory_utilization, now.total_bytes / 1073741824.0,
 			    (now.total_bytes - now.free_bytes) / 1073741824.0,
 			    e->mem.weights / 1073741824.0, e->mem.workspaces / 1073741824.0,
 			    e->mem.activations / 1073741824.0, e->cfg.max_model_len,
-			    (double)block_bytes * e->max_blocks_per_seq / 1073741824.0);
+			    (double)block_bytes * (double)need / 1073741824.0,
+			    e->release_window ? " (its sliding window's blocks)" : "");
 		bytes = (size_t)budget;
 	}
 	*n_blocks = bytes / block_bytes;
-	if (*n_blocks < (size_t)e->max_blocks_per_seq)
+	if (*n_blocks < need && e->release_window)
+		return lp_errf(err, -EINVAL,
+		               "kv-cache-bytes %zu holds %zu tokens, fewer than one sequence's "
+		               "sliding window of %d positions needs (%zu blocks of %d, %zu bytes)",
+		               bytes, *n_blocks * (size_t)e->cfg.block_size, e->release_window,
+		               need, e->cfg.block_size, need * block_bytes);
+	if (*n_blocks < need)
 		return lp_errf(err, -EINVAL,
 		               "kv-cache-bytes %zu holds %zu tokens, fewer than max-model-len %d "
 		               "(needs %zu bytes)",
 		               bytes, *n_blocks * (size_t)e->cfg.block_size, e->cfg.max_model_len,
-		               (size_t)e->max_blocks_per_seq * block_bytes);
+		               need * block_bytes);
 	if (*n_blocks > INT32_MAX / (size_t)e->cfg.block_size)
 		*n_blocks = INT32_MAX / (size_t)e->cfg.block_size;
 	return 0;

@@ -189,6 +189,41 @@ out:
 	}
 }
 
+/* When every layer slides, a cache smaller than max-model-len but holding
+ * the window's blocks (24 positions over blocks of 16: 2, and 2 more)
+ * starts and gives the reference's tokens for the longest prompt (160
+ * positions and 32 more) in one sequence; one block fewer is refused with a
+ * message naming the window. A model with a full layer needs the whole
+ * context. */
+static void test_small_cache(void)
+{
+	const struct lp_model_config *c = &model->cfg;
+	size_t block =
+	    lp_kv_cache_block_bytes(c->n_layers, c->n_kv_heads * c->head_dim, BS, LP_DTYPE_F32);
+	struct golden_prompt *g = &gold.prompts[gold.n_prompts - 1];
+	struct lp_engine_config ec;
+	struct lp_engine *e = NULL;
+	struct lp_err err = {0};
+	int32_t got[1][GOLDEN_N_GREEDY];
+
+	golden_engine_config(&ec);
+	ec.max_model_len = 256;
+	ec.max_num_seqs = 1;
+	ec.kv_cache_bytes = block * 3;
+	CHECK_EQ_INT(lp_engine_new(&e, model, &ec, &err), -EINVAL);
+	CHECK(e == NULL);
+	CHECK_MSG(strstr(err.msg, cur->releases ? "sliding window of 24 positions"
+	                                        : "fewer than max-model-len 256"),
+	          "message: %s", err.msg);
+	if (!cur->releases)
+		return;
+	ec.kv_cache_bytes = block * 4;
+	CHECK_OK(golden_run(model, &ec, &g, 1, NULL, got, NULL, NULL, &err), &err);
+	for (int i = 0; i < GOLDEN_N_GREEDY; i++)
+		CHECK_MSG(got[0][i] == g->greedy[i], "token %d: %d, reference %d", i, got[0][i],
+		          g->greedy[i]);
+}
+
 static void test_blocks_bounded(void)
 {
 	check_blocks(512);
@@ -378,6 +413,7 @@ static int run_case(const struct window_case *wc)
 	RUN(test_batch_chunked_prefill);
 	RUN(test_batch_preemption);
 	RUN(test_blocks_bounded);
+	RUN(test_small_cache);
 	RUN(test_prefix_cache);
 	test_program = "test-window";
 	golden_free(&gold);
