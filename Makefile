@@ -13,6 +13,8 @@ PYTHON ?= python3
 BUILD ?= build
 BIN ?= bin
 MODEL ?= models/smollm2-135m-instruct-q4_1.gguf
+# The second model of make bench's engine figures (make deps fetches it).
+GEMMA3_MODEL ?= models/gemma-3-270m-q4_k_m.gguf
 
 WARN := -Wall -Wextra -Wvla -Wstrict-prototypes -Wpointer-arith -Wno-unused-parameter
 ifeq ($(CI),true)
@@ -298,10 +300,17 @@ $(BUILD)/fuzz/fuzz-%: tests/fuzz/fuzz-%.c tests/fuzz/fuzz.h $(API_OBJS) $(LIB)
 
 bench: deps $(TOOLS) $(PROGRAMS) $(if $(CUDA_TEST_BINS),$(BUILD)/tools/bench-gpu)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
+	$(Q)$(BUILD)/tools/bench --model $(MODEL) --only isa
+	$(Q)bash -o pipefail -c "$(BUILD)/tools/bench --model $(GEMMA3_MODEL) --only decode | \
+		sed 's/^bench: /bench: gemma3_270m_/'"
 	$(Q)$(if $(CUDA_TEST_BINS),echo "CUDA backend, emulated on the CPU: kernel launches and bytes uploaded per decode step (speeds meaningless)" && \
 		$(BUILD)/tools/bench-gpu --emulated --model $(MODEL))
 	$(Q)$(if $(wildcard hack/bench-agent.py),python3 hack/bench-agent.py --bin $(BIN) --model $(MODEL))
 	$(Q)python3 hack/bench-workloads.py --bin $(BIN) --model $(MODEL)
+	$(Q)echo "bench-llamacpp: building llama.cpp if needed: hack/llama-cpp.sh (log: $(BUILD)/llama-cpp.log)" >&2; \
+	if llama_bin=$$(bash hack/llama-cpp.sh 2>$(BUILD)/llama-cpp.log); then \
+		python3 hack/bench-llamacpp.py --bin $(BIN) --bench-tool $(BUILD)/tools/bench --llama-bin "$$llama_bin"; \
+	else echo "bench: llamacpp skipped: hack/llama-cpp.sh could not build llama.cpp: $$(tail -n 1 $(BUILD)/llama-cpp.log) (log: $(BUILD)/llama-cpp.log)"; fi
 	$(Q)python3 hack/bench-operator.py --bin $(BIN)
 
 bench-kernels: $(BUILD)/tools/bench-kernels

@@ -333,7 +333,9 @@ int main(int argc, char **argv)
 	n_threads = ((struct lp_cpu *)be->ctx)->n_threads;
 	pool = ((struct lp_cpu *)be->ctx)->pool;
 	printf("threads %d, kernels %s\n", n_threads,
-	       lp_backend_cpu_uses_avx2(be) ? "avx2" : "portable c");
+	       lp_backend_cpu_uses_avx512(be) ? "avx512"
+	       : lp_backend_cpu_uses_avx2(be) ? "avx2"
+	                                      : "portable c");
 
 	double bw = memory_bandwidth(pool);
 	printf("memory read bandwidth: %.2f GB/s (sum over %u MB)\n", bw, BW_BYTES >> 20);

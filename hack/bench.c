@@ -862,10 +862,11 @@ int main(int argc, char **argv)
 		threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
 	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0 &&
 	     strcmp(only, "sweep") != 0 && strcmp(only, "crossover") != 0 &&
-	     strcmp(only, "prefill") != 0 && strcmp(only, "isa") != 0) ||
+	     strcmp(only, "prefill") != 0 && strcmp(only, "isa") != 0 &&
+	     strcmp(only, "decode") != 0) ||
 	    rounds < 1 || rounds > 100) {
 		fprintf(stderr, "usage: bench [--model PATH] [--threads N] "
-		                "[--only lora|tokenizer|sweep|crossover|prefill|isa] "
+		                "[--only lora|tokenizer|sweep|crossover|prefill|decode|isa] "
 		                "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
@@ -896,7 +897,7 @@ int main(int argc, char **argv)
 	while (ids.n < 600)
 		if (lp_tokenizer_encode(m->tok, text, strlen(text), 0, &ids, &err))
 			goto fail;
-	if (only && strcmp(only, "prefill") != 0) {
+	if (only && strcmp(only, "prefill") != 0 && strcmp(only, "decode") != 0) {
 		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
 		    : strcmp(only, "sweep") == 0     ? bench_sweep(e, ids.ids, rounds, &err)
 		    : strcmp(only, "crossover") == 0 ? bench_crossover(m, threads, rounds, &err)
@@ -914,7 +915,7 @@ int main(int argc, char **argv)
 		goto fail;
 	printf("bench: prompt_tokens_per_s %.1f tokens/s\n", best_pp);
 	fflush(stdout);
-	if (only) { /* --only prefill */
+	if (only && strcmp(only, "decode") != 0) { /* --only prefill */
 		status = 0;
 		goto out;
 	}
@@ -935,6 +936,10 @@ int main(int argc, char **argv)
 	printf("bench: decode_batch1_roofline %.1f tokens/s\n", roofline);
 	printf("bench: decode_batch1_roofline_ratio %.3f ratio\n", b1 / roofline);
 	fflush(stdout);
+	if (only) { /* --only decode */
+		status = 0;
+		goto out;
+	}
 	if (bench_sweep(e, ids.ids, rounds, &err))
 		goto fail;
 	if (bench_tokenizer(m, corpus, &err))

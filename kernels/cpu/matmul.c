@@ -68,11 +68,13 @@ static void matvec_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 		int64_t c1 = r1 - c0 < LP_CPU_MATVEC_ROW_CHUNK ? r1 : c0 + LP_CPU_MATVEC_ROW_CHUNK;
 
 		if (t->avx512) {
-			for (int64_t g = 0; g < t->n; g += LP_CPU_MATVEC512_MAX_N) {
-				int rows = (int)(t->n - g < LP_CPU_MATVEC512_MAX_N
-				                     ? t->n - g
-				                     : LP_CPU_MATVEC512_MAX_N);
-				lp_cpu_matvec_avx512(t->type, t->w, t->w_stride, c0, c1, t->k, rows,
+			/* groups of equal size: 16 rows as 8 + 8, not 12 + 4 */
+			int64_t groups =
+			    (t->n + LP_CPU_MATVEC512_MAX_N - 1) / LP_CPU_MATVEC512_MAX_N;
+			for (int64_t i = 0; i < groups; i++) {
+				int64_t g = t->n * i / groups, rows = t->n * (i + 1) / groups - g;
+				lp_cpu_matvec_avx512(t->type, t->w, t->w_stride, c0, c1, t->k,
+				                     (int)rows,
 				                     t->cpu->xsum + g * LP_CPU_PREP_ROW_FLOATS,
 				                     t->out + g * t->m, t->m, t->accumulate);
 			}
@@ -106,7 +108,7 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 			int ncols = (int)(t->m - c0 < LP_CPU_NR ? t->m - c0 : LP_CPU_NR);
 
 			lp_cpu_pack_panel_avx2(t->type, t->w, t->w_stride, c0, ncols, k0, kc,
-			                       s->panel, s->rows);
+			                       s->panel, s->rows, t->cpu->avx512);
 			(t->cpu->avx512 ? lp_cpu_gemm_panel_avx512 : lp_cpu_gemm_panel_avx2)(
 			    (int)t->n, kc, t->x + k0, t->k, s->panel, t->out + c0, t->m, ncols,
 			    k0 > 0 || t->accumulate);
@@ -127,14 +129,19 @@ int lp_cpu_matvec_batch_default(enum lp_dtype t, bool avx512)
 	if (avx512) {
 		switch (t) {
 		case LP_DTYPE_F32:
-			return 4;
+			return 8;
 		case LP_DTYPE_F16:
 		case LP_DTYPE_BF16:
-			return 8;
-		case LP_DTYPE_Q6_K:
+			return 14;
+		case LP_DTYPE_Q4_0:
+		case LP_DTYPE_Q4_1:
+		case LP_DTYPE_Q5_0:
+		case LP_DTYPE_Q5_1:
+			return 20;
+		case LP_DTYPE_Q4_K:
 			return 24;
-		default:
-			return 16;
+		default: /* Q8_0, Q5_K, Q6_K: the matrix-vector path up to 32 */
+			return 32;
 		}
 	}
 	switch (t) {
@@ -142,13 +149,13 @@ int lp_cpu_matvec_batch_default(enum lp_dtype t, bool avx512)
 		return 8;
 	case LP_DTYPE_Q8_0:
 	case LP_DTYPE_BF16:
+	case LP_DTYPE_Q5_0:
+	case LP_DTYPE_Q5_1:
 		return 14;
-	case LP_DTYPE_F16:
-	case LP_DTYPE_Q4_0:
-	case LP_DTYPE_Q4_1:
+	case LP_DTYPE_Q6_K:
+		return 32;
+	default: /* F16, Q4_0, Q4_1, Q4_K, Q5_K */
 		return 16;
-	default:
-		return 4;
 	}
 }
 

@@ -974,15 +974,18 @@ AVX2_INLINE void transpose8(__m256 r[8])
 }
 
 AVX2 void lp_cpu_pack_panel_avx2(enum lp_dtype t, const void *w, size_t w_stride, int64_t c0,
-                                 int ncols, int64_t k0, int64_t kc, float *panel, float *rows)
+                                 int ncols, int64_t k0, int64_t kc, float *panel, float *rows,
+                                 bool avx512)
 {
 	int64_t kk = 0;
 
 	for (int c = 0; c < LP_CPU_NR; c++) {
 		float *dst = rows + (size_t)c * LP_CPU_ROWS_STRIDE;
-		if (c < ncols)
-			lp_cpu_dequant_avx2(t, (const char *)w + (size_t)(c0 + c) * w_stride, k0,
-			                    kc, dst);
+		const void *row = (const char *)w + (size_t)(c0 + c) * w_stride;
+		if (c < ncols && avx512)
+			lp_cpu_dequant_avx512(t, row, k0, kc, dst);
+		else if (c < ncols)
+			lp_cpu_dequant_avx2(t, row, k0, kc, dst);
 		else
 			memset(dst, 0, (size_t)kc * sizeof(float));
 	}

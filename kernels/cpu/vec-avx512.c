@@ -103,6 +103,72 @@ AVX512 void lp_cpu_gemm_panel_avx512(int n, int64_t kc, const float *x, int64_t 
 	}
 }
 
+/* lp_cpu_dequant_avx2's operations, 16 weights at a time. */
+AVX512 void lp_cpu_dequant_avx512(enum lp_dtype t, const void *row, int64_t k0, int64_t len,
+                                  float *dst)
+{
+	const bool has_m = t == LP_DTYPE_Q4_1 || t == LP_DTYPE_Q5_1;
+	const bool five = t == LP_DTYPE_Q5_0 || t == LP_DTYPE_Q5_1;
+	size_t bb = lp_dtype_block_bytes(t);
+	const uint8_t *p;
+
+	if (t != LP_DTYPE_Q4_0 && t != LP_DTYPE_Q4_1 && t != LP_DTYPE_Q5_0 && t != LP_DTYPE_Q5_1 &&
+	    t != LP_DTYPE_Q8_0) {
+		lp_cpu_dequant_avx2(t, row, k0, len, dst);
+		return;
+	}
+	p = (const uint8_t *)row + (size_t)(k0 / LP_QK) * bb;
+	for (int64_t i = 0; i < len; i += LP_QK, p += bb) {
+		__m128 dm = _mm_cvtph_ps(_mm_loadu_si32(p));
+		__m512 dv = _mm512_broadcastss_ps(dm);
+		__m512 mv = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+		__m512 v[2];
+
+		if (t == LP_DTYPE_Q8_0) {
+			v[0] = _mm512_cvtepi32_ps(
+			    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));
+			v[1] = _mm512_cvtepi32_ps(
+			    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));
+			_mm512_storeu_ps(dst + i, _mm512_mul_ps(dv, v[0]));
+			_mm512_storeu_ps(dst + i + 16, _mm512_mul_ps(dv, v[1]));
+			continue;
+		}
+		size_t qs = (has_m ? 4 : 2) + (five ? 4 : 0);
+		__m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + qs)));
+		__m512i q[2] = {_mm512_and_si512(b, _mm512_set1_epi32(0x0f)),
+		                _mm512_srli_epi32(b, 4)};
+
+		if (five) {
+			/* bit j of qh (j < 16) goes to weight j, bit 16 + j to 16 + j */
+			__m512i h = _mm512_set1_epi32((int)load_u32(p + (has_m ? 4 : 2)));
+			const __m512i lane =
+			    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+			const __m512i one = _mm512_set1_epi32(1);
+			for (int s = 0; s < 2; s++)
+				q[s] = _mm512_or_si512(
+				    q[s], _mm512_slli_epi32(
+				              _mm512_and_si512(
+				                  _mm512_srlv_epi32(
+				                      h, _mm512_add_epi32(
+				                             lane, _mm512_set1_epi32(16 * s))),
+				                  one),
+				              4));
+		}
+		for (int s = 0; s < 2; s++) {
+			__m512 w;
+			if (t == LP_DTYPE_Q5_0)
+				w = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_sub_epi32(
+				                          q[s], _mm512_set1_epi32(16))));
+			else if (has_m)
+				w = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(q[s])), mv);
+			else /* Q4_0 */
+				w = _mm512_mul_ps(dv, _mm512_sub_ps(_mm512_cvtepi32_ps(q[s]),
+				                                    _mm512_set1_ps(8.0f)));
+			_mm512_storeu_ps(dst + i + 16 * s, w);
+		}
+	}
+}
+
 /* The matrix-vector kernels.
  *
  * vec-avx2.c's kernels keep two accumulators per row of x, acc0 and acc1
@@ -567,20 +633,8 @@ AVX512_INLINE void mv_k(enum lp_dtype t, const void *w, size_t w_stride, int64_t
 	case 11:                                                                                   \
 		MV_CALL(11);                                                                       \
 		break;                                                                             \
-	case 12:                                                                                   \
-		MV_CALL(12);                                                                       \
-		break;                                                                             \
-	case 13:                                                                                   \
-		MV_CALL(13);                                                                       \
-		break;                                                                             \
-	case 14:                                                                                   \
-		MV_CALL(14);                                                                       \
-		break;                                                                             \
-	case 15:                                                                                   \
-		MV_CALL(15);                                                                       \
-		break;                                                                             \
 	default:                                                                                   \
-		MV_CALL(16);                                                                       \
+		MV_CALL(12);                                                                       \
 		break;                                                                             \
 	}
 
