@@ -8,9 +8,20 @@
 #define LP_TESTS_TEST_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* splitmix64: the next number of the fixed sequence that starts from the
+ * seed *state holds (each test file keeps its own state and seed). */
+static inline uint64_t test_splitmix64(uint64_t *state)
+{
+	uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
 
 static int test_failed_count;
 static int test_current_failed;

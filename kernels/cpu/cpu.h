@@ -184,38 +184,6 @@ bool lp_backend_cpu_uses_avx512(const struct lp_backend *be);
 #define LP_CPU_ATTN_CHUNK 64
 
 #if LP_CPU_X86
-#include <xmmintrin.h>
-
-/* Software prefetch of the weights, which stream from memory once per
- * product: the hardware prefetcher stops at each 4 KiB page and starts
- * each chunk of rows cold. One prefetch per cache line of [p, p + len). */
-static inline void lp_cpu_prefetch_lines(const uint8_t *p, size_t len)
-{
-	for (size_t off = 0; off < len; off += 64)
-		_mm_prefetch((const char *)p + off, _MM_HINT_T0);
-}
-
-/* Before rows [r0, r1): the first LP_CPU_MATVEC_PREFETCH bytes; before
- * each row, the row that far ahead, within the rows' span. */
-static inline void lp_cpu_prefetch_head(const void *w, size_t w_stride, int64_t r0, int64_t r1)
-{
-	size_t span = (size_t)(r1 - r0) * w_stride;
-
-	if (LP_CPU_MATVEC_PREFETCH > 0)
-		lp_cpu_prefetch_lines((const uint8_t *)w + (size_t)r0 * w_stride,
-		                      span < LP_CPU_MATVEC_PREFETCH ? span
-		                                                    : LP_CPU_MATVEC_PREFETCH);
-}
-
-static inline void lp_cpu_prefetch_row(const uint8_t *row, size_t w_stride, const uint8_t *end)
-{
-	const uint8_t *p = row + LP_CPU_MATVEC_PREFETCH;
-
-	if (LP_CPU_MATVEC_PREFETCH > 0 && p < end)
-		lp_cpu_prefetch_lines(p,
-		                      (size_t)(end - p) < w_stride ? (size_t)(end - p) : w_stride);
-}
-
 /* dst[0 .. len) = f32 of weights k0 .. k0 + len of a row of type t; k0 and
  * len are multiples of the block size. */
 void lp_cpu_dequant_avx2(enum lp_dtype t, const void *row, int64_t k0, int64_t len, float *dst);

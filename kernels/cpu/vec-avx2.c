@@ -8,11 +8,9 @@
 #if LP_CPU_X86
 
 #include <cpuid.h>
-#include <immintrin.h>
 #include <math.h>
 
-#define AVX2        __attribute__((target("avx2,fma,f16c")))
-#define AVX2_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
+#include "kernels/cpu/vec-x86.h"
 
 bool lp_cpu_has_avx2(void)
 {
@@ -23,14 +21,6 @@ bool lp_cpu_has_avx2(void)
 	__builtin_cpu_init();
 	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
 	       __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
-}
-
-AVX2_INLINE float hsum(__m256 v)
-{
-	__m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-	s = _mm_add_ss(s, _mm_movehdup_ps(s));
-	return _mm_cvtss_f32(s);
 }
 
 AVX2_INLINE float f16(uint16_t h)
@@ -47,13 +37,6 @@ AVX2_INLINE __m256 load_bf16(const uint16_t *p)
 {
 	__m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
 	return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-AVX2_INLINE uint32_t load_u32(const void *p)
-{
-	uint32_t v;
-	memcpy(&v, p, sizeof(v));
-	return v;
 }
 
 /* 8 bytes zero- or sign-extended to 8 dwords, one instruction with the load */
@@ -95,30 +78,6 @@ AVX2_INLINE __m128 load_block(enum lp_dtype t, const uint8_t *p, __m256 w[4])
 	w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
 	w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 	return dm;
-}
-
-/* The sub-block factors of a Q4_K / Q5_K block at p: D[s] = d * sc[s] and
- * M[s] = dmin * m[s] for its 8 sub-blocks, the f32 products of the
- * reference. The 12 scale bytes are three words a, b, c: scales 0-3 are the
- * low six bits of a's bytes, minimums 0-3 those of b's; scales 4-7 the low
- * nibbles of c's bytes with the top two bits of a's, minimums 4-7 the high
- * nibbles of c's with the top two bits of b's. With the block's first 16
- * bytes [dm a b c] in one register, [a c b c] >> [0 0 0 4] masked gives
- * the low bits of [sc0-3 sc4-7 m0-3 m4-7], [. a . b] >> 2 their top bits. */
-AVX2_INLINE void k4_scales(const uint8_t *p, __m256 *D, __m256 *M)
-{
-	__m128i x = _mm_loadu_si128((const __m128i *)p);
-	__m128 dm = _mm_cvtph_ps(x);
-	__m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(3, 2, 3, 1)),
-	                            _mm_setr_epi32(0, 0, 0, 4));
-	__m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(2, 0, 1, 0)), 2);
-	__m128i sm = _mm_or_si128(
-	    _mm_and_si128(lo, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-	    _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
-
-	*D = _mm256_mul_ps(_mm256_broadcastss_ps(dm), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
-	*M = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
-	                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))));
 }
 
 /* Same values as lp_dequantize_row (the same f32 operations in the same
@@ -420,19 +379,6 @@ AVX2_INLINE void k_bytes(__m256i q, __m256 w[4])
 		w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0x3f << (8 * i))));
 }
 
-/* The 32 bytes for k_bytes: the low (side 0) or high (side 1) nibbles of the
- * 32 bytes v, with bits b .. b + nb - 1 of the 32 bytes h (the bytes of qh
- * that pair with them) above, as bits 4 .. 3 + nb of each byte. 16-bit
- * shifts move bits across bytes, which the byte masks drop. */
-AVX2_INLINE __m256i k_assemble(__m256i v, __m256i h, const int side, const int b, const int nb)
-{
-	const __m256i lo = _mm256_set1_epi8(0x0f), hm = _mm256_set1_epi8(nb == 2 ? 0x30 : 0x10);
-	__m256i n = _mm256_and_si256(side ? _mm256_srli_epi16(v, 4) : v, lo);
-	__m256i hb = b <= 4 ? _mm256_slli_epi16(h, 4 - b) : _mm256_srli_epi16(h, b - 4);
-
-	return _mm256_or_si256(n, _mm256_and_si256(hb, hm));
-}
-
 /* 32 floats of x in the order and scale load_q4 gives the weights of 16
  * bytes whose low nibbles go with xa[0 .. 16) and high nibbles with xb[0 ..
  * 16) (for Q4_0 xb = xa + 16). */
@@ -680,12 +626,6 @@ AVX2_INLINE void mv_q4(enum lp_dtype t, const void *w, size_t w_stride, int64_t 
 			*o = accumulate ? *o + sum : sum;
 		}
 	}
-}
-
-/* [v[a] x 4, v[b] x 4] */
-AVX2_INLINE __m256 pair_bcast(__m256 v, const int a, const int b)
-{
-	return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, a, a, a, b, b, b, b));
 }
 
 /* acc[j] += dv * (w . prepared x of row j), for n rows (dot_q4 over the 32

@@ -9,8 +9,9 @@
 
 #if LP_CPU_X86
 
-#include <immintrin.h>
 #include <string.h>
+
+#include "kernels/cpu/vec-x86.h"
 
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #define AVX512_INLINE                                                                              \
@@ -25,13 +26,6 @@ bool lp_cpu_has_avx512(void)
 	return lp_cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
 	       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
 	       __builtin_cpu_supports("avx512dq");
-}
-
-AVX512_INLINE uint32_t load_u32(const void *p)
-{
-	uint32_t v;
-	memcpy(&v, p, sizeof(v));
-	return v;
 }
 
 AVX512_INLINE uint16_t load_u16(const void *p)
@@ -192,18 +186,10 @@ AVX512_INLINE __m512i join_i(__m256i lo, __m256i hi)
 	return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-AVX512_INLINE float hsum8(__m256 v)
-{
-	__m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-	s = _mm_add_ss(s, _mm_movehdup_ps(s));
-	return _mm_cvtss_f32(s);
-}
-
 /* hsum(acc0 + acc1), as vec-avx2.c's kernels end */
 AVX512_INLINE float hsum_halves(__m512 a)
 {
-	return hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+	return hsum(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
 }
 
 AVX512_INLINE void store_out(float *out, int64_t ldo, int64_t r, int j, float s, bool accumulate)
@@ -427,18 +413,6 @@ AVX512_INLINE void mv_q8(const void *w, size_t w_stride, int64_t r0, int64_t r1,
 	}
 }
 
-/* k_assemble of vec-avx2.c: the 32 bytes of 5- or 6-bit values from the
- * low (side 0) or high (side 1) nibbles of v with bits b .. b + nb - 1 of h
- * above them. */
-AVX512_INLINE __m256i k_assemble(__m256i v, __m256i h, const int side, const int b, const int nb)
-{
-	const __m256i lo = _mm256_set1_epi8(0x0f), hm = _mm256_set1_epi8(nb == 2 ? 0x30 : 0x10);
-	__m256i q = _mm256_and_si256(side ? _mm256_srli_epi16(v, 4) : v, lo);
-	__m256i hb = b <= 4 ? _mm256_slli_epi16(h, 4 - b) : _mm256_srli_epi16(h, b - 4);
-
-	return _mm256_or_si256(q, _mm256_and_si256(hb, hm));
-}
-
 /* k_bytes of vec-avx2.c on [side 0 | side 1] */
 AVX512_INLINE void k_bytes_x2(__m256i q0, __m256i q1, __m512 w[4])
 {
@@ -462,12 +436,6 @@ AVX512_INLINE void k_nibbles_x2(__m256i v, __m512 w[4])
 	w[3] = _mm512_cvtepi32_ps(_mm512_and_si512(u, m1));
 }
 
-/* [v[a] x 4, v[b] x 4] */
-AVX512_INLINE __m256 pair_bcast(__m256 v, const int a, const int b)
-{
-	return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, a, a, a, b, b, b, b));
-}
-
 /* acc[j] += dv * (w . interleaved x of row j) */
 AVX512_INLINE void k_sides(const __m512 w[4], __m512 dv, const float *q, const int n, __m512 *acc)
 {
@@ -475,23 +443,6 @@ AVX512_INLINE void k_sides(const __m512 w[4], __m512 dv, const float *q, const i
 	for (int j = 0; j < n; j++)
 		acc[j] =
 		    _mm512_fmadd_ps(dv, dot_x2(w, q + (size_t)j * LP_CPU_PREP_ROW_FLOATS), acc[j]);
-}
-
-/* The sub-block factors of a Q4_K / Q5_K block (k4_scales of vec-avx2.c). */
-AVX512_INLINE void k4_scales(const uint8_t *p, __m256 *D, __m256 *M)
-{
-	__m128i x = _mm_loadu_si128((const __m128i *)p);
-	__m128 dm = _mm_cvtph_ps(x);
-	__m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(3, 2, 3, 1)),
-	                            _mm_setr_epi32(0, 0, 0, 4));
-	__m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(2, 0, 1, 0)), 2);
-	__m128i sm = _mm_or_si128(
-	    _mm_and_si128(lo, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-	    _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
-
-	*D = _mm256_mul_ps(_mm256_broadcastss_ps(dm), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
-	*M = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
-	                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))));
 }
 
 /* mv_k of vec-avx2.c (Q4_K, Q5_K, Q6_K): each 32 bytes' two sides (acc0 and

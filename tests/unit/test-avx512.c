@@ -19,15 +19,11 @@ static const enum lp_dtype types[] = {LP_DTYPE_F32,  LP_DTYPE_F16,  LP_DTYPE_BF1
                                       LP_DTYPE_Q4_K, LP_DTYPE_Q5_K, LP_DTYPE_Q6_K};
 #define N_TYPES (int)(sizeof(types) / sizeof(types[0]))
 
-/* splitmix64: a fixed sequence for every run */
 static uint64_t rng_state = 0x617678353132ULL;
 
 static uint64_t rng_next(void)
 {
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
+	return test_splitmix64(&rng_state);
 }
 
 static float frand(float lo, float hi)

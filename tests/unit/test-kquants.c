@@ -32,15 +32,11 @@ static const enum lp_dtype new_types[] = {LP_DTYPE_Q5_0, LP_DTYPE_Q5_1, LP_DTYPE
 static struct lp_backend *g_be[N_BACKENDS];
 static const char *g_be_name[N_BACKENDS] = {"avx2x3", "scalar-x3", "avx2x1"};
 
-/* splitmix64: a fixed sequence for every run */
 static uint64_t rng_state = 0x6b71756174730001ULL;
 
 static uint64_t rng_next(void)
 {
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
+	return test_splitmix64(&rng_state);
 }
 
 static float frand(float lo, float hi)
