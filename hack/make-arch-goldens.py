@@ -39,7 +39,6 @@ usage: hack/make-arch-goldens.py [qwen2|qwen3 ...]   (no argument: both)
 
 import copy
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -51,11 +50,7 @@ sys.dont_write_bytecode = True
 HACK = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_script(name, filename):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HACK, filename))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from sibling import load_script  # noqa: E402
 
 
 # make-goldens.py sets the offline / single-thread environment and has the

@@ -46,7 +46,6 @@ usage: hack/make-gemma3-goldens.py
 
 import copy
 import glob
-import importlib.util
 import json
 import os
 import sys
@@ -56,11 +55,7 @@ sys.dont_write_bytecode = True
 HACK = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_script(name, filename):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HACK, filename))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from sibling import load_script  # noqa: E402
 
 
 # make-arch-goldens.py has the goldens layout and the adapter step (it

@@ -20,7 +20,6 @@ usage: hack/make-gemma3-real-goldens.py [path/to/gemma-3-270m-q4_k_m.gguf]
 """
 
 import hashlib
-import importlib.util
 import os
 import sys
 
@@ -29,11 +28,7 @@ sys.dont_write_bytecode = True
 HACK = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_script(name, filename):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HACK, filename))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from sibling import load_script  # noqa: E402
 
 
 # make-goldens.py sets the offline / single-thread environment and has the

@@ -33,7 +33,6 @@ usage: hack/make-lora-interop.py
 """
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -44,11 +43,7 @@ sys.dont_write_bytecode = True
 HACK = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_script(name, filename):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HACK, filename))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from sibling import load_script  # noqa: E402
 
 
 mlg = load_script("make_lora_goldens", "make-lora-goldens.py")
