@@ -692,7 +692,7 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 {
 	struct lp_backend *be = NULL;
 	struct lp_cpu *cpu = NULL;
-	size_t per_thread = (LP_CPU_KC + LP_CPU_ROWS_STRIDE) * LP_CPU_NR;
+	size_t per_thread = LP_CPU_THREAD_SCRATCH;
 	size_t total;
 	int rc;
 
@@ -729,6 +729,7 @@ int lp_backend_cpu_new(struct lp_backend **out, int n_threads, struct lp_err *er
 		float *base = cpu->scratch_mem + LP_CPU_XSUM_FLOATS + per_thread * i;
 		cpu->scratch[i].panel = base;
 		cpu->scratch[i].rows = base + LP_CPU_KC * LP_CPU_NR;
+		cpu->scratch[i].panel2 = cpu->scratch[i].rows + LP_CPU_ROWS_STRIDE * LP_CPU_NR;
 	}
 	rc = lp_threadpool_new(&cpu->pool, n_threads, err);
 	if (rc)

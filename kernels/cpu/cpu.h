@@ -80,13 +80,15 @@ _Static_assert(LP_CPU_KC % LP_QK_K == 0, "GEMM chunks must be whole K-quant bloc
  * thread alone: waking the pool would cost more than the work. */
 #define LP_CPU_SERIAL_WORK 16384
 
-/* A thread's scratch: panel, then rows right after it; other ops (prefill
- * attention) use the two as one buffer of LP_CPU_THREAD_SCRATCH floats. */
+/* A thread's scratch: panel, rows right after it, then panel2; other ops
+ * (prefill attention) use the three as one buffer of LP_CPU_THREAD_SCRATCH
+ * floats. */
 struct lp_cpu_scratch {
-	float *panel; /* [LP_CPU_KC][LP_CPU_NR] */
-	float *rows;  /* [LP_CPU_NR][LP_CPU_ROWS_STRIDE], a panel before the transpose */
+	float *panel;  /* [LP_CPU_KC][LP_CPU_NR] */
+	float *rows;   /* [LP_CPU_NR][LP_CPU_ROWS_STRIDE], a panel before the transpose */
+	float *panel2; /* the next panel, for the AVX-512 kernel's two-panel tiles */
 };
-#define LP_CPU_THREAD_SCRATCH ((size_t)(LP_CPU_KC + LP_CPU_ROWS_STRIDE) * LP_CPU_NR)
+#define LP_CPU_THREAD_SCRATCH ((size_t)(2 * LP_CPU_KC + LP_CPU_ROWS_STRIDE) * LP_CPU_NR)
 
 struct lp_cpu {
 	struct lp_threadpool *pool;
@@ -237,6 +239,10 @@ void lp_cpu_matvec_avx512(enum lp_dtype t, const void *w, size_t w_stride, int64
                           bool accumulate);
 
 /* The same with AVX-512 (vec-avx512.c): the same bits, twice the width. */
+/* ... and for two panels side by side (32 columns: panel's 16, then
+ * ncols2 of panel2), the same bits again. */
+void lp_cpu_gemm_panels_avx512(int n, int64_t kc, const float *x, int64_t ldx, const float *panel,
+                               const float *panel2, float *out, int64_t ldo, int ncols2, bool load);
 void lp_cpu_gemm_panel_avx512(int n, int64_t kc, const float *x, int64_t ldx, const float *panel,
                               float *out, int64_t ldo, int ncols, bool load);
 

@@ -109,6 +109,20 @@ static void gemm_avx2_thread(void *arg, int chunk, int n_chunks, int thread)
 
 			lp_cpu_pack_panel_avx2(t->type, t->w, t->w_stride, c0, ncols, k0, kc,
 			                       s->panel, s->rows, t->cpu->avx512);
+			if (t->cpu->avx512 && p + 1 < p1) {
+				/* two panels at a time: each row's broadcasts serve 32
+				 * columns */
+				int nc2 =
+				    (int)(t->m - c0 - LP_CPU_NR < LP_CPU_NR ? t->m - c0 - LP_CPU_NR
+				                                            : LP_CPU_NR);
+				lp_cpu_pack_panel_avx2(t->type, t->w, t->w_stride, c0 + LP_CPU_NR,
+				                       nc2, k0, kc, s->panel2, s->rows, true);
+				lp_cpu_gemm_panels_avx512((int)t->n, kc, t->x + k0, t->k, s->panel,
+				                          s->panel2, t->out + c0, t->m, nc2,
+				                          k0 > 0 || t->accumulate);
+				p++;
+				continue;
+			}
 			(t->cpu->avx512 ? lp_cpu_gemm_panel_avx512 : lp_cpu_gemm_panel_avx2)(
 			    (int)t->n, kc, t->x + k0, t->k, s->panel, t->out + c0, t->m, ncols,
 			    k0 > 0 || t->accumulate);
@@ -132,15 +146,18 @@ int lp_cpu_matvec_batch_default(enum lp_dtype t, bool avx512)
 			return 8;
 		case LP_DTYPE_F16:
 		case LP_DTYPE_BF16:
+			return 12;
+		case LP_DTYPE_Q5_0:
+		case LP_DTYPE_Q5_1:
 			return 14;
 		case LP_DTYPE_Q4_0:
 		case LP_DTYPE_Q4_1:
-		case LP_DTYPE_Q5_0:
-		case LP_DTYPE_Q5_1:
-			return 20;
+			return 16;
 		case LP_DTYPE_Q4_K:
+			return 20;
+		case LP_DTYPE_Q8_0:
 			return 24;
-		default: /* Q8_0, Q5_K, Q6_K: the matrix-vector path up to 32 */
+		default: /* Q5_K, Q6_K: the matrix-vector path up to 32 */
 			return 32;
 		}
 	}

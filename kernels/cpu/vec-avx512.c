@@ -97,6 +97,68 @@ AVX512 void lp_cpu_gemm_panel_avx512(int n, int64_t kc, const float *x, int64_t 
 	}
 }
 
+/* gemm_tile for 32 columns, panel a's 16 then panel b's (mask mb): two
+ * registers per row, so that each broadcast of x serves both. */
+AVX512_INLINE void gemm_tile2(const int mr, int64_t kc, const float *x, int64_t ldx,
+                              const float *pa, const float *pb, float *out, int64_t ldo,
+                              __mmask16 mb, bool load)
+{
+	__m512 c0[LP_CPU_MR512], c1[LP_CPU_MR512];
+
+#pragma GCC unroll 16
+	for (int r = 0; r < mr; r++) {
+		c0[r] = load ? _mm512_loadu_ps(out + r * ldo) : _mm512_setzero_ps();
+		c1[r] = load ? _mm512_maskz_loadu_ps(mb, out + r * ldo + 16) : _mm512_setzero_ps();
+	}
+	for (int64_t kk = 0; kk < kc; kk++) {
+		__m512 a = _mm512_load_ps(pa + kk * LP_CPU_NR);
+		__m512 b = _mm512_load_ps(pb + kk * LP_CPU_NR);
+#pragma GCC unroll 16
+		for (int r = 0; r < mr; r++) {
+			__m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+			c0[r] = _mm512_fmadd_ps(xv, a, c0[r]);
+			c1[r] = _mm512_fmadd_ps(xv, b, c1[r]);
+		}
+	}
+#pragma GCC unroll 16
+	for (int r = 0; r < mr; r++) {
+		_mm512_storeu_ps(out + r * ldo, c0[r]);
+		_mm512_mask_storeu_ps(out + r * ldo + 16, mb, c1[r]);
+	}
+}
+
+#define TILE2_CASE(N)                                                                              \
+	case N:                                                                                    \
+		gemm_tile2(N, kc, x + i * ldx, ldx, panel, panel2, out + i * ldo, ldo, mb, load);  \
+		break
+
+AVX512 void lp_cpu_gemm_panels_avx512(int n, int64_t kc, const float *x, int64_t ldx,
+                                      const float *panel, const float *panel2, float *out,
+                                      int64_t ldo, int ncols2, bool load)
+{
+	__mmask16 mb = (__mmask16)((1u << ncols2) - 1);
+	int i = 0;
+
+	for (; i + LP_CPU_MR512 <= n; i += LP_CPU_MR512)
+		gemm_tile2(LP_CPU_MR512, kc, x + i * ldx, ldx, panel, panel2, out + i * ldo, ldo,
+		           mb, load);
+	switch (n - i) {
+		TILE2_CASE(11);
+		TILE2_CASE(10);
+		TILE2_CASE(9);
+		TILE2_CASE(8);
+		TILE2_CASE(7);
+		TILE2_CASE(6);
+		TILE2_CASE(5);
+		TILE2_CASE(4);
+		TILE2_CASE(3);
+		TILE2_CASE(2);
+		TILE2_CASE(1);
+	default:
+		break;
+	}
+}
+
 /* lp_cpu_dequant_avx2's operations, 16 weights at a time. */
 AVX512 void lp_cpu_dequant_avx512(enum lp_dtype t, const void *row, int64_t k0, int64_t len,
                                   float *dst)
