@@ -485,12 +485,14 @@ AVX512_INLINE void k_bytes_x2(__m256i q0, __m256i q1, __m512 w[4])
 }
 
 /* k_nibbles of vec-avx2.c on [side 0 | side 1] of the same 32 bytes */
-AVX512_INLINE void k_nibbles_x2(__m256i v, __m512 w[4])
+AVX512_INLINE void k_nibbles_x2(const uint8_t *p, __m512 w[4])
 {
 	const __m512i m0 = _mm512_setr_epi32(0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0x0f, 0xf0,
 	                                     0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0);
 	const __m512i m1 = _mm512_slli_epi32(m0, 8);
-	__m512i vv = join_i(v, v), u = _mm512_srli_epi32(vv, 16);
+	/* one load that fills both halves */
+	__m512i vv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+	__m512i u = _mm512_srli_epi32(vv, 16);
 
 	w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(vv, m0));
 	w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(vv, m1));
@@ -505,6 +507,25 @@ AVX512_INLINE void k_sides(const __m512 w[4], __m512 dv, const float *q, const i
 	for (int j = 0; j < n; j++)
 		acc[j] =
 		    _mm512_fmadd_ps(dv, dot_x2(w, q + (size_t)j * LP_CPU_PREP_ROW_FLOATS), acc[j]);
+}
+
+/* k4_scales of vec-avx2.c as one register [D | M]: the same products. */
+AVX512_INLINE __m512 k4_scales_x2(const uint8_t *p)
+{
+	__m128i x = _mm_loadu_si128((const __m128i *)p);
+	__m128 dm = _mm_cvtph_ps(x);
+	__m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(3, 2, 3, 1)),
+	                            _mm_setr_epi32(0, 0, 0, 4));
+	__m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(x, _MM_SHUFFLE(2, 0, 1, 0)), 2);
+	__m128i sm = _mm_or_si128(
+	    _mm_and_si128(lo, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+	    _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+	/* [d x 8 | dmin x 8] */
+	__m512 f =
+	    _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+	                          _mm512_castps128_ps512(dm));
+
+	return _mm512_mul_ps(f, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)));
 }
 
 /* mv_k of vec-avx2.c (Q4_K, Q5_K, Q6_K): each 32 bytes' two sides (acc0 and
@@ -572,16 +593,15 @@ AVX512_INLINE void mv_k(enum lp_dtype t, const void *w, size_t w_stride, int64_t
 				}
 				continue;
 			}
-			__m256 D, M;
 			__m256i hv = five ? _mm256_loadu_si256((const __m256i *)(p + 16))
 			                  : _mm256_setzero_si256();
-
-			k4_scales(p, &D, &M);
-			__m512 dd = join(D, D), mm = join(M, M);
+			/* [D | M] in one register: lanes 0-7 the scales, 8-15 the
+			 * minimums, which the minimums' masked share takes as they are */
+			__m512 dd = k4_scales_x2(p);
 #pragma GCC unroll 16
 			for (int j = 0; j < n; j++)
 				acc[j] = _mm512_mask3_fmadd_ps(
-				    mm,
+				    dd,
 				    _mm512_broadcast_f32x8(
 				        _mm256_load_ps(s + (size_t)j * LP_CPU_PREP_ROW_FLOATS)),
 				    acc[j], 0xff00);
@@ -601,7 +621,7 @@ AVX512_INLINE void mv_k(enum lp_dtype t, const void *w, size_t w_stride, int64_t
 					k_bytes_x2(k_assemble(v, hv, 0, 2 * g, 1),
 					           k_assemble(v, hv, 1, 2 * g + 1, 1), wv);
 				else
-					k_nibbles_x2(v, wv);
+					k_nibbles_x2(p + 16 + 32 * g, wv);
 				k_sides(wv, dv, q + 64 * g, n, acc);
 			}
 		}
