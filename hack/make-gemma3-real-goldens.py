@@ -43,15 +43,8 @@ MODEL = os.path.join(mg.ROOT, "models", "gemma-3-270m-q4_k_m.gguf")
 OUT = os.path.join(mg.GOLDENS, "gemma-3-270m-q4_k_m.json")
 TOP = 64
 SPREAD = 64
-PROMPTS = [
-    "Hello",
-    "The quick brown fox jumps over the lazy dog.",
-    "In 1969, 3 people flew to the moon & back!",
-    "Caf\u00e9, na\u00efve r\u00e9sum\u00e9 \u2014 \u6771\u4eac \U0001f680",
-    "<start_of_turn>user\nWhat is LoRA?<end_of_turn>\n<start_of_turn>model\n",
-    "Once upon a time there was a little girl who lived in a village near the "
-    "forest, and everyone called her Red Riding Hood.",
-]
+# the prompts of the tiny Gemma's goldens (make-gemma3-goldens.py)
+PROMPTS = load_script("make_gemma3_goldens", "make-gemma3-goldens.py").PROMPTS
 
 
 def main(argv):
