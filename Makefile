@@ -200,7 +200,11 @@ $(BIN)/loraplane-operator: $(BUILD)/operator/main.o $(BUILD)/operator/httpd.o $(
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) $(OPERATOR_OBJS) tests/test.h
 	@mkdir -p $(dir $@)
 	$(if $(Q),@echo "  CC      $<")
-	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(OPERATOR_OBJS) $(LIB) $(LDLIBS)
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(filter $(BUILD)/agent/api/%.o,$^) \
+		$(OPERATOR_OBJS) $(LIB) $(LDLIBS)
+
+# Unit tests of agent/api/ modules link the objects they test.
+$(BUILD)/tests/test-tools: $(BUILD)/agent/api/tools.o $(BUILD)/agent/api/errors.o
 
 # Helper programs of the integration tests, built with the same flags.
 INTEGRATION_BINS := $(BUILD)/tests/integration/source-fetch
@@ -301,6 +305,7 @@ $(BUILD)/fuzz/fuzz-%: tests/fuzz/fuzz-%.c tests/fuzz/fuzz.h $(API_OBJS) $(LIB)
 bench: deps $(TOOLS) $(PROGRAMS) $(if $(CUDA_TEST_BINS),$(BUILD)/tools/bench-gpu)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL)
 	$(Q)$(BUILD)/tools/bench --model $(MODEL) --only isa
+	$(Q)$(BUILD)/tools/bench --model $(MODEL) --only grammar
 	$(Q)bash -o pipefail -c "$(BUILD)/tools/bench --model $(GEMMA3_MODEL) --only decode | \
 		sed 's/^bench: /bench: gemma3_270m_/'"
 	$(Q)$(if $(CUDA_TEST_BINS),echo "CUDA backend, emulated on the CPU: kernel launches and bytes uploaded per decode step (speeds meaningless)" && \

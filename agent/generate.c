@@ -245,10 +245,10 @@ static int encode_prompt(const struct options *o, struct lp_model *m,
 	struct lp_chat_message msgs[2];
 	size_t n = 0;
 	if (o->system)
-		msgs[n++] = (struct lp_chat_message){"system", o->system};
-	msgs[n++] = (struct lp_chat_message){"user", prompt};
+		msgs[n++] = (struct lp_chat_message){.role = "system", .content = o->system};
+	msgs[n++] = (struct lp_chat_message){.role = "user", .content = prompt};
 	lp_buf_init(&text, 16u << 20);
-	rc = lp_chat_template_render(ct, msgs, n, true, &text, err);
+	rc = lp_chat_template_render(ct, msgs, n, NULL, true, &text, err);
 	if (!rc)
 		rc = lp_tokenizer_encode(m->tok, text.data, text.len, LP_ENCODE_PARSE_SPECIAL, ids,
 		                         err);

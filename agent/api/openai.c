@@ -47,6 +47,10 @@ struct choice {
 	struct lp_event pending;
 	enum lp_finish_reason finish;
 	json_t *lp; /* logprobs gathered (non-streaming) */
+	/* chat with tools (tool_choice other than "none"): the output is read
+	 * for tool calls (agent/api/tools.h); its content events are what
+	 * goes out as content */
+	struct lp_tool_parser *tp;
 	int cached; /* prompt tokens the prefix cache held (the end event's) */
 	/* lp_now() seconds, for the metrics: entered the submit queue, first
 	 * ran in the engine (0: not yet), first and last token, done */
@@ -117,6 +121,9 @@ static void token_text(const struct lp_model *m, int32_t id, char *out, unsigned
 
 static const char *finish_name(const struct choice *ch)
 {
+	if (ch->tp && lp_tool_parser_n_calls(ch->tp) > 0 && !ch->cancelled &&
+	    (ch->stopped || ch->finish != LP_FINISH_LENGTH))
+		return "tool_calls";
 	if (ch->stopped)
 		return "stop";
 	if (ch->cancelled)
@@ -231,6 +238,7 @@ static void gen_release(struct gen *g)
 			lp_stop_matcher_release(&ch->stop);
 		lp_buf_release(&ch->text);
 		json_decref(ch->lp);
+		lp_tool_parser_free(ch->tp);
 	}
 	free(g->ch);
 	lp_gen_request_release(&g->req);
@@ -269,6 +277,9 @@ static int submit_all(struct gen *g, struct lp_api_error *e)
 		                         &err))
 			return lp_api_error_from(e, 400, "invalid_value", "stop", &err);
 		ch->stop_ready = true;
+		if (r->chat && r->tools.choice != LP_TOOL_CHOICE_NONE &&
+		    lp_tool_parser_new(&ch->tp, &r->tools, &err))
+			return lp_api_error_from(e, 500, NULL, NULL, &err);
 		memset(&p, 0, sizeof(p));
 		p.adapter = g->adapter;
 		p.prompt = r->prompts[ch->prompt].ids.ids;
@@ -281,6 +292,7 @@ static int submit_all(struct gen *g, struct lp_api_error *e)
 			p.sampling.seed += i % (size_t)r->n;
 		p.logprobs = r->logprobs;
 		p.group = group;
+		p.grammar = r->grammar;
 		if (lp_worker_submit(g->s->w, &p, &ch->req, &err)) {
 			if (err.code == -EAGAIN) {
 				lp_api_errorf(e, 429, "queue_full", NULL,
@@ -436,8 +448,25 @@ static int stream_choice(struct gen *g, struct choice *ch, const char *text, siz
 	                               "choices", choice));
 }
 
-/* Text that ch may show now: to the stream or to its buffer. */
-static int emit(struct gen *g, struct choice *ch, const char *s, size_t n, json_t *lp)
+/* A streamed chunk whose delta holds one tool call event (entry, taken). */
+static int stream_tool_call(struct gen *g, struct choice *ch, json_t *entry)
+{
+	json_t *delta = json_object();
+
+	if (!ch->role_sent) {
+		json_object_set_new(delta, "role", json_string("assistant"));
+		ch->role_sent = true;
+	}
+	json_object_set_new(delta, "tool_calls", json_pack("[o]", entry));
+	return send_chunk(g, json_pack("{s:s, s:s, s:I, s:s, s:[{s:I, s:o, s:n, s:n}]}", "id",
+	                               g->id, "object", "chat.completion.chunk", "created",
+	                               (json_int_t)g->created, "model", g->req.model, "choices",
+	                               "index", (json_int_t)ch->index, "delta", delta, "logprobs",
+	                               "finish_reason"));
+}
+
+/* Text that ch may show now, to the stream or to its buffer. */
+static int emit_text(struct gen *g, struct choice *ch, const char *s, size_t n, json_t *lp)
 {
 	if (!g->stream) {
 		json_decref(lp);
@@ -446,6 +475,77 @@ static int emit(struct gen *g, struct choice *ch, const char *s, size_t n, json_
 	if (!n && !lp)
 		return 0;
 	return stream_choice(g, ch, s, n, lp, NULL);
+}
+
+/* The events of ch's tool parser: content goes out as text, calls as
+ * tool_calls deltas when streaming (a whole response takes the parser's
+ * calls at the end). lp (taken) rides on the first chunk. */
+static int emit_events(struct gen *g, struct choice *ch, const struct lp_tool_event *ev,
+                       size_t n_ev, json_t *lp)
+{
+	for (size_t i = 0; i < n_ev; i++) {
+		if (ev[i].type == LP_TOOL_EVENT_CONTENT) {
+			if (emit_text(g, ch, ev[i].text, ev[i].len, lp))
+				return -EPIPE;
+			lp = NULL;
+		} else if (g->stream) {
+			json_t *entry = lp_tool_event_json(&ev[i]);
+			if (entry && stream_tool_call(g, ch, entry)) {
+				json_decref(lp);
+				return -EPIPE;
+			}
+		}
+	}
+	return lp ? emit_text(g, ch, "", 0, lp) : 0;
+}
+
+/* Text that ch may show now: through its tool parser when it has one. */
+static int emit(struct gen *g, struct choice *ch, const char *s, size_t n, json_t *lp)
+{
+	const struct lp_tool_event *ev;
+	struct lp_err err;
+	size_t n_ev;
+
+	if (!ch->tp)
+		return emit_text(g, ch, s, n, lp);
+	if (lp_tool_parser_feed(ch->tp, s, n, &ev, &n_ev, &err)) {
+		/* the parser's cap: what is left goes out as it is */
+		lp_tool_parser_free(ch->tp);
+		ch->tp = NULL;
+		return emit_text(g, ch, s, n, lp);
+	}
+	return emit_events(g, ch, ev, n_ev, lp);
+}
+
+/* At the end of ch's output: the tool parser's last events. */
+static int emit_finish(struct gen *g, struct choice *ch)
+{
+	const struct lp_tool_event *ev;
+	struct lp_err err;
+	size_t n_ev;
+
+	if (!ch->tp || lp_tool_parser_finish(ch->tp, &ev, &n_ev, &err))
+		return 0;
+	return emit_events(g, ch, ev, n_ev, NULL);
+}
+
+/* The special token that opens Mistral's tool calls ([TOOL_CALLS]), which
+ * the decoder leaves out of the text: its text for the tool parser. */
+static int tool_marker(const struct gen *g, const struct choice *ch, int32_t id, char *piece,
+                       size_t cap)
+{
+	const struct lp_tokenizer *tok = g->s->model->tok;
+	const char *t;
+	size_t len;
+
+	if (!ch->tp || g->req.tools.fmt != LP_CHAT_TOOLS_MISTRAL ||
+	    !lp_tokenizer_is_special(tok, id))
+		return 0;
+	t = lp_tokenizer_token_text(tok, id, &len);
+	if (!t || len != 12 || memcmp(t, "[TOOL_CALLS]", 12) || cap < len)
+		return 0;
+	memcpy(piece, t, len);
+	return (int)len;
 }
 
 /* Handles one event of ch. */
@@ -483,6 +583,11 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 				return -EPIPE;
 			lp_stop_matcher_finish(&ch->stop, &out, &out_len);
 		}
+		if (ch->tp) {
+			if (emit(g, ch, out, out_len, NULL) || emit_finish(g, ch))
+				return -EPIPE;
+			return g->stream ? stream_choice(g, ch, "", 0, NULL, finish_name(ch)) : 0;
+		}
 		if (!g->stream)
 			return emit(g, ch, out, out_len, NULL);
 		return stream_choice(g, ch, out, out_len, NULL, finish_name(ch));
@@ -499,8 +604,8 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 	ch->t_last = now;
 	ch->tokens++;
 	n = lp_detok_piece(m->tok, &ch->detok, ev->token, piece, sizeof(piece));
-	if (n < 0)
-		n = 0;
+	if (n <= 0)
+		n = tool_marker(g, ch, ev->token, piece, sizeof(piece));
 	if (g->req.logprobs >= 0) {
 		if (g->req.chat) {
 			json_t *entry = logprobs_entry_chat(m, ev);
@@ -519,11 +624,16 @@ static int choice_event(struct gen *g, struct choice *ch, const struct lp_event 
 		ch->stopped = true;
 		ch->done = true;
 		lp_request_cancel(ch->req);
+		if (ch->tp) {
+			if (emit(g, ch, out, out_len, lp) || emit_finish(g, ch))
+				return -EPIPE;
+			return g->stream ? stream_choice(g, ch, "", 0, NULL, finish_name(ch)) : 0;
+		}
 		if (!g->stream) {
 			json_decref(lp);
 			return emit(g, ch, out, out_len, NULL);
 		}
-		return stream_choice(g, ch, out, out_len, lp, "stop");
+		return stream_choice(g, ch, out, out_len, lp, finish_name(ch));
 	}
 	return emit(g, ch, out, out_len, lp);
 }
@@ -701,19 +811,28 @@ static int respond_whole(struct gen *g)
 		ch->lp = NULL;
 		if (!text)
 			text = json_string("");
-		if (g->req.chat)
+		if (g->req.chat) {
+			json_t *msg = json_pack("{s:s, s:o}", "role", "assistant", "content", text);
+			if (ch->tp && lp_tool_parser_n_calls(ch->tp) > 0) {
+				json_t *calls = lp_tool_parser_calls_json(ch->tp);
+				/* OpenAI: content null when the reply is only calls */
+				if (ch->text.len == 0)
+					json_object_set_new(msg, "content", json_null());
+				if (calls)
+					json_object_set_new(msg, "tool_calls", calls);
+			}
 			json_array_append_new(
 			    choices,
-			    json_pack("{s:I, s:{s:s, s:o}, s:o, s:s}", "index",
-			              (json_int_t)ch->index, "message", "role", "assistant",
-			              "content", text, "logprobs",
+			    json_pack("{s:I, s:o, s:o, s:s}", "index", (json_int_t)ch->index,
+			              "message", msg, "logprobs",
 			              json_is_null(lp) ? lp : json_pack("{s:o}", "content", lp),
 			              "finish_reason", finish_name(ch)));
-		else
+		} else {
 			json_array_append_new(choices, json_pack("{s:I, s:o, s:o, s:s}", "index",
 			                                         (json_int_t)ch->index, "text",
 			                                         text, "logprobs", lp,
 			                                         "finish_reason", finish_name(ch)));
+		}
 	}
 	lp_call_send_json(g->c, 200,
 	                  json_pack("{s:s, s:s, s:I, s:s, s:o, s:o}", "id", g->id, "object",
@@ -751,7 +870,7 @@ static void metrics_choices(struct gen *g)
 static int generate(struct lp_call *c, bool chat)
 {
 	struct lp_server *s = c->s;
-	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len};
+	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len, s->grammars};
 	struct lp_api_error e;
 	struct gen g;
 	json_t *body = NULL;

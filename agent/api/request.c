@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "agent/engine/json-schema.h"
 #include "common/buf.h"
 
 /* Longest rendered chat prompt, in bytes, before tokenization. */
@@ -500,12 +501,90 @@ static int message_content(json_t *msg, size_t i, bool assistant, const char **o
 	return 0;
 }
 
+/* An assistant message's tool_calls (OpenAI's [{"id", "type": "function",
+ * "function": {"name", "arguments"}}]) into *out (calloc'd; strings
+ * borrowed from the message, arguments sent as an object written to
+ * owned texts). */
+static int message_tool_calls(json_t *m, size_t i, struct lp_chat_tool_call **out, size_t *n_out,
+                              char ***owned_args, struct lp_api_error *e)
+{
+	json_t *tc = json_object_get(m, "tool_calls");
+	char param[64];
+	size_t n;
+	int rc;
+
+	*out = NULL;
+	*n_out = 0;
+	*owned_args = NULL;
+	if (!tc || json_is_null(tc))
+		return 0;
+	snprintf(param, sizeof(param), "messages[%zu].tool_calls", i);
+	if (!json_is_array(tc))
+		return lp_api_errorf(e, 400, "invalid_type", param, "'%s' must be an array", param);
+	if ((n = json_array_size(tc)) == 0)
+		return 0;
+	if (n > LP_TOOLS_MAX_CALLS)
+		return lp_api_errorf(e, 400, "invalid_value", param,
+		                     "'%s' holds more than %d calls", param, LP_TOOLS_MAX_CALLS);
+	*out = calloc(n, sizeof(**out));
+	*owned_args = calloc(n, sizeof(char *));
+	if (!*out || !*owned_args) {
+		rc = lp_api_errorf(e, 500, NULL, NULL, "out of memory");
+		goto fail;
+	}
+	for (size_t k = 0; k < n; k++) {
+		json_t *c = json_array_get(tc, k), *f, *id, *name, *args;
+		snprintf(param, sizeof(param), "messages[%zu].tool_calls[%zu]", i, k);
+		f = json_is_object(c) ? json_object_get(c, "function") : NULL;
+		id = json_is_object(c) ? json_object_get(c, "id") : NULL;
+		name = json_is_object(f) ? json_object_get(f, "name") : NULL;
+		args = json_is_object(f) ? json_object_get(f, "arguments") : NULL;
+		if (!json_is_string(id) || !json_is_string(name)) {
+			rc = lp_api_errorf(e, 400, "invalid_type", param,
+			                   "'%s' needs a string 'id' and 'function.name'", param);
+			goto fail;
+		}
+		(*out)[k].id = json_string_value(id);
+		(*out)[k].name = json_string_value(name);
+		if (json_is_string(args)) {
+			(*out)[k].arguments = json_string_value(args);
+		} else if (json_is_object(args)) {
+			if (!((*owned_args)[k] =
+			          json_dumps(args, JSON_COMPACT | JSON_PRESERVE_ORDER))) {
+				rc = lp_api_errorf(e, 500, NULL, NULL, "out of memory");
+				goto fail;
+			}
+			(*out)[k].arguments = (*owned_args)[k];
+		} else if (!args || json_is_null(args)) {
+			(*out)[k].arguments = "{}";
+		} else {
+			rc = lp_api_errorf(e, 400, "invalid_type", param,
+			                   "'%s.function.arguments' must be a JSON string", param);
+			goto fail;
+		}
+	}
+	*n_out = n;
+	return 0;
+fail:
+	for (size_t k = 0; *owned_args && k < n; k++)
+		free((*owned_args)[k]);
+	free(*owned_args);
+	free(*out);
+	*owned_args = NULL;
+	*out = NULL;
+	return rc;
+}
+
 int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_gen_limits *lim,
-                           bool add_generation_prompt, bool add_special, struct lp_api_error *e)
+                           const struct lp_tools *tools, bool add_generation_prompt,
+                           bool add_special, struct lp_api_error *e)
 {
 	unsigned flags = LP_ENCODE_PARSE_SPECIAL | (add_special ? LP_ENCODE_ADD_SPECIAL : 0);
 	struct lp_chat_message *msgs = NULL;
-	char **owned = NULL;
+	struct lp_chat_tool_call **calls = NULL;
+	char **owned = NULL, ***owned_args = NULL;
+	const json_t *tj = tools ? tools->json : NULL;
+	bool tool_turns = false, forced;
 	struct lp_buf text;
 	struct lp_err err;
 	size_t n = 0;
@@ -528,8 +607,10 @@ int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_g
 		                     lim->model->name ? lim->model->name : "");
 	msgs = calloc(n, sizeof(*msgs));
 	owned = calloc(n, sizeof(*owned));
+	calls = calloc(n, sizeof(*calls));
+	owned_args = calloc(n, sizeof(*owned_args));
 	lp_buf_init(&text, MAX_PROMPT_TEXT);
-	if (!msgs || !owned) {
+	if (!msgs || !owned || !calls || !owned_args) {
 		rc = lp_api_errorf(e, 500, NULL, NULL, "out of memory");
 		goto out;
 	}
@@ -554,10 +635,11 @@ int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_g
 		rs = json_string_value(role);
 		if (!strcmp(rs, "developer"))
 			rs = "system";
-		if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant")) {
+		if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant") &&
+		    strcmp(rs, "tool")) {
 			rc = lp_api_errorf(e, 400, "invalid_value", param,
-			                   "'%s' is '%s': only 'system', 'developer', 'user' and "
-			                   "'assistant' are supported",
+			                   "'%s' is '%s': only 'system', 'developer', 'user', "
+			                   "'assistant' and 'tool' are supported",
 			                   param, rs);
 			goto out;
 		}
@@ -565,9 +647,43 @@ int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_g
 		if ((rc = message_content(m, i, !strcmp(rs, "assistant"), &msgs[i].content,
 		                          &owned[i], e)))
 			goto out;
+		if (!strcmp(rs, "assistant")) {
+			if ((rc = message_tool_calls(m, i, &calls[i], &msgs[i].n_tool_calls,
+			                             &owned_args[i], e)))
+				goto out;
+			msgs[i].tool_calls = calls[i];
+			tool_turns |= msgs[i].n_tool_calls > 0;
+		} else if (!strcmp(rs, "tool")) {
+			json_t *id = json_object_get(m, "tool_call_id"),
+			       *name = json_object_get(m, "name");
+			snprintf(param, sizeof(param), "messages[%zu].tool_call_id", i);
+			if (!json_is_string(id)) {
+				rc = lp_api_errorf(e, 400, "invalid_type", param,
+				                   "'%s' must be the id of the call answered",
+				                   param);
+				goto out;
+			}
+			msgs[i].tool_call_id = json_string_value(id);
+			msgs[i].name = json_is_string(name) ? json_string_value(name) : NULL;
+			tool_turns = true;
+		}
 	}
-	if (lp_chat_template_render(lim->chat, msgs, n, add_generation_prompt, &text, &err)) {
-		rc = lp_api_error_from(e, 400, "invalid_messages", "messages", &err);
+	/* a template without a tool format renders tools and tool turns in
+	 * loraplane's generic format when a call is forced or the
+	 * conversation holds tool turns; otherwise tools it cannot show are
+	 * left out (tool_choice "none") */
+	forced = tools && (tools->choice == LP_TOOL_CHOICE_REQUIRED ||
+	                   tools->choice == LP_TOOL_CHOICE_NAMED);
+	if (lim->chat->tools == LP_CHAT_TOOLS_NONE && (forced || tool_turns))
+		rc = lp_chat_template_render_generic_tools(lim->chat, msgs, n, forced ? tj : NULL,
+		                                           add_generation_prompt, &text, &err);
+	else
+		rc = lp_chat_template_render(lim->chat, msgs, n,
+		                             lim->chat->tools == LP_CHAT_TOOLS_NONE ? NULL : tj,
+		                             add_generation_prompt, &text, &err);
+	if (rc) {
+		rc = lp_api_error_from(e, err.code == -ENOMEM ? 500 : 400, "invalid_messages",
+		                       "messages", &err);
 		goto out;
 	}
 	if ((rc = set_text(p, text.data ? text.data : "", text.len, e)))
@@ -575,10 +691,20 @@ int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *v, const struct lp_g
 	if (lp_tokenizer_encode(lim->model->tok, p->text, p->text_len, flags, &p->ids, &err))
 		rc = lp_api_error_from(e, 400, "invalid_messages", "messages", &err);
 out:
-	if (owned)
-		for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
+		if (owned)
 			free(owned[i]);
+		if (owned_args && owned_args[i]) {
+			for (size_t k = 0; calls && k < msgs[i].n_tool_calls; k++)
+				free(owned_args[i][k]);
+			free(owned_args[i]);
+		}
+		if (calls)
+			free(calls[i]);
+	}
 	free(owned);
+	free(owned_args);
+	free(calls);
 	free(msgs);
 	lp_buf_release(&text);
 	return rc;
@@ -590,22 +716,117 @@ static int parse_messages(struct lp_gen_request *r, json_t *body, const struct l
 	struct lp_gen_prompt *p;
 	int rc;
 
-	if ((rc = refuse_if_set(body, "tools", "no tool calling in this server", e)) ||
-	    (rc = refuse_if_set(body, "functions", "no function calling in this server", e)))
+	if (lim->chat && (rc = lp_tools_parse(body, lim->chat->tools, &r->tools, e)))
 		return rc;
-	json_t *rf = field(body, "response_format");
-	if (rf) {
-		json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
-		if (!json_is_string(t) || strcmp(json_string_value(t), "text"))
-			return lp_api_errorf(
-			    e, 400, "unsupported_parameter", "response_format",
-			    "'response_format' other than {\"type\": \"text\"} is not "
-			    "supported");
-	}
 	if (!(p = add_prompt(r, e)))
 		return -500;
 	/* the chat template writes the special tokens itself */
-	return lp_gen_prompt_messages(p, field(body, "messages"), lim, true, false, e);
+	return lp_gen_prompt_messages(p, field(body, "messages"), lim, &r->tools, true, false, e);
+}
+
+/* ---- response_format: constrained decoding ---- */
+
+#define GRAMMAR_TEXT_MAX ((size_t)4 << 20)
+
+/* The grammar text of gb (borrowed) parsed into r->grammar. */
+static int set_grammar(struct lp_gen_request *r, const struct lp_gen_limits *lim, struct lp_buf *gb,
+                       const char *param, struct lp_api_error *e)
+{
+	struct lp_err err;
+
+	if (lp_grammar_cache_get(lim->grammars, gb->data, gb->len, &r->grammar, &err))
+		return lp_api_error_from(e, err.code == -ENOMEM ? 500 : 400, "invalid_value", param,
+		                         &err);
+	return 0;
+}
+
+/* {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+ * "json_schema": {"name", "schema", "strict", "description"}} (OpenAI's
+ * response_format); docs/api.md lists the schema subset. */
+static int parse_response_format(struct lp_gen_request *r, json_t *body,
+                                 const struct lp_gen_limits *lim, struct lp_api_error *e)
+{
+	json_t *rf = field(body, "response_format"), *t, *js, *schema, *name, *strict;
+	struct lp_buf gb;
+	struct lp_err err;
+	const char *ts;
+	int rc;
+
+	if (!rf)
+		return 0;
+	if (!json_is_object(rf))
+		return lp_api_errorf(e, 400, "invalid_type", "response_format",
+		                     "'response_format' must be an object");
+	t = json_object_get(rf, "type");
+	if (!json_is_string(t))
+		return lp_api_errorf(e, 400, "invalid_type", "response_format.type",
+		                     "'response_format.type' must be a string");
+	ts = json_string_value(t);
+	if (!strcmp(ts, "text"))
+		return 0;
+	lp_buf_init(&gb, GRAMMAR_TEXT_MAX);
+	if (!strcmp(ts, "json_object")) {
+		if (lp_buf_append(&gb, "root ::= r-root\n", 16, &err) ||
+		    lp_json_object_grammar("r-", &gb, &err)) {
+			lp_buf_release(&gb);
+			return lp_api_error_from(e, 500, NULL, NULL, &err);
+		}
+		rc = set_grammar(r, lim, &gb, "response_format", e);
+		lp_buf_release(&gb);
+		return rc;
+	}
+	if (strcmp(ts, "json_schema")) {
+		lp_buf_release(&gb);
+		return lp_api_errorf(e, 400, "invalid_value", "response_format.type",
+		                     "'response_format.type' is '%s': it must be 'text', "
+		                     "'json_object' or 'json_schema'",
+		                     ts);
+	}
+	js = json_object_get(rf, "json_schema");
+	if (!json_is_object(js)) {
+		lp_buf_release(&gb);
+		return lp_api_errorf(e, 400, "invalid_type", "response_format.json_schema",
+		                     "'response_format.json_schema' must be an object");
+	}
+	name = json_object_get(js, "name");
+	if (name && !json_is_string(name)) {
+		lp_buf_release(&gb);
+		return lp_api_errorf(e, 400, "invalid_type", "response_format.json_schema.name",
+		                     "'response_format.json_schema.name' must be a string");
+	}
+	strict = json_object_get(js, "strict");
+	if (strict && !json_is_boolean(strict) && !json_is_null(strict)) {
+		lp_buf_release(&gb);
+		return lp_api_errorf(e, 400, "invalid_type", "response_format.json_schema.strict",
+		                     "'response_format.json_schema.strict' must be a boolean");
+	}
+	schema = json_object_get(js, "schema");
+	/* OpenAI allows the schema to be left out: any JSON object */
+	if (!schema || json_is_null(schema)) {
+		rc = lp_buf_append(&gb, "root ::= r-root\n", 16, &err) ||
+		     lp_json_object_grammar("r-", &gb, &err);
+		if (rc) {
+			lp_buf_release(&gb);
+			return lp_api_error_from(e, 500, NULL, NULL, &err);
+		}
+	} else {
+		if (!json_is_object(schema) && !json_is_boolean(schema)) {
+			lp_buf_release(&gb);
+			return lp_api_errorf(
+			    e, 400, "invalid_type", "response_format.json_schema.schema",
+			    "'response_format.json_schema.schema' must be an object");
+		}
+		if (lp_buf_append(&gb, "root ::= r-root\n", 16, &err) ||
+		    (rc = lp_json_schema_grammar(schema, "r-", &gb, &err))) {
+			lp_buf_release(&gb);
+			return lp_api_error_from(e, err.code == -ENOMEM ? 500 : 400,
+			                         "invalid_value",
+			                         "response_format.json_schema.schema", &err);
+		}
+	}
+	rc = set_grammar(r, lim, &gb, "response_format.json_schema.schema", e);
+	lp_buf_release(&gb);
+	return rc;
 }
 
 /* ---- the whole request ---- */
@@ -672,8 +893,21 @@ int lp_gen_request_parse(struct lp_gen_request *r, json_t *body, bool chat,
 		    lim->max_model_len);
 
 	rc = chat ? parse_messages(r, body, lim, e) : parse_prompt(r, body, lim, e);
-	if (rc)
+	if (rc || (rc = parse_response_format(r, body, lim, e)))
 		return rc;
+	if (r->grammar && r->tools.choice != LP_TOOL_CHOICE_NONE)
+		return lp_api_errorf(
+		    e, 400, "invalid_value", "response_format",
+		    "'response_format' constrains the whole output, which leaves no "
+		    "room for tool calls: send it with 'tool_choice' \"none\" or "
+		    "without 'tools'");
+	if (r->tools.grammar) {
+		struct lp_err err;
+		if (lp_grammar_cache_get(lim->grammars, r->tools.grammar, r->tools.grammar_len,
+		                         &r->grammar, &err))
+			return lp_api_error_from(e, err.code == -ENOMEM ? 500 : 400,
+			                         "invalid_value", "tools", &err);
+	}
 	if (r->n_prompts * (size_t)r->n > LP_GEN_MAX_CHOICES)
 		return lp_api_errorf(e, 400, "invalid_value", "n",
 		                     "%zu prompts times 'n' %d is more than %d choices",
@@ -712,5 +946,7 @@ void lp_gen_request_release(struct lp_gen_request *r)
 	free(r->prompts);
 	for (size_t i = 0; i < r->n_stops; i++)
 		free(r->stops[i]);
+	lp_grammar_unref(r->grammar);
+	lp_tools_release(&r->tools);
 	memset(r, 0, sizeof(*r));
 }

@@ -12,7 +12,10 @@
 #include <stddef.h>
 
 #include "agent/api/errors.h"
+#include "agent/api/tools.h"
 #include "agent/engine/chat-template.h"
+#include "agent/engine/grammar-cache.h"
+#include "agent/engine/grammar.h"
 #include "agent/engine/model.h"
 #include "agent/engine/sampler.h"
 #include "agent/engine/tokenizer.h"
@@ -47,6 +50,10 @@ struct lp_gen_request {
 	struct lp_sampling_params sampling;
 	bool ignore_eos;
 	bool skip_special; /* special tokens produce no text (default true) */
+	/* constrained decoding from response_format (json_object,
+	 * json_schema) or a forced tool call, or NULL; owned (one reference) */
+	struct lp_grammar *grammar;
+	struct lp_tools tools; /* chat: tools, tool_choice, parallel_tool_calls */
 };
 
 /* Context the parser needs: the model (tokenizer, vocabulary), its chat
@@ -55,6 +62,8 @@ struct lp_gen_limits {
 	const struct lp_model *model;
 	const struct lp_chat_template *chat;
 	int max_model_len;
+	/* parsed grammars shared between requests (NULL: parse each time) */
+	struct lp_grammar_cache *grammars;
 };
 
 /* Parses body (borrowed) into r (released first by the caller with
@@ -74,14 +83,17 @@ void lp_gen_request_release(struct lp_gen_request *r);
  * add_special_tokens; completions always do). */
 int lp_gen_prompt_text(struct lp_gen_prompt *p, const struct lp_gen_limits *lim, const char *s,
                        size_t len, bool add_special, const char *param, struct lp_api_error *e);
-/* messages (a JSON array of chat messages, borrowed; NULL: missing)
- * rendered with lim->chat, ending with the assistant's header when
+/* messages (a JSON array of chat messages, borrowed; NULL: missing; roles
+ * system/developer/user/assistant (with tool_calls)/tool) and tools
+ * (borrowed; NULL: none) rendered with lim->chat (a template without a
+ * tool format uses the generic one when a call is forced or tool turns
+ * come), ending with the assistant's header when
  * add_generation_prompt (chat completions always do), then tokenized with
  * BOS/EOS added on top of the template's own when add_special (chat
  * completions never do). */
 int lp_gen_prompt_messages(struct lp_gen_prompt *p, json_t *messages,
-                           const struct lp_gen_limits *lim, bool add_generation_prompt,
-                           bool add_special, struct lp_api_error *e);
+                           const struct lp_gen_limits *lim, const struct lp_tools *tools,
+                           bool add_generation_prompt, bool add_special, struct lp_api_error *e);
 /* ids (a JSON array of token ids, borrowed), each in the vocabulary; the
  * text is their decoding, special tokens written out unless skip_special.
  * An empty array is an empty prompt. */

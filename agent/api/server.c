@@ -665,6 +665,8 @@ int lp_server_init(struct lp_server *s, const struct lp_server_config *cfg, stru
 	rc = lp_metrics_new(&s->metrics, err);
 	if (!rc)
 		rc = lp_registry_new(&s->loras, err);
+	if (!rc)
+		rc = lp_grammar_cache_new(&s->grammars, LP_SERVER_GRAMMARS, err);
 	return rc;
 }
 
@@ -824,4 +826,6 @@ void lp_server_release(struct lp_server *s)
 	s->metrics = NULL;
 	lp_registry_free(s->loras);
 	s->loras = NULL;
+	lp_grammar_cache_free(s->grammars);
+	s->grammars = NULL;
 }

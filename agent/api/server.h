@@ -21,6 +21,7 @@
 
 #include "agent/api/errors.h"
 #include "agent/engine/chat-template.h"
+#include "agent/engine/grammar-cache.h"
 #include "agent/engine/worker.h"
 #include "common/buf.h"
 #include "common/err.h"
@@ -37,6 +38,8 @@ struct lp_resolver;
 
 /* Largest request body accepted (413 above it). */
 #define LP_API_MAX_BODY_DEFAULT (4u << 20)
+/* Parsed grammars (response_format, tools) the server keeps for reuse. */
+#define LP_SERVER_GRAMMARS 64
 
 struct lp_server_config {
 	const char *host;                 /* NULL or "": every interface */
@@ -71,6 +74,7 @@ struct lp_server {
 	struct lp_metrics *metrics;          /* owned */
 	struct lp_registry *loras;           /* owned: loaded adapters (registry.h) */
 	struct lp_resolver *resolver;        /* borrowed; NULL: no --lora-resolver */
+	struct lp_grammar_cache *grammars;   /* owned: response_format and tool grammars */
 	int max_model_len;
 	time_t created;
 	atomic_bool ready;     /* model loaded and engine running */

@@ -99,7 +99,7 @@ static json_t *token_strs(const struct lp_tokenizer *tok, const struct lp_tokens
 int lp_tokenize(struct lp_call *c)
 {
 	struct lp_server *s = c->s;
-	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len};
+	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len, NULL};
 	json_t *body, *prompt, *messages, *tokens, *out;
 	struct lp_gen_prompt p;
 	struct lp_api_error e;
@@ -128,7 +128,7 @@ int lp_tokenize(struct lp_call *c)
 		goto fail;
 	}
 	if (chat) {
-		rc = lp_gen_prompt_messages(&p, messages, &lim, add_gen, add_special, &e);
+		rc = lp_gen_prompt_messages(&p, messages, &lim, NULL, add_gen, add_special, &e);
 	} else if (!prompt || json_is_null(prompt)) {
 		rc = lp_api_errorf(&e, 400, "missing_required_parameter", "prompt",
 		                   "'prompt' (a string) or 'messages' is required");
@@ -169,7 +169,7 @@ fail:
 int lp_detokenize(struct lp_call *c)
 {
 	struct lp_server *s = c->s;
-	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len};
+	struct lp_gen_limits lim = {s->model, s->chat, s->max_model_len, NULL};
 	struct lp_gen_prompt p;
 	struct lp_api_error e;
 	json_t *body, *tokens, *out;

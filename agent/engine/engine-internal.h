@@ -73,6 +73,11 @@ struct lp_engine {
 	struct lp_seq **sample_seqs; /* sampled this step */
 	float *h_logits;             /* [max_num_seqs, vocab] raw */
 	float *h_scratch;            /* [vocab] for the sampler */
+	/* constrained decoding: the model's tokens as bytes (built with the
+	 * first sequence that has a grammar) and one mask row per output row */
+	struct lp_grammar_vocab *gvocab;
+	uint32_t *h_mask;        /* [max out, mask words], then i32 [max out] mask rows */
+	struct lp_buffer d_mask; /* a device's copy, for its mask_logits op */
 	struct lp_step_output *outs;
 
 	struct lp_lora_cache *loras;

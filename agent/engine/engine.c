@@ -118,9 +118,10 @@ static int alloc_dev(struct lp_engine *e, struct lp_buffer *b, size_t bytes, str
 
 static void free_step_bufs(struct lp_engine *e)
 {
-	struct lp_buffer *all[] = {&e->d_meta,   &e->d_x,        &e->d_xn,   &e->d_q,     &e->d_k,
-	                           &e->d_v,      &e->d_att,      &e->d_gate, &e->d_up,    &e->d_h,
-	                           &e->d_logits, &e->d_lora_tmp, &e->d_rope, &e->d_sample};
+	struct lp_buffer *all[] = {&e->d_meta, &e->d_x,      &e->d_xn,     &e->d_q,
+	                           &e->d_k,    &e->d_v,      &e->d_att,    &e->d_gate,
+	                           &e->d_up,   &e->d_h,      &e->d_logits, &e->d_lora_tmp,
+	                           &e->d_rope, &e->d_sample, &e->d_mask};
 
 	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
 		lp_backend_free(e->be, all[i]);
@@ -435,6 +436,7 @@ fail:
 static void seq_free(struct lp_seq *s)
 {
 	lp_sampler_release(&s->sampler);
+	lp_grammar_matcher_free(s->matcher);
 	free(s->tokens);
 	free(s->blocks);
 	free(s->digests);
@@ -474,6 +476,8 @@ void lp_engine_free(struct lp_engine *e)
 	free(e->sample_seqs);
 	free(e->h_logits);
 	free(e->h_scratch);
+	free(e->h_mask);
+	lp_grammar_vocab_free(e->gvocab);
 	free(e->h_rope);
 	free(e->host_row);
 	free(e->outs);
@@ -481,6 +485,36 @@ void lp_engine_free(struct lp_engine *e)
 }
 
 /* ---- sequences ---- */
+
+/* The vocabulary of masks and their rows, made with the first sequence
+ * that has a grammar. */
+static int grammar_ready(struct lp_engine *e, struct lp_err *err)
+{
+	const struct lp_model_config *c = &e->model->cfg;
+	size_t bytes;
+	int rc;
+
+	if (e->gvocab)
+		return 0;
+	if (!e->model->tok)
+		return lp_errf(err, -EINVAL, "the model has no tokenizer: no constrained decoding");
+	if ((rc = lp_grammar_vocab_new(&e->gvocab, e->model->tok, c->vocab_size, c->eos_ids,
+	                               c->n_eos, err)))
+		return rc;
+	bytes = (size_t)e->mem_max_out * (lp_grammar_vocab_mask_words(e->gvocab) + 1) *
+	        sizeof(uint32_t);
+	if (!(e->h_mask = malloc(bytes)))
+		rc = lp_errf(err, -ENOMEM, "out of memory");
+	else if (!e->info.host_memory)
+		rc = alloc_dev(e, &e->d_mask, bytes, err);
+	if (rc) {
+		free(e->h_mask);
+		e->h_mask = NULL;
+		lp_grammar_vocab_free(e->gvocab);
+		e->gvocab = NULL;
+	}
+	return rc;
+}
 
 int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_seq **out,
                   struct lp_err *err)
@@ -521,6 +555,8 @@ int lp_engine_add(struct lp_engine *e, const struct lp_seq_params *p, struct lp_
 		return lp_errf(err, -ENOMEM, "out of memory");
 	}
 	rc = lp_sampler_init(&s->sampler, &p->sampling, vocab, err);
+	if (!rc && p->grammar && !(rc = grammar_ready(e, err)))
+		rc = lp_grammar_matcher_new(&s->matcher, p->grammar, err);
 	if (rc) {
 		seq_free(s);
 		return rc;
@@ -1021,14 +1057,45 @@ static void stage(struct lp_engine *e, int n_seqs, int n_pad, bool graphable,
 
 /* ---- sampling ---- */
 
-/* Row i of h_logits into outs[i] with the host sampler. */
-static void host_sample_row(struct lp_engine *e, int i)
+/* Mask row i (e->h_mask) for sample_seqs[i]'s grammar. A failure (out
+ * of memory) fails the step's requests, as a backend failure would. */
+static int fill_mask(struct lp_engine *e, int i, struct lp_err *err)
+{
+	size_t words = lp_grammar_vocab_mask_words(e->gvocab);
+
+	return lp_grammar_matcher_fill_mask(e->sample_seqs[i]->matcher, e->gvocab,
+	                                    e->h_mask + (size_t)i * words, err);
+}
+
+/* -inf for the tokens row's mask leaves out. */
+static void apply_mask(const uint32_t *mask, float *row, int vocab)
+{
+	for (int w = 0; w * 32 < vocab; w++) {
+		uint32_t m = mask[w];
+		if (m == 0xffffffffu)
+			continue;
+		for (int b = 0; b < 32 && w * 32 + b < vocab; b++)
+			if (!(m >> b & 1))
+				row[w * 32 + b] = -INFINITY;
+	}
+}
+
+/* Row i of h_logits into outs[i] with the host sampler (its grammar's
+ * mask applied first, so that the logprobs are the constrained ones). */
+static int host_sample_row(struct lp_engine *e, int i, bool mask_ready, struct lp_err *err)
 {
 	int vocab = e->model->cfg.vocab_size;
 	struct lp_seq *s = e->sample_seqs[i];
-	const float *row = e->h_logits + (size_t)i * vocab;
+	float *row = e->h_logits + (size_t)i * vocab;
 	struct lp_step_output *o = &e->outs[i];
+	int rc;
 
+	if (s->matcher) {
+		if (!mask_ready && (rc = fill_mask(e, i, err)))
+			return rc;
+		apply_mask(e->h_mask + (size_t)i * lp_grammar_vocab_mask_words(e->gvocab), row,
+		           vocab);
+	}
 	memcpy(e->h_scratch, row, (size_t)vocab * sizeof(float));
 	o->token = lp_sampler_sample(&s->sampler, e->h_scratch);
 	o->logits = row;
@@ -1037,6 +1104,7 @@ static void host_sample_row(struct lp_engine *e, int i)
 	if (s->logprobs)
 		lp_logprobs(row, vocab, o->token, s->top_logprobs, &o->logprob, o->top_ids,
 		            o->top_logprobs, &o->n_top);
+	return 0;
 }
 
 /* The CPU: the logits are in host memory already (download is a copy). */
@@ -1049,7 +1117,53 @@ static int sample_on_host(struct lp_engine *e, int n, struct lp_err *err)
 	if ((rc = check_backend(e, err)))
 		return rc;
 	for (int i = 0; i < n; i++)
-		host_sample_row(e, i);
+		if ((rc = host_sample_row(e, i, false, err)))
+			return rc;
+	return 0;
+}
+
+/* A device: the masks of the rows whose sequence has a grammar, uploaded
+ * with each row's mask index, and the backend's mask_logits op over the
+ * rows' logits (before the sample op and before any row comes back to the
+ * host). Nothing when no row is constrained. *masked: it ran. */
+static int mask_on_device(struct lp_engine *e, int n, bool *masked, struct lp_err *err)
+{
+	size_t words, O = (size_t)e->mem_max_out;
+	int32_t *row_mask;
+	int rc, any = 0;
+
+	*masked = false;
+	for (int i = 0; i < n; i++)
+		any |= e->sample_seqs[i]->matcher != NULL;
+	if (!any)
+		return 0;
+	words = lp_grammar_vocab_mask_words(e->gvocab);
+	row_mask = (int32_t *)(e->h_mask + O * words);
+	for (int i = 0; i < n; i++) {
+		row_mask[i] = -1;
+		if (e->sample_seqs[i]->matcher) {
+			if ((rc = fill_mask(e, i, err)))
+				return rc;
+			row_mask[i] = i;
+		}
+	}
+	lp_backend_upload(e->be, e->d_mask.data, e->h_mask, (size_t)n * words * sizeof(uint32_t));
+	lp_backend_upload(e->be, (uint32_t *)e->d_mask.data + O * words, row_mask,
+	                  (size_t)n * sizeof(int32_t));
+	{
+		struct lp_tensor lg =
+		    lp_engine_view(&e->d_logits, LP_DTYPE_F32, n, e->model->cfg.vocab_size);
+		struct lp_mask_args a = {
+		    .logits = &lg,
+		    .mask = e->d_mask.data,
+		    .row_mask = (const int32_t *)((uint32_t *)e->d_mask.data + O * words),
+		    .n = n,
+		    .n_masks = (int)O,
+		    .words = (int)words,
+		};
+		e->be->ops->mask_logits(e->be->ctx, &a);
+	}
+	*masked = true;
 	return 0;
 }
 
@@ -1071,7 +1185,7 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 	float *h_lp = (float *)(h_tok + O);
 	int32_t *h_ids = (int32_t *)(h_lp + O);
 	float *h_tlp = (float *)(h_ids + (size_t)O * M);
-	bool host_rows = false;
+	bool host_rows = false, masked = false;
 	struct lp_tensor logits = lp_engine_view(&e->d_logits, LP_DTYPE_F32, n, vocab);
 
 	for (int i = 0; i < n; i++) {
@@ -1107,6 +1221,8 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 		if (s->top_logprobs > max_top)
 			max_top = s->top_logprobs;
 	}
+	if ((rc = mask_on_device(e, n, &masked, err)))
+		return rc;
 	if (host_rows || e->cfg.return_logits)
 		/* before the sample op, which may overwrite them */
 		lp_backend_download(e->be, e->h_logits, e->d_logits.data,
@@ -1139,7 +1255,8 @@ static int sample_on_device(struct lp_engine *e, int n, struct lp_err *err)
 		struct lp_step_output *o = &e->outs[i];
 
 		if (e->host_row[i]) {
-			host_sample_row(e, i);
+			if ((rc = host_sample_row(e, i, masked, err)))
+				return rc;
 			continue;
 		}
 		o->token = h_tok[i];
@@ -1221,6 +1338,15 @@ int lp_engine_step(struct lp_engine *e, const struct lp_step_output **outs, int 
 		e->stats.generated_tokens++;
 		o->seq = s;
 		o->finished = seq_done(e, s, o->token);
+		if (!o->finished && s->matcher &&
+		    (rc = lp_grammar_matcher_accept_token(s->matcher, e->gvocab, o->token, err)))
+			return rc;
+		if (!o->finished && s->matcher && lp_grammar_matcher_must_end(s->matcher)) {
+			/* nothing but the end can follow: stop without a step
+			 * that could only sample eos */
+			s->finish = LP_FINISH_STOP;
+			o->finished = true;
+		}
 		if (o->finished) {
 			enum lp_finish_reason why = s->finish;
 			lp_engine_finish(e, s);

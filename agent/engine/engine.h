@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "agent/engine/grammar.h"
 #include "agent/engine/kv-cache.h"
 #include "agent/engine/lora-cache.h"
 #include "agent/engine/model.h"
@@ -88,6 +89,12 @@ struct lp_seq_params {
 	 * sequences of one request): the stats count requests by it; 0 for a
 	 * request of its own */
 	uint64_t group;
+	/* constrained decoding (agent/engine/grammar.h): every token keeps
+	 * the output a valid prefix of the grammar, eos only where it may
+	 * end, and the sequence stops (LP_FINISH_STOP) once nothing but the
+	 * end can follow. Borrowed; the sequence takes its own reference.
+	 * NULL: unconstrained. */
+	struct lp_grammar *grammar;
 };
 
 struct lp_seq {
@@ -101,7 +108,8 @@ struct lp_seq {
 	int max_tokens;
 	bool ignore_eos;
 	struct lp_sampler sampler;
-	bool logprobs; /* as asked in lp_seq_params */
+	struct lp_grammar_matcher *matcher; /* NULL: unconstrained */
+	bool logprobs;                      /* as asked in lp_seq_params */
 	int top_logprobs;
 	int32_t *blocks; /* [max_blocks_per_seq] block table */
 	int n_blocks;
@@ -130,7 +138,8 @@ struct lp_step_output {
 	 * NULL when a device sampled it and cfg.return_logits is off */
 	const float *logits;
 	bool finished; /* seq->finish says why */
-	/* when seq->logprobs: log-softmax of the raw logits */
+	/* when seq->logprobs: log-softmax of the raw logits (of the masked
+	 * logits for a sequence with a grammar: the constrained distribution) */
 	float logprob;
 	int n_top;
 	int32_t top_ids[LP_ENGINE_MAX_LOGPROBS];

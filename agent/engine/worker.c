@@ -130,6 +130,7 @@ static void request_unref(struct lp_request *r)
 	free(r->ring);
 	free(r->adapter);
 	free(r->prompt);
+	lp_grammar_unref(r->params.grammar);
 	free(r);
 }
 
@@ -277,6 +278,7 @@ int lp_worker_submit(struct lp_worker *w, const struct lp_request_params *p,
 	    .logprobs = p->logprobs >= 0,
 	    .top_logprobs = p->logprobs > 0 ? p->logprobs : 0,
 	    .group = p->group,
+	    .grammar = p->grammar ? lp_grammar_ref(p->grammar) : NULL,
 	};
 	r->logprobs = p->logprobs;
 	r->t_queued = now_seconds();

@@ -47,6 +47,9 @@ struct lp_request_params {
 	 * request): requests of one group count as one in the stats; 0 for a
 	 * request of its own. lp_worker_new_group() hands out fresh ones. */
 	uint64_t group;
+	/* constrained decoding, or NULL; the request takes its own
+	 * reference (lp_seq_params.grammar) */
+	struct lp_grammar *grammar;
 };
 
 enum lp_event_kind {

@@ -614,6 +614,68 @@ static void cpu_sample(void *ctx, const struct lp_sample_args *args)
 	lp_cpu_sample(ctx, args);
 }
 
+/* mask_logits */
+
+struct mask_task {
+	struct lp_cpu *cpu;
+	const struct lp_mask_args *a;
+};
+
+static void mask_thread(void *arg, int chunk, int n_chunks, int thread)
+{
+	const struct mask_task *t = arg;
+	const struct lp_mask_args *a = t->a;
+	const int64_t vocab = a->logits->cols;
+	int64_t r0, r1;
+
+	lp_cpu_split(a->n, chunk, n_chunks, &r0, &r1);
+	for (int64_t r = r0; r < r1; r++) {
+		int32_t m = a->row_mask[r];
+		float *row = (float *)a->logits->data + r * vocab;
+		const uint32_t *bits;
+
+		if (m == -1)
+			continue;
+		if (m < 0 || m >= a->n_masks) {
+			lp_cpu_fail(t->cpu, -EIO,
+			            "mask_logits: mask row %d of logits row %lld is outside the "
+			            "%d mask rows",
+			            m, (long long)r, a->n_masks);
+			continue;
+		}
+		bits = a->mask + (int64_t)m * a->words;
+		for (int64_t w = 0; w * 32 < vocab; w++) {
+			uint32_t forbid = ~bits[w];
+			int64_t base = w * 32;
+
+			/* one bit at a time, lowest first: a word that allows
+			 * everything costs one test */
+			while (forbid) {
+				int64_t c = base + __builtin_ctz(forbid);
+
+				if (c >= vocab)
+					break;
+				row[c] = -INFINITY;
+				forbid &= forbid - 1;
+			}
+		}
+	}
+}
+
+static void cpu_mask_logits(void *ctx, const struct lp_mask_args *args)
+{
+	struct mask_task t = {ctx, args};
+	const struct lp_tensor *lg = args->logits;
+
+	assert(lg && lg->type == LP_DTYPE_F32);
+	assert(args->n >= 0 && args->n <= lg->rows);
+	assert(args->n_masks >= 0 && (int64_t)args->words * 32 >= lg->cols);
+	if (args->n == 0)
+		return;
+	assert(args->row_mask && (args->mask || args->n_masks == 0));
+	lp_cpu_parallel(ctx, (int64_t)args->n * lg->cols, args->n, mask_thread, &t);
+}
+
 static const struct lp_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
@@ -646,6 +708,7 @@ static const struct lp_backend_ops cpu_ops = {
     .attention = cpu_attention,
     .lora = cpu_lora,
     .sample = cpu_sample,
+    .mask_logits = cpu_mask_logits,
 };
 
 bool lp_backend_cpu_uses_avx2(const struct lp_backend *be)

@@ -59,17 +59,18 @@ enum step_op_kind {
 	OP_SAMPLE,
 	OP_GELU_MUL,
 	OP_SCALE,
+	OP_MASK_LOGITS,
 	OP_COUNT
 };
 
 static const char *const op_names[OP_COUNT] = {
-    "none", "get_rows", "rmsnorm",   "matmul", "add_bias", "add",      "silu_mul",
-    "rope", "kv_store", "attention", "lora",   "sample",   "gelu_mul", "scale",
+    "none",     "get_rows",  "rmsnorm", "matmul", "add_bias", "add",   "silu_mul",    "rope",
+    "kv_store", "attention", "lora",    "sample", "gelu_mul", "scale", "mask_logits",
 };
 
 /* Bit i set: tensor argument i must be given. */
 static const unsigned op_required[OP_COUNT] = {
-    0, 0x3, 0x7, 0x7, 0x3, 0x3, 0x7, 0x3, 0xf, 0xf, 0x13, 0x1, 0x7, 0x1,
+    0, 0x3, 0x7, 0x7, 0x3, 0x3, 0x7, 0x3, 0xf, 0xf, 0x13, 0x1, 0x7, 0x1, 0x1,
 };
 
 struct op_tensor {
@@ -302,6 +303,19 @@ static void run_op(struct lp_cuda *cu, const struct step_op *op)
 		a.top_ids = (int32_t *)(uintptr_t)p[3];
 		a.top_logprobs = (float *)(uintptr_t)p[4];
 		lp_cuda_sample(cu, &a);
+		break;
+	}
+	case OP_MASK_LOGITS: {
+		struct lp_mask_args a;
+
+		memset(&a, 0, sizeof(a));
+		a.logits = T(0);
+		a.n = (int)i[0];
+		a.n_masks = (int)i[1];
+		a.words = (int)i[2];
+		a.mask = (const uint32_t *)(uintptr_t)p[0];
+		a.row_mask = (const int32_t *)(uintptr_t)p[1];
+		lp_cuda_mask_logits(cu, &a);
 		break;
 	}
 	default:
@@ -737,6 +751,20 @@ static void cuda_sample(void *ctx, const struct lp_sample_args *a)
 	step_submit(ctx, &op);
 }
 
+static void cuda_mask_logits(void *ctx, const struct lp_mask_args *a)
+{
+	struct step_op op;
+
+	op_init(&op, OP_MASK_LOGITS);
+	op_tensor(&op, 0, a->logits);
+	op.i[0] = a->n;
+	op.i[1] = a->n_masks;
+	op.i[2] = a->words;
+	op.p[0] = PTR(a->mask);
+	op.p[1] = PTR(a->row_mask);
+	step_submit(ctx, &op);
+}
+
 /* Status. */
 
 static const struct {
@@ -749,6 +777,7 @@ static const struct {
     {LP_CUDA_BAD_BLOCK, "attention: a block id in the block tables is outside the cache"},
     {LP_CUDA_BAD_LORA_SLOT, "lora: a slot read from device memory is outside the reserved slots"},
     {LP_CUDA_BAD_SAMPLE, "sample: a row's sampling parameters are invalid"},
+    {LP_CUDA_BAD_MASK, "mask_logits: a mask row read from device memory is outside the mask"},
 };
 
 /* Waits for the stream, reading the device's bad word on the way, and
@@ -1189,6 +1218,7 @@ static const struct lp_backend_ops cuda_ops = {
     .attention = cuda_attention,
     .lora = cuda_lora,
     .sample = cuda_sample,
+    .mask_logits = cuda_mask_logits,
 };
 
 /* The runtime's answer when CUDA does not initialise, as a user reads it. */

@@ -93,6 +93,7 @@ struct lp_cuda {
 #define LP_CUDA_BAD_BLOCK     8u  /* attention: block id outside the cache */
 #define LP_CUDA_BAD_LORA_SLOT 16u /* lora: slot outside 0 .. max_loras - 1 */
 #define LP_CUDA_BAD_SAMPLE    32u /* sample: bad row parameters */
+#define LP_CUDA_BAD_MASK      64u /* mask_logits: mask row outside the mask */
 
 /* Records the first failure (later ones are dropped) and returns code. */
 int lp_cuda_fail(struct lp_cuda *cu, int code, const char *fmt, ...)

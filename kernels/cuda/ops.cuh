@@ -14,7 +14,8 @@
  *   convert.cu      weight conversion at import (GGUF blocks -> f16/bf16)
  *   lora.cu         LoRA slot arenas, their fill on the side stream, SGMV
  *                   shrink/expand and BGMV
- *   sample.cu       sample */
+ *   sample.cu       sample
+ *   mask.cu         mask_logits (constrained decoding's token masks) */
 #ifndef LP_KERNELS_CUDA_OPS_CUH
 #define LP_KERNELS_CUDA_OPS_CUH
 
@@ -65,5 +66,7 @@ void lp_cuda_lora(void *ctx, const struct lp_lora_args *args);
 
 void lp_cuda_sample(void *ctx, const struct lp_sample_args *args);
 size_t lp_cuda_sample_workspace(const struct lp_backend_limits *lim);
+
+void lp_cuda_mask_logits(void *ctx, const struct lp_mask_args *args);
 
 #endif

@@ -26,7 +26,9 @@
 
 extern "C" {
 #include "agent/engine/engine.h"
+#include "agent/engine/grammar.h"
 #include "agent/engine/sampler.h"
+#include "agent/engine/tokenizer.h"
 #include "agent/engine/model.h"
 int lp_backend_cuda_emu_new(struct lp_backend **out, struct lp_err *err);
 }
@@ -493,6 +495,138 @@ static void test_device_sampling_with_logit_bias(void)
 	check_device_sampling(true);
 }
 
+/* Constrained decoding on the device: the engine uploads each constrained
+ * row's mask and runs mask_logits before the sample op. Four sequences on
+ * the emulated CUDA engine (greedy, sampled, greedy with penalties, and
+ * one unconstrained): at every step the returned logits are -inf exactly where
+ * a reference matcher's mask forbids, a greedy row's token is the host
+ * sampler's pick from that row (penalties included) and a sampled row's
+ * an allowed one, the logprob is the constrained one, and every finished
+ * output is in the grammar. */
+static void test_device_constrained_decoding(void)
+{
+	static const char *G = "root ::= \"{\\\"a\\\": \" [0-9]{1,3} \", \\\"b\\\": \\\"\" "
+	                       "[a-z ]{0,12} \"\\\"}\"";
+	struct lp_model *m = g_tiny_cuda;
+	int vocab = m->cfg.vocab_size, steps = 0, bad = -1;
+	const char *why = "";
+	struct lp_grammar *g = NULL, *g_ref = NULL; /* a grammar's masks serve one vocabulary */
+	struct lp_grammar_vocab *v = NULL;
+	struct lp_grammar_matcher *ref_m[4] = {0};
+	struct lp_sampler ref_s[4];
+	struct lp_seq *seqs[4] = {0};
+	struct lp_engine_config ec;
+	struct lp_engine *e = NULL;
+	struct lp_err err = {};
+	uint32_t *mask = NULL;
+	float *row = (float *)malloc((size_t)vocab * sizeof(float));
+	char out[4][1024];
+	size_t out_n[4] = {0};
+
+	CHECK(row != NULL);
+	CHECK_OK(lp_grammar_parse(&g, G, strlen(G), &err), &err);
+	CHECK_OK(lp_grammar_parse(&g_ref, G, strlen(G), &err), &err);
+	CHECK_OK(lp_grammar_vocab_new(&v, m->tok, vocab, m->cfg.eos_ids, m->cfg.n_eos, &err), &err);
+	mask = (uint32_t *)calloc(lp_grammar_vocab_mask_words(v), sizeof(uint32_t));
+	CHECK(mask != NULL);
+	config(&ec, LP_DTYPE_F16);
+	CHECK_OK(lp_engine_new(&e, m, &ec, &err), &err);
+	for (int i = 0; i < 4; i++) {
+		struct lp_seq_params p;
+
+		memset(&p, 0, sizeof(p));
+		p.prompt = g_reqs[i].ids;
+		p.n_prompt = (size_t)g_reqs[i].n_ids;
+		p.max_tokens = 48;
+		p.logprobs = true;
+		p.top_logprobs = 3;
+		p.grammar = i < 3 ? g : NULL;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = i == 1 ? 0.9f : 0.0f;
+		p.sampling.has_seed = true;
+		p.sampling.seed = 40 + (uint64_t)i;
+		if (i == 2) {
+			p.sampling.frequency_penalty = 0.5f;
+			p.sampling.repetition_penalty = 1.3f;
+		}
+		CHECK_OK(lp_engine_add(e, &p, &seqs[i], &err), &err);
+		seqs[i]->user = (void *)(intptr_t)i;
+		CHECK_OK(lp_sampler_init(&ref_s[i], &p.sampling, vocab, &err), &err);
+		lp_sampler_set_prompt(&ref_s[i], p.prompt, p.n_prompt);
+		if (i < 3)
+			CHECK_OK(lp_grammar_matcher_new(&ref_m[i], g_ref, &err), &err);
+	}
+	while (lp_engine_has_work(e) && bad < 0) {
+		const struct lp_step_output *o;
+		int n_o;
+
+		CHECK_OK(lp_engine_step(e, &o, &n_o, &err), &err);
+		for (int k = 0; k < n_o && bad < 0; k++) {
+			int i = (int)(intptr_t)o[k].seq->user;
+			float lp, tlp[3];
+			int32_t tid[3];
+			int nt, nb;
+
+			if (i < 3) {
+				CHECK_OK(lp_grammar_matcher_fill_mask(ref_m[i], v, mask, &err),
+				         &err);
+				for (int t = 0; t < vocab; t++)
+					if (((mask[t >> 5] >> (t & 31)) & 1) !=
+					    (o[k].logits[t] != -INFINITY)) {
+						bad = steps;
+						why = "the row's -inf are not the mask's zeros";
+					}
+			}
+			memcpy(row, o[k].logits, (size_t)vocab * sizeof(float));
+			lp_logprobs(row, vocab, o[k].token, 3, &lp, tid, tlp, &nt);
+			if (fabsf(lp - o[k].logprob) > 1e-5f) {
+				bad = steps;
+				why = "the logprob is not the constrained one";
+			}
+			/* greedy rows: the host sampler's pick; the sampled one
+			 * (the device's fixed-point draw) an allowed token */
+			if (i != 1 && lp_sampler_sample(&ref_s[i], row) != o[k].token) {
+				bad = steps;
+				why = "the token is not the host sampler's";
+			}
+			if (row[o[k].token] == -INFINITY) {
+				bad = steps;
+				why = "a forbidden token was sampled";
+			}
+			lp_sampler_accept(&ref_s[i], o[k].token);
+			if (i < 3 && !lp_model_is_eos(m, o[k].token)) {
+				CHECK_OK(
+				    lp_grammar_matcher_accept_token(ref_m[i], v, o[k].token, &err),
+				    &err);
+				nb = lp_detok_token_bytes(m->tok, o[k].token,
+				                          (unsigned char *)out[i] + out_n[i],
+				                          sizeof(out[i]) - out_n[i]);
+				CHECK(nb >= 0);
+				out_n[i] += (size_t)nb;
+			}
+			if (i < 3 && o[k].finished && o[k].seq->finish == LP_FINISH_STOP &&
+			    lp_grammar_match(g, out[i], out_n[i]) != 1) {
+				bad = steps;
+				why = "a finished output is not in the grammar";
+			}
+		}
+		steps++;
+	}
+	for (int i = 0; i < 4; i++) {
+		lp_engine_release(e, seqs[i]);
+		lp_sampler_release(&ref_s[i]);
+		lp_grammar_matcher_free(ref_m[i]);
+	}
+	lp_engine_free(e);
+	lp_grammar_vocab_free(v);
+	lp_grammar_unref(g);
+	lp_grammar_unref(g_ref);
+	free(mask);
+	free(row);
+	CHECK_MSG(bad < 0, "step %d: %s", bad, why);
+	CHECK(steps > 4);
+}
+
 int main(void)
 {
 	struct lp_err err = {};
@@ -522,6 +656,7 @@ int main(void)
 	RUN(test_gemma3_matches_cpu);
 	RUN(test_device_sampling_with_penalties);
 	RUN(test_device_sampling_with_logit_bias);
+	RUN(test_device_constrained_decoding);
 	lp_model_free(g_tiny_cpu);
 	lp_model_free(g_tiny_cuda);
 	lp_model_free(g_smol_cpu);

@@ -9,8 +9,10 @@
 static void try_chat_template(const struct lp_tokenizer *tok)
 {
 	const char *jinja = lp_tokenizer_chat_template(tok);
-	struct lp_chat_message msgs[] = {
-	    {"system", "s"}, {"user", "u"}, {"assistant", "a"}, {"user", "v"}};
+	struct lp_chat_message msgs[] = {{.role = "system", .content = "s"},
+	                                 {.role = "user", .content = "u"},
+	                                 {.role = "assistant", .content = "a"},
+	                                 {.role = "user", .content = "v"}};
 	struct lp_chat_template ct = {0};
 	struct lp_err err;
 	struct lp_buf out;
@@ -18,7 +20,7 @@ static void try_chat_template(const struct lp_tokenizer *tok)
 	if (!jinja || lp_chat_template_detect(&ct, jinja, "<s>", "</s>", &err))
 		return;
 	lp_buf_init(&out, 1 << 20);
-	(void)lp_chat_template_render(&ct, msgs, 4, true, &out, &err);
+	(void)lp_chat_template_render(&ct, msgs, 4, NULL, true, &out, &err);
 	lp_buf_release(&out);
 	lp_chat_template_release(&ct);
 }

@@ -317,10 +317,15 @@ def bad_fields_through_the_openai_client():
         except openai.BadRequestError as e:
             assert e.param == param, f"{kw}: param {e.param!r}, body {e.body}"
     try:
-        c.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}])
-        raise AssertionError("tool role accepted")
+        c.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
+        raise AssertionError("an unknown role accepted")
     except openai.BadRequestError as e:
         assert e.param == "messages[0].role", e.body
+    try:  # a tool result must say which call it answers
+        c.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}])
+        raise AssertionError("a tool message without tool_call_id accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "messages[0].tool_call_id", e.body
 
 
 def too_long_prompt():
@@ -388,7 +393,8 @@ def bad_inputs_each_get_their_status_and_the_agent_keeps_serving():
                                                                    "content": "x"}]}, 400,
          "top_logprobs"),
         ("chat: tools", CH, {"model": "tiny", "tools": [{"type": "function"}],
-                             "messages": [{"role": "user", "content": "x"}]}, 400, "tools"),
+                             "messages": [{"role": "user", "content": "x"}]}, 400,
+         "tools[0].function"),
         ("chat: prompt longer than the context", CH, {"model": "tiny", "messages": [
             {"role": "user", "content": too_long_prompt()}]}, 400, "messages"),
         ("body over the limit", C, big, 413, None),

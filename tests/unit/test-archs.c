@@ -236,7 +236,7 @@ static void test_chat_render_gemma(void)
 	json_array_foreach(chats, i, c)
 	{
 		json_t *msgs = json_object_get(c, "messages"), *mj;
-		struct lp_chat_message ms[8];
+		struct lp_chat_message ms[8] = {{0}};
 		struct lp_buf out;
 		size_t k;
 		const char *want = json_string_value(json_object_get(c, "text"));
@@ -249,7 +249,7 @@ static void test_chat_render_gemma(void)
 		}
 		lp_buf_init(&out, 1 << 16);
 		CHECK_OK(lp_chat_template_render(
-		             &ct, ms, json_array_size(msgs),
+		             &ct, ms, json_array_size(msgs), NULL,
 		             json_is_true(json_object_get(c, "add_generation_prompt")), &out, &err),
 		         &err);
 		CHECK_MSG(out.data && want && !strcmp(out.data, want),
@@ -258,11 +258,12 @@ static void test_chat_render_gemma(void)
 		lp_buf_release(&out);
 	}
 	{
-		struct lp_chat_message two[] = {{"user", "a"}, {"user", "b"}};
+		struct lp_chat_message two[] = {{.role = "user", .content = "a"},
+		                                {.role = "user", .content = "b"}};
 		struct lp_buf out;
 
 		lp_buf_init(&out, 1 << 16);
-		CHECK_EQ_INT(lp_chat_template_render(&ct, two, 2, true, &out, &err), -EINVAL);
+		CHECK_EQ_INT(lp_chat_template_render(&ct, two, 2, NULL, true, &out, &err), -EINVAL);
 		CHECK_MSG(strstr(err.msg, "alternate"), "%s", err.msg);
 		lp_buf_release(&out);
 	}

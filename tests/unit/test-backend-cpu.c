@@ -1039,6 +1039,109 @@ static void test_backend_info(void)
 	CHECK_OK(lp_backend_status(g_be[0], &err), &err);
 }
 
+/* mask_logits: a row with a mask gets exactly -inf at the tokens whose bit
+ * is 0 and keeps every other logit (NaN and +-inf too); a row with mask -1,
+ * the rows past n and the columns past the vocabulary are untouched. Masks:
+ * random bits, all allowed, one token allowed, and garbage bits past the
+ * vocabulary; vocabularies that end inside a word and one that does not;
+ * two rows sharing a mask row. */
+static bool check_mask(struct lp_backend *be, const char *name, int vocab, int n, int words_pad)
+{
+	const int words = (vocab + 31) / 32 + words_pad, n_masks = 4, rows = n + 1;
+	uint32_t *mask = malloc((size_t)n_masks * words * sizeof(uint32_t));
+	int32_t *row_mask = malloc((size_t)n * sizeof(int32_t));
+	float *l = rand_floats((size_t)rows * vocab, -8.0f, 8.0f);
+	float *orig = malloc((size_t)rows * vocab * sizeof(float));
+	struct lp_tensor t = {l, LP_DTYPE_F32, rows, vocab};
+	struct lp_mask_args a = {&t, mask, row_mask, n, n_masks, words};
+	struct lp_err err = {0};
+	bool ok = true;
+
+	for (int m = 0; m < n_masks; m++)
+		for (int w = 0; w < words; w++) {
+			uint32_t *word = &mask[(size_t)m * words + w];
+			*word = m == 0   ? (uint32_t)rng_next()
+			        : m == 1 ? 0xffffffffu
+			        : m == 2 ? (w == (vocab - 1) / 32 ? 1u << ((vocab - 1) % 32) : 0)
+			                 : (uint32_t)(rng_next() & rng_next());
+			/* garbage in the bits past the vocabulary */
+			int used = vocab - w * 32;
+			if (used < 32)
+				*word |= used <= 0 ? ~0u : ~0u << used;
+		}
+	for (int r = 0; r < 2 && r < n; r++) { /* row 1 allows everything */
+		l[(size_t)r * vocab] = NAN;
+		l[(size_t)r * vocab + 1] = INFINITY;
+		l[(size_t)r * vocab + 2] = -INFINITY;
+	}
+	for (int r = 0; r < n; r++)
+		row_mask[r] = r % 5 == 4 ? -1 : r % 5 == 3 ? 0 : r % 4;
+	memcpy(orig, l, (size_t)rows * vocab * sizeof(float));
+	be->ops->mask_logits(be->ctx, &a);
+	if (lp_backend_status(be, &err)) {
+		TEST_FAIL("%s: status: %s", name, err.msg);
+		ok = false;
+	}
+	for (int r = 0; r < rows && ok; r++)
+		for (int c = 0; c < vocab && ok; c++) {
+			float x = orig[(size_t)r * vocab + c], y = l[(size_t)r * vocab + c];
+			int m = r < n ? row_mask[r] : -1;
+			bool allowed = m < 0 || (mask[(size_t)m * words + c / 32] >> (c % 32) & 1u);
+			bool same = memcmp(&x, &y, sizeof(x)) == 0;
+
+			if (allowed ? !same : !(isinf(y) && y < 0)) {
+				TEST_FAIL("%s: vocab %d, row %d (mask %d), token %d: %g became %g",
+				          name, vocab, r, m, c, x, y);
+				ok = false;
+			}
+		}
+	free(mask);
+	free(row_mask);
+	free(l);
+	free(orig);
+	return ok;
+}
+
+static void test_mask_logits(void)
+{
+	for (int b = 0; b < N_BACKENDS; b++) {
+		CHECK(check_mask(g_be[b], g_be_name[b], 1000, 23, 0));
+		CHECK(check_mask(g_be[b], g_be_name[b], 1024, 5, 3));
+		CHECK(check_mask(g_be[b], g_be_name[b], 33, 1, 0));
+		CHECK(check_mask(g_be[b], g_be_name[b], 151936, 6, 0));
+	}
+}
+
+/* A mask row index outside the mask is an error naming the op; the row is
+ * left alone. n = 0 does nothing. */
+static void test_mask_logits_errors(void)
+{
+	struct lp_backend *be = NULL;
+	struct lp_err err = {0};
+	float l[2 * 40];
+	uint32_t mask[2] = {0, 0};
+	int32_t row_mask[2] = {-1, 1};
+	struct lp_tensor t = {l, LP_DTYPE_F32, 2, 40};
+	struct lp_mask_args a = {&t, mask, row_mask, 2, 1, 2};
+
+	for (int i = 0; i < 80; i++)
+		l[i] = (float)i;
+	CHECK_OK(lp_backend_cpu_new(&be, 1, &err), &err);
+	a.n = 0;
+	be->ops->mask_logits(be->ctx, &a);
+	int rc0 = lp_backend_status(be, &err);
+	a.n = 2;
+	be->ops->mask_logits(be->ctx, &a);
+	int rc = lp_backend_status(be, &err);
+	lp_backend_destroy(be);
+	CHECK_EQ_INT(rc0, 0);
+	CHECK_EQ_INT(rc, -EIO);
+	CHECK_MSG(strstr(err.msg, "mask_logits") && strstr(err.msg, "mask row 1"), "message '%s'",
+	          err.msg);
+	for (int i = 0; i < 80; i++)
+		CHECK_MSG(l[i] == (float)i, "logit %d became %g", i, l[i]);
+}
+
 /* A bad index read from device memory is skipped and recorded: the status
  * names the op and stays set. Fresh backends, since it is sticky. */
 static void test_sticky_errors(void)
@@ -1112,6 +1215,8 @@ int main(void)
 	RUN(test_attention);
 	RUN(test_backend_info);
 	RUN(test_sticky_errors);
+	RUN(test_mask_logits);
+	RUN(test_mask_logits_errors);
 
 	for (int b = 0; b < N_BACKENDS; b++)
 		lp_backend_destroy(g_be[b]);

@@ -1379,6 +1379,73 @@ static void test_batch_and_threads(void)
 	free(l);
 }
 
+/* Constrained decoding: after the mask_logits op, whatever the sampling
+ * parameters and u, the token is one the mask allows, its logprob is that
+ * of the constrained distribution (log-softmax over the allowed tokens of
+ * the raw logits) and the top logprobs list allowed tokens only. The best
+ * raw logits are forbidden, so an unmasked row would pick them. */
+static void test_masked_rows(void)
+{
+	const int vocab = 5000, words = (vocab + 31) / 32, n = 8;
+	float *l = random_row(vocab, 3.0f);
+	float *masked = malloc((size_t)vocab * sizeof(float));
+	uint32_t *mask = calloc((size_t)words, sizeof(uint32_t));
+	int32_t row_mask[1] = {0};
+	struct lp_tensor t = {masked, LP_DTYPE_F32, 1, vocab};
+	struct lp_mask_args ma = {&t, mask, row_mask, 1, 1, words};
+	struct lp_sample_row rows[8] = {
+	    greedy_row(5),
+	    mkrow(1.0f, 1.0f, 0.0f, 0, 0.01f, 5),
+	    mkrow(1.0f, 1.0f, 0.0f, 0, 0.5f, 5),
+	    mkrow(1.0f, 1.0f, 0.0f, 0, 0.99f, 5),
+	    mkrow(0.7f, 0.9f, 0.0f, 0, 0.8f, 5),
+	    mkrow(1.3f, 1.0f, 0.0f, 20, 0.95f, 5),
+	    mkrow(1.0f, 1.0f, 0.05f, 0, 0.999f, 5),
+	    mkrow(2.0f, 0.5f, 0.0f, 3, 0.6f, 5),
+	};
+	struct run *run = malloc(sizeof(*run));
+	struct lp_err err = {0};
+	double m = -INFINITY, z = 0;
+
+	/* about a third of the tokens, never the ten best raw logits */
+	for (int i = 0; i < vocab; i++)
+		if (rng_next() % 3 == 0)
+			mask[i / 32] |= 1u << (i % 32);
+	for (int k = 0; k < 10; k++) {
+		int id = 13 + 97 * k;
+
+		l[id] = 20.0f + (float)k;
+		mask[id / 32] &= ~(1u << (id % 32));
+	}
+	memcpy(masked, l, (size_t)vocab * sizeof(float));
+	g_be->ops->mask_logits(g_be->ctx, &ma);
+	CHECK_OK(g_be->ops->status(g_be->ctx, &err), &err);
+	for (int i = 0; i < vocab; i++)
+		if (mask[i / 32] >> (i % 32) & 1u)
+			m = l[i] > m ? l[i] : m;
+	for (int i = 0; i < vocab; i++)
+		if (mask[i / 32] >> (i % 32) & 1u)
+			z += exp((double)l[i] - m);
+	CHECK_OK(run_op(g_be, run, masked, vocab, 1, rows, n), &err);
+	for (int r = 0; r < n; r++) {
+		int32_t tok = run->tokens_h[r];
+
+		CHECK_MSG(tok >= 0 && tok < vocab && (mask[tok / 32] >> (tok % 32) & 1u),
+		          "row %d: token %d is forbidden", r, tok);
+		CHECK_NEAR(run->logprob_h[r], (double)l[tok] - m - log(z), 1e-5);
+		for (int j = 0; j < 5; j++) {
+			int32_t id = run->top_ids_h[r * MAX_LOGPROBS + j];
+
+			CHECK_MSG(id >= 0 && (mask[id / 32] >> (id % 32) & 1u),
+			          "row %d: top id %d is forbidden", r, id);
+		}
+	}
+	free(run);
+	free(mask);
+	free(masked);
+	free(l);
+}
+
 int main(void)
 {
 	struct lp_err err = {0};
@@ -1409,6 +1476,7 @@ int main(void)
 	RUN(test_penalties_bad);
 	RUN(test_logit_bias_entries_match_host);
 	RUN(test_batch_and_threads);
+	RUN(test_masked_rows);
 
 	lp_backend_destroy(g_be);
 	lp_backend_destroy(g_be1);
