@@ -11,7 +11,8 @@
 #include "agent/api/request.h"
 
 static struct lp_model model;
-static struct lp_chat_template templates[2]; /* the tokenizer's (Llama 2), chatml */
+/* the tokenizer's (Llama 2), chatml, qwen3 (Hermes tool calls) */
+static struct lp_chat_template templates[3];
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
@@ -27,7 +28,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	if (lp_tokenizer_from_json(&model.tok, json, n, cfg, cn, &err) ||
 	    lp_chat_template_detect(&templates[0], lp_tokenizer_chat_template(model.tok), "<s>",
 	                            "</s>", &err) ||
-	    lp_chat_template_from_name(&templates[1], "chatml", "<s>", "</s>", &err)) {
+	    lp_chat_template_from_name(&templates[1], "chatml", "<s>", "</s>", &err) ||
+	    lp_chat_template_from_name(&templates[2], "qwen3", "<s>", "</s>", &err)) {
 		fprintf(stderr, "fuzz: %s\n", err.msg);
 		abort();
 	}
@@ -40,7 +42,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
 static void parse(json_t *body, bool chat, size_t size)
 {
-	const struct lp_gen_limits lim = {&model, &templates[size % 2], 256};
+	const struct lp_gen_limits lim = {&model, &templates[size % 3], 256, NULL};
 	struct lp_gen_request r;
 	struct lp_api_error e;
 	int rc;

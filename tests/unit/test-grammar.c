@@ -7,8 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "agent/engine/grammar-cache.h"
 #include "agent/engine/grammar.h"
+#include "agent/engine/json-schema.h"
 #include "agent/engine/tokenizer.h"
 #include "common/buf.h"
 #include "tests/test.h"
@@ -304,6 +307,33 @@ static const char *SMALL_GRAMMARS[] = {
     NULL,
 };
 
+/* A grammar the JSON Schema compiler writes (nested object, enum, array
+ * with bounds, anyOf, a pattern), as response_format makes them. */
+static char *schema_grammar(void)
+{
+	static const char *SCHEMA =
+	    "{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"}, "
+	    "\"role\": {\"enum\": [\"admin\", \"user\"]}, \"tags\": {\"type\": \"array\", "
+	    "\"items\": {\"type\": \"string\", \"pattern\": \"^[a-z]{1,8}$\"}, \"maxItems\": 3}, "
+	    "\"home\": {\"anyOf\": [{\"type\": \"null\"}, {\"type\": \"object\", "
+	    "\"properties\": {\"zip\": {\"type\": \"integer\"}}, \"required\": [\"zip\"]}]}}, "
+	    "\"required\": [\"name\", \"role\", \"tags\", \"home\"]}";
+	json_t *j = json_loads(SCHEMA, 0, NULL);
+	struct lp_err err = {0};
+	struct lp_buf b;
+
+	lp_buf_init(&b, 1 << 20);
+	if (!j || lp_buf_append(&b, "root ::= s-root\n", 16, &err) ||
+	    lp_json_schema_grammar(j, "s-", &b, &err)) {
+		printf("# schema: %s\n", err.msg);
+		lp_buf_release(&b);
+		json_decref(j);
+		return NULL;
+	}
+	json_decref(j);
+	return lp_buf_detach(&b, NULL);
+}
+
 static void test_masks_tiny(void)
 {
 	struct lp_tokenizer *tok = load_tok("tiny-llama");
@@ -313,16 +343,25 @@ static void test_masks_tiny(void)
 		CHECK_MSG(walks_are_exact(SMALL_GRAMMARS[i], tok, 6, 12, 1000 + (uint64_t)i),
 		          "grammar %d", i);
 	CHECK(walks_are_exact(JSON_GRAMMAR, tok, 6, 24, 77));
+	{
+		char *sg = schema_grammar();
+		CHECK(sg);
+		CHECK(walks_are_exact(sg, tok, 4, 30, 78));
+		free(sg);
+	}
 	lp_tokenizer_free(tok);
 }
 
 static void test_masks_smollm2(void)
 {
 	struct lp_tokenizer *tok = load_tok("tokenizer/smollm2");
+	char *sg = schema_grammar();
 
-	CHECK(tok);
+	CHECK(tok && sg);
 	CHECK(walks_are_exact(SMALL_GRAMMARS[0], tok, 2, 6, 5));
 	CHECK(walks_are_exact(JSON_GRAMMAR, tok, 2, 10, 9));
+	CHECK(walks_are_exact(sg, tok, 2, 16, 21));
+	free(sg);
 	lp_tokenizer_free(tok);
 }
 
