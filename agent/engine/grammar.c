@@ -68,6 +68,7 @@ struct lp_grammar {
 	const struct lp_grammar_vocab *vocab;
 	struct mask_entry **cache; /* [cache_cap], NULL: free */
 	size_t cache_cap, cache_n;
+	size_t cache_bytes; /* of the entries' masks and lists, up to LP_GRAMMAR_CACHE_BYTES */
 };
 
 /* ---- the parser ---- */
@@ -1495,6 +1496,7 @@ struct lp_grammar_matcher {
 	struct lp_grammar *g;
 	struct pda d; /* the state: tops [0, d.n_tops) */
 	struct pda w; /* scratch of mask walks */
+	bool dead;    /* a mask found no token: only the end is left */
 	/* per depth of a walk: a state's tops, the frame mark after it, and
 	 * whether any path to it left the walked position's rule */
 	int32_t *st_from, *st_to, *fmark;
@@ -1633,7 +1635,7 @@ bool lp_grammar_matcher_can_end(const struct lp_grammar_matcher *m)
 
 bool lp_grammar_matcher_must_end(const struct lp_grammar_matcher *m)
 {
-	return m->d.n_tops == 1 && m->d.tops[0] == TOP_END;
+	return m->dead || (m->d.n_tops == 1 && m->d.tops[0] == TOP_END);
 }
 
 /* ---- masks ---- */
@@ -1842,13 +1844,22 @@ static struct mask_entry *build_entry(struct lp_grammar_matcher *m,
 	return e;
 }
 
-/* The cache's entry for key k, built when missing; NULL when out of memory. */
+static size_t entry_bytes(const struct lp_grammar_vocab *v, const struct mask_entry *e)
+{
+	return v->words * sizeof(uint32_t) + (size_t)e->n_unc * 2 * sizeof(int32_t) + sizeof(*e);
+}
+
+/* The cache's entry for key k, built when missing; NULL when out of memory.
+ * Past the cache's byte budget a new entry is not kept: *temp says the
+ * caller frees it after use. */
 static struct mask_entry *cache_get(struct lp_grammar_matcher *m, const struct lp_grammar_vocab *v,
-                                    const struct mask_key *k)
+                                    const struct mask_key *k, bool *temp)
 {
 	struct lp_grammar *g = m->g;
+	struct mask_entry *e;
 	size_t i;
 
+	*temp = false;
 	if (g->cache_n * 2 >= g->cache_cap) {
 		size_t cap = g->cache_cap ? g->cache_cap * 2 : 64;
 		struct mask_entry **c = calloc(cap, sizeof(*c));
@@ -1869,17 +1880,23 @@ static struct mask_entry *cache_get(struct lp_grammar_matcher *m, const struct l
 	for (i = key_hash(k) & (g->cache_cap - 1); g->cache[i]; i = (i + 1) & (g->cache_cap - 1))
 		if (key_eq(&g->cache[i]->key, k))
 			return g->cache[i];
-	if (!(g->cache[i] = build_entry(m, v, k)))
+	if (!(e = build_entry(m, v, k)))
 		return NULL;
+	if (g->cache_bytes + entry_bytes(v, e) > LP_GRAMMAR_CACHE_BYTES) {
+		*temp = true;
+		return e;
+	}
+	g->cache_bytes += entry_bytes(v, e);
+	g->cache[i] = e;
 	g->cache_n++;
-	return g->cache[i];
+	return e;
 }
 
 int lp_grammar_matcher_fill_mask(struct lp_grammar_matcher *m, const struct lp_grammar_vocab *v,
                                  uint32_t *mask, struct lp_err *err)
 {
 	struct lp_grammar *g = m->g;
-	bool can_end = false, any = false;
+	bool can_end = false, any = false, temp = false;
 
 	if (g->vocab && g->vocab != v)
 		return lp_errf(err, -EINVAL,
@@ -1897,7 +1914,7 @@ int lp_grammar_matcher_fill_mask(struct lp_grammar_matcher *m, const struct lp_g
 			continue;
 		}
 		stack_key(g, &m->d, t, &k);
-		if (!(e = cache_get(m, v, &k)))
+		if (!(e = cache_get(m, v, &k, &temp)))
 			return lp_errf(err, -ENOMEM, "out of memory building a grammar mask");
 		for (size_t j = 0; j < v->words; j++)
 			mask[j] |= e->accepted[j];
@@ -1909,24 +1926,33 @@ int lp_grammar_matcher_fill_mask(struct lp_grammar_matcher *m, const struct lp_g
 			m->w.n_tops = 0;
 			m->w.failed = false;
 			y = copy_stack(&m->w, &m->d, t, NULL);
-			if (y < -2)
-				return lp_errf(err, -ENOMEM, "out of memory");
-			push_top(&m->w, 0, y);
-			walk(m, v, e->unc, e->unc_lcp, e->n_unc, &o);
+			if (y >= -2) {
+				push_top(&m->w, 0, y);
+				walk(m, v, e->unc, e->unc_lcp, e->n_unc, &o);
+			}
 			free(o.unc);
 			free(o.unc_lcp);
+			if (y < -2) {
+				if (temp)
+					entry_free(e);
+				return lp_errf(err, -ENOMEM, "out of memory");
+			}
 		}
+		if (temp)
+			entry_free(e);
 	}
 	if (can_end)
 		for (int i = 0; i < v->n_eos; i++)
 			mask[v->eos[i] >> 5] |= 1u << (v->eos[i] & 31);
 	for (size_t j = 0; j < v->words && !any; j++)
 		any = mask[j] != 0;
-	if (!any)
+	if (!any) {
 		/* no token spells what the grammar needs next: end rather than
 		 * sample from nothing */
+		m->dead = true;
 		for (int i = 0; i < v->n_eos; i++)
 			mask[v->eos[i] >> 5] |= 1u << (v->eos[i] & 31);
+	}
 	return 0;
 }
 

@@ -62,6 +62,9 @@ struct lp_tokenizer;
 /* Stacks a matcher may hold at once; more fails the match (an ambiguous
  * grammar) rather than growing without bound. */
 #define LP_GRAMMAR_MAX_STACKS 4096
+/* Bytes of masks a grammar keeps (its cache); positions met past it get
+ * their mask built each time. */
+#define LP_GRAMMAR_CACHE_BYTES ((size_t)32 << 20)
 
 struct lp_grammar;
 
@@ -105,12 +108,15 @@ void lp_grammar_matcher_free(struct lp_grammar_matcher *m);
 bool lp_grammar_matcher_accept_bytes(struct lp_grammar_matcher *m, const void *s, size_t n);
 /* True when the output so far is a complete string of the language. */
 bool lp_grammar_matcher_can_end(const struct lp_grammar_matcher *m);
-/* True when nothing but the end can follow (only eos passes a mask). */
+/* True when nothing but the end can follow (only eos passes a mask), or
+ * when a mask found that no token spells what must come next (a
+ * vocabulary without some character: the output ends there). */
 bool lp_grammar_matcher_must_end(const struct lp_grammar_matcher *m);
 
 /* The tokens that may come next: mask[lp_grammar_vocab_mask_words(v)]
  * gets bit t set when token t's bytes keep the output a valid prefix, and
- * the eos bits when the output may end. Never allocates once the
+ * the eos bits when the output may end (or when no token can continue:
+ * then only eos, and lp_grammar_matcher_must_end says so). Never allocates once the
  * grammar's cache holds every position it meets (the first time a
  * position is met, its entry is built). -ENOMEM, or -EINVAL when v is not
  * the vocabulary the grammar's cache was built for. */

@@ -360,21 +360,30 @@ void lp_model_rope_table(const struct lp_model *m, bool local, int n_pos, float 
 	}
 }
 
-/* Gemma's chat turns end with <end_of_turn>, which its configs do not
- * always list as an EOS token: it ends generation too. */
+/* Tokens that end a chat turn but that configs do not always list as EOS
+ * tokens: Gemma's <end_of_turn>, and Llama 3.x's <|eot_id|> and
+ * <|eom_id|> (the latter ends a turn that called a tool). They end
+ * generation too, as llama.cpp and vLLM's generation configs have it. */
 static int add_turn_end_eos(struct lp_model *m, struct lp_err *err)
 {
+	static const char *const ends[] = {"<end_of_turn>", "<|eot_id|>", "<|eom_id|>"};
 	struct lp_model_config *c = &m->cfg;
-	int32_t id;
 
-	if (c->arch != LP_ARCH_GEMMA3)
-		return 0;
-	id = lp_tokenizer_find(m->tok, "<end_of_turn>");
-	if (id < 0 || id >= c->vocab_size || lp_model_is_eos(m, id))
-		return 0;
-	if (c->n_eos == LP_MAX_EOS)
-		return lp_errf(err, -EINVAL, "more than %d EOS tokens", LP_MAX_EOS);
-	c->eos_ids[c->n_eos++] = id;
+	for (size_t i = 0; i < sizeof(ends) / sizeof(ends[0]); i++) {
+		int32_t id;
+		if (i == 0 && c->arch != LP_ARCH_GEMMA3)
+			continue;
+		/* Llama 3's markers only where both are in the vocabulary */
+		if (i > 0 && (lp_tokenizer_find(m->tok, "<|eot_id|>") < 0 ||
+		              lp_tokenizer_find(m->tok, "<|eom_id|>") < 0))
+			continue;
+		id = lp_tokenizer_find(m->tok, ends[i]);
+		if (id < 0 || id >= c->vocab_size || lp_model_is_eos(m, id))
+			continue;
+		if (c->n_eos == LP_MAX_EOS)
+			return lp_errf(err, -EINVAL, "more than %d EOS tokens", LP_MAX_EOS);
+		c->eos_ids[c->n_eos++] = id;
+	}
 	return 0;
 }
 

@@ -365,6 +365,57 @@ static void test_masks_smollm2(void)
 	lp_tokenizer_free(tok);
 }
 
+/* Past the cache's byte budget masks are built each time and still
+ * right: a 7,000-character literal has a position (and a mask) per
+ * character, more than LP_GRAMMAR_CACHE_BYTES holds for SmolLM2's
+ * vocabulary. */
+static void test_masks_past_the_cache_budget(void)
+{
+	enum { N = 7000 };
+	struct lp_tokenizer *tok = load_tok("tokenizer/smollm2");
+	int32_t n_vocab, eos, x, y;
+	struct lp_grammar_vocab *v = NULL;
+	struct lp_grammar_matcher *m = NULL;
+	struct lp_grammar *g = NULL;
+	struct lp_err err = {0};
+	uint32_t *mask = NULL;
+	char *text = malloc(N + 32);
+	int bad = -1;
+
+	CHECK(tok && text);
+	n_vocab = lp_tokenizer_vocab_size(tok);
+	eos = lp_tokenizer_eos(tok);
+	x = lp_tokenizer_find(tok, "x");
+	y = lp_tokenizer_find(tok, "y");
+	CHECK(x >= 0 && y >= 0);
+	memcpy(text, "root ::= \"", 10);
+	memset(text + 10, 'x', N);
+	memcpy(text + 10 + N, "\"", 2);
+	CHECK_OK(lp_grammar_parse(&g, text, strlen(text), &err), &err);
+	CHECK((size_t)N * ((size_t)n_vocab / 8) > LP_GRAMMAR_CACHE_BYTES);
+	CHECK_OK(lp_grammar_vocab_new(&v, tok, n_vocab, &eos, 1, &err), &err);
+	CHECK_OK(lp_grammar_matcher_new(&m, g, &err), &err);
+	mask = calloc(lp_grammar_vocab_mask_words(v), sizeof(uint32_t));
+	CHECK(mask);
+	for (int i = 0; i < N && bad < 0; i++) {
+		CHECK_OK(lp_grammar_matcher_fill_mask(m, v, mask, &err), &err);
+		if (!(mask[x >> 5] >> (x & 31) & 1) || (mask[y >> 5] >> (y & 31) & 1) ||
+		    (mask[eos >> 5] >> (eos & 31) & 1))
+			bad = i;
+		CHECK(lp_grammar_matcher_accept_bytes(m, "x", 1));
+	}
+	CHECK_MSG(bad < 0, "the mask at character %d is wrong", bad);
+	CHECK_OK(lp_grammar_matcher_fill_mask(m, v, mask, &err), &err);
+	CHECK(mask[eos >> 5] >> (eos & 31) & 1);
+	CHECK(lp_grammar_matcher_must_end(m));
+	free(mask);
+	free(text);
+	lp_grammar_matcher_free(m);
+	lp_grammar_vocab_free(v);
+	lp_grammar_unref(g);
+	lp_tokenizer_free(tok);
+}
+
 /* A rejected token leaves the matcher as it was; eos only at an end. */
 static void test_matcher_accept(void)
 {
@@ -431,5 +482,6 @@ int main(void)
 	RUN(test_cache);
 	RUN(test_masks_tiny);
 	RUN(test_masks_smollm2);
+	RUN(test_masks_past_the_cache_budget);
 	TEST_MAIN_END();
 }

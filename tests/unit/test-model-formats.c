@@ -759,6 +759,69 @@ static void test_hf_single_file_f16(void)
 	check_single_file(true);
 }
 
+/* Llama 3.x ends a turn with <|eot_id|>, and a turn that called a tool
+ * with <|eom_id|>: where a vocabulary holds both, both end generation,
+ * whatever the config lists (here tiny-llama with the two as added tokens
+ * in place of its last two pieces, whose merges go too). */
+static void test_llama3_turn_ends_are_eos(void)
+{
+	char dir[] = "/tmp/lp-model-formats-XXXXXX", path[600], why[1024];
+	struct lp_model *m = NULL;
+	struct lp_err err = {0};
+	struct f16_stats stats;
+	json_t *tok, *added;
+	int32_t eot, eom;
+
+	CHECK_MSG(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
+	if (make_single_file_dir(dir, false, &stats, why, sizeof(why))) {
+		remove_dir(dir);
+		CHECK_MSG(0, "%s", why);
+	}
+	fmt(path, sizeof(path), "%s/tokenizer.json", dir);
+	tok = json_load_file(path, 0, NULL);
+	added = tok ? json_object_get(tok, "added_tokens") : NULL;
+	if (json_is_array(added)) {
+		/* the pieces 510 and 511 and the merges that make them go */
+		json_t *model = json_object_get(tok, "model");
+		json_t *vocab = json_object_get(model, "vocab"),
+		       *merges = json_object_get(model, "merges");
+		json_object_del(vocab, "\u2581made");
+		json_object_del(vocab, "ine");
+		json_object_set_new(vocab, "<|eot_id|>", json_integer(510));
+		json_object_set_new(vocab, "<|eom_id|>", json_integer(511));
+		for (size_t i = json_array_size(merges); i-- > 0;) {
+			const char *mg = json_string_value(json_array_get(merges, i));
+			if (mg && (!strcmp(mg, "\u2581m ade") || !strcmp(mg, "in e")))
+				json_array_remove(merges, i);
+		}
+		json_array_append_new(added,
+		                      json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", 510,
+		                                "content", "<|eot_id|>", "single_word", 0, "lstrip",
+		                                0, "rstrip", 0, "normalized", 0, "special", 1));
+		json_array_append_new(added,
+		                      json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", 511,
+		                                "content", "<|eom_id|>", "single_word", 0, "lstrip",
+		                                0, "rstrip", 0, "normalized", 0, "special", 1));
+	}
+	if (!json_is_array(added) || json_dump_file(tok, path, 0)) {
+		json_decref(tok);
+		remove_dir(dir);
+		CHECK_MSG(0, "cannot rewrite %s", path);
+	}
+	json_decref(tok);
+	if (lp_model_load(&m, dir, be, &err)) {
+		remove_dir(dir);
+		CHECK_MSG(0, "%s", err.msg);
+	}
+	remove_dir(dir);
+	eot = lp_tokenizer_find(m->tok, "<|eot_id|>");
+	eom = lp_tokenizer_find(m->tok, "<|eom_id|>");
+	CHECK(eot == 510 && eom == 511);
+	CHECK(lp_model_is_eos(m, 2) && lp_model_is_eos(m, eot) && lp_model_is_eos(m, eom));
+	CHECK_EQ_INT(m->cfg.n_eos, 3);
+	lp_model_free(m);
+}
+
 int main(void)
 {
 	struct lp_err err = {0};
@@ -779,6 +842,7 @@ int main(void)
 	RUN(test_gguf_qk_rows_equal_hf);
 	RUN(test_hf_single_file_f32);
 	RUN(test_hf_single_file_f16);
+	RUN(test_llama3_turn_ends_are_eos);
 	lp_backend_destroy(be);
 	TEST_MAIN_END();
 }
