@@ -177,19 +177,30 @@ static int run_all(struct lp_engine *e, struct lp_err *err)
 /* The largest decode batch measured: the engine runs this many sequences. */
 #define SWEEP_MAX 32
 
-/* Time per token of decode with batch (<= SWEEP_MAX) sequences running:
- * the prompts are prefilled first, then n_steps decode steps are timed. */
-static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
-                         struct lp_err *err)
+/* Time per token of decode with batch (<= SWEEP_MAX) greedy sequences
+ * running, each constrained by g (NULL: none): the prompts are prefilled
+ * first, then n_steps decode steps are timed (no sequence may end in
+ * them). */
+static double decode_tps_with(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
+                              struct lp_grammar *g, struct lp_err *err)
 {
 	struct lp_seq *seqs[SWEEP_MAX];
 	const struct lp_step_output *outs;
 	int n;
 	double t0, dt;
 
-	for (int i = 0; i < batch; i++)
-		if (add_greedy(e, prompt + i, 8, n_steps + 1, &seqs[i], err))
+	for (int i = 0; i < batch; i++) {
+		struct lp_seq_params p = {0};
+		p.prompt = prompt + i;
+		p.n_prompt = 8;
+		p.max_tokens = n_steps + 1;
+		p.ignore_eos = true;
+		p.grammar = g;
+		lp_sampling_params_default(&p.sampling);
+		p.sampling.temperature = 0;
+		if (lp_engine_add(e, &p, &seqs[i], err))
 			return -1;
+	}
 	/* prefill, and the first token of each */
 	if (lp_engine_step(e, &outs, &n, err) || n != batch) {
 		lp_errf(err, -EIO, "prefill did not finish in one step");
@@ -200,9 +211,20 @@ static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, 
 		if (lp_engine_step(e, &outs, &n, err))
 			return -1;
 	dt = now_s() - t0;
-	for (int i = 0; i < batch; i++)
+	for (int i = 0; i < batch; i++) {
+		if (seqs[i]->n_tokens - seqs[i]->n_prompt != n_steps + 1) {
+			lp_errf(err, -EIO, "a sequence ended before the timed steps did");
+			return -1;
+		}
 		lp_engine_release(e, seqs[i]);
+	}
 	return (double)batch * n_steps / dt;
+}
+
+static double decode_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
+                         struct lp_err *err)
+{
+	return decode_tps_with(e, prompt, batch, n_steps, NULL, err);
 }
 
 /* Prompt tokens per second of one 512-token prefill (one engine step),
@@ -886,48 +908,6 @@ static int compile_schema(json_t *schema, struct lp_grammar **g, struct lp_err *
 	return rc;
 }
 
-/* Decode tokens/s of batch greedy sequences, each constrained by g (or
- * not, g NULL); the prompts are prefilled first, then n_steps decode steps
- * are timed (the schema asks for hundreds of strings: none ends). */
-static double grammar_tps(struct lp_engine *e, const int32_t *prompt, int batch, int n_steps,
-                          struct lp_grammar *g, struct lp_err *err)
-{
-	struct lp_seq *seqs[SWEEP_MAX];
-	const struct lp_step_output *outs;
-	int n;
-	double t0, dt;
-
-	for (int i = 0; i < batch; i++) {
-		struct lp_seq_params p = {0};
-		p.prompt = prompt + i;
-		p.n_prompt = 8;
-		p.max_tokens = n_steps + 1;
-		p.ignore_eos = true;
-		p.grammar = g;
-		lp_sampling_params_default(&p.sampling);
-		p.sampling.temperature = 0;
-		if (lp_engine_add(e, &p, &seqs[i], err))
-			return -1;
-	}
-	if (lp_engine_step(e, &outs, &n, err) || n != batch) {
-		lp_errf(err, -EIO, "prefill did not finish in one step");
-		return -1;
-	}
-	t0 = now_s();
-	for (int s = 0; s < n_steps; s++)
-		if (lp_engine_step(e, &outs, &n, err))
-			return -1;
-	dt = now_s() - t0;
-	for (int i = 0; i < batch; i++) {
-		if (seqs[i]->n_tokens - seqs[i]->n_prompt != n_steps + 1) {
-			lp_errf(err, -EIO, "a constrained sequence ended early");
-			return -1;
-		}
-		lp_engine_release(e, seqs[i]);
-	}
-	return (double)batch * n_steps / dt;
-}
-
 static int bench_grammar(struct lp_engine *e, const int32_t *prompt, int rounds, struct lp_err *err)
 {
 	static const char *LIST = "{\"type\": \"object\", \"properties\": {\"notes\": {\"type\": "
@@ -958,14 +938,14 @@ static int bench_grammar(struct lp_engine *e, const int32_t *prompt, int rounds,
 	if (compile_schema(list, &g, err))
 		goto out;
 	/* the first run fills the grammar's mask cache: a warm-up */
-	if (grammar_tps(e, prompt, 1, 32, g, err) < 0)
+	if (decode_tps_with(e, prompt, 1, 32, g, err) < 0)
 		goto out;
 	for (size_t b = 0; b < sizeof(batches) / sizeof(batches[0]); b++) {
 		double on = 0, off = 0;
 		/* rounds alternate, best of each */
 		for (int r = 0; r < rounds; r++) {
-			double x = grammar_tps(e, prompt, batches[b], 64, NULL, err);
-			double y = x < 0 ? -1 : grammar_tps(e, prompt, batches[b], 64, g, err);
+			double x = decode_tps_with(e, prompt, batches[b], 64, NULL, err);
+			double y = x < 0 ? -1 : decode_tps_with(e, prompt, batches[b], 64, g, err);
 			if (x < 0 || y < 0)
 				goto out;
 			off = x > off ? x : off;
@@ -985,13 +965,13 @@ static int bench_grammar(struct lp_engine *e, const int32_t *prompt, int rounds,
 		double off = 0, cold = 0, warm = 0;
 		struct lp_grammar *w = NULL;
 		for (int r = 0; r < rounds; r++) {
-			double x = grammar_tps(e, prompt, 1, 64, NULL, err), y, z;
+			double x = decode_tps_with(e, prompt, 1, 64, NULL, err), y, z;
 			lp_grammar_unref(w);
 			w = NULL;
 			if (x < 0 || compile_schema(wide, &w, err))
 				goto out_w;
-			y = grammar_tps(e, prompt, 1, 64, w, err);
-			z = y < 0 ? -1 : grammar_tps(e, prompt, 1, 64, w, err);
+			y = decode_tps_with(e, prompt, 1, 64, w, err);
+			z = y < 0 ? -1 : decode_tps_with(e, prompt, 1, 64, w, err);
 			if (y < 0 || z < 0)
 				goto out_w;
 			off = x > off ? x : off;
