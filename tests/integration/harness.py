@@ -144,9 +144,10 @@ class Agent:
             return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
         return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
-    def request(self, method, path, body=None, admin=False, headers=None, token=None):
+    def request(self, method, path, body=None, admin=False, headers=None, token=None,
+                timeout=120):
         """One request on a fresh connection: (status, headers dict, body bytes)."""
-        c = self.conn(admin)
+        c = self.conn(admin, timeout=timeout)
         h = dict(headers or {})
         if token:
             h["Authorization"] = "Bearer " + token
@@ -163,8 +164,8 @@ class Agent:
         finally:
             c.close()
 
-    def json(self, method, path, body=None, admin=False, headers=None, token=None):
-        status, hdrs, data = self.request(method, path, body, admin, headers, token)
+    def json(self, method, path, body=None, admin=False, headers=None, token=None, timeout=120):
+        status, hdrs, data = self.request(method, path, body, admin, headers, token, timeout)
         try:
             obj = json.loads(data) if data else None
         except ValueError:

@@ -42,7 +42,8 @@ def base():
 
 
 def chat(body, status=200):
-    got, obj = agent().json("POST", "/v1/chat/completions", body)
+    # a long wait: 50 requests queue behind 16 slots (slow under make asan)
+    got, obj = agent().json("POST", "/v1/chat/completions", body, timeout=900)
     assert got == status, (body, got, obj)
     return obj
 
