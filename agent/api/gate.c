@@ -18,6 +18,7 @@
 
 #include "agent/api/errors.h"
 #include "agent/api/socket.h"
+#include "common/hex.h"
 
 #define CONN_STACK      (256u << 10)
 #define SEND_TIMEOUT_S  60
@@ -110,25 +111,14 @@ static size_t head_end(const char *b, size_t n)
 	return 0;
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* True when the target, percent-decoded, holds a control character (NUL
  * included): a name cut short at a NUL would name another adapter. */
 static bool target_has_control(const char *t)
 {
 	for (; *t; t++) {
 		unsigned char ch = (unsigned char)*t;
-		if (ch == '%' && hexval(t[1]) >= 0 && hexval(t[2]) >= 0)
-			ch = (unsigned char)(hexval(t[1]) * 16 + hexval(t[2]));
+		if (ch == '%' && lp_hex_digit(t[1]) >= 0 && lp_hex_digit(t[2]) >= 0)
+			ch = (unsigned char)(lp_hex_digit(t[1]) * 16 + lp_hex_digit(t[2]));
 		if (ch < 0x20 || ch == 0x7f)
 			return true;
 	}
@@ -420,10 +410,10 @@ static enum step step(struct gconn *c, struct rx *rx, int *bfd)
 
 		if ((ln = chunk_line(rx)) <= 0)
 			return ln < 0 ? STEP_CLOSE : STEP_MORE;
-		for (; digits < (int)ln && hexval(rx->buf[digits]) >= 0; digits++) {
+		for (; digits < (int)ln && lp_hex_digit(rx->buf[digits]) >= 0; digits++) {
 			if (digits >= 15)
 				return STEP_CLOSE;
-			size = size * 16 + (unsigned long long)hexval(rx->buf[digits]);
+			size = size * 16 + (unsigned long long)lp_hex_digit(rx->buf[digits]);
 		}
 		if (!digits)
 			return STEP_CLOSE; /* civetweb refuses it too; nothing to answer */

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "agent/engine/tokenizer.h"
+#include "common/hex.h"
 
 enum { EL_SET, EL_REF, EL_END };
 
@@ -277,17 +278,6 @@ static bool is_name_char(char c)
 	       c == '_' || c == '-';
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* One character of a literal or class at ps->p (escapes undone) into *cp. */
 static int read_char(struct parser *ps, uint32_t *cp)
 {
@@ -343,7 +333,7 @@ static int read_char(struct parser *ps, uint32_t *cp)
 			if (end - p < 2 + digits)
 				return perr(ps, "line %d: %s", "short hexadecimal escape");
 			for (int i = 0; i < digits; i++) {
-				int h = hexval((char)p[2 + i]);
+				int h = lp_hex_digit((char)p[2 + i]);
 				if (h < 0)
 					return perr(ps, "line %d: %s", "bad hexadecimal escape");
 				v = v << 4 | (uint32_t)h;

@@ -10,6 +10,7 @@
  * helpers (whitespace, strings, numbers, any value) are emitted once at
  * the end, as needed. */
 #include "agent/engine/json-schema.h"
+#include "common/hex.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -604,21 +605,12 @@ static long len_mul(long a, long n)
 	return a * n;
 }
 
-static int hexv(unsigned char ch)
-{
-	if (ch >= '0' && ch <= '9')
-		return ch - '0';
-	if ((ch | 0x20) >= 'a' && (ch | 0x20) <= 'f')
-		return (ch | 0x20) - 'a' + 10;
-	return -1;
-}
-
 /* n hex digits at x->p into *v. */
 static int rx_hex(struct rx *x, int n, uint32_t *v)
 {
 	*v = 0;
 	for (int i = 0; i < n; i++) {
-		int h = x->p < x->end ? hexv(*x->p) : -1;
+		int h = x->p < x->end ? lp_hex_digit(*x->p) : -1;
 		if (h < 0)
 			return rx_fail(x, "bad hexadecimal escape");
 		*v = *v << 4 | (uint32_t)h;
@@ -689,7 +681,7 @@ static int rx_escape(struct rx *x, bool in_class, struct cset *set, bool *is_set
 			int n = 0;
 			x->p++;
 			while (x->p < x->end && *x->p != '}') {
-				int h = hexv(*x->p);
+				int h = lp_hex_digit(*x->p);
 				if (h < 0 || ++n > 6)
 					return rx_fail(x, "bad '\\u{...}' escape");
 				v = v << 4 | (uint32_t)h;
@@ -1972,10 +1964,10 @@ static int resolve(struct ctx *c, const char *ref, const json_t **out)
 			char ch = *p++;
 			if (ch == '~' && (*p == '0' || *p == '1'))
 				ch = *p++ == '0' ? '~' : '/';
-			else if (ch == '%' && hexv((unsigned char)p[0]) >= 0 &&
-			         hexv((unsigned char)p[1]) >= 0) {
-				ch = (char)(hexv((unsigned char)p[0]) << 4 |
-				            hexv((unsigned char)p[1]));
+			else if (ch == '%' && lp_hex_digit((unsigned char)p[0]) >= 0 &&
+			         lp_hex_digit((unsigned char)p[1]) >= 0) {
+				ch = (char)(lp_hex_digit((unsigned char)p[0]) << 4 |
+				            lp_hex_digit((unsigned char)p[1]));
 				p += 2;
 			}
 			if (!ch || k + 1 >= sizeof(seg))

@@ -16,6 +16,7 @@
 
 #include "agent/engine/tokenizer-internal.h"
 #include "agent/engine/unicode-utf8.h"
+#include "common/hex.h"
 
 /* per-token work buffers: a token's text after Replace steps */
 #define WORK_MAX (4 * TOK_MAX_TOKEN_BYTES + 16)
@@ -93,17 +94,6 @@ static int replace(const char *src, size_t len, const char *pat, size_t plen, co
 	return 0;
 }
 
-static int hex(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* GPT-2 code points back to bytes; a token with a code point outside the
  * table keeps its own bytes, as HF does. */
 static void byte_level(const struct lp_tokenizer *t, char *s, size_t *len)
@@ -168,9 +158,9 @@ static int decode_token(const struct lp_tokenizer *t, bool first, const char *te
 			byte_level(t, a, &len);
 			break;
 		case DEC_BYTE_FALLBACK:
-			if (len == 6 && memcmp(a, "<0x", 3) == 0 && a[5] == '>' && hex(a[3]) >= 0 &&
-			    hex(a[4]) >= 0) {
-				a[0] = (char)(hex(a[3]) * 16 + hex(a[4]));
+			if (len == 6 && memcmp(a, "<0x", 3) == 0 && a[5] == '>' &&
+			    lp_hex_digit(a[3]) >= 0 && lp_hex_digit(a[4]) >= 0) {
+				a[0] = (char)(lp_hex_digit(a[3]) * 16 + lp_hex_digit(a[4]));
 				len = 1;
 			}
 			break;
